@@ -1,0 +1,113 @@
+// Engine: request lifecycle around the scheduler, the KV cache manager and an executor.
+//
+// Two ways to drive it:
+//   - step(): one schedule -> execute -> update iteration on the caller's thread (tests, offline).
+//   - start()/stop(): the same loop on a native thread owned by the engine; outputs go to a
+//     thread-safe queue and output_fd() becomes readable whenever outputs are waiting (eventfd),
+//     so an asyncio loop or a poll() can sleep on it.
+// add_request() and abort() may be called from any thread at any time; they validate at once
+// (throwing InvalidRequestError) and hand the work to the engine thread through an input queue.
+// A failing executor step finishes that step's requests with an error; the loop goes on.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "fastllm/errors.h"
+#include "fastllm/executor.h"
+#include "fastllm/kv_cache_manager.h"
+#include "fastllm/request.h"
+#include "fastllm/sampling_params.h"
+#include "fastllm/scheduler.h"
+
+namespace fastllm {
+
+struct EngineConfig {
+  KVCacheConfig cache;
+  SchedulerConfig scheduler;
+  std::vector<int32_t> eos_token_ids;  // the model's end-of-sequence ids
+  int32_t vocab_size = 0;              // > 0: prompt token ids must be below it
+  int32_t max_logprobs = 20;           // upper bound of logprobs / prompt_logprobs counts
+
+  // Throws ConfigError naming the first impossible setting.
+  void validate() const;
+};
+
+// What one request produced since its previous output. Tokens arrive in order; the last output of
+// a request has finished == true.
+struct RequestOutput {
+  std::string request_id;
+  std::vector<int32_t> new_token_ids;
+  std::vector<float> new_logprobs;           // per new token, when logprobs were asked for
+  int32_t num_top_logprobs = 0;              // K
+  std::vector<int32_t> top_token_ids;        // [new tokens * K]
+  std::vector<float> top_logprobs;           // [new tokens * K]
+  bool finished = false;
+  FinishReason finish_reason = FinishReason::kNone;
+  int32_t stop_token_id = -1;                // the stop token that ended it (not EOS), or -1
+  int32_t num_prompt_tokens = 0;
+  int32_t num_output_tokens = 0;             // total so far
+  int32_t num_cached_tokens = 0;             // prompt tokens served from the prefix cache
+  std::string error;                         // with FinishReason::kError
+};
+
+struct EngineStats {
+  int32_t num_running = 0;
+  int32_t num_waiting = 0;
+  int32_t num_free_blocks = 0;
+  int32_t num_total_blocks = 0;              // usable device blocks
+  double kv_usage = 0.0;                     // fraction of usable blocks in use
+  int64_t prefix_queries = 0;                // tokens looked up in the prefix cache
+  int64_t prefix_hits = 0;                   // tokens found
+  int64_t num_preemptions = 0;
+  int64_t num_steps = 0;
+  int64_t num_generated_tokens = 0;
+  int64_t num_prompt_tokens_computed = 0;
+};
+
+class Engine {
+ public:
+  Engine(const EngineConfig& config, std::shared_ptr<Executor> executor);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  const EngineConfig& config() const;
+
+  // Queues a request. Throws InvalidRequestError for an empty prompt, a prompt of max_model_len
+  // tokens or more, token ids outside the vocabulary, bad sampling values or an id still in use.
+  void add_request(const std::string& request_id, std::vector<int32_t> prompt_token_ids,
+                   const SamplingParams& params, uint64_t cache_salt = 0);
+  // Aborts a live request; its blocks are freed and a final output with kAbort is emitted.
+  // Returns false when no live request has this id.
+  bool abort(const std::string& request_id);
+
+  // One iteration on the caller's thread; returns this step's outputs. Throws EngineError while
+  // the loop thread runs.
+  std::vector<RequestOutput> step();
+  // True while some request is queued, waiting or running.
+  bool has_unfinished_requests() const;
+
+  // Runs the loop on a native thread until stop(). stop() finishes the current step and joins.
+  void start();
+  void stop();
+  bool is_running() const;
+
+  // Readable while outputs are queued (loop-thread mode).
+  int output_fd() const;
+  // Takes every queued output (never blocks).
+  std::vector<RequestOutput> take_outputs();
+  // Waits up to timeout_ms for outputs, then takes them (for C++ consumers without a poll loop).
+  std::vector<RequestOutput> wait_outputs(int timeout_ms);
+
+  // A snapshot taken after the last step (any thread).
+  EngineStats stats() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace fastllm

@@ -1,0 +1,29 @@
+// Executor: runs one BatchPlan (KV writes, forward pass, sampling) and returns the sampled tokens.
+// Implementations: the Python model executor (through the bindings) and FakeExecutor for tests.
+// Called on the engine thread only, one step at a time.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "fastllm/batch_plan.h"
+
+namespace fastllm {
+
+struct StepResult {
+  std::vector<int32_t> sampled_token_ids;  // [num_samples]
+  std::vector<float> sampled_logprobs;     // [num_samples] or empty
+  int32_t num_top_logprobs = 0;            // K: top entries per sample row
+  std::vector<int32_t> top_token_ids;      // [num_samples * K] or empty
+  std::vector<float> top_logprobs;         // [num_samples * K] or empty
+};
+
+class Executor {
+ public:
+  virtual ~Executor() = default;
+  // Applies plan.block_ops, writes the new tokens' K/V into their slots, runs the model and
+  // samples one token per sample row. Throwing fails the requests of this step only.
+  virtual StepResult execute(const BatchPlan& plan) = 0;
+};
+
+}  // namespace fastllm

@@ -1,0 +1,62 @@
+// FakeExecutor: a deterministic stand-in for a model, for engine tests and benchmarks.
+//
+// It keeps a simulated KV cache in which every slot stores the (token, position) written to it.
+// The next token of a sequence is a hash of its whole context read back through its block table,
+// so any scheduling, block-table, copy-on-write, swap or prefix-cache error changes the tokens or
+// is reported as corruption. With verify_kv off it hashes only the last token and position (cheap,
+// for benchmarks). Not thread-safe; used from the engine thread.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "fastllm/executor.h"
+
+namespace fastllm {
+
+struct FakeExecutorConfig {
+  int32_t num_gpu_blocks = 0;
+  int32_t num_cpu_blocks = 0;
+  int32_t block_size = 16;
+  int32_t vocab_size = 1000;
+  bool verify_kv = true;  // read and check the whole context from the cache every step
+};
+
+class FakeExecutor : public Executor {
+ public:
+  explicit FakeExecutor(const FakeExecutorConfig& config);
+
+  StepResult execute(const BatchPlan& plan) override;
+
+  // The token the fake model produces after `context` (what verify_kv mode computes); tokens in
+  // `banned` (EOS/stop ids while below min_tokens) are skipped over.
+  static int32_t next_token(const int32_t* context, int32_t length, int32_t vocab_size,
+                            int64_t seed, const int32_t* banned = nullptr, int32_t num_banned = 0);
+  // Greedy reference generation without any engine: prompt followed by up to max_tokens tokens,
+  // stopping after an eos token (when ignore_eos is false and min_tokens are done).
+  static std::vector<int32_t> reference_generate(const std::vector<int32_t>& prompt,
+                                                 int32_t max_tokens, int32_t vocab_size,
+                                                 const std::vector<int32_t>& eos_token_ids,
+                                                 int32_t min_tokens = 0, int64_t seed = -1);
+
+  int64_t num_steps() const { return num_steps_; }
+  int64_t num_tokens_processed() const { return num_tokens_processed_; }
+  int32_t max_batch_tokens_seen() const { return max_batch_tokens_seen_; }
+
+ private:
+  struct Slot {
+    int32_t token = -1;
+    int32_t position = -1;
+  };
+  void copy_blocks(std::vector<Slot>& from, std::vector<Slot>& to, const std::vector<int32_t>& pairs);
+
+  FakeExecutorConfig config_;
+  std::vector<Slot> device_;
+  std::vector<Slot> host_;
+  std::vector<int32_t> context_;
+  int64_t num_steps_ = 0;
+  int64_t num_tokens_processed_ = 0;
+  int32_t max_batch_tokens_seen_ = 0;
+};
+
+}  // namespace fastllm

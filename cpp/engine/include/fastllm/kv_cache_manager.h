@@ -1,0 +1,111 @@
+// KVCacheManager: maps requests to KV blocks. Owns the device BlockPool, the CPU swap pool, the
+// prefix cache (chained block hashes) and copy-on-write forks. Engine-thread only.
+//
+// Block hashes chain: hash(block i) = H(hash(block i-1), cache_salt, tokens of block i), so equal
+// hashes mean equal whole prefixes. Only full blocks of computed tokens are ever registered.
+//
+// Check-then-act: every can_X(...) is a pure check; the matching X(...) must only be called after
+// it returned true, and the block operations it implies (copies, swaps) are queued in
+// pending_ops() for the next BatchPlan.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "fastllm/block_pool.h"
+#include "fastllm/request.h"
+
+namespace fastllm {
+
+struct KVCacheConfig {
+  int32_t num_gpu_blocks = 0;         // device blocks including the null block 0
+  int32_t num_cpu_blocks = 0;         // swap-space blocks (block 0 of the swap space is unused)
+  int32_t block_size = 16;            // tokens per block: 8, 16 or 32
+  bool enable_prefix_caching = true;
+};
+
+// A prefix-cache hit for a request that holds no blocks yet.
+struct CachedPrefix {
+  std::vector<int32_t> blocks;
+  int32_t num_tokens = 0;  // blocks.size() * block_size
+};
+
+// Block operations the executor applies before the forward pass, in this order:
+// swap_out (device -> host), swap_in (host -> device), copy (device -> device). Each is a
+// flat list of (src, dst) pairs.
+struct BlockOps {
+  std::vector<int32_t> swap_out;
+  std::vector<int32_t> swap_in;
+  std::vector<int32_t> copy;
+  bool empty() const { return swap_out.empty() && swap_in.empty() && copy.empty(); }
+  void clear() {
+    swap_out.clear();
+    swap_in.clear();
+    copy.clear();
+  }
+};
+
+class KVCacheManager {
+ public:
+  explicit KVCacheManager(const KVCacheConfig& config);
+
+  const KVCacheConfig& config() const { return config_; }
+  int32_t block_size() const { return config_.block_size; }
+  const BlockPool& device_pool() const { return device_; }
+  const BlockPool& swap_pool() const { return swap_; }
+
+  // Longest cached prefix of req in full blocks, capped so that at least one token is left to
+  // compute. Empty when prefix caching is off or the request wants prompt logprobs.
+  CachedPrefix find_cached_prefix(Request& req);
+
+  // Blocks that allocate_slots would take from the free list (including blocks of `prefix` that
+  // are currently unreferenced, and a copy-on-write replacement of a shared partial last block).
+  int32_t num_blocks_needed(const Request& req, int32_t num_new_tokens,
+                            const CachedPrefix* prefix = nullptr) const;
+  bool can_allocate_slots(const Request& req, int32_t num_new_tokens,
+                          const CachedPrefix* prefix = nullptr) const;
+  // Extends req's block table to hold num_new_tokens more tokens. With a prefix, the request
+  // must hold no blocks; it takes the prefix blocks and its num_computed_tokens becomes the
+  // prefix length, and the lookup is counted in the hit-rate counters.
+  void allocate_slots(Request& req, int32_t num_new_tokens, const CachedPrefix* prefix = nullptr);
+
+  // Registers the request's full, computed blocks in the prefix cache (no-op when caching is off).
+  void cache_full_blocks(Request& req);
+
+  // Releases every device and swap block the request holds (tail first).
+  void free(Request& req);
+
+  // child takes a reference on every block of parent; the first write into a shared partial block
+  // copies it (copy-on-write). child must hold no blocks and have parent's computed tokens.
+  void fork(const Request& parent, Request& child);
+
+  bool can_swap_out(const Request& req) const;
+  void swap_out(Request& req);
+  bool can_swap_in(const Request& req, int32_t num_new_tokens) const;
+  // Brings the request's blocks back to the device and makes room for num_new_tokens more.
+  void swap_in(Request& req, int32_t num_new_tokens);
+
+  BlockOps& pending_ops() { return pending_; }
+  // Called once before each schedule: returns host blocks whose swap-in has been executed.
+  void begin_step();
+
+  // Prefix-cache counters in tokens, since construction.
+  int64_t prefix_queries() const { return prefix_queries_; }
+  int64_t prefix_hits() const { return prefix_hits_; }
+  bool reset_prefix_cache() { return device_.reset_prefix_cache(); }
+
+ private:
+  void ensure_block_hashes(Request& req, int32_t num_full_blocks) const;
+  bool needs_copy_on_write(const Request& req) const;
+
+  KVCacheConfig config_;
+  BlockPool device_;
+  BlockPool swap_;
+  BlockOps pending_;
+  std::vector<int32_t> scratch_;
+  std::vector<int32_t> released_swap_blocks_;
+  int64_t prefix_queries_ = 0;
+  int64_t prefix_hits_ = 0;
+};
+
+}  // namespace fastllm

@@ -1,0 +1,129 @@
+#include "fastllm/batch_plan.h"
+
+#include <algorithm>
+
+namespace fastllm {
+
+void BatchPlan::clear() {
+  num_seqs = num_tokens = max_query_len = max_context_len = max_blocks_per_seq = 0;
+  num_samples = 0;
+  token_ids.clear();
+  positions.clear();
+  slot_mapping.clear();
+  query_start_loc.clear();
+  context_lens.clear();
+  num_computed_tokens.clear();
+  block_tables.clear();
+  request_ids.clear();
+  sample_token_indices.clear();
+  sample_seq_indices.clear();
+  temperature.clear();
+  top_p.clear();
+  top_k.clear();
+  min_p.clear();
+  presence_penalty.clear();
+  frequency_penalty.clear();
+  repetition_penalty.clear();
+  seeds.clear();
+  output_positions.clear();
+  num_logprobs.clear();
+  suppress_stop_tokens.clear();
+  history_offsets.clear();
+  history_prompt_lens.clear();
+  history_token_ids.clear();
+  stop_offsets.clear();
+  stop_token_ids.clear();
+  block_ops.clear();
+}
+
+namespace {
+
+void add_sample_row(BatchPlan& plan, const Request& req, int32_t token_index, int32_t seq_index,
+                    const std::vector<int32_t>& eos_token_ids) {
+  const SamplingParams& p = req.params;
+  plan.sample_token_indices.push_back(token_index);
+  plan.sample_seq_indices.push_back(seq_index);
+  plan.temperature.push_back(p.temperature);
+  plan.top_p.push_back(p.top_p);
+  plan.top_k.push_back(p.top_k);
+  plan.min_p.push_back(p.min_p);
+  plan.presence_penalty.push_back(p.presence_penalty);
+  plan.frequency_penalty.push_back(p.frequency_penalty);
+  plan.repetition_penalty.push_back(p.repetition_penalty);
+  plan.seeds.push_back(p.seed);
+  plan.output_positions.push_back(req.num_output_tokens());
+  plan.num_logprobs.push_back(p.logprobs);
+
+  if (p.uses_penalties()) {
+    plan.history_token_ids.insert(plan.history_token_ids.end(), req.token_ids.begin(),
+                                  req.token_ids.end());
+  }
+  plan.history_prompt_lens.push_back(p.uses_penalties() ? req.num_prompt_tokens : 0);
+  plan.history_offsets.push_back(static_cast<int32_t>(plan.history_token_ids.size()));
+
+  const bool suppress = req.num_output_tokens() < p.min_tokens;
+  plan.suppress_stop_tokens.push_back(suppress ? 1 : 0);
+  if (suppress) {
+    plan.stop_token_ids.insert(plan.stop_token_ids.end(), p.stop_token_ids.begin(),
+                               p.stop_token_ids.end());
+    if (!p.ignore_eos) {
+      plan.stop_token_ids.insert(plan.stop_token_ids.end(), eos_token_ids.begin(),
+                                 eos_token_ids.end());
+    }
+  }
+  plan.stop_offsets.push_back(static_cast<int32_t>(plan.stop_token_ids.size()));
+  ++plan.num_samples;
+}
+
+}  // namespace
+
+void build_batch_plan(const SchedulerOutput& out, int32_t block_size,
+                      const std::vector<int32_t>& eos_token_ids, int64_t step_id,
+                      BatchPlan& plan) {
+  plan.clear();
+  plan.step_id = step_id;
+  plan.block_size = block_size;
+  plan.num_seqs = static_cast<int32_t>(out.scheduled.size());
+  plan.block_ops.swap_out = out.block_ops.swap_out;
+  plan.block_ops.swap_in = out.block_ops.swap_in;
+  plan.block_ops.copy = out.block_ops.copy;
+
+  int32_t max_blocks = 0;
+  for (const ScheduledRequest& s : out.scheduled) {
+    max_blocks = std::max(max_blocks, static_cast<int32_t>(s.request->block_ids.size()));
+  }
+  plan.max_blocks_per_seq = max_blocks;
+  plan.block_tables.assign(static_cast<size_t>(plan.num_seqs) * max_blocks,
+                           BlockPool::kNullBlock);
+  plan.query_start_loc.push_back(0);
+  plan.history_offsets.push_back(0);
+  plan.stop_offsets.push_back(0);
+
+  for (int32_t seq = 0; seq < plan.num_seqs; ++seq) {
+    const Request& req = *out.scheduled[seq].request;
+    const int32_t n = out.scheduled[seq].num_new_tokens;
+    const int32_t start = req.num_computed_tokens;
+    for (int32_t pos = start; pos < start + n; ++pos) {
+      plan.token_ids.push_back(req.token_ids[pos]);
+      plan.positions.push_back(pos);
+      plan.slot_mapping.push_back(static_cast<int64_t>(req.block_ids[pos / block_size]) *
+                                      block_size +
+                                  pos % block_size);
+    }
+    plan.num_tokens += n;
+    plan.query_start_loc.push_back(plan.num_tokens);
+    plan.context_lens.push_back(start + n);
+    plan.num_computed_tokens.push_back(start);
+    plan.max_query_len = std::max(plan.max_query_len, n);
+    plan.max_context_len = std::max(plan.max_context_len, start + n);
+    std::copy(req.block_ids.begin(), req.block_ids.end(),
+              plan.block_tables.begin() + static_cast<size_t>(seq) * max_blocks);
+    plan.request_ids.push_back(req.id);
+    // The last known token is computed in this step: its logits give the next token.
+    if (start + n == req.num_tokens()) {
+      add_sample_row(plan, req, plan.num_tokens - 1, seq, eos_token_ids);
+    }
+  }
+}
+
+}  // namespace fastllm

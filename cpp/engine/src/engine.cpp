@@ -1,0 +1,505 @@
+#include "fastllm/engine.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <climits>
+#include <condition_variable>
+#include <cstdio>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+
+#if defined(__linux__)
+#include <sys/eventfd.h>
+#endif
+
+#include "fastllm/batch_plan.h"
+
+namespace fastllm {
+
+void EngineConfig::validate() const {
+  const auto fail = [](const std::string& m) { throw ConfigError(m); };
+  const int32_t bs = cache.block_size;
+  if (bs != 8 && bs != 16 && bs != 32) fail("block_size must be 8, 16 or 32, got " + std::to_string(bs));
+  if (cache.num_gpu_blocks < 2) {
+    fail("num_gpu_blocks must be at least 2 (block 0 is reserved), got " +
+         std::to_string(cache.num_gpu_blocks));
+  }
+  if (cache.num_cpu_blocks < 0) fail("num_cpu_blocks must be non-negative");
+  if (scheduler.max_model_len < 2) fail("max_model_len must be at least 2");
+  if (scheduler.max_num_seqs < 1) fail("max_num_seqs must be at least 1");
+  if (scheduler.max_num_batched_tokens < 1) fail("max_num_batched_tokens must be at least 1");
+  if (!scheduler.enable_chunked_prefill &&
+      scheduler.max_num_batched_tokens < scheduler.max_model_len) {
+    fail("without chunked prefill max_num_batched_tokens (" +
+         std::to_string(scheduler.max_num_batched_tokens) + ") must be at least max_model_len (" +
+         std::to_string(scheduler.max_model_len) + "), or a long prompt could never be scheduled");
+  }
+  const int64_t capacity = static_cast<int64_t>(cache.num_gpu_blocks - 1) * bs;
+  if (capacity < scheduler.max_model_len) {
+    fail("the KV cache holds " + std::to_string(capacity) + " tokens, fewer than max_model_len (" +
+         std::to_string(scheduler.max_model_len) +
+         "): give the cache more blocks or lower max_model_len");
+  }
+  if (vocab_size < 0) fail("vocab_size must be non-negative");
+  if (max_logprobs < 0) fail("max_logprobs must be non-negative");
+}
+
+namespace {
+
+// Output queue that wakes a consumer through a file descriptor: an eventfd on Linux, a pipe
+// elsewhere. The fd is readable exactly while outputs are queued.
+class OutputQueue {
+ public:
+  OutputQueue() {
+#if defined(__linux__)
+    read_fd_ = write_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (read_fd_ < 0) throw EngineError("eventfd failed");
+#else
+    int fds[2];
+    if (pipe(fds) != 0) throw EngineError("pipe failed");
+    for (int fd : fds) {
+      fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+      fcntl(fd, F_SETFD, FD_CLOEXEC);
+    }
+    read_fd_ = fds[0];
+    write_fd_ = fds[1];
+#endif
+  }
+  ~OutputQueue() {
+    close(read_fd_);
+    if (write_fd_ != read_fd_) close(write_fd_);
+  }
+
+  int fd() const { return read_fd_; }
+
+  void push(std::vector<RequestOutput>&& outputs) {
+    if (outputs.empty()) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    const bool was_empty = queue_.empty();
+    for (auto& o : outputs) queue_.push_back(std::move(o));
+    if (was_empty) signal();
+    cv_.notify_all();
+  }
+
+  std::vector<RequestOutput> take() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return take_locked();
+  }
+
+  std::vector<RequestOutput> wait_and_take(int timeout_ms) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_for(lock, std::chrono::milliseconds(timeout_ms), [this] { return !queue_.empty(); });
+    return take_locked();
+  }
+
+ private:
+  void signal() {
+    const uint64_t one = 1;
+    ssize_t r = write(write_fd_, &one, write_fd_ == read_fd_ ? sizeof(one) : 1);
+    (void)r;
+  }
+  void drain_fd() {
+    uint64_t buf[8];
+    while (read(read_fd_, buf, sizeof(buf)) > 0) {
+    }
+  }
+  std::vector<RequestOutput> take_locked() {
+    std::vector<RequestOutput> out;
+    out.swap(queue_);
+    drain_fd();
+    return out;
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<RequestOutput> queue_;
+  int read_fd_ = -1;
+  int write_fd_ = -1;
+};
+
+bool contains(const std::vector<int32_t>& v, int32_t x) {
+  return std::find(v.begin(), v.end(), x) != v.end();
+}
+
+}  // namespace
+
+struct Engine::Impl {
+  Impl(const EngineConfig& c, std::shared_ptr<Executor> e)
+      : config((c.validate(), c)),
+        executor(std::move(e)),
+        kv(config.cache),
+        scheduler(config.scheduler, kv) {
+    if (!executor) throw ConfigError("Engine needs an executor");
+  }
+
+  // ---- engine-thread state ----
+  EngineConfig config;
+  std::shared_ptr<Executor> executor;
+  KVCacheManager kv;
+  Scheduler scheduler;
+  BatchPlan plan;
+  std::unordered_map<std::string, std::unique_ptr<Request>> requests;
+  int64_t step_id = 0;
+  int64_t num_generated_tokens = 0;
+  int64_t num_prompt_tokens_computed = 0;
+
+  // ---- input side, guarded by mu (any thread) ----
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<std::unique_ptr<Request>> pending_adds;
+  std::vector<std::string> pending_aborts;
+  std::unordered_set<std::string> live_ids;
+  uint64_t next_arrival = 0;
+  bool stop_requested = false;
+
+  // ---- output side and loop thread ----
+  OutputQueue outputs;
+  std::thread loop_thread;
+  std::atomic<bool> loop_running{false};
+  mutable std::mutex stats_mu;
+  EngineStats stats;
+
+  std::vector<RequestOutput> run_step();
+  void drain_inputs(std::vector<RequestOutput>& out);
+  void finish(Request* req, RequestStatus status, std::vector<RequestOutput>& out,
+              std::string error = {});
+  void update_stats();
+  void loop();
+};
+
+namespace {
+
+RequestOutput make_output(const Request& req) {
+  RequestOutput o;
+  o.request_id = req.id;
+  o.num_prompt_tokens = req.num_prompt_tokens;
+  o.num_output_tokens = req.num_output_tokens();
+  o.num_cached_tokens = std::max(req.num_cached_tokens, 0);
+  return o;
+}
+
+// The status a request reaches after its newest token, or kRunning if it goes on.
+RequestStatus status_after_token(const Request& req, const std::vector<int32_t>& eos_token_ids,
+                                 int32_t max_model_len) {
+  const SamplingParams& p = req.params;
+  const int32_t token = req.last_token();
+  const int32_t num_out = req.num_output_tokens();
+  if (num_out >= p.min_tokens) {
+    if (!p.ignore_eos && contains(eos_token_ids, token)) return RequestStatus::kFinishedStopped;
+    if (contains(p.stop_token_ids, token)) return RequestStatus::kFinishedStopped;
+  }
+  const int32_t max_tokens = p.max_tokens < 0 ? INT32_MAX : p.max_tokens;
+  if (num_out >= max_tokens || req.num_tokens() >= max_model_len) {
+    return RequestStatus::kFinishedLength;
+  }
+  return RequestStatus::kRunning;
+}
+
+}  // namespace
+
+void Engine::Impl::finish(Request* req, RequestStatus status, std::vector<RequestOutput>& out,
+                          std::string error) {
+  scheduler.remove_request(req);
+  req->status = status;
+  RequestOutput o = make_output(*req);
+  o.finished = true;
+  o.finish_reason = finish_reason_of(status);
+  o.error = std::move(error);
+  out.push_back(std::move(o));
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    live_ids.erase(req->id);
+  }
+  requests.erase(req->id);
+}
+
+void Engine::Impl::drain_inputs(std::vector<RequestOutput>& out) {
+  std::vector<std::unique_ptr<Request>> adds;
+  std::vector<std::string> aborts;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    adds.swap(pending_adds);
+    aborts.swap(pending_aborts);
+  }
+  for (auto& req : adds) {
+    Request* raw = req.get();
+    requests.emplace(raw->id, std::move(req));
+    scheduler.add_request(raw);
+  }
+  for (const std::string& id : aborts) {
+    auto it = requests.find(id);
+    if (it != requests.end()) finish(it->second.get(), RequestStatus::kFinishedAborted, out);
+  }
+}
+
+std::vector<RequestOutput> Engine::Impl::run_step() {
+  std::vector<RequestOutput> out;
+  drain_inputs(out);
+  if (!scheduler.has_requests()) {
+    update_stats();
+    return out;
+  }
+  const SchedulerOutput& sched = scheduler.schedule();
+  if (sched.scheduled.empty()) {
+    update_stats();
+    return out;
+  }
+  build_batch_plan(sched, config.cache.block_size, config.eos_token_ids, step_id++, plan);
+
+  StepResult result;
+  std::string failure;
+  try {
+    result = executor->execute(plan);
+    if (static_cast<int32_t>(result.sampled_token_ids.size()) != plan.num_samples) {
+      failure = "executor returned " + std::to_string(result.sampled_token_ids.size()) +
+                " tokens for " + std::to_string(plan.num_samples) + " sample rows";
+    }
+  } catch (const std::exception& e) {
+    failure = std::string("executor failed: ") + e.what();
+  }
+  if (!failure.empty()) {
+    // Only this step's requests are lost; requests swapped out in this step lost their copy too.
+    std::vector<Request*> victims;
+    for (const ScheduledRequest& s : sched.scheduled) victims.push_back(s.request);
+    for (Request* p : sched.preempted) {
+      if (p->status == RequestStatus::kSwapped) victims.push_back(p);
+    }
+    for (Request* r : victims) finish(r, RequestStatus::kFinishedError, out, failure);
+    update_stats();
+    return out;
+  }
+
+  const size_t k = static_cast<size_t>(std::max(result.num_top_logprobs, 0));
+  const bool has_logprobs = result.sampled_logprobs.size() == result.sampled_token_ids.size();
+  const bool has_top = k > 0 && result.top_token_ids.size() == k * result.sampled_token_ids.size() &&
+                       result.top_logprobs.size() == result.top_token_ids.size();
+
+  for (const ScheduledRequest& s : sched.scheduled) {
+    Request* req = s.request;
+    const int32_t prompt_part =
+        std::max(0, std::min(req->num_prompt_tokens - req->num_computed_tokens, s.num_new_tokens));
+    num_prompt_tokens_computed += prompt_part;
+    req->num_computed_tokens += s.num_new_tokens;
+    kv.cache_full_blocks(*req);
+  }
+
+  std::vector<Request*> finished;
+  std::vector<RequestStatus> finished_status;
+  for (int32_t r = 0; r < plan.num_samples; ++r) {
+    Request* req = sched.scheduled[plan.sample_seq_indices[r]].request;
+    const int32_t token = result.sampled_token_ids[r];
+    if (token < 0 || (config.vocab_size > 0 && token >= config.vocab_size)) {
+      finished.push_back(req);
+      finished_status.push_back(RequestStatus::kFinishedError);
+      continue;
+    }
+    req->token_ids.push_back(token);
+    ++num_generated_tokens;
+    RequestOutput o = make_output(*req);
+    o.new_token_ids.push_back(token);
+    if (req->params.logprobs >= 0 && has_logprobs) {
+      o.new_logprobs.push_back(result.sampled_logprobs[r]);
+      if (has_top) {
+        const size_t n = std::min(k, static_cast<size_t>(req->params.logprobs));
+        o.num_top_logprobs = static_cast<int32_t>(n);
+        o.top_token_ids.assign(result.top_token_ids.begin() + r * k,
+                               result.top_token_ids.begin() + r * k + n);
+        o.top_logprobs.assign(result.top_logprobs.begin() + r * k,
+                              result.top_logprobs.begin() + r * k + n);
+      }
+    }
+    const RequestStatus status =
+        status_after_token(*req, config.eos_token_ids, config.scheduler.max_model_len);
+    if (status != RequestStatus::kRunning) {
+      if (status == RequestStatus::kFinishedStopped && contains(req->params.stop_token_ids, token) &&
+          !(!req->params.ignore_eos && contains(config.eos_token_ids, token))) {
+        req->stop_token_id = token;
+      }
+      o.finished = true;
+      o.finish_reason = finish_reason_of(status);
+      o.stop_token_id = req->stop_token_id;
+      finished.push_back(req);
+      finished_status.push_back(status);
+    }
+    out.push_back(std::move(o));
+  }
+  for (size_t i = 0; i < finished.size(); ++i) {
+    Request* req = finished[i];
+    if (finished_status[i] == RequestStatus::kFinishedError) {
+      finish(req, RequestStatus::kFinishedError, out, "executor sampled a token outside the vocabulary");
+      continue;
+    }
+    // The output with the final token was emitted above; release the request quietly.
+    scheduler.remove_request(req);
+    req->status = finished_status[i];
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      live_ids.erase(req->id);
+    }
+    requests.erase(req->id);
+  }
+  update_stats();
+  return out;
+}
+
+void Engine::Impl::update_stats() {
+  EngineStats s;
+  s.num_running = scheduler.num_running();
+  s.num_waiting = scheduler.num_waiting();
+  s.num_free_blocks = kv.device_pool().num_free_blocks();
+  s.num_total_blocks = kv.device_pool().num_blocks() - 1;
+  s.kv_usage = kv.device_pool().usage();
+  s.prefix_queries = kv.prefix_queries();
+  s.prefix_hits = kv.prefix_hits();
+  s.num_preemptions = scheduler.num_preemptions();
+  s.num_steps = step_id;
+  s.num_generated_tokens = num_generated_tokens;
+  s.num_prompt_tokens_computed = num_prompt_tokens_computed;
+  std::lock_guard<std::mutex> lock(stats_mu);
+  stats = s;
+}
+
+void Engine::Impl::loop() {
+  while (true) {
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [this] {
+        return stop_requested || !pending_adds.empty() || !pending_aborts.empty() ||
+               scheduler.has_requests();
+      });
+      if (stop_requested) break;
+    }
+    try {
+      outputs.push(run_step());
+    } catch (const std::exception& e) {
+      // An internal error: fail every live request rather than let the thread die silently.
+      std::fprintf(stderr, "fastllm engine loop error: %s\n", e.what());
+      std::vector<RequestOutput> out;
+      std::vector<Request*> live;
+      for (auto& [id, req] : requests) live.push_back(req.get());
+      for (Request* r : live) {
+        try {
+          finish(r, RequestStatus::kFinishedError, out, e.what());
+        } catch (const std::exception&) {
+        }
+      }
+      outputs.push(std::move(out));
+    }
+  }
+}
+
+// ---- Engine ----
+
+Engine::Engine(const EngineConfig& config, std::shared_ptr<Executor> executor)
+    : impl_(std::make_unique<Impl>(config, std::move(executor))) {
+  impl_->update_stats();
+}
+
+Engine::~Engine() { stop(); }
+
+const EngineConfig& Engine::config() const { return impl_->config; }
+
+void Engine::add_request(const std::string& request_id, std::vector<int32_t> prompt_token_ids,
+                         const SamplingParams& params, uint64_t cache_salt) {
+  const EngineConfig& c = impl_->config;
+  if (request_id.empty()) throw InvalidRequestError("request_id must not be empty");
+  if (prompt_token_ids.empty()) throw InvalidRequestError("the prompt must contain at least one token");
+  const auto n = static_cast<int64_t>(prompt_token_ids.size());
+  if (n >= c.scheduler.max_model_len) {
+    throw InvalidRequestError("the prompt has " + std::to_string(n) +
+                              " tokens, but max_model_len is " +
+                              std::to_string(c.scheduler.max_model_len) +
+                              " and at least one output token must fit");
+  }
+  for (int32_t t : prompt_token_ids) {
+    if (t < 0 || (c.vocab_size > 0 && t >= c.vocab_size)) {
+      throw InvalidRequestError("prompt token id " + std::to_string(t) +
+                                " is outside the vocabulary [0, " + std::to_string(c.vocab_size) +
+                                ")");
+    }
+  }
+  params.validate(c.max_logprobs);
+
+  auto req = std::make_unique<Request>();
+  req->id = request_id;
+  req->params = params;
+  req->cache_salt = cache_salt;
+  req->num_prompt_tokens = static_cast<int32_t>(n);
+  req->token_ids = std::move(prompt_token_ids);
+  req->token_ids.reserve(std::min<int64_t>(c.scheduler.max_model_len, n + 64));
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    if (!impl_->live_ids.insert(request_id).second) {
+      throw InvalidRequestError("request id '" + request_id + "' is already in use");
+    }
+    req->arrival_index = impl_->next_arrival++;
+    impl_->pending_adds.push_back(std::move(req));
+  }
+  impl_->cv.notify_one();
+}
+
+bool Engine::abort(const std::string& request_id) {
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    if (impl_->live_ids.count(request_id) == 0) return false;
+    impl_->pending_aborts.push_back(request_id);
+  }
+  impl_->cv.notify_one();
+  return true;
+}
+
+std::vector<RequestOutput> Engine::step() {
+  if (impl_->loop_running.load()) {
+    throw EngineError("step() cannot be called while the engine loop thread runs");
+  }
+  return impl_->run_step();
+}
+
+bool Engine::has_unfinished_requests() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return !impl_->live_ids.empty();
+}
+
+void Engine::start() {
+  if (impl_->loop_running.exchange(true)) return;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    impl_->stop_requested = false;
+  }
+  impl_->loop_thread = std::thread([this] { impl_->loop(); });
+}
+
+void Engine::stop() {
+  if (!impl_->loop_running.load()) return;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    impl_->stop_requested = true;
+  }
+  impl_->cv.notify_all();
+  if (impl_->loop_thread.joinable()) impl_->loop_thread.join();
+  impl_->loop_running.store(false);
+}
+
+bool Engine::is_running() const { return impl_->loop_running.load(); }
+
+int Engine::output_fd() const { return impl_->outputs.fd(); }
+
+std::vector<RequestOutput> Engine::take_outputs() { return impl_->outputs.take(); }
+
+std::vector<RequestOutput> Engine::wait_outputs(int timeout_ms) {
+  return impl_->outputs.wait_and_take(timeout_ms);
+}
+
+EngineStats Engine::stats() const {
+  std::lock_guard<std::mutex> lock(impl_->stats_mu);
+  return impl_->stats;
+}
+
+}  // namespace fastllm

@@ -1,0 +1,222 @@
+#include "fastllm/kv_cache_manager.h"
+
+#include <algorithm>
+#include <string>
+
+#include "fastllm/errors.h"
+
+namespace fastllm {
+
+namespace {
+
+// splitmix64 finalizer: a cheap, well-mixing 64-bit permutation.
+uint64_t mix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+uint64_t hash_block(uint64_t parent, uint64_t salt, const int32_t* tokens, int32_t n) {
+  uint64_t h = mix64(parent) ^ mix64(salt ^ 0x5851f42d4c957f2dull);
+  for (int32_t i = 0; i < n; ++i) {
+    h = mix64(h ^ (static_cast<uint64_t>(static_cast<uint32_t>(tokens[i])) |
+                   (static_cast<uint64_t>(i) << 32)));
+  }
+  return h;
+}
+
+int32_t ceil_div(int32_t a, int32_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+KVCacheManager::KVCacheManager(const KVCacheConfig& config)
+    : config_(config), device_(config.num_gpu_blocks), swap_(config.num_cpu_blocks) {
+  const int32_t bs = config.block_size;
+  if (bs != 8 && bs != 16 && bs != 32) {
+    throw ConfigError("block_size must be 8, 16 or 32, got " + std::to_string(bs));
+  }
+  if (config.num_gpu_blocks < 2) {
+    throw ConfigError("num_gpu_blocks must be at least 2 (block 0 is reserved), got " +
+                      std::to_string(config.num_gpu_blocks));
+  }
+  if (config.num_cpu_blocks < 0) {
+    throw ConfigError("num_cpu_blocks must be non-negative");
+  }
+}
+
+void KVCacheManager::ensure_block_hashes(Request& req, int32_t num_full_blocks) const {
+  const int32_t bs = config_.block_size;
+  auto& hashes = req.block_hashes;
+  while (static_cast<int32_t>(hashes.size()) < num_full_blocks) {
+    const int32_t i = static_cast<int32_t>(hashes.size());
+    const uint64_t parent = i == 0 ? 0 : hashes[i - 1];
+    hashes.push_back(hash_block(parent, req.cache_salt, req.token_ids.data() + i * bs, bs));
+  }
+}
+
+CachedPrefix KVCacheManager::find_cached_prefix(Request& req) {
+  CachedPrefix prefix;
+  // Prompt logprobs need the logits of every prompt position, so such requests compute them all.
+  if (!config_.enable_prefix_caching || req.params.prompt_logprobs >= 0) return prefix;
+  const int32_t bs = config_.block_size;
+  const int32_t max_blocks = (req.num_tokens() - 1) / bs;  // leave at least one token to compute
+  ensure_block_hashes(req, max_blocks);
+  for (int32_t i = 0; i < max_blocks; ++i) {
+    const int32_t block = device_.lookup(req.block_hashes[i]);
+    if (block < 0) break;
+    prefix.blocks.push_back(block);
+  }
+  prefix.num_tokens = static_cast<int32_t>(prefix.blocks.size()) * bs;
+  return prefix;
+}
+
+bool KVCacheManager::needs_copy_on_write(const Request& req) const {
+  const int32_t bs = config_.block_size;
+  if (req.num_computed_tokens % bs == 0) return false;
+  const int32_t idx = req.num_computed_tokens / bs;
+  return idx < static_cast<int32_t>(req.block_ids.size()) &&
+         device_.ref_count(req.block_ids[idx]) > 1;
+}
+
+int32_t KVCacheManager::num_blocks_needed(const Request& req, int32_t num_new_tokens,
+                                          const CachedPrefix* prefix) const {
+  int32_t held = static_cast<int32_t>(req.block_ids.size());
+  int32_t computed = req.num_computed_tokens;
+  int32_t needed = 0;
+  if (prefix != nullptr) {
+    held += static_cast<int32_t>(prefix->blocks.size());
+    computed += prefix->num_tokens;
+    for (int32_t b : prefix->blocks) {
+      if (device_.ref_count(b) == 0) ++needed;  // taking it back removes it from the free list
+    }
+  }
+  needed += std::max(0, ceil_div(computed + num_new_tokens, config_.block_size) - held);
+  if (needs_copy_on_write(req)) ++needed;
+  return needed;
+}
+
+bool KVCacheManager::can_allocate_slots(const Request& req, int32_t num_new_tokens,
+                                        const CachedPrefix* prefix) const {
+  return device_.can_allocate(num_blocks_needed(req, num_new_tokens, prefix));
+}
+
+void KVCacheManager::allocate_slots(Request& req, int32_t num_new_tokens,
+                                    const CachedPrefix* prefix) {
+  if (!can_allocate_slots(req, num_new_tokens, prefix)) {
+    throw EngineError("allocate_slots called without room for request " + req.id);
+  }
+  const int32_t bs = config_.block_size;
+  if (prefix != nullptr && config_.enable_prefix_caching) {
+    // Counted at admission only, so a request retried over several steps counts once.
+    prefix_queries_ += req.num_tokens();
+    prefix_hits_ += prefix->num_tokens;
+  }
+  if (prefix != nullptr && !prefix->blocks.empty()) {
+    if (!req.block_ids.empty()) {
+      throw EngineError("allocate_slots: a cached prefix for request " + req.id +
+                        " that already holds blocks");
+    }
+    for (int32_t b : prefix->blocks) device_.touch(b);
+    req.block_ids = prefix->blocks;
+    req.num_computed_tokens = prefix->num_tokens;
+    req.num_registered_blocks = static_cast<int32_t>(prefix->blocks.size());
+  }
+  if (needs_copy_on_write(req)) {
+    const int32_t idx = req.num_computed_tokens / bs;
+    const int32_t shared = req.block_ids[idx];
+    scratch_.clear();
+    device_.allocate(1, scratch_);
+    pending_.copy.push_back(shared);
+    pending_.copy.push_back(scratch_[0]);
+    device_.release(&shared, 1);
+    req.block_ids[idx] = scratch_[0];
+  }
+  const int32_t total = ceil_div(req.num_computed_tokens + num_new_tokens, bs);
+  const int32_t extra = total - static_cast<int32_t>(req.block_ids.size());
+  if (extra > 0) device_.allocate(extra, req.block_ids);
+}
+
+void KVCacheManager::cache_full_blocks(Request& req) {
+  if (!config_.enable_prefix_caching) return;
+  const int32_t full = std::min(req.num_computed_tokens / config_.block_size,
+                                static_cast<int32_t>(req.block_ids.size()));
+  if (full <= req.num_registered_blocks) return;
+  ensure_block_hashes(req, full);
+  for (int32_t i = req.num_registered_blocks; i < full; ++i) {
+    device_.register_block(req.block_ids[i], req.block_hashes[i]);
+  }
+  req.num_registered_blocks = full;
+}
+
+void KVCacheManager::free(Request& req) {
+  device_.release_reversed(req.block_ids);
+  req.block_ids.clear();
+  swap_.release_reversed(req.swapped_block_ids);
+  req.swapped_block_ids.clear();
+  req.num_registered_blocks = 0;
+}
+
+void KVCacheManager::fork(const Request& parent, Request& child) {
+  if (!child.block_ids.empty()) {
+    throw EngineError("fork: child " + child.id + " already holds blocks");
+  }
+  for (int32_t b : parent.block_ids) device_.touch(b);
+  child.block_ids = parent.block_ids;
+  child.block_hashes = parent.block_hashes;
+  child.num_registered_blocks = parent.num_registered_blocks;
+  child.num_computed_tokens = parent.num_computed_tokens;
+}
+
+void KVCacheManager::begin_step() {
+  if (released_swap_blocks_.empty()) return;
+  swap_.release(released_swap_blocks_.data(), static_cast<int32_t>(released_swap_blocks_.size()));
+  released_swap_blocks_.clear();
+}
+
+bool KVCacheManager::can_swap_out(const Request& req) const {
+  return config_.num_cpu_blocks > 0 &&
+         swap_.can_allocate(static_cast<int32_t>(req.block_ids.size()));
+}
+
+void KVCacheManager::swap_out(Request& req) {
+  const int32_t n = static_cast<int32_t>(req.block_ids.size());
+  req.swapped_block_ids.clear();
+  swap_.allocate(n, req.swapped_block_ids);
+  for (int32_t i = 0; i < n; ++i) {
+    pending_.swap_out.push_back(req.block_ids[i]);
+    pending_.swap_out.push_back(req.swapped_block_ids[i]);
+  }
+  device_.release_reversed(req.block_ids);
+  req.block_ids.clear();
+  req.num_registered_blocks = 0;
+}
+
+bool KVCacheManager::can_swap_in(const Request& req, int32_t num_new_tokens) const {
+  const int32_t held = static_cast<int32_t>(req.swapped_block_ids.size());
+  const int32_t total = ceil_div(req.num_computed_tokens + num_new_tokens, config_.block_size);
+  return device_.can_allocate(std::max(held, total));
+}
+
+void KVCacheManager::swap_in(Request& req, int32_t num_new_tokens) {
+  if (!can_swap_in(req, num_new_tokens)) {
+    throw EngineError("swap_in called without room for request " + req.id);
+  }
+  const int32_t n = static_cast<int32_t>(req.swapped_block_ids.size());
+  req.block_ids.clear();
+  device_.allocate(n, req.block_ids);
+  for (int32_t i = 0; i < n; ++i) {
+    pending_.swap_in.push_back(req.swapped_block_ids[i]);
+    pending_.swap_in.push_back(req.block_ids[i]);
+  }
+  // Swap-ins read their host blocks after every swap-out of the step has written, so the host
+  // blocks may only be reused from the next step on.
+  released_swap_blocks_.insert(released_swap_blocks_.end(), req.swapped_block_ids.rbegin(),
+                               req.swapped_block_ids.rend());
+  req.swapped_block_ids.clear();
+  const int32_t total = ceil_div(req.num_computed_tokens + num_new_tokens, config_.block_size);
+  const int32_t extra = total - n;
+  if (extra > 0) device_.allocate(extra, req.block_ids);
+}
+
+}  // namespace fastllm

@@ -1,0 +1,43 @@
+// Row primitives of the CPU kernels, picked once at run time: AVX2+FMA+F16C when the CPU has them
+// (vec_avx2.cpp, the only file compiled with -mavx2 -mfma -mf16c), portable scalar code otherwise.
+#pragma once
+
+#include <cstdint>
+
+#include "fastllm/kernels/common.h"
+
+namespace fastllm::kernels::cpu {
+
+struct VecOps {
+  const char* name;
+  // dst[i] = float(src[i]) * scale (scale matters for fp8 only; pass 1 otherwise).
+  void (*load)(const void* src, DType dtype, float* dst, int64_t n, float scale);
+  // dst[i] = dtype(src[i] * inv_scale), round to nearest even (fp8: saturating).
+  void (*store)(const float* src, DType dtype, void* dst, int64_t n, float inv_scale);
+  float (*dot)(const float* a, const float* b, int64_t n);
+  // out[r * out_stride] = dot(rows + r * n, x) for r < num_rows.
+  void (*dots)(const float* x, const float* rows, int64_t num_rows, int64_t n, float* out,
+               int64_t out_stride);
+  // acc[r * n + i] += weights[r * weight_stride] * x[i] for r < num_rows (rows with weight 0 skipped).
+  void (*axpys)(const float* x, const float* weights, int64_t weight_stride, int64_t num_rows,
+                float* acc, int64_t n);
+  void (*scale)(float a, float* x, int64_t n);
+  float (*sum_squares)(const float* x, int64_t n);
+  // y[i] = x[i] * s * w[i]
+  void (*mul_scaled)(const float* x, const float* w, float s, float* y, int64_t n);
+  float (*max)(const float* x, int64_t n);
+  // x[i] = exp(x[i] - shift) (exactly 0 for -inf), returns the sum.
+  float (*exp_shift_sum)(float* x, int64_t n, float shift);
+  // out[i] = silu(gate[i]) * up[i]
+  void (*silu_mul)(const float* gate, const float* up, float* out, int64_t n);
+};
+
+const VecOps& vec_ops();
+const VecOps& scalar_vec_ops();
+// Null when the library was built without the AVX2 file (non-x86 targets).
+const VecOps* avx2_vec_ops();
+
+// Thread-local float scratch of at least n elements; `slot` selects one of a few independent buffers.
+float* scratch(int slot, int64_t n);
+
+}  // namespace fastllm::kernels::cpu

@@ -1,0 +1,271 @@
+// AVX2 + FMA + F16C row primitives. This is the only file built with -mavx2 -mfma -mf16c; nothing
+// here runs unless vec_ops() saw those features at run time.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "fastllm/kernels/dtype_convert.h"
+#include "vec.h"
+
+namespace fastllm::kernels::cpu {
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v);
+  const __m128 hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+inline float hmax(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v);
+  const __m128 hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_max_ps(lo, hi);
+  lo = _mm_max_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_max_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+// exp(x) for x <= 88 (Cody-Waite range reduction, degree-6 polynomial, ~1 ulp); 0 below -87.3,
+// which also maps -inf to exactly 0.
+inline __m256 exp256(__m256 x) {
+  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33f), _CMP_GE_OQ);
+  x = _mm256_min_ps(x, _mm256_set1_ps(88.37f));
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.33f));
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
+}
+
+float g_fp8_table[256];
+
+void init_fp8_table() {
+  for (int i = 0; i < 256; ++i) g_fp8_table[i] = fp8e4m3_to_float(static_cast<uint8_t>(i));
+}
+
+void load(const void* src, DType dtype, float* dst, int64_t n, float scale) {
+  int64_t i = 0;
+  const __m256 s = _mm256_set1_ps(scale);
+  switch (dtype) {
+    case DType::kFloat32: {
+      const float* x = static_cast<const float*>(src);
+      if (scale == 1.0f) {
+        std::memcpy(dst, x, n * sizeof(float));
+        return;
+      }
+      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), s));
+      for (; i < n; ++i) dst[i] = x[i] * scale;
+      return;
+    }
+    case DType::kFloat16: {
+      const uint16_t* x = static_cast<const uint16_t*>(src);
+      for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
+        _mm256_storeu_ps(dst + i, _mm256_mul_ps(v, s));
+      }
+      for (; i < n; ++i) dst[i] = half_to_float(x[i]) * scale;
+      return;
+    }
+    case DType::kBFloat16: {
+      const uint16_t* x = static_cast<const uint16_t*>(src);
+      for (; i + 8 <= n; i += 8) {
+        const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
+        const __m256 v = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+        _mm256_storeu_ps(dst + i, _mm256_mul_ps(v, s));
+      }
+      for (; i < n; ++i) dst[i] = bf16_to_float(x[i]) * scale;
+      return;
+    }
+    case DType::kFloat8E4M3: {
+      const uint8_t* x = static_cast<const uint8_t*>(src);
+      for (; i + 8 <= n; i += 8) {
+        const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x + i)));
+        _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_i32gather_ps(g_fp8_table, idx, 4), s));
+      }
+      for (; i < n; ++i) dst[i] = g_fp8_table[x[i]] * scale;
+      return;
+    }
+  }
+}
+
+void store(const float* src, DType dtype, void* dst, int64_t n, float inv_scale) {
+  int64_t i = 0;
+  const __m256 s = _mm256_set1_ps(inv_scale);
+  switch (dtype) {
+    case DType::kFloat32: {
+      float* y = static_cast<float*>(dst);
+      if (inv_scale == 1.0f) {
+        std::memcpy(y, src, n * sizeof(float));
+        return;
+      }
+      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_loadu_ps(src + i), s));
+      for (; i < n; ++i) y[i] = src[i] * inv_scale;
+      return;
+    }
+    case DType::kFloat16: {
+      uint16_t* y = static_cast<uint16_t*>(dst);
+      for (; i + 8 <= n; i += 8) {
+        const __m128i h = _mm256_cvtps_ph(_mm256_mul_ps(_mm256_loadu_ps(src + i), s),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), h);
+      }
+      for (; i < n; ++i) y[i] = float_to_half(src[i] * inv_scale);
+      return;
+    }
+    case DType::kBFloat16: {
+      uint16_t* y = static_cast<uint16_t*>(dst);
+      for (; i < n; ++i) y[i] = float_to_bf16(src[i] * inv_scale);
+      return;
+    }
+    case DType::kFloat8E4M3: {
+      uint8_t* y = static_cast<uint8_t*>(dst);
+      for (; i < n; ++i) y[i] = float_to_fp8e4m3(src[i] * inv_scale);
+      return;
+    }
+  }
+}
+
+inline float dot_inline(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps();
+  __m256 acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8)
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  float s = hsum(_mm256_add_ps(acc0, acc1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+float dot(const float* a, const float* b, int64_t n) { return dot_inline(a, b, n); }
+
+void dots(const float* x, const float* rows, int64_t num_rows, int64_t n, float* out,
+          int64_t out_stride) {
+  int64_t r = 0;
+  if (n % 8 == 0) {
+    // Two rows at a time share the loads of x.
+    for (; r + 2 <= num_rows; r += 2) {
+      const float* a = rows + r * n;
+      const float* b = a + n;
+      __m256 acc_a = _mm256_setzero_ps();
+      __m256 acc_b = _mm256_setzero_ps();
+      for (int64_t i = 0; i < n; i += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + i);
+        acc_a = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), xv, acc_a);
+        acc_b = _mm256_fmadd_ps(_mm256_loadu_ps(b + i), xv, acc_b);
+      }
+      out[r * out_stride] = hsum(acc_a);
+      out[(r + 1) * out_stride] = hsum(acc_b);
+    }
+  }
+  for (; r < num_rows; ++r) out[r * out_stride] = dot_inline(rows + r * n, x, n);
+}
+
+void axpys(const float* x, const float* weights, int64_t weight_stride, int64_t num_rows,
+           float* acc, int64_t n) {
+  for (int64_t r = 0; r < num_rows; ++r) {
+    const float w = weights[r * weight_stride];
+    if (w == 0.0f) continue;
+    const __m256 wv = _mm256_set1_ps(w);
+    float* y = acc + r * n;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; ++i) y[i] += w * x[i];
+  }
+}
+
+void scale(float a, float* x, int64_t n) {
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), av));
+  for (; i < n; ++i) x[i] *= a;
+}
+
+float sum_squares(const float* x, int64_t n) { return dot_inline(x, x, n); }
+
+void mul_scaled(const float* x, const float* w, float s, float* y, int64_t n) {
+  const __m256 sv = _mm256_set1_ps(s);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), sv),
+                                          _mm256_loadu_ps(w + i)));
+  for (; i < n; ++i) y[i] = x[i] * s * w[i];
+}
+
+float max(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  if (n >= 8) {
+    __m256 mv = _mm256_loadu_ps(x);
+    for (i = 8; i + 8 <= n; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(x + i));
+    m = hmax(mv);
+  }
+  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+float exp_shift_sum(float* x, int64_t n, float shift) {
+  const __m256 sh = _mm256_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh));
+    _mm256_storeu_ps(x + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float s = hsum(acc);
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - shift);
+    s += x[i];
+  }
+  return s;
+}
+
+void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    // exp(-g) overflows to inf for g < -88: then g / inf = -0, which is silu's limit.
+    const __m256 neg = _mm256_sub_ps(zero, g);
+    const __m256 big = _mm256_cmp_ps(neg, _mm256_set1_ps(88.0f), _CMP_GT_OQ);
+    __m256 e = exp256(neg);
+    e = _mm256_blendv_ps(e, _mm256_set1_ps(std::numeric_limits<float>::infinity()), big);
+    const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+  }
+  for (; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+const VecOps kAvx2 = {"avx2",      load,        store,      dot, dots,          axpys,
+                      scale,       sum_squares, mul_scaled, max, exp_shift_sum, silu_mul};
+
+}  // namespace
+
+const VecOps* avx2_vec_ops() {
+  static const bool ready = (init_fp8_table(), true);
+  (void)ready;
+  return &kAvx2;
+}
+
+}  // namespace fastllm::kernels::cpu

@@ -1,0 +1,205 @@
+#include <gtest/gtest.h>
+
+#include <numeric>
+
+#include "fastllm/errors.h"
+#include "fastllm/kv_cache_manager.h"
+
+using namespace fastllm;
+
+namespace {
+
+Request make_request(const std::string& id, std::vector<int32_t> tokens, uint64_t salt = 0) {
+  Request r;
+  r.id = id;
+  r.num_prompt_tokens = static_cast<int32_t>(tokens.size());
+  r.token_ids = std::move(tokens);
+  r.cache_salt = salt;
+  return r;
+}
+
+std::vector<int32_t> iota_tokens(int n, int start = 100) {
+  std::vector<int32_t> t(n);
+  std::iota(t.begin(), t.end(), start);
+  return t;
+}
+
+// Admits a request with whatever prefix is cached, computes its whole prompt and registers it.
+void prefill(KVCacheManager& kv, Request& r) {
+  CachedPrefix prefix = kv.find_cached_prefix(r);
+  const int32_t n = r.num_tokens() - prefix.num_tokens;
+  ASSERT_TRUE(kv.can_allocate_slots(r, n, &prefix));
+  kv.allocate_slots(r, n, &prefix);
+  r.num_computed_tokens += n;
+  kv.cache_full_blocks(r);
+}
+
+}  // namespace
+
+TEST(KVCacheManager, AllocatesCeilOfTokensOverBlockSize) {
+  KVCacheManager kv({/*gpu=*/10, /*cpu=*/0, /*bs=*/8, /*prefix=*/false});
+  Request r = make_request("a", iota_tokens(17));
+  EXPECT_EQ(kv.num_blocks_needed(r, 17), 3);
+  kv.allocate_slots(r, 17);
+  EXPECT_EQ(r.block_ids.size(), 3u);
+  r.num_computed_tokens = 17;
+  EXPECT_EQ(kv.num_blocks_needed(r, 7), 0);  // fills the third block
+  EXPECT_EQ(kv.num_blocks_needed(r, 8), 1);
+  kv.free(r);
+  EXPECT_EQ(kv.device_pool().num_free_blocks(), 9);
+}
+
+TEST(KVCacheManager, PrefixHitAcrossRequestsSharesBlocks) {
+  KVCacheManager kv({10, 0, 8, true});
+  std::vector<int32_t> shared = iota_tokens(16);
+  std::vector<int32_t> ta = shared, tb = shared;
+  ta.insert(ta.end(), {1, 2, 3});
+  tb.insert(tb.end(), {4, 5, 6, 7});
+  Request a = make_request("a", ta);
+  prefill(kv, a);
+  Request b = make_request("b", tb);
+  CachedPrefix p = kv.find_cached_prefix(b);
+  EXPECT_EQ(p.num_tokens, 16);
+  ASSERT_EQ(p.blocks.size(), 2u);
+  EXPECT_EQ(p.blocks[0], a.block_ids[0]);
+  EXPECT_EQ(p.blocks[1], a.block_ids[1]);
+  kv.allocate_slots(b, b.num_tokens() - 16, &p);
+  EXPECT_EQ(b.num_computed_tokens, 16);
+  EXPECT_EQ(kv.device_pool().ref_count(a.block_ids[0]), 2);
+  EXPECT_NE(b.block_ids[2], a.block_ids[2]);
+  EXPECT_EQ(kv.prefix_hits(), 16);
+  EXPECT_EQ(kv.prefix_queries(), 19 + 20);
+}
+
+TEST(KVCacheManager, PrefixHitIsCappedSoOneTokenIsComputed) {
+  KVCacheManager kv({10, 0, 8, true});
+  Request a = make_request("a", iota_tokens(16));
+  prefill(kv, a);
+  // Same 16 tokens: both blocks are cached, but the last token must still be computed, so only
+  // the first block may be used.
+  Request b = make_request("b", iota_tokens(16));
+  CachedPrefix p = kv.find_cached_prefix(b);
+  EXPECT_EQ(p.num_tokens, 8);
+  // 17 tokens: both full blocks can be reused.
+  std::vector<int32_t> t = iota_tokens(16);
+  t.push_back(9);
+  Request c = make_request("c", t);
+  EXPECT_EQ(kv.find_cached_prefix(c).num_tokens, 16);
+}
+
+TEST(KVCacheManager, HitsSurviveFreeUntilEvicted) {
+  KVCacheManager kv({4, 0, 8, true});  // 3 usable blocks
+  Request a = make_request("a", iota_tokens(17));
+  prefill(kv, a);
+  kv.free(a);
+  Request b = make_request("b", iota_tokens(17));
+  CachedPrefix p = kv.find_cached_prefix(b);
+  EXPECT_EQ(p.num_tokens, 16);
+  // The two cached blocks are free, so taking them counts against the free list.
+  EXPECT_EQ(kv.num_blocks_needed(b, 1, &p), 3);
+  // A different request needing every block evicts the cache.
+  Request c = make_request("c", iota_tokens(24, 5000));
+  prefill(kv, c);
+  EXPECT_EQ(kv.find_cached_prefix(b).num_tokens, 0);
+}
+
+TEST(KVCacheManager, SaltSeparatesPrefixes) {
+  KVCacheManager kv({10, 0, 8, true});
+  Request a = make_request("a", iota_tokens(17), /*salt=*/1);
+  prefill(kv, a);
+  Request b = make_request("b", iota_tokens(17), /*salt=*/2);
+  EXPECT_EQ(kv.find_cached_prefix(b).num_tokens, 0);
+  Request c = make_request("c", iota_tokens(17), /*salt=*/1);
+  EXPECT_EQ(kv.find_cached_prefix(c).num_tokens, 16);
+}
+
+TEST(KVCacheManager, ChainedHashesDistinguishEqualBlocksAfterDifferentPrefixes) {
+  KVCacheManager kv({10, 0, 8, true});
+  std::vector<int32_t> ta = iota_tokens(8, 0), tb = iota_tokens(8, 50);
+  std::vector<int32_t> tail = iota_tokens(9, 900);
+  ta.insert(ta.end(), tail.begin(), tail.end());
+  tb.insert(tb.end(), tail.begin(), tail.end());
+  Request a = make_request("a", ta);
+  prefill(kv, a);
+  Request b = make_request("b", tb);
+  EXPECT_EQ(kv.find_cached_prefix(b).num_tokens, 0);
+}
+
+TEST(KVCacheManager, PromptLogprobsDisablePrefixHits) {
+  KVCacheManager kv({10, 0, 8, true});
+  Request a = make_request("a", iota_tokens(17));
+  prefill(kv, a);
+  Request b = make_request("b", iota_tokens(17));
+  b.params.prompt_logprobs = 1;
+  EXPECT_EQ(kv.find_cached_prefix(b).num_tokens, 0);
+}
+
+TEST(KVCacheManager, ForkSharesBlocksAndCopiesOnWrite) {
+  KVCacheManager kv({10, 0, 8, false});
+  Request parent = make_request("p", iota_tokens(12));
+  kv.allocate_slots(parent, 12);
+  parent.num_computed_tokens = 12;
+  Request child = make_request("c", iota_tokens(12));
+  kv.fork(parent, child);
+  EXPECT_EQ(child.block_ids, parent.block_ids);
+  EXPECT_EQ(child.num_computed_tokens, 12);
+  EXPECT_EQ(kv.device_pool().ref_count(parent.block_ids[1]), 2);
+  const int32_t shared_partial = parent.block_ids[1];
+  // The child writes position 12 into the shared partial block: it gets its own copy first.
+  EXPECT_EQ(kv.num_blocks_needed(child, 1), 1);
+  kv.allocate_slots(child, 1);
+  EXPECT_EQ(child.block_ids[0], parent.block_ids[0]);  // full block stays shared
+  EXPECT_NE(child.block_ids[1], shared_partial);
+  ASSERT_EQ(kv.pending_ops().copy.size(), 2u);
+  EXPECT_EQ(kv.pending_ops().copy[0], shared_partial);
+  EXPECT_EQ(kv.pending_ops().copy[1], child.block_ids[1]);
+  EXPECT_EQ(kv.device_pool().ref_count(shared_partial), 1);
+  // The parent now owns its partial block alone: no copy for it.
+  EXPECT_EQ(kv.num_blocks_needed(parent, 1), 0);
+  kv.free(parent);
+  kv.free(child);
+  EXPECT_EQ(kv.device_pool().num_free_blocks(), 9);
+}
+
+TEST(KVCacheManager, SwapOutAndInMovesBlocksThroughTheSwapSpace) {
+  KVCacheManager kv({6, 6, 8, true});
+  Request r = make_request("r", iota_tokens(20));
+  prefill(kv, r);
+  const std::vector<int32_t> device_blocks = r.block_ids;
+  ASSERT_TRUE(kv.can_swap_out(r));
+  kv.swap_out(r);
+  EXPECT_TRUE(r.block_ids.empty());
+  ASSERT_EQ(r.swapped_block_ids.size(), 3u);
+  EXPECT_EQ(kv.device_pool().num_free_blocks(), 5);
+  EXPECT_EQ(kv.swap_pool().num_free_blocks(), 2);
+  ASSERT_EQ(kv.pending_ops().swap_out.size(), 6u);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(kv.pending_ops().swap_out[2 * i], device_blocks[i]);
+    EXPECT_EQ(kv.pending_ops().swap_out[2 * i + 1], r.swapped_block_ids[i]);
+  }
+  kv.pending_ops().clear();
+  const std::vector<int32_t> host_blocks = r.swapped_block_ids;
+  ASSERT_TRUE(kv.can_swap_in(r, 1));
+  kv.swap_in(r, 1);
+  EXPECT_EQ(r.block_ids.size(), 3u);
+  EXPECT_TRUE(r.swapped_block_ids.empty());
+  ASSERT_EQ(kv.pending_ops().swap_in.size(), 6u);
+  EXPECT_EQ(kv.pending_ops().swap_in[0], host_blocks[0]);
+  EXPECT_EQ(kv.pending_ops().swap_in[1], r.block_ids[0]);
+  // Host blocks come back only after the step that reads them.
+  EXPECT_EQ(kv.swap_pool().num_free_blocks(), 2);
+  kv.begin_step();
+  EXPECT_EQ(kv.swap_pool().num_free_blocks(), 5);
+}
+
+TEST(KVCacheManager, SwapOutNeedsSwapSpace) {
+  KVCacheManager kv({6, 0, 8, false});
+  Request r = make_request("r", iota_tokens(10));
+  kv.allocate_slots(r, 10);
+  EXPECT_FALSE(kv.can_swap_out(r));
+}
+
+TEST(KVCacheManager, RejectsBadGeometry) {
+  EXPECT_THROW(KVCacheManager({10, 0, 12, true}), ConfigError);
+  EXPECT_THROW(KVCacheManager({1, 0, 16, true}), ConfigError);
+}
