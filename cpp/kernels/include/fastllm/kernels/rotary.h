@@ -29,6 +29,9 @@ struct RotaryParams {
   DType dtype = DType::kFloat32;
 };
 
+// Checks sizes shared by both backends; throws KernelArgumentError.
+void check_rotary_params(const RotaryParams& params);
+
 void rotary_embedding_cpu(const RotaryParams& params);
 
 #ifdef FASTLLM_WITH_CUDA

@@ -1,0 +1,600 @@
+// fastllm._C.ops: the kernels over tensors passed in as DLPack views (torch tensors go straight in,
+// zero-copy). Every array is checked for dtype, device and layout here; the kernels then see raw
+// pointers. CUDA tensors dispatch to the CUDA kernels on the given stream (an int, e.g.
+// torch.cuda.current_stream().cuda_stream). fp8 e4m3 KV caches are passed as uint8 views.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+
+#include <cstdint>
+#include <string>
+
+#include "fastllm/kernels/activation.h"
+#include "fastllm/kernels/attention.h"
+#include "fastllm/kernels/cache_ops.h"
+#include "fastllm/kernels/common.h"
+#include "fastllm/kernels/norm.h"
+#include "fastllm/kernels/rotary.h"
+#include "fastllm/kernels/sampling.h"
+
+namespace nb = nanobind;
+namespace k = fastllm::kernels;
+
+namespace {
+
+using Array = nb::ndarray<>;
+using k::check_arg;
+
+std::string where(const char* op, const char* name) { return std::string(op) + ": " + name; }
+
+bool is_cuda(const Array& a) { return a.device_type() == nb::device::cuda::value; }
+
+void check_device(const Array& a, bool cuda, const char* op, const char* name) {
+  const bool ok = cuda ? is_cuda(a) : a.device_type() == nb::device::cpu::value;
+  check_arg(ok, where(op, name) + (cuda ? " must be a CUDA tensor like the others"
+                                        : " must be a CPU tensor like the others"));
+}
+
+// The activation dtype of a float tensor; uint8 reads as float8 e4m3 where allow_fp8.
+k::DType float_dtype(const Array& a, const char* op, const char* name, bool allow_fp8 = false) {
+  const auto dt = a.dtype();
+  if (dt == nb::dtype<float>()) return k::DType::kFloat32;
+  if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) && dt.bits == 16)
+    return k::DType::kFloat16;
+  if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && dt.bits == 16)
+    return k::DType::kBFloat16;
+  if (allow_fp8 && dt == nb::dtype<uint8_t>()) return k::DType::kFloat8E4M3;
+  throw k::KernelArgumentError(where(op, name) + " must be float32, float16 or bfloat16" +
+                               (allow_fp8 ? " (or a uint8 view of float8_e4m3fn)" : ""));
+}
+
+// Dimensions [from, ndim) packed densely (dimension from-1 may have any stride).
+void check_dense_from(const Array& a, size_t from, const char* op, const char* name) {
+  int64_t expected = 1;
+  for (size_t d = a.ndim(); d-- > from;) {
+    check_arg(a.shape(d) == 1 || a.stride(d) == expected,
+              where(op, name) + " must be contiguous in its inner dimensions");
+    expected *= static_cast<int64_t>(a.shape(d));
+  }
+}
+
+void check_contiguous(const Array& a, const char* op, const char* name) {
+  check_dense_from(a, 0, op, name);
+}
+
+int64_t numel(const Array& a) {
+  int64_t n = 1;
+  for (size_t d = 0; d < a.ndim(); ++d) n *= static_cast<int64_t>(a.shape(d));
+  return n;
+}
+
+// A contiguous integer (or float) array of the given element type on the expected device.
+template <typename T>
+T* typed(const Array& a, bool cuda, const char* op, const char* name) {
+  check_arg(a.dtype() == nb::dtype<T>(), where(op, name) + " has the wrong dtype");
+  check_device(a, cuda, op, name);
+  check_contiguous(a, op, name);
+  return static_cast<T*>(a.data());
+}
+
+template <typename T>
+T* typed_or_null(const Array& a, bool cuda, const char* op, const char* name) {
+  return a.is_valid() ? typed<T>(a, cuda, op, name) : nullptr;
+}
+
+void* stream_ptr(uintptr_t stream) { return reinterpret_cast<void*>(stream); }
+
+// True for a CUDA tensor (the build must have the CUDA kernels), false for a CPU one.
+bool cuda_device(const Array& a, const char* op) {
+  const bool cuda = is_cuda(a);
+  check_arg(cuda || a.device_type() == nb::device::cpu::value,
+            std::string(op) + ": tensors must be on the CPU or a CUDA device");
+  check_arg(!cuda || k::built_with_cuda(), std::string(op) + ": this build has no CUDA kernels");
+  return cuda;
+}
+
+// ---- cache ops --------------------------------------------------------------------------------
+
+void reshape_and_cache(const Array& key, const Array& value, const Array& key_cache,
+                       const Array& value_cache, const Array& slot_mapping, float k_scale,
+                       float v_scale, uintptr_t stream) {
+  const char* op = "reshape_and_cache";
+  const bool cuda = cuda_device(key, op);
+  k::ReshapeAndCacheParams p;
+  check_arg(key.ndim() == 3 && value.ndim() == 3, where(op, "key/value must be [tokens, kv_heads, head_size]"));
+  check_arg(key_cache.ndim() == 4 && value_cache.ndim() == 4,
+            where(op, "caches must be [num_blocks, block_size, kv_heads, head_size]"));
+  for (const Array* a : {&value, &key_cache, &value_cache}) check_device(*a, cuda, op, "tensor");
+  p.dtype = float_dtype(key, op, "key");
+  check_arg(float_dtype(value, op, "value") == p.dtype, where(op, "key and value dtypes differ"));
+  p.cache_dtype = float_dtype(key_cache, op, "key_cache", true);
+  check_arg(float_dtype(value_cache, op, "value_cache", true) == p.cache_dtype,
+            where(op, "key_cache and value_cache dtypes differ"));
+  check_dense_from(key, 1, op, "key");
+  check_dense_from(value, 1, op, "value");
+  check_contiguous(key_cache, op, "key_cache");
+  check_contiguous(value_cache, op, "value_cache");
+  p.num_tokens = key.shape(0);
+  p.num_kv_heads = key.shape(1);
+  p.head_size = key.shape(2);
+  p.num_blocks = key_cache.shape(0);
+  p.block_size = key_cache.shape(1);
+  for (size_t d = 0; d < 4; ++d)
+    check_arg(key_cache.shape(d) == value_cache.shape(d), where(op, "cache shapes differ"));
+  check_arg(value.shape(0) == key.shape(0) && value.shape(1) == key.shape(1) &&
+                value.shape(2) == key.shape(2),
+            where(op, "key and value shapes differ"));
+  check_arg(key_cache.shape(2) == p.num_kv_heads && key_cache.shape(3) == p.head_size,
+            where(op, "cache head shape differs from key"));
+  check_arg(slot_mapping.ndim() == 1 && static_cast<int64_t>(slot_mapping.shape(0)) == p.num_tokens,
+            where(op, "slot_mapping must be [num_tokens]"));
+  p.slot_mapping = typed<int64_t>(slot_mapping, cuda, op, "slot_mapping");
+  p.key = key.data();
+  p.value = value.data();
+  p.key_cache = key_cache.data();
+  p.value_cache = value_cache.data();
+  p.key_token_stride = p.num_tokens > 1 ? key.stride(0) : p.num_kv_heads * p.head_size;
+  p.value_token_stride = p.num_tokens > 1 ? value.stride(0) : p.num_kv_heads * p.head_size;
+  p.k_scale = k_scale;
+  p.v_scale = v_scale;
+  nb::gil_scoped_release release;
+  if (cuda) {
+#ifdef FASTLLM_WITH_CUDA
+    k::reshape_and_cache_cuda(p, stream_ptr(stream));
+#endif
+  } else {
+    k::reshape_and_cache_cpu(p);
+  }
+}
+
+void copy_blocks(const Array& cache, const Array& block_mapping, uintptr_t stream) {
+  const char* op = "copy_blocks";
+  const bool cuda = cuda_device(cache, op);
+  check_arg(cache.ndim() >= 1 && cache.shape(0) > 0, where(op, "cache must be [num_blocks, ...]"));
+  check_contiguous(cache, op, "cache");
+  check_arg(block_mapping.ndim() == 2 && block_mapping.shape(1) == 2,
+            where(op, "block_mapping must be [num_pairs, 2]"));
+  const int32_t* pairs = typed<int32_t>(block_mapping, cuda, op, "block_mapping");
+  const int64_t num_blocks = cache.shape(0);
+  const int64_t block_bytes = static_cast<int64_t>(cache.nbytes()) / num_blocks;
+  const int64_t num_pairs = block_mapping.shape(0);
+  nb::gil_scoped_release release;
+  if (cuda) {
+#ifdef FASTLLM_WITH_CUDA
+    k::copy_blocks_cuda(cache.data(), num_blocks, block_bytes, pairs, num_pairs, stream_ptr(stream));
+#endif
+  } else {
+    k::copy_blocks_cpu(cache.data(), num_blocks, block_bytes, pairs, num_pairs);
+  }
+}
+
+void swap_blocks(const Array& src, const Array& dst, const Array& block_mapping, uintptr_t stream) {
+  const char* op = "swap_blocks";
+  check_arg(src.ndim() >= 1 && dst.ndim() >= 1 && src.shape(0) > 0 && dst.shape(0) > 0,
+            where(op, "caches must be [num_blocks, ...]"));
+  check_contiguous(src, op, "src");
+  check_contiguous(dst, op, "dst");
+  check_arg(src.dtype() == dst.dtype(), where(op, "src and dst dtypes differ"));
+  const int64_t block_bytes = static_cast<int64_t>(src.nbytes()) / src.shape(0);
+  check_arg(block_bytes == static_cast<int64_t>(dst.nbytes()) / static_cast<int64_t>(dst.shape(0)),
+            where(op, "src and dst block sizes differ"));
+  check_arg(block_mapping.ndim() == 2 && block_mapping.shape(1) == 2,
+            where(op, "block_mapping must be [num_pairs, 2]"));
+  const int64_t* pairs = typed<int64_t>(block_mapping, false, op, "block_mapping (a CPU tensor)");
+  const bool any_cuda = cuda_device(src, op) || cuda_device(dst, op);
+  nb::gil_scoped_release release;
+  if (any_cuda) {
+#ifdef FASTLLM_WITH_CUDA
+    k::swap_blocks_cuda(src.data(), src.shape(0), dst.data(), dst.shape(0), block_bytes, pairs,
+                        block_mapping.shape(0), stream_ptr(stream));
+#endif
+  } else {
+    k::swap_blocks_cpu(src.data(), src.shape(0), dst.data(), dst.shape(0), block_bytes, pairs,
+                       block_mapping.shape(0));
+  }
+}
+
+// ---- attention --------------------------------------------------------------------------------
+
+void paged_attention(const Array& out, const Array& query, const Array& key_cache,
+                     const Array& value_cache, const Array& query_start_loc,
+                     const Array& context_lens, const Array& block_tables, float scale,
+                     int32_t sliding_window, float softcap, float k_scale, float v_scale,
+                     int64_t max_context_len, const Array& workspace, uintptr_t stream) {
+  const char* op = "paged_attention";
+  const bool cuda = cuda_device(query, op);
+  check_arg(query.ndim() == 3 && out.ndim() == 3,
+            where(op, "query and out must be [num_tokens, num_heads, head_size]"));
+  check_arg(key_cache.ndim() == 4 && value_cache.ndim() == 4,
+            where(op, "caches must be [num_blocks, block_size, kv_heads, head_size]"));
+  for (const Array* a : {&out, &key_cache, &value_cache}) check_device(*a, cuda, op, "tensor");
+  k::PagedAttentionParams p;
+  p.dtype = float_dtype(query, op, "query");
+  check_arg(float_dtype(out, op, "out") == p.dtype, where(op, "out dtype differs from query"));
+  p.cache_dtype = float_dtype(key_cache, op, "key_cache", true);
+  check_arg(float_dtype(value_cache, op, "value_cache", true) == p.cache_dtype,
+            where(op, "key_cache and value_cache dtypes differ"));
+  check_dense_from(query, 1, op, "query");
+  check_dense_from(out, 1, op, "out");
+  check_contiguous(key_cache, op, "key_cache");
+  check_contiguous(value_cache, op, "value_cache");
+  p.num_tokens = query.shape(0);
+  p.num_heads = query.shape(1);
+  p.head_size = query.shape(2);
+  check_arg(out.shape(0) == query.shape(0) && out.shape(1) == query.shape(1) &&
+                out.shape(2) == query.shape(2),
+            where(op, "out shape differs from query"));
+  p.num_blocks = key_cache.shape(0);
+  p.block_size = key_cache.shape(1);
+  p.num_kv_heads = key_cache.shape(2);
+  for (size_t d = 0; d < 4; ++d)
+    check_arg(key_cache.shape(d) == value_cache.shape(d), where(op, "cache shapes differ"));
+  check_arg(static_cast<int64_t>(key_cache.shape(3)) == p.head_size,
+            where(op, "cache head_size differs from query"));
+  check_arg(query_start_loc.ndim() == 1 && query_start_loc.shape(0) >= 1,
+            where(op, "query_start_loc must be [num_seqs + 1]"));
+  p.num_seqs = static_cast<int64_t>(query_start_loc.shape(0)) - 1;
+  check_arg(context_lens.ndim() == 1 && static_cast<int64_t>(context_lens.shape(0)) == p.num_seqs,
+            where(op, "context_lens must be [num_seqs]"));
+  check_arg(block_tables.ndim() == 2 && static_cast<int64_t>(block_tables.shape(0)) == p.num_seqs,
+            where(op, "block_tables must be [num_seqs, max_blocks_per_seq]"));
+  p.query_start_loc = typed<int32_t>(query_start_loc, cuda, op, "query_start_loc");
+  p.context_lens = typed<int32_t>(context_lens, cuda, op, "context_lens");
+  p.block_tables = typed<int32_t>(block_tables, cuda, op, "block_tables");
+  p.max_blocks_per_seq = block_tables.shape(1);
+  p.out = out.data();
+  p.query = query.data();
+  p.key_cache = key_cache.data();
+  p.value_cache = value_cache.data();
+  p.query_token_stride = p.num_tokens > 1 ? query.stride(0) : p.num_heads * p.head_size;
+  p.out_token_stride = p.num_tokens > 1 ? out.stride(0) : p.num_heads * p.head_size;
+  p.scale = scale;
+  p.sliding_window = sliding_window;
+  p.softcap = softcap;
+  p.k_scale = k_scale;
+  p.v_scale = v_scale;
+  p.max_context_len = max_context_len;
+  if (workspace.is_valid()) {
+    check_device(workspace, cuda, op, "workspace");
+    check_contiguous(workspace, op, "workspace");
+    p.workspace = workspace.data();
+    p.workspace_bytes = workspace.nbytes();
+  }
+  nb::gil_scoped_release release;
+  if (cuda) {
+#ifdef FASTLLM_WITH_CUDA
+    k::paged_attention_cuda(p, stream_ptr(stream));
+#endif
+  } else {
+    k::paged_attention_cpu(p);
+  }
+}
+
+// ---- norms, rotary, activations -----------------------------------------------------------------
+
+// Rows of a 2-D (or N-D, flattened) tensor whose last dimension is dense: (rows, row stride).
+std::pair<int64_t, int64_t> rows_of(const Array& a, const char* op, const char* name) {
+  check_arg(a.ndim() >= 1, where(op, name) + " must have at least one dimension");
+  check_dense_from(a, a.ndim() == 1 ? 0 : a.ndim() - 1, op, name);
+  int64_t rows = 1;
+  for (size_t d = 0; d + 1 < a.ndim(); ++d) rows *= static_cast<int64_t>(a.shape(d));
+  const int64_t last = a.shape(a.ndim() - 1);
+  if (a.ndim() <= 1 || rows <= 1) return {rows, last};
+  // Leading dimensions must flatten to one stride.
+  int64_t stride = a.stride(a.ndim() - 2);
+  int64_t expected = stride;
+  for (size_t d = a.ndim() - 1; d-- > 0;) {
+    check_arg(a.shape(d) == 1 || a.stride(d) == expected,
+              where(op, name) + " leading dimensions must flatten to one row stride");
+    expected *= static_cast<int64_t>(a.shape(d));
+  }
+  return {rows, stride};
+}
+
+void rms_norm(const Array& out, const Array& input, const Array& weight, float eps,
+              uintptr_t stream) {
+  const char* op = "rms_norm";
+  const bool cuda = cuda_device(input, op);
+  check_device(out, cuda, op, "out");
+  check_device(weight, cuda, op, "weight");
+  k::RmsNormParams p;
+  p.dtype = float_dtype(input, op, "input");
+  check_arg(float_dtype(out, op, "out") == p.dtype && float_dtype(weight, op, "weight") == p.dtype,
+            where(op, "input, out and weight must share a dtype"));
+  auto [rows, in_stride] = rows_of(input, op, "input");
+  auto [out_rows, out_stride] = rows_of(out, op, "out");
+  p.hidden = input.shape(input.ndim() - 1);
+  check_arg(out_rows == rows && static_cast<int64_t>(out.shape(out.ndim() - 1)) == p.hidden,
+            where(op, "out shape differs from input"));
+  check_arg(weight.ndim() == 1 && static_cast<int64_t>(weight.shape(0)) == p.hidden,
+            where(op, "weight must be [hidden]"));
+  check_contiguous(weight, op, "weight");
+  p.num_tokens = rows;
+  p.input_stride = in_stride;
+  p.out_stride = out_stride;
+  p.input = input.data();
+  p.out = out.data();
+  p.weight = weight.data();
+  p.eps = eps;
+  nb::gil_scoped_release release;
+  if (cuda) {
+#ifdef FASTLLM_WITH_CUDA
+    k::rms_norm_cuda(p, stream_ptr(stream));
+#endif
+  } else {
+    k::rms_norm_cpu(p);
+  }
+}
+
+void fused_add_rms_norm(const Array& input, const Array& residual, const Array& weight, float eps,
+                        uintptr_t stream) {
+  const char* op = "fused_add_rms_norm";
+  const bool cuda = cuda_device(input, op);
+  check_device(residual, cuda, op, "residual");
+  check_device(weight, cuda, op, "weight");
+  k::FusedAddRmsNormParams p;
+  p.dtype = float_dtype(input, op, "input");
+  check_arg(float_dtype(residual, op, "residual") == p.dtype &&
+                float_dtype(weight, op, "weight") == p.dtype,
+            where(op, "input, residual and weight must share a dtype"));
+  auto [rows, in_stride] = rows_of(input, op, "input");
+  auto [res_rows, res_stride] = rows_of(residual, op, "residual");
+  p.hidden = input.shape(input.ndim() - 1);
+  check_arg(res_rows == rows && static_cast<int64_t>(residual.shape(residual.ndim() - 1)) == p.hidden,
+            where(op, "residual shape differs from input"));
+  check_arg(weight.ndim() == 1 && static_cast<int64_t>(weight.shape(0)) == p.hidden,
+            where(op, "weight must be [hidden]"));
+  check_contiguous(weight, op, "weight");
+  p.num_tokens = rows;
+  p.input_stride = in_stride;
+  p.residual_stride = res_stride;
+  p.input = input.data();
+  p.residual = residual.data();
+  p.weight = weight.data();
+  p.eps = eps;
+  nb::gil_scoped_release release;
+  if (cuda) {
+#ifdef FASTLLM_WITH_CUDA
+    k::fused_add_rms_norm_cuda(p, stream_ptr(stream));
+#endif
+  } else {
+    k::fused_add_rms_norm_cpu(p);
+  }
+}
+
+void rotary_embedding(const Array& positions, const Array& query, const Array& key,
+                      const Array& cos_sin_cache, int64_t head_size, bool is_neox,
+                      uintptr_t stream) {
+  const char* op = "rotary_embedding";
+  const bool cuda = cuda_device(query, op);
+  k::RotaryParams p;
+  p.dtype = float_dtype(query, op, "query");
+  check_arg(positions.ndim() == 1, where(op, "positions must be [num_tokens]"));
+  p.positions = typed<int64_t>(positions, cuda, op, "positions");
+  p.num_tokens = positions.shape(0);
+  check_arg(head_size > 0, where(op, "head_size must be positive"));
+  auto [q_rows, q_stride] = rows_of(query, op, "query");
+  (void)q_rows;
+  check_arg(query.ndim() >= 2 && static_cast<int64_t>(query.shape(0)) == p.num_tokens,
+            where(op, "query must be [num_tokens, ...]"));
+  // [tokens, heads * head_size] or [tokens, heads, head_size]: heads dense inside a token.
+  check_dense_from(query, 1, op, "query");
+  const int64_t q_row = numel(query) / std::max<int64_t>(p.num_tokens, 1);
+  check_arg(q_row % head_size == 0, where(op, "query row not a multiple of head_size"));
+  p.num_heads = q_row / head_size;
+  p.query = query.data();
+  p.query_token_stride = p.num_tokens > 1 ? query.stride(0) : q_row;
+  (void)q_stride;
+  if (key.is_valid()) {
+    check_device(key, cuda, op, "key");
+    check_arg(float_dtype(key, op, "key") == p.dtype, where(op, "key dtype differs from query"));
+    check_arg(key.ndim() >= 2 && static_cast<int64_t>(key.shape(0)) == p.num_tokens,
+              where(op, "key must be [num_tokens, ...]"));
+    check_dense_from(key, 1, op, "key");
+    const int64_t k_row = numel(key) / std::max<int64_t>(p.num_tokens, 1);
+    check_arg(k_row % head_size == 0, where(op, "key row not a multiple of head_size"));
+    p.num_kv_heads = k_row / head_size;
+    p.key = key.data();
+    p.key_token_stride = p.num_tokens > 1 ? key.stride(0) : k_row;
+  }
+  check_arg(cos_sin_cache.ndim() == 2, where(op, "cos_sin_cache must be [max_position, rotary_dim]"));
+  p.cos_sin_cache = typed<float>(cos_sin_cache, cuda, op, "cos_sin_cache (float32)");
+  p.max_position = cos_sin_cache.shape(0);
+  p.rotary_dim = cos_sin_cache.shape(1);
+  p.head_size = head_size;
+  p.is_neox = is_neox;
+  nb::gil_scoped_release release;
+  if (cuda) {
+#ifdef FASTLLM_WITH_CUDA
+    k::rotary_embedding_cuda(p, stream_ptr(stream));
+#endif
+  } else {
+    k::rotary_embedding_cpu(p);
+  }
+}
+
+void act_and_mul(const Array& out, const Array& input, int32_t activation, uintptr_t stream) {
+  const char* op = "act_and_mul";
+  const bool cuda = cuda_device(input, op);
+  check_device(out, cuda, op, "out");
+  check_arg(activation >= 0 && activation <= 2, where(op, "unknown activation"));
+  k::ActAndMulParams p;
+  p.dtype = float_dtype(input, op, "input");
+  check_arg(float_dtype(out, op, "out") == p.dtype, where(op, "out dtype differs from input"));
+  auto [rows, in_stride] = rows_of(input, op, "input");
+  auto [out_rows, out_stride] = rows_of(out, op, "out");
+  const int64_t width = input.shape(input.ndim() - 1);
+  check_arg(width % 2 == 0, where(op, "input's last dimension must be even"));
+  p.d = width / 2;
+  check_arg(out_rows == rows && static_cast<int64_t>(out.shape(out.ndim() - 1)) == p.d,
+            where(op, "out must be input's shape with the last dimension halved"));
+  p.num_tokens = rows;
+  p.input_stride = in_stride;
+  p.out_stride = out_stride;
+  p.input = input.data();
+  p.out = out.data();
+  p.activation = static_cast<k::Activation>(activation);
+  nb::gil_scoped_release release;
+  if (cuda) {
+#ifdef FASTLLM_WITH_CUDA
+    k::act_and_mul_cuda(p, stream_ptr(stream));
+#endif
+  } else {
+    k::act_and_mul_cpu(p);
+  }
+}
+
+// ---- sampling -----------------------------------------------------------------------------------
+
+template <typename T>
+const T* row_param(const Array& a, bool cuda, int64_t rows, const char* name) {
+  if (!a.is_valid()) return nullptr;
+  check_arg(a.ndim() == 1 && static_cast<int64_t>(a.shape(0)) == rows,
+            where("sample", name) + " must be [num_rows]");
+  return typed<T>(a, cuda, "sample", name);
+}
+
+void csr(const Array& offsets, const Array& ids, bool cuda, int64_t rows, const char* name,
+         const int32_t*& offsets_out, const int32_t*& ids_out) {
+  if (!offsets.is_valid() && !ids.is_valid()) return;
+  check_arg(offsets.is_valid() && ids.is_valid(),
+            where("sample", name) + ": offsets and ids must be given together");
+  check_arg(offsets.ndim() == 1 && static_cast<int64_t>(offsets.shape(0)) == rows + 1,
+            where("sample", name) + " offsets must be [num_rows + 1]");
+  check_arg(ids.ndim() == 1, where("sample", name) + " ids must be 1-D");
+  offsets_out = typed<int32_t>(offsets, cuda, "sample", name);
+  ids_out = typed<int32_t>(ids, cuda, "sample", name);
+  if (!cuda) {
+    // Host offsets can be checked here; device ones are trusted (the engine builds them).
+    check_arg(offsets_out[0] == 0 && offsets_out[rows] <= static_cast<int64_t>(ids.shape(0)),
+              where("sample", name) + " offsets out of range");
+    for (int64_t r = 0; r < rows; ++r)
+      check_arg(offsets_out[r] <= offsets_out[r + 1],
+                where("sample", name) + " offsets must be non-decreasing");
+  }
+}
+
+void sample(const Array& logits, const Array& temperature, const Array& top_k, const Array& top_p,
+            const Array& min_p, const Array& repetition_penalty, const Array& presence_penalty,
+            const Array& frequency_penalty, const Array& seeds, const Array& generator_offsets,
+            uint64_t global_seed, const Array& prompt_offsets, const Array& prompt_ids,
+            const Array& output_offsets, const Array& output_ids, const Array& bias_offsets,
+            const Array& bias_ids, const Array& bias_values, const Array& allowed_offsets,
+            const Array& allowed_ids, const Array& sampled, const Array& sampled_logprob,
+            const Array& sampled_rank, const Array& top_logprobs, const Array& top_ids,
+            const Array& workspace, uintptr_t stream) {
+  const char* op = "sample";
+  const bool cuda = cuda_device(logits, op);
+  check_arg(logits.ndim() == 2, where(op, "logits must be [num_rows, vocab]"));
+  check_arg(logits.dtype() == nb::dtype<float>(), where(op, "logits must be float32"));
+  check_dense_from(logits, 1, op, "logits");
+  k::SamplingParamsBatch p;
+  p.num_rows = logits.shape(0);
+  p.vocab = logits.shape(1);
+  p.logits = static_cast<const float*>(logits.data());
+  p.logits_row_stride = p.num_rows > 1 ? logits.stride(0) : p.vocab;
+  const int64_t rows = p.num_rows;
+  p.temperature = row_param<float>(temperature, cuda, rows, "temperature");
+  p.top_k = row_param<int32_t>(top_k, cuda, rows, "top_k");
+  p.top_p = row_param<float>(top_p, cuda, rows, "top_p");
+  p.min_p = row_param<float>(min_p, cuda, rows, "min_p");
+  p.repetition_penalty = row_param<float>(repetition_penalty, cuda, rows, "repetition_penalty");
+  p.presence_penalty = row_param<float>(presence_penalty, cuda, rows, "presence_penalty");
+  p.frequency_penalty = row_param<float>(frequency_penalty, cuda, rows, "frequency_penalty");
+  p.seeds = row_param<int64_t>(seeds, cuda, rows, "seeds");
+  p.generator_offsets = row_param<int64_t>(generator_offsets, cuda, rows, "generator_offsets");
+  p.global_seed = global_seed;
+  csr(prompt_offsets, prompt_ids, cuda, rows, "prompt", p.prompt_offsets, p.prompt_ids);
+  csr(output_offsets, output_ids, cuda, rows, "output", p.output_offsets, p.output_ids);
+  csr(bias_offsets, bias_ids, cuda, rows, "logit_bias", p.bias_offsets, p.bias_ids);
+  csr(allowed_offsets, allowed_ids, cuda, rows, "allowed", p.allowed_offsets, p.allowed_ids);
+  if (p.bias_ids != nullptr) {
+    check_arg(bias_values.is_valid() && bias_values.ndim() == 1 &&
+                  bias_values.shape(0) == bias_ids.shape(0),
+              where(op, "bias_values must match bias_ids"));
+    p.bias_values = typed<float>(bias_values, cuda, op, "bias_values");
+  }
+  p.sampled = const_cast<int32_t*>(row_param<int32_t>(sampled, cuda, rows, "sampled"));
+  check_arg(p.sampled != nullptr || rows == 0, where(op, "sampled output is required"));
+  p.sampled_logprob = const_cast<float*>(row_param<float>(sampled_logprob, cuda, rows, "sampled_logprob"));
+  p.sampled_rank = const_cast<int32_t*>(row_param<int32_t>(sampled_rank, cuda, rows, "sampled_rank"));
+  if (top_logprobs.is_valid()) {
+    check_arg(top_logprobs.ndim() == 2 && static_cast<int64_t>(top_logprobs.shape(0)) == rows &&
+                  top_ids.is_valid() && top_ids.ndim() == 2 &&
+                  top_ids.shape(0) == top_logprobs.shape(0) &&
+                  top_ids.shape(1) == top_logprobs.shape(1),
+              where(op, "top_logprobs and top_ids must be [num_rows, N]"));
+    p.num_top_logprobs = top_logprobs.shape(1);
+    p.top_logprobs = typed<float>(top_logprobs, cuda, op, "top_logprobs");
+    p.top_ids = typed<int32_t>(top_ids, cuda, op, "top_ids");
+  }
+  if (workspace.is_valid()) {
+    check_device(workspace, cuda, op, "workspace");
+    check_contiguous(workspace, op, "workspace");
+    p.workspace = workspace.data();
+    p.workspace_bytes = workspace.nbytes();
+  }
+  nb::gil_scoped_release release;
+  if (cuda) {
+#ifdef FASTLLM_WITH_CUDA
+    k::sample_cuda(p, stream_ptr(stream));
+#endif
+  } else {
+    k::sample_cpu(p);
+  }
+}
+
+}  // namespace
+
+void bind_kernels(nb::module_& m) {
+  using nb::arg;
+  m.def("built_with_cuda", &k::built_with_cuda, "True when the CUDA kernels were compiled in.");
+  m.def("cpu_isa", [] { return std::string(k::cpu_isa()); },
+        "The CPU code path picked at run time: 'avx2' or 'scalar'.");
+  m.def("cpu_num_threads", &k::cpu_num_threads,
+        "Threads of the CPU kernels (env FASTLLM_CPU_THREADS, default all cores).");
+
+  m.def("reshape_and_cache", &reshape_and_cache, arg("key"), arg("value"), arg("key_cache"),
+        arg("value_cache"), arg("slot_mapping"), arg("k_scale") = 1.0f, arg("v_scale") = 1.0f,
+        arg("stream") = 0,
+        "Write key/value [tokens, kv_heads, head_size] into the paged caches "
+        "[num_blocks, block_size, kv_heads, head_size] at slot_mapping (int64; < 0 skips). "
+        "A uint8 cache is float8 e4m3 storing x / scale.");
+  m.def("copy_blocks", &copy_blocks, arg("cache"), arg("block_mapping"), arg("stream") = 0,
+        "Copy block pairs (src, dst) of an int32 [n, 2] mapping inside one cache.");
+  m.def("swap_blocks", &swap_blocks, arg("src"), arg("dst"), arg("block_mapping"),
+        arg("stream") = 0,
+        "Copy block src_dst[i][0] of src to block src_dst[i][1] of dst (int64 [n, 2] CPU mapping).");
+  m.def("paged_attention", &paged_attention, arg("out"), arg("query"), arg("key_cache"),
+        arg("value_cache"), arg("query_start_loc"), arg("context_lens"), arg("block_tables"),
+        arg("scale"), arg("sliding_window") = -1, arg("softcap") = 0.0f, arg("k_scale") = 1.0f,
+        arg("v_scale") = 1.0f, arg("max_context_len") = 0, arg("workspace").none() = nb::none(),
+        arg("stream") = 0,
+        "Varlen causal paged attention (prefill, chunked prefill and decode) into out.");
+  m.def("paged_attention_workspace_bytes", &k::paged_attention_workspace_bytes,
+        arg("num_tokens"), arg("num_heads"), arg("head_size"), arg("max_context_len"),
+        "Bytes of CUDA workspace that let paged_attention split long contexts.");
+  m.def("rms_norm", &rms_norm, arg("out"), arg("input"), arg("weight"), arg("eps"),
+        arg("stream") = 0, "out = input / rms(input) * weight over the last dimension.");
+  m.def("fused_add_rms_norm", &fused_add_rms_norm, arg("input"), arg("residual"), arg("weight"),
+        arg("eps"), arg("stream") = 0,
+        "In place: residual += input; input = rms_norm(residual) * weight.");
+  m.def("rotary_embedding", &rotary_embedding, arg("positions"), arg("query"),
+        arg("key").none(), arg("cos_sin_cache"), arg("head_size"), arg("is_neox"),
+        arg("stream") = 0, "Rotate query (and key) in place by position (int64).");
+  m.def("act_and_mul", &act_and_mul, arg("out"), arg("input"), arg("activation"),
+        arg("stream") = 0,
+        "out = act(input[..., :d]) * input[..., d:]; activation 0 = SiLU, 1 = GeLU tanh, "
+        "2 = GeLU erf.");
+  m.def("sample", &sample, arg("logits"), arg("temperature").none(), arg("top_k").none(),
+        arg("top_p").none(), arg("min_p").none(), arg("repetition_penalty").none(),
+        arg("presence_penalty").none(), arg("frequency_penalty").none(), arg("seeds").none(),
+        arg("generator_offsets").none(), arg("global_seed"), arg("prompt_offsets").none(),
+        arg("prompt_ids").none(), arg("output_offsets").none(), arg("output_ids").none(),
+        arg("bias_offsets").none(), arg("bias_ids").none(), arg("bias_values").none(),
+        arg("allowed_offsets").none(), arg("allowed_ids").none(), arg("sampled"),
+        arg("sampled_logprob").none(), arg("sampled_rank").none(), arg("top_logprobs").none(),
+        arg("top_ids").none(), arg("workspace").none(), arg("stream") = 0,
+        "Sample one token per logits row (see fastllm/kernels/sampling.h for the semantics).");
+  m.def("sampling_workspace_bytes", &k::sampling_workspace_bytes, arg("num_rows"), arg("vocab"),
+        "Bytes of CUDA workspace sample() needs.");
+}
