@@ -72,11 +72,11 @@ void run(const Scenario& s, int steps) {
   for (int i = 0; i < steps; ++i) outputs += static_cast<int64_t>(engine.step().size());
   const double total = std::chrono::duration<double>(Clock::now() - t0).count();
   const EngineStats st = engine.stats();
-  std::printf("%-34s running=%4d waiting=%5d  engine %7.1f us/step  (with fake executor %7.1f "
-              "us/step, %.1f outputs/step)\n",
-              s.name, st.num_running, st.num_waiting,
-              (total - exec->executor_seconds) / steps * 1e6, total / steps * 1e6,
-              static_cast<double>(outputs) / steps);
+  std::printf(
+      "%-34s running=%4d waiting=%5d  engine %7.1f us/step  (with fake executor %7.1f "
+      "us/step, %.1f outputs/step)\n",
+      s.name, st.num_running, st.num_waiting, (total - exec->executor_seconds) / steps * 1e6,
+      total / steps * 1e6, static_cast<double>(outputs) / steps);
 }
 
 }  // namespace

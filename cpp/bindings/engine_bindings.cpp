@@ -168,48 +168,74 @@ void bind_engine(nb::module_& m) {
       .def_ro("max_context_len", &BatchPlan::max_context_len)
       .def_ro("max_blocks_per_seq", &BatchPlan::max_blocks_per_seq)
       .def_ro("request_ids", &BatchPlan::request_ids)
-      .def_prop_ro("token_ids", [](const BatchPlan& p) { return view1d(p.token_ids); }, ref)
-      .def_prop_ro("positions", [](const BatchPlan& p) { return view1d(p.positions); }, ref)
-      .def_prop_ro("slot_mapping", [](const BatchPlan& p) { return view1d(p.slot_mapping); }, ref)
-      .def_prop_ro("query_start_loc", [](const BatchPlan& p) { return view1d(p.query_start_loc); }, ref)
-      .def_prop_ro("context_lens", [](const BatchPlan& p) { return view1d(p.context_lens); }, ref)
-      .def_prop_ro("num_computed_tokens",
-                   [](const BatchPlan& p) { return view1d(p.num_computed_tokens); }, ref)
-      .def_prop_ro("block_tables",
-                   [](const BatchPlan& p) {
-                     return view2d(p.block_tables, static_cast<size_t>(p.max_blocks_per_seq));
-                   }, ref)
-      .def_prop_ro("sample_token_indices",
-                   [](const BatchPlan& p) { return view1d(p.sample_token_indices); }, ref)
-      .def_prop_ro("sample_seq_indices",
-                   [](const BatchPlan& p) { return view1d(p.sample_seq_indices); }, ref)
-      .def_prop_ro("temperature", [](const BatchPlan& p) { return view1d(p.temperature); }, ref)
-      .def_prop_ro("top_p", [](const BatchPlan& p) { return view1d(p.top_p); }, ref)
-      .def_prop_ro("top_k", [](const BatchPlan& p) { return view1d(p.top_k); }, ref)
-      .def_prop_ro("min_p", [](const BatchPlan& p) { return view1d(p.min_p); }, ref)
-      .def_prop_ro("presence_penalty", [](const BatchPlan& p) { return view1d(p.presence_penalty); }, ref)
-      .def_prop_ro("frequency_penalty",
-                   [](const BatchPlan& p) { return view1d(p.frequency_penalty); }, ref)
-      .def_prop_ro("repetition_penalty",
-                   [](const BatchPlan& p) { return view1d(p.repetition_penalty); }, ref)
-      .def_prop_ro("seeds", [](const BatchPlan& p) { return view1d(p.seeds); }, ref)
-      .def_prop_ro("output_positions", [](const BatchPlan& p) { return view1d(p.output_positions); }, ref)
-      .def_prop_ro("num_logprobs", [](const BatchPlan& p) { return view1d(p.num_logprobs); }, ref)
-      .def_prop_ro("suppress_stop_tokens",
-                   [](const BatchPlan& p) { return view1d(p.suppress_stop_tokens); }, ref)
-      .def_prop_ro("history_offsets", [](const BatchPlan& p) { return view1d(p.history_offsets); }, ref)
-      .def_prop_ro("history_prompt_lens",
-                   [](const BatchPlan& p) { return view1d(p.history_prompt_lens); }, ref)
-      .def_prop_ro("history_token_ids",
-                   [](const BatchPlan& p) { return view1d(p.history_token_ids); }, ref)
-      .def_prop_ro("stop_offsets", [](const BatchPlan& p) { return view1d(p.stop_offsets); }, ref)
-      .def_prop_ro("stop_token_ids", [](const BatchPlan& p) { return view1d(p.stop_token_ids); }, ref)
-      .def_prop_ro("blocks_to_swap_out",
-                   [](const BatchPlan& p) { return view2d(p.block_ops.swap_out, 2); }, ref)
-      .def_prop_ro("blocks_to_swap_in",
-                   [](const BatchPlan& p) { return view2d(p.block_ops.swap_in, 2); }, ref)
-      .def_prop_ro("blocks_to_copy",
-                   [](const BatchPlan& p) { return view2d(p.block_ops.copy, 2); }, ref);
+      .def_prop_ro(
+          "token_ids", [](const BatchPlan& p) { return view1d(p.token_ids); }, ref)
+      .def_prop_ro(
+          "positions", [](const BatchPlan& p) { return view1d(p.positions); }, ref)
+      .def_prop_ro(
+          "slot_mapping", [](const BatchPlan& p) { return view1d(p.slot_mapping); }, ref)
+      .def_prop_ro(
+          "query_start_loc", [](const BatchPlan& p) { return view1d(p.query_start_loc); }, ref)
+      .def_prop_ro(
+          "context_lens", [](const BatchPlan& p) { return view1d(p.context_lens); }, ref)
+      .def_prop_ro(
+          "num_computed_tokens", [](const BatchPlan& p) { return view1d(p.num_computed_tokens); },
+          ref)
+      .def_prop_ro(
+          "block_tables",
+          [](const BatchPlan& p) {
+            return view2d(p.block_tables, static_cast<size_t>(p.max_blocks_per_seq));
+          },
+          ref)
+      .def_prop_ro(
+          "sample_token_indices", [](const BatchPlan& p) { return view1d(p.sample_token_indices); },
+          ref)
+      .def_prop_ro(
+          "sample_seq_indices", [](const BatchPlan& p) { return view1d(p.sample_seq_indices); },
+          ref)
+      .def_prop_ro(
+          "temperature", [](const BatchPlan& p) { return view1d(p.temperature); }, ref)
+      .def_prop_ro(
+          "top_p", [](const BatchPlan& p) { return view1d(p.top_p); }, ref)
+      .def_prop_ro(
+          "top_k", [](const BatchPlan& p) { return view1d(p.top_k); }, ref)
+      .def_prop_ro(
+          "min_p", [](const BatchPlan& p) { return view1d(p.min_p); }, ref)
+      .def_prop_ro(
+          "presence_penalty", [](const BatchPlan& p) { return view1d(p.presence_penalty); }, ref)
+      .def_prop_ro(
+          "frequency_penalty", [](const BatchPlan& p) { return view1d(p.frequency_penalty); }, ref)
+      .def_prop_ro(
+          "repetition_penalty", [](const BatchPlan& p) { return view1d(p.repetition_penalty); },
+          ref)
+      .def_prop_ro(
+          "seeds", [](const BatchPlan& p) { return view1d(p.seeds); }, ref)
+      .def_prop_ro(
+          "output_positions", [](const BatchPlan& p) { return view1d(p.output_positions); }, ref)
+      .def_prop_ro(
+          "num_logprobs", [](const BatchPlan& p) { return view1d(p.num_logprobs); }, ref)
+      .def_prop_ro(
+          "suppress_stop_tokens", [](const BatchPlan& p) { return view1d(p.suppress_stop_tokens); },
+          ref)
+      .def_prop_ro(
+          "history_offsets", [](const BatchPlan& p) { return view1d(p.history_offsets); }, ref)
+      .def_prop_ro(
+          "history_prompt_lens", [](const BatchPlan& p) { return view1d(p.history_prompt_lens); },
+          ref)
+      .def_prop_ro(
+          "history_token_ids", [](const BatchPlan& p) { return view1d(p.history_token_ids); }, ref)
+      .def_prop_ro(
+          "stop_offsets", [](const BatchPlan& p) { return view1d(p.stop_offsets); }, ref)
+      .def_prop_ro(
+          "stop_token_ids", [](const BatchPlan& p) { return view1d(p.stop_token_ids); }, ref)
+      .def_prop_ro(
+          "blocks_to_swap_out", [](const BatchPlan& p) { return view2d(p.block_ops.swap_out, 2); },
+          ref)
+      .def_prop_ro(
+          "blocks_to_swap_in", [](const BatchPlan& p) { return view2d(p.block_ops.swap_in, 2); },
+          ref)
+      .def_prop_ro(
+          "blocks_to_copy", [](const BatchPlan& p) { return view2d(p.block_ops.copy, 2); }, ref);
 
   nb::class_<StepResult>(m, "StepResult", "What an executor returns for one BatchPlan")
       .def(
@@ -247,13 +273,13 @@ void bind_engine(nb::module_& m) {
                                      "Deterministic stand-in model over a simulated KV cache")
       .def(
           "__init__",
-          [](FakeExecutor* self, int32_t num_gpu_blocks, int32_t num_cpu_blocks,
-             int32_t block_size, int32_t vocab_size, bool verify_kv) {
-            new (self) FakeExecutor(
-                {num_gpu_blocks, num_cpu_blocks, block_size, vocab_size, verify_kv});
+          [](FakeExecutor* self, int32_t num_gpu_blocks, int32_t num_cpu_blocks, int32_t block_size,
+             int32_t vocab_size, bool verify_kv) {
+            new (self)
+                FakeExecutor({num_gpu_blocks, num_cpu_blocks, block_size, vocab_size, verify_kv});
           },
-          "num_gpu_blocks"_a, "num_cpu_blocks"_a = 0, "block_size"_a = 16,
-          "vocab_size"_a = 1000, "verify_kv"_a = true)
+          "num_gpu_blocks"_a, "num_cpu_blocks"_a = 0, "block_size"_a = 16, "vocab_size"_a = 1000,
+          "verify_kv"_a = true)
       .def_static("reference_generate", &FakeExecutor::reference_generate, "prompt"_a,
                   "max_tokens"_a, "vocab_size"_a, "eos_token_ids"_a, "min_tokens"_a = 0,
                   "seed"_a = -1)
@@ -275,10 +301,10 @@ void bind_engine(nb::module_& m) {
       .def_ro("num_cached_tokens", &RequestOutput::num_cached_tokens)
       .def_ro("error", &RequestOutput::error)
       .def("__repr__", [](const RequestOutput& o) {
-        return "RequestOutput(request_id='" + o.request_id + "', new_tokens=" +
-               std::to_string(o.new_token_ids.size()) +
-               ", finished=" + (o.finished ? "True" : "False") + ", finish_reason=" +
-               to_string(o.finish_reason) + ")";
+        return "RequestOutput(request_id='" + o.request_id +
+               "', new_tokens=" + std::to_string(o.new_token_ids.size()) +
+               ", finished=" + (o.finished ? "True" : "False") +
+               ", finish_reason=" + to_string(o.finish_reason) + ")";
       });
 
   nb::class_<EngineStats>(m, "EngineStats")
@@ -297,8 +323,8 @@ void bind_engine(nb::module_& m) {
   using release = nb::call_guard<nb::gil_scoped_release>;
   nb::class_<PyEngine>(m, "Engine", "The native engine: scheduler, KV cache manager and loop")
       .def(nb::init<const EngineConfig&, std::shared_ptr<Executor>>(), "config"_a, "executor"_a)
-      .def("add_request", &Engine::add_request, "request_id"_a, "prompt_token_ids"_a,
-           "params"_a, "cache_salt"_a = 0, release())
+      .def("add_request", &Engine::add_request, "request_id"_a, "prompt_token_ids"_a, "params"_a,
+           "cache_salt"_a = 0, release())
       .def("abort", &Engine::abort, "request_id"_a, release())
       .def("step", &Engine::step, release())
       .def("has_unfinished_requests", &Engine::has_unfinished_requests)

@@ -4,12 +4,12 @@
 // records how many K/V slots it was asked to write. A real embedder would run its network here:
 // write K/V at plan.slot_mapping, run attention over plan.block_tables, sample one token for each
 // of plan.sample_token_indices.
+#include <fastllm/engine.h>
+
 #include <cstdio>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <fastllm/engine.h>
 
 namespace {
 

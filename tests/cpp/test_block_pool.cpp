@@ -19,7 +19,7 @@ TEST(BlockPool, NullBlockIsNeverHandedOut) {
 TEST(BlockPool, FreedBlocksAreReusedInLruOrder) {
   BlockPool pool(5);
   std::vector<int32_t> a;
-  pool.allocate(4, a);  // 1 2 3 4
+  pool.allocate(4, a);     // 1 2 3 4
   pool.release(&a[2], 1);  // 3 freed first
   pool.release(&a[0], 1);  // then 1
   std::vector<int32_t> b;

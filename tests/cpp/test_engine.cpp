@@ -120,7 +120,7 @@ Workload make_workload(int n, uint32_t seed, int min_len = 5, int max_len = 120,
 }
 
 Outcome run_workload(const EngineConfig& cfg, const Workload& w,
-                 std::shared_ptr<CheckingExecutor>* exec_out = nullptr) {
+                     std::shared_ptr<CheckingExecutor>* exec_out = nullptr) {
   auto exec = std::make_shared<CheckingExecutor>(cfg);
   Engine engine(cfg, exec);
   for (size_t i = 0; i < w.ids.size(); ++i) {
@@ -255,7 +255,8 @@ TEST(Engine, AbortFreesAllBlocks) {
   SamplingParams p;
   p.max_tokens = 200;
   p.ignore_eos = true;
-  for (int i = 0; i < 6; ++i) engine.add_request("r" + std::to_string(i), random_prompt(rng, 40), p);
+  for (int i = 0; i < 6; ++i)
+    engine.add_request("r" + std::to_string(i), random_prompt(rng, 40), p);
   for (int i = 0; i < 5; ++i) engine.step();
   EXPECT_LT(engine.stats().num_free_blocks, engine.stats().num_total_blocks);
   for (int i = 0; i < 6; ++i) EXPECT_TRUE(engine.abort("r" + std::to_string(i)));
@@ -276,7 +277,8 @@ TEST(Engine, PriorityPolicyServesLowerValuesFirst) {
   auto exec = std::make_shared<CheckingExecutor>(cfg);
   Engine engine(cfg, exec);
   std::mt19937 rng(10);
-  std::vector<std::pair<std::string, int>> reqs = {{"low", 5}, {"high", -3}, {"mid", 0}, {"mid2", 0}};
+  std::vector<std::pair<std::string, int>> reqs = {
+      {"low", 5}, {"high", -3}, {"mid", 0}, {"mid2", 0}};
   for (auto& [id, prio] : reqs) {
     SamplingParams p;
     p.max_tokens = 3;

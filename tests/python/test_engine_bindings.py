@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fastllm import _C
 
 VOCAB = 500

@@ -78,8 +78,7 @@ void add_sample_row(BatchPlan& plan, const Request& req, int32_t token_index, in
 }  // namespace
 
 void build_batch_plan(const SchedulerOutput& out, int32_t block_size,
-                      const std::vector<int32_t>& eos_token_ids, int64_t step_id,
-                      BatchPlan& plan) {
+                      const std::vector<int32_t>& eos_token_ids, int64_t step_id, BatchPlan& plan) {
   plan.clear();
   plan.step_id = step_id;
   plan.block_size = block_size;
@@ -93,8 +92,7 @@ void build_batch_plan(const SchedulerOutput& out, int32_t block_size,
     max_blocks = std::max(max_blocks, static_cast<int32_t>(s.request->block_ids.size()));
   }
   plan.max_blocks_per_seq = max_blocks;
-  plan.block_tables.assign(static_cast<size_t>(plan.num_seqs) * max_blocks,
-                           BlockPool::kNullBlock);
+  plan.block_tables.assign(static_cast<size_t>(plan.num_seqs) * max_blocks, BlockPool::kNullBlock);
   plan.query_start_loc.push_back(0);
   plan.history_offsets.push_back(0);
   plan.stop_offsets.push_back(0);
@@ -106,9 +104,8 @@ void build_batch_plan(const SchedulerOutput& out, int32_t block_size,
     for (int32_t pos = start; pos < start + n; ++pos) {
       plan.token_ids.push_back(req.token_ids[pos]);
       plan.positions.push_back(pos);
-      plan.slot_mapping.push_back(static_cast<int64_t>(req.block_ids[pos / block_size]) *
-                                      block_size +
-                                  pos % block_size);
+      plan.slot_mapping.push_back(
+          static_cast<int64_t>(req.block_ids[pos / block_size]) * block_size + pos % block_size);
     }
     plan.num_tokens += n;
     plan.query_start_loc.push_back(plan.num_tokens);

@@ -26,7 +26,8 @@ namespace fastllm {
 void EngineConfig::validate() const {
   const auto fail = [](const std::string& m) { throw ConfigError(m); };
   const int32_t bs = cache.block_size;
-  if (bs != 8 && bs != 16 && bs != 32) fail("block_size must be 8, 16 or 32, got " + std::to_string(bs));
+  if (bs != 8 && bs != 16 && bs != 32)
+    fail("block_size must be 8, 16 or 32, got " + std::to_string(bs));
   if (cache.num_gpu_blocks < 2) {
     fail("num_gpu_blocks must be at least 2 (block 0 is reserved), got " +
          std::to_string(cache.num_gpu_blocks));
@@ -278,7 +279,8 @@ std::vector<RequestOutput> Engine::Impl::run_step() {
 
   const size_t k = static_cast<size_t>(std::max(result.num_top_logprobs, 0));
   const bool has_logprobs = result.sampled_logprobs.size() == result.sampled_token_ids.size();
-  const bool has_top = k > 0 && result.top_token_ids.size() == k * result.sampled_token_ids.size() &&
+  const bool has_top = k > 0 &&
+                       result.top_token_ids.size() == k * result.sampled_token_ids.size() &&
                        result.top_logprobs.size() == result.top_token_ids.size();
 
   for (const ScheduledRequest& s : sched.scheduled) {
@@ -318,7 +320,8 @@ std::vector<RequestOutput> Engine::Impl::run_step() {
     const RequestStatus status =
         status_after_token(*req, config.eos_token_ids, config.scheduler.max_model_len);
     if (status != RequestStatus::kRunning) {
-      if (status == RequestStatus::kFinishedStopped && contains(req->params.stop_token_ids, token) &&
+      if (status == RequestStatus::kFinishedStopped &&
+          contains(req->params.stop_token_ids, token) &&
           !(!req->params.ignore_eos && contains(config.eos_token_ids, token))) {
         req->stop_token_id = token;
       }
@@ -333,7 +336,8 @@ std::vector<RequestOutput> Engine::Impl::run_step() {
   for (size_t i = 0; i < finished.size(); ++i) {
     Request* req = finished[i];
     if (finished_status[i] == RequestStatus::kFinishedError) {
-      finish(req, RequestStatus::kFinishedError, out, "executor sampled a token outside the vocabulary");
+      finish(req, RequestStatus::kFinishedError, out,
+             "executor sampled a token outside the vocabulary");
       continue;
     }
     // The output with the final token was emitted above; release the request quietly.
@@ -410,13 +414,13 @@ void Engine::add_request(const std::string& request_id, std::vector<int32_t> pro
                          const SamplingParams& params, uint64_t cache_salt) {
   const EngineConfig& c = impl_->config;
   if (request_id.empty()) throw InvalidRequestError("request_id must not be empty");
-  if (prompt_token_ids.empty()) throw InvalidRequestError("the prompt must contain at least one token");
+  if (prompt_token_ids.empty())
+    throw InvalidRequestError("the prompt must contain at least one token");
   const auto n = static_cast<int64_t>(prompt_token_ids.size());
   if (n >= c.scheduler.max_model_len) {
-    throw InvalidRequestError("the prompt has " + std::to_string(n) +
-                              " tokens, but max_model_len is " +
-                              std::to_string(c.scheduler.max_model_len) +
-                              " and at least one output token must fit");
+    throw InvalidRequestError(
+        "the prompt has " + std::to_string(n) + " tokens, but max_model_len is " +
+        std::to_string(c.scheduler.max_model_len) + " and at least one output token must fit");
   }
   for (int32_t t : prompt_token_ids) {
     if (t < 0 || (c.vocab_size > 0 && t >= c.vocab_size)) {

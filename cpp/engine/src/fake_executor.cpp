@@ -33,8 +33,8 @@ int32_t FakeExecutor::next_token(const int32_t* context, int32_t length, int32_t
   }
   auto token = static_cast<int32_t>(h % static_cast<uint64_t>(vocab_size));
   // Masked tokens (EOS before min_tokens) are skipped, as a sampler would never pick them.
-  for (int32_t tries = 0; tries < vocab_size && std::find(banned, banned + num_banned, token) !=
-                                                    banned + num_banned;
+  for (int32_t tries = 0;
+       tries < vocab_size && std::find(banned, banned + num_banned, token) != banned + num_banned;
        ++tries) {
     token = (token + 1) % vocab_size;
   }
@@ -48,10 +48,9 @@ std::vector<int32_t> FakeExecutor::reference_generate(const std::vector<int32_t>
   std::vector<int32_t> seq = prompt;
   for (int32_t out = 0; out < max_tokens; ++out) {
     const bool suppress = out < min_tokens;
-    const int32_t token =
-        next_token(seq.data(), static_cast<int32_t>(seq.size()), vocab_size, seed,
-                   suppress ? eos_token_ids.data() : nullptr,
-                   suppress ? static_cast<int32_t>(eos_token_ids.size()) : 0);
+    const int32_t token = next_token(seq.data(), static_cast<int32_t>(seq.size()), vocab_size, seed,
+                                     suppress ? eos_token_ids.data() : nullptr,
+                                     suppress ? static_cast<int32_t>(eos_token_ids.size()) : 0);
     seq.push_back(token);
     if (std::find(eos_token_ids.begin(), eos_token_ids.end(), token) != eos_token_ids.end()) break;
   }
@@ -100,12 +99,12 @@ StepResult FakeExecutor::execute(const BatchPlan& plan) {
     int32_t token;
     if (config_.verify_kv) {
       context_.clear();
-      const int32_t* table = plan.block_tables.data() +
-                             static_cast<size_t>(seq) * plan.max_blocks_per_seq;
+      const int32_t* table =
+          plan.block_tables.data() + static_cast<size_t>(seq) * plan.max_blocks_per_seq;
       for (int32_t pos = 0; pos < ctx; ++pos) {
-        const Slot& s = device_[static_cast<size_t>(table[pos / config_.block_size]) *
-                                    config_.block_size +
-                                pos % config_.block_size];
+        const Slot& s =
+            device_[static_cast<size_t>(table[pos / config_.block_size]) * config_.block_size +
+                    pos % config_.block_size];
         if (s.position != pos) {
           throw EngineError("FakeExecutor: KV corruption in request " + plan.request_ids[seq] +
                             ": position " + std::to_string(pos) + " holds position " +
@@ -113,8 +112,8 @@ StepResult FakeExecutor::execute(const BatchPlan& plan) {
         }
         context_.push_back(s.token);
       }
-      token = next_token(context_.data(), ctx, config_.vocab_size, plan.seeds[r], banned,
-                         num_banned);
+      token =
+          next_token(context_.data(), ctx, config_.vocab_size, plan.seeds[r], banned, num_banned);
     } else {
       const int32_t last[2] = {plan.token_ids[plan.sample_token_indices[r]], ctx};
       token = next_token(last, 2, config_.vocab_size, plan.seeds[r], banned, num_banned);

@@ -1,8 +1,9 @@
+#include "fastllm/request.h"
+
 #include <cmath>
 #include <string>
 
 #include "fastllm/errors.h"
-#include "fastllm/request.h"
 #include "fastllm/sampling_params.h"
 
 namespace fastllm {
@@ -32,15 +33,15 @@ void SamplingParams::validate(int32_t max_logprobs) const {
           "min_p must be in [0, 1], got " + std::to_string(min_p));
   require(std::isfinite(presence_penalty) && presence_penalty >= -2.0f && presence_penalty <= 2.0f,
           "presence_penalty must be in [-2, 2], got " + std::to_string(presence_penalty));
-  require(std::isfinite(frequency_penalty) && frequency_penalty >= -2.0f &&
-              frequency_penalty <= 2.0f,
-          "frequency_penalty must be in [-2, 2], got " + std::to_string(frequency_penalty));
+  require(
+      std::isfinite(frequency_penalty) && frequency_penalty >= -2.0f && frequency_penalty <= 2.0f,
+      "frequency_penalty must be in [-2, 2], got " + std::to_string(frequency_penalty));
   require(std::isfinite(repetition_penalty) && repetition_penalty > 0.0f,
           "repetition_penalty must be positive, got " + std::to_string(repetition_penalty));
   require(seed >= -1, "seed must be -1 (none) or non-negative, got " + std::to_string(seed));
-  require(logprobs >= -1 && logprobs <= max_logprobs,
-          "logprobs must be in [0, " + std::to_string(max_logprobs) + "], got " +
-              std::to_string(logprobs));
+  require(logprobs >= -1 && logprobs <= max_logprobs, "logprobs must be in [0, " +
+                                                          std::to_string(max_logprobs) + "], got " +
+                                                          std::to_string(logprobs));
   require(prompt_logprobs >= -1 && prompt_logprobs <= max_logprobs,
           "prompt_logprobs must be in [0, " + std::to_string(max_logprobs) + "], got " +
               std::to_string(prompt_logprobs));

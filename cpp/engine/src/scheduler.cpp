@@ -28,10 +28,9 @@ bool Scheduler::ranks_before(const Request* a, const Request* b) const {
 
 void Scheduler::enqueue_waiting(Request* req, bool front) {
   if (config_.policy == SchedulingPolicy::kPriority) {
-    auto pos = std::upper_bound(waiting_.begin(), waiting_.end(), req,
-                                [this](const Request* a, const Request* b) {
-                                  return ranks_before(a, b);
-                                });
+    auto pos =
+        std::upper_bound(waiting_.begin(), waiting_.end(), req,
+                         [this](const Request* a, const Request* b) { return ranks_before(a, b); });
     waiting_.insert(pos, req);
   } else if (front) {
     waiting_.push_front(req);
@@ -42,10 +41,9 @@ void Scheduler::enqueue_waiting(Request* req, bool front) {
 
 void Scheduler::insert_running(Request* req) {
   if (config_.policy == SchedulingPolicy::kPriority) {
-    auto pos = std::upper_bound(running_.begin(), running_.end(), req,
-                                [this](const Request* a, const Request* b) {
-                                  return ranks_before(a, b);
-                                });
+    auto pos =
+        std::upper_bound(running_.begin(), running_.end(), req,
+                         [this](const Request* a, const Request* b) { return ranks_before(a, b); });
     running_.insert(pos, req);
   } else {
     running_.push_back(req);

@@ -2,9 +2,10 @@
 // thread from a SchedulerOutput; read by the executor during Executor::execute only (the engine
 // reuses the same BatchPlan object, so views into it are valid for that call alone).
 //
-// Token rows are grouped per sequence: sequence s owns rows [query_start_loc[s], query_start_loc[s+1]).
-// Its new tokens sit at positions context_lens[s] - query_len .. context_lens[s] - 1 and are written
-// to the cache at slot_mapping (block * block_size + offset) before attention reads the cache.
+// Token rows are grouped per sequence: sequence s owns rows [query_start_loc[s],
+// query_start_loc[s+1]). Its new tokens sit at positions context_lens[s] - query_len ..
+// context_lens[s] - 1 and are written to the cache at slot_mapping (block * block_size + offset)
+// before attention reads the cache.
 #pragma once
 
 #include <cstdint>
@@ -23,7 +24,7 @@ struct BatchPlan {
   int32_t num_tokens = 0;
   int32_t max_query_len = 0;
   int32_t max_context_len = 0;
-  int32_t max_blocks_per_seq = 0;          // row width of block_tables
+  int32_t max_blocks_per_seq = 0;  // row width of block_tables
 
   // Per token row [num_tokens].
   std::vector<int32_t> token_ids;
@@ -32,9 +33,9 @@ struct BatchPlan {
 
   // Per sequence [num_seqs] (query_start_loc has num_seqs + 1 entries).
   std::vector<int32_t> query_start_loc;
-  std::vector<int32_t> context_lens;      // cached + new tokens after this step
+  std::vector<int32_t> context_lens;         // cached + new tokens after this step
   std::vector<int32_t> num_computed_tokens;  // tokens already in the cache before this step
-  std::vector<int32_t> block_tables;      // [num_seqs * max_blocks_per_seq], padded with block 0
+  std::vector<int32_t> block_tables;         // [num_seqs * max_blocks_per_seq], padded with block 0
   std::vector<std::string> request_ids;
 
   // Per sample row [num_samples]: sequences whose last token this step is the end of their known
@@ -49,20 +50,20 @@ struct BatchPlan {
   std::vector<float> presence_penalty;
   std::vector<float> frequency_penalty;
   std::vector<float> repetition_penalty;
-  std::vector<int64_t> seeds;                 // -1 = unseeded
-  std::vector<int64_t> output_positions;      // outputs so far: the generator counter of seeded rows
-  std::vector<int32_t> num_logprobs;          // -1 = none
+  std::vector<int64_t> seeds;             // -1 = unseeded
+  std::vector<int64_t> output_positions;  // outputs so far: the generator counter of seeded rows
+  std::vector<int32_t> num_logprobs;      // -1 = none
   std::vector<uint8_t> suppress_stop_tokens;  // 1 while below min_tokens: EOS/stop ids are masked
   // Token histories for rows that use penalties (CSR over sample rows; empty spans otherwise):
   // prompt tokens then output tokens of the row's request.
-  std::vector<int32_t> history_offsets;       // [num_samples + 1]
-  std::vector<int32_t> history_prompt_lens;   // [num_samples]
+  std::vector<int32_t> history_offsets;      // [num_samples + 1]
+  std::vector<int32_t> history_prompt_lens;  // [num_samples]
   std::vector<int32_t> history_token_ids;
   // Stop ids masked for rows with suppress_stop_tokens (CSR over sample rows).
-  std::vector<int32_t> stop_offsets;          // [num_samples + 1]
+  std::vector<int32_t> stop_offsets;  // [num_samples + 1]
   std::vector<int32_t> stop_token_ids;
 
-  BlockOps block_ops;                         // apply before the forward pass
+  BlockOps block_ops;  // apply before the forward pass
 
   void clear();
 };

@@ -40,27 +40,27 @@ struct EngineConfig {
 struct RequestOutput {
   std::string request_id;
   std::vector<int32_t> new_token_ids;
-  std::vector<float> new_logprobs;           // per new token, when logprobs were asked for
-  int32_t num_top_logprobs = 0;              // K
-  std::vector<int32_t> top_token_ids;        // [new tokens * K]
-  std::vector<float> top_logprobs;           // [new tokens * K]
+  std::vector<float> new_logprobs;     // per new token, when logprobs were asked for
+  int32_t num_top_logprobs = 0;        // K
+  std::vector<int32_t> top_token_ids;  // [new tokens * K]
+  std::vector<float> top_logprobs;     // [new tokens * K]
   bool finished = false;
   FinishReason finish_reason = FinishReason::kNone;
-  int32_t stop_token_id = -1;                // the stop token that ended it (not EOS), or -1
+  int32_t stop_token_id = -1;  // the stop token that ended it (not EOS), or -1
   int32_t num_prompt_tokens = 0;
-  int32_t num_output_tokens = 0;             // total so far
-  int32_t num_cached_tokens = 0;             // prompt tokens served from the prefix cache
-  std::string error;                         // with FinishReason::kError
+  int32_t num_output_tokens = 0;  // total so far
+  int32_t num_cached_tokens = 0;  // prompt tokens served from the prefix cache
+  std::string error;              // with FinishReason::kError
 };
 
 struct EngineStats {
   int32_t num_running = 0;
   int32_t num_waiting = 0;
   int32_t num_free_blocks = 0;
-  int32_t num_total_blocks = 0;              // usable device blocks
-  double kv_usage = 0.0;                     // fraction of usable blocks in use
-  int64_t prefix_queries = 0;                // tokens looked up in the prefix cache
-  int64_t prefix_hits = 0;                   // tokens found
+  int32_t num_total_blocks = 0;  // usable device blocks
+  double kv_usage = 0.0;         // fraction of usable blocks in use
+  int64_t prefix_queries = 0;    // tokens looked up in the prefix cache
+  int64_t prefix_hits = 0;       // tokens found
   int64_t num_preemptions = 0;
   int64_t num_steps = 0;
   int64_t num_generated_tokens = 0;

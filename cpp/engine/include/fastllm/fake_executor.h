@@ -48,7 +48,8 @@ class FakeExecutor : public Executor {
     int32_t token = -1;
     int32_t position = -1;
   };
-  void copy_blocks(std::vector<Slot>& from, std::vector<Slot>& to, const std::vector<int32_t>& pairs);
+  void copy_blocks(std::vector<Slot>& from, std::vector<Slot>& to,
+                   const std::vector<int32_t>& pairs);
 
   FakeExecutorConfig config_;
   std::vector<Slot> device_;

@@ -18,9 +18,9 @@
 namespace fastllm {
 
 struct KVCacheConfig {
-  int32_t num_gpu_blocks = 0;         // device blocks including the null block 0
-  int32_t num_cpu_blocks = 0;         // swap-space blocks (block 0 of the swap space is unused)
-  int32_t block_size = 16;            // tokens per block: 8, 16 or 32
+  int32_t num_gpu_blocks = 0;  // device blocks including the null block 0
+  int32_t num_cpu_blocks = 0;  // swap-space blocks (block 0 of the swap space is unused)
+  int32_t block_size = 16;     // tokens per block: 8, 16 or 32
   bool enable_prefix_caching = true;
 };
 

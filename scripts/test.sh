@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Sets up (scripts/setup.sh --dev) and runs every test: C++ engine tests (ctest), the C++ embedding
+# example against an installed fastllm, the engine overhead benchmark (prints its figure), pytest,
+# and the format/lint checks. Set FASTLLM_SKIP_SETUP=1 to reuse an existing setup.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+[[ "${FASTLLM_SKIP_SETUP:-0}" == 1 ]] || bash scripts/setup.sh --dev
+
+jobs=$(nproc)
+echo "[test] C++ build (engine, kernels, tests; CPU) in build/ctest"
+cmake -S . -B build/ctest -G Ninja -DCMAKE_BUILD_TYPE=Release -DFASTLLM_CUDA=OFF \
+  -DFASTLLM_BUILD_TESTS=ON -DFASTLLM_BUILD_BENCHMARKS=ON >/dev/null
+cmake --build build/ctest -j "$jobs"
+ctest --test-dir build/ctest --output-on-failure -j "$jobs"
+
+echo "[test] C++ embedding example against the installed package"
+rm -rf build/install build/embed
+cmake --install build/ctest --prefix build/install >/dev/null
+cmake -S examples/cpp_embed -B build/embed -G Ninja -DCMAKE_PREFIX_PATH="$PWD/build/install" >/dev/null
+cmake --build build/embed
+./build/embed/embed_generate
+
+echo "[test] engine overhead benchmark"
+./build/ctest/benchmarks/engine_overhead 300
+
+echo "[test] pytest"
+set +e
+$PY -m pytest -q tests/python
+rc=$?
+set -e
+if (( rc == 5 )); then
+  echo "[test] pytest collected no tests" >&2
+  exit 1
+fi
+(( rc == 0 )) || exit "$rc"
+
+echo "[test] lint"
+$PY -m ruff check python tests benchmarks
+git ls-files '*.cpp' '*.h' '*.cu' '*.cuh' | xargs clang-format --dry-run -Werror
+echo "[test] all passed"
