@@ -4,6 +4,7 @@
 // torch.cuda.current_stream().cuda_stream). fp8 e4m3 KV caches are passed as uint8 views.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
 
 #include <cstdint>
 #include <string>

@@ -1,3 +1,28 @@
 """fastllm: LLM inference and serving with a compiled C++/CUDA core."""
 
+from __future__ import annotations
+
 __version__ = "0.1.0"
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineArgs"]
+
+
+def __getattr__(name: str):
+    # Lazy, so `import fastllm` (and the CLI's --help) stays fast and torch-free.
+    if name == "LLM":
+        from fastllm.entrypoints.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from fastllm.sampling_params import SamplingParams
+
+        return SamplingParams
+    if name in ("RequestOutput", "CompletionOutput"):
+        from fastllm import outputs
+
+        return getattr(outputs, name)
+    if name == "EngineArgs":
+        from fastllm.config import EngineArgs
+
+        return EngineArgs
+    raise AttributeError(f"module 'fastllm' has no attribute {name!r}")

@@ -58,11 +58,14 @@ void reshape_and_cache_cpu(const ReshapeAndCacheParams& p) {
       std::memcpy(vc, v, row * src_size);
       return;
     }
+    // Divide (not multiply by the reciprocal) so the rounding equals torch's x / scale.
     float* buffer = cpu::scratch(0, row);
     ops.load(k, p.dtype, buffer, row, 1.0f);
-    ops.store(buffer, p.cache_dtype, kc, row, 1.0f / p.k_scale);
+    for (int64_t j = 0; j < row; ++j) buffer[j] /= p.k_scale;
+    ops.store(buffer, p.cache_dtype, kc, row, 1.0f);
     ops.load(v, p.dtype, buffer, row, 1.0f);
-    ops.store(buffer, p.cache_dtype, vc, row, 1.0f / p.v_scale);
+    for (int64_t j = 0; j < row; ++j) buffer[j] /= p.v_scale;
+    ops.store(buffer, p.cache_dtype, vc, row, 1.0f);
   };
   if (same || p.num_tokens < 64) {
     for (int64_t i = 0; i < p.num_tokens; ++i) copy_token(i);

@@ -1,0 +1,194 @@
+"""Engine configuration: one EngineArgs dataclass, and the model's architecture as read from its
+config. Environment variables (FASTLLM_*) give defaults; explicit arguments override them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as e:
+        raise ValueError(f"{name}={raw!r} is not a number") from e
+
+
+@dataclass
+class EngineArgs:
+    """Everything needed to build an engine. Field names follow the CLI flags
+    (``--max-model-len`` -> ``max_model_len``)."""
+
+    model: Optional[str] = None  # local dir or .gguf; None = the default model
+    tokenizer: Optional[str] = None
+    load_format: str = "auto"  # auto | safetensors | pt | gguf | dummy
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    max_model_len: Optional[int] = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    max_num_batched_tokens: Optional[int] = None
+    max_num_seqs: int = 256
+    max_logprobs: int = 20
+    swap_space: float = 4.0  # GiB of host memory for preemption by swap (GPU only)
+    preemption_mode: str = "recompute"  # recompute | swap
+    scheduling_policy: str = "fcfs"  # fcfs | priority
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: Optional[int] = None
+    cpu_kvcache_space: Optional[float] = None  # GiB; default FASTLLM_CPU_KVCACHE_SPACE or 4
+    rope_scaling: Optional[dict] = None
+    rope_theta: Optional[float] = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    trust_remote_code: bool = False
+    served_model_name: Optional[list[str]] = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in kwargs if k not in names)
+        if unknown:
+            raise ValueError(f"unknown engine argument(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+    def validate(self) -> None:
+        if self.block_size not in (8, 16, 32):
+            raise ValueError(f"block_size must be 8, 16 or 32, got {self.block_size}")
+        if self.load_format not in ("auto", "safetensors", "pt", "gguf", "dummy"):
+            raise ValueError(f"unknown load_format {self.load_format!r}")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"unknown device {self.device!r}")
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got "
+                             f"{self.preemption_mode!r}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got "
+                             f"{self.scheduling_policy!r}")
+        if self.tensor_parallel_size != 1 or self.pipeline_parallel_size != 1:
+            raise ValueError("tensor/pipeline parallelism (size > 1) is not supported yet")
+        if self.trust_remote_code:
+            raise ValueError("trust_remote_code is not supported: fastllm runs only its own "
+                             "model definitions")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be at least 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be at least 2")
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+        return torch.device(self.device)
+
+    def resolve_dtype(self, config_dtype: Optional[str], device: torch.device) -> torch.dtype:
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if device.type == "cpu":
+            return torch.float32  # fp16/bf16 GEMMs are slow on CPUs without AMX
+        if config_dtype in _DTYPES:
+            dt = _DTYPES[config_dtype]
+            return torch.float16 if dt == torch.float32 else dt
+        return torch.float16
+
+    def cpu_kv_bytes(self) -> int:
+        gib = self.cpu_kvcache_space
+        if gib is None:
+            gib = _env_float("FASTLLM_CPU_KVCACHE_SPACE", 4.0)
+        if gib <= 0:
+            raise ValueError("the CPU KV cache space must be positive")
+        return int(gib * (1 << 30))
+
+
+@dataclass
+class ModelConfig:
+    """The architecture facts the model code needs, read from an HF-style config dict."""
+
+    architecture: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: Optional[dict]
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    eos_token_ids: list[int]
+    bos_token_id: Optional[int]
+    torch_dtype: Optional[str]
+    attention_bias: bool = False
+    sliding_window: Optional[int] = None
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, cfg: dict, args: Optional[EngineArgs] = None) -> "ModelConfig":
+        archs = cfg.get("architectures") or []
+        if not archs:
+            raise ValueError("the model config names no architecture")
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        eos = cfg.get("eos_token_id")
+        eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else
+                                          [int(e) for e in eos])
+        rope_scaling = cfg.get("rope_scaling")
+        rope_theta = cfg.get("rope_theta")
+        # Newer HF configs keep both in one "rope_parameters" dict.
+        rope_params = cfg.get("rope_parameters") or {}
+        if rope_theta is None:
+            rope_theta = rope_params.get("rope_theta", 10000.0)
+        rope_theta = float(rope_theta)
+        if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
+            rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+        if args is not None and args.rope_scaling is not None:
+            rope_scaling = args.rope_scaling
+        if args is not None and args.rope_theta is not None:
+            rope_theta = float(args.rope_theta)
+        return cls(
+            architecture=archs[0],
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            vocab_size=int(cfg["vocab_size"]),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            eos_token_ids=eos_ids,
+            bos_token_id=cfg.get("bos_token_id"),
+            torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            sliding_window=cfg.get("sliding_window"),
+            raw=cfg,
+        )

@@ -1,0 +1,178 @@
+"""LLMEngine: builds the model, its executor and the native engine from EngineArgs, and turns
+native token outputs into text outputs. Synchronous; the offline LLM API drives it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional, Union
+
+import torch
+
+from fastllm import _C
+from fastllm.config import EngineArgs, ModelConfig
+from fastllm.engine.request_state import RequestState
+from fastllm.loader import iterate_weights, load_config, resolve_model
+from fastllm.models import get_model_class
+from fastllm.outputs import RequestOutput
+from fastllm.sampling_params import SamplingParams
+from fastllm.tokenizer import load_tokenizer
+from fastllm.worker.model_runner import ModelExecutor, kv_bytes_per_block
+
+logger = logging.getLogger(__name__)
+
+PromptType = Union[str, list[int], dict]
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs):
+        args.validate()
+        t0 = time.perf_counter()
+        self.args = args
+        self.source = resolve_model(args.model, args.load_format)
+        self.model_config = ModelConfig.from_dict(load_config(self.source), args)
+        mc = self.model_config
+        self.device = args.resolve_device()
+        self.dtype = args.resolve_dtype(mc.torch_dtype, self.device)
+        self.tokenizer = load_tokenizer(
+            resolve_model(args.tokenizer, "auto") if args.tokenizer else self.source)
+
+        self.max_model_len = args.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings and not mc.rope_scaling:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the model's "
+                f"max_position_embeddings {mc.max_position_embeddings} without rope scaling")
+        self.model = self._load_model()
+        num_gpu_blocks, num_cpu_blocks = self._plan_kv_cache()
+        self.executor = ModelExecutor(self.model, mc, self.device, self.dtype, args.block_size,
+                                      num_gpu_blocks, num_cpu_blocks, seed=args.seed)
+
+        cfg = _C.EngineConfig()
+        cfg.cache.num_gpu_blocks = num_gpu_blocks
+        cfg.cache.num_cpu_blocks = num_cpu_blocks
+        cfg.cache.block_size = args.block_size
+        cfg.cache.enable_prefix_caching = args.enable_prefix_caching
+        sched = cfg.scheduler
+        sched.max_model_len = self.max_model_len
+        sched.max_num_seqs = args.max_num_seqs
+        sched.enable_chunked_prefill = args.enable_chunked_prefill
+        if args.max_num_batched_tokens is not None:
+            sched.max_num_batched_tokens = args.max_num_batched_tokens
+        elif args.enable_chunked_prefill:
+            # Small chunks keep decode steps flowing on a CPU; GPUs amortise larger ones.
+            sched.max_num_batched_tokens = 512 if self.device.type == "cpu" else 2048
+        else:
+            sched.max_num_batched_tokens = self.max_model_len
+        sched.policy = (_C.SchedulingPolicy.PRIORITY if args.scheduling_policy == "priority"
+                        else _C.SchedulingPolicy.FCFS)
+        sched.preemption_mode = (_C.PreemptionMode.SWAP if args.preemption_mode == "swap"
+                                 else _C.PreemptionMode.RECOMPUTE)
+        eos = set(mc.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+        cfg.eos_token_ids = sorted(eos)
+        cfg.vocab_size = mc.vocab_size
+        cfg.max_logprobs = args.max_logprobs
+        self.engine_config = cfg
+        self.engine = _C.Engine(cfg, self.executor)
+        self.num_gpu_blocks = num_gpu_blocks
+        self._states: dict[str, RequestState] = {}
+        self._counter = 0
+        self.startup_seconds = time.perf_counter() - t0
+        logger.info("fastllm engine ready in %.2f s: %s on %s (%s), %d KV blocks of %d tokens",
+                    self.startup_seconds, mc.architecture, self.device, self.dtype,
+                    num_gpu_blocks - 1, args.block_size)
+
+    # ---- construction ------------------------------------------------------------------------
+
+    def _load_model(self) -> torch.nn.Module:
+        cls = get_model_class(self.model_config)
+        with torch.device("meta"):
+            model = cls(self.model_config)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        model.init_buffers(self.device)
+        if self.args.load_format == "dummy":
+            for p in model.parameters():
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator(
+                    device=p.device).manual_seed(self.args.seed))
+        else:
+            model.load_weights(iterate_weights(self.source, self.args.load_format, self.dtype))
+        return model.eval()
+
+    def _plan_kv_cache(self) -> tuple[int, int]:
+        mc, args = self.model_config, self.args
+        per_block = kv_bytes_per_block(mc, args.block_size, self.dtype)
+        if args.num_gpu_blocks_override is not None:
+            blocks = int(args.num_gpu_blocks_override)
+        elif self.device.type == "cpu":
+            blocks = args.cpu_kv_bytes() // per_block
+        else:
+            free, total = torch.cuda.mem_get_info(self.device)
+            used_elsewhere = total - free
+            budget = total * args.gpu_memory_utilization - used_elsewhere
+            # Leave room for the activations of one full step.
+            budget -= 4 * mc.hidden_size * 4096 * torch.empty((), dtype=self.dtype).element_size()
+            blocks = int(budget // per_block)
+        needed = -(-self.max_model_len // args.block_size) + 1
+        if blocks < needed:
+            raise ValueError(
+                f"the KV cache has room for {max(blocks - 1, 0) * args.block_size} tokens, fewer "
+                f"than max_model_len {self.max_model_len}: give it more memory "
+                f"(FASTLLM_CPU_KVCACHE_SPACE / --gpu-memory-utilization) or lower max_model_len")
+        swap = 0
+        if self.device.type == "cuda" or args.preemption_mode == "swap":
+            swap = int(args.swap_space * (1 << 30)) // per_block
+        return blocks, swap
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: PromptType, add_special_tokens: bool = True
+                      ) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, [int(t) for t in prompt]
+        raise ValueError(f"a prompt must be a string, a list of token ids or a dict, got "
+                         f"{type(prompt).__name__}")
+
+    def add_request(self, prompt: PromptType, params: Optional[SamplingParams] = None,
+                    request_id: Optional[str] = None, add_special_tokens: bool = True) -> str:
+        params = params or SamplingParams()
+        params.validate(self.args.max_logprobs)
+        text, ids = self.encode_prompt(prompt, add_special_tokens)
+        if request_id is None:
+            request_id = f"req-{self._counter}"
+            self._counter += 1
+        state = RequestState(request_id, text, ids, params, self.tokenizer)
+        self.engine.add_request(request_id, ids, params.to_native())
+        self._states[request_id] = state
+        return request_id
+
+    def abort_request(self, request_id: str) -> bool:
+        self._states.pop(request_id, None)
+        return self.engine.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._states)
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step; returns the requests that finished in it."""
+        finished = []
+        for out in self.engine.step():
+            state = self._states.get(out.request_id)
+            if state is None:
+                continue  # ended earlier by a stop string; this is its abort
+            if state.update(out):
+                self.engine.abort(out.request_id)
+            if state.finished:
+                del self._states[out.request_id]
+                finished.append(state.to_output())
+        return finished
+
+    def stats(self):
+        return self.engine.stats()

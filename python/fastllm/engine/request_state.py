@@ -1,0 +1,108 @@
+"""Per-request text state on the Python side: incremental detokenization, stop strings and
+logprobs assembly. Token-level rules stay in the C++ engine."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from fastllm.outputs import CompletionOutput, Logprob, RequestOutput
+from fastllm.sampling_params import SamplingParams
+from fastllm.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+class RequestState:
+    def __init__(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
+                 params: SamplingParams, tokenizer: Tokenizer):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.tokenizer = tokenizer
+        self.detokenizer = (
+            IncrementalDetokenizer(tokenizer, prompt_token_ids,
+                                   skip_special_tokens=params.skip_special_tokens,
+                                   spaces_between_special_tokens=params.spaces_between_special_tokens)
+            if params.detokenize else None
+        )
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.logprobs: Optional[list[dict[int, Logprob]]] = [] if params.logprobs is not None else None
+        self.cumulative_logprob: Optional[float] = 0.0 if params.logprobs is not None else None
+        self.finish_reason: Optional[str] = None
+        self.stop_reason: int | str | None = None
+        self.num_cached_tokens = 0
+        self._max_stop_len = max((len(s) for s in params.stop_strings), default=0)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def update(self, out) -> bool:
+        """Applies one native output. Returns True when a stop string ended the request here (the
+        caller must then abort it in the engine)."""
+        self.num_cached_tokens = out.num_cached_tokens
+        new_ids = list(out.new_token_ids)
+        self.token_ids.extend(new_ids)
+        if self.logprobs is not None and len(out.new_logprobs) == len(new_ids):
+            k = out.num_top_logprobs
+            for i, (tok, lp) in enumerate(zip(new_ids, out.new_logprobs)):
+                entry = {tok: Logprob(float(lp))}
+                for j in range(k):
+                    tid = out.top_token_ids[i * k + j]
+                    entry.setdefault(tid, Logprob(float(out.top_logprobs[i * k + j]), rank=j + 1))
+                if self.params.detokenize:
+                    for tid, value in entry.items():
+                        value.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
+                self.logprobs.append(entry)
+                self.cumulative_logprob += float(lp)
+        stopped_by_string = False
+        if self.detokenizer is not None and new_ids:
+            new_text = self.detokenizer.step(new_ids)
+            self.text += new_text
+            if self._max_stop_len and len(self.token_ids) >= self.params.min_tokens:
+                stopped_by_string = self._check_stop_strings(len(new_text))
+        if stopped_by_string:
+            self.finish_reason = "stop"
+            return True
+        if out.finished:
+            self.finish_reason = out.finish_reason
+            if out.stop_token_id >= 0:
+                self.stop_reason = out.stop_token_id
+            if out.finish_reason == "error" and out.error:
+                self.stop_reason = out.error
+        return False
+
+    def _check_stop_strings(self, new_len: int) -> bool:
+        # Only the tail that could contain a stop string touching the new text is searched.
+        start = max(0, len(self.text) - new_len - self._max_stop_len + 1)
+        best = None
+        for stop in self.params.stop_strings:
+            idx = self.text.find(stop, start)
+            if idx >= 0 and (best is None or idx < best[0]):
+                best = (idx, stop)
+        if best is None:
+            return False
+        idx, stop = best
+        self.text = self.text[: idx + len(stop)] if self.params.include_stop_str_in_output \
+            else self.text[:idx]
+        self.stop_reason = stop
+        return True
+
+    def to_output(self) -> RequestOutput:
+        completion = CompletionOutput(
+            index=0,
+            text=self.text,
+            token_ids=list(self.token_ids),
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=self.logprobs,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=[completion],
+            finished=self.finished,
+            num_cached_tokens=self.num_cached_tokens,
+        )

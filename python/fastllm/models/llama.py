@@ -1,0 +1,197 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2): torch for the GEMMs, fastllm kernels
+for attention, norms, RoPE and the gated activation.
+
+Q/K/V and gate/up projections are fused into single GEMMs; load_weights maps the checkpoint's
+separate tensors into their slices.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from fastllm import ops
+from fastllm.config import ModelConfig
+from fastllm.models.attention import AttentionMetadata, PagedAttention
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        return x, residual
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, qkv_bias: bool):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        window = config.sliding_window if config.architecture == "MistralForCausalLM" else None
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
+                                   self.head_dim ** -0.5, window if window else -1)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata, rope_cache: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.contiguous()
+        k = k.contiguous()
+        ops.rotary_embedding(positions, q, k, rope_cache, self.head_dim, True)
+        return self.o_proj(self.attn(q, k, v.contiguous(), kv_cache, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, qkv_bias: bool):
+        super().__init__()
+        self.self_attn = LlamaAttention(config, qkv_bias)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions, hidden, residual, kv_cache, meta, rope_cache):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, meta, rope_cache)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, qkv_bias: bool):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Filled by LlamaForCausalLM.init_buffers once the model has real storage.
+        self.register_buffer("rope_cache", torch.empty(0), persistent=False)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, qkv_bias)
+            for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata):
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer, kv in zip(self.layers, kv_caches):
+            hidden, residual = layer(positions, hidden, residual, kv, meta, self.rope_cache)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint name fragment -> (fused parameter fragment, shard index)
+    _stacked = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        qkv_bias = config.attention_bias or config.architecture == "Qwen2ForCausalLM"
+        self.model = LlamaModel(config, qkv_bias)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def init_buffers(self, device: torch.device) -> None:
+        """Computes the non-persistent buffers (the float32 RoPE cos/sin table) on device. Call
+        after construction (models are built on the meta device, then given storage)."""
+        c = self.config
+        self.model.rope_cache = ops.build_rope_cos_sin_cache(
+            c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling, device=device)
+
+    def forward(self, input_ids, positions, kv_caches, meta):
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.matmul(hidden, weight.t()).float()
+
+    def _shard_slices(self, fused: str) -> list[tuple[int, int]]:
+        c = self.config
+        if fused == "qkv_proj":
+            q = c.num_attention_heads * c.head_dim
+            kv = c.num_key_value_heads * c.head_dim
+            return [(0, q), (q, kv), (q + kv, kv)]
+        return [(0, c.intermediate_size), (c.intermediate_size, c.intermediate_size)]
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (HF names) into the parameters; every parameter must be set."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: the embedding serves as the output projection
+            target = name
+            shard = None
+            for part, (fused, idx) in self._stacked.items():
+                if f".{part}." in name:
+                    target = name.replace(f".{part}.", f".{fused}.")
+                    shard = (fused, idx)
+                    break
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in "
+                                 f"{self.config.architecture}")
+            param = params[target]
+            if shard is None:
+                if tuple(param.shape) != tuple(tensor.shape):
+                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != "
+                                     f"model shape {tuple(param.shape)}")
+                param.copy_(tensor)
+                loaded.add(target)
+            else:
+                start, size = self._shard_slices(shard[0])[shard[1]]
+                dst = param.narrow(0, start, size)
+                if tuple(dst.shape) != tuple(tensor.shape):
+                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != "
+                                     f"slice shape {tuple(dst.shape)}")
+                dst.copy_(tensor)
+                loaded.add(f"{target}#{shard[1]}")
+        missing = []
+        for pname in params:
+            fused = next((f for f in ("qkv_proj", "gate_up_proj") if f".{f}." in pname), None)
+            if fused and pname.endswith(".weight"):
+                n = 3 if fused == "qkv_proj" else 2
+                missing += [f"{pname}#{i}" for i in range(n) if f"{pname}#{i}" not in loaded]
+            elif fused and pname.endswith(".bias"):
+                missing += [f"{pname}#{i}" for i in range(3) if f"{pname}#{i}" not in loaded]
+            elif pname not in loaded:
+                missing.append(pname)
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")

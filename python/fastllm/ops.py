@@ -1,0 +1,399 @@
+"""fastllm kernels as torch ops.
+
+Thin wrappers over the native ``fastllm._C.ops`` functions, registered with ``torch.library`` (with
+fake implementations) so models that call them stay traceable by ``torch.compile``. Tensors cross
+into C++ zero-copy as DLPack views; CUDA tensors run on the current CUDA stream. This module is the
+only place that imports torch for the kernels; the extension never links it.
+
+KV cache layout: ``key_cache`` and ``value_cache`` are each ``[num_blocks, block_size, num_kv_heads,
+head_size]``; slot = block * block_size + offset; block 0 is the reserved null block. A
+``torch.float8_e4m3fn`` cache stores ``x / scale`` (saturating at +-448) with one scale per tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from fastllm import _C
+
+_ops = _C.ops
+
+__all__ = [
+    "reshape_and_cache",
+    "copy_blocks",
+    "swap_blocks",
+    "paged_attention",
+    "rms_norm",
+    "fused_add_rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+    "gelu_and_mul",
+    "sample",
+    "build_rope_cos_sin_cache",
+    "to_csr",
+]
+
+_ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+def _cache(t: torch.Tensor) -> torch.Tensor:
+    # DLPack has no portable float8 code: fp8 caches cross as uint8 views.
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+# ---- cache ops ------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastllm::reshape_and_cache", mutates_args=("key_cache", "value_cache"))
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> None:
+    """Write key/value ``[num_tokens, num_kv_heads, head_size]`` into the caches at
+    ``slot_mapping`` (int64; negative slots are skipped)."""
+    _ops.reshape_and_cache(
+        key, value, _cache(key_cache), _cache(value_cache), slot_mapping, k_scale, v_scale,
+        _stream(key),
+    )
+
+
+@reshape_and_cache.register_fake
+def _(key, value, key_cache, value_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
+    return None
+
+
+@torch.library.custom_op("fastllm::copy_blocks", mutates_args=("cache",))
+def copy_blocks(cache: torch.Tensor, block_mapping: torch.Tensor) -> None:
+    """Copy blocks inside one cache: ``block_mapping`` int32 ``[n, 2]`` of (src, dst) pairs, on the
+    cache's device."""
+    _ops.copy_blocks(_cache(cache), block_mapping, _stream(cache))
+
+
+@copy_blocks.register_fake
+def _(cache, block_mapping):
+    return None
+
+
+@torch.library.custom_op("fastllm::swap_blocks", mutates_args=("dst",))
+def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tensor) -> None:
+    """Copy block ``block_mapping[i, 0]`` of ``src`` onto block ``block_mapping[i, 1]`` of ``dst``
+    (device <-> host, or host <-> host); ``block_mapping`` is an int64 CPU tensor ``[n, 2]``."""
+    device_side = src if src.is_cuda else dst
+    _ops.swap_blocks(_cache(src), _cache(dst), block_mapping.cpu(), _stream(device_side))
+
+
+@swap_blocks.register_fake
+def _(src, dst, block_mapping):
+    return None
+
+
+# ---- attention ------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastllm::paged_attention", mutates_args=())
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    sliding_window: int = -1,
+    softcap: float = 0.0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    max_context_len: int = 0,
+) -> torch.Tensor:
+    """Causal varlen paged attention: query ``[num_tokens, num_heads, head_size]``;
+    ``query_start_loc`` int32 ``[num_seqs + 1]``; ``context_lens`` int32 ``[num_seqs]`` counts the
+    cached tokens including this step's (written first with :func:`reshape_and_cache`);
+    ``block_tables`` int32 ``[num_seqs, max_blocks]`` padded with 0. ``max_context_len`` (a host
+    bound of ``context_lens``) lets the CUDA kernel split long contexts across thread blocks."""
+    out = torch.empty_like(query)
+    workspace = None
+    if query.is_cuda and max_context_len > 0:
+        nbytes = _ops.paged_attention_workspace_bytes(
+            query.shape[0], query.shape[1], query.shape[2], max_context_len
+        )
+        if nbytes > 0:
+            workspace = torch.empty(nbytes, dtype=torch.uint8, device=query.device)
+    _ops.paged_attention(
+        out, query, _cache(key_cache), _cache(value_cache), query_start_loc, context_lens,
+        block_tables, scale, sliding_window, softcap, k_scale, v_scale, max_context_len,
+        workspace, _stream(query),
+    )
+    return out
+
+
+@paged_attention.register_fake
+def _(query, key_cache, value_cache, query_start_loc, context_lens, block_tables, scale,
+      sliding_window=-1, softcap=0.0, k_scale=1.0, v_scale=1.0, max_context_len=0):
+    return torch.empty_like(query)
+
+
+# ---- norms, rotary, activations --------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastllm::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last dimension (float accumulation)."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _ops.rms_norm(out, x, weight, eps, _stream(x))
+    return out
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("fastllm::fused_add_rms_norm", mutates_args=("x", "residual"))
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> None:
+    """In place: ``residual += x`` (rounded to the dtype), then ``x = rms_norm(residual) * weight``."""
+    _ops.fused_add_rms_norm(x, residual, weight, eps, _stream(x))
+
+
+@fused_add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return None
+
+
+@torch.library.custom_op("fastllm::rotary_embedding", mutates_args=("query", "key"))
+def rotary_embedding(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: Optional[torch.Tensor],
+    cos_sin_cache: torch.Tensor,
+    head_size: int,
+    is_neox: bool = True,
+) -> None:
+    """Rotate query ``[num_tokens, num_heads * head_size]`` (and key) in place by ``positions``
+    (int64) with ``cos_sin_cache`` float32 ``[max_position, rotary_dim]`` = cat(cos, sin)."""
+    _ops.rotary_embedding(positions, query, key, cos_sin_cache, head_size, is_neox, _stream(query))
+
+
+@rotary_embedding.register_fake
+def _(positions, query, key, cos_sin_cache, head_size, is_neox=True):
+    return None
+
+
+def _act_and_mul(x: torch.Tensor, activation: int) -> torch.Tensor:
+    out = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=x.dtype, device=x.device)
+    _ops.act_and_mul(out, x, activation, _stream(x))
+    return out
+
+
+@torch.library.custom_op("fastllm::silu_and_mul", mutates_args=())
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :d]) * x[..., d:]``."""
+    return _act_and_mul(x, _ACTIVATIONS["silu"])
+
+
+@silu_and_mul.register_fake
+def _(x):
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+@torch.library.custom_op("fastllm::gelu_and_mul", mutates_args=())
+def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """``gelu(x[..., :d]) * x[..., d:]``; ``approximate`` is "none" (erf) or "tanh"."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu_and_mul: approximate must be 'none' or 'tanh', not {approximate!r}")
+    return _act_and_mul(x, _ACTIVATIONS["gelu_tanh" if approximate == "tanh" else "gelu"])
+
+
+@gelu_and_mul.register_fake
+def _(x, approximate="none"):
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+# ---- sampling -------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastllm::sample", mutates_args=())
+def sample(
+    logits: torch.Tensor,
+    temperature: Optional[torch.Tensor] = None,
+    top_k: Optional[torch.Tensor] = None,
+    top_p: Optional[torch.Tensor] = None,
+    min_p: Optional[torch.Tensor] = None,
+    repetition_penalty: Optional[torch.Tensor] = None,
+    presence_penalty: Optional[torch.Tensor] = None,
+    frequency_penalty: Optional[torch.Tensor] = None,
+    seeds: Optional[torch.Tensor] = None,
+    generator_offsets: Optional[torch.Tensor] = None,
+    global_seed: int = 0,
+    prompt_offsets: Optional[torch.Tensor] = None,
+    prompt_ids: Optional[torch.Tensor] = None,
+    output_offsets: Optional[torch.Tensor] = None,
+    output_ids: Optional[torch.Tensor] = None,
+    bias_offsets: Optional[torch.Tensor] = None,
+    bias_ids: Optional[torch.Tensor] = None,
+    bias_values: Optional[torch.Tensor] = None,
+    allowed_offsets: Optional[torch.Tensor] = None,
+    allowed_ids: Optional[torch.Tensor] = None,
+    num_top_logprobs: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample one token per row of float32 ``logits [num_rows, vocab]``.
+
+    Per-row parameters are 1-D tensors (None = neutral for every row): temperature (0 = greedy),
+    top_k (int32, <= 0 off), top_p, min_p, the three penalties, seeds (int64, < 0 = unseeded: use
+    ``global_seed`` and the row index) and generator_offsets (int64, the request's output position).
+    Token lists are CSR pairs (int32 offsets ``[num_rows + 1]`` + int32 ids): prompt and output
+    tokens (repetition applies to both, presence/frequency to output), logit bias (+ float values)
+    and allowed ids. Returns (token int32 [R], logprob [R], rank int32 [R], top_logprobs [R, N],
+    top_ids int32 [R, N]); logprobs are of the raw logits (see fastllm/kernels/sampling.h)."""
+    rows = logits.shape[0]
+    device = logits.device
+    sampled = torch.empty(rows, dtype=torch.int32, device=device)
+    logprob = torch.empty(rows, dtype=torch.float32, device=device)
+    rank = torch.empty(rows, dtype=torch.int32, device=device)
+    top_logprobs = torch.empty((rows, num_top_logprobs), dtype=torch.float32, device=device)
+    top_ids = torch.empty((rows, num_top_logprobs), dtype=torch.int32, device=device)
+    workspace = None
+    if logits.is_cuda:
+        workspace = torch.empty(
+            _ops.sampling_workspace_bytes(rows, logits.shape[1]), dtype=torch.uint8, device=device
+        )
+    _ops.sample(
+        logits, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+        frequency_penalty, seeds, generator_offsets, global_seed & 0xFFFFFFFFFFFFFFFF,
+        prompt_offsets, prompt_ids, output_offsets, output_ids, bias_offsets, bias_ids,
+        bias_values, allowed_offsets, allowed_ids, sampled, logprob, rank,
+        top_logprobs if num_top_logprobs > 0 else None,
+        top_ids if num_top_logprobs > 0 else None, workspace, _stream(logits),
+    )
+    return sampled, logprob, rank, top_logprobs, top_ids
+
+
+@sample.register_fake
+def _(logits, temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None,
+      presence_penalty=None, frequency_penalty=None, seeds=None, generator_offsets=None,
+      global_seed=0, prompt_offsets=None, prompt_ids=None, output_offsets=None, output_ids=None,
+      bias_offsets=None, bias_ids=None, bias_values=None, allowed_offsets=None, allowed_ids=None,
+      num_top_logprobs=0):
+    rows = logits.shape[0]
+    return (
+        logits.new_empty(rows, dtype=torch.int32),
+        logits.new_empty(rows, dtype=torch.float32),
+        logits.new_empty(rows, dtype=torch.int32),
+        logits.new_empty((rows, num_top_logprobs), dtype=torch.float32),
+        logits.new_empty((rows, num_top_logprobs), dtype=torch.int32),
+    )
+
+
+def to_csr(lists: Sequence[Sequence[int]], device: torch.device | str = "cpu",
+           dtype: torch.dtype = torch.int32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(offsets int32 [len(lists) + 1], values) for per-row lists of token ids (or bias values
+    with ``dtype=torch.float32``)."""
+    offsets = [0]
+    flat: list = []
+    for row in lists:
+        flat.extend(row)
+        offsets.append(len(flat))
+    return (
+        torch.tensor(offsets, dtype=torch.int32, device=device),
+        torch.tensor(flat, dtype=dtype, device=device),
+    )
+
+
+# ---- rotary cos/sin cache -------------------------------------------------------------------------
+
+
+def _yarn_correction_dim(num_rotations: float, dim: int, base: float, max_position: int) -> float:
+    return (dim * math.log(max_position / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def build_rope_cos_sin_cache(
+    rotary_dim: int,
+    max_position: int,
+    base: float = 10000.0,
+    rope_scaling: Optional[dict] = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """float32 ``[positions, rotary_dim]`` = cat(cos, sin) for :func:`rotary_embedding`.
+
+    ``rope_scaling`` follows the HF config dict: ``{"rope_type" | "type": "linear" | "dynamic" |
+    "llama3" | "yarn", "factor": f, ...}``. Dynamic NTK and yarn extend the table to
+    ``max_position * factor`` positions (vLLM's convention); yarn folds its magnitude scale into
+    cos and sin."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    positions = max_position
+    mscale = 1.0
+    position_scale = 1.0
+    kind = None
+    if rope_scaling:
+        kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+    if kind in (None, "default"):
+        pass
+    elif kind == "linear":
+        position_scale = 1.0 / float(rope_scaling["factor"])
+    elif kind == "dynamic":
+        factor = float(rope_scaling["factor"])
+        positions = int(max_position * factor)
+        ntk_base = base * ((factor * positions / max_position) - (factor - 1)) ** (
+            rotary_dim / (rotary_dim - 2)
+        )
+        inv_freq = 1.0 / (
+            ntk_base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+        )
+    elif kind == "llama3":
+        factor = float(rope_scaling["factor"])
+        low = float(rope_scaling.get("low_freq_factor", 1.0))
+        high = float(rope_scaling.get("high_freq_factor", 4.0))
+        old = float(rope_scaling.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old / wavelen) - low) / (high - low)
+        scaled = torch.where(
+            wavelen < old / high,
+            inv_freq,
+            torch.where(
+                wavelen > old / low,
+                inv_freq / factor,
+                (1 - smooth) * inv_freq / factor + smooth * inv_freq,
+            ),
+        )
+        inv_freq = scaled
+    elif kind == "yarn":
+        factor = float(rope_scaling["factor"])
+        original = int(rope_scaling.get("original_max_position_embeddings", max_position))
+        beta_fast = float(rope_scaling.get("beta_fast", 32))
+        beta_slow = float(rope_scaling.get("beta_slow", 1))
+        low = max(math.floor(_yarn_correction_dim(beta_fast, rotary_dim, base, original)), 0)
+        high = min(math.ceil(_yarn_correction_dim(beta_slow, rotary_dim, base, original)),
+                   rotary_dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        extrapolation = 1 - ramp
+        inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+        attn_factor = float(rope_scaling.get("attention_factor") or 1.0)
+        mscale_all_dim = float(rope_scaling.get("mscale_all_dim", 0) or 0)
+        mscale_value = float(rope_scaling.get("mscale", 1) or 1)
+        mscale = (_yarn_mscale(factor, mscale_value) / _yarn_mscale(factor, mscale_all_dim)
+                  if mscale_all_dim else _yarn_mscale(factor)) * attn_factor
+        positions = int(original * factor)
+    else:
+        raise ValueError(f"unsupported rope_scaling type {kind!r}")
+    t = torch.arange(positions, dtype=torch.float64) * position_scale
+    freqs = torch.outer(t, inv_freq)
+    cache = torch.cat([freqs.cos() * mscale, freqs.sin() * mscale], dim=-1)
+    return cache.to(device=device, dtype=torch.float32).contiguous()

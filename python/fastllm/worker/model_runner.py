@@ -1,0 +1,157 @@
+"""The Python executor: owns the model and its paged KV cache, runs one BatchPlan per call.
+
+Plan arrays arrive as numpy views of the engine's buffers and become torch tensors without a copy
+on the CPU (one host-to-device copy each on a GPU). The engine thread calls execute() with the GIL.
+"""
+
+from __future__ import annotations
+
+import logging
+import numpy as np
+import torch
+
+from fastllm import _C, ops
+from fastllm.config import EngineArgs, ModelConfig
+from fastllm.models.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+_MASKED = float("-inf")
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block across all layers, keys and values."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return (2 * config.num_hidden_layers * block_size * config.num_key_value_heads *
+            config.head_dim * elem)
+
+
+class ModelExecutor(_C.Executor):
+    """Implements the engine's Executor with a torch model and fastllm kernels."""
+
+    def __init__(self, model: torch.nn.Module, config: ModelConfig, device: torch.device,
+                 dtype: torch.dtype, block_size: int, num_gpu_blocks: int, num_cpu_blocks: int,
+                 seed: int = 0):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        self.seed = seed
+        shape = (num_gpu_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        # torch.empty leaves pages untouched, so resident memory grows only with use.
+        self.kv_caches = [
+            (torch.empty(shape, dtype=dtype, device=device),
+             torch.empty(shape, dtype=dtype, device=device))
+            for _ in range(config.num_hidden_layers)
+        ]
+        self.swap_caches = []
+        if num_cpu_blocks > 0:
+            host_shape = (num_cpu_blocks, *shape[1:])
+            pin = device.type == "cuda"
+            self.swap_caches = [
+                (torch.empty(host_shape, dtype=dtype, pin_memory=pin),
+                 torch.empty(host_shape, dtype=dtype, pin_memory=pin))
+                for _ in range(config.num_hidden_layers)
+            ]
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(array)
+        return t if self.device.type == "cpu" else t.to(self.device, non_blocking=False)
+
+    def _apply_block_ops(self, plan) -> None:
+        swap_out = plan.blocks_to_swap_out
+        swap_in = plan.blocks_to_swap_in
+        copy = plan.blocks_to_copy
+        if len(swap_out):
+            mapping = torch.from_numpy(swap_out.copy())
+            for (k, v), (hk, hv) in zip(self.kv_caches, self.swap_caches):
+                ops.swap_blocks(k, hk, mapping)
+                ops.swap_blocks(v, hv, mapping)
+        if len(swap_in):
+            mapping = torch.from_numpy(swap_in.copy())
+            for (k, v), (hk, hv) in zip(self.kv_caches, self.swap_caches):
+                ops.swap_blocks(hk, k, mapping)
+                ops.swap_blocks(hv, v, mapping)
+        if len(copy):
+            mapping = self._tensor(copy.copy())
+            for k, v in self.kv_caches:
+                ops.copy_blocks(k, mapping)
+                ops.copy_blocks(v, mapping)
+
+    def _sampling_inputs(self, plan) -> dict:
+        rows = plan.num_samples
+        kw: dict = {
+            "temperature": self._tensor(plan.temperature),
+            "top_k": self._tensor(plan.top_k),
+            "top_p": self._tensor(plan.top_p),
+            "min_p": self._tensor(plan.min_p),
+            "seeds": self._tensor(plan.seeds),
+            "generator_offsets": self._tensor(plan.output_positions),
+            # Unseeded rows draw from a per-step stream of the engine's seed.
+            "global_seed": (self.seed * 1_000_003 + plan.step_id) & 0x7FFFFFFFFFFFFFFF,
+        }
+        history = plan.history_token_ids
+        if len(history):
+            offsets = plan.history_offsets
+            prompt_lens = plan.history_prompt_lens
+            lens = np.diff(offsets)
+            pos_in_row = np.arange(len(history)) - np.repeat(offsets[:-1], lens)
+            is_prompt = pos_in_row < np.repeat(prompt_lens, lens)
+            out_lens = lens - prompt_lens
+            kw.update(
+                repetition_penalty=self._tensor(plan.repetition_penalty),
+                presence_penalty=self._tensor(plan.presence_penalty),
+                frequency_penalty=self._tensor(plan.frequency_penalty),
+                prompt_offsets=self._tensor(_offsets(prompt_lens)),
+                prompt_ids=self._tensor(np.ascontiguousarray(history[is_prompt])),
+                output_offsets=self._tensor(_offsets(out_lens)),
+                output_ids=self._tensor(np.ascontiguousarray(history[~is_prompt])),
+            )
+        stop_ids = plan.stop_token_ids
+        if len(stop_ids):
+            # Rows below min_tokens may not end: their EOS/stop ids get a -inf bias.
+            kw.update(
+                bias_offsets=self._tensor(plan.stop_offsets.copy()),
+                bias_ids=self._tensor(stop_ids.copy()),
+                bias_values=self._tensor(np.full(len(stop_ids), _MASKED, dtype=np.float32)),
+            )
+        num_logprobs = plan.num_logprobs
+        kw["num_top_logprobs"] = int(num_logprobs.max()) if rows and num_logprobs.max() > 0 else 0
+        return kw
+
+    # ---- Executor ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, plan):
+        self._apply_block_ops(plan)
+        if plan.num_tokens == 0:
+            return _C.StepResult(np.empty(0, dtype=np.int32))
+        input_ids = self._tensor(plan.token_ids)
+        positions = self._tensor(plan.positions).to(torch.int64)
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(plan.slot_mapping),
+            query_start_loc=self._tensor(plan.query_start_loc),
+            context_lens=self._tensor(plan.context_lens),
+            block_tables=self._tensor(plan.block_tables),
+            max_context_len=int(plan.max_context_len),
+        )
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if plan.num_samples == 0:
+            return _C.StepResult(np.empty(0, dtype=np.int32))
+        rows = hidden[self._tensor(plan.sample_token_indices).to(torch.int64)]
+        logits = self.model.compute_logits(rows)
+        kw = self._sampling_inputs(plan)
+        tokens, logprob, _rank, top_lp, top_ids = ops.sample(logits, **kw)
+        if (plan.num_logprobs >= 0).any():
+            return _C.StepResult(tokens.cpu(), logprob.cpu(), top_ids.cpu(), top_lp.cpu())
+        return _C.StepResult(tokens.cpu())
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=out[1:])
+    return out
