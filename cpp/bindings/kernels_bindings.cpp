@@ -101,7 +101,8 @@ void reshape_and_cache(const Array& key, const Array& value, const Array& key_ca
   const char* op = "reshape_and_cache";
   const bool cuda = cuda_device(key, op);
   k::ReshapeAndCacheParams p;
-  check_arg(key.ndim() == 3 && value.ndim() == 3, where(op, "key/value must be [tokens, kv_heads, head_size]"));
+  check_arg(key.ndim() == 3 && value.ndim() == 3,
+            where(op, "key/value must be [tokens, kv_heads, head_size]"));
   check_arg(key_cache.ndim() == 4 && value_cache.ndim() == 4,
             where(op, "caches must be [num_blocks, block_size, kv_heads, head_size]"));
   for (const Array* a : {&value, &key_cache, &value_cache}) check_device(*a, cuda, op, "tensor");
@@ -161,7 +162,8 @@ void copy_blocks(const Array& cache, const Array& block_mapping, uintptr_t strea
   nb::gil_scoped_release release;
   if (cuda) {
 #ifdef FASTLLM_WITH_CUDA
-    k::copy_blocks_cuda(cache.data(), num_blocks, block_bytes, pairs, num_pairs, stream_ptr(stream));
+    k::copy_blocks_cuda(cache.data(), num_blocks, block_bytes, pairs, num_pairs,
+                        stream_ptr(stream));
 #endif
   } else {
     k::copy_blocks_cpu(cache.data(), num_blocks, block_bytes, pairs, num_pairs);
@@ -340,8 +342,9 @@ void fused_add_rms_norm(const Array& input, const Array& residual, const Array& 
   auto [rows, in_stride] = rows_of(input, op, "input");
   auto [res_rows, res_stride] = rows_of(residual, op, "residual");
   p.hidden = input.shape(input.ndim() - 1);
-  check_arg(res_rows == rows && static_cast<int64_t>(residual.shape(residual.ndim() - 1)) == p.hidden,
-            where(op, "residual shape differs from input"));
+  check_arg(
+      res_rows == rows && static_cast<int64_t>(residual.shape(residual.ndim() - 1)) == p.hidden,
+      where(op, "residual shape differs from input"));
   check_arg(weight.ndim() == 1 && static_cast<int64_t>(weight.shape(0)) == p.hidden,
             where(op, "weight must be [hidden]"));
   check_contiguous(weight, op, "weight");
@@ -397,7 +400,8 @@ void rotary_embedding(const Array& positions, const Array& query, const Array& k
     p.key = key.data();
     p.key_token_stride = p.num_tokens > 1 ? key.stride(0) : k_row;
   }
-  check_arg(cos_sin_cache.ndim() == 2, where(op, "cos_sin_cache must be [max_position, rotary_dim]"));
+  check_arg(cos_sin_cache.ndim() == 2,
+            where(op, "cos_sin_cache must be [max_position, rotary_dim]"));
   p.cos_sin_cache = typed<float>(cos_sin_cache, cuda, op, "cos_sin_cache (float32)");
   p.max_position = cos_sin_cache.shape(0);
   p.rotary_dim = cos_sin_cache.shape(1);
@@ -516,8 +520,10 @@ void sample(const Array& logits, const Array& temperature, const Array& top_k, c
   }
   p.sampled = const_cast<int32_t*>(row_param<int32_t>(sampled, cuda, rows, "sampled"));
   check_arg(p.sampled != nullptr || rows == 0, where(op, "sampled output is required"));
-  p.sampled_logprob = const_cast<float*>(row_param<float>(sampled_logprob, cuda, rows, "sampled_logprob"));
-  p.sampled_rank = const_cast<int32_t*>(row_param<int32_t>(sampled_rank, cuda, rows, "sampled_rank"));
+  p.sampled_logprob =
+      const_cast<float*>(row_param<float>(sampled_logprob, cuda, rows, "sampled_logprob"));
+  p.sampled_rank =
+      const_cast<int32_t*>(row_param<int32_t>(sampled_rank, cuda, rows, "sampled_rank"));
   if (top_logprobs.is_valid()) {
     check_arg(top_logprobs.ndim() == 2 && static_cast<int64_t>(top_logprobs.shape(0)) == rows &&
                   top_ids.is_valid() && top_ids.ndim() == 2 &&
@@ -549,8 +555,9 @@ void sample(const Array& logits, const Array& temperature, const Array& top_k, c
 void bind_kernels(nb::module_& m) {
   using nb::arg;
   m.def("built_with_cuda", &k::built_with_cuda, "True when the CUDA kernels were compiled in.");
-  m.def("cpu_isa", [] { return std::string(k::cpu_isa()); },
-        "The CPU code path picked at run time: 'avx2' or 'scalar'.");
+  m.def(
+      "cpu_isa", [] { return std::string(k::cpu_isa()); },
+      "The CPU code path picked at run time: 'avx2' or 'scalar'.");
   m.def("cpu_num_threads", &k::cpu_num_threads,
         "Threads of the CPU kernels (env FASTLLM_CPU_THREADS, default all cores).");
 
@@ -562,28 +569,27 @@ void bind_kernels(nb::module_& m) {
         "A uint8 cache is float8 e4m3 storing x / scale.");
   m.def("copy_blocks", &copy_blocks, arg("cache"), arg("block_mapping"), arg("stream") = 0,
         "Copy block pairs (src, dst) of an int32 [n, 2] mapping inside one cache.");
-  m.def("swap_blocks", &swap_blocks, arg("src"), arg("dst"), arg("block_mapping"),
-        arg("stream") = 0,
-        "Copy block src_dst[i][0] of src to block src_dst[i][1] of dst (int64 [n, 2] CPU mapping).");
+  m.def(
+      "swap_blocks", &swap_blocks, arg("src"), arg("dst"), arg("block_mapping"), arg("stream") = 0,
+      "Copy block src_dst[i][0] of src to block src_dst[i][1] of dst (int64 [n, 2] CPU mapping).");
   m.def("paged_attention", &paged_attention, arg("out"), arg("query"), arg("key_cache"),
         arg("value_cache"), arg("query_start_loc"), arg("context_lens"), arg("block_tables"),
         arg("scale"), arg("sliding_window") = -1, arg("softcap") = 0.0f, arg("k_scale") = 1.0f,
         arg("v_scale") = 1.0f, arg("max_context_len") = 0, arg("workspace").none() = nb::none(),
         arg("stream") = 0,
         "Varlen causal paged attention (prefill, chunked prefill and decode) into out.");
-  m.def("paged_attention_workspace_bytes", &k::paged_attention_workspace_bytes,
-        arg("num_tokens"), arg("num_heads"), arg("head_size"), arg("max_context_len"),
+  m.def("paged_attention_workspace_bytes", &k::paged_attention_workspace_bytes, arg("num_tokens"),
+        arg("num_heads"), arg("head_size"), arg("max_context_len"),
         "Bytes of CUDA workspace that let paged_attention split long contexts.");
   m.def("rms_norm", &rms_norm, arg("out"), arg("input"), arg("weight"), arg("eps"),
         arg("stream") = 0, "out = input / rms(input) * weight over the last dimension.");
   m.def("fused_add_rms_norm", &fused_add_rms_norm, arg("input"), arg("residual"), arg("weight"),
         arg("eps"), arg("stream") = 0,
         "In place: residual += input; input = rms_norm(residual) * weight.");
-  m.def("rotary_embedding", &rotary_embedding, arg("positions"), arg("query"),
-        arg("key").none(), arg("cos_sin_cache"), arg("head_size"), arg("is_neox"),
-        arg("stream") = 0, "Rotate query (and key) in place by position (int64).");
-  m.def("act_and_mul", &act_and_mul, arg("out"), arg("input"), arg("activation"),
-        arg("stream") = 0,
+  m.def("rotary_embedding", &rotary_embedding, arg("positions"), arg("query"), arg("key").none(),
+        arg("cos_sin_cache"), arg("head_size"), arg("is_neox"), arg("stream") = 0,
+        "Rotate query (and key) in place by position (int64).");
+  m.def("act_and_mul", &act_and_mul, arg("out"), arg("input"), arg("activation"), arg("stream") = 0,
         "out = act(input[..., :d]) * input[..., d:]; activation 0 = SiLU, 1 = GeLU tanh, "
         "2 = GeLU erf.");
   m.def("sample", &sample, arg("logits"), arg("temperature").none(), arg("top_k").none(),

@@ -13,7 +13,7 @@ head_size]``; slot = block * block_size + offset; block 0 is the reserved null b
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -22,17 +22,17 @@ from fastllm import _C
 _ops = _C.ops
 
 __all__ = [
-    "reshape_and_cache",
-    "copy_blocks",
-    "swap_blocks",
-    "paged_attention",
-    "rms_norm",
-    "fused_add_rms_norm",
-    "rotary_embedding",
-    "silu_and_mul",
-    "gelu_and_mul",
-    "sample",
     "build_rope_cos_sin_cache",
+    "copy_blocks",
+    "fused_add_rms_norm",
+    "gelu_and_mul",
+    "paged_attention",
+    "reshape_and_cache",
+    "rms_norm",
+    "rotary_embedding",
+    "sample",
+    "silu_and_mul",
+    "swap_blocks",
     "to_csr",
 ]
 
@@ -64,7 +64,13 @@ def reshape_and_cache(
     """Write key/value ``[num_tokens, num_kv_heads, head_size]`` into the caches at
     ``slot_mapping`` (int64; negative slots are skipped)."""
     _ops.reshape_and_cache(
-        key, value, _cache(key_cache), _cache(value_cache), slot_mapping, k_scale, v_scale,
+        key,
+        value,
+        _cache(key_cache),
+        _cache(value_cache),
+        slot_mapping,
+        k_scale,
+        v_scale,
         _stream(key),
     )
 
@@ -131,16 +137,40 @@ def paged_attention(
         if nbytes > 0:
             workspace = torch.empty(nbytes, dtype=torch.uint8, device=query.device)
     _ops.paged_attention(
-        out, query, _cache(key_cache), _cache(value_cache), query_start_loc, context_lens,
-        block_tables, scale, sliding_window, softcap, k_scale, v_scale, max_context_len,
-        workspace, _stream(query),
+        out,
+        query,
+        _cache(key_cache),
+        _cache(value_cache),
+        query_start_loc,
+        context_lens,
+        block_tables,
+        scale,
+        sliding_window,
+        softcap,
+        k_scale,
+        v_scale,
+        max_context_len,
+        workspace,
+        _stream(query),
     )
     return out
 
 
 @paged_attention.register_fake
-def _(query, key_cache, value_cache, query_start_loc, context_lens, block_tables, scale,
-      sliding_window=-1, softcap=0.0, k_scale=1.0, v_scale=1.0, max_context_len=0):
+def _(
+    query,
+    key_cache,
+    value_cache,
+    query_start_loc,
+    context_lens,
+    block_tables,
+    scale,
+    sliding_window=-1,
+    softcap=0.0,
+    k_scale=1.0,
+    v_scale=1.0,
+    max_context_len=0,
+):
     return torch.empty_like(query)
 
 
@@ -161,8 +191,9 @@ def _(x, weight, eps):
 
 
 @torch.library.custom_op("fastllm::fused_add_rms_norm", mutates_args=("x", "residual"))
-def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                       eps: float) -> None:
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> None:
     """In place: ``residual += x`` (rounded to the dtype), then ``x = rms_norm(residual) * weight``."""
     _ops.fused_add_rms_norm(x, residual, weight, eps, _stream(x))
 
@@ -176,7 +207,7 @@ def _(x, residual, weight, eps):
 def rotary_embedding(
     positions: torch.Tensor,
     query: torch.Tensor,
-    key: Optional[torch.Tensor],
+    key: torch.Tensor | None,
     cos_sin_cache: torch.Tensor,
     head_size: int,
     is_neox: bool = True,
@@ -227,25 +258,25 @@ def _(x, approximate="none"):
 @torch.library.custom_op("fastllm::sample", mutates_args=())
 def sample(
     logits: torch.Tensor,
-    temperature: Optional[torch.Tensor] = None,
-    top_k: Optional[torch.Tensor] = None,
-    top_p: Optional[torch.Tensor] = None,
-    min_p: Optional[torch.Tensor] = None,
-    repetition_penalty: Optional[torch.Tensor] = None,
-    presence_penalty: Optional[torch.Tensor] = None,
-    frequency_penalty: Optional[torch.Tensor] = None,
-    seeds: Optional[torch.Tensor] = None,
-    generator_offsets: Optional[torch.Tensor] = None,
+    temperature: torch.Tensor | None = None,
+    top_k: torch.Tensor | None = None,
+    top_p: torch.Tensor | None = None,
+    min_p: torch.Tensor | None = None,
+    repetition_penalty: torch.Tensor | None = None,
+    presence_penalty: torch.Tensor | None = None,
+    frequency_penalty: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    generator_offsets: torch.Tensor | None = None,
     global_seed: int = 0,
-    prompt_offsets: Optional[torch.Tensor] = None,
-    prompt_ids: Optional[torch.Tensor] = None,
-    output_offsets: Optional[torch.Tensor] = None,
-    output_ids: Optional[torch.Tensor] = None,
-    bias_offsets: Optional[torch.Tensor] = None,
-    bias_ids: Optional[torch.Tensor] = None,
-    bias_values: Optional[torch.Tensor] = None,
-    allowed_offsets: Optional[torch.Tensor] = None,
-    allowed_ids: Optional[torch.Tensor] = None,
+    prompt_offsets: torch.Tensor | None = None,
+    prompt_ids: torch.Tensor | None = None,
+    output_offsets: torch.Tensor | None = None,
+    output_ids: torch.Tensor | None = None,
+    bias_offsets: torch.Tensor | None = None,
+    bias_ids: torch.Tensor | None = None,
+    bias_values: torch.Tensor | None = None,
+    allowed_offsets: torch.Tensor | None = None,
+    allowed_ids: torch.Tensor | None = None,
     num_top_logprobs: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample one token per row of float32 ``logits [num_rows, vocab]``.
@@ -270,22 +301,61 @@ def sample(
             _ops.sampling_workspace_bytes(rows, logits.shape[1]), dtype=torch.uint8, device=device
         )
     _ops.sample(
-        logits, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
-        frequency_penalty, seeds, generator_offsets, global_seed & 0xFFFFFFFFFFFFFFFF,
-        prompt_offsets, prompt_ids, output_offsets, output_ids, bias_offsets, bias_ids,
-        bias_values, allowed_offsets, allowed_ids, sampled, logprob, rank,
+        logits,
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        repetition_penalty,
+        presence_penalty,
+        frequency_penalty,
+        seeds,
+        generator_offsets,
+        global_seed & 0xFFFFFFFFFFFFFFFF,
+        prompt_offsets,
+        prompt_ids,
+        output_offsets,
+        output_ids,
+        bias_offsets,
+        bias_ids,
+        bias_values,
+        allowed_offsets,
+        allowed_ids,
+        sampled,
+        logprob,
+        rank,
         top_logprobs if num_top_logprobs > 0 else None,
-        top_ids if num_top_logprobs > 0 else None, workspace, _stream(logits),
+        top_ids if num_top_logprobs > 0 else None,
+        workspace,
+        _stream(logits),
     )
     return sampled, logprob, rank, top_logprobs, top_ids
 
 
 @sample.register_fake
-def _(logits, temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None,
-      presence_penalty=None, frequency_penalty=None, seeds=None, generator_offsets=None,
-      global_seed=0, prompt_offsets=None, prompt_ids=None, output_offsets=None, output_ids=None,
-      bias_offsets=None, bias_ids=None, bias_values=None, allowed_offsets=None, allowed_ids=None,
-      num_top_logprobs=0):
+def _(
+    logits,
+    temperature=None,
+    top_k=None,
+    top_p=None,
+    min_p=None,
+    repetition_penalty=None,
+    presence_penalty=None,
+    frequency_penalty=None,
+    seeds=None,
+    generator_offsets=None,
+    global_seed=0,
+    prompt_offsets=None,
+    prompt_ids=None,
+    output_offsets=None,
+    output_ids=None,
+    bias_offsets=None,
+    bias_ids=None,
+    bias_values=None,
+    allowed_offsets=None,
+    allowed_ids=None,
+    num_top_logprobs=0,
+):
     rows = logits.shape[0]
     return (
         logits.new_empty(rows, dtype=torch.int32),
@@ -296,8 +366,11 @@ def _(logits, temperature=None, top_k=None, top_p=None, min_p=None, repetition_p
     )
 
 
-def to_csr(lists: Sequence[Sequence[int]], device: torch.device | str = "cpu",
-           dtype: torch.dtype = torch.int32) -> tuple[torch.Tensor, torch.Tensor]:
+def to_csr(
+    lists: Sequence[Sequence[int]],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.int32,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(offsets int32 [len(lists) + 1], values) for per-row lists of token ids (or bias values
     with ``dtype=torch.float32``)."""
     offsets = [0]
@@ -326,7 +399,7 @@ def build_rope_cos_sin_cache(
     rotary_dim: int,
     max_position: int,
     base: float = 10000.0,
-    rope_scaling: Optional[dict] = None,
+    rope_scaling: dict | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """float32 ``[positions, rotary_dim]`` = cat(cos, sin) for :func:`rotary_embedding`.
@@ -378,18 +451,24 @@ def build_rope_cos_sin_cache(
         beta_fast = float(rope_scaling.get("beta_fast", 32))
         beta_slow = float(rope_scaling.get("beta_slow", 1))
         low = max(math.floor(_yarn_correction_dim(beta_fast, rotary_dim, base, original)), 0)
-        high = min(math.ceil(_yarn_correction_dim(beta_slow, rotary_dim, base, original)),
-                   rotary_dim - 1)
+        high = min(
+            math.ceil(_yarn_correction_dim(beta_slow, rotary_dim, base, original)), rotary_dim - 1
+        )
         if low == high:
             high += 0.001
-        ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(
+            0, 1
+        )
         extrapolation = 1 - ramp
         inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
         attn_factor = float(rope_scaling.get("attention_factor") or 1.0)
         mscale_all_dim = float(rope_scaling.get("mscale_all_dim", 0) or 0)
         mscale_value = float(rope_scaling.get("mscale", 1) or 1)
-        mscale = (_yarn_mscale(factor, mscale_value) / _yarn_mscale(factor, mscale_all_dim)
-                  if mscale_all_dim else _yarn_mscale(factor)) * attn_factor
+        mscale = (
+            _yarn_mscale(factor, mscale_value) / _yarn_mscale(factor, mscale_all_dim)
+            if mscale_all_dim
+            else _yarn_mscale(factor)
+        ) * attn_factor
         positions = int(original * factor)
     else:
         raise ValueError(f"unsupported rope_scaling type {kind!r}")

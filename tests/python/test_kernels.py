@@ -8,7 +8,6 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-
 from fastllm import _C, ops
 
 CUDA = torch.cuda.is_available() and _C.ops.built_with_cuda()
@@ -21,7 +20,7 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def _tol(dtype):
-    return dict(atol=TOL[dtype] * 4, rtol=TOL[dtype] * 4)
+    return {"atol": TOL[dtype] * 4, "rtol": TOL[dtype] * 4}
 
 
 # ---- paged KV-cache helpers ---------------------------------------------------------------------
@@ -30,8 +29,19 @@ def _tol(dtype):
 class PagedCase:
     """Random sequences laid out in a paged cache [num_blocks, block_size, kv_heads, head_size]."""
 
-    def __init__(self, seqs, num_heads, num_kv_heads, head_size, block_size, dtype, cache_dtype,
-                 device, seed=0, scale_kv=1.0):
+    def __init__(
+        self,
+        seqs,
+        num_heads,
+        num_kv_heads,
+        head_size,
+        block_size,
+        dtype,
+        cache_dtype,
+        device,
+        seed=0,
+        scale_kv=1.0,
+    ):
         gen = torch.Generator().manual_seed(seed)
         self.seqs = seqs  # list of (query_len, context_len)
         self.block_size = block_size
@@ -45,7 +55,7 @@ class PagedCase:
         table = torch.zeros((len(seqs), max_blocks), dtype=torch.int32)
         cursor = 0
         for s, n in enumerate(blocks_per_seq):
-            table[s, :n] = torch.tensor(ids[cursor:cursor + n], dtype=torch.int32)
+            table[s, :n] = torch.tensor(ids[cursor : cursor + n], dtype=torch.int32)
             cursor += n
         self.k_scale = 0.05 if cache_dtype == FP8 else 1.0
         self.v_scale = 0.04 if cache_dtype == FP8 else 1.0
@@ -67,8 +77,9 @@ class PagedCase:
             self.key_cache = k_full.to(cache_dtype)
             self.value_cache = v_full.to(cache_dtype)
         qlens = [q for q, _ in seqs]
-        self.query_start_loc = torch.tensor([0] + list(torch.tensor(qlens).cumsum(0)),
-                                            dtype=torch.int32)
+        self.query_start_loc = torch.tensor(
+            [0] + list(torch.tensor(qlens).cumsum(0)), dtype=torch.int32
+        )
         self.context_lens = torch.tensor([c for _, c in seqs], dtype=torch.int32)
         self.block_tables = table
         self.query = torch.randn((sum(qlens), num_heads, head_size), generator=gen).to(dtype)
@@ -92,7 +103,7 @@ class PagedCase:
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
             start = int(self.query_start_loc[s])
-            q = self.query[start:start + qlen].float()
+            q = self.query[start : start + qlen].float()
             scores = torch.einsum("qhd,khd->hqk", q, k) * scale
             if softcap > 0:
                 scores = softcap * torch.tanh(scores / softcap)
@@ -102,15 +113,24 @@ class PagedCase:
             if sliding_window > 0:
                 mask &= key > pos - sliding_window
             scores = scores.masked_fill(~mask[None], float("-inf"))
-            out[start:start + qlen] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+            out[start : start + qlen] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
         return out
 
     def run(self, scale, sliding_window=-1, softcap=0.0):
         d = self.device
         return ops.paged_attention(
-            self.query.to(d), self.key_cache.to(d), self.value_cache.to(d),
-            self.query_start_loc.to(d), self.context_lens.to(d), self.block_tables.to(d), scale,
-            sliding_window, softcap, self.k_scale, self.v_scale, int(self.context_lens.max()),
+            self.query.to(d),
+            self.key_cache.to(d),
+            self.value_cache.to(d),
+            self.query_start_loc.to(d),
+            self.context_lens.to(d),
+            self.block_tables.to(d),
+            scale,
+            sliding_window,
+            softcap,
+            self.k_scale,
+            self.v_scale,
+            int(self.context_lens.max()),
         ).cpu()
 
 
@@ -123,21 +143,46 @@ class PagedCase:
 def test_paged_attention_head_and_block_sizes(device, head_size, block_size):
     # Decode rows, a full prefill, and chunked prefill with part of the context already cached.
     seqs = [(1, 1), (1, 37), (13, 13), (5, 2 * block_size + 3), (1, 3 * block_size)]
-    case = PagedCase(seqs, 4, 2, head_size, block_size, torch.float32, torch.float32, device,
-                     seed=head_size + block_size)
-    scale = head_size ** -0.5
+    case = PagedCase(
+        seqs,
+        4,
+        2,
+        head_size,
+        block_size,
+        torch.float32,
+        torch.float32,
+        device,
+        seed=head_size + block_size,
+    )
+    scale = head_size**-0.5
     torch.testing.assert_close(case.run(scale), case.reference(scale), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (9, 3), (6, 1)], ids=["mha", "gqa4", "gqa3", "mqa"])
+@pytest.mark.parametrize(
+    "heads", [(4, 4), (8, 2), (9, 3), (6, 1)], ids=["mha", "gqa4", "gqa3", "mqa"]
+)
 @pytest.mark.parametrize("window,softcap", [(-1, 0.0), (7, 0.0), (-1, 20.0), (24, 5.0)])
 def test_paged_attention_gqa_window_softcap(device, heads, window, softcap):
     seqs = [(1, 50), (17, 17), (9, 40), (0, 5), (2, 9)]
-    case = PagedCase(seqs, heads[0], heads[1], 64, 16, torch.float32, torch.float32, device,
-                     seed=heads[0] * 10 + heads[1], scale_kv=2.0)
-    torch.testing.assert_close(case.run(0.125, window, softcap), case.reference(0.125, window, softcap),
-                               atol=3e-5, rtol=3e-5)
+    case = PagedCase(
+        seqs,
+        heads[0],
+        heads[1],
+        64,
+        16,
+        torch.float32,
+        torch.float32,
+        device,
+        seed=heads[0] * 10 + heads[1],
+        scale_kv=2.0,
+    )
+    torch.testing.assert_close(
+        case.run(0.125, window, softcap),
+        case.reference(0.125, window, softcap),
+        atol=3e-5,
+        rtol=3e-5,
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -147,8 +192,8 @@ def test_paged_attention_dtypes(device, dtype, cache):
     cache_dtype = FP8 if cache == "fp8" else dtype
     seqs = [(1, 70), (11, 30), (1, 5)]
     case = PagedCase(seqs, 8, 2, 128, 16, dtype, cache_dtype, device, seed=3)
-    got = case.run(128 ** -0.5).float()
-    torch.testing.assert_close(got, case.reference(128 ** -0.5), **_tol(dtype))
+    got = case.run(128**-0.5).float()
+    torch.testing.assert_close(got, case.reference(128**-0.5), **_tol(dtype))
 
 
 def test_paged_attention_cpu_mixed_precision_cache():
@@ -164,21 +209,43 @@ def test_paged_attention_long_context_partitions(device):
     seqs = [(1, 1500), (3, 700)]
     case = PagedCase(seqs, 4, 2, 64, 32, torch.float32, torch.float32, device, seed=9)
     torch.testing.assert_close(case.run(0.125), case.reference(0.125), atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(case.run(0.125, 600), case.reference(0.125, 600), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(
+        case.run(0.125, 600), case.reference(0.125, 600), atol=2e-5, rtol=2e-5
+    )
 
 
 def test_paged_attention_rejects_bad_arguments():
     case = PagedCase([(1, 4)], 4, 2, 64, 16, torch.float32, torch.float32, "cpu")
     with pytest.raises(ValueError, match="head_size"):
-        ops.paged_attention(case.query[..., :32].contiguous(), case.key_cache[..., :32].contiguous(),
-                            case.value_cache[..., :32].contiguous(), case.query_start_loc,
-                            case.context_lens, case.block_tables, 1.0)
+        ops.paged_attention(
+            case.query[..., :32].contiguous(),
+            case.key_cache[..., :32].contiguous(),
+            case.value_cache[..., :32].contiguous(),
+            case.query_start_loc,
+            case.context_lens,
+            case.block_tables,
+            1.0,
+        )
     with pytest.raises(ValueError, match="context_lens"):
-        ops.paged_attention(case.query, case.key_cache, case.value_cache, case.query_start_loc,
-                            torch.tensor([10_000], dtype=torch.int32), case.block_tables, 1.0)
+        ops.paged_attention(
+            case.query,
+            case.key_cache,
+            case.value_cache,
+            case.query_start_loc,
+            torch.tensor([10_000], dtype=torch.int32),
+            case.block_tables,
+            1.0,
+        )
     with pytest.raises(ValueError, match="dtype"):
-        ops.paged_attention(case.query, case.key_cache, case.value_cache, case.query_start_loc,
-                            case.context_lens.long(), case.block_tables, 1.0)
+        ops.paged_attention(
+            case.query,
+            case.key_cache,
+            case.value_cache,
+            case.query_start_loc,
+            case.context_lens.long(),
+            case.block_tables,
+            1.0,
+        )
 
 
 # ---- cache ops ----------------------------------------------------------------------------------
@@ -200,7 +267,9 @@ def test_reshape_and_cache(device, dtype, cache):
     value_cache = torch.zeros_like(key_cache)
     k_scale, v_scale = (0.02, 0.03) if cache == "fp8" else (1.0, 1.0)
     kc, vc = key_cache.to(device), value_cache.to(device)
-    ops.reshape_and_cache(key.to(device), value.to(device), kc, vc, slots.to(device), k_scale, v_scale)
+    ops.reshape_and_cache(
+        key.to(device), value.to(device), kc, vc, slots.to(device), k_scale, v_scale
+    )
     expect_k = torch.zeros_like(key_cache).view(-1, kv_heads, head_size)
     expect_v = torch.zeros_like(value_cache).view(-1, kv_heads, head_size)
     keep = slots >= 0
@@ -245,11 +314,14 @@ def test_copy_blocks_rejects_bad_pairs():
         ops.copy_blocks(cache, torch.tensor([[1, 4]], dtype=torch.int32))
 
 
-@pytest.mark.parametrize("src_device,dst_device", [
-    ("cpu", "cpu"),
-    pytest.param("cuda", "cpu", marks=pytest.mark.skipif(not CUDA, reason="no CUDA device")),
-    pytest.param("cpu", "cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA device")),
-])
+@pytest.mark.parametrize(
+    "src_device,dst_device",
+    [
+        ("cpu", "cpu"),
+        pytest.param("cuda", "cpu", marks=pytest.mark.skipif(not CUDA, reason="no CUDA device")),
+        pytest.param("cpu", "cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA device")),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float16, FP8])
 def test_swap_blocks(src_device, dst_device, dtype):
     src = torch.randn((5, 8, 2, 64)).to(dtype).to(src_device)
@@ -302,7 +374,7 @@ def _rope_ref(x, positions, cache, head_size, is_neox):
     x = x.float().view(x.shape[0], -1, head_size).clone()
     part = x[..., :rot]
     if is_neox:
-        x1, x2 = part[..., : rot // 2], part[..., rot // 2:]
+        x1, x2 = part[..., : rot // 2], part[..., rot // 2 :]
         c, s = cos[:, None], sin[:, None]
         out = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
     else:
@@ -327,12 +399,19 @@ def test_rotary_embedding(device, dtype, is_neox, rotary_dim):
     q, k, _ = qkv_d.split([heads * head_size, kv_heads * head_size, kv_heads * head_size], dim=-1)
     ops.rotary_embedding(positions.to(device), q, k, cache.to(device), head_size, is_neox)
     q_ref = _rope_ref(qkv[:, : heads * head_size], positions, cache, head_size, is_neox)
-    k_ref = _rope_ref(qkv[:, heads * head_size: (heads + kv_heads) * head_size], positions, cache,
-                      head_size, is_neox)
+    k_ref = _rope_ref(
+        qkv[:, heads * head_size : (heads + kv_heads) * head_size],
+        positions,
+        cache,
+        head_size,
+        is_neox,
+    )
     torch.testing.assert_close(q.cpu().float(), q_ref, **_tol(dtype))
     torch.testing.assert_close(k.cpu().float(), k_ref, **_tol(dtype))
     # The V part of the fused tensor is untouched.
-    assert torch.equal(qkv_d[:, (heads + kv_heads) * head_size:].cpu(), qkv[:, (heads + kv_heads) * head_size:])
+    assert torch.equal(
+        qkv_d[:, (heads + kv_heads) * head_size :].cpu(), qkv[:, (heads + kv_heads) * head_size :]
+    )
 
 
 def test_rope_cache_scalings():
@@ -341,19 +420,33 @@ def test_rope_cache_scalings():
     inv = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
     torch.testing.assert_close(base[:, :32].double(), torch.outer(t, inv).cos(), atol=1e-6, rtol=0)
     linear = ops.build_rope_cos_sin_cache(64, 128, 10000.0, {"rope_type": "linear", "factor": 4.0})
-    torch.testing.assert_close(linear[:, :32].double(), torch.outer(t / 4, inv).cos(), atol=1e-6,
-                               rtol=0)
+    torch.testing.assert_close(
+        linear[:, :32].double(), torch.outer(t / 4, inv).cos(), atol=1e-6, rtol=0
+    )
     dynamic = ops.build_rope_cos_sin_cache(64, 128, 10000.0, {"type": "dynamic", "factor": 2.0})
     assert dynamic.shape == (256, 64)
-    llama3 = ops.build_rope_cos_sin_cache(64, 128, 500000.0, {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64})
+    llama3 = ops.build_rope_cos_sin_cache(
+        64,
+        128,
+        500000.0,
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    )
     assert llama3.shape == (128, 64)
     # High frequencies are unchanged by llama3 scaling, the lowest are divided by the factor.
     plain = ops.build_rope_cos_sin_cache(64, 128, 500000.0)
     torch.testing.assert_close(llama3[:, 0], plain[:, 0])
-    yarn = ops.build_rope_cos_sin_cache(64, 128, 10000.0, {
-        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})
+    yarn = ops.build_rope_cos_sin_cache(
+        64,
+        128,
+        10000.0,
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+    )
     assert yarn.shape == (512, 64)
     mscale = 0.1 * math.log(4.0) + 1.0
     torch.testing.assert_close(yarn[0, :32], torch.full((32,), mscale, dtype=torch.float32))
@@ -393,10 +486,16 @@ def test_ops_trace_with_torch_compile():
 
 def test_opcheck_fake_implementations():
     x, w = torch.randn(3, 64), torch.randn(64)
-    torch.library.opcheck(torch.ops.fastllm.rms_norm.default, (x, w, 1e-6),
-                          test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.fastllm.silu_and_mul.default, (torch.randn(3, 128),),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.fastllm.rms_norm.default,
+        (x, w, 1e-6),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    torch.library.opcheck(
+        torch.ops.fastllm.silu_and_mul.default,
+        (torch.randn(3, 128),),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 # ---- sampling ------------------------------------------------------------------------------------
@@ -409,14 +508,23 @@ def _sample(logits, device="cpu", **kw):
         if isinstance(value, torch.Tensor):
             value = value.to(device)
         args[name] = value
-    for name, dtype in (("temperature", torch.float32), ("top_k", torch.int32),
-                        ("top_p", torch.float32), ("min_p", torch.float32),
-                        ("repetition_penalty", torch.float32), ("presence_penalty", torch.float32),
-                        ("frequency_penalty", torch.float32), ("seeds", torch.int64),
-                        ("generator_offsets", torch.int64)):
+    for name, dtype in (
+        ("temperature", torch.float32),
+        ("top_k", torch.int32),
+        ("top_p", torch.float32),
+        ("min_p", torch.float32),
+        ("repetition_penalty", torch.float32),
+        ("presence_penalty", torch.float32),
+        ("frequency_penalty", torch.float32),
+        ("seeds", torch.int64),
+        ("generator_offsets", torch.int64),
+    ):
         if name in args and not isinstance(args[name], torch.Tensor):
-            args[name] = torch.tensor(args[name] if isinstance(args[name], list) else
-                                      [args[name]] * rows, dtype=dtype, device=device)
+            args[name] = torch.tensor(
+                args[name] if isinstance(args[name], list) else [args[name]] * rows,
+                dtype=dtype,
+                device=device,
+            )
     return [t.cpu() for t in ops.sample(logits.to(device), **args)]
 
 
@@ -425,13 +533,16 @@ def test_greedy_and_logprobs(device):
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn((6, 1000), generator=gen) * 3
     logits[2, 17] = logits[2, 18] = logits[2].max() + 1  # tie: lowest id wins
-    tokens, logprob, rank, top_lp, top_ids = _sample(logits, device, temperature=0.0,
-                                                     num_top_logprobs=20)
+    tokens, logprob, rank, top_lp, top_ids = _sample(
+        logits, device, temperature=0.0, num_top_logprobs=20
+    )
     expect = logits.argmax(-1)
     assert tokens.tolist() == expect.tolist()
     assert tokens[2] == 17
     log_softmax = torch.log_softmax(logits, -1)
-    torch.testing.assert_close(logprob, log_softmax.gather(1, expect[:, None])[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        logprob, log_softmax.gather(1, expect[:, None])[:, 0], atol=1e-5, rtol=0
+    )
     assert rank.tolist() == [1] * 6
     values, ids = log_softmax.topk(20, dim=-1)
     torch.testing.assert_close(top_lp, values, atol=1e-5, rtol=0)
@@ -443,10 +554,13 @@ def test_greedy_and_logprobs(device):
 def test_rank_and_logprob_of_sampled_token(device):
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn((64, 50), generator=gen)
-    tokens, logprob, rank, _, _ = _sample(logits, device, temperature=1.0, seeds=7,
-                                          generator_offsets=list(range(64)))
+    tokens, logprob, rank, _, _ = _sample(
+        logits, device, temperature=1.0, seeds=7, generator_offsets=list(range(64))
+    )
     log_softmax = torch.log_softmax(logits, -1)
-    torch.testing.assert_close(logprob, log_softmax[torch.arange(64), tokens.long()], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        logprob, log_softmax[torch.arange(64), tokens.long()], atol=1e-5, rtol=0
+    )
     chosen = logits[torch.arange(64), tokens.long()]
     assert rank.tolist() == ((logits > chosen[:, None]).sum(-1) + 1).tolist()
     assert len(set(tokens.tolist())) > 10
@@ -461,20 +575,34 @@ def test_top_k_top_p_min_p_never_pick_filtered_tokens(device):
     order = probs.argsort(descending=True)
     top5 = set(order[:5].tolist())
     offsets = list(range(rows))
-    tokens = _sample(logits, device, temperature=1.0, top_k=5, seeds=1, generator_offsets=offsets)[0]
+    tokens = _sample(logits, device, temperature=1.0, top_k=5, seeds=1, generator_offsets=offsets)[
+        0
+    ]
     assert set(tokens.tolist()) <= top5 and len(set(tokens.tolist())) >= 4
     # top-p 0.5: the smallest prefix of sorted probabilities holding half the mass.
     cumulative = probs[order].cumsum(0)
     nucleus = set(order[: int((cumulative < 0.5).sum()) + 1].tolist())
-    tokens = _sample(logits, device, temperature=1.0, top_p=0.5, seeds=2, generator_offsets=offsets)[0]
+    tokens = _sample(
+        logits, device, temperature=1.0, top_p=0.5, seeds=2, generator_offsets=offsets
+    )[0]
     assert set(tokens.tolist()) <= nucleus and len(set(tokens.tolist())) >= 2
     # min-p 0.3: p >= 0.3 * max p.
     allowed = set(torch.nonzero(probs >= 0.3 * probs.max()).flatten().tolist())
-    tokens = _sample(logits, device, temperature=1.0, min_p=0.3, seeds=3, generator_offsets=offsets)[0]
+    tokens = _sample(
+        logits, device, temperature=1.0, min_p=0.3, seeds=3, generator_offsets=offsets
+    )[0]
     assert set(tokens.tolist()) <= allowed
     # All three together, at a high temperature.
-    tokens = _sample(logits, device, temperature=3.0, top_k=50, top_p=0.9, min_p=0.05, seeds=4,
-                     generator_offsets=offsets)[0]
+    tokens = _sample(
+        logits,
+        device,
+        temperature=3.0,
+        top_k=50,
+        top_p=0.9,
+        min_p=0.05,
+        seeds=4,
+        generator_offsets=offsets,
+    )[0]
     scaled = (logits[0] / 3.0).softmax(-1)
     assert all(scaled[t] >= 0.05 * scaled.max() for t in tokens.tolist())
     assert set(tokens.tolist()) <= set(scaled.argsort(descending=True)[:50].tolist())
@@ -489,13 +617,21 @@ def test_penalties_bias_and_allowed_ids(device):
     _, bias_values = ops.to_csr([[], [], [], [], [7.0], []], dtype=torch.float32)
     allowed_offsets, allowed_ids = ops.to_csr([[], [], [], [], [], [0, 4]])
     tokens = _sample(
-        logits, device, temperature=0.0,
+        logits,
+        device,
+        temperature=0.0,
         repetition_penalty=[2.0, 2.0, 1.0, 1.0, 1.0, 1.0],
         presence_penalty=[0.0, 0.0, 5.0, 0.0, 0.0, 0.0],
         frequency_penalty=[0.0, 0.0, 0.0, 0.1, 0.0, 0.0],
-        prompt_offsets=prompt_offsets, prompt_ids=prompt_ids, output_offsets=output_offsets,
-        output_ids=output_ids, bias_offsets=bias_offsets, bias_ids=bias_ids,
-        bias_values=bias_values, allowed_offsets=allowed_offsets, allowed_ids=allowed_ids,
+        prompt_offsets=prompt_offsets,
+        prompt_ids=prompt_ids,
+        output_offsets=output_offsets,
+        output_ids=output_ids,
+        bias_offsets=bias_offsets,
+        bias_ids=bias_ids,
+        bias_values=bias_values,
+        allowed_offsets=allowed_offsets,
+        allowed_ids=allowed_ids,
     )[0]
     # 0: repetition on an output token (4 -> 2); 1: repetition on a prompt token;
     # 2: presence applies to output tokens only, so the prompt token 1 keeps winning;
@@ -506,24 +642,32 @@ def test_penalties_bias_and_allowed_ids(device):
 def test_negative_logits_repetition_penalty_multiplies():
     logits = torch.tensor([[-1.0, -1.5, -3.0]])
     off, ids = ops.to_csr([[0]])
-    token = _sample(logits, temperature=0.0, repetition_penalty=2.0, output_offsets=off,
-                    output_ids=ids)[0]
+    token = _sample(
+        logits, temperature=0.0, repetition_penalty=2.0, output_offsets=off, output_ids=ids
+    )[0]
     assert token.item() == 1  # -1 * 2 = -2 < -1.5
 
 
 def test_sampling_rejects_out_of_range_ids():
     off, ids = ops.to_csr([[5000]])
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        _sample(torch.randn(1, 100), temperature=1.0, repetition_penalty=1.5, output_offsets=off,
-                output_ids=ids)
+        _sample(
+            torch.randn(1, 100),
+            temperature=1.0,
+            repetition_penalty=1.5,
+            output_offsets=off,
+            output_ids=ids,
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_seeded_rows_independent_of_batch_position(device):
     gen = torch.Generator().manual_seed(3)
     row = torch.randn(1, 5000, generator=gen)
-    alone = [_sample(row, device, temperature=1.0, seeds=1234, generator_offsets=o)[0].item()
-             for o in range(8)]
+    alone = [
+        _sample(row, device, temperature=1.0, seeds=1234, generator_offsets=o)[0].item()
+        for o in range(8)
+    ]
     others = torch.randn(9, 5000, generator=gen)
     for position in (0, 4, 9):
         batch = torch.cat([others[:position], row, others[position:]])
@@ -534,8 +678,14 @@ def test_seeded_rows_independent_of_batch_position(device):
         for o in range(8):
             offsets = [o + 100] * 10
             offsets[position] = o
-            tokens = _sample(batch, device, temperature=temps, seeds=seeds,
-                             generator_offsets=offsets, top_k=[0] * 10)[0]
+            tokens = _sample(
+                batch,
+                device,
+                temperature=temps,
+                seeds=seeds,
+                generator_offsets=offsets,
+                top_k=[0] * 10,
+            )[0]
             assert tokens[position].item() == alone[o]
     assert len(set(alone)) > 4  # the offset advances the stream
 
@@ -555,8 +705,14 @@ def test_unseeded_rows_use_global_seed_and_row():
 def test_sampling_distribution(device, temperature, top_p):
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.2]])
     n = 20000
-    tokens = _sample(logits.repeat(n, 1), device, temperature=temperature, top_p=top_p, seeds=42,
-                     generator_offsets=list(range(n)))[0]
+    tokens = _sample(
+        logits.repeat(n, 1),
+        device,
+        temperature=temperature,
+        top_p=top_p,
+        seeds=42,
+        generator_offsets=list(range(n)),
+    )[0]
     probs = (logits[0] / temperature).softmax(-1).double()
     if top_p < 1.0:
         order = probs.argsort(descending=True)
@@ -578,10 +734,16 @@ def test_sampling_distribution(device, temperature, top_p):
 def test_sampling_cpu_and_cuda_agree():
     gen = torch.Generator().manual_seed(4)
     logits = torch.randn((32, 4096), generator=gen) * 2
-    kw = dict(temperature=[0.0, 0.6, 1.0, 1.5] * 8, top_k=[0, 40, 0, 5] * 8,
-              top_p=[1.0, 0.9, 0.95, 1.0] * 8, min_p=[0.0, 0.0, 0.05, 0.0] * 8,
-              seeds=[1, -1, 3, 4] * 8, generator_offsets=list(range(32)), global_seed=5,
-              num_top_logprobs=5)
+    kw = {
+        "temperature": [0.0, 0.6, 1.0, 1.5] * 8,
+        "top_k": [0, 40, 0, 5] * 8,
+        "top_p": [1.0, 0.9, 0.95, 1.0] * 8,
+        "min_p": [0.0, 0.0, 0.05, 0.0] * 8,
+        "seeds": [1, -1, 3, 4] * 8,
+        "generator_offsets": list(range(32)),
+        "global_seed": 5,
+        "num_top_logprobs": 5,
+    }
     cpu = _sample(logits, "cpu", **kw)
     cuda = _sample(logits, "cuda", **kw)
     assert torch.equal(cpu[0], cuda[0])

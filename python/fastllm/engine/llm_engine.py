@@ -23,13 +23,19 @@ logger = logging.getLogger(__name__)
 
 PromptType = Union[str, list[int], dict]
 
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
-class LLMEngine:
+
+class EngineCore:
+    """The model, its executor and the native engine, built from EngineArgs. Front ends
+    (LLMEngine for offline use, AsyncLLM for the server) drive it."""
+
     def __init__(self, args: EngineArgs):
         args.validate()
         t0 = time.perf_counter()
         self.args = args
         self.source = resolve_model(args.model, args.load_format)
+        self.source_name = args.model or DEFAULT_MODEL_NAME
         self.model_config = ModelConfig.from_dict(load_config(self.source), args)
         mc = self.model_config
         self.device = args.resolve_device()
@@ -74,8 +80,6 @@ class LLMEngine:
         self.engine_config = cfg
         self.engine = _C.Engine(cfg, self.executor)
         self.num_gpu_blocks = num_gpu_blocks
-        self._states: dict[str, RequestState] = {}
-        self._counter = 0
         self.startup_seconds = time.perf_counter() - t0
         logger.info("fastllm engine ready in %.2f s: %s on %s (%s), %d KV blocks of %d tokens",
                     self.startup_seconds, mc.architecture, self.device, self.dtype,
@@ -122,7 +126,7 @@ class LLMEngine:
             swap = int(args.swap_space * (1 << 30)) // per_block
         return blocks, swap
 
-    # ---- requests ----------------------------------------------------------------------------
+    # ---- prompts -----------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: PromptType, add_special_tokens: bool = True
                       ) -> tuple[Optional[str], list[int]]:
@@ -140,11 +144,23 @@ class LLMEngine:
         raise ValueError(f"a prompt must be a string, a list of token ids or a dict, got "
                          f"{type(prompt).__name__}")
 
+
+class LLMEngine:
+    """Synchronous front end: add requests, call step() until done (the offline LLM API)."""
+
+    def __init__(self, args: EngineArgs):
+        self.core = EngineCore(args)
+        self.args = args
+        self.tokenizer = self.core.tokenizer
+        self.engine = self.core.engine
+        self._states: dict[str, RequestState] = {}
+        self._counter = 0
+
     def add_request(self, prompt: PromptType, params: Optional[SamplingParams] = None,
                     request_id: Optional[str] = None, add_special_tokens: bool = True) -> str:
         params = params or SamplingParams()
         params.validate(self.args.max_logprobs)
-        text, ids = self.encode_prompt(prompt, add_special_tokens)
+        text, ids = self.core.encode_prompt(prompt, add_special_tokens)
         if request_id is None:
             request_id = f"req-{self._counter}"
             self._counter += 1

@@ -32,6 +32,9 @@ class RequestState:
         self.stop_reason: int | str | None = None
         self.num_cached_tokens = 0
         self._max_stop_len = max((len(s) for s in params.stop_strings), default=0)
+        # Streaming cursors: how much text / how many tokens and logprobs were handed out.
+        self._text_sent = 0
+        self._tokens_sent = 0
 
     @property
     def finished(self) -> bool:
@@ -65,6 +68,8 @@ class RequestState:
             self.finish_reason = "stop"
             return True
         if out.finished:
+            if self.detokenizer is not None:
+                self.text += self.detokenizer.flush()
             self.finish_reason = out.finish_reason
             if out.stop_token_id >= 0:
                 self.stop_reason = out.stop_token_id
@@ -87,6 +92,19 @@ class RequestState:
             else self.text[:idx]
         self.stop_reason = stop
         return True
+
+    def take_delta(self) -> tuple[str, list[int], Optional[list[dict[int, Logprob]]]]:
+        """The text, tokens and logprobs not handed out yet. While the request runs, text that
+        could still turn out to start a stop string is held back."""
+        limit = len(self.text)
+        if not self.finished and self._max_stop_len > 1:
+            limit = max(self._text_sent, limit - (self._max_stop_len - 1))
+        text = self.text[self._text_sent:limit]
+        self._text_sent = limit
+        tokens = self.token_ids[self._tokens_sent:]
+        logprobs = None if self.logprobs is None else self.logprobs[self._tokens_sent:]
+        self._tokens_sent = len(self.token_ids)
+        return text, tokens, logprobs
 
     def to_output(self) -> RequestOutput:
         completion = CompletionOutput(

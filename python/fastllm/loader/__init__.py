@@ -9,13 +9,30 @@ Formats: safetensors (memory-mapped), PyTorch .bin/.pt (weights_only), GGUF (F32
 Q8_0, Q4_0, Q4_1, Q4_K, Q6_K dequantized, or raw via `iterate_gguf_raw`) and dummy.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .config import load_config
-from .dummy import expected_parameter_shapes
 from .gguf_dequant import dequantize
 from .gguf_file import GGUFFile, open_gguf
-from .gguf_weights import RawGGUFTensor, iterate_gguf_raw
 from .source import LOAD_FORMATS, ModelSource, default_gguf_path, resolve_model
-from .weights import iterate_weights
+
+# Names whose modules import torch (~1 s): loaded on first use, so that the tokenizer and
+# config paths start without torch.
+_LAZY = {
+    "expected_parameter_shapes": ".dummy",
+    "RawGGUFTensor": ".gguf_weights",
+    "iterate_gguf_raw": ".gguf_weights",
+    "iterate_weights": ".weights",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "LOAD_FORMATS",

@@ -72,8 +72,7 @@ void paged_attention_cpu(const PagedAttentionParams& p) {
   const size_t q_size = dtype_size(p.dtype);
   const size_t c_size = dtype_size(p.cache_dtype);
   const int64_t cache_row = p.num_kv_heads * d;  // elements per slot
-  const bool cache_is_f32 = p.cache_dtype == DType::kFloat32 && p.k_scale == 1.0f &&
-                            p.v_scale == 1.0f;
+  const int64_t row_bytes = d * static_cast<int64_t>(c_size);
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
   auto run_item = [&](int64_t index) {
@@ -97,33 +96,46 @@ void paged_attention_cpu(const PagedAttentionParams& p) {
     float* q = cpu::scratch(1, rows * d);
     float* scores = cpu::scratch(2, rows * span);
     float* acc = cpu::scratch(3, rows * d);
-    float* row_buffer = cpu::scratch(4, d);
+    float* row_sum = cpu::scratch(5, rows);
 
     for (int64_t t = 0; t < item.num_tokens; ++t) {
-      const char* src = static_cast<const char*>(p.query) +
-                        ((item.first_token + t) * p.query_token_stride + kv_head * group * d) * q_size;
+      const char* src =
+          static_cast<const char*>(p.query) +
+          ((item.first_token + t) * p.query_token_stride + kv_head * group * d) * q_size;
       ops.load(src, p.dtype, q + t * group * d, group * d, 1.0f);
     }
-    ops.scale(p.scale, q, rows * d);
+    ops.scale(p.scale * p.k_scale, q, rows * d);  // fp8: fold the K scale into the query
 
-    auto cache_row_ptr = [&](const void* cache, int64_t j) {
-      const int64_t block = table[j / p.block_size];
-      const int64_t slot = block * p.block_size + j % p.block_size;
-      return static_cast<const char*>(cache) + (slot * cache_row + kv_head * d) * c_size;
-    };
-
-    // Pass 1: scores of all rows against each key of the span.
-    for (int64_t j = key_begin; j <= pos_last; ++j) {
-      const char* k = cache_row_ptr(p.key_cache, j);
-      const float* kf = reinterpret_cast<const float*>(k);
-      if (!cache_is_f32) {
-        ops.load(k, p.cache_dtype, row_buffer, d, p.k_scale);
-        kf = row_buffer;
+    // Visits the span block by block: fn(cache rows of block, first key j0, key count).
+    auto for_each_block = [&](const void* cache, auto&& fn) {
+      for (int64_t j0 = key_begin; j0 <= pos_last;) {
+        const int64_t block_index = j0 / p.block_size;
+        const int64_t offset = j0 - block_index * p.block_size;
+        const int64_t count = std::min(p.block_size - offset, pos_last + 1 - j0);
+        const int64_t slot = static_cast<int64_t>(table[block_index]) * p.block_size + offset;
+        // Rows of one KV head sit cache_row apart (often a page or more), where hardware
+        // prefetchers give up: fetch the next block's rows while this one is computed.
+        if (j0 + count <= pos_last) {
+          const char* next =
+              static_cast<const char*>(cache) +
+              (static_cast<int64_t>(table[block_index + 1]) * p.block_size * cache_row +
+               kv_head * d) *
+                  c_size;
+          const int64_t next_count = std::min(p.block_size, pos_last + 1 - (j0 + count));
+          for (int64_t r = 0; r < next_count; ++r)
+            for (int64_t b = 0; b < row_bytes; b += 64)
+              __builtin_prefetch(next + r * cache_row * c_size + b, 0, 3);
+        }
+        fn(static_cast<const char*>(cache) + (slot * cache_row + kv_head * d) * c_size, j0, count);
+        j0 += count;
       }
-      ops.dots(kf, q, rows, d, scores + (j - key_begin), span);
-    }
-    // Masks, softcap and softmax per row; sums[r] kept in row_sum.
-    float* row_sum = cpu::scratch(5, rows);
+    };
+    // Pass 1: scores of all rows against each key of the span.
+    for_each_block(p.key_cache, [&](const char* keys, int64_t j0, int64_t count) {
+      ops.attn_scores(keys, cache_row, p.cache_dtype, count, q, rows, d, scores + (j0 - key_begin),
+                      span);
+    });
+    // Masks, softcap and softmax per row.
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t pos = pos0 + r / group;
       float* s = scores + r * span;
@@ -140,20 +152,16 @@ void paged_attention_cpu(const PagedAttentionParams& p) {
     }
     // Pass 2: weighted sum of V rows.
     std::fill(acc, acc + rows * d, 0.0f);
-    for (int64_t j = key_begin; j <= pos_last; ++j) {
-      const char* v = cache_row_ptr(p.value_cache, j);
-      const float* vf = reinterpret_cast<const float*>(v);
-      if (!cache_is_f32) {
-        ops.load(v, p.cache_dtype, row_buffer, d, p.v_scale);
-        vf = row_buffer;
-      }
-      ops.axpys(vf, scores + (j - key_begin), span, rows, acc, d);
-    }
+    for_each_block(p.value_cache, [&](const char* values, int64_t j0, int64_t count) {
+      ops.attn_values(values, cache_row, p.cache_dtype, count, scores + (j0 - key_begin), span,
+                      rows, d, acc);
+    });
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t t = r / group, g = r % group;
-      ops.scale(1.0f / row_sum[r], acc + r * d, d);
-      char* dst = static_cast<char*>(p.out) +
-                  ((item.first_token + t) * p.out_token_stride + (kv_head * group + g) * d) * q_size;
+      ops.scale(p.v_scale / row_sum[r], acc + r * d, d);
+      char* dst =
+          static_cast<char*>(p.out) +
+          ((item.first_token + t) * p.out_token_stride + (kv_head * group + g) * d) * q_size;
       ops.store(acc + r * d, p.dtype, dst, d, 1.0f);
     }
   };

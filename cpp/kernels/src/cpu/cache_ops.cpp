@@ -93,9 +93,9 @@ void swap_blocks_cpu(const void* src, int64_t src_num_blocks, void* dst, int64_t
   for (int64_t i = 0; i < num_pairs; ++i) {
     const int64_t from = src_dst[2 * i];
     const int64_t to = src_dst[2 * i + 1];
-    check_arg(from >= 0 && from < src_num_blocks && to >= 0 && to < dst_num_blocks,
-              "swap_blocks: bad block pair (" + std::to_string(from) + ", " + std::to_string(to) +
-                  ")");
+    check_arg(
+        from >= 0 && from < src_num_blocks && to >= 0 && to < dst_num_blocks,
+        "swap_blocks: bad block pair (" + std::to_string(from) + ", " + std::to_string(to) + ")");
     std::memmove(static_cast<char*>(dst) + to * block_bytes,
                  static_cast<const char*>(src) + from * block_bytes, block_bytes);
   }

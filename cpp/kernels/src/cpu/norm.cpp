@@ -43,7 +43,8 @@ void rms_norm_cpu(const RmsNormParams& p) {
   for_rows(p.num_tokens, p.hidden, [&](int64_t i) {
     float* x = cpu::scratch(0, p.hidden);
     float* w = cpu::scratch(1, p.hidden);
-    ops.load(static_cast<const char*>(p.input) + i * p.input_stride * size, p.dtype, x, p.hidden, 1.0f);
+    ops.load(static_cast<const char*>(p.input) + i * p.input_stride * size, p.dtype, x, p.hidden,
+             1.0f);
     ops.load(p.weight, p.dtype, w, p.hidden, 1.0f);
     const float inv_rms = 1.0f / std::sqrt(ops.sum_squares(x, p.hidden) / p.hidden + p.eps);
     ops.mul_scaled(x, w, inv_rms, x, p.hidden);

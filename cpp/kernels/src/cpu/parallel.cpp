@@ -148,7 +148,7 @@ void parallel_for(int64_t count, const std::function<void(int64_t)>& task) {
 
 int pool_size() { return pool().size(); }
 
-}  // namespace fastllm::kernels
+}  // namespace fastllm::kernels::cpu
 
 namespace fastllm::kernels {
 int cpu_num_threads() { return cpu::pool_size(); }

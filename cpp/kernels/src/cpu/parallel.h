@@ -1,6 +1,6 @@
-// A small fork-join pool for the CPU kernels, sized by env FASTLLM_CPU_THREADS (default: all cores).
-// Any thread may call parallel_for; calls from inside a task, or while another thread's call is
-// running, execute serially in the caller, so the pool never deadlocks or oversubscribes.
+// A small fork-join pool for the CPU kernels, sized by env FASTLLM_CPU_THREADS (default: all
+// cores). Any thread may call parallel_for; calls from inside a task, or while another thread's
+// call is running, execute serially in the caller, so the pool never deadlocks or oversubscribes.
 #pragma once
 
 #include <cstdint>

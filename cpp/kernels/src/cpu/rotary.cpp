@@ -37,15 +37,14 @@ void rotate_heads(char* base, int64_t num_heads, const RotaryParams& p, const fl
 }  // namespace
 
 void check_rotary_params(const RotaryParams& p) {
-  check_arg(p.num_tokens >= 0 && p.num_heads > 0 && p.head_size > 0,
-            "rotary_embedding: bad sizes");
+  check_arg(p.num_tokens >= 0 && p.num_heads > 0 && p.head_size > 0, "rotary_embedding: bad sizes");
   check_arg(p.rotary_dim > 0 && p.rotary_dim % 2 == 0 && p.rotary_dim <= p.head_size,
             "rotary_embedding: rotary_dim must be even and <= head_size");
   check_arg(p.dtype != DType::kFloat8E4M3, "rotary_embedding: float8 is not supported");
   check_arg(p.query_token_stride >= p.num_heads * p.head_size,
             "rotary_embedding: query token stride too small");
-  check_arg(p.key == nullptr || (p.num_kv_heads > 0 &&
-                                 p.key_token_stride >= p.num_kv_heads * p.head_size),
+  check_arg(p.key == nullptr ||
+                (p.num_kv_heads > 0 && p.key_token_stride >= p.num_kv_heads * p.head_size),
             "rotary_embedding: key token stride too small");
   check_arg(p.max_position > 0, "rotary_embedding: empty cos/sin cache");
 }
@@ -61,8 +60,8 @@ void rotary_embedding_cpu(const RotaryParams& p) {
     const float* cos = p.cos_sin_cache + p.positions[i] * p.rotary_dim;
     const float* sin = cos + p.rotary_dim / 2;
     float* buffer = cpu::scratch(0, p.rotary_dim);
-    rotate_heads(static_cast<char*>(p.query) + i * p.query_token_stride * size, p.num_heads, p,
-                 cos, sin, buffer);
+    rotate_heads(static_cast<char*>(p.query) + i * p.query_token_stride * size, p.num_heads, p, cos,
+                 sin, buffer);
     if (p.key != nullptr)
       rotate_heads(static_cast<char*>(p.key) + i * p.key_token_stride * size, p.num_kv_heads, p,
                    cos, sin, buffer);

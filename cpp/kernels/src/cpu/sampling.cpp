@@ -10,9 +10,9 @@
 #include <string>
 #include <vector>
 
+#include "../sampling_common.h"
 #include "fastllm/kernels/philox.h"
 #include "parallel.h"
-#include "../sampling_common.h"
 #include "vec.h"
 
 namespace fastllm::kernels {
@@ -82,9 +82,12 @@ void sample_row(const SamplingParamsBatch& p, int64_t row) {
   RowScratch& scratch = row_scratch(vocab);
   const RowParams rp = RowParams::load(p, row);
   // Validate every id before touching the shared scratch, which must stay zeroed between rows.
-  for (int32_t i = rp.output_begin; i < rp.output_end; ++i) check_id(p.output_ids[i], vocab, "output");
-  for (int32_t i = rp.prompt_begin; i < rp.prompt_end; ++i) check_id(p.prompt_ids[i], vocab, "prompt");
-  for (int32_t i = rp.bias_begin; i < rp.bias_end; ++i) check_id(p.bias_ids[i], vocab, "logit_bias");
+  for (int32_t i = rp.output_begin; i < rp.output_end; ++i)
+    check_id(p.output_ids[i], vocab, "output");
+  for (int32_t i = rp.prompt_begin; i < rp.prompt_end; ++i)
+    check_id(p.prompt_ids[i], vocab, "prompt");
+  for (int32_t i = rp.bias_begin; i < rp.bias_end; ++i)
+    check_id(p.bias_ids[i], vocab, "logit_bias");
   for (int32_t i = rp.allowed_begin; i < rp.allowed_end; ++i)
     check_id(p.allowed_ids[i], vocab, "allowed");
 
@@ -92,7 +95,8 @@ void sample_row(const SamplingParamsBatch& p, int64_t row) {
   if (rp.has_penalties()) {
     auto& counts = scratch.counts;
     for (int32_t i = rp.output_begin; i < rp.output_end; ++i) counts[p.output_ids[i]] += 1;
-    for (int32_t i = rp.prompt_begin; i < rp.prompt_end; ++i) counts[p.prompt_ids[i]] |= kPromptFlag;
+    for (int32_t i = rp.prompt_begin; i < rp.prompt_end; ++i)
+      counts[p.prompt_ids[i]] |= kPromptFlag;
     auto apply = [&](int32_t id) {
       if (counts[id] == 0) return;  // already applied (duplicate id)
       x[id] = apply_penalties(x[id], counts[id], rp);
@@ -180,7 +184,8 @@ void sample_row(const SamplingParamsBatch& p, int64_t row) {
           best_index = v;
         }
       }
-      token = static_cast<int32_t>(best_index >= 0 ? best_index : (std::max_element(x, x + vocab) - x));
+      token =
+          static_cast<int32_t>(best_index >= 0 ? best_index : (std::max_element(x, x + vocab) - x));
     }
   }
   p.sampled[row] = token;

@@ -18,7 +18,8 @@ struct VecOps {
   // out[r * out_stride] = dot(rows + r * n, x) for r < num_rows.
   void (*dots)(const float* x, const float* rows, int64_t num_rows, int64_t n, float* out,
                int64_t out_stride);
-  // acc[r * n + i] += weights[r * weight_stride] * x[i] for r < num_rows (rows with weight 0 skipped).
+  // acc[r * n + i] += weights[r * weight_stride] * x[i] for r < num_rows (rows with weight 0
+  // skipped).
   void (*axpys)(const float* x, const float* weights, int64_t weight_stride, int64_t num_rows,
                 float* acc, int64_t n);
   void (*scale)(float a, float* x, int64_t n);
@@ -30,6 +31,14 @@ struct VecOps {
   float (*exp_shift_sum)(float* x, int64_t n, float shift);
   // out[i] = silu(gate[i]) * up[i]
   void (*silu_mul)(const float* gate, const float* up, float* out, int64_t n);
+  // Attention scores of `rows` float query rows q[rows][d] against n cache rows of dtype at
+  // keys, keys + key_stride, ... (elements): scores[r * score_stride + j] = q[r] . key[j].
+  void (*attn_scores)(const void* keys, int64_t key_stride, DType dtype, int64_t n, const float* q,
+                      int64_t rows, int64_t d, float* scores, int64_t score_stride);
+  // acc[r * d + i] += sum_j weights[r * weight_stride + j] * value[j][i] over n cache rows.
+  void (*attn_values)(const void* values, int64_t value_stride, DType dtype, int64_t n,
+                      const float* weights, int64_t weight_stride, int64_t rows, int64_t d,
+                      float* acc);
 };
 
 const VecOps& vec_ops();
@@ -37,7 +46,8 @@ const VecOps& scalar_vec_ops();
 // Null when the library was built without the AVX2 file (non-x86 targets).
 const VecOps* avx2_vec_ops();
 
-// Thread-local float scratch of at least n elements; `slot` selects one of a few independent buffers.
+// Thread-local float scratch of at least n elements; `slot` selects one of a few independent
+// buffers.
 float* scratch(int slot, int64_t n);
 
 }  // namespace fastllm::kernels::cpu

@@ -47,8 +47,8 @@ inline __m256 exp256(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  const __m256i e =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
 }
 
@@ -68,7 +68,8 @@ void load(const void* src, DType dtype, float* dst, int64_t n, float scale) {
         std::memcpy(dst, x, n * sizeof(float));
         return;
       }
-      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), s));
+      for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), s));
       for (; i < n; ++i) dst[i] = x[i] * scale;
       return;
     }
@@ -84,7 +85,8 @@ void load(const void* src, DType dtype, float* dst, int64_t n, float scale) {
     case DType::kBFloat16: {
       const uint16_t* x = static_cast<const uint16_t*>(src);
       for (; i + 8 <= n; i += 8) {
-        const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
+        const __m256i w =
+            _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
         const __m256 v = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
         _mm256_storeu_ps(dst + i, _mm256_mul_ps(v, s));
       }
@@ -94,7 +96,8 @@ void load(const void* src, DType dtype, float* dst, int64_t n, float scale) {
     case DType::kFloat8E4M3: {
       const uint8_t* x = static_cast<const uint8_t*>(src);
       for (; i + 8 <= n; i += 8) {
-        const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x + i)));
+        const __m256i idx =
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x + i)));
         _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_i32gather_ps(g_fp8_table, idx, 4), s));
       }
       for (; i < n; ++i) dst[i] = g_fp8_table[x[i]] * scale;
@@ -113,7 +116,8 @@ void store(const float* src, DType dtype, void* dst, int64_t n, float inv_scale)
         std::memcpy(y, src, n * sizeof(float));
         return;
       }
-      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_loadu_ps(src + i), s));
+      for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_loadu_ps(src + i), s));
       for (; i < n; ++i) y[i] = src[i] * inv_scale;
       return;
     }
@@ -206,8 +210,8 @@ void mul_scaled(const float* x, const float* w, float s, float* y, int64_t n) {
   const __m256 sv = _mm256_set1_ps(s);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), sv),
-                                          _mm256_loadu_ps(w + i)));
+    _mm256_storeu_ps(
+        y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), sv), _mm256_loadu_ps(w + i)));
   for (; i < n; ++i) y[i] = x[i] * s * w[i];
 }
 
@@ -257,8 +261,165 @@ void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
   for (; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
-const VecOps kAvx2 = {"avx2",      load,        store,      dot, dots,          axpys,
-                      scale,       sum_squares, mul_scaled, max, exp_shift_sum, silu_mul};
+// Eight elements of a cache row as floats.
+template <DType kType>
+inline __m256 load8(const void* base, int64_t offset) {
+  if constexpr (kType == DType::kFloat32) {
+    return _mm256_loadu_ps(static_cast<const float*>(base) + offset);
+  } else if constexpr (kType == DType::kFloat16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(
+        reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + offset)));
+  } else if constexpr (kType == DType::kBFloat16) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(
+        reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + offset)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  } else {
+    const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+        reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(base) + offset)));
+    return _mm256_i32gather_ps(g_fp8_table, idx, 4);
+  }
+}
+
+// Eight dot-product accumulators reduced to one vector of their eight sums.
+inline __m256 reduce8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
+                      __m256 a7) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// d is a multiple of 8 (every supported head size is).
+template <DType kType>
+void attn_scores_impl(const void* keys, int64_t key_stride, int64_t n, const float* q, int64_t rows,
+                      int64_t d, float* scores, int64_t score_stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* qr = q + r * d;
+    float* out = scores + r * score_stride;
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
+             a7 = a0;
+      const int64_t o = j * key_stride;
+      for (int64_t c = 0; c < d; c += 8) {
+        const __m256 qv = _mm256_loadu_ps(qr + c);
+        a0 = _mm256_fmadd_ps(load8<kType>(keys, o + c), qv, a0);
+        a1 = _mm256_fmadd_ps(load8<kType>(keys, o + key_stride + c), qv, a1);
+        a2 = _mm256_fmadd_ps(load8<kType>(keys, o + 2 * key_stride + c), qv, a2);
+        a3 = _mm256_fmadd_ps(load8<kType>(keys, o + 3 * key_stride + c), qv, a3);
+        a4 = _mm256_fmadd_ps(load8<kType>(keys, o + 4 * key_stride + c), qv, a4);
+        a5 = _mm256_fmadd_ps(load8<kType>(keys, o + 5 * key_stride + c), qv, a5);
+        a6 = _mm256_fmadd_ps(load8<kType>(keys, o + 6 * key_stride + c), qv, a6);
+        a7 = _mm256_fmadd_ps(load8<kType>(keys, o + 7 * key_stride + c), qv, a7);
+      }
+      _mm256_storeu_ps(out + j, reduce8(a0, a1, a2, a3, a4, a5, a6, a7));
+    }
+    for (; j < n; ++j) {
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t c = 0; c < d; c += 8)
+        a = _mm256_fmadd_ps(load8<kType>(keys, j * key_stride + c), _mm256_loadu_ps(qr + c), a);
+      out[j] = hsum(a);
+    }
+  }
+}
+
+// Up to four rows at a time, 16 dimensions per pass: 8 accumulators stay in registers while the
+// value rows (a cache block, in L1) stream through.
+template <DType kType, int kRows>
+void attn_values_rows(const void* values, int64_t value_stride, int64_t n, const float* w,
+                      int64_t weight_stride, int64_t d, float* acc) {
+  int64_t c = 0;
+  for (; c + 16 <= d; c += 16) {
+    __m256 lo[kRows], hi[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      lo[r] = _mm256_loadu_ps(acc + r * d + c);
+      hi[r] = _mm256_loadu_ps(acc + r * d + c + 8);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 v0 = load8<kType>(values, j * value_stride + c);
+      const __m256 v1 = load8<kType>(values, j * value_stride + c + 8);
+      for (int r = 0; r < kRows; ++r) {
+        const __m256 weight = _mm256_broadcast_ss(w + r * weight_stride + j);
+        lo[r] = _mm256_fmadd_ps(weight, v0, lo[r]);
+        hi[r] = _mm256_fmadd_ps(weight, v1, hi[r]);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      _mm256_storeu_ps(acc + r * d + c, lo[r]);
+      _mm256_storeu_ps(acc + r * d + c + 8, hi[r]);
+    }
+  }
+  for (; c < d; c += 8) {
+    __m256 a[kRows];
+    for (int r = 0; r < kRows; ++r) a[r] = _mm256_loadu_ps(acc + r * d + c);
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 v0 = load8<kType>(values, j * value_stride + c);
+      for (int r = 0; r < kRows; ++r)
+        a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + r * weight_stride + j), v0, a[r]);
+    }
+    for (int r = 0; r < kRows; ++r) _mm256_storeu_ps(acc + r * d + c, a[r]);
+  }
+}
+
+template <DType kType>
+void attn_values_impl(const void* values, int64_t value_stride, int64_t n, const float* weights,
+                      int64_t weight_stride, int64_t rows, int64_t d, float* acc) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4)
+    attn_values_rows<kType, 4>(values, value_stride, n, weights + r * weight_stride, weight_stride,
+                               d, acc + r * d);
+  const float* w = weights + r * weight_stride;
+  float* a = acc + r * d;
+  switch (rows - r) {
+    case 3:
+      return attn_values_rows<kType, 3>(values, value_stride, n, w, weight_stride, d, a);
+    case 2:
+      return attn_values_rows<kType, 2>(values, value_stride, n, w, weight_stride, d, a);
+    case 1:
+      return attn_values_rows<kType, 1>(values, value_stride, n, w, weight_stride, d, a);
+    default:
+      return;
+  }
+}
+
+void attn_scores(const void* keys, int64_t key_stride, DType dtype, int64_t n, const float* q,
+                 int64_t rows, int64_t d, float* scores, int64_t score_stride) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return attn_scores_impl<DType::kFloat32>(keys, key_stride, n, q, rows, d, scores,
+                                               score_stride);
+    case DType::kFloat16:
+      return attn_scores_impl<DType::kFloat16>(keys, key_stride, n, q, rows, d, scores,
+                                               score_stride);
+    case DType::kBFloat16:
+      return attn_scores_impl<DType::kBFloat16>(keys, key_stride, n, q, rows, d, scores,
+                                                score_stride);
+    case DType::kFloat8E4M3:
+      return attn_scores_impl<DType::kFloat8E4M3>(keys, key_stride, n, q, rows, d, scores,
+                                                  score_stride);
+  }
+}
+
+void attn_values(const void* values, int64_t value_stride, DType dtype, int64_t n,
+                 const float* weights, int64_t weight_stride, int64_t rows, int64_t d, float* acc) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return attn_values_impl<DType::kFloat32>(values, value_stride, n, weights, weight_stride,
+                                               rows, d, acc);
+    case DType::kFloat16:
+      return attn_values_impl<DType::kFloat16>(values, value_stride, n, weights, weight_stride,
+                                               rows, d, acc);
+    case DType::kBFloat16:
+      return attn_values_impl<DType::kBFloat16>(values, value_stride, n, weights, weight_stride,
+                                                rows, d, acc);
+    case DType::kFloat8E4M3:
+      return attn_values_impl<DType::kFloat8E4M3>(values, value_stride, n, weights, weight_stride,
+                                                  rows, d, acc);
+  }
+}
+
+const VecOps kAvx2 = {"avx2",        load,     store,       dot,        dots,
+                      axpys,         scale,    sum_squares, mul_scaled, max,
+                      exp_shift_sum, silu_mul, attn_scores, attn_values};
 
 }  // namespace
 

@@ -112,8 +112,29 @@ void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
-const VecOps kScalar = {"scalar",    load, store,      dot, dots,          axpys,
-                        scale,       sum_squares,      mul_scaled, max, exp_shift_sum, silu_mul};
+void attn_scores(const void* keys, int64_t key_stride, DType dtype, int64_t n, const float* q,
+                 int64_t rows, int64_t d, float* scores, int64_t score_stride) {
+  float row[256];
+  const size_t size = dtype_size(dtype);
+  for (int64_t j = 0; j < n; ++j) {
+    load(static_cast<const char*>(keys) + j * key_stride * size, dtype, row, d, 1.0f);
+    for (int64_t r = 0; r < rows; ++r) scores[r * score_stride + j] = dot(q + r * d, row, d);
+  }
+}
+
+void attn_values(const void* values, int64_t value_stride, DType dtype, int64_t n,
+                 const float* weights, int64_t weight_stride, int64_t rows, int64_t d, float* acc) {
+  float row[256];
+  const size_t size = dtype_size(dtype);
+  for (int64_t j = 0; j < n; ++j) {
+    load(static_cast<const char*>(values) + j * value_stride * size, dtype, row, d, 1.0f);
+    axpys(row, weights + j, weight_stride, rows, acc, d);
+  }
+}
+
+const VecOps kScalar = {"scalar",      load,     store,       dot,        dots,
+                        axpys,         scale,    sum_squares, mul_scaled, max,
+                        exp_shift_sum, silu_mul, attn_scores, attn_values};
 
 const VecOps& pick() {
 #if defined(FASTLLM_HAVE_AVX2_FILE) && (defined(__x86_64__) || defined(__i386__))

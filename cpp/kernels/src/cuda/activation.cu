@@ -32,9 +32,9 @@ template <typename T>
 void launch(const ActAndMulParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.num_tokens),
                   static_cast<unsigned>((p.d + kThreads - 1) / kThreads));
-  act_and_mul_kernel<T><<<grid, kThreads, 0, stream>>>(
-      static_cast<T*>(p.out), static_cast<const T*>(p.input), p.d, p.input_stride, p.out_stride,
-      static_cast<int>(p.activation));
+  act_and_mul_kernel<T>
+      <<<grid, kThreads, 0, stream>>>(static_cast<T*>(p.out), static_cast<const T*>(p.input), p.d,
+                                      p.input_stride, p.out_stride, static_cast<int>(p.activation));
   check_launch("act_and_mul");
 }
 

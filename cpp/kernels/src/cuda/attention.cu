@@ -1,6 +1,6 @@
 // CUDA paged attention (varlen: prefill, chunked prefill and decode in one launch).
 //
-// Grid (query head, query token, partition); 4 warps per thread block. The block loads its scaled
+// Grid (query token, query head, partition); 4 warps per thread block. The block loads its scaled
 // query row into shared memory; each warp walks 32 keys at a time: lane i scores key i (a full dot
 // product from 16-byte loads of its K row, query broadcast from shared memory), the warp updates
 // its online softmax, then accumulates the 32 V rows with each lane owning head dimensions
@@ -68,8 +68,8 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float warp_sum_shared[kWarps];
   __shared__ float warp_acc_shared[kWarps][HEAD_SIZE];
 
-  const int64_t head = blockIdx.x;
-  const int64_t token = blockIdx.y;
+  const int64_t token = blockIdx.x;
+  const int64_t head = blockIdx.y;
   const int partition = blockIdx.z;
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
@@ -103,7 +103,8 @@ __global__ void __launch_bounds__(kThreads)
     float s = -INFINITY;
     if (valid) {
       slot = static_cast<int64_t>(table[j / p.block_size]) * p.block_size + j % p.block_size;
-      const uint4* k = reinterpret_cast<const uint4*>(key_cache + slot * kv_row + kv_head * HEAD_SIZE);
+      const uint4* k =
+          reinterpret_cast<const uint4*>(key_cache + slot * kv_row + kv_head * HEAD_SIZE);
       float dot = 0.0f;
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
@@ -175,14 +176,14 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Grid (head, token): merges the normalised partition outputs weighted by l_p * exp(m_p - M).
+// Grid (token, head): merges the normalised partition outputs weighted by l_p * exp(m_p - M).
 template <typename QT>
 __global__ void __launch_bounds__(kThreads)
     merge_partitions_kernel(QT* __restrict__ out, const float* __restrict__ part_out,
                             const float* __restrict__ part_stats, int64_t num_heads,
                             int64_t head_size, int64_t out_token_stride, int num_partitions) {
-  const int64_t head = blockIdx.x;
-  const int64_t token = blockIdx.y;
+  const int64_t token = blockIdx.x;
+  const int64_t head = blockIdx.y;
   const int64_t row = token * num_heads + head;
   const float* stats = part_stats + row * num_partitions * 2;
   float global_m = -INFINITY;
@@ -196,7 +197,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int q = 0; q < num_partitions; ++q) {
       const float l = stats[2 * q + 1];
       if (l > 0.0f)
-        value += part_out[(row * num_partitions + q) * head_size + d] * l * __expf(stats[2 * q] - global_m);
+        value += part_out[(row * num_partitions + q) * head_size + d] * l *
+                 __expf(stats[2 * q] - global_m);
     }
     out[token * out_token_stride + head * head_size + d] = from_float<QT>(value * inv_total);
   }
@@ -210,15 +212,14 @@ void launch(const PagedAttentionParams& p, const DeviceParams& dp, cudaStream_t 
     part_out = static_cast<float*>(p.workspace);
     part_stats = part_out + p.num_tokens * p.num_heads * dp.num_partitions * HEAD_SIZE;
   }
-  const dim3 grid(static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.num_tokens),
+  const dim3 grid(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(p.num_heads),
                   static_cast<unsigned>(dp.num_partitions));
   paged_attention_kernel<QT, CT, HEAD_SIZE><<<grid, kThreads, 0, stream>>>(
-      static_cast<QT*>(p.out), static_cast<const QT*>(p.query),
-      static_cast<const CT*>(p.key_cache), static_cast<const CT*>(p.value_cache), dp, part_out,
-      part_stats);
+      static_cast<QT*>(p.out), static_cast<const QT*>(p.query), static_cast<const CT*>(p.key_cache),
+      static_cast<const CT*>(p.value_cache), dp, part_out, part_stats);
   check_launch("paged_attention");
   if (dp.num_partitions > 1) {
-    const dim3 merge_grid(static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.num_tokens));
+    const dim3 merge_grid(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(p.num_heads));
     merge_partitions_kernel<QT><<<merge_grid, kThreads, 0, stream>>>(
         static_cast<QT*>(p.out), part_out, part_stats, p.num_heads, HEAD_SIZE, p.out_token_stride,
         dp.num_partitions);
@@ -261,7 +262,7 @@ void paged_attention_cuda(const PagedAttentionParams& p, void* stream_handle) {
   check_arg(reinterpret_cast<uintptr_t>(p.key_cache) % 16 == 0 &&
                 reinterpret_cast<uintptr_t>(p.value_cache) % 16 == 0,
             "paged_attention: caches must be 16-byte aligned");
-  check_arg(p.num_tokens <= 65535, "paged_attention (CUDA): at most 65535 query tokens per call");
+  check_arg(p.num_heads <= 65535, "paged_attention (CUDA): at most 65535 query heads");
   DeviceParams dp;
   dp.query_start_loc = p.query_start_loc;
   dp.context_lens = p.context_lens;
@@ -283,8 +284,8 @@ void paged_attention_cuda(const PagedAttentionParams& p, void* stream_handle) {
   if (p.sliding_window > 0) span = std::min<int64_t>(span, p.sliding_window);
   int64_t partitions = (span + kPartitionTokens - 1) / kPartitionTokens;
   if (partitions <= 1 || p.num_tokens * p.num_heads >= 2048 || p.workspace == nullptr ||
-      p.workspace_bytes < paged_attention_workspace_bytes(p.num_tokens, p.num_heads, p.head_size,
-                                                          span))
+      p.workspace_bytes <
+          paged_attention_workspace_bytes(p.num_tokens, p.num_heads, p.head_size, span))
     partitions = 1;
   dp.num_partitions = static_cast<int32_t>(std::min<int64_t>(partitions, 65535));
   auto stream = static_cast<cudaStream_t>(stream_handle);

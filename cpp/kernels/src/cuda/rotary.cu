@@ -34,7 +34,8 @@ __global__ void rotary_kernel(const int64_t* __restrict__ positions, T* query, T
   const int64_t half = rotary_dim / 2;
   const float* sin = cos + half;
   rotate(query + token * q_stride, num_heads, head_size, half, cos, sin, is_neox);
-  if (key != nullptr) rotate(key + token * k_stride, num_kv_heads, head_size, half, cos, sin, is_neox);
+  if (key != nullptr)
+    rotate(key + token * k_stride, num_kv_heads, head_size, half, cos, sin, is_neox);
 }
 
 template <typename T>

@@ -3,8 +3,11 @@
 // (32 block-wide counting passes), which yields exactly the CPU's selection values.
 #include <cstdint>
 
-#include "../sampling_common.h"
+// The portability header comes first: it defines the HIP/CUDA qualifiers the shared headers use.
 #include "fastllm/kernels/cuda_compat.cuh"
+// clang-format off
+#include "../sampling_common.h"
+// clang-format on
 #include "fastllm/kernels/sampling.h"
 
 namespace fastllm::kernels {
@@ -51,10 +54,13 @@ __device__ ArgMax block_argmax(ArgMax v, float* value_scratch, int32_t* index_sc
   return result;
 }
 
-__device__ __forceinline__ float block_count(float v, float* scratch) { return block_sum(v, scratch); }
+__device__ __forceinline__ float block_count(float v, float* scratch) {
+  return block_sum(v, scratch);
+}
 
 __global__ void __launch_bounds__(kThreads)
-    sample_kernel(SamplingParamsBatch p, float* __restrict__ work_x, int32_t* __restrict__ work_aux) {
+    sample_kernel(SamplingParamsBatch p, float* __restrict__ work_x,
+                  int32_t* __restrict__ work_aux) {
   __shared__ float scratch[32];
   __shared__ float value_scratch[32];
   __shared__ int32_t index_scratch[32];
@@ -241,9 +247,9 @@ __global__ void __launch_bounds__(kThreads)
 void sample_cuda(const SamplingParamsBatch& p, void* stream) {
   check_sampling_params(p);
   if (p.num_rows == 0) return;
-  check_arg(p.workspace != nullptr &&
-                p.workspace_bytes >= sampling_workspace_bytes(p.num_rows, p.vocab),
-            "sample (CUDA): workspace smaller than sampling_workspace_bytes(num_rows, vocab)");
+  check_arg(
+      p.workspace != nullptr && p.workspace_bytes >= sampling_workspace_bytes(p.num_rows, p.vocab),
+      "sample (CUDA): workspace smaller than sampling_workspace_bytes(num_rows, vocab)");
   check_arg(p.vocab < (int64_t(1) << 31), "sample: vocab too large");
   float* work_x = static_cast<float*>(p.workspace);
   int32_t* work_aux = reinterpret_cast<int32_t*>(work_x + p.num_rows * p.vocab);

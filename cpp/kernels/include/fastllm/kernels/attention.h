@@ -6,8 +6,9 @@
 // are the last query_len positions. Query row t of s is at position
 //   pos = context_lens[s] - query_len + (t - query_start_loc[s])
 // and attends to cache positions j with max(0, pos - sliding_window + 1) <= j <= pos (causal; no
-// window when sliding_window <= 0). Scores are (q . k) * scale, then softcap * tanh(score / softcap)
-// when softcap > 0. Query head h reads KV head h / (num_heads / num_kv_heads) (MHA, GQA, MQA).
+// window when sliding_window <= 0). Scores are (q . k) * scale, then softcap * tanh(score /
+// softcap) when softcap > 0. Query head h reads KV head h / (num_heads / num_kv_heads) (MHA, GQA,
+// MQA).
 #pragma once
 
 #include <cstddef>
@@ -20,8 +21,8 @@ namespace fastllm::kernels {
 struct PagedAttentionParams {
   void* out = nullptr;          // [num_tokens][num_heads][head_size], dtype = query dtype
   const void* query = nullptr;  // [num_tokens][num_heads][head_size], rows query_token_stride apart
-  const void* key_cache = nullptr;    // [num_blocks][block_size][num_kv_heads][head_size]
-  const void* value_cache = nullptr;  // same shape
+  const void* key_cache = nullptr;           // [num_blocks][block_size][num_kv_heads][head_size]
+  const void* value_cache = nullptr;         // same shape
   const int32_t* query_start_loc = nullptr;  // [num_seqs + 1], non-decreasing, last = num_tokens
   const int32_t* context_lens = nullptr;     // [num_seqs], >= the sequence's query length
   const int32_t* block_tables = nullptr;     // [num_seqs][max_blocks_per_seq], padded with 0
@@ -29,7 +30,7 @@ struct PagedAttentionParams {
   int64_t num_seqs = 0;
   int64_t num_heads = 0;
   int64_t num_kv_heads = 0;
-  int64_t head_size = 0;  // 64, 80, 96, 128 or 256
+  int64_t head_size = 0;   // 64, 80, 96, 128 or 256
   int64_t block_size = 0;  // 8, 16 or 32
   int64_t num_blocks = 0;
   int64_t max_blocks_per_seq = 0;

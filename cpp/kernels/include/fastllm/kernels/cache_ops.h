@@ -4,7 +4,8 @@
 // KV cache layout (K and V are separate tensors of the same shape):
 //
 //   cache[num_blocks][block_size][num_kv_heads][head_size]      (contiguous)
-//   slot = block * block_size + offset                           (one token's K or V row of all heads)
+//   slot = block * block_size + offset                           (one token's K or V row of all
+//   heads)
 //
 // Block 0 is a reserved null block: block tables are padded with 0 and nothing valid lives there.
 // fp8 caches store round(x / scale) in e4m3 (saturating at +-448); readers multiply by the scale.
@@ -17,10 +18,11 @@
 namespace fastllm::kernels {
 
 struct ReshapeAndCacheParams {
-  const void* key = nullptr;    // [num_tokens][num_kv_heads][head_size], rows key_token_stride apart
-  const void* value = nullptr;  // [num_tokens][num_kv_heads][head_size], rows value_token_stride apart
-  void* key_cache = nullptr;    // [num_blocks][block_size][num_kv_heads][head_size]
-  void* value_cache = nullptr;  // same shape as key_cache
+  const void* key = nullptr;  // [num_tokens][num_kv_heads][head_size], rows key_token_stride apart
+  const void* value =
+      nullptr;  // [num_tokens][num_kv_heads][head_size], rows value_token_stride apart
+  void* key_cache = nullptr;              // [num_blocks][block_size][num_kv_heads][head_size]
+  void* value_cache = nullptr;            // same shape as key_cache
   const int64_t* slot_mapping = nullptr;  // [num_tokens]; a negative slot skips the token
   int64_t num_tokens = 0;
   int64_t num_kv_heads = 0;

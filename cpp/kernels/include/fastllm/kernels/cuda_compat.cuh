@@ -73,7 +73,9 @@ struct fp8_t {
 };
 
 __device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(half_t x) { return __half2float(__ushort_as_half(x.bits)); }
+__device__ __forceinline__ float to_float(half_t x) {
+  return __half2float(__ushort_as_half(x.bits));
+}
 __device__ __forceinline__ float to_float(bf16_t x) { return bf16_to_float(x.bits); }
 __device__ __forceinline__ float to_float(fp8_t x) { return fp8e4m3_to_float(x.bits); }
 

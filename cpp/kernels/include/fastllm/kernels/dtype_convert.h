@@ -6,7 +6,10 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
+#if defined(__HIPCC__)
+#include <hip/hip_runtime.h>
+#define FASTLLM_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__CUDACC__)
 #define FASTLLM_HOST_DEVICE __host__ __device__ __forceinline__
 #else
 #define FASTLLM_HOST_DEVICE inline
@@ -60,7 +63,7 @@ FASTLLM_HOST_DEVICE uint16_t float_to_half(float f) {
   const uint32_t u = float_bits(f);
   const uint32_t sign = (u >> 16) & 0x8000u;
   uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return uint16_t(sign | 0x7e00u);  // NaN
+  if (a > 0x7f800000u) return uint16_t(sign | 0x7e00u);   // NaN
   if (a >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // rounds to >= 65520: infinity
   if (a < 0x38800000u) {
     // Result is subnormal in half: round a * 2^24 to an integer (exact float arithmetic + RNE).

@@ -9,8 +9,8 @@
 namespace fastllm::kernels {
 
 struct RmsNormParams {
-  void* out = nullptr;          // [num_tokens][hidden], rows out_stride apart (may alias input)
-  const void* input = nullptr;  // [num_tokens][hidden], rows input_stride apart
+  void* out = nullptr;           // [num_tokens][hidden], rows out_stride apart (may alias input)
+  const void* input = nullptr;   // [num_tokens][hidden], rows input_stride apart
   const void* weight = nullptr;  // [hidden]
   int64_t num_tokens = 0;
   int64_t hidden = 0;

@@ -1,8 +1,8 @@
 // Rotary position embeddings applied in place to query and key rows by position, from a
 // precomputed float cos/sin cache (built in Python with any rope scaling: linear, dynamic NTK,
-// llama3, yarn). cos_sin_cache[p] = [cos(p*f_0) .. cos(p*f_{r/2-1}), sin(p*f_0) .. sin(p*f_{r/2-1})]
-// with r = rotary_dim (yarn's magnitude scaling is folded into the cache).
-// Neox style rotates pairs (i, i + r/2); GPT-J style rotates pairs (2i, 2i + 1); dimensions past
+// llama3, yarn). cos_sin_cache[p] = [cos(p*f_0) .. cos(p*f_{r/2-1}), sin(p*f_0) ..
+// sin(p*f_{r/2-1})] with r = rotary_dim (yarn's magnitude scaling is folded into the cache). Neox
+// style rotates pairs (i, i + r/2); GPT-J style rotates pairs (2i, 2i + 1); dimensions past
 // rotary_dim are left alone (partial rotary).
 #pragma once
 

@@ -9,7 +9,8 @@
 //   5. x /= temperature; p = softmax(x);
 //   6. min-p: drop tokens with p < min_p * max(p);
 //   7. top-k (k > 0): keep tokens whose x is >= the k-th largest x (ties at the threshold kept);
-//   8. top-p (< 1): over the survivors renormalised, keep tokens whose p is >= t, t the largest value
+//   8. top-p (< 1): over the survivors renormalised, keep tokens whose p is >= t, t the largest
+//   value
 //      such that the survivors with p >= t hold at least top_p of the mass (ties kept);
 //   9. sample with an exponential race: argmax over survivors of x - log(-log(u_token)), u from
 //      Philox4x32-10 (philox.h) keyed by the row's seed, counter = (token / 4, row word, offset).
@@ -32,14 +33,14 @@ struct SamplingParamsBatch {
   int64_t vocab = 0;
   int64_t logits_row_stride = 0;
   // Per-row parameters, arrays of num_rows (null = the neutral value for every row).
-  const float* temperature = nullptr;         // 0 = greedy (null: all greedy)
-  const int32_t* top_k = nullptr;             // <= 0: off
-  const float* top_p = nullptr;               // >= 1: off
-  const float* min_p = nullptr;               // <= 0: off
-  const float* repetition_penalty = nullptr;  // 1: off
-  const float* presence_penalty = nullptr;    // 0: off
-  const float* frequency_penalty = nullptr;   // 0: off
-  const int64_t* seeds = nullptr;             // < 0: unseeded (global_seed, row word = row + 1)
+  const float* temperature = nullptr;          // 0 = greedy (null: all greedy)
+  const int32_t* top_k = nullptr;              // <= 0: off
+  const float* top_p = nullptr;                // >= 1: off
+  const float* min_p = nullptr;                // <= 0: off
+  const float* repetition_penalty = nullptr;   // 1: off
+  const float* presence_penalty = nullptr;     // 0: off
+  const float* frequency_penalty = nullptr;    // 0: off
+  const int64_t* seeds = nullptr;              // < 0: unseeded (global_seed, row word = row + 1)
   const int64_t* generator_offsets = nullptr;  // the row's output position (or a step counter)
   uint64_t global_seed = 0;
   // CSR token lists: row r owns ids[offsets[r] .. offsets[r+1]); offsets have num_rows + 1 entries.
@@ -54,12 +55,12 @@ struct SamplingParamsBatch {
   const int32_t* allowed_offsets = nullptr;
   const int32_t* allowed_ids = nullptr;
   // Outputs.
-  int32_t* sampled = nullptr;            // [num_rows]
-  float* sampled_logprob = nullptr;      // [num_rows] or null
-  int32_t* sampled_rank = nullptr;       // [num_rows] or null
-  int64_t num_top_logprobs = 0;          // N, 0..vocab
-  float* top_logprobs = nullptr;         // [num_rows][N] or null when N = 0
-  int32_t* top_ids = nullptr;            // [num_rows][N]
+  int32_t* sampled = nullptr;        // [num_rows]
+  float* sampled_logprob = nullptr;  // [num_rows] or null
+  int32_t* sampled_rank = nullptr;   // [num_rows] or null
+  int64_t num_top_logprobs = 0;      // N, 0..vocab
+  float* top_logprobs = nullptr;     // [num_rows][N] or null when N = 0
+  int32_t* top_ids = nullptr;        // [num_rows][N]
   // CUDA scratch of sampling_workspace_bytes(num_rows, vocab) bytes (the CPU ignores it).
   void* workspace = nullptr;
   size_t workspace_bytes = 0;

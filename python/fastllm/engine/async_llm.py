@@ -1,0 +1,152 @@
+"""AsyncLLM: the server's front end. The native loop runs on its own thread; its output file
+descriptor wakes the asyncio loop, which detokenizes, applies stop strings and fans outputs out to
+one queue per request. Nothing here polls or sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
+
+from fastllm.config import EngineArgs
+from fastllm.engine.llm_engine import EngineCore
+from fastllm.engine.request_state import RequestState
+from fastllm.outputs import Logprob
+from fastllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamChunk:
+    """What one request produced since its previous chunk."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: Optional[list[dict[int, Logprob]]]
+    finished: bool
+    finish_reason: Optional[str]
+    stop_reason: int | str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    full_text: str = ""  # all text so far (for non-streaming responses)
+
+
+@dataclass
+class _Stream:
+    state: RequestState
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: Optional[float] = None
+    last_token_at: Optional[float] = None
+
+
+class AsyncLLM:
+    def __init__(self, args: EngineArgs, metrics=None):
+        self.core = EngineCore(args)
+        self.args = args
+        self.tokenizer = self.core.tokenizer
+        self.engine = self.core.engine
+        self.metrics = metrics
+        self._streams: dict[str, _Stream] = {}
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self.errored: Optional[str] = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Starts the native loop and subscribes the running asyncio loop to its outputs."""
+        if self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.engine.output_fd, self._on_outputs)
+        self.engine.start()
+
+    def shutdown(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self.engine.output_fd)
+            self._loop = None
+        self.engine.stop()
+
+    @property
+    def is_running(self) -> bool:
+        return self.engine.is_running and self.errored is None
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+                       prompt: Optional[str] = None) -> AsyncIterator[StreamChunk]:
+        """Yields chunks until the request finishes. Leaving the iteration early (a client that
+        went away) aborts the request, which frees its KV blocks."""
+        if self._loop is None:
+            self.start()
+        params.validate(self.args.max_logprobs)
+        state = RequestState(request_id, prompt, prompt_token_ids, params, self.tokenizer)
+        stream = _Stream(state)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.engine.add_request(request_id, prompt_token_ids, params.to_native())
+        self._streams[request_id] = stream
+        if self.metrics is not None:
+            self.metrics.on_prompt(len(prompt_token_ids))
+        finished = False
+        try:
+            while True:
+                chunk = await stream.queue.get()
+                finished = chunk.finished
+                yield chunk
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.engine.abort(request_id)
+                self._streams.pop(request_id, None)
+                if self.metrics is not None:
+                    self.metrics.on_request_finished("abort", stream, 0)
+
+    def abort(self, request_id: str) -> bool:
+        return self.engine.abort(request_id)
+
+    # ---- output dispatch (asyncio thread) ----------------------------------------------------
+
+    def _on_outputs(self) -> None:
+        now = time.monotonic()
+        for out in self.engine.take_outputs():
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue  # already ended (stop string or client gone)
+            state = stream.state
+            if state.update(out):
+                self.engine.abort(out.request_id)
+            if out.new_token_ids and self.metrics is not None:
+                self.metrics.on_tokens(stream, now, len(out.new_token_ids))
+            if out.new_token_ids:
+                if stream.first_token_at is None:
+                    stream.first_token_at = now
+                stream.last_token_at = now
+            text, tokens, logprobs = state.take_delta()
+            if not (text or tokens or state.finished):
+                continue
+            chunk = StreamChunk(
+                request_id=out.request_id,
+                text=text,
+                token_ids=tokens,
+                logprobs=logprobs,
+                finished=state.finished,
+                finish_reason=state.finish_reason,
+                stop_reason=state.stop_reason,
+                num_prompt_tokens=len(state.prompt_token_ids),
+                num_output_tokens=len(state.token_ids),
+                num_cached_tokens=state.num_cached_tokens,
+                full_text=state.text if state.finished else "",
+            )
+            if state.finished:
+                del self._streams[out.request_id]
+                if self.metrics is not None:
+                    self.metrics.on_request_finished(state.finish_reason, stream,
+                                                     len(state.token_ids))
+            stream.queue.put_nowait(chunk)

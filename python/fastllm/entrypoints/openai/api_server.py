@@ -1,0 +1,252 @@
+"""The OpenAI-compatible HTTP server (FastAPI + uvicorn).
+
+    fastllm-serve [MODEL] [flags]
+    python -m fastllm.entrypoints.openai.api_server [flags]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import importlib
+import inspect
+import logging
+import os
+import sys
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from pathlib import Path
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import fastllm
+from fastllm.config import EngineArgs
+from fastllm.engine.async_llm import AsyncLLM
+from fastllm.entrypoints.openai.cli_args import parse_args
+from fastllm.entrypoints.openai.metrics import ServerMetrics
+from fastllm.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+)
+from fastllm.entrypoints.openai.serving import APIError, OpenAIServing
+
+logger = logging.getLogger("fastllm.server")
+
+_STATIC = Path(__file__).parent / "static"
+
+
+def error_response(message: str, status: int, err_type: str, param: Optional[str] = None
+                   ) -> JSONResponse:
+    return JSONResponse(status_code=status, content={
+        "error": {"message": message, "type": err_type, "param": param, "code": status}})
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    dtype = {"half": "float16", "float": "float32"}.get(ns.dtype, ns.dtype)
+    return EngineArgs(
+        model=ns.model, tokenizer=ns.tokenizer,
+        load_format="auto" if ns.load_format == "auto" else ns.load_format,
+        dtype=dtype, device=ns.device, seed=ns.seed, max_model_len=ns.max_model_len,
+        block_size=ns.block_size, enable_prefix_caching=ns.enable_prefix_caching,
+        enable_chunked_prefill=ns.enable_chunked_prefill,
+        max_num_batched_tokens=ns.max_num_batched_tokens, max_num_seqs=ns.max_num_seqs,
+        max_logprobs=ns.max_logprobs, swap_space=ns.swap_space,
+        preemption_mode=ns.preemption_mode, scheduling_policy=ns.scheduling_policy,
+        gpu_memory_utilization=ns.gpu_memory_utilization,
+        num_gpu_blocks_override=ns.num_gpu_blocks_override, rope_scaling=ns.rope_scaling,
+        rope_theta=ns.rope_theta, served_model_name=ns.served_model_name,
+    )
+
+
+def load_chat_template(value: Optional[str]) -> Optional[str]:
+    """--chat-template takes a file path or the template itself."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        return Path(value).read_text(encoding="utf-8")
+    if any(c in value for c in "{%}"):
+        return value
+    raise ValueError(f"--chat-template {value!r}: no such file, and it does not look like a "
+                     f"jinja template")
+
+
+def build_app(engine: AsyncLLM, ns: argparse.Namespace) -> FastAPI:
+    names = ns.served_model_name or [engine.core.source_name]
+    metrics = ServerMetrics(names[0])
+    engine.metrics = metrics
+    serving = OpenAIServing(engine, names, ns.response_role, load_chat_template(ns.chat_template),
+                            ns.max_log_len, not ns.disable_log_requests)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        stats_task = None
+        if not ns.disable_log_stats:
+            stats_task = asyncio.ensure_future(_log_stats(engine))
+        try:
+            yield
+        finally:
+            if stats_task is not None:
+                stats_task.cancel()
+            engine.shutdown()
+
+    app = FastAPI(title="fastllm", version=fastllm.__version__, lifespan=lifespan,
+                  root_path=ns.root_path or "")
+    app.state.engine = engine
+    app.state.serving = serving
+
+    app.add_middleware(CORSMiddleware, allow_origins=ns.allowed_origins,
+                       allow_credentials=ns.allow_credentials, allow_methods=ns.allowed_methods,
+                       allow_headers=ns.allowed_headers)
+
+    api_key = ns.api_key
+    if api_key:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def check_api_key(request: Request, call_next):
+            if request.method != "OPTIONS" and request.url.path.startswith(
+                    f"{app.root_path}/v1"):
+                given = request.headers.get("Authorization", "").encode()
+                if not hmac.compare_digest(given, expected):
+                    return error_response("missing or invalid API key", 401,
+                                          "AuthenticationError")
+            return await call_next(request)
+
+    for spec in ns.middleware:
+        module_name, _, attr = spec.rpartition(".")
+        obj = getattr(importlib.import_module(module_name), attr)
+        if inspect.isclass(obj):
+            app.add_middleware(obj)
+        elif inspect.iscoroutinefunction(obj):
+            app.middleware("http")(obj)
+        else:
+            raise ValueError(f"--middleware {spec}: neither a class nor an async function")
+
+    @app.exception_handler(APIError)
+    async def on_api_error(_: Request, exc: APIError):
+        return error_response(exc.message, exc.status, exc.err_type, exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(x) for x in first.get("loc", []) if x != "body"]
+        msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', []) if x != 'body')}: "
+                        f"{e.get('msg')}" for e in errors) or "invalid request"
+        return error_response(msg, 400, "BadRequestError", ".".join(loc) or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, exc: StarletteHTTPException):
+        phrase = HTTPStatus(exc.status_code).phrase if exc.status_code in HTTPStatus._value2member_map_ else "error"
+        return error_response(str(exc.detail or phrase), exc.status_code,
+                              "NotFoundError" if exc.status_code == 404 else phrase)
+
+    @app.exception_handler(ValueError)
+    async def on_value_error(_: Request, exc: ValueError):
+        return error_response(str(exc), 400, "BadRequestError")
+
+    @app.get("/health")
+    async def health():
+        if not engine.is_running:
+            return error_response("the engine is not running", 503, "ServiceUnavailableError")
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version():
+        return {"version": fastllm.__version__}
+
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        return Response(metrics.render(engine.engine.stats()),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        cards = [ModelCard(id=n, root=ns.model or n, max_model_len=serving.max_model_len)
+                 for n in names]
+        return ModelList(data=cards)
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest):
+        return serving.tokenize(request)
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest):
+        return serving.detokenize(request)
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest, raw_request: Request):
+        result = await serving.completions(request, raw_request)
+        if request.stream:
+            return StreamingResponse(result, media_type="text/event-stream")
+        return JSONResponse(result)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest, raw_request: Request):
+        result = await serving.chat(request, raw_request)
+        if request.stream:
+            return StreamingResponse(result, media_type="text/event-stream")
+        return JSONResponse(result)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():
+        return HTMLResponse((_STATIC / "playground.html").read_text(encoding="utf-8"))
+
+    return app
+
+
+async def _log_stats(engine: AsyncLLM, interval: float = 10.0) -> None:
+    last_tokens = 0
+    while True:
+        await asyncio.sleep(interval)
+        s = engine.engine.stats()
+        rate = (s.num_generated_tokens - last_tokens) / interval
+        last_tokens = s.num_generated_tokens
+        hit = 100.0 * s.prefix_hits / s.prefix_queries if s.prefix_queries else 0.0
+        logger.info("running: %d, waiting: %d, generation: %.1f tok/s, KV usage: %.1f%%, "
+                    "prefix hit rate: %.1f%%, preemptions: %d", s.num_running, s.num_waiting,
+                    rate, 100.0 * s.kv_usage, hit, s.num_preemptions)
+
+
+def run(ns: argparse.Namespace) -> int:
+    import uvicorn
+
+    logging.basicConfig(level=os.environ.get("FASTLLM_LOGGING_LEVEL", "INFO").upper(),
+                        format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    try:
+        engine = AsyncLLM(engine_args_from(ns))
+        app = build_app(engine, ns)
+    except ValueError as e:
+        print(f"fastllm-serve: {e}", file=sys.stderr)
+        return 2
+    host = ns.host or "0.0.0.0"
+    scheme = "https" if ns.ssl_certfile else "http"
+    stats = engine.engine.stats()
+    logger.info("fastllm %s serving %s at %s://%s:%d (KV cache: %d blocks x %d tokens, "
+                "max_model_len %d, ready in %.2f s)", fastllm.__version__,
+                engine.core.source_name, scheme, host, ns.port, stats.num_total_blocks,
+                ns.block_size, engine.core.max_model_len, engine.core.startup_seconds)
+    uvicorn.run(app, host=host, port=ns.port, log_level=ns.uvicorn_log_level,
+                ssl_keyfile=ns.ssl_keyfile, ssl_certfile=ns.ssl_certfile,
+                ssl_ca_certs=ns.ssl_ca_certs, ssl_cert_reqs=ns.ssl_cert_reqs,
+                root_path=ns.root_path or "")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Prometheus metrics of the server, in a registry of its own (several apps may share a process
+in tests)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        self.model_name = model_name
+        r = self.registry
+        self.running = Gauge("fastllm:num_requests_running", "Requests running on the engine",
+                             labels, registry=r)
+        self.waiting = Gauge("fastllm:num_requests_waiting", "Requests waiting to run", labels,
+                             registry=r)
+        self.kv_usage = Gauge("fastllm:kv_cache_usage_perc", "Fraction of KV blocks in use",
+                              labels, registry=r)
+        self.prefix_queries = Gauge("fastllm:prefix_cache_queries",
+                                    "Prompt tokens looked up in the prefix cache", labels,
+                                    registry=r)
+        self.prefix_hits = Gauge("fastllm:prefix_cache_hits",
+                                 "Prompt tokens found in the prefix cache", labels, registry=r)
+        self.prefix_hit_rate = Gauge("fastllm:prefix_cache_hit_rate",
+                                     "Prefix cache hits / queries", labels, registry=r)
+        self.preemptions = Gauge("fastllm:num_preemptions", "Requests preempted so far", labels,
+                                 registry=r)
+        self.prompt_tokens = Counter("fastllm:prompt_tokens", "Prompt tokens received", labels,
+                                     registry=r)
+        self.generation_tokens = Counter("fastllm:generation_tokens", "Tokens generated", labels,
+                                         registry=r)
+        self.requests_finished = Counter("fastllm:request_success", "Finished requests",
+                                         labels + ["finished_reason"], registry=r)
+        self.ttft = Histogram("fastllm:time_to_first_token_seconds", "Time to first token",
+                              labels, buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("fastllm:inter_token_latency_seconds", "Time between tokens",
+                             labels, buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("fastllm:e2e_request_latency_seconds", "Request latency", labels,
+                             buckets=_LATENCY_BUCKETS, registry=r)
+
+    # ---- hooks called by AsyncLLM ------------------------------------------------------------
+
+    def on_prompt(self, num_tokens: int) -> None:
+        self.prompt_tokens.labels(self.model_name).inc(num_tokens)
+
+    def on_tokens(self, stream, now: float, count: int) -> None:
+        self.generation_tokens.labels(self.model_name).inc(count)
+        if stream.first_token_at is None:
+            self.ttft.labels(self.model_name).observe(now - stream.arrival)
+        elif stream.last_token_at is not None:
+            self.itl.labels(self.model_name).observe((now - stream.last_token_at) / count)
+
+    def on_request_finished(self, reason, stream, num_tokens: int) -> None:
+        self.requests_finished.labels(self.model_name, reason or "abort").inc()
+        self.e2e.labels(self.model_name).observe(time.monotonic() - stream.arrival)
+
+    # ---- exposition --------------------------------------------------------------------------
+
+    def refresh(self, stats) -> None:
+        m = self.model_name
+        self.running.labels(m).set(stats.num_running)
+        self.waiting.labels(m).set(stats.num_waiting)
+        self.kv_usage.labels(m).set(stats.kv_usage)
+        self.prefix_queries.labels(m).set(stats.prefix_queries)
+        self.prefix_hits.labels(m).set(stats.prefix_hits)
+        rate = stats.prefix_hits / stats.prefix_queries if stats.prefix_queries else 0.0
+        self.prefix_hit_rate.labels(m).set(rate)
+        self.preemptions.labels(m).set(stats.num_preemptions)
+
+    def render(self, stats) -> bytes:
+        self.refresh(stats)
+        return generate_latest(self.registry)

@@ -1,0 +1,476 @@
+"""Completions, chat completions, tokenize and detokenize on top of AsyncLLM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, AsyncIterator, Optional
+
+from fastllm.engine.async_llm import AsyncLLM, StreamChunk
+from fastllm.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingFields,
+    TokenizeRequest,
+    UsageInfo,
+    random_id,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error answered with an OpenAI error body."""
+
+    def __init__(self, message: str, status: int = 400, param: Optional[str] = None,
+                 err_type: Optional[str] = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.err_type = err_type or ("BadRequestError" if status == 400 else
+                                     "NotFoundError" if status == 404 else
+                                     "AuthenticationError" if status == 401 else
+                                     "InternalServerError")
+
+
+def sse(payload: Any) -> str:
+    body = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {body}\n\n"
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLM, served_model_names: list[str], response_role: str,
+                 chat_template: Optional[str], max_log_len: Optional[int],
+                 log_requests: bool):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.served_model_names = served_model_names
+        self.response_role = response_role
+        self.chat_template = chat_template
+        self.max_model_len = engine.core.max_model_len
+        self.max_logprobs = engine.args.max_logprobs
+        self.max_log_len = max_log_len
+        self.log_requests = log_requests
+
+    # ---- shared checks -----------------------------------------------------------------------
+
+    def model_name(self, requested: Optional[str]) -> str:
+        if requested is None or requested in self.served_model_names:
+            return self.served_model_names[0] if requested is None else requested
+        raise APIError(f"The model `{requested}` does not exist; this server serves "
+                       f"{', '.join(self.served_model_names)}.", param="model",
+                       err_type="NotFoundError")
+
+    def check_fields(self, request: SamplingFields) -> None:
+        bad = request.unsupported()
+        if bad:
+            raise APIError(f"parameter(s) not supported yet: {', '.join(bad)}", param=bad[0])
+        unknown = request.unknown_fields()
+        if unknown:
+            logger.warning("ignoring unknown request field(s): %s", ", ".join(unknown))
+
+    def check_length(self, prompt_ids: list[int], max_tokens: Optional[int]) -> int:
+        n = len(prompt_ids)
+        if n == 0:
+            raise APIError("the prompt is empty", param="prompt")
+        if n >= self.max_model_len:
+            raise APIError(f"This model's maximum context length is {self.max_model_len} "
+                           f"tokens, but the prompt has {n} tokens.", param="prompt")
+        if max_tokens is None:
+            return self.max_model_len - n
+        if max_tokens < 1:
+            raise APIError(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        if n + max_tokens > self.max_model_len:
+            raise APIError(f"This model's maximum context length is {self.max_model_len} "
+                           f"tokens. However, you requested {n + max_tokens} tokens ({n} in the "
+                           f"prompt, {max_tokens} for the completion).", param="max_tokens")
+        return max_tokens
+
+    def check_logprobs(self, value: Optional[int], param: str) -> None:
+        if value is not None and not 0 <= value <= self.max_logprobs:
+            raise APIError(f"{param} must be between 0 and {self.max_logprobs} (the server's "
+                           f"--max-logprobs), got {value}", param=param)
+
+    def token_text(self, token_id: int, as_ids: bool) -> str:
+        if as_ids:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def log(self, request_id: str, prompt_ids: list[int]) -> None:
+        if not self.log_requests:
+            return
+        shown = prompt_ids if self.max_log_len is None else prompt_ids[: self.max_log_len]
+        logger.info("request %s: %d prompt tokens %s", request_id, len(prompt_ids), shown)
+
+    @staticmethod
+    async def until_disconnected(raw_request) -> None:
+        while True:
+            message = await raw_request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    async def run_guarded(self, raw_request, coro):
+        """Runs a non-streaming generation; a client that disconnects cancels it (and so aborts
+        its requests)."""
+        task = asyncio.ensure_future(coro)
+        watcher = asyncio.ensure_future(self.until_disconnected(raw_request))
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            watcher.cancel()
+            return task.result()
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        raise APIError("client disconnected", status=499)
+
+    async def collect(self, gen: AsyncIterator[StreamChunk]) -> dict:
+        tokens: list[int] = []
+        logprobs: list = []
+        last = None
+        async for chunk in gen:
+            tokens.extend(chunk.token_ids)
+            if chunk.logprobs:
+                logprobs.extend(chunk.logprobs)
+            last = chunk
+        assert last is not None
+        return {"text": last.full_text, "tokens": tokens, "logprobs": logprobs, "last": last}
+
+    # ---- completions -------------------------------------------------------------------------
+
+    def completion_prompts(self, request: CompletionRequest) -> list[tuple[Optional[str],
+                                                                           list[int]]]:
+        p = request.prompt
+        if isinstance(p, str):
+            items: list = [p]
+        elif isinstance(p, list) and p and all(isinstance(x, int) for x in p):
+            items = [p]
+        elif isinstance(p, list) and p:
+            items = list(p)
+        else:
+            raise APIError("prompt must not be empty", param="prompt")
+        out = []
+        for item in items:
+            if isinstance(item, str):
+                ids = self.tokenizer.encode(item, add_special_tokens=bool(request.add_special_tokens))
+                out.append((item, ids))
+            else:
+                ids = [int(t) for t in item]
+                if any(t < 0 or t >= self.engine.core.model_config.vocab_size for t in ids):
+                    raise APIError("prompt token ids must be within the vocabulary",
+                                   param="prompt")
+                out.append((None, ids))
+        if request.truncate_prompt_tokens is not None:
+            k = request.truncate_prompt_tokens
+            out = [(None if len(ids) > k else text, ids[-k:]) for text, ids in out]
+        return out
+
+    def completion_logprobs(self, tokens: list[int], logprobs: list, offset: int,
+                            as_ids: bool) -> dict:
+        texts = [self.token_text(t, as_ids) for t in tokens]
+        text_offset = []
+        pos = offset
+        for t in texts:
+            text_offset.append(pos)
+            pos += len(t)
+        top = []
+        for entry in logprobs:
+            top.append({self.token_text(tid, as_ids): lp.logprob for tid, lp in entry.items()})
+        return {
+            "tokens": texts,
+            "token_logprobs": [entry[t].logprob for t, entry in zip(tokens, logprobs)],
+            "top_logprobs": top,
+            "text_offset": text_offset,
+        }
+
+    async def completions(self, request: CompletionRequest, raw_request):
+        model = self.model_name(request.model)
+        self.check_fields(request)
+        self.check_logprobs(request.logprobs, "logprobs")
+        if request.echo and request.logprobs is not None:
+            raise APIError("echo with logprobs needs prompt logprobs, which are not supported "
+                           "yet", param="echo")
+        prompts = self.completion_prompts(request)
+        requested = 16 if request.max_tokens is None else request.max_tokens
+        jobs = []
+        base_id = request.request_id or random_id("cmpl")
+        for i, (text, ids) in enumerate(prompts):
+            max_tokens = self.check_length(ids, requested)
+            params = request.to_sampling_params(max_tokens, request.logprobs)
+            try:
+                params.validate(self.max_logprobs)
+            except ValueError as e:
+                raise APIError(str(e)) from e
+            jobs.append((f"{base_id}-{i}", text, ids, params))
+        created = int(time.time())
+        as_ids = bool(request.return_tokens_as_token_ids)
+
+        def echo_text(text: Optional[str], ids: list[int]) -> str:
+            if not request.echo:
+                return ""
+            return text if text is not None else self.tokenizer.decode(ids)
+
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            return self.stream_completions(jobs, base_id, created, model, echo_text, as_ids,
+                                           request.logprobs is not None, include_usage)
+
+        async def run_all():
+            gens = []
+            for rid, text, ids, params in jobs:
+                self.log(rid, ids)
+                gens.append(self.collect(self.engine.generate(ids, params, rid, text)))
+            return await asyncio.gather(*gens)
+
+        try:
+            results = await self.run_guarded(raw_request, run_all())
+        except ValueError as e:
+            raise APIError(str(e)) from e
+        choices = []
+        usage = UsageInfo()
+        cached = 0
+        for i, ((rid, text, ids, params), res) in enumerate(zip(jobs, results)):
+            prefix = echo_text(text, ids)
+            last = res["last"]
+            choice = {
+                "index": i,
+                "text": prefix + res["text"],
+                "logprobs": (self.completion_logprobs(res["tokens"], res["logprobs"],
+                                                      len(prefix), as_ids)
+                             if request.logprobs is not None else None),
+                "finish_reason": last.finish_reason,
+                "stop_reason": last.stop_reason,
+            }
+            choices.append(choice)
+            usage.prompt_tokens += len(ids)
+            usage.completion_tokens += len(res["tokens"])
+            cached += last.num_cached_tokens
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        usage.prompt_tokens_details = {"cached_tokens": cached}
+        return {"id": base_id, "object": "text_completion", "created": created, "model": model,
+                "choices": choices, "usage": usage.model_dump(exclude_none=True)}
+
+    async def stream_completions(self, jobs, base_id, created, model, echo_text, as_ids,
+                                 want_logprobs, include_usage) -> AsyncIterator[str]:
+        queue: asyncio.Queue = asyncio.Queue()
+        offsets = [0] * len(jobs)
+
+        async def pump(index: int, rid: str, text, ids, params):
+            try:
+                async for chunk in self.engine.generate(ids, params, rid, text):
+                    await queue.put((index, chunk))
+            except Exception as e:  # noqa: BLE001 - forwarded to the client as an error event
+                await queue.put((index, e))
+
+        tasks = []
+        try:
+            for i, (rid, text, ids, params) in enumerate(jobs):
+                self.log(rid, ids)
+                prefix = echo_text(text, ids)
+                if prefix:
+                    offsets[i] = len(prefix)
+                    yield sse({"id": base_id, "object": "text_completion", "created": created,
+                               "model": model, "choices": [{"index": i, "text": prefix,
+                                                            "logprobs": None,
+                                                            "finish_reason": None}]})
+                tasks.append(asyncio.ensure_future(pump(i, rid, text, ids, params)))
+            remaining = len(jobs)
+            prompt_tokens = sum(len(ids) for _, _, ids, _ in jobs)
+            completion_tokens = 0
+            while remaining:
+                index, chunk = await queue.get()
+                if isinstance(chunk, Exception):
+                    yield sse({"error": {"message": str(chunk), "type": "BadRequestError",
+                                         "param": None, "code": 400}})
+                    remaining -= 1
+                    continue
+                completion_tokens += len(chunk.token_ids)
+                logprobs = None
+                if want_logprobs and chunk.logprobs:
+                    logprobs = self.completion_logprobs(chunk.token_ids, chunk.logprobs,
+                                                        offsets[index], as_ids)
+                offsets[index] += len(chunk.text)
+                yield sse({"id": base_id, "object": "text_completion", "created": created,
+                           "model": model,
+                           "choices": [{"index": index, "text": chunk.text, "logprobs": logprobs,
+                                        "finish_reason": chunk.finish_reason,
+                                        "stop_reason": chunk.stop_reason}]})
+                if chunk.finished:
+                    remaining -= 1
+            if include_usage:
+                yield sse({"id": base_id, "object": "text_completion", "created": created,
+                           "model": model, "choices": [],
+                           "usage": {"prompt_tokens": prompt_tokens,
+                                     "completion_tokens": completion_tokens,
+                                     "total_tokens": prompt_tokens + completion_tokens}})
+            yield sse("[DONE]")
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    # ---- chat --------------------------------------------------------------------------------
+
+    def render_chat(self, messages, add_generation_prompt, continue_final_message,
+                    chat_template, chat_template_kwargs, documents=None) -> str:
+        conversation = [m.model_dump(exclude_none=True) for m in messages]
+        for m in conversation:
+            content = m.get("content")
+            if isinstance(content, list):
+                texts = []
+                for part in content:
+                    if part.get("type") != "text":
+                        raise APIError(f"message content of type {part.get('type')!r} is not "
+                                       f"supported (text only)", param="messages")
+                    texts.append(part.get("text", ""))
+                m["content"] = "\n".join(texts)
+        if add_generation_prompt and continue_final_message:
+            raise APIError("add_generation_prompt and continue_final_message cannot both be "
+                           "true", param="continue_final_message")
+        try:
+            return self.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, documents=documents,
+                chat_template=chat_template or self.chat_template,
+                **(chat_template_kwargs or {}))
+        except ValueError as e:
+            raise APIError(f"chat template error: {e}", param="messages") from e
+
+    def chat_logprobs(self, tokens: list[int], logprobs: list, top_n: int, as_ids: bool) -> dict:
+        content = []
+        for tok, entry in zip(tokens, logprobs):
+            text = self.token_text(tok, as_ids)
+            top = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:top_n]
+            content.append({
+                "token": text,
+                "logprob": max(entry[tok].logprob, -9999.0),
+                "bytes": list(text.encode("utf-8")),
+                "top_logprobs": [
+                    {"token": self.token_text(tid, as_ids), "logprob": max(lp.logprob, -9999.0),
+                     "bytes": list(self.token_text(tid, as_ids).encode("utf-8"))}
+                    for tid, lp in top
+                ],
+            })
+        return {"content": content}
+
+    async def chat(self, request: ChatCompletionRequest, raw_request):
+        model = self.model_name(request.model)
+        self.check_fields(request)
+        if not request.messages:
+            raise APIError("messages must not be empty", param="messages")
+        top_n = request.top_logprobs or 0
+        if request.top_logprobs is not None and not request.logprobs:
+            raise APIError("top_logprobs needs logprobs=true", param="top_logprobs")
+        self.check_logprobs(request.top_logprobs, "top_logprobs")
+        prompt = self.render_chat(request.messages, request.add_generation_prompt,
+                                  request.continue_final_message, request.chat_template,
+                                  request.chat_template_kwargs, request.documents)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=bool(request.add_special_tokens))
+        if request.truncate_prompt_tokens is not None:
+            ids = ids[-request.truncate_prompt_tokens:]
+        requested = request.max_completion_tokens or request.max_tokens
+        max_tokens = self.check_length(ids, requested)
+        params = request.to_sampling_params(max_tokens, top_n if request.logprobs else None)
+        try:
+            params.validate(self.max_logprobs)
+        except ValueError as e:
+            raise APIError(str(e)) from e
+        rid = request.request_id or random_id("chatcmpl")
+        created = int(time.time())
+        role = self.response_role if request.add_generation_prompt else request.messages[-1].role
+        echo = ""
+        last_msg = request.messages[-1]
+        if request.echo and last_msg.role == role and isinstance(last_msg.content, str):
+            echo = last_msg.content
+        as_ids = bool(request.return_tokens_as_token_ids)
+        self.log(rid, ids)
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            return self.stream_chat(rid, ids, prompt, params, created, model, role, echo,
+                                    bool(request.logprobs), top_n, as_ids, include_usage)
+        try:
+            res = await self.run_guarded(raw_request,
+                                         self.collect(self.engine.generate(ids, params, rid,
+                                                                           prompt)))
+        except ValueError as e:
+            raise APIError(str(e)) from e
+        last = res["last"]
+        usage = UsageInfo(prompt_tokens=len(ids), completion_tokens=len(res["tokens"]),
+                          total_tokens=len(ids) + len(res["tokens"]),
+                          prompt_tokens_details={"cached_tokens": last.num_cached_tokens})
+        return {
+            "id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": role, "content": echo + res["text"], "tool_calls": []},
+                "logprobs": (self.chat_logprobs(res["tokens"], res["logprobs"], top_n, as_ids)
+                             if request.logprobs else None),
+                "finish_reason": last.finish_reason,
+                "stop_reason": last.stop_reason,
+            }],
+            "usage": usage.model_dump(exclude_none=True),
+        }
+
+    async def stream_chat(self, rid, ids, prompt, params, created, model, role, echo,
+                          want_logprobs, top_n, as_ids, include_usage) -> AsyncIterator[str]:
+        def chunk_body(delta: dict, finish=None, logprobs=None, stop_reason=None) -> dict:
+            return {"id": rid, "object": "chat.completion.chunk", "created": created,
+                    "model": model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+                                 "finish_reason": finish, "stop_reason": stop_reason}]}
+
+        yield sse(chunk_body({"role": role, "content": ""}))
+        if echo:
+            yield sse(chunk_body({"content": echo}))
+        completion_tokens = 0
+        try:
+            async for chunk in self.engine.generate(ids, params, rid, prompt):
+                completion_tokens += len(chunk.token_ids)
+                logprobs = (self.chat_logprobs(chunk.token_ids, chunk.logprobs, top_n, as_ids)
+                            if want_logprobs and chunk.logprobs else None)
+                if chunk.text or logprobs:
+                    yield sse(chunk_body({"content": chunk.text}, logprobs=logprobs))
+                if chunk.finished:
+                    yield sse(chunk_body({}, chunk.finish_reason,
+                                         stop_reason=chunk.stop_reason))
+        except ValueError as e:
+            yield sse({"error": {"message": str(e), "type": "BadRequestError", "param": None,
+                                 "code": 400}})
+        if include_usage:
+            yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                       "model": model, "choices": [],
+                       "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
+                                 "total_tokens": len(ids) + completion_tokens}})
+        yield sse("[DONE]")
+
+    # ---- tokenize / detokenize ---------------------------------------------------------------
+
+    def tokenize(self, request: TokenizeRequest) -> dict:
+        self.model_name(request.model)
+        if (request.prompt is None) == (request.messages is None):
+            raise APIError("give exactly one of prompt or messages", param="prompt")
+        if request.messages is not None:
+            text = self.render_chat(request.messages, request.add_generation_prompt,
+                                    request.continue_final_message, request.chat_template,
+                                    request.chat_template_kwargs)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids = self.tokenizer.encode(request.prompt,
+                                        add_special_tokens=bool(request.add_special_tokens))
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
+
+    def detokenize(self, request: DetokenizeRequest) -> dict:
+        self.model_name(request.model)
+        vocab = self.engine.core.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in request.tokens):
+            raise APIError("token ids must be within the vocabulary", param="tokens")
+        return {"prompt": self.tokenizer.decode(request.tokens)}
+
+
+def reason: Optional[str] -> Optional[str]:
+    # Aborted requests are reported as "abort" (the client went away) and errors as "error".
+    return reason
