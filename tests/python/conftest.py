@@ -8,7 +8,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import model_fixtures  # noqa: E402  (after HF_HUB_OFFLINE)
+import model_fixtures
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ TINY_LLAMA_CONFIG: dict[str, Any] = {
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
+    "head_dim": 64,  # the smallest head size the attention kernels take (q/k/v wider than hidden)
     "vocab_size": 49152,
     "rope_theta": 10000.0,
     "max_position_embeddings": 512,

@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from fastllm.loader import (
     dequantize,
     expected_parameter_shapes,
@@ -21,7 +20,7 @@ from fastllm.loader import (
 from fastllm.loader.gguf_mapping import unpermute_qk_rows
 
 gguf_quants = pytest.importorskip("gguf.quants")
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: E402
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 GGUF_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"]
 
@@ -103,8 +102,10 @@ def test_gguf_raw_tensors_dequantize_to_the_same_weights(default_gguf_path, defa
 
 def _llama_cpp_permute(rows: np.ndarray, heads: int) -> np.ndarray:
     """What llama.cpp's converter does to HF's q/k rows (the inverse of unpermute_qk_rows)."""
-    return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(
-        rows.shape
+    return (
+        rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(rows.shape)
     )
 
 
@@ -284,7 +285,7 @@ def test_corrupt_safetensors(tmp_path, tiny_llama_dir: str) -> None:
 def test_index_naming_missing_shard(tmp_path, tiny_llama_sharded_dir: str) -> None:
     shutil.copytree(tiny_llama_sharded_dir, tmp_path / "m")
     index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
-    missing = sorted(set(index["weight_map"].values()))[0]
+    missing = min(index["weight_map"].values())
     os.remove(tmp_path / "m" / missing)
     with pytest.raises(ValueError, match=missing):
         resolve_model(str(tmp_path / "m"))

@@ -40,8 +40,7 @@ class EngineCore:
         mc = self.model_config
         self.device = args.resolve_device()
         self.dtype = args.resolve_dtype(mc.torch_dtype, self.device)
-        self.tokenizer = load_tokenizer(
-            resolve_model(args.tokenizer, "auto") if args.tokenizer else self.source)
+        self.tokenizer = load_tokenizer(args.tokenizer if args.tokenizer else self.source)
 
         self.max_model_len = args.max_model_len or mc.max_position_embeddings
         if self.max_model_len > mc.max_position_embeddings and not mc.rope_scaling:

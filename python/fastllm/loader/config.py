@@ -28,7 +28,7 @@ def load_config(source: ModelSource) -> dict[str, Any]:
     path = os.path.join(source.model_dir, "config.json")
     config = read_json(path)
     if not isinstance(config, dict):
-        raise ValueError(f"config file {path} does not hold a JSON object")
+        raise ValueError(f"config file {path} does not hold a JSON object")  # noqa: TRY004
     return normalize_hf_config(config)
 
 
@@ -46,7 +46,9 @@ def read_json(path: str) -> Any:
 def normalize_hf_config(config: dict[str, Any]) -> dict[str, Any]:
     """Fill the guaranteed keys of a `config.json` dict with HF's defaults (a new dict)."""
     out = dict(config)
-    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads") if k not in out]
+    missing = [
+        k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads") if k not in out
+    ]
     if missing:
         raise ValueError(f"config.json lacks required keys {missing}")
     heads = int(out["num_attention_heads"])

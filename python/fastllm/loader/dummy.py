@@ -6,7 +6,8 @@ derived from the HF config alone.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 

@@ -152,7 +152,10 @@ def _rope_scaling(get: Any) -> dict[str, Any] | None:
     kind = get("rope.scaling.type")
     if not kind or kind == "none":
         return None
-    scaling: dict[str, Any] = {"rope_type": str(kind), "factor": float(get("rope.scaling.factor", 1))}
+    scaling: dict[str, Any] = {
+        "rope_type": str(kind),
+        "factor": float(get("rope.scaling.factor", 1)),
+    }
     original = get("rope.scaling.original_context_length")
     if original:
         scaling["original_max_position_embeddings"] = int(original)

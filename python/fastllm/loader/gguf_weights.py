@@ -8,7 +8,8 @@ before any dtype cast.
 from __future__ import annotations
 
 import os
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from .gguf_mapping import (
     qk_heads_to_unpermute,
     unpermute_qk_rows,
 )
+from .tensor_cast import cast_weight
 
 
 class RawGGUFTensor(NamedTuple):
@@ -69,10 +71,7 @@ def iterate_gguf_weights(
         values = values.reshape(info.shape)
         if heads is not None:
             values = unpermute_qk_rows(values, heads)
-        tensor = torch.from_numpy(values)
-        if dtype != torch.float32:
-            tensor = tensor.to(dtype)
-        yield hf_name, tensor
+        yield hf_name, cast_weight(torch.from_numpy(values), dtype)
 
 
 def iterate_gguf_raw(path: str | os.PathLike[str]) -> Iterator[RawGGUFTensor]:

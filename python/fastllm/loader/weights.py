@@ -8,7 +8,8 @@ checkpoints carry are skipped (models recompute them).
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -16,6 +17,7 @@ from .config import load_config
 from .dummy import iterate_dummy_weights
 from .gguf_weights import iterate_gguf_weights
 from .source import ModelSource
+from .tensor_cast import cast_weight
 
 
 def iterate_weights(
@@ -46,15 +48,9 @@ def iterate_weights(
             for name, tensor in reader(path):
                 if name.endswith("rotary_emb.inv_freq"):
                     continue
-                yield name, _cast(tensor, dtype)
+                yield name, cast_weight(tensor, dtype)
     else:
         raise ValueError(f"unknown load_format {fmt!r}")
-
-
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if tensor.is_floating_point() and tensor.dtype != dtype:
-        return tensor.to(dtype)
-    return tensor
 
 
 def _iterate_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -63,7 +59,7 @@ def _iterate_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
 
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 yield name, f.get_tensor(name)
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise ValueError(f"cannot read safetensors file {path}: {exc}") from exc
@@ -84,7 +80,7 @@ def _iterate_pt(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"PyTorch weight file {path} does not hold a state dict")
+        raise ValueError(f"PyTorch weight file {path} does not hold a state dict")  # noqa: TRY004
     for name, tensor in state.items():
         if isinstance(tensor, torch.Tensor):
             yield name, tensor

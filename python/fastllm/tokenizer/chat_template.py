@@ -15,9 +15,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any, ClassVar
 
 import jinja2
 import jinja2.ext
@@ -31,7 +31,7 @@ _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 class _GenerationBlock(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` (used to mark assistant text): renders the body."""
 
-    tags = {"generation"}
+    tags: ClassVar[set[str]] = {"generation"}
 
     def parse(self, parser: Any) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno

@@ -21,7 +21,7 @@ exactly `tokenizer.decode(output_ids, skip_special_tokens)`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .tokenizer import Tokenizer
 

@@ -108,11 +108,13 @@ def load_gguf_backend(gguf: GGUFFile, use_cache: bool = True) -> Tokenizer:
     """
     cache_path = None
     if use_cache:
-        cache_path = os.path.join(tokenizer_cache_dir(), gguf_tokenizer_cache_key(gguf.path) + ".json")
+        cache_path = os.path.join(
+            tokenizer_cache_dir(), gguf_tokenizer_cache_key(gguf.path) + ".json"
+        )
         if os.path.isfile(cache_path):
             try:
                 return Tokenizer.from_file(cache_path)
-            except Exception:  # a corrupt cache entry is rebuilt below
+            except Exception:  # noqa: BLE001, S110 (a corrupt cache entry is rebuilt below)
                 pass
     tokenizer_json = build_gguf_tokenizer_json(gguf)
     backend = Tokenizer.from_str(tokenizer_json)

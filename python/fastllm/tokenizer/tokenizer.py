@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from tokenizers import Tokenizer as BackendTokenizer
 
@@ -64,7 +65,12 @@ class Tokenizer:
             eos.add(self.eos_token_id)
         self.eos_token_ids: frozenset[int] = frozenset(eos)
         special_ids = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
-        for token_id in (self.bos_token_id, self.eos_token_id, self.unk_token_id, self.pad_token_id):
+        for token_id in (
+            self.bos_token_id,
+            self.eos_token_id,
+            self.unk_token_id,
+            self.pad_token_id,
+        ):
             if token_id is not None:
                 special_ids.add(token_id)
         self.all_special_ids: list[int] = sorted(special_ids)
@@ -188,8 +194,11 @@ def _gguf_tokenizer(path: str) -> Tokenizer:
         return tokens[int(token_id)]
 
     # llama.cpp's end-of-turn / end-of-message ids also stop generation.
-    extra = {int(md[k]) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
-             if k in md}
+    extra = {
+        int(md[k])
+        for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+        if k in md
+    }
     special = SpecialTokens(
         bos_token=token("bos"),
         eos_token=token("eos"),

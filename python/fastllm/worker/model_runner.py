@@ -66,13 +66,14 @@ class ModelExecutor(_C.Executor):
         swap_out = plan.blocks_to_swap_out
         swap_in = plan.blocks_to_swap_in
         copy = plan.blocks_to_copy
+        # Swap mappings are read on the host (int64); copy mappings go to the cache's device.
         if len(swap_out):
-            mapping = torch.from_numpy(swap_out.copy())
+            mapping = torch.from_numpy(swap_out.astype(np.int64))
             for (k, v), (hk, hv) in zip(self.kv_caches, self.swap_caches):
                 ops.swap_blocks(k, hk, mapping)
                 ops.swap_blocks(v, hv, mapping)
         if len(swap_in):
-            mapping = torch.from_numpy(swap_in.copy())
+            mapping = torch.from_numpy(swap_in.astype(np.int64))
             for (k, v), (hk, hv) in zip(self.kv_caches, self.swap_caches):
                 ops.swap_blocks(hk, k, mapping)
                 ops.swap_blocks(hv, v, mapping)

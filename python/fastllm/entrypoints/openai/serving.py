@@ -470,7 +470,3 @@ class OpenAIServing:
             raise APIError("token ids must be within the vocabulary", param="tokens")
         return {"prompt": self.tokenizer.decode(request.tokens)}
 
-
-def reason: Optional[str] -> Optional[str]:
-    # Aborted requests are reported as "abort" (the client went away) and errors as "error".
-    return reason
