@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -36,35 +36,35 @@ class EngineArgs:
     """Everything needed to build an engine. Field names follow the CLI flags
     (``--max-model-len`` -> ``max_model_len``)."""
 
-    model: Optional[str] = None  # local dir or .gguf; None = the default model
-    tokenizer: Optional[str] = None
+    model: str | None = None  # local dir or .gguf; None = the default model
+    tokenizer: str | None = None
     load_format: str = "auto"  # auto | safetensors | pt | gguf | dummy
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
-    max_model_len: Optional[int] = None
+    max_model_len: int | None = None
     block_size: int = 16
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    max_num_batched_tokens: Optional[int] = None
+    max_num_batched_tokens: int | None = None
     max_num_seqs: int = 256
     max_logprobs: int = 20
     swap_space: float = 4.0  # GiB of host memory for preemption by swap (GPU only)
     preemption_mode: str = "recompute"  # recompute | swap
     scheduling_policy: str = "fcfs"  # fcfs | priority
     gpu_memory_utilization: float = 0.9
-    num_gpu_blocks_override: Optional[int] = None
-    cpu_kvcache_space: Optional[float] = None  # GiB; default FASTLLM_CPU_KVCACHE_SPACE or 4
-    rope_scaling: Optional[dict] = None
-    rope_theta: Optional[float] = None
+    num_gpu_blocks_override: int | None = None
+    cpu_kvcache_space: float | None = None  # GiB; default FASTLLM_CPU_KVCACHE_SPACE or 4
+    rope_scaling: dict | None = None
+    rope_theta: float | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     trust_remote_code: bool = False
-    served_model_name: Optional[list[str]] = None
+    served_model_name: list[str] | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":
+    def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
         names = {f.name for f in fields(cls)}
         unknown = sorted(k for k in kwargs if k not in names)
         if unknown:
@@ -105,7 +105,7 @@ class EngineArgs:
             raise ValueError("device 'cuda' requested but torch sees no CUDA device")
         return torch.device(self.device)
 
-    def resolve_dtype(self, config_dtype: Optional[str], device: torch.device) -> torch.dtype:
+    def resolve_dtype(self, config_dtype: str | None, device: torch.device) -> torch.dtype:
         if self.dtype != "auto":
             return _DTYPES[self.dtype]
         if device.type == "cpu":
@@ -138,18 +138,18 @@ class ModelConfig:
     vocab_size: int
     rms_norm_eps: float
     rope_theta: float
-    rope_scaling: Optional[dict]
+    rope_scaling: dict | None
     max_position_embeddings: int
     tie_word_embeddings: bool
     eos_token_ids: list[int]
-    bos_token_id: Optional[int]
-    torch_dtype: Optional[str]
+    bos_token_id: int | None
+    torch_dtype: str | None
     attention_bias: bool = False
-    sliding_window: Optional[int] = None
+    sliding_window: int | None = None
     raw: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_dict(cls, cfg: dict, args: Optional[EngineArgs] = None) -> "ModelConfig":
+    def from_dict(cls, cfg: dict, args: EngineArgs | None = None) -> ModelConfig:
         archs = cfg.get("architectures") or []
         if not archs:
             raise ValueError("the model config names no architecture")

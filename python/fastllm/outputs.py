@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 
 @dataclass
@@ -11,8 +10,8 @@ class Logprob:
     """Log probability of one token, its rank in the distribution and its text."""
 
     logprob: float
-    rank: Optional[int] = None
-    decoded_token: Optional[str] = None
+    rank: int | None = None
+    decoded_token: str | None = None
 
 
 # One dict per generated token: token id -> Logprob (the sampled token plus the top-N).
@@ -26,10 +25,10 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    cumulative_logprob: Optional[float]
-    logprobs: Optional[SampleLogprobs]
-    finish_reason: Optional[str] = None  # "stop", "length", "abort" or "error"
-    stop_reason: Union[int, str, None] = None  # the stop string or stop token id that ended it
+    cumulative_logprob: float | None
+    logprobs: SampleLogprobs | None
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -40,10 +39,10 @@ class RequestOutput:
     """A request's prompt and its outputs so far (final when ``finished``)."""
 
     request_id: str
-    prompt: Optional[str]
+    prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
-    prompt_logprobs: Optional[list] = None
+    prompt_logprobs: list | None = None
     metrics: dict = field(default_factory=dict)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fastllm import LLM, SamplingParams
 
 NEW_TOKENS = 64
@@ -15,9 +14,9 @@ PROMPTS = [
     "The history of the printing press",
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
     "Q: What is the tallest mountain on Earth, and how tall is it?\nA:",
-    "Write a short poem about the sea. The waves roll in, the tide goes out, and the gulls "
+    ("Write a short poem about the sea. The waves roll in, the tide goes out, and the gulls "
     "circle over the harbour while the fishermen mend their nets and talk about the weather "
-    "that will come with the evening.",
+    "that will come with the evening."),
 ]
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
 
 from fastllm.config import EngineArgs
 from fastllm.engine.llm_engine import EngineCore
@@ -26,9 +26,9 @@ class StreamChunk:
     request_id: str
     text: str
     token_ids: list[int]
-    logprobs: Optional[list[dict[int, Logprob]]]
+    logprobs: list[dict[int, Logprob]] | None
     finished: bool
-    finish_reason: Optional[str]
+    finish_reason: str | None
     stop_reason: int | str | None
     num_prompt_tokens: int
     num_output_tokens: int
@@ -41,8 +41,8 @@ class _Stream:
     state: RequestState
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     arrival: float = field(default_factory=time.monotonic)
-    first_token_at: Optional[float] = None
-    last_token_at: Optional[float] = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
 
 
 class AsyncLLM:
@@ -53,8 +53,8 @@ class AsyncLLM:
         self.engine = self.core.engine
         self.metrics = metrics
         self._streams: dict[str, _Stream] = {}
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self.errored: Optional[str] = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.errored: str | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -79,7 +79,7 @@ class AsyncLLM:
     # ---- requests ----------------------------------------------------------------------------
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                       prompt: Optional[str] = None) -> AsyncIterator[StreamChunk]:
+                       prompt: str | None = None) -> AsyncIterator[StreamChunk]:
         """Yields chunks until the request finishes. Leaving the iteration early (a client that
         went away) aborts the request, which frees its KV blocks."""
         if self._loop is None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Optional, Union
 
 import torch
 
@@ -21,7 +20,7 @@ from fastllm.worker.model_runner import ModelExecutor, kv_bytes_per_block
 
 logger = logging.getLogger(__name__)
 
-PromptType = Union[str, list[int], dict]
+PromptType = str | list[int] | dict
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -128,7 +127,7 @@ class EngineCore:
     # ---- prompts -----------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: PromptType, add_special_tokens: bool = True
-                      ) -> tuple[Optional[str], list[int]]:
+                      ) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
@@ -155,8 +154,8 @@ class LLMEngine:
         self._states: dict[str, RequestState] = {}
         self._counter = 0
 
-    def add_request(self, prompt: PromptType, params: Optional[SamplingParams] = None,
-                    request_id: Optional[str] = None, add_special_tokens: bool = True) -> str:
+    def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
+                    request_id: str | None = None, add_special_tokens: bool = True) -> str:
         params = params or SamplingParams()
         params.validate(self.args.max_logprobs)
         text, ids = self.core.encode_prompt(prompt, add_special_tokens)

@@ -3,15 +3,13 @@ logprobs assembly. Token-level rules stay in the C++ engine."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from fastllm.outputs import CompletionOutput, Logprob, RequestOutput
 from fastllm.sampling_params import SamplingParams
 from fastllm.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 class RequestState:
-    def __init__(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                  params: SamplingParams, tokenizer: Tokenizer):
         self.request_id = request_id
         self.prompt = prompt
@@ -26,9 +24,9 @@ class RequestState:
         )
         self.token_ids: list[int] = []
         self.text = ""
-        self.logprobs: Optional[list[dict[int, Logprob]]] = [] if params.logprobs is not None else None
-        self.cumulative_logprob: Optional[float] = 0.0 if params.logprobs is not None else None
-        self.finish_reason: Optional[str] = None
+        self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
+        self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.num_cached_tokens = 0
         self._max_stop_len = max((len(s) for s in params.stop_strings), default=0)
@@ -93,7 +91,7 @@ class RequestState:
         self.stop_reason = stop
         return True
 
-    def take_delta(self) -> tuple[str, list[int], Optional[list[dict[int, Logprob]]]]:
+    def take_delta(self) -> tuple[str, list[int], list[dict[int, Logprob]] | None]:
         """The text, tokens and logprobs not handed out yet. While the request runs, text that
         could still turn out to start a stop string is held back."""
         limit = len(self.text)

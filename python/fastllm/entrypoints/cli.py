@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from fastllm.entrypoints.openai.api_server import main as serve
 
     return serve(argv)

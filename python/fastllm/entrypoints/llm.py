@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -22,7 +23,7 @@ class LLM:
     ``LLM(model="/models/llama", max_model_len=4096, enable_prefix_caching=False)``.
     """
 
-    def __init__(self, model: Optional[str] = None, **kwargs: Any):
+    def __init__(self, model: str | None = None, **kwargs: Any):
         self.engine_args = EngineArgs.from_kwargs(model=model, **kwargs)
         self.llm_engine = LLMEngine(self.engine_args)
 
@@ -31,11 +32,11 @@ class LLM:
 
     def generate(
         self,
-        prompts: Union[PromptType, Sequence[PromptType], None] = None,
-        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        prompts: PromptType | Sequence[PromptType] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
-        prompt_token_ids: Optional[list[list[int]]] = None,
-        priority: Optional[list[int]] = None,
+        prompt_token_ids: list[list[int]] | None = None,
+        priority: list[int] | None = None,
     ) -> list[RequestOutput]:
         """Generates for every prompt (strings, token id lists or prompt dicts) and returns the
         outputs in the prompts' order."""
@@ -60,14 +61,14 @@ class LLM:
 
     def chat(
         self,
-        messages: Union[Conversation, list[Conversation]],
-        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        messages: Conversation | list[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
-        chat_template: Optional[str] = None,
+        chat_template: str | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
-        tools: Optional[list[dict]] = None,
-        chat_template_kwargs: Optional[dict[str, Any]] = None,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Applies the chat template to one conversation (a list of messages) or several, and
         generates a reply for each."""

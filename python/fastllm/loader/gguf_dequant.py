@@ -19,7 +19,7 @@ Block layouts (bytes, little-endian; "d" etc. are float16)::
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

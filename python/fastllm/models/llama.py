@@ -7,7 +7,8 @@ separate tensors into their slices.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
             return ops.rms_norm(x, self.weight, self.eps)
         ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
@@ -108,7 +109,7 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     # checkpoint name fragment -> (fused parameter fragment, shard index)
-    _stacked = {
+    _stacked: ClassVar[dict[str, tuple[str, int]]] = {
         "q_proj": ("qkv_proj", 0),
         "k_proj": ("qkv_proj", 1),
         "v_proj": ("qkv_proj", 2),

@@ -7,11 +7,12 @@ on the CPU (one host-to-device copy each on a GPU). The engine thread calls exec
 from __future__ import annotations
 
 import logging
+
 import numpy as np
 import torch
 
 from fastllm import _C, ops
-from fastllm.config import EngineArgs, ModelConfig
+from fastllm.config import ModelConfig
 from fastllm.models.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,6 @@ import sys
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from pathlib import Path
-from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,7 +44,7 @@ logger = logging.getLogger("fastllm.server")
 _STATIC = Path(__file__).parent / "static"
 
 
-def error_response(message: str, status: int, err_type: str, param: Optional[str] = None
+def error_response(message: str, status: int, err_type: str, param: str | None = None
                    ) -> JSONResponse:
     return JSONResponse(status_code=status, content={
         "error": {"message": message, "type": err_type, "param": param, "code": status}})
@@ -68,7 +67,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     )
 
 
-def load_chat_template(value: Optional[str]) -> Optional[str]:
+def load_chat_template(value: str | None) -> str | None:
     """--chat-template takes a file path or the template itself."""
     if value is None:
         return None
@@ -244,7 +243,7 @@ def run(ns: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     return run(parse_args(argv))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -154,8 +154,8 @@ def _env_value(action: argparse.Action, raw: str) -> Any:
     return action.type(raw) if action.type else raw
 
 
-def parse_args(argv: Optional[list[str]] = None,
-               environ: Optional[dict[str, str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None,
+               environ: dict[str, str] | None = None) -> argparse.Namespace:
     parser = make_parser()
     environ = dict(os.environ) if environ is None else environ
     explicit = parser.parse_args(argv)
@@ -189,7 +189,7 @@ def parse_args(argv: Optional[list[str]] = None,
     return ns
 
 
-def _given_dests(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> set[str]:
+def _given_dests(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
     probe = argparse.ArgumentParser(add_help=False)
     for action in parser._actions:
         if action.dest == "help" or not action.option_strings:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,8 +25,8 @@ class OpenAIModel(BaseModel):
 class ErrorInfo(BaseModel):
     message: str
     type: str
-    param: Optional[str] = None
-    code: Optional[Union[int, str]] = None
+    param: str | None = None
+    code: int | str | None = None
 
 
 class ErrorResponse(BaseModel):
@@ -34,58 +34,58 @@ class ErrorResponse(BaseModel):
 
 
 class StreamOptions(OpenAIModel):
-    include_usage: Optional[bool] = False
-    continuous_usage_stats: Optional[bool] = False
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
 
 
 class ResponseFormat(OpenAIModel):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: Optional[dict[str, Any]] = None
+    json_schema: dict[str, Any] | None = None
 
 
 class SamplingFields(OpenAIModel):
     """Fields shared by completions and chat completions."""
 
-    model: Optional[str] = None
-    frequency_penalty: Optional[float] = 0.0
-    presence_penalty: Optional[float] = 0.0
-    logit_bias: Optional[dict[str, float]] = None
-    max_tokens: Optional[int] = None
-    n: Optional[int] = 1
-    seed: Optional[int] = None
-    stop: Optional[Union[str, list[str]]] = None
-    stream: Optional[bool] = False
-    stream_options: Optional[StreamOptions] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    user: Optional[str] = None
-    response_format: Optional[ResponseFormat] = None
+    model: str | None = None
+    frequency_penalty: float | None = 0.0
+    presence_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    max_tokens: int | None = None
+    n: int | None = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None
+    response_format: ResponseFormat | None = None
     # extra sampling parameters
-    best_of: Optional[int] = None
-    use_beam_search: Optional[bool] = False
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
-    length_penalty: Optional[float] = 1.0
-    early_stopping: Optional[bool] = False
-    stop_token_ids: Optional[list[int]] = Field(default_factory=list)
-    ignore_eos: Optional[bool] = False
-    min_tokens: Optional[int] = 0
-    skip_special_tokens: Optional[bool] = True
-    spaces_between_special_tokens: Optional[bool] = True
-    include_stop_str_in_output: Optional[bool] = False
-    truncate_prompt_tokens: Optional[int] = Field(default=None, ge=1)
-    allowed_token_ids: Optional[list[int]] = None
-    prompt_logprobs: Optional[int] = None
-    priority: Optional[int] = 0
-    return_tokens_as_token_ids: Optional[bool] = False
-    guided_json: Optional[Union[str, dict[str, Any]]] = None
-    guided_regex: Optional[str] = None
-    guided_choice: Optional[list[str]] = None
-    guided_grammar: Optional[str] = None
-    guided_decoding_backend: Optional[str] = None
-    guided_whitespace_pattern: Optional[str] = None
-    request_id: Optional[str] = None
+    best_of: int | None = None
+    use_beam_search: bool | None = False
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    length_penalty: float | None = 1.0
+    early_stopping: bool | None = False
+    stop_token_ids: list[int] | None = Field(default_factory=list)
+    ignore_eos: bool | None = False
+    min_tokens: int | None = 0
+    skip_special_tokens: bool | None = True
+    spaces_between_special_tokens: bool | None = True
+    include_stop_str_in_output: bool | None = False
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+    allowed_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = None
+    priority: int | None = 0
+    return_tokens_as_token_ids: bool | None = False
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    request_id: str | None = None
 
     def unsupported(self) -> list[str]:
         """Names of the given fields whose behaviour fastllm does not implement yet."""
@@ -113,7 +113,7 @@ class SamplingFields(OpenAIModel):
     def unknown_fields(self) -> list[str]:
         return sorted((self.model_extra or {}).keys())
 
-    def to_sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]
+    def to_sampling_params(self, max_tokens: int | None, logprobs: int | None
                            ) -> SamplingParams:
         return SamplingParams(
             n=1,
@@ -139,11 +139,11 @@ class SamplingFields(OpenAIModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    echo: Optional[bool] = False
-    logprobs: Optional[int] = None
-    suffix: Optional[str] = None
-    add_special_tokens: Optional[bool] = True
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    add_special_tokens: bool | None = True
 
     def unsupported(self) -> list[str]:
         bad = super().unsupported()
@@ -154,27 +154,27 @@ class CompletionRequest(SamplingFields):
 
 class ChatMessage(OpenAIModel):
     role: str
-    content: Optional[Union[str, list[dict[str, Any]]]] = None
-    name: Optional[str] = None
-    tool_calls: Optional[list[dict[str, Any]]] = None
-    tool_call_id: Optional[str] = None
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
-    logprobs: Optional[bool] = False
-    top_logprobs: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
-    tools: Optional[list[dict[str, Any]]] = None
-    tool_choice: Optional[Union[str, dict[str, Any]]] = None
-    parallel_tool_calls: Optional[bool] = None
-    echo: Optional[bool] = False
-    add_generation_prompt: Optional[bool] = True
-    continue_final_message: Optional[bool] = False
-    add_special_tokens: Optional[bool] = False
-    documents: Optional[list[dict[str, str]]] = None
-    chat_template: Optional[str] = None
-    chat_template_kwargs: Optional[dict[str, Any]] = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    max_completion_tokens: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    echo: bool | None = False
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
+    add_special_tokens: bool | None = False
+    documents: list[dict[str, str]] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def unsupported(self) -> list[str]:
         bad = super().unsupported()
@@ -186,18 +186,18 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(OpenAIModel):
-    model: Optional[str] = None
-    prompt: Optional[str] = None
-    messages: Optional[list[ChatMessage]] = None
-    add_special_tokens: Optional[bool] = True
-    add_generation_prompt: Optional[bool] = True
-    continue_final_message: Optional[bool] = False
-    chat_template: Optional[str] = None
-    chat_template_kwargs: Optional[dict[str, Any]] = None
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = True
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(OpenAIModel):
-    model: Optional[str] = None
+    model: str | None = None
     tokens: list[int]
 
 
@@ -205,7 +205,7 @@ class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
-    prompt_tokens_details: Optional[dict[str, int]] = None
+    prompt_tokens_details: dict[str, int] | None = None
 
 
 class ModelCard(BaseModel):
@@ -213,8 +213,8 @@ class ModelCard(BaseModel):
     object: str = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "fastllm"
-    root: Optional[str] = None
-    max_model_len: Optional[int] = None
+    root: str | None = None
+    max_model_len: int | None = None
 
 
 class ModelList(BaseModel):

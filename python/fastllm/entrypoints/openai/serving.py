@@ -6,7 +6,8 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastllm.engine.async_llm import AsyncLLM, StreamChunk
 from fastllm.entrypoints.openai.protocol import (
@@ -25,8 +26,8 @@ logger = logging.getLogger(__name__)
 class APIError(Exception):
     """An error answered with an OpenAI error body."""
 
-    def __init__(self, message: str, status: int = 400, param: Optional[str] = None,
-                 err_type: Optional[str] = None):
+    def __init__(self, message: str, status: int = 400, param: str | None = None,
+                 err_type: str | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
@@ -44,7 +45,7 @@ def sse(payload: Any) -> str:
 
 class OpenAIServing:
     def __init__(self, engine: AsyncLLM, served_model_names: list[str], response_role: str,
-                 chat_template: Optional[str], max_log_len: Optional[int],
+                 chat_template: str | None, max_log_len: int | None,
                  log_requests: bool):
         self.engine = engine
         self.tokenizer = engine.tokenizer
@@ -58,7 +59,7 @@ class OpenAIServing:
 
     # ---- shared checks -----------------------------------------------------------------------
 
-    def model_name(self, requested: Optional[str]) -> str:
+    def model_name(self, requested: str | None) -> str:
         if requested is None or requested in self.served_model_names:
             return self.served_model_names[0] if requested is None else requested
         raise APIError(f"The model `{requested}` does not exist; this server serves "
@@ -73,7 +74,7 @@ class OpenAIServing:
         if unknown:
             logger.warning("ignoring unknown request field(s): %s", ", ".join(unknown))
 
-    def check_length(self, prompt_ids: list[int], max_tokens: Optional[int]) -> int:
+    def check_length(self, prompt_ids: list[int], max_tokens: int | None) -> int:
         n = len(prompt_ids)
         if n == 0:
             raise APIError("the prompt is empty", param="prompt")
@@ -90,7 +91,7 @@ class OpenAIServing:
                            f"prompt, {max_tokens} for the completion).", param="max_tokens")
         return max_tokens
 
-    def check_logprobs(self, value: Optional[int], param: str) -> None:
+    def check_logprobs(self, value: int | None, param: str) -> None:
         if value is not None and not 0 <= value <= self.max_logprobs:
             raise APIError(f"{param} must be between 0 and {self.max_logprobs} (the server's "
                            f"--max-logprobs), got {value}", param=param)
@@ -143,7 +144,7 @@ class OpenAIServing:
 
     # ---- completions -------------------------------------------------------------------------
 
-    def completion_prompts(self, request: CompletionRequest) -> list[tuple[Optional[str],
+    def completion_prompts(self, request: CompletionRequest) -> list[tuple[str | None,
                                                                            list[int]]]:
         p = request.prompt
         if isinstance(p, str):
@@ -210,7 +211,7 @@ class OpenAIServing:
         created = int(time.time())
         as_ids = bool(request.return_tokens_as_token_ids)
 
-        def echo_text(text: Optional[str], ids: list[int]) -> str:
+        def echo_text(text: str | None, ids: list[int]) -> str:
             if not request.echo:
                 return ""
             return text if text is not None else self.tokenizer.decode(ids)
