@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastllm import _C
 
@@ -52,10 +52,11 @@ class SamplingParams:
 
     def validate(self, max_logprobs: int = 20) -> None:
         """Raise ``ValueError`` for values the engine cannot honour."""
-        if self.n != 1:
-            raise ValueError(f"n={self.n}: parallel sampling (n > 1) is not supported yet")
-        if self.best_of not in (None, 1):
-            raise ValueError(f"best_of={self.best_of}: best_of > 1 is not supported yet")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be a positive integer, got {self.n}")
+        if self.best_of is not None and (not isinstance(self.best_of, int)
+                                         or self.best_of < self.n):
+            raise ValueError(f"best_of must be an integer >= n ({self.n}), got {self.best_of}")
         if self.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs is not supported yet")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
@@ -64,10 +65,25 @@ class SamplingParams:
             raise ValueError("stop strings need detokenize=True")
         self.to_native().validate(max_logprobs)
 
+    @property
+    def num_samples(self) -> int:
+        """Sequences generated for the request: best_of when given, else n."""
+        return self.best_of or self.n
+
+    def for_child(self, index: int) -> SamplingParams:
+        """Parameters of the index-th of num_samples sequences: one sequence each, distinct
+        seeds when seeded, and logprobs on when best_of must rank the candidates."""
+        child = replace(self, n=1, best_of=None)
+        if self.seed is not None:
+            child.seed = self.seed + index
+        if self.num_samples > self.n and child.logprobs is None:
+            child.logprobs = 0
+        return child
+
     def to_native(self) -> _C.SamplingParams:
-        """The token-level part, as the C++ engine's SamplingParams."""
+        """The token-level part of one sequence, as the C++ engine's SamplingParams."""
         p = _C.SamplingParams()
-        p.n = self.n
+        p.n = 1
         p.max_tokens = -1 if self.max_tokens is None else int(self.max_tokens)
         p.min_tokens = int(self.min_tokens)
         p.temperature = float(self.temperature)

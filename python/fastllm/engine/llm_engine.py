@@ -10,6 +10,7 @@ import torch
 
 from fastllm import _C
 from fastllm.config import EngineArgs, ModelConfig
+from fastllm.engine.parallel_sampling import ParentRequest
 from fastllm.engine.request_state import RequestState
 from fastllm.loader import iterate_weights, load_config, resolve_model
 from fastllm.models import get_model_class
@@ -152,6 +153,8 @@ class LLMEngine:
         self.tokenizer = self.core.tokenizer
         self.engine = self.core.engine
         self._states: dict[str, RequestState] = {}
+        self._parents: dict[str, ParentRequest] = {}  # child id -> parent, for n / best_of
+        self._groups: dict[str, ParentRequest] = {}  # parent id -> parent
         self._counter = 0
 
     def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
@@ -162,14 +165,33 @@ class LLMEngine:
         if request_id is None:
             request_id = f"req-{self._counter}"
             self._counter += 1
+        if request_id in self._states or request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if params.num_samples == 1:
+            self._add_sequence(request_id, text, ids, params)
+            return request_id
+        parent = ParentRequest(request_id, params)
+        for index, cid in enumerate(parent.child_ids):
+            self._add_sequence(cid, text, ids, params.for_child(index))
+            self._parents[cid] = parent
+        self._groups[request_id] = parent
+        return request_id
+
+    def _add_sequence(self, request_id: str, text: str | None, ids: list[int],
+                      params: SamplingParams) -> None:
         state = RequestState(request_id, text, ids, params, self.tokenizer)
         self.engine.add_request(request_id, ids, params.to_native())
         self._states[request_id] = state
-        return request_id
 
     def abort_request(self, request_id: str) -> bool:
-        self._states.pop(request_id, None)
-        return self.engine.abort(request_id)
+        parent = self._groups.pop(request_id, None)
+        ids = parent.child_ids if parent is not None else [request_id]
+        aborted = False
+        for rid in ids:
+            self._parents.pop(rid, None)
+            self._states.pop(rid, None)
+            aborted = self.engine.abort(rid) or aborted
+        return aborted
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._states)
@@ -183,9 +205,17 @@ class LLMEngine:
                 continue  # ended earlier by a stop string; this is its abort
             if state.update(out):
                 self.engine.abort(out.request_id)
-            if state.finished:
-                del self._states[out.request_id]
-                finished.append(state.to_output())
+            if not state.finished:
+                continue
+            del self._states[out.request_id]
+            result = state.to_output()
+            parent = self._parents.pop(out.request_id, None)
+            if parent is not None:
+                result = parent.add_finished(result)
+                if result is None:
+                    continue
+                del self._groups[parent.request_id]
+            finished.append(result)
         return finished
 
     def stats(self):

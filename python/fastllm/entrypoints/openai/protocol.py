@@ -90,10 +90,6 @@ class SamplingFields(OpenAIModel):
     def unsupported(self) -> list[str]:
         """Names of the given fields whose behaviour fastllm does not implement yet."""
         bad = []
-        if self.n not in (None, 1):
-            bad.append("n")
-        if self.best_of not in (None, 1):
-            bad.append("best_of")
         if self.use_beam_search:
             bad.append("use_beam_search")
         if self.logit_bias:
@@ -116,7 +112,8 @@ class SamplingFields(OpenAIModel):
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None
                            ) -> SamplingParams:
         return SamplingParams(
-            n=1,
+            n=1 if self.n is None else self.n,
+            best_of=self.best_of,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,

@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastllm.engine.async_llm import AsyncLLM, StreamChunk
@@ -19,6 +20,7 @@ from fastllm.entrypoints.openai.protocol import (
     UsageInfo,
     random_id,
 )
+from fastllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,26 @@ class APIError(Exception):
                                      "NotFoundError" if status == 404 else
                                      "AuthenticationError" if status == 401 else
                                      "InternalServerError")
+
+
+@dataclass
+class Job:
+    """One engine request serving one choice (or one best_of candidate)."""
+
+    index: int  # choice index in the response
+    prompt_index: int
+    request_id: str
+    text: str | None
+    ids: list[int]
+    params: SamplingParams
+    n: int  # choices per prompt
+    ranked: bool  # a best_of candidate: kept only if among the n best
+    wants_logprobs: bool
+
+
+def error_event(error: Exception) -> dict:
+    return {"error": {"message": str(error), "type": "BadRequestError", "param": None,
+                      "code": 400}}
 
 
 def sse(payload: Any) -> str:
@@ -140,7 +162,54 @@ class OpenAIServing:
                 logprobs.extend(chunk.logprobs)
             last = chunk
         assert last is not None
-        return {"text": last.full_text, "tokens": tokens, "logprobs": logprobs, "last": last}
+        cumulative = sum(entry[t].logprob for t, entry in zip(tokens, logprobs)) if logprobs \
+            else 0.0
+        return {"text": last.full_text, "tokens": tokens, "logprobs": logprobs, "last": last,
+                "cumulative_logprob": cumulative}
+
+    def make_jobs(self, base_id: str, prompt_index: int, text: str | None, ids: list[int],
+                  params, stream: bool) -> list[Job]:
+        """One engine request per generated sequence: n of them, or best_of candidates."""
+        try:
+            params.validate(self.max_logprobs)
+        except ValueError as e:
+            raise APIError(str(e)) from e
+        if stream and params.num_samples > params.n:
+            raise APIError("best_of > n cannot be streamed", param="best_of")
+        return [Job(prompt_index * params.n + j, prompt_index, f"{base_id}-{prompt_index}-{j}",
+                    text, ids, params.for_child(j), params.n, params.num_samples > params.n,
+                    params.logprobs is not None)
+                for j in range(params.num_samples)]
+
+    async def run_jobs(self, raw_request, jobs: list[Job]) -> list[tuple[Job, dict]]:
+        """Runs every job to the end; with best_of keeps each prompt's n best candidates (by
+        cumulative logprob) and renumbers their choice indexes."""
+        async def run_all():
+            gens = []
+            for job in jobs:
+                self.log(job.request_id, job.ids)
+                gens.append(self.collect(self.engine.generate(job.ids, job.params,
+                                                              job.request_id, job.text)))
+            return await asyncio.gather(*gens)
+
+        try:
+            results = await self.run_guarded(raw_request, run_all())
+        except ValueError as e:
+            raise APIError(str(e)) from e
+        by_prompt: dict[int, list[tuple[Job, dict]]] = {}
+        for job, res in zip(jobs, results):
+            by_prompt.setdefault(job.prompt_index, []).append((job, res))
+        chosen: list[tuple[Job, dict]] = []
+        for prompt_index in sorted(by_prompt):
+            group = by_prompt[prompt_index]
+            if group[0][0].ranked:
+                group = sorted(group, key=lambda jr: jr[1]["cumulative_logprob"], reverse=True)
+                group = group[: group[0][0].n]
+            for k, (job, res) in enumerate(group):
+                if not job.wants_logprobs:
+                    res["logprobs"] = []
+                chosen.append((replace(job, index=prompt_index * job.n + k), res))
+        return chosen
 
     # ---- completions -------------------------------------------------------------------------
 
@@ -198,16 +267,12 @@ class OpenAIServing:
                            "yet", param="echo")
         prompts = self.completion_prompts(request)
         requested = 16 if request.max_tokens is None else request.max_tokens
-        jobs = []
+        jobs: list[Job] = []
         base_id = request.request_id or random_id("cmpl")
         for i, (text, ids) in enumerate(prompts):
             max_tokens = self.check_length(ids, requested)
             params = request.to_sampling_params(max_tokens, request.logprobs)
-            try:
-                params.validate(self.max_logprobs)
-            except ValueError as e:
-                raise APIError(str(e)) from e
-            jobs.append((f"{base_id}-{i}", text, ids, params))
+            jobs += self.make_jobs(base_id, i, text, ids, params, bool(request.stream))
         created = int(time.time())
         as_ids = bool(request.return_tokens_as_token_ids)
 
@@ -221,95 +286,91 @@ class OpenAIServing:
             return self.stream_completions(jobs, base_id, created, model, echo_text, as_ids,
                                            request.logprobs is not None, include_usage)
 
-        async def run_all():
-            gens = []
-            for rid, text, ids, params in jobs:
-                self.log(rid, ids)
-                gens.append(self.collect(self.engine.generate(ids, params, rid, text)))
-            return await asyncio.gather(*gens)
-
-        try:
-            results = await self.run_guarded(raw_request, run_all())
-        except ValueError as e:
-            raise APIError(str(e)) from e
         choices = []
         usage = UsageInfo()
         cached = 0
-        for i, ((rid, text, ids, params), res) in enumerate(zip(jobs, results)):
-            prefix = echo_text(text, ids)
+        counted_prompts = set()
+        for job, res in await self.run_jobs(raw_request, jobs):
+            prefix = echo_text(job.text, job.ids)
             last = res["last"]
-            choice = {
-                "index": i,
+            choices.append({
+                "index": job.index,
                 "text": prefix + res["text"],
                 "logprobs": (self.completion_logprobs(res["tokens"], res["logprobs"],
                                                       len(prefix), as_ids)
                              if request.logprobs is not None else None),
                 "finish_reason": last.finish_reason,
                 "stop_reason": last.stop_reason,
-            }
-            choices.append(choice)
-            usage.prompt_tokens += len(ids)
+            })
+            if job.prompt_index not in counted_prompts:
+                counted_prompts.add(job.prompt_index)
+                usage.prompt_tokens += len(job.ids)
+                cached += last.num_cached_tokens
             usage.completion_tokens += len(res["tokens"])
-            cached += last.num_cached_tokens
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         usage.prompt_tokens_details = {"cached_tokens": cached}
         return {"id": base_id, "object": "text_completion", "created": created, "model": model,
                 "choices": choices, "usage": usage.model_dump(exclude_none=True)}
 
-    async def stream_completions(self, jobs, base_id, created, model, echo_text, as_ids,
-                                 want_logprobs, include_usage) -> AsyncIterator[str]:
+    async def stream_completions(self, jobs: list[Job], base_id, created, model, echo_text,
+                                 as_ids, want_logprobs, include_usage) -> AsyncIterator[str]:
+        offsets: dict[int, int] = {}
+        for job in jobs:
+            prefix = echo_text(job.text, job.ids)
+            offsets[job.index] = len(prefix)
+            if prefix:
+                yield sse({"id": base_id, "object": "text_completion", "created": created,
+                           "model": model, "choices": [{"index": job.index, "text": prefix,
+                                                        "logprobs": None,
+                                                        "finish_reason": None}]})
+        prompt_tokens = sum(len(job.ids) for job in jobs if job.index % job.n == 0)
+        completion_tokens = 0
+        async for index, chunk in self.merged_streams(jobs):
+            if isinstance(chunk, Exception):
+                yield sse(error_event(chunk))
+                continue
+            completion_tokens += len(chunk.token_ids)
+            logprobs = None
+            if want_logprobs and chunk.logprobs:
+                logprobs = self.completion_logprobs(chunk.token_ids, chunk.logprobs,
+                                                    offsets[index], as_ids)
+            offsets[index] += len(chunk.text)
+            yield sse({"id": base_id, "object": "text_completion", "created": created,
+                       "model": model,
+                       "choices": [{"index": index, "text": chunk.text, "logprobs": logprobs,
+                                    "finish_reason": chunk.finish_reason,
+                                    "stop_reason": chunk.stop_reason}]})
+        if include_usage:
+            yield sse({"id": base_id, "object": "text_completion", "created": created,
+                       "model": model, "choices": [],
+                       "usage": {"prompt_tokens": prompt_tokens,
+                                 "completion_tokens": completion_tokens,
+                                 "total_tokens": prompt_tokens + completion_tokens}})
+        yield sse("[DONE]")
+
+    async def merged_streams(self, jobs: list[Job]
+                             ) -> AsyncIterator[tuple[int, StreamChunk | Exception]]:
+        """Runs every job and yields (choice index, chunk) as chunks arrive; an error ends that
+        job's stream. Closing the iteration early cancels (and so aborts) the rest."""
         queue: asyncio.Queue = asyncio.Queue()
-        offsets = [0] * len(jobs)
 
-        async def pump(index: int, rid: str, text, ids, params):
+        async def pump(job: Job):
+            self.log(job.request_id, job.ids)
             try:
-                async for chunk in self.engine.generate(ids, params, rid, text):
-                    await queue.put((index, chunk))
+                async for chunk in self.engine.generate(job.ids, job.params, job.request_id,
+                                                        job.text):
+                    await queue.put((job.index, chunk))
             except Exception as e:  # noqa: BLE001 - forwarded to the client as an error event
-                await queue.put((index, e))
+                await queue.put((job.index, e))
 
-        tasks = []
+        tasks = [asyncio.ensure_future(pump(job)) for job in jobs]
         try:
-            for i, (rid, text, ids, params) in enumerate(jobs):
-                self.log(rid, ids)
-                prefix = echo_text(text, ids)
-                if prefix:
-                    offsets[i] = len(prefix)
-                    yield sse({"id": base_id, "object": "text_completion", "created": created,
-                               "model": model, "choices": [{"index": i, "text": prefix,
-                                                            "logprobs": None,
-                                                            "finish_reason": None}]})
-                tasks.append(asyncio.ensure_future(pump(i, rid, text, ids, params)))
             remaining = len(jobs)
-            prompt_tokens = sum(len(ids) for _, _, ids, _ in jobs)
-            completion_tokens = 0
             while remaining:
                 index, chunk = await queue.get()
-                if isinstance(chunk, Exception):
-                    yield sse({"error": {"message": str(chunk), "type": "BadRequestError",
-                                         "param": None, "code": 400}})
+                if isinstance(chunk, Exception) or chunk.finished:
                     remaining -= 1
-                    continue
-                completion_tokens += len(chunk.token_ids)
-                logprobs = None
-                if want_logprobs and chunk.logprobs:
-                    logprobs = self.completion_logprobs(chunk.token_ids, chunk.logprobs,
-                                                        offsets[index], as_ids)
-                offsets[index] += len(chunk.text)
-                yield sse({"id": base_id, "object": "text_completion", "created": created,
-                           "model": model,
-                           "choices": [{"index": index, "text": chunk.text, "logprobs": logprobs,
-                                        "finish_reason": chunk.finish_reason,
-                                        "stop_reason": chunk.stop_reason}]})
-                if chunk.finished:
-                    remaining -= 1
-            if include_usage:
-                yield sse({"id": base_id, "object": "text_completion", "created": created,
-                           "model": model, "choices": [],
-                           "usage": {"prompt_tokens": prompt_tokens,
-                                     "completion_tokens": completion_tokens,
-                                     "total_tokens": prompt_tokens + completion_tokens}})
-            yield sse("[DONE]")
+                yield index, chunk
         finally:
             for t in tasks:
                 t.cancel()
@@ -376,11 +437,8 @@ class OpenAIServing:
         requested = request.max_completion_tokens or request.max_tokens
         max_tokens = self.check_length(ids, requested)
         params = request.to_sampling_params(max_tokens, top_n if request.logprobs else None)
-        try:
-            params.validate(self.max_logprobs)
-        except ValueError as e:
-            raise APIError(str(e)) from e
         rid = request.request_id or random_id("chatcmpl")
+        jobs = self.make_jobs(rid, 0, prompt, ids, params, bool(request.stream))
         created = int(time.time())
         role = self.response_role if request.add_generation_prompt else request.messages[-1].role
         echo = ""
@@ -388,64 +446,64 @@ class OpenAIServing:
         if request.echo and last_msg.role == role and isinstance(last_msg.content, str):
             echo = last_msg.content
         as_ids = bool(request.return_tokens_as_token_ids)
-        self.log(rid, ids)
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return self.stream_chat(rid, ids, prompt, params, created, model, role, echo,
+            return self.stream_chat(jobs, rid, created, model, role, echo,
                                     bool(request.logprobs), top_n, as_ids, include_usage)
-        try:
-            res = await self.run_guarded(raw_request,
-                                         self.collect(self.engine.generate(ids, params, rid,
-                                                                           prompt)))
-        except ValueError as e:
-            raise APIError(str(e)) from e
-        last = res["last"]
-        usage = UsageInfo(prompt_tokens=len(ids), completion_tokens=len(res["tokens"]),
-                          total_tokens=len(ids) + len(res["tokens"]),
-                          prompt_tokens_details={"cached_tokens": last.num_cached_tokens})
-        return {
-            "id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{
-                "index": 0,
+        choices = []
+        completion_tokens = 0
+        cached = 0
+        for job, res in await self.run_jobs(raw_request, jobs):
+            last = res["last"]
+            cached = last.num_cached_tokens
+            completion_tokens += len(res["tokens"])
+            choices.append({
+                "index": job.index,
                 "message": {"role": role, "content": echo + res["text"], "tool_calls": []},
                 "logprobs": (self.chat_logprobs(res["tokens"], res["logprobs"], top_n, as_ids)
                              if request.logprobs else None),
                 "finish_reason": last.finish_reason,
                 "stop_reason": last.stop_reason,
-            }],
-            "usage": usage.model_dump(exclude_none=True),
-        }
+            })
+        usage = UsageInfo(prompt_tokens=len(ids), completion_tokens=completion_tokens,
+                          total_tokens=len(ids) + completion_tokens,
+                          prompt_tokens_details={"cached_tokens": cached})
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+                "choices": choices, "usage": usage.model_dump(exclude_none=True)}
 
-    async def stream_chat(self, rid, ids, prompt, params, created, model, role, echo,
-                          want_logprobs, top_n, as_ids, include_usage) -> AsyncIterator[str]:
-        def chunk_body(delta: dict, finish=None, logprobs=None, stop_reason=None) -> dict:
+    async def stream_chat(self, jobs: list[Job], rid, created, model, role, echo, want_logprobs,
+                          top_n, as_ids, include_usage) -> AsyncIterator[str]:
+        def chunk_body(index: int, delta: dict, finish=None, logprobs=None,
+                       stop_reason=None) -> dict:
             return {"id": rid, "object": "chat.completion.chunk", "created": created,
                     "model": model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                  "finish_reason": finish, "stop_reason": stop_reason}]}
 
-        yield sse(chunk_body({"role": role, "content": ""}))
-        if echo:
-            yield sse(chunk_body({"content": echo}))
+        for job in jobs:
+            yield sse(chunk_body(job.index, {"role": role, "content": ""}))
+            if echo:
+                yield sse(chunk_body(job.index, {"content": echo}))
         completion_tokens = 0
-        try:
-            async for chunk in self.engine.generate(ids, params, rid, prompt):
-                completion_tokens += len(chunk.token_ids)
-                logprobs = (self.chat_logprobs(chunk.token_ids, chunk.logprobs, top_n, as_ids)
-                            if want_logprobs and chunk.logprobs else None)
-                if chunk.text or logprobs:
-                    yield sse(chunk_body({"content": chunk.text}, logprobs=logprobs))
-                if chunk.finished:
-                    yield sse(chunk_body({}, chunk.finish_reason,
-                                         stop_reason=chunk.stop_reason))
-        except ValueError as e:
-            yield sse({"error": {"message": str(e), "type": "BadRequestError", "param": None,
-                                 "code": 400}})
+        async for index, chunk in self.merged_streams(jobs):
+            if isinstance(chunk, Exception):
+                yield sse(error_event(chunk))
+                continue
+            completion_tokens += len(chunk.token_ids)
+            logprobs = (self.chat_logprobs(chunk.token_ids, chunk.logprobs, top_n, as_ids)
+                        if want_logprobs and chunk.logprobs else None)
+            if chunk.text or logprobs:
+                yield sse(chunk_body(index, {"content": chunk.text}, logprobs=logprobs))
+            if chunk.finished:
+                yield sse(chunk_body(index, {}, chunk.finish_reason,
+                                     stop_reason=chunk.stop_reason))
         if include_usage:
+            prompt_tokens = len(jobs[0].ids)
             yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
                        "model": model, "choices": [],
-                       "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
-                                 "total_tokens": len(ids) + completion_tokens}})
+                       "usage": {"prompt_tokens": prompt_tokens,
+                                 "completion_tokens": completion_tokens,
+                                 "total_tokens": prompt_tokens + completion_tokens}})
         yield sse("[DONE]")
 
     # ---- tokenize / detokenize ---------------------------------------------------------------
