@@ -1,0 +1,339 @@
+"""The OpenAI-compatible server as users meet it: a real uvicorn process on 127.0.0.1 with the
+default model, driven by the official openai client (and raw HTTP where the client cannot go)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+API_KEY = "test-key-123"
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: list[str], env: dict | None = None, timeout: float = 120.0):
+    port = free_port()
+    cmd = [sys.executable, "-m", "fastllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
+           "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("server did not become healthy")
+
+
+def stop_server(proc) -> str:
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, base = start_server(["--api-key", API_KEY, "--max-model-len", "1024",
+                               "--max-logprobs", "5", "--disable-log-stats"])
+    yield base
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+
+
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_models_lists_the_served_model(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+def test_completion(client):
+    out = client.completions.create(model=MODEL, prompt="The capital of France is",
+                                    max_tokens=8, temperature=0)
+    choice = out.choices[0]
+    assert "Paris" in choice.text
+    assert choice.finish_reason == "length"
+    assert out.usage.completion_tokens == 8
+    assert out.usage.prompt_tokens == 5
+    assert out.usage.total_tokens == 13
+
+
+def test_chat_completion(client):
+    out = client.chat.completions.create(model=MODEL, messages=CAPITAL, temperature=0,
+                                         max_tokens=30)
+    msg = out.choices[0].message
+    assert msg.role == "assistant"
+    assert "Paris" in msg.content
+    assert out.choices[0].finish_reason == "stop"
+    assert out.usage.completion_tokens > 0
+
+
+def test_chat_streaming_equals_non_streaming_with_usage(client):
+    full = client.chat.completions.create(model=MODEL, messages=CAPITAL, temperature=0,
+                                          max_tokens=30)
+    stream = client.chat.completions.create(model=MODEL, messages=CAPITAL, temperature=0,
+                                            max_tokens=30, stream=True,
+                                            stream_options={"include_usage": True})
+    text, finish, usage, roles = "", None, None, []
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            if c.delta.role:
+                roles.append(c.delta.role)
+            text += c.delta.content or ""
+            finish = c.finish_reason or finish
+    assert roles == ["assistant"]
+    assert text == full.choices[0].message.content
+    assert finish == "stop"
+    assert usage.completion_tokens == full.usage.completion_tokens
+    assert usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_completion_streaming(client):
+    full = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12,
+                                     temperature=0)
+    parts = [c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0, stream=True)
+        if c.choices]
+    assert "".join(parts) == full.choices[0].text
+    assert len(parts) >= 6
+
+
+def test_n_choices_stream_with_their_index(client):
+    out = client.chat.completions.create(model=MODEL, messages=CAPITAL, n=3, max_tokens=10,
+                                         temperature=1.0, seed=7)
+    assert sorted(c.index for c in out.choices) == [0, 1, 2]
+    texts = {}
+    for chunk in client.chat.completions.create(model=MODEL, messages=CAPITAL, n=3,
+                                                max_tokens=10, temperature=1.0, seed=7,
+                                                stream=True):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+    assert sorted(texts) == [0, 1, 2]
+    # Seeded: the streamed choices are the non-streamed ones.
+    assert [texts[i] for i in range(3)] == [c.message.content for c in
+                                            sorted(out.choices, key=lambda c: c.index)]
+
+
+def test_stop_and_max_tokens(client):
+    out = client.completions.create(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=30,
+                                    temperature=0, stop=[" 6"])
+    assert out.choices[0].finish_reason == "stop"
+    assert " 6" not in out.choices[0].text and " 5" in out.choices[0].text
+    out = client.completions.create(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=7,
+                                    temperature=0, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 7
+
+
+def test_logprobs(client):
+    out = client.completions.create(model=MODEL, prompt="The capital of France is",
+                                    max_tokens=4, temperature=0, logprobs=3)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert "".join(lp.tokens) == out.choices[0].text
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert value <= 0.0
+        assert len(top) >= 3
+        assert top[token] == pytest.approx(value)  # greedy: the chosen token is in the top
+        assert max(top.values()) == pytest.approx(value)
+    chat = client.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=5,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 5
+    assert all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+
+
+def test_echo(client):
+    out = client.completions.create(model=MODEL, prompt="Hello world", max_tokens=3,
+                                    temperature=0, echo=True)
+    assert out.choices[0].text.startswith("Hello world")
+    assert len(out.choices[0].text) > len("Hello world")
+
+
+def test_api_key_is_required(server):
+    bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    r = httpx.get(f"{server}/v1/models")
+    assert r.status_code == 401
+    assert r.json()["error"]["type"] == "AuthenticationError"
+    assert httpx.get(f"{server}/health").status_code == 200  # not under /v1
+
+
+def test_bad_requests_get_openai_errors_and_server_keeps_serving(client, server):
+    with pytest.raises(openai.BadRequestError, match="does not exist"):
+        client.completions.create(model="other-model", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model=MODEL, prompt="word " * 1100, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=5000)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=2, logprobs=9)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=2, temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="not supported yet: use_beam_search"):
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=2,
+                                  extra_body={"use_beam_search": True})
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    r = httpx.post(f"{server}/v1/completions", content=b"{not json", headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "BadRequestError"
+    r = httpx.post(f"{server}/v1/completions", json={"prompt": "x", "max_tokens": "many"},
+                   headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    r = httpx.get(f"{server}/v1/nothing-here", headers=headers)
+    assert r.status_code == 404 and "error" in r.json()
+    out = client.completions.create(model=MODEL, prompt="Still alive?", max_tokens=3)
+    assert out.usage.completion_tokens >= 1
+
+
+def test_tokenize_detokenize_health_version(server):
+    r = httpx.post(f"{server}/tokenize", json={"prompt": "Hello world"})
+    body = r.json()
+    assert body["count"] == len(body["tokens"]) > 0 and body["max_model_len"] == 1024
+    back = httpx.post(f"{server}/detokenize", json={"tokens": body["tokens"]}).json()
+    assert back["prompt"] == "Hello world"
+    chat = httpx.post(f"{server}/tokenize", json={"messages": CAPITAL}).json()
+    assert chat["count"] > body["count"]
+    assert httpx.post(f"{server}/detokenize", json={"tokens": [10**9]}).status_code == 400
+    assert httpx.get(f"{server}/version").json()["version"]
+
+
+def metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M)
+    assert m, f"{name} missing"
+    return float(m.group(1))
+
+
+def test_metrics_and_disconnect_frees_blocks(server, client):
+    client.completions.create(model=MODEL, prompt="warm up", max_tokens=2)
+    text = httpx.get(f"{server}/metrics").text
+    assert metric(text, "fastllm:generation_tokens_total") > 0
+    assert "fastllm:time_to_first_token_seconds_bucket" in text
+    assert "fastllm:e2e_request_latency_seconds_count" in text
+    # A client that goes away mid-stream: its request is aborted and its KV blocks come back.
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": MODEL, "prompt": "Tell me a very long story.", "max_tokens": 900,
+            "stream": True, "extra": None, "ignore_eos": True}
+    body.pop("extra")
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=headers,
+                      timeout=30) as r:
+        lines = 0
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                lines += 1
+            if lines >= 3:
+                break
+        running = metric(httpx.get(f"{server}/metrics").text, "fastllm:num_requests_running")
+        assert running == 1
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{server}/metrics").text
+        if (metric(text, "fastllm:num_requests_running") == 0
+                and metric(text, "fastllm:kv_cache_usage_perc") == 0):
+            break
+        time.sleep(0.2)
+    assert metric(text, "fastllm:num_requests_running") == 0
+    assert metric(text, "fastllm:kv_cache_usage_perc") == 0
+    assert 'finished_reason="abort"' in text
+
+
+def test_playground_page_is_served(server):
+    r = httpx.get(f"{server}/")
+    assert r.status_code == 200
+    assert "fastllm playground" in r.text and "v1/chat/completions" in r.text
+    assert "http://" not in r.text and "https://" not in r.text  # no CDN
+
+
+def test_cors_served_names_and_response_role():
+    proc, base = start_server(["--served-model-name", "alpha", "beta", "--response-role",
+                               "helper", "--allowed-origins", '["http://example.test"]',
+                               "--max-model-len", "512", "--disable-log-stats"])
+    try:
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["alpha", "beta"]
+        out = c.chat.completions.create(model="beta", messages=CAPITAL, max_tokens=3)
+        assert out.model == "beta" and out.choices[0].message.role == "helper"
+        pre = httpx.options(f"{base}/v1/models", headers={
+            "Origin": "http://example.test", "Access-Control-Request-Method": "GET"})
+        assert pre.headers["access-control-allow-origin"] == "http://example.test"
+        other = httpx.options(f"{base}/v1/models", headers={
+            "Origin": "http://evil.test", "Access-Control-Request-Method": "GET"})
+        assert "access-control-allow-origin" not in other.headers
+    finally:
+        log = stop_server(proc)
+    assert "serving SmolLM2-135M-Instruct at http://127.0.0.1" in log
+
+
+def test_unsupported_flag_exits_with_its_name():
+    r = subprocess.run([sys.executable, "-m", "fastllm.entrypoints.openai.api_server",
+                        "--speculative-model", "draft"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0
+    assert "--speculative-model" in r.stderr and "not supported" in r.stderr
+
+
+def test_cli_config_env_precedence(tmp_path):
+    from fastllm.entrypoints.openai.cli_args import parse_args
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max-num-seqs: 7\nblock_size: 32\nport: 9001\n")
+    env = {"FASTLLM_MAX_NUM_SEQS": "5", "FASTLLM_BLOCK_SIZE": "8", "FASTLLM_SEED": "42",
+           "FASTLLM_API_KEY": "from-env"}
+    ns = parse_args(["--config", str(cfg), "--block-size", "16"], environ=env)
+    assert ns.block_size == 16  # CLI beats config and env
+    assert ns.max_num_seqs == 7  # config beats env
+    assert ns.seed == 42  # env beats the default
+    assert ns.port == 9001 and ns.api_key == "from-env"
+    assert parse_args([], environ={}).max_num_seqs == 256
+    assert parse_args(["/models/x"], environ={}).model == "/models/x"
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(cfg), "--tensor-parallel-size", "2"], environ={})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("no-such-flag: 1\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(bad)], environ={})
+
+
+def test_sse_wire_format(server):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", headers=headers, json={
+            "model": MODEL, "messages": CAPITAL, "max_tokens": 3, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = [e for e in raw.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    first = json.loads(events[0][6:])
+    assert first["object"] == "chat.completion.chunk"
