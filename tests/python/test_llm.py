@@ -207,8 +207,10 @@ def test_seeded_sampling_is_reproducible_in_any_batch(default_llm):
 
 
 def test_bad_inputs_raise_value_error(default_llm):
-    with pytest.raises(ValueError, match="n > 1"):
-        default_llm.generate("x", SamplingParams(n=2), use_tqdm=False)
+    with pytest.raises(ValueError, match="n must be"):
+        default_llm.generate("x", SamplingParams(n=0), use_tqdm=False)
+    with pytest.raises(ValueError, match="best_of"):
+        default_llm.generate("x", SamplingParams(n=3, best_of=2), use_tqdm=False)
     with pytest.raises(ValueError, match="temperature"):
         default_llm.generate("x", SamplingParams(temperature=-1), use_tqdm=False)
     with pytest.raises(ValueError, match="max_model_len"):
@@ -220,3 +222,32 @@ def test_bad_inputs_raise_value_error(default_llm):
     # The engine still serves after the errors.
     out = default_llm.generate("ok", SamplingParams(max_tokens=2), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) >= 1
+
+
+def test_parallel_sampling_and_best_of(default_llm):
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=12, seed=11, ignore_eos=True)
+    out = default_llm.generate("Once upon a time", params, use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.outputs}) == 3  # distinct child seeds
+    again = default_llm.generate("Once upon a time", params, use_tqdm=False)[0]
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
+    # The later children take the prompt's full blocks from the prefix cache: 41 prompt tokens
+    # are 2 full blocks of 16, computed once instead of four times.
+    engine = default_llm.llm_engine
+    before = engine.stats()
+    prompt_ids = [1000 + i for i in range(41)]
+    default_llm.generate([prompt_ids], SamplingParams(n=4, max_tokens=2), use_tqdm=False)
+    after = engine.stats()
+    assert after.prefix_hits - before.prefix_hits == 3 * 32
+    assert after.num_prompt_tokens_computed - before.num_prompt_tokens_computed == 41 + 3 * 9
+    best = default_llm.generate("Once upon a time", SamplingParams(
+        n=2, best_of=5, temperature=1.0, max_tokens=12, seed=3, ignore_eos=True),
+        use_tqdm=False)[0]
+    assert len(best.outputs) == 2
+    cums = [c.cumulative_logprob for c in best.outputs]
+    assert cums == sorted(cums, reverse=True)
+    assert all(c.logprobs is None for c in best.outputs)  # not asked for by the user
+    five = default_llm.generate("Once upon a time", SamplingParams(
+        n=5, temperature=1.0, max_tokens=12, seed=3, ignore_eos=True, logprobs=0),
+        use_tqdm=False)[0]
+    assert max(c.cumulative_logprob for c in five.outputs) == pytest.approx(cums[0], abs=1e-4)

@@ -231,7 +231,7 @@ def test_tokenize_detokenize_health_version(server):
 
 
 def metric(text: str, name: str) -> float:
-    m = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M)
+    m = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.MULTILINE)
     assert m, f"{name} missing"
     return float(m.group(1))
 
@@ -298,8 +298,8 @@ def test_cors_served_names_and_response_role():
 
 def test_unsupported_flag_exits_with_its_name():
     r = subprocess.run([sys.executable, "-m", "fastllm.entrypoints.openai.api_server",
-                        "--speculative-model", "draft"], capture_output=True, text=True,
-                       timeout=60)
+                        "--speculative-model", "draft"], check=False, capture_output=True,
+                       text=True, timeout=60)
     assert r.returncode != 0
     assert "--speculative-model" in r.stderr and "not supported" in r.stderr
 

@@ -171,11 +171,22 @@ class LLMEngine:
             self._add_sequence(request_id, text, ids, params)
             return request_id
         parent = ParentRequest(request_id, params)
-        for index, cid in enumerate(parent.child_ids):
-            self._add_sequence(cid, text, ids, params.for_child(index))
+        for cid in parent.child_ids:
             self._parents[cid] = parent
         self._groups[request_id] = parent
+        # The first child computes the prompt; its siblings join once that prefill is done, so
+        # they find the prompt's blocks in the prefix cache instead of computing them again.
+        self._add_sequence(parent.child_ids[0], text, ids, params.for_child(0))
+        parent.pending = (text, ids)
         return request_id
+
+    def _release_siblings(self, parent: ParentRequest) -> None:
+        if parent.pending is None:
+            return
+        text, ids = parent.pending
+        parent.pending = None
+        for index, cid in enumerate(parent.child_ids[1:], start=1):
+            self._add_sequence(cid, text, ids, parent.params.for_child(index))
 
     def _add_sequence(self, request_id: str, text: str | None, ids: list[int],
                       params: SamplingParams) -> None:
@@ -194,7 +205,7 @@ class LLMEngine:
         return aborted
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._states)
+        return bool(self._states) or bool(self._groups)
 
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the requests that finished in it."""
@@ -205,6 +216,9 @@ class LLMEngine:
                 continue  # ended earlier by a stop string; this is its abort
             if state.update(out):
                 self.engine.abort(out.request_id)
+            parent = self._parents.get(out.request_id)
+            if parent is not None:
+                self._release_siblings(parent)
             if not state.finished:
                 continue
             del self._states[out.request_id]

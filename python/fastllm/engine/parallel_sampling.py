@@ -1,6 +1,7 @@
-"""n and best_of: a request becomes num_samples child sequences in the engine. The children share
-the prompt's KV blocks through the prefix cache; the parent collects them, and with best_of keeps
-the n candidates of highest cumulative logprob."""
+"""n and best_of: a request becomes num_samples child sequences in the engine. The first child
+computes the prompt; the others are added once it has, and share the prompt's full KV blocks
+through the prefix cache. The parent collects them, and with best_of keeps the n candidates of
+highest cumulative logprob."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ class ParentRequest:
         self.params = params
         self.child_ids = [child_id(request_id, i) for i in range(params.num_samples)]
         self.done: dict[str, RequestOutput] = {}
+        # (prompt text, prompt ids) of siblings not yet added to the engine
+        self.pending: tuple[str | None, list[int]] | None = None
 
     def add_finished(self, child: RequestOutput) -> RequestOutput | None:
         """Records a finished child; returns the parent's output once every child is done."""

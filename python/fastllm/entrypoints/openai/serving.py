@@ -53,6 +53,7 @@ class Job:
     n: int  # choices per prompt
     ranked: bool  # a best_of candidate: kept only if among the n best
     wants_logprobs: bool
+    sample: int = 0  # which of the prompt's sequences; 0 computes the prompt for the others
 
 
 def error_event(error: Exception) -> dict:
@@ -178,19 +179,34 @@ class OpenAIServing:
             raise APIError("best_of > n cannot be streamed", param="best_of")
         return [Job(prompt_index * params.n + j, prompt_index, f"{base_id}-{prompt_index}-{j}",
                     text, ids, params.for_child(j), params.n, params.num_samples > params.n,
-                    params.logprobs is not None)
+                    params.logprobs is not None, j)
                 for j in range(params.num_samples)]
+
+    def job_streams(self, jobs: list[Job]) -> list[AsyncIterator[StreamChunk]]:
+        """One chunk stream per job. A prompt's later samples start once its first sample has
+        computed the prompt, so they take its KV blocks from the prefix cache."""
+        prompt_done = {job.prompt_index: asyncio.Event() for job in jobs}
+
+        async def stream(job: Job) -> AsyncIterator[StreamChunk]:
+            done = prompt_done[job.prompt_index]
+            if job.sample > 0:
+                await done.wait()
+            self.log(job.request_id, job.ids)
+            try:
+                async for chunk in self.engine.generate(job.ids, job.params, job.request_id,
+                                                        job.text):
+                    done.set()
+                    yield chunk
+            finally:
+                done.set()  # never leave the siblings waiting
+
+        return [stream(job) for job in jobs]
 
     async def run_jobs(self, raw_request, jobs: list[Job]) -> list[tuple[Job, dict]]:
         """Runs every job to the end; with best_of keeps each prompt's n best candidates (by
         cumulative logprob) and renumbers their choice indexes."""
         async def run_all():
-            gens = []
-            for job in jobs:
-                self.log(job.request_id, job.ids)
-                gens.append(self.collect(self.engine.generate(job.ids, job.params,
-                                                              job.request_id, job.text)))
-            return await asyncio.gather(*gens)
+            return await asyncio.gather(*(self.collect(g) for g in self.job_streams(jobs)))
 
         try:
             results = await self.run_guarded(raw_request, run_all())
@@ -354,16 +370,15 @@ class OpenAIServing:
         job's stream. Closing the iteration early cancels (and so aborts) the rest."""
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(job: Job):
-            self.log(job.request_id, job.ids)
+        async def pump(job: Job, chunks: AsyncIterator[StreamChunk]):
             try:
-                async for chunk in self.engine.generate(job.ids, job.params, job.request_id,
-                                                        job.text):
+                async for chunk in chunks:
                     await queue.put((job.index, chunk))
             except Exception as e:  # noqa: BLE001 - forwarded to the client as an error event
                 await queue.put((job.index, e))
 
-        tasks = [asyncio.ensure_future(pump(job)) for job in jobs]
+        tasks = [asyncio.ensure_future(pump(job, chunks))
+                 for job, chunks in zip(jobs, self.job_streams(jobs))]
         try:
             remaining = len(jobs)
             while remaining:
