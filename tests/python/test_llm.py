@@ -251,3 +251,26 @@ def test_parallel_sampling_and_best_of(default_llm):
         n=5, temperature=1.0, max_tokens=12, seed=3, ignore_eos=True, logprobs=0),
         use_tqdm=False)[0]
     assert max(c.cumulative_logprob for c in five.outputs) == pytest.approx(cums[0], abs=1e-4)
+
+
+def test_logit_bias_and_allowed_token_ids(default_llm):
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    base = default_llm.generate("The weather today is", greedy, use_tqdm=False)[0].outputs[0]
+    first = base.token_ids[0]
+    banned = default_llm.generate("The weather today is", SamplingParams(
+        temperature=0.0, max_tokens=6, ignore_eos=True, logit_bias={first: -100.0}),
+        use_tqdm=False)[0].outputs[0]
+    assert banned.token_ids[0] != first
+    forced = default_llm.generate("The weather today is", SamplingParams(
+        temperature=0.0, max_tokens=6, ignore_eos=True, logit_bias={4321: 100.0}),
+        use_tqdm=False)[0].outputs[0]
+    assert forced.token_ids == [4321] * 6
+    allowed = [11, 12, 13]
+    limited = default_llm.generate("The weather today is", SamplingParams(
+        temperature=1.0, max_tokens=12, ignore_eos=True, allowed_token_ids=allowed, seed=1),
+        use_tqdm=False)[0].outputs[0]
+    assert set(limited.token_ids) <= set(allowed)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        default_llm.generate("x", SamplingParams(allowed_token_ids=[10**7]), use_tqdm=False)
+    with pytest.raises(ValueError, match="logit_bias"):
+        default_llm.generate("x", SamplingParams(logit_bias={5: 1000.0}), use_tqdm=False)

@@ -337,3 +337,23 @@ def test_sse_wire_format(server):
     assert events[-1] == "data: [DONE]"
     first = json.loads(events[0][6:])
     assert first["object"] == "chat.completion.chunk"
+
+
+def test_logit_bias_allowed_ids_and_token_id_strings(client):
+    out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0,
+                                    logit_bias={"4321": 100}, logprobs=0,
+                                    extra_body={"return_tokens_as_token_ids": True,
+                                                "ignore_eos": True})
+    assert out.choices[0].logprobs.tokens == ["token_id:4321"] * 4
+    out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=8, temperature=1.0,
+                                    seed=3, logprobs=0,
+                                    extra_body={"allowed_token_ids": [28, 29],
+                                                "return_tokens_as_token_ids": True,
+                                                "ignore_eos": True})
+    assert set(out.choices[0].logprobs.tokens) <= {"token_id:28", "token_id:29"}
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(model=MODEL, prompt="Hello", max_tokens=2,
+                                  logit_bias={"not-a-token": 1})
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        client.completions.create(model=MODEL, prompt="Hello", max_tokens=2,
+                                  logit_bias={"99999999": 1})

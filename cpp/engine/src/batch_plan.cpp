@@ -1,6 +1,7 @@
 #include "fastllm/batch_plan.h"
 
 #include <algorithm>
+#include <limits>
 
 namespace fastllm {
 
@@ -31,8 +32,11 @@ void BatchPlan::clear() {
   history_offsets.clear();
   history_prompt_lens.clear();
   history_token_ids.clear();
-  stop_offsets.clear();
-  stop_token_ids.clear();
+  bias_offsets.clear();
+  bias_token_ids.clear();
+  bias_values.clear();
+  allowed_offsets.clear();
+  allowed_token_ids.clear();
   block_ops.clear();
 }
 
@@ -61,17 +65,29 @@ void add_sample_row(BatchPlan& plan, const Request& req, int32_t token_index, in
   plan.history_prompt_lens.push_back(p.uses_penalties() ? req.num_prompt_tokens : 0);
   plan.history_offsets.push_back(static_cast<int32_t>(plan.history_token_ids.size()));
 
+  plan.bias_token_ids.insert(plan.bias_token_ids.end(), p.logit_bias_ids.begin(),
+                            p.logit_bias_ids.end());
+  plan.bias_values.insert(plan.bias_values.end(), p.logit_bias_values.begin(),
+                          p.logit_bias_values.end());
   const bool suppress = req.num_output_tokens() < p.min_tokens;
   plan.suppress_stop_tokens.push_back(suppress ? 1 : 0);
   if (suppress) {
-    plan.stop_token_ids.insert(plan.stop_token_ids.end(), p.stop_token_ids.begin(),
-                               p.stop_token_ids.end());
+    const float masked = -std::numeric_limits<float>::infinity();
+    for (int32_t t : p.stop_token_ids) {
+      plan.bias_token_ids.push_back(t);
+      plan.bias_values.push_back(masked);
+    }
     if (!p.ignore_eos) {
-      plan.stop_token_ids.insert(plan.stop_token_ids.end(), eos_token_ids.begin(),
-                                 eos_token_ids.end());
+      for (int32_t t : eos_token_ids) {
+        plan.bias_token_ids.push_back(t);
+        plan.bias_values.push_back(masked);
+      }
     }
   }
-  plan.stop_offsets.push_back(static_cast<int32_t>(plan.stop_token_ids.size()));
+  plan.bias_offsets.push_back(static_cast<int32_t>(plan.bias_token_ids.size()));
+  plan.allowed_token_ids.insert(plan.allowed_token_ids.end(), p.allowed_token_ids.begin(),
+                                p.allowed_token_ids.end());
+  plan.allowed_offsets.push_back(static_cast<int32_t>(plan.allowed_token_ids.size()));
   ++plan.num_samples;
 }
 
@@ -95,7 +111,8 @@ void build_batch_plan(const SchedulerOutput& out, int32_t block_size,
   plan.block_tables.assign(static_cast<size_t>(plan.num_seqs) * max_blocks, BlockPool::kNullBlock);
   plan.query_start_loc.push_back(0);
   plan.history_offsets.push_back(0);
-  plan.stop_offsets.push_back(0);
+  plan.bias_offsets.push_back(0);
+  plan.allowed_offsets.push_back(0);
 
   for (int32_t seq = 0; seq < plan.num_seqs; ++seq) {
     const Request& req = *out.scheduled[seq].request;

@@ -430,6 +430,7 @@ void Engine::add_request(const std::string& request_id, std::vector<int32_t> pro
     }
   }
   params.validate(c.max_logprobs);
+  params.check_vocab(c.vocab_size);
 
   auto req = std::make_unique<Request>();
   req->id = request_id;

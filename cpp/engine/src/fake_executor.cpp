@@ -1,6 +1,7 @@
 #include "fastllm/fake_executor.h"
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 
 #include "fastllm/errors.h"
@@ -94,8 +95,15 @@ StepResult FakeExecutor::execute(const BatchPlan& plan) {
   for (int32_t r = 0; r < plan.num_samples; ++r) {
     const int32_t seq = plan.sample_seq_indices[r];
     const int32_t ctx = plan.context_lens[seq];
-    const int32_t* banned = plan.stop_token_ids.data() + plan.stop_offsets[r];
-    const int32_t num_banned = plan.stop_offsets[r + 1] - plan.stop_offsets[r];
+    // Tokens with a -inf bias (EOS/stop ids below min_tokens) can never be sampled.
+    banned_.clear();
+    for (int32_t i = plan.bias_offsets[r]; i < plan.bias_offsets[r + 1]; ++i) {
+      if (std::isinf(plan.bias_values[i]) && plan.bias_values[i] < 0) {
+        banned_.push_back(plan.bias_token_ids[i]);
+      }
+    }
+    const int32_t* banned = banned_.data();
+    const auto num_banned = static_cast<int32_t>(banned_.size());
     int32_t token;
     if (config_.verify_kv) {
       context_.clear();

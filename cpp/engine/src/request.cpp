@@ -48,6 +48,32 @@ void SamplingParams::validate(int32_t max_logprobs) const {
   for (int32_t t : stop_token_ids) {
     require(t >= 0, "stop_token_ids must be non-negative, got " + std::to_string(t));
   }
+  require(logit_bias_ids.size() == logit_bias_values.size(),
+          "logit_bias ids and values must have the same length");
+  for (size_t i = 0; i < logit_bias_ids.size(); ++i) {
+    require(logit_bias_ids[i] >= 0,
+            "logit_bias token ids must be non-negative, got " + std::to_string(logit_bias_ids[i]));
+    require(std::isfinite(logit_bias_values[i]) && logit_bias_values[i] >= -100.0f &&
+                logit_bias_values[i] <= 100.0f,
+            "logit_bias values must be in [-100, 100], got " +
+                std::to_string(logit_bias_values[i]));
+  }
+  for (int32_t t : allowed_token_ids) {
+    require(t >= 0, "allowed_token_ids must be non-negative, got " + std::to_string(t));
+  }
+}
+
+void SamplingParams::check_vocab(int32_t vocab_size) const {
+  if (vocab_size <= 0) return;
+  auto check = [vocab_size](const std::vector<int32_t>& ids, const char* what) {
+    for (int32_t t : ids) {
+      require(t < vocab_size, std::string(what) + " has token id " + std::to_string(t) +
+                                  " outside the vocabulary of " + std::to_string(vocab_size));
+    }
+  };
+  check(stop_token_ids, "stop_token_ids");
+  check(logit_bias_ids, "logit_bias");
+  check(allowed_token_ids, "allowed_token_ids");
 }
 
 FinishReason finish_reason_of(RequestStatus s) {

@@ -160,7 +160,7 @@ class LLMEngine:
     def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
                     request_id: str | None = None, add_special_tokens: bool = True) -> str:
         params = params or SamplingParams()
-        params.validate(self.args.max_logprobs)
+        params.validate(self.args.max_logprobs, self.core.model_config.vocab_size)
         text, ids = self.core.encode_prompt(prompt, add_special_tokens)
         if request_id is None:
             request_id = f"req-{self._counter}"

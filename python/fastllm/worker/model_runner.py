@@ -17,9 +17,6 @@ from fastllm.models.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
-_MASKED = float("-inf")
-
-
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     """Bytes of one block across all layers, keys and values."""
     elem = torch.empty((), dtype=dtype).element_size()
@@ -113,13 +110,17 @@ class ModelExecutor(_C.Executor):
                 output_offsets=self._tensor(_offsets(out_lens)),
                 output_ids=self._tensor(np.ascontiguousarray(history[~is_prompt])),
             )
-        stop_ids = plan.stop_token_ids
-        if len(stop_ids):
-            # Rows below min_tokens may not end: their EOS/stop ids get a -inf bias.
+        if len(plan.bias_token_ids):
+            # The request's logit_bias, plus -inf for EOS/stop ids of rows below min_tokens.
             kw.update(
-                bias_offsets=self._tensor(plan.stop_offsets.copy()),
-                bias_ids=self._tensor(stop_ids.copy()),
-                bias_values=self._tensor(np.full(len(stop_ids), _MASKED, dtype=np.float32)),
+                bias_offsets=self._tensor(plan.bias_offsets.copy()),
+                bias_ids=self._tensor(plan.bias_token_ids.copy()),
+                bias_values=self._tensor(plan.bias_values.copy()),
+            )
+        if len(plan.allowed_token_ids):
+            kw.update(
+                allowed_offsets=self._tensor(plan.allowed_offsets.copy()),
+                allowed_ids=self._tensor(plan.allowed_token_ids.copy()),
             )
         num_logprobs = plan.num_logprobs
         kw["num_top_logprobs"] = int(num_logprobs.max()) if rows and num_logprobs.max() > 0 else 0

@@ -59,9 +59,14 @@ struct BatchPlan {
   std::vector<int32_t> history_offsets;      // [num_samples + 1]
   std::vector<int32_t> history_prompt_lens;  // [num_samples]
   std::vector<int32_t> history_token_ids;
-  // Stop ids masked for rows with suppress_stop_tokens (CSR over sample rows).
-  std::vector<int32_t> stop_offsets;  // [num_samples + 1]
-  std::vector<int32_t> stop_token_ids;
+  // Logit bias (CSR over sample rows): the request's logit_bias, plus -inf for its EOS/stop ids
+  // while it is below min_tokens.
+  std::vector<int32_t> bias_offsets;  // [num_samples + 1]
+  std::vector<int32_t> bias_token_ids;
+  std::vector<float> bias_values;
+  // Allowed token ids (CSR over sample rows; an empty span allows every token).
+  std::vector<int32_t> allowed_offsets;  // [num_samples + 1]
+  std::vector<int32_t> allowed_token_ids;
 
   BlockOps block_ops;  // apply before the forward pass
 

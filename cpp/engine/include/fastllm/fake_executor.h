@@ -55,6 +55,7 @@ class FakeExecutor : public Executor {
   std::vector<Slot> device_;
   std::vector<Slot> host_;
   std::vector<int32_t> context_;
+  std::vector<int32_t> banned_;
   int64_t num_steps_ = 0;
   int64_t num_tokens_processed_ = 0;
   int32_t max_batch_tokens_seen_ = 0;

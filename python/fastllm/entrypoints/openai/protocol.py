@@ -92,10 +92,6 @@ class SamplingFields(OpenAIModel):
         bad = []
         if self.use_beam_search:
             bad.append("use_beam_search")
-        if self.logit_bias:
-            bad.append("logit_bias")
-        if self.allowed_token_ids:
-            bad.append("allowed_token_ids")
         if self.prompt_logprobs is not None:
             bad.append("prompt_logprobs")
         if self.response_format is not None and self.response_format.type != "text":
@@ -132,7 +128,21 @@ class SamplingFields(OpenAIModel):
             spaces_between_special_tokens=self.spaces_between_special_tokens is not False,
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
             priority=self.priority or 0,
+            logit_bias=self.parsed_logit_bias(),
+            allowed_token_ids=self.allowed_token_ids,
         )
+
+    def parsed_logit_bias(self) -> dict[int, float] | None:
+        """OpenAI sends token ids as JSON object keys (strings)."""
+        if not self.logit_bias:
+            return None
+        out = {}
+        for key, value in self.logit_bias.items():
+            try:
+                out[int(key)] = float(value)
+            except ValueError as e:
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from e
+        return out
 
 
 class CompletionRequest(SamplingFields):

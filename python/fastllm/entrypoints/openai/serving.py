@@ -172,7 +172,7 @@ class OpenAIServing:
                   params, stream: bool) -> list[Job]:
         """One engine request per generated sequence: n of them, or best_of candidates."""
         try:
-            params.validate(self.max_logprobs)
+            params.validate(self.max_logprobs, self.engine.core.model_config.vocab_size)
         except ValueError as e:
             raise APIError(str(e)) from e
         if stream and params.num_samples > params.n:
