@@ -172,6 +172,13 @@ void bind_engine(nb::module_& m) {
       .def_ro("max_context_len", &BatchPlan::max_context_len)
       .def_ro("max_blocks_per_seq", &BatchPlan::max_blocks_per_seq)
       .def_ro("request_ids", &BatchPlan::request_ids)
+      .def_ro("any_prompt_logprobs", &BatchPlan::any_prompt_logprobs)
+      .def_prop_ro("num_prompt_tokens",
+                   [](const BatchPlan& p) { return view1d(p.num_prompt_tokens); }, ref)
+      .def_prop_ro("prompt_logprobs", [](const BatchPlan& p) { return view1d(p.prompt_logprobs); },
+                   ref)
+      .def_prop_ro("prompt_next_token",
+                   [](const BatchPlan& p) { return view1d(p.prompt_next_token); }, ref)
       .def_prop_ro(
           "token_ids", [](const BatchPlan& p) { return view1d(p.token_ids); }, ref)
       .def_prop_ro(
@@ -268,6 +275,27 @@ void bind_engine(nb::module_& m) {
           },
           "sampled_token_ids"_a, "sampled_logprobs"_a.none() = nb::none(),
           "top_token_ids"_a.none() = nb::none(), "top_logprobs"_a.none() = nb::none())
+      .def(
+          "set_prompt_logprobs",
+          [](StepResult& self, nb::ndarray<nb::ro, nb::device::cpu> seq_indices,
+             nb::ndarray<nb::ro, nb::device::cpu> token_logprobs,
+             nb::ndarray<nb::ro, nb::device::cpu> top_token_ids,
+             nb::ndarray<nb::ro, nb::device::cpu> top_logprobs) {
+            self.prompt_seq_indices = to_vector<int32_t>(seq_indices, "seq_indices");
+            self.prompt_token_logprobs = to_vector<float>(token_logprobs, "token_logprobs");
+            self.prompt_top_token_ids = to_vector<int32_t>(top_token_ids, "top_token_ids");
+            self.prompt_top_logprobs = to_vector<float>(top_logprobs, "top_logprobs");
+            if (self.prompt_seq_indices.size() != self.prompt_token_logprobs.size()) {
+              throw nb::value_error("seq_indices and token_logprobs differ in length");
+            }
+            self.num_prompt_top_logprobs =
+                top_token_ids.is_valid() && top_token_ids.ndim() == 2
+                    ? static_cast<int32_t>(top_token_ids.shape(1))
+                    : 0;
+          },
+          "seq_indices"_a, "token_logprobs"_a, "top_token_ids"_a.none() = nb::none(),
+          "top_logprobs"_a.none() = nb::none(),
+          "Prompt logprobs of this step: one entry per scored prompt position, in plan order")
       .def_ro("sampled_token_ids", &StepResult::sampled_token_ids)
       .def_ro("sampled_logprobs", &StepResult::sampled_logprobs)
       .def_ro("num_top_logprobs", &StepResult::num_top_logprobs);
@@ -300,6 +328,10 @@ void bind_engine(nb::module_& m) {
       .def_ro("num_top_logprobs", &RequestOutput::num_top_logprobs)
       .def_ro("top_token_ids", &RequestOutput::top_token_ids)
       .def_ro("top_logprobs", &RequestOutput::top_logprobs)
+      .def_ro("prompt_logprobs", &RequestOutput::prompt_logprobs)
+      .def_ro("num_prompt_top_logprobs", &RequestOutput::num_prompt_top_logprobs)
+      .def_ro("prompt_top_token_ids", &RequestOutput::prompt_top_token_ids)
+      .def_ro("prompt_top_logprobs", &RequestOutput::prompt_top_logprobs)
       .def_ro("finished", &RequestOutput::finished)
       .def_prop_ro("finish_reason",
                    [](const RequestOutput& o) { return finish_reason_or_none(o.finish_reason); })

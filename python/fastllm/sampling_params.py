@@ -65,8 +65,6 @@ class SamplingParams:
         if self.best_of is not None and (not isinstance(self.best_of, int)
                                          or self.best_of < self.n):
             raise ValueError(f"best_of must be an integer >= n ({self.n}), got {self.best_of}")
-        if self.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs is not supported yet")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         if not self.detokenize and self.stop_strings:

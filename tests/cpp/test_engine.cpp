@@ -610,3 +610,34 @@ void stress(PreemptionMode mode, uint32_t seed) {
 
 TEST(EngineStress, ThousandRequestsWithAbortsRecompute) { stress(PreemptionMode::kRecompute, 21); }
 TEST(EngineStress, ThousandRequestsWithAbortsSwap) { stress(PreemptionMode::kSwap, 22); }
+
+TEST(Engine, PromptLogprobsCoverEveryPromptPositionAcrossChunks) {
+  EngineConfig cfg = make_config(200, 16, /*budget=*/16);
+  Engine engine(cfg, std::make_shared<CheckingExecutor>(cfg));
+  std::mt19937 rng(15);
+  auto prompt = random_prompt(rng, 40);
+  SamplingParams p;
+  p.max_tokens = 2;
+  p.prompt_logprobs = 2;
+  engine.add_request("warm", prompt, SamplingParams{});  // fills the prefix cache
+  drain(engine);
+  engine.add_request("pl", prompt, p);
+  std::vector<float> lps;
+  std::vector<int32_t> top;
+  int32_t cached = -1;
+  while (engine.has_unfinished_requests()) {
+    for (auto& o : engine.step()) {
+      lps.insert(lps.end(), o.prompt_logprobs.begin(), o.prompt_logprobs.end());
+      top.insert(top.end(), o.prompt_top_token_ids.begin(), o.prompt_top_token_ids.end());
+      if (!o.prompt_logprobs.empty()) EXPECT_EQ(o.num_prompt_top_logprobs, 2);
+      if (o.finished) cached = o.num_cached_tokens;
+    }
+  }
+  ASSERT_EQ(lps.size(), 39u);  // positions 1..39 of the prompt
+  ASSERT_EQ(top.size(), 78u);
+  for (size_t i = 0; i < lps.size(); ++i) {
+    EXPECT_FLOAT_EQ(lps[i], -static_cast<float>(prompt[i + 1] % 10) / 10.0f) << i;
+    EXPECT_EQ(top[2 * i], prompt[i + 1]);
+  }
+  EXPECT_EQ(cached, 0);  // prompt logprobs need every prompt position computed
+}

@@ -274,3 +274,21 @@ def test_logit_bias_and_allowed_token_ids(default_llm):
         default_llm.generate("x", SamplingParams(allowed_token_ids=[10**7]), use_tqdm=False)
     with pytest.raises(ValueError, match="logit_bias"):
         default_llm.generate("x", SamplingParams(logit_bias={5: 1000.0}), use_tqdm=False)
+
+
+def test_prompt_logprobs_match_hf_across_chunks(hf_reference_model, prompt_ids):
+    llm = LLM(max_model_len=512, max_num_batched_tokens=8)
+    ids = prompt_ids[3]  # the longest prompt: several 8-token chunks
+    out = llm.generate([{"prompt_token_ids": ids}],
+                       SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3),
+                       use_tqdm=False)[0]
+    assert len(out.prompt_logprobs) == len(ids) and out.prompt_logprobs[0] is None
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_reference_model.model(torch.tensor([ids])).logits[0].float(),
+                                dim=-1)
+    for pos in range(1, len(ids)):
+        entry = out.prompt_logprobs[pos]
+        assert entry[ids[pos]].logprob == pytest.approx(float(ref[pos - 1, ids[pos]]), abs=1e-3)
+        top3 = ref[pos - 1].topk(3).indices.tolist()
+        ranked = [t for t, lp in entry.items() if lp.rank is not None]
+        assert set(top3) <= set(ranked)

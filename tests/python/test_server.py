@@ -357,3 +357,17 @@ def test_logit_bias_allowed_ids_and_token_id_strings(client):
     with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
         client.completions.create(model=MODEL, prompt="Hello", max_tokens=2,
                                   logit_bias={"99999999": 1})
+
+
+def test_echo_with_logprobs_and_prompt_logprobs(client):
+    out = client.completions.create(model=MODEL, prompt="The capital of France is",
+                                    max_tokens=2, temperature=0, echo=True, logprobs=1)
+    lp = out.choices[0].logprobs
+    assert lp.tokens[:5] == ["The", " capital", " of", " France", " is"]
+    assert lp.token_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:])
+    assert len(lp.tokens) == 7 and "".join(lp.tokens) == out.choices[0].text
+    chat = client.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=2,
+                                          extra_body={"prompt_logprobs": 1})
+    entries = chat.choices[0].model_extra["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == chat.usage.prompt_tokens
+    assert all(len(e) >= 1 for e in entries[1:])

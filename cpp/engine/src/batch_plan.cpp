@@ -16,6 +16,10 @@ void BatchPlan::clear() {
   num_computed_tokens.clear();
   block_tables.clear();
   request_ids.clear();
+  num_prompt_tokens.clear();
+  prompt_logprobs.clear();
+  prompt_next_token.clear();
+  any_prompt_logprobs = false;
   sample_token_indices.clear();
   sample_seq_indices.clear();
   temperature.clear();
@@ -133,6 +137,12 @@ void build_batch_plan(const SchedulerOutput& out, int32_t block_size,
     std::copy(req.block_ids.begin(), req.block_ids.end(),
               plan.block_tables.begin() + static_cast<size_t>(seq) * max_blocks);
     plan.request_ids.push_back(req.id);
+    const bool wants_prompt = req.params.prompt_logprobs >= 0 && start < req.num_prompt_tokens;
+    plan.num_prompt_tokens.push_back(req.num_prompt_tokens);
+    plan.prompt_logprobs.push_back(wants_prompt ? req.params.prompt_logprobs : -1);
+    plan.prompt_next_token.push_back(start + n < req.num_prompt_tokens ? req.token_ids[start + n]
+                                                                       : -1);
+    plan.any_prompt_logprobs = plan.any_prompt_logprobs || wants_prompt;
     // The last known token is computed in this step: its logits give the next token.
     if (start + n == req.num_tokens()) {
       add_sample_row(plan, req, plan.num_tokens - 1, seq, eos_token_ids);

@@ -292,6 +292,38 @@ std::vector<RequestOutput> Engine::Impl::run_step() {
     kv.cache_full_blocks(*req);
   }
 
+  // Prompt logprobs go out with the request's next output (its first token) or on their own.
+  std::unordered_map<Request*, RequestOutput> prompt_parts;
+  if (!result.prompt_seq_indices.empty()) {
+    const size_t kp = static_cast<size_t>(std::max(result.num_prompt_top_logprobs, 0));
+    for (size_t e = 0; e < result.prompt_seq_indices.size(); ++e) {
+      const int32_t seq = result.prompt_seq_indices[e];
+      if (seq < 0 || seq >= plan.num_seqs || e >= result.prompt_token_logprobs.size()) continue;
+      Request* req = sched.scheduled[seq].request;
+      RequestOutput& part = prompt_parts[req];
+      const size_t k = std::min(kp, static_cast<size_t>(std::max(req->params.prompt_logprobs, 0)));
+      part.num_prompt_top_logprobs = static_cast<int32_t>(k);
+      part.prompt_logprobs.push_back(result.prompt_token_logprobs[e]);
+      if (k > 0 && result.prompt_top_token_ids.size() >= (e + 1) * kp) {
+        part.prompt_top_token_ids.insert(part.prompt_top_token_ids.end(),
+                                         result.prompt_top_token_ids.begin() + e * kp,
+                                         result.prompt_top_token_ids.begin() + e * kp + k);
+        part.prompt_top_logprobs.insert(part.prompt_top_logprobs.end(),
+                                        result.prompt_top_logprobs.begin() + e * kp,
+                                        result.prompt_top_logprobs.begin() + e * kp + k);
+      }
+    }
+  }
+  auto attach_prompt_part = [&prompt_parts](Request* req, RequestOutput& o) {
+    auto it = prompt_parts.find(req);
+    if (it == prompt_parts.end()) return;
+    o.prompt_logprobs = std::move(it->second.prompt_logprobs);
+    o.num_prompt_top_logprobs = it->second.num_prompt_top_logprobs;
+    o.prompt_top_token_ids = std::move(it->second.prompt_top_token_ids);
+    o.prompt_top_logprobs = std::move(it->second.prompt_top_logprobs);
+    prompt_parts.erase(it);
+  };
+
   std::vector<Request*> finished;
   std::vector<RequestStatus> finished_status;
   for (int32_t r = 0; r < plan.num_samples; ++r) {
@@ -306,6 +338,7 @@ std::vector<RequestOutput> Engine::Impl::run_step() {
     ++num_generated_tokens;
     RequestOutput o = make_output(*req);
     o.new_token_ids.push_back(token);
+    attach_prompt_part(req, o);
     if (req->params.logprobs >= 0 && has_logprobs) {
       o.new_logprobs.push_back(result.sampled_logprobs[r]);
       if (has_top) {
@@ -331,6 +364,14 @@ std::vector<RequestOutput> Engine::Impl::run_step() {
       finished.push_back(req);
       finished_status.push_back(status);
     }
+    out.push_back(std::move(o));
+  }
+  // Chunks of a long prompt that produced no token yet still report their prompt logprobs.
+  std::vector<Request*> prompt_only;
+  for (auto& [req, part] : prompt_parts) prompt_only.push_back(req);
+  for (Request* req : prompt_only) {
+    RequestOutput o = make_output(*req);
+    attach_prompt_part(req, o);
     out.push_back(std::move(o));
   }
   for (size_t i = 0; i < finished.size(); ++i) {

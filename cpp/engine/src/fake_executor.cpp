@@ -129,6 +129,28 @@ StepResult FakeExecutor::execute(const BatchPlan& plan) {
     result.sampled_token_ids.push_back(token);
     any_logprobs = any_logprobs || plan.num_logprobs[r] >= 0;
   }
+  if (plan.any_prompt_logprobs) {
+    // Stand-in prompt logprobs: row at position p scores the prompt token at p + 1 with
+    // -(token % 10) / 10, and its top-K lists that token and the ones after it.
+    int32_t k = 0;
+    for (int32_t s = 0; s < plan.num_seqs; ++s) k = std::max(k, plan.prompt_logprobs[s]);
+    result.num_prompt_top_logprobs = k;
+    for (int32_t s = 0; s < plan.num_seqs; ++s) {
+      if (plan.prompt_logprobs[s] < 0) continue;
+      for (int32_t t = plan.query_start_loc[s]; t < plan.query_start_loc[s + 1]; ++t) {
+        const int32_t pos = plan.positions[t];
+        if (pos + 1 >= plan.num_prompt_tokens[s]) break;
+        const int32_t target =
+            t + 1 < plan.query_start_loc[s + 1] ? plan.token_ids[t + 1] : plan.prompt_next_token[s];
+        result.prompt_seq_indices.push_back(s);
+        result.prompt_token_logprobs.push_back(-static_cast<float>(target % 10) / 10.0f);
+        for (int32_t j = 0; j < k; ++j) {
+          result.prompt_top_token_ids.push_back((target + j) % config_.vocab_size);
+          result.prompt_top_logprobs.push_back(-static_cast<float>(j));
+        }
+      }
+    }
+  }
   if (any_logprobs) {
     // Stand-in values that let tests follow logprobs through the engine: the sampled token's
     // logprob is -(token % 10) / 10, and top-K lists token, token+1, ... with falling values.

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from fastllm.config import EngineArgs
 from fastllm.engine.llm_engine import EngineCore
 from fastllm.engine.request_state import RequestState
+from fastllm.guided import get_manager
 from fastllm.outputs import Logprob
 from fastllm.sampling_params import SamplingParams
 
@@ -34,6 +35,7 @@ class StreamChunk:
     num_output_tokens: int
     num_cached_tokens: int
     full_text: str = ""  # all text so far (for non-streaming responses)
+    prompt_logprobs: list | None = None  # prompt positions scored since the previous chunk
 
 
 @dataclass
@@ -89,7 +91,17 @@ class AsyncLLM:
         stream = _Stream(state)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.engine.add_request(request_id, prompt_token_ids, params.to_native())
+        guided = None
+        if params.guided_decoding is not None:
+            # Compiled off the event loop (cached: the server compiles before responding).
+            guided = get_manager(self.core)
+            guided.register(request_id, await guided.compile_async(params.guided_decoding))
+        try:
+            self.engine.add_request(request_id, prompt_token_ids, params.to_native())
+        except BaseException:
+            if guided is not None:
+                guided.unregister(request_id)
+            raise
         self._streams[request_id] = stream
         if self.metrics is not None:
             self.metrics.on_prompt(len(prompt_token_ids))
@@ -102,6 +114,8 @@ class AsyncLLM:
                 if finished:
                     return
         finally:
+            if guided is not None:
+                guided.unregister(request_id)
             if not finished:
                 self.engine.abort(request_id)
                 self._streams.pop(request_id, None)
@@ -109,7 +123,16 @@ class AsyncLLM:
                     self.metrics.on_request_finished("abort", stream, 0)
 
     def abort(self, request_id: str) -> bool:
+        manager = getattr(self.core, "_guided_manager", None)
+        if manager is not None:
+            manager.unregister(request_id)
         return self.engine.abort(request_id)
+
+    async def prepare_guided(self, params: SamplingParams) -> None:
+        """Compiles the request's grammar off the event loop (and caches it), so an invalid
+        constraint fails before a response starts. ValueError names the problem."""
+        if params.guided_decoding is not None:
+            await get_manager(self.core).compile_async(params.guided_decoding)
 
     # ---- output dispatch (asyncio thread) ----------------------------------------------------
 
@@ -129,7 +152,8 @@ class AsyncLLM:
                     stream.first_token_at = now
                 stream.last_token_at = now
             text, tokens, logprobs = state.take_delta()
-            if not (text or tokens or state.finished):
+            prompt_logprobs = state.take_prompt_logprobs()
+            if not (text or tokens or state.finished or prompt_logprobs):
                 continue
             chunk = StreamChunk(
                 request_id=out.request_id,
@@ -143,9 +167,12 @@ class AsyncLLM:
                 num_output_tokens=len(state.token_ids),
                 num_cached_tokens=state.num_cached_tokens,
                 full_text=state.text if state.finished else "",
+                prompt_logprobs=prompt_logprobs,
             )
             if state.finished:
                 del self._streams[out.request_id]
+                if state.params.guided_decoding is not None:
+                    get_manager(self.core).unregister(out.request_id)
                 if self.metrics is not None:
                     self.metrics.on_request_finished(state.finish_reason, stream,
                                                      len(state.token_ids))

@@ -12,6 +12,7 @@ from fastllm import _C
 from fastllm.config import EngineArgs, ModelConfig
 from fastllm.engine.parallel_sampling import ParentRequest
 from fastllm.engine.request_state import RequestState
+from fastllm.guided import get_manager
 from fastllm.loader import iterate_weights, load_config, resolve_model
 from fastllm.models import get_model_class
 from fastllm.outputs import RequestOutput
@@ -161,6 +162,8 @@ class LLMEngine:
                     request_id: str | None = None, add_special_tokens: bool = True) -> str:
         params = params or SamplingParams()
         params.validate(self.args.max_logprobs, self.core.model_config.vocab_size)
+        if params.guided_decoding is not None:
+            get_manager(self.core).compile(params.guided_decoding)  # ValueError if invalid
         text, ids = self.core.encode_prompt(prompt, add_special_tokens)
         if request_id is None:
             request_id = f"req-{self._counter}"
@@ -191,8 +194,16 @@ class LLMEngine:
     def _add_sequence(self, request_id: str, text: str | None, ids: list[int],
                       params: SamplingParams) -> None:
         state = RequestState(request_id, text, ids, params, self.tokenizer)
+        if params.guided_decoding is not None:
+            manager = get_manager(self.core)
+            manager.register(request_id, manager.compile(params.guided_decoding))
         self.engine.add_request(request_id, ids, params.to_native())
         self._states[request_id] = state
+
+    def _unregister_guided(self, request_id: str) -> None:
+        manager = getattr(self.core, "_guided_manager", None)
+        if manager is not None:
+            manager.unregister(request_id)
 
     def abort_request(self, request_id: str) -> bool:
         parent = self._groups.pop(request_id, None)
@@ -201,6 +212,7 @@ class LLMEngine:
         for rid in ids:
             self._parents.pop(rid, None)
             self._states.pop(rid, None)
+            self._unregister_guided(rid)
             aborted = self.engine.abort(rid) or aborted
         return aborted
 
@@ -222,6 +234,7 @@ class LLMEngine:
             if not state.finished:
                 continue
             del self._states[out.request_id]
+            self._unregister_guided(out.request_id)
             result = state.to_output()
             parent = self._parents.pop(out.request_id, None)
             if parent is not None:

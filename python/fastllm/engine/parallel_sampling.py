@@ -42,5 +42,5 @@ class ParentRequest:
         first = children[0]
         return RequestOutput(request_id=self.request_id, prompt=first.prompt,
                              prompt_token_ids=first.prompt_token_ids, outputs=outputs,
-                             finished=True,
+                             finished=True, prompt_logprobs=first.prompt_logprobs,
                              num_cached_tokens=min(c.num_cached_tokens for c in children))

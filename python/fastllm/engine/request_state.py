@@ -26,6 +26,10 @@ class RequestState:
         self.text = ""
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
+        # One entry per prompt position (None for the first), filled as prefill chunks run.
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
+        self._prompt_sent = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.num_cached_tokens = 0
@@ -42,6 +46,8 @@ class RequestState:
         """Applies one native output. Returns True when a stop string ended the request here (the
         caller must then abort it in the engine)."""
         self.num_cached_tokens = out.num_cached_tokens
+        if self.prompt_logprobs is not None and len(out.prompt_logprobs):
+            self._add_prompt_logprobs(out)
         new_ids = list(out.new_token_ids)
         self.token_ids.extend(new_ids)
         if self.logprobs is not None and len(out.new_logprobs) == len(new_ids):
@@ -74,6 +80,31 @@ class RequestState:
             if out.finish_reason == "error" and out.error:
                 self.stop_reason = out.error
         return False
+
+    def _add_prompt_logprobs(self, out) -> None:
+        k = out.num_prompt_top_logprobs
+        for i, lp in enumerate(out.prompt_logprobs):
+            position = len(self.prompt_logprobs)
+            token = self.prompt_token_ids[position]
+            entry = {token: Logprob(float(lp))}
+            for j in range(k):
+                tid = out.prompt_top_token_ids[i * k + j]
+                value = float(out.prompt_top_logprobs[i * k + j])
+                if tid == token:
+                    entry[token].rank = j + 1
+                entry.setdefault(tid, Logprob(value, rank=j + 1))
+            if self.params.detokenize:
+                for tid, value in entry.items():
+                    value.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
+            self.prompt_logprobs.append(entry)
+
+    def take_prompt_logprobs(self) -> list | None:
+        """Prompt logprobs not handed out yet (None when the request did not ask)."""
+        if self.prompt_logprobs is None:
+            return None
+        new = self.prompt_logprobs[self._prompt_sent:]
+        self._prompt_sent = len(self.prompt_logprobs)
+        return new
 
     def _check_stop_strings(self, new_len: int) -> bool:
         # Only the tail that could contain a stop string touching the new text is searched.
@@ -121,4 +152,5 @@ class RequestState:
             outputs=[completion],
             finished=self.finished,
             num_cached_tokens=self.num_cached_tokens,
+            prompt_logprobs=self.prompt_logprobs,
         )

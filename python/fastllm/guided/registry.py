@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 
 class _State:
-    __slots__ = ("matcher", "consumed", "broken")
+    __slots__ = ("broken", "consumed", "matcher")
 
     def __init__(self, matcher: Matcher):
         self.matcher = matcher

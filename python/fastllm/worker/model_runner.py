@@ -143,15 +143,64 @@ class ModelExecutor(_C.Executor):
             max_context_len=int(plan.max_context_len),
         )
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        prompt_logprobs = self._prompt_logprobs(plan, hidden) if plan.any_prompt_logprobs else None
         if plan.num_samples == 0:
-            return _C.StepResult(np.empty(0, dtype=np.int32))
+            return _with_prompt_logprobs(_C.StepResult(np.empty(0, dtype=np.int32)),
+                                         prompt_logprobs)
         rows = hidden[self._tensor(plan.sample_token_indices).to(torch.int64)]
         logits = self.model.compute_logits(rows)
         kw = self._sampling_inputs(plan)
+        # Guided decoding (fastllm.guided attaches its registry here): masks the rows of guided
+        # sequences before sampling and advances their matchers after.
+        guided = getattr(self, "guided", None)
+        guided_rows = guided.apply(plan, logits) if guided is not None else None
         tokens, logprob, _rank, top_lp, top_ids = ops.sample(logits, **kw)
+        if guided_rows:
+            guided.advance(guided_rows, tokens)
         if (plan.num_logprobs >= 0).any():
-            return _C.StepResult(tokens.cpu(), logprob.cpu(), top_ids.cpu(), top_lp.cpu())
-        return _C.StepResult(tokens.cpu())
+            result = _C.StepResult(tokens.cpu(), logprob.cpu(), top_ids.cpu(), top_lp.cpu())
+        else:
+            result = _C.StepResult(tokens.cpu())
+        return _with_prompt_logprobs(result, prompt_logprobs)
+
+    def _prompt_logprobs(self, plan, hidden: torch.Tensor) -> tuple:
+        """Log-softmax scores of the prompt tokens for the sequences that asked for them: row at
+        position p scores the prompt token at p + 1 (see BatchPlan.prompt_logprobs)."""
+        qsl, pos, ids = plan.query_start_loc, plan.positions, plan.token_ids
+        rows, targets, seqs = [], [], []
+        for s in np.nonzero(plan.prompt_logprobs >= 0)[0]:
+            start, end = int(qsl[s]), int(qsl[s + 1])
+            last = min(end, start + max(0, int(plan.num_prompt_tokens[s]) - 1 - int(pos[start])))
+            if last <= start:
+                continue
+            t = np.arange(start, last)
+            tgt = np.where(t + 1 < end, ids[np.minimum(t + 1, end - 1)], plan.prompt_next_token[s])
+            rows.append(t)
+            targets.append(tgt)
+            seqs.append(np.full(len(t), s, dtype=np.int32))
+        if not rows:
+            return None
+        rows_t = torch.from_numpy(np.concatenate(rows)).to(hidden.device)
+        target_t = torch.from_numpy(np.concatenate(targets).astype(np.int64)).to(hidden.device)
+        k = int(plan.prompt_logprobs.max())
+        token_lp, top_lp, top_ids = [], [], []
+        for chunk in range(0, len(rows_t), 256):  # bounds the [rows, vocab] logits
+            idx = rows_t[chunk:chunk + 256]
+            lp = torch.log_softmax(self.model.compute_logits(hidden[idx]), dim=-1)
+            token_lp.append(lp.gather(1, target_t[chunk:chunk + 256, None])[:, 0])
+            if k > 0:
+                values, indices = lp.topk(k, dim=-1)
+                top_lp.append(values)
+                top_ids.append(indices.to(torch.int32))
+        return (np.concatenate(seqs), torch.cat(token_lp).cpu(),
+                torch.cat(top_ids).cpu() if k > 0 else None,
+                torch.cat(top_lp).cpu() if k > 0 else None)
+
+
+def _with_prompt_logprobs(result, prompt_logprobs):
+    if prompt_logprobs is not None:
+        result.set_prompt_logprobs(*prompt_logprobs)
+    return result
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:

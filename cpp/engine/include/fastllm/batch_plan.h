@@ -37,6 +37,13 @@ struct BatchPlan {
   std::vector<int32_t> num_computed_tokens;  // tokens already in the cache before this step
   std::vector<int32_t> block_tables;         // [num_seqs * max_blocks_per_seq], padded with block 0
   std::vector<std::string> request_ids;
+  // Prompt logprobs: -1, or the top-N count of a sequence whose prompt rows in this step need
+  // logprobs. Row t of such a sequence (position p < num_prompt_tokens - 1) scores the prompt
+  // token at p + 1: the next row's token, or prompt_next_token for the chunk's last row.
+  std::vector<int32_t> num_prompt_tokens;  // [num_seqs]
+  std::vector<int32_t> prompt_logprobs;    // [num_seqs]
+  std::vector<int32_t> prompt_next_token;  // [num_seqs], -1 when the chunk ends the prompt
+  bool any_prompt_logprobs = false;
 
   // Per sample row [num_samples]: sequences whose last token this step is the end of their known
   // tokens get one next token sampled from the logits of that row.

@@ -44,6 +44,11 @@ struct RequestOutput {
   int32_t num_top_logprobs = 0;        // K
   std::vector<int32_t> top_token_ids;  // [new tokens * K]
   std::vector<float> top_logprobs;     // [new tokens * K]
+  // Prompt logprobs computed in this step, for prompt positions in order (position 0 has none).
+  std::vector<float> prompt_logprobs;
+  int32_t num_prompt_top_logprobs = 0;
+  std::vector<int32_t> prompt_top_token_ids;  // [prompt_logprobs.size() * K']
+  std::vector<float> prompt_top_logprobs;
   bool finished = false;
   FinishReason finish_reason = FinishReason::kNone;
   int32_t stop_token_id = -1;  // the stop token that ended it (not EOS), or -1

@@ -16,6 +16,14 @@ struct StepResult {
   int32_t num_top_logprobs = 0;            // K: top entries per sample row
   std::vector<int32_t> top_token_ids;      // [num_samples * K] or empty
   std::vector<float> top_logprobs;         // [num_samples * K] or empty
+
+  // Prompt logprobs, one entry per scored prompt position, grouped by sequence in plan order
+  // (positions ascending): the sequence index, the scored token's logprob and the top-K.
+  int32_t num_prompt_top_logprobs = 0;     // K'
+  std::vector<int32_t> prompt_seq_indices;
+  std::vector<float> prompt_token_logprobs;
+  std::vector<int32_t> prompt_top_token_ids;  // [entries * K']
+  std::vector<float> prompt_top_logprobs;     // [entries * K']
 };
 
 class Executor {

@@ -38,6 +38,7 @@ from fastllm.entrypoints.openai.protocol import (
     TokenizeRequest,
 )
 from fastllm.entrypoints.openai.serving import APIError, OpenAIServing
+from fastllm.guided import get_manager
 
 logger = logging.getLogger("fastllm.server")
 
@@ -85,6 +86,9 @@ def build_app(engine: AsyncLLM, ns: argparse.Namespace) -> FastAPI:
     engine.metrics = metrics
     serving = OpenAIServing(engine, names, ns.response_role, load_chat_template(ns.chat_template),
                             ns.max_log_len, not ns.disable_log_requests)
+    serving.configure_tools(getattr(ns, "enable_auto_tool_choice", False),
+                            getattr(ns, "tool_call_parser", None))
+    get_manager(engine.core).set_default_backend(getattr(ns, "guided_decoding_backend", None))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -26,7 +26,6 @@ _UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "kv_cache_dtype": ("auto", "an fp8 KV cache is not wired into the engine yet"),
     "quantization_param_path": (None, "an fp8 KV cache is not wired into the engine yet"),
     "quantization": (None, "quantized weight formats other than GGUF are not supported yet"),
-    "guided_decoding_backend": (None, "guided decoding is not supported yet"),
     "worker_use_ray": (False, "Ray workers are not supported"),
     "engine_use_ray": (False, "Ray engines are not supported"),
     "ray_workers_use_nsight": (False, "Ray workers are not supported"),
@@ -97,7 +96,14 @@ def make_parser() -> argparse.ArgumentParser:
     a("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     a("--quantization-param-path", default=None)
     a("--max-model-len", type=int, default=None)
-    a("--guided-decoding-backend", default=None)
+    a("--guided-decoding-backend", default="guidance",
+      help="default guided decoding backend: guidance (llguidance; also 'auto') or xgrammar "
+           "(optional extra); requests may override it with guided_decoding_backend")
+    a("--enable-auto-tool-choice", action="store_true", default=False,
+      help="let the model choose tool calls itself (tool_choice='auto'); needs "
+           "--tool-call-parser")
+    a("--tool-call-parser", default=None, choices=["hermes", "mistral"],
+      help="how model output is parsed into tool calls for tool_choice='auto'")
     a("--worker-use-ray", action="store_true", default=False)
     a("--pipeline-parallel-size", "-pp", type=int, default=1)
     a("--tensor-parallel-size", "-tp", type=int, default=1)
@@ -234,6 +240,18 @@ def check_supported(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> 
         if value != off:
             flag = "--" + dest.replace("_", "-")
             parser.error(f"{flag}={value!r}: {why}")
+    from fastllm.guided.backends import backend_installed
+    from fastllm.guided.params import normalize_backend
+
+    try:
+        backend = normalize_backend(ns.guided_decoding_backend) or "guidance"
+    except ValueError as e:
+        parser.error(f"--guided-decoding-backend: {e}")
+    if not backend_installed(backend):
+        parser.error(f"--guided-decoding-backend {ns.guided_decoding_backend}: the backend is "
+                     f"not installed (pip install 'fastllm[{backend}]')")
+    if ns.enable_auto_tool_choice and not ns.tool_call_parser:
+        parser.error("--enable-auto-tool-choice needs --tool-call-parser (hermes or mistral)")
     if ns.device == "neuron":
         parser.error("--device neuron: Neuron devices are not supported")
     if ns.load_format in ("npcache", "tensorizer"):

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fastllm.guided.params import GuidedDecodingParams, normalize_backend
 from fastllm.sampling_params import SamplingParams
 
 
@@ -92,15 +93,40 @@ class SamplingFields(OpenAIModel):
         bad = []
         if self.use_beam_search:
             bad.append("use_beam_search")
-        if self.prompt_logprobs is not None:
-            bad.append("prompt_logprobs")
-        if self.response_format is not None and self.response_format.type != "text":
-            bad.append("response_format")
-        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                     "guided_decoding_backend", "guided_whitespace_pattern"):
-            if getattr(self, name) is not None:
-                bad.append(name)
         return bad
+
+    def guided_decoding(self) -> GuidedDecodingParams | None:
+        """The request's output constraint from guided_* or response_format. ValueError when
+        it gives more than one or a malformed one."""
+        fmt = self.response_format
+        json_schema: Any = self.guided_json
+        json_object = None
+        if fmt is not None and fmt.type != "text":
+            if json_schema is not None:
+                raise ValueError("give either response_format or guided_json, not both")
+            if fmt.type == "json_object":
+                json_object = True
+            else:
+                spec = fmt.json_schema or {}
+                schema = spec.get("schema", spec.get("json_schema"))
+                if not isinstance(schema, dict):
+                    raise ValueError("response_format of type json_schema needs "
+                                     "json_schema.schema (a JSON schema object)")
+                json_schema = schema
+        given = [name for name, value in (
+            ("guided_json/response_format", json_schema if json_object is None else True),
+            ("guided_regex", self.guided_regex), ("guided_choice", self.guided_choice),
+            ("guided_grammar", self.guided_grammar)) if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"give only one guided decoding constraint, got {', '.join(given)}")
+        params = GuidedDecodingParams.from_optional(
+            json=json_schema, regex=self.guided_regex, choice=self.guided_choice,
+            grammar=self.guided_grammar, json_object=json_object,
+            backend=self.guided_decoding_backend,
+            whitespace_pattern=self.guided_whitespace_pattern)
+        if params is None and self.guided_decoding_backend is not None:
+            normalize_backend(self.guided_decoding_backend)  # an unknown name is still an error
+        return params
 
     def unknown_fields(self) -> list[str]:
         return sorted((self.model_extra or {}).keys())
@@ -129,6 +155,8 @@ class SamplingFields(OpenAIModel):
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
             priority=self.priority or 0,
             logit_bias=self.parsed_logit_bias(),
+            prompt_logprobs=self.prompt_logprobs,
+            guided_decoding=self.guided_decoding(),
             allowed_token_ids=self.allowed_token_ids,
         )
 
@@ -183,13 +211,6 @@ class ChatCompletionRequest(SamplingFields):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
-    def unsupported(self) -> list[str]:
-        bad = super().unsupported()
-        if self.tools:
-            bad.append("tools")
-        if self.tool_choice not in (None, "none"):
-            bad.append("tool_choice")
-        return bad
 
 
 class TokenizeRequest(OpenAIModel):

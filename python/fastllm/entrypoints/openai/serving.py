@@ -20,6 +20,11 @@ from fastllm.entrypoints.openai.protocol import (
     UsageInfo,
     random_id,
 )
+from fastllm.entrypoints.openai.tool_parsers.chat_tools import (
+    ToolPlan,
+    ToolRequestError,
+    plan_tools,
+)
 from fastllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -79,6 +84,22 @@ class OpenAIServing:
         self.max_logprobs = engine.args.max_logprobs
         self.max_log_len = max_log_len
         self.log_requests = log_requests
+        self.enable_auto_tools = False
+        self.tool_parser_name: str | None = None
+
+    def configure_tools(self, enable_auto_tool_choice: bool, tool_call_parser: str | None
+                        ) -> None:
+        """--enable-auto-tool-choice and --tool-call-parser."""
+        self.enable_auto_tools = bool(enable_auto_tool_choice)
+        self.tool_parser_name = tool_call_parser
+
+    async def prepare_guided(self, params: SamplingParams) -> None:
+        """Compiles the request's grammar before anything is sent, so a bad schema, regex,
+        grammar or backend is a 400."""
+        try:
+            await self.engine.prepare_guided(params)
+        except ValueError as e:
+            raise APIError(str(e), param="guided_decoding") from e
 
     # ---- shared checks -----------------------------------------------------------------------
 
@@ -156,17 +177,20 @@ class OpenAIServing:
     async def collect(self, gen: AsyncIterator[StreamChunk]) -> dict:
         tokens: list[int] = []
         logprobs: list = []
+        prompt_logprobs: list | None = None
         last = None
         async for chunk in gen:
             tokens.extend(chunk.token_ids)
             if chunk.logprobs:
                 logprobs.extend(chunk.logprobs)
+            if chunk.prompt_logprobs is not None:
+                prompt_logprobs = (prompt_logprobs or []) + chunk.prompt_logprobs
             last = chunk
         assert last is not None
         cumulative = sum(entry[t].logprob for t, entry in zip(tokens, logprobs)) if logprobs \
             else 0.0
         return {"text": last.full_text, "tokens": tokens, "logprobs": logprobs, "last": last,
-                "cumulative_logprob": cumulative}
+                "cumulative_logprob": cumulative, "prompt_logprobs": prompt_logprobs}
 
     def make_jobs(self, base_id: str, prompt_index: int, text: str | None, ids: list[int],
                   params, stream: bool) -> list[Job]:
@@ -274,13 +298,41 @@ class OpenAIServing:
             "text_offset": text_offset,
         }
 
+    def prompt_logprobs_json(self, entries: list | None) -> list | None:
+        """The extra `prompt_logprobs` field: per prompt position, token id -> logprob, rank and
+        text (None at position 0)."""
+        if entries is None:
+            return None
+        return [None if e is None else
+                {str(tid): {"logprob": max(lp.logprob, -9999.0), "rank": lp.rank,
+                            "decoded_token": lp.decoded_token} for tid, lp in e.items()}
+                for e in entries]
+
+    def merge_echo_logprobs(self, prompt_ids: list[int], prompt_entries: list, generated: dict,
+                            top_n: int, as_ids: bool) -> dict:
+        """Completion logprobs of an echoed prompt followed by the generated tokens."""
+        texts = [self.token_text(t, as_ids) for t in prompt_ids]
+        offsets, pos = [], 0
+        for t in texts:
+            offsets.append(pos)
+            pos += len(t)
+        token_lps: list = [None]
+        tops: list = [None]
+        for tok, entry in zip(prompt_ids[1:], prompt_entries[1:]):
+            token_lps.append(entry[tok].logprob)
+            ranked = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[: max(top_n, 1)]
+            tops.append({self.token_text(tid, as_ids): lp.logprob for tid, lp in ranked})
+        return {
+            "tokens": texts + generated["tokens"],
+            "token_logprobs": token_lps + generated["token_logprobs"],
+            "top_logprobs": tops + generated["top_logprobs"],
+            "text_offset": offsets + generated["text_offset"],
+        }
+
     async def completions(self, request: CompletionRequest, raw_request):
         model = self.model_name(request.model)
         self.check_fields(request)
         self.check_logprobs(request.logprobs, "logprobs")
-        if request.echo and request.logprobs is not None:
-            raise APIError("echo with logprobs needs prompt logprobs, which are not supported "
-                           "yet", param="echo")
         prompts = self.completion_prompts(request)
         requested = 16 if request.max_tokens is None else request.max_tokens
         jobs: list[Job] = []
@@ -288,7 +340,12 @@ class OpenAIServing:
         for i, (text, ids) in enumerate(prompts):
             max_tokens = self.check_length(ids, requested)
             params = request.to_sampling_params(max_tokens, request.logprobs)
+            if request.echo and request.logprobs is not None:
+                # The echoed prompt carries its own logprobs.
+                params.prompt_logprobs = max(params.prompt_logprobs or 0, request.logprobs)
             jobs += self.make_jobs(base_id, i, text, ids, params, bool(request.stream))
+        if jobs:
+            await self.prepare_guided(jobs[0].params)
         created = int(time.time())
         as_ids = bool(request.return_tokens_as_token_ids)
 
@@ -309,14 +366,21 @@ class OpenAIServing:
         for job, res in await self.run_jobs(raw_request, jobs):
             prefix = echo_text(job.text, job.ids)
             last = res["last"]
+            logprobs = None
+            if request.logprobs is not None:
+                logprobs = self.completion_logprobs(res["tokens"], res["logprobs"], len(prefix),
+                                                    as_ids)
+                if prefix and res["prompt_logprobs"] is not None:
+                    logprobs = self.merge_echo_logprobs(job.ids, res["prompt_logprobs"],
+                                                        logprobs, request.logprobs, as_ids)
             choices.append({
                 "index": job.index,
                 "text": prefix + res["text"],
-                "logprobs": (self.completion_logprobs(res["tokens"], res["logprobs"],
-                                                      len(prefix), as_ids)
-                             if request.logprobs is not None else None),
+                "logprobs": logprobs,
                 "finish_reason": last.finish_reason,
                 "stop_reason": last.stop_reason,
+                "prompt_logprobs": (self.prompt_logprobs_json(res["prompt_logprobs"])
+                                    if request.prompt_logprobs is not None else None),
             })
             if job.prompt_index not in counted_prompts:
                 counted_prompts.add(job.prompt_index)
@@ -393,7 +457,8 @@ class OpenAIServing:
     # ---- chat --------------------------------------------------------------------------------
 
     def render_chat(self, messages, add_generation_prompt, continue_final_message,
-                    chat_template, chat_template_kwargs, documents=None) -> str:
+                    chat_template, chat_template_kwargs, documents=None,
+                    tool_plan: ToolPlan | None = None) -> str:
         conversation = [m.model_dump(exclude_none=True) for m in messages]
         for m in conversation:
             content = m.get("content")
@@ -408,11 +473,15 @@ class OpenAIServing:
         if add_generation_prompt and continue_final_message:
             raise APIError("add_generation_prompt and continue_final_message cannot both be "
                            "true", param="continue_final_message")
+        template = chat_template or self.chat_template
+        tool_plan = tool_plan or ToolPlan("none", [])
+        conversation = tool_plan.prepare_conversation(
+            conversation, template or self.tokenizer.chat_template)
         try:
             return self.tokenizer.apply_chat_template(
                 conversation, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, documents=documents,
-                chat_template=chat_template or self.chat_template,
+                chat_template=template, tools=tool_plan.template_tools(),
                 **(chat_template_kwargs or {}))
         except ValueError as e:
             raise APIError(f"chat template error: {e}", param="messages") from e
@@ -443,17 +512,33 @@ class OpenAIServing:
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError("top_logprobs needs logprobs=true", param="top_logprobs")
         self.check_logprobs(request.top_logprobs, "top_logprobs")
+        try:
+            tool_plan = plan_tools(request.tools, request.tool_choice,
+                                   request.parallel_tool_calls, self.enable_auto_tools,
+                                   self.tool_parser_name)
+        except ToolRequestError as e:
+            raise APIError(str(e), param=e.param) from e
         prompt = self.render_chat(request.messages, request.add_generation_prompt,
                                   request.continue_final_message, request.chat_template,
-                                  request.chat_template_kwargs, request.documents)
+                                  request.chat_template_kwargs, request.documents, tool_plan)
         ids = self.tokenizer.encode(prompt, add_special_tokens=bool(request.add_special_tokens))
         if request.truncate_prompt_tokens is not None:
             ids = ids[-request.truncate_prompt_tokens:]
         requested = request.max_completion_tokens or request.max_tokens
         max_tokens = self.check_length(ids, requested)
         params = request.to_sampling_params(max_tokens, top_n if request.logprobs else None)
+        forced = tool_plan.guided(request.guided_decoding_backend)
+        if forced is not None:
+            if params.guided_decoding is not None:
+                raise APIError("a named or required tool_choice cannot be combined with "
+                               "guided decoding or response_format", param="tool_choice")
+            params.guided_decoding = forced
+        if tool_plan.mode == "auto" and tool_plan.parser.keep_special_tokens:
+            params.skip_special_tokens = False
         rid = request.request_id or random_id("chatcmpl")
         jobs = self.make_jobs(rid, 0, prompt, ids, params, bool(request.stream))
+        await self.prepare_guided(params)
+        tools_on = tool_plan.mode != "none"
         created = int(time.time())
         role = self.response_role if request.add_generation_prompt else request.messages[-1].role
         echo = ""
@@ -464,7 +549,8 @@ class OpenAIServing:
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             return self.stream_chat(jobs, rid, created, model, role, echo,
-                                    bool(request.logprobs), top_n, as_ids, include_usage)
+                                    bool(request.logprobs), top_n, as_ids, include_usage,
+                                    tool_plan if tools_on else None)
         choices = []
         completion_tokens = 0
         cached = 0
@@ -472,13 +558,18 @@ class OpenAIServing:
             last = res["last"]
             cached = last.num_cached_tokens
             completion_tokens += len(res["tokens"])
+            content, calls = (tool_plan.parse(res["text"]) if tools_on
+                              else (echo + res["text"], []))
             choices.append({
                 "index": job.index,
-                "message": {"role": role, "content": echo + res["text"], "tool_calls": []},
+                "message": {"role": role, "content": content,
+                            "tool_calls": [c.to_dict() for c in calls]},
                 "logprobs": (self.chat_logprobs(res["tokens"], res["logprobs"], top_n, as_ids)
                              if request.logprobs else None),
-                "finish_reason": last.finish_reason,
+                "finish_reason": ToolPlan.finish_reason(last.finish_reason, calls),
                 "stop_reason": last.stop_reason,
+                "prompt_logprobs": (self.prompt_logprobs_json(res["prompt_logprobs"])
+                                    if request.prompt_logprobs is not None else None),
             })
         usage = UsageInfo(prompt_tokens=len(ids), completion_tokens=completion_tokens,
                           total_tokens=len(ids) + completion_tokens,
@@ -487,7 +578,8 @@ class OpenAIServing:
                 "choices": choices, "usage": usage.model_dump(exclude_none=True)}
 
     async def stream_chat(self, jobs: list[Job], rid, created, model, role, echo, want_logprobs,
-                          top_n, as_ids, include_usage) -> AsyncIterator[str]:
+                          top_n, as_ids, include_usage, tool_plan: ToolPlan | None = None
+                          ) -> AsyncIterator[str]:
         def chunk_body(index: int, delta: dict, finish=None, logprobs=None,
                        stop_reason=None) -> dict:
             return {"id": rid, "object": "chat.completion.chunk", "created": created,
@@ -500,6 +592,7 @@ class OpenAIServing:
             if echo:
                 yield sse(chunk_body(job.index, {"content": echo}))
         completion_tokens = 0
+        tool_streams = {job.index: tool_plan.stream() for job in jobs} if tool_plan else {}
         async for index, chunk in self.merged_streams(jobs):
             if isinstance(chunk, Exception):
                 yield sse(error_event(chunk))
@@ -507,11 +600,24 @@ class OpenAIServing:
             completion_tokens += len(chunk.token_ids)
             logprobs = (self.chat_logprobs(chunk.token_ids, chunk.logprobs, top_n, as_ids)
                         if want_logprobs and chunk.logprobs else None)
-            if chunk.text or logprobs:
-                yield sse(chunk_body(index, {"content": chunk.text}, logprobs=logprobs))
+            tools = tool_streams.get(index)
+            if tools is None:
+                if chunk.text or logprobs:
+                    yield sse(chunk_body(index, {"content": chunk.text}, logprobs=logprobs))
+            else:
+                content, deltas = tools.feed(chunk.text)
+                if chunk.finished:
+                    more_content, more = tools.finish()
+                    content, deltas = content + more_content, deltas + more
+                if content or logprobs:
+                    yield sse(chunk_body(index, {"content": content}, logprobs=logprobs))
+                for delta in deltas:
+                    yield sse(chunk_body(index, {"tool_calls": [delta]}))
             if chunk.finished:
-                yield sse(chunk_body(index, {}, chunk.finish_reason,
-                                     stop_reason=chunk.stop_reason))
+                finish = chunk.finish_reason
+                if tools is not None:
+                    finish = ToolPlan.finish_reason(finish, tools.calls)
+                yield sse(chunk_body(index, {}, finish, stop_reason=chunk.stop_reason))
         if include_usage:
             prompt_tokens = len(jobs[0].ids)
             yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
