@@ -15,6 +15,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+
 from fastllm import _C, ops
 
 

@@ -21,6 +21,10 @@ def __getattr__(name: str):
         from fastllm import outputs
 
         return getattr(outputs, name)
+    if name == "BeamSearchParams":
+        from fastllm.engine.beam_search import BeamSearchParams
+
+        return BeamSearchParams
     if name == "EngineArgs":
         from fastllm.config import EngineArgs
 

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fastllm import _C, ops
 
 CUDA = torch.cuda.is_available() and _C.ops.built_with_cuda()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fastllm import LLM, SamplingParams
 
 NEW_TOKENS = 64

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+
 from fastllm.loader import (
     dequantize,
     expected_parameter_shapes,

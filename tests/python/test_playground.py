@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from test_server import start_server, stop_server
 
 CHROMEDRIVER = shutil.which("chromedriver")

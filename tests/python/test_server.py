@@ -203,9 +203,8 @@ def test_bad_requests_get_openai_errors_and_server_keeps_serving(client, server)
         client.completions.create(model=MODEL, prompt="hi", max_tokens=2, logprobs=9)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model=MODEL, prompt="hi", max_tokens=2, temperature=-1)
-    with pytest.raises(openai.BadRequestError, match="not supported yet: use_beam_search"):
-        client.completions.create(model=MODEL, prompt="hi", max_tokens=2,
-                                  extra_body={"use_beam_search": True})
+    with pytest.raises(openai.BadRequestError, match="not supported yet: suffix"):
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=2, suffix="end")
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
     r = httpx.post(f"{server}/v1/completions", content=b"{not json", headers=headers)
     assert r.status_code == 400 and r.json()["error"]["type"] == "BadRequestError"
@@ -371,3 +370,18 @@ def test_echo_with_logprobs_and_prompt_logprobs(client):
     entries = chat.choices[0].model_extra["prompt_logprobs"]
     assert entries[0] is None and len(entries) == chat.usage.prompt_tokens
     assert all(len(e) >= 1 for e in entries[1:])
+
+
+def test_beam_search(client):
+    out = client.completions.create(model=MODEL, prompt="The best way to learn is", n=2,
+                                    max_tokens=5, extra_body={"use_beam_search": True,
+                                                              "ignore_eos": True})
+    texts = [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+    assert len(texts) == 2 and texts[0] != texts[1]
+    assert out.usage.completion_tokens == 10
+    chat = client.chat.completions.create(model=MODEL, messages=CAPITAL, n=1, max_tokens=12,
+                                          extra_body={"use_beam_search": True, "best_of": 2})
+    assert "Paris" in chat.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="cannot be streamed"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, stream=True,
+                                  extra_body={"use_beam_search": True})

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from fastllm.loader import open_gguf, resolve_model
 from fastllm.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 from fastllm.tokenizer.gguf_tokenizer import gguf_tokenizer_cache_key

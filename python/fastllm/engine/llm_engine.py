@@ -10,6 +10,7 @@ import torch
 
 from fastllm import _C
 from fastllm.config import EngineArgs, ModelConfig
+from fastllm.engine.beam_search import Beam, BeamSearchParams, run_beam_search, top_logprobs_of
 from fastllm.engine.parallel_sampling import ParentRequest
 from fastllm.engine.request_state import RequestState
 from fastllm.guided import get_manager
@@ -244,6 +245,30 @@ class LLMEngine:
                 del self._groups[parent.request_id]
             finished.append(result)
         return finished
+
+    def run_until_done(self, request_ids: list[str]) -> dict[str, RequestOutput]:
+        """Steps the engine until every one of request_ids finished."""
+        wanted = set(request_ids)
+        results: dict[str, RequestOutput] = {}
+        while wanted - results.keys():
+            for out in self.step():
+                if out.request_id in wanted:
+                    results[out.request_id] = out
+        return results
+
+    def beam_search(self, prompt_ids: list[int], params: BeamSearchParams) -> list[Beam]:
+        """Beam search for one prompt (see fastllm.engine.beam_search)."""
+        def expand(seqs: list[list[int]], k: int) -> list[dict[int, float]]:
+            step = SamplingParams(max_tokens=1, temperature=0.0, logprobs=k, ignore_eos=True)
+            ids = [self.add_request({"prompt_token_ids": seq}, step) for seq in seqs]
+            outs = self.run_until_done(ids)
+            return [top_logprobs_of(outs[i].outputs[0].logprobs[0], k) for i in ids]
+
+        if 2 * params.beam_width > self.args.max_logprobs:
+            raise ValueError(f"beam width {params.beam_width} needs 2 x width logprobs, above "
+                             f"max_logprobs {self.args.max_logprobs}")
+        eos = set(self.core.engine_config.eos_token_ids)
+        return run_beam_search(prompt_ids, params, eos, expand)
 
     def stats(self):
         return self.engine.stats()

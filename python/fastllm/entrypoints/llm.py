@@ -4,16 +4,33 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from fastllm.config import EngineArgs
+from fastllm.engine.beam_search import BeamSearchParams
 from fastllm.engine.llm_engine import LLMEngine, PromptType
 from fastllm.outputs import RequestOutput
 from fastllm.sampling_params import SamplingParams
 
 Conversation = list[dict[str, Any]]
+
+
+@dataclass
+class BeamSequence:
+    tokens: list[int]
+    text: str
+    cum_logprob: float
+    score: float
+
+
+@dataclass
+class BeamSearchOutput:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sequences: list[BeamSequence]
 
 
 class LLM:
@@ -85,6 +102,22 @@ class LLM:
                             "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
         params = self._params_per_prompt(sampling_params, len(prompts))
         return self._run(prompts, params, use_tqdm)
+
+    def beam_search(self, prompts: Sequence[PromptType], params: BeamSearchParams,
+                    use_tqdm: bool = True) -> list[BeamSearchOutput]:
+        """Beam search for each prompt; returns the beam_width best sequences of each, best
+        first (score = cumulative logprob / length ** length_penalty)."""
+        engine = self.llm_engine
+        tokenizer = engine.tokenizer
+        results = []
+        for prompt in tqdm(list(prompts), desc="Beam search", disable=not use_tqdm):
+            text, ids = engine.core.encode_prompt(prompt)
+            beams = engine.beam_search(ids, params)
+            results.append(BeamSearchOutput(prompt=text, prompt_token_ids=ids, sequences=[
+                BeamSequence(tokens=b.tokens, text=tokenizer.decode(b.tokens),
+                             cum_logprob=b.cum_logprob,
+                             score=b.score(params.length_penalty)) for b in beams]))
+        return results
 
     # ---- internals ---------------------------------------------------------------------------
 

@@ -112,7 +112,9 @@ class GuidanceBackend(Backend):
         spec = params.spec()
         if kind in ("json", "json_object"):
             overrides: dict[str, Any] = {}
-            if params.whitespace_pattern:
+            if params.whitespace_pattern == "":
+                overrides["whitespace_flexible"] = False  # no whitespace at all
+            elif params.whitespace_pattern is not None:
                 overrides["whitespace_pattern"] = params.whitespace_pattern
             try:
                 return LLMatcher.grammar_from_json_schema(spec, overrides=overrides or None)

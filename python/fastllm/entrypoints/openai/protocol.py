@@ -91,8 +91,6 @@ class SamplingFields(OpenAIModel):
     def unsupported(self) -> list[str]:
         """Names of the given fields whose behaviour fastllm does not implement yet."""
         bad = []
-        if self.use_beam_search:
-            bad.append("use_beam_search")
         return bad
 
     def guided_decoding(self) -> GuidedDecodingParams | None:

@@ -11,6 +11,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from fastllm.engine.async_llm import AsyncLLM, StreamChunk
+from fastllm.engine.beam_search import (
+    Beam,
+    BeamSearchParams,
+    run_beam_search_async,
+    top_logprobs_of,
+)
 from fastllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -81,6 +87,7 @@ class OpenAIServing:
         self.response_role = response_role
         self.chat_template = chat_template
         self.max_model_len = engine.core.max_model_len
+        self.eos_token_ids = list(engine.core.engine_config.eos_token_ids)
         self.max_logprobs = engine.args.max_logprobs
         self.max_log_len = max_log_len
         self.log_requests = log_requests
@@ -329,6 +336,39 @@ class OpenAIServing:
             "text_offset": offsets + generated["text_offset"],
         }
 
+    async def beam_search(self, ids: list[int], request: SamplingFields, max_tokens: int,
+                          request_id: str) -> list[Beam]:
+        """use_beam_search: the n best of best_of (or n) beams, best first."""
+        if request.stream:
+            raise APIError("beam search cannot be streamed", param="stream")
+        width = request.best_of or request.n or 1
+        if 2 * width > self.max_logprobs:
+            raise APIError(f"beam width {width} needs {2 * width} logprobs per step, above the "
+                           f"server's --max-logprobs {self.max_logprobs}", param="best_of")
+        early = request.early_stopping
+        params = BeamSearchParams(beam_width=width, max_tokens=max_tokens,
+                                  ignore_eos=bool(request.ignore_eos),
+                                  length_penalty=request.length_penalty or 1.0,
+                                  early_stopping=early if early is not None else False)
+        counter = iter(range(1 << 62))
+
+        async def expand(seqs: list[list[int]], k: int) -> list[dict[int, float]]:
+            step = SamplingParams(max_tokens=1, temperature=0.0, logprobs=k, ignore_eos=True)
+            gens = [self.collect(self.engine.generate(seq, step, f"{request_id}-b{next(counter)}"))
+                    for seq in seqs]
+            results = await asyncio.gather(*gens)
+            return [top_logprobs_of(r["logprobs"][0], k) for r in results]
+
+        try:
+            params.validate()
+            beams = await run_beam_search_async(ids, params, set(self.eos_token_ids), expand)
+        except ValueError as e:
+            raise APIError(str(e)) from e
+        return beams[: request.n or 1]
+
+    def beam_finish_reason(self, beam: Beam) -> str:
+        return "stop" if beam.tokens and beam.tokens[-1] in self.eos_token_ids else "length"
+
     async def completions(self, request: CompletionRequest, raw_request):
         model = self.model_name(request.model)
         self.check_fields(request)
@@ -337,6 +377,23 @@ class OpenAIServing:
         requested = 16 if request.max_tokens is None else request.max_tokens
         jobs: list[Job] = []
         base_id = request.request_id or random_id("cmpl")
+        if request.use_beam_search:
+            choices = []
+            usage = UsageInfo()
+            for i, (text, ids) in enumerate(prompts):
+                max_tokens = self.check_length(ids, requested)
+                beams = await self.run_guarded(
+                    raw_request, self.beam_search(ids, request, max_tokens, f"{base_id}-{i}"))
+                usage.prompt_tokens += len(ids)
+                for k, beam in enumerate(beams):
+                    choices.append({"index": i * (request.n or 1) + k,
+                                    "text": self.tokenizer.decode(beam.tokens),
+                                    "logprobs": None,
+                                    "finish_reason": self.beam_finish_reason(beam)})
+                    usage.completion_tokens += len(beam.tokens)
+            usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+            return {"id": base_id, "object": "text_completion", "created": int(time.time()),
+                    "model": model, "choices": choices, "usage": usage.model_dump()}
         for i, (text, ids) in enumerate(prompts):
             max_tokens = self.check_length(ids, requested)
             params = request.to_sampling_params(max_tokens, request.logprobs)
@@ -536,6 +593,21 @@ class OpenAIServing:
         if tool_plan.mode == "auto" and tool_plan.parser.keep_special_tokens:
             params.skip_special_tokens = False
         rid = request.request_id or random_id("chatcmpl")
+        if request.use_beam_search:
+            beams = await self.run_guarded(raw_request,
+                                           self.beam_search(ids, request, max_tokens, rid))
+            role = self.response_role if request.add_generation_prompt \
+                else request.messages[-1].role
+            completion_tokens = sum(len(b.tokens) for b in beams)
+            return {"id": rid, "object": "chat.completion", "created": int(time.time()),
+                    "model": model,
+                    "choices": [{"index": k, "message": {
+                        "role": role, "content": self.tokenizer.decode(b.tokens),
+                        "tool_calls": []}, "logprobs": None,
+                        "finish_reason": self.beam_finish_reason(b)}
+                        for k, b in enumerate(beams)],
+                    "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
+                              "total_tokens": len(ids) + completion_tokens}}
         jobs = self.make_jobs(rid, 0, prompt, ids, params, bool(request.stream))
         await self.prepare_guided(params)
         tools_on = tool_plan.mode != "none"

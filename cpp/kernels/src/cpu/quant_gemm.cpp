@@ -1,0 +1,291 @@
+// CPU quantized GEMM launcher and the portable scalar micro-kernels. The AVX2 micro-kernels live in
+// quant_gemm_avx2.cpp and are picked at run time.
+#include "fastllm/kernels/quant_gemm.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "fastllm/kernels/dtype_convert.h"
+#include "parallel.h"
+#include "quant_gemm_impl.h"
+#include "vec.h"
+
+namespace fastllm::kernels {
+
+int64_t quant_block_values(QuantType type) {
+  switch (type) {
+    case QuantType::kQ8_0:
+    case QuantType::kQ4_0:
+    case QuantType::kQ4_1:
+      return 32;
+    case QuantType::kQ4_K:
+    case QuantType::kQ6_K:
+      return 256;
+  }
+  return 0;
+}
+
+int64_t quant_block_bytes(QuantType type) {
+  switch (type) {
+    case QuantType::kQ8_0:
+      return 34;
+    case QuantType::kQ4_0:
+      return 18;
+    case QuantType::kQ4_1:
+      return 20;
+    case QuantType::kQ4_K:
+      return 144;
+    case QuantType::kQ6_K:
+      return 210;
+  }
+  return 0;
+}
+
+const char* quant_type_name(QuantType type) {
+  switch (type) {
+    case QuantType::kQ8_0:
+      return "Q8_0";
+    case QuantType::kQ4_0:
+      return "Q4_0";
+    case QuantType::kQ4_1:
+      return "Q4_1";
+    case QuantType::kQ4_K:
+      return "Q4_K";
+    case QuantType::kQ6_K:
+      return "Q6_K";
+  }
+  return "unknown";
+}
+
+namespace cpu {
+namespace {
+
+inline float load_half(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return half_to_float(h);
+}
+
+void quantize_row_scalar(const float* x, int64_t k, Q8ActBlock* out) {
+  for (int64_t b = 0; b < k / 32; ++b) {
+    const float* v = x + b * 32;
+    float amax = 0.0f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(v[i]));
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    int sum = 0;
+    for (int i = 0; i < 32; ++i) {
+      const int q = static_cast<int>(std::nearbyint(v[i] * id));
+      out[b].q[i] = static_cast<int8_t>(q);
+      sum += q;
+    }
+    out[b].d = d;
+    out[b].s = d * static_cast<float>(sum);
+  }
+}
+
+// Integer dot product of one weight block with one activation block, and the block's float
+// scale / offset: x_b . w_b = isum * scale + offset * x.s.
+inline int block_isum(QuantType type, const uint8_t* w, const int8_t* q) {
+  int sum = 0;
+  if (type == QuantType::kQ8_0) {
+    const auto* wq = reinterpret_cast<const int8_t*>(w + 2);
+    for (int i = 0; i < 32; ++i) sum += wq[i] * q[i];
+    return sum;
+  }
+  const uint8_t* nib = w + (type == QuantType::kQ4_1 ? 4 : 2);
+  for (int i = 0; i < 16; ++i) sum += (nib[i] & 0x0F) * q[i] + (nib[i] >> 4) * q[i + 16];
+  return sum;
+}
+
+void tile_scalar(QuantType type, const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x,
+                 int64_t blocks, int64_t m_rows, float* out, int64_t out_stride) {
+  const int64_t block_bytes = quant_block_bytes(type);
+  for (int64_t j = 0; j < n_rows; ++j) {
+    const uint8_t* row = weight + j * blocks * block_bytes;
+    for (int64_t r = 0; r < m_rows; ++r) {
+      const Q8ActBlock* xr = x + r * blocks;
+      float acc = 0.0f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* w = row + b * block_bytes;
+        const float dw = load_half(w);
+        float offset = 0.0f;
+        if (type == QuantType::kQ4_0) offset = -8.0f * dw;
+        if (type == QuantType::kQ4_1) offset = load_half(w + 2);
+        acc += static_cast<float>(block_isum(type, w, xr[b].q)) * (dw * xr[b].d) +
+               offset * xr[b].s;
+      }
+      out[r * out_stride + j] = acc;
+    }
+  }
+}
+
+const QuantGemmKernels kScalarKernels = {"scalar", quantize_row_scalar, tile_scalar};
+
+// ---- K-quants: dequantize a weight row, then float dot products -------------------------------
+
+void q4_k_scale_min(const uint8_t* s, int j, int* scale, int* min) {
+  if (j < 4) {
+    *scale = s[j] & 63;
+    *min = s[j + 4] & 63;
+  } else {
+    *scale = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+    *min = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+void dequantize_q4_k_row(const uint8_t* row, int64_t blocks, float* y) {
+  for (int64_t b = 0; b < blocks; ++b, y += 256) {
+    const uint8_t* blk = row + b * 144;
+    const float d = load_half(blk);
+    const float dmin = load_half(blk + 2);
+    const uint8_t* scales = blk + 4;
+    const uint8_t* qs = blk + 16;
+    for (int g = 0; g < 4; ++g) {
+      int sc0, mn0, sc1, mn1;
+      q4_k_scale_min(scales, 2 * g, &sc0, &mn0);
+      q4_k_scale_min(scales, 2 * g + 1, &sc1, &mn1);
+      const float d0 = d * sc0, m0 = dmin * mn0, d1 = d * sc1, m1 = dmin * mn1;
+      for (int l = 0; l < 32; ++l) {
+        y[64 * g + l] = d0 * (qs[32 * g + l] & 0x0F) - m0;
+        y[64 * g + 32 + l] = d1 * (qs[32 * g + l] >> 4) - m1;
+      }
+    }
+  }
+}
+
+void dequantize_q6_k_row(const uint8_t* row, int64_t blocks, float* y) {
+  for (int64_t b = 0; b < blocks; ++b, y += 256) {
+    const uint8_t* blk = row + b * 210;
+    const uint8_t* ql = blk;
+    const uint8_t* qh = blk + 128;
+    const auto* sc = reinterpret_cast<const int8_t*>(blk + 192);
+    const float d = load_half(blk + 208);
+    for (int half = 0; half < 2; ++half) {
+      float* yh = y + 128 * half;
+      const uint8_t* l4 = ql + 64 * half;
+      const uint8_t* h2 = qh + 32 * half;
+      const int8_t* s = sc + 8 * half;
+      for (int l = 0; l < 32; ++l) {
+        const int q1 = ((l4[l] & 0x0F) | (((h2[l] >> 0) & 3) << 4)) - 32;
+        const int q2 = ((l4[l + 32] & 0x0F) | (((h2[l] >> 2) & 3) << 4)) - 32;
+        const int q3 = ((l4[l] >> 4) | (((h2[l] >> 4) & 3) << 4)) - 32;
+        const int q4 = ((l4[l + 32] >> 4) | (((h2[l] >> 6) & 3) << 4)) - 32;
+        const int is = l / 16;
+        yh[l] = d * s[is] * q1;
+        yh[l + 32] = d * s[is + 2] * q2;
+        yh[l + 64] = d * s[is + 4] * q3;
+        yh[l + 96] = d * s[is + 6] * q4;
+      }
+    }
+  }
+}
+
+// Weight rows per parallel task: enough tasks to balance the pool, few enough that a task's
+// slice (re-read once per tile of 4 rows of x) stays in L1/L2.
+int64_t slice_rows(int64_t n) {
+  const int64_t per = (n + pool_size() * 8 - 1) / (pool_size() * 8);
+  return std::clamp<int64_t>(per, 4, 64);
+}
+
+void add_bias(const QuantGemmParams& p, int64_t n0, int64_t n1) {
+  if (p.bias == nullptr) return;
+  for (int64_t r = 0; r < p.m; ++r) {
+    float* o = p.out + r * p.out_stride;
+    for (int64_t j = n0; j < n1; ++j) o[j] += p.bias[j];
+  }
+}
+
+void k_quant_gemm(const QuantGemmParams& p) {
+  const VecOps& ops = p.allow_simd ? vec_ops() : scalar_vec_ops();
+  const int64_t blocks = p.k / 256;
+  const int64_t row_bytes = blocks * quant_block_bytes(p.type);
+  const int64_t per = slice_rows(p.n);
+  const auto* weight = static_cast<const uint8_t*>(p.weight);
+  parallel_for((p.n + per - 1) / per, [&](int64_t task) {
+    const int64_t n0 = task * per, n1 = std::min(p.n, n0 + per);
+    float* w = scratch(0, p.k);
+    for (int64_t j = n0; j < n1; ++j) {
+      if (p.type == QuantType::kQ4_K)
+        dequantize_q4_k_row(weight + j * row_bytes, blocks, w);
+      else
+        dequantize_q6_k_row(weight + j * row_bytes, blocks, w);
+      for (int64_t r = 0; r < p.m; ++r)
+        p.out[r * p.out_stride + j] = ops.dot(p.input + r * p.input_stride, w, p.k);
+    }
+    add_bias(p, n0, n1);
+  });
+}
+
+const QuantGemmKernels& pick_kernels(bool allow_simd) {
+  if (allow_simd) {
+    static const QuantGemmKernels* simd = [] {
+      const QuantGemmKernels* k = nullptr;
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_cpu_init();
+      if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+          __builtin_cpu_supports("f16c"))
+        k = avx2_quant_gemm_kernels();
+#endif
+      return k;
+    }();
+    if (simd != nullptr) return *simd;
+  }
+  return kScalarKernels;
+}
+
+}  // namespace
+
+const QuantGemmKernels& scalar_quant_gemm_kernels() { return kScalarKernels; }
+
+#ifndef FASTLLM_HAVE_AVX2_FILE
+const QuantGemmKernels* avx2_quant_gemm_kernels() { return nullptr; }
+#endif
+
+}  // namespace cpu
+
+const char* quant_gemm_cpu_isa() { return cpu::pick_kernels(true).name; }
+
+void quant_gemm_cpu(const QuantGemmParams& p) {
+  const int64_t values = quant_block_values(p.type);
+  check_arg(values > 0, "quant_gemm: unknown quantization type");
+  check_arg(p.m >= 0 && p.n >= 0 && p.k > 0, "quant_gemm: bad sizes");
+  check_arg(p.k % values == 0, std::string("quant_gemm: k must be a multiple of ") +
+                                   std::to_string(values) + " for " + quant_type_name(p.type));
+  check_arg(p.input_stride >= p.k && p.out_stride >= p.n, "quant_gemm: bad strides");
+  if (p.m == 0 || p.n == 0) return;
+  if (values == 256) return cpu::k_quant_gemm(p);
+
+  const auto& kernels = cpu::pick_kernels(p.allow_simd);
+  const int64_t blocks = p.k / 32;
+  const int64_t row_bytes = blocks * quant_block_bytes(p.type);
+  thread_local std::vector<cpu::Q8ActBlock> quantized;
+  if (static_cast<int64_t>(quantized.size()) < p.m * blocks)
+    quantized.resize(static_cast<size_t>(p.m * blocks));
+  cpu::Q8ActBlock* xq = quantized.data();
+  auto quantize = [&](int64_t r) {
+    kernels.quantize_row(p.input + r * p.input_stride, p.k, xq + r * blocks);
+  };
+  if (p.m * p.k >= (1 << 16)) {
+    cpu::parallel_for(p.m, quantize);
+  } else {
+    for (int64_t r = 0; r < p.m; ++r) quantize(r);
+  }
+
+  const int64_t per = cpu::slice_rows(p.n);
+  const auto* weight = static_cast<const uint8_t*>(p.weight);
+  cpu::parallel_for((p.n + per - 1) / per, [&](int64_t task) {
+    const int64_t n0 = task * per, n1 = std::min(p.n, n0 + per);
+    for (int64_t m0 = 0; m0 < p.m; m0 += cpu::kQuantTileRows) {
+      kernels.tile(p.type, weight + n0 * row_bytes, n1 - n0, xq + m0 * blocks, blocks,
+                   std::min<int64_t>(cpu::kQuantTileRows, p.m - m0), p.out + m0 * p.out_stride + n0,
+                   p.out_stride);
+    }
+    cpu::add_bias(p, n0, n1);
+  });
+}
+
+}  // namespace fastllm::kernels

@@ -1,0 +1,150 @@
+// AVX2 micro-kernels of the quantized GEMM: int8 activations against Q8_0/Q4_0/Q4_1 weight blocks
+// with _mm256_maddubs_epi16 (u8 x s8 -> s16 pairs) and _mm256_madd_epi16 (-> s32), one float FMA
+// per block pair. Built with -mavx2 -mfma -mf16c; runs only when the CPU has them.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "quant_gemm_impl.h"
+
+namespace fastllm::kernels::cpu {
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v);
+  lo = _mm_add_ps(lo, _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+inline int hsum_epi32(__m256i v) {
+  __m128i lo = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  lo = _mm_add_epi32(lo, _mm_shuffle_epi32(lo, _MM_SHUFFLE(1, 0, 3, 2)));
+  lo = _mm_add_epi32(lo, _mm_shuffle_epi32(lo, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(lo);
+}
+
+inline float load_half(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+void quantize_row_avx2(const float* x, int64_t k, Q8ActBlock* out) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t b = 0; b < k / 32; ++b) {
+    const float* v = x + b * 32;
+    __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+    __m256 v2 = _mm256_loadu_ps(v + 16), v3 = _mm256_loadu_ps(v + 24);
+    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v0, abs_mask), _mm256_and_ps(v1, abs_mask)),
+                             _mm256_max_ps(_mm256_and_ps(v2, abs_mask), _mm256_and_ps(v3, abs_mask)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float amax = _mm_cvtss_f32(h);
+    const float d = amax / 127.0f;
+    const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+    constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, id), kRound));
+    const __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, id), kRound));
+    const __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, id), kRound));
+    const __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, id), kRound));
+    const int sum = hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+    const __m256i packed =
+        _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[b].q),
+                        _mm256_permutevar8x32_epi32(packed, order));
+    out[b].d = d;
+    out[b].s = d * static_cast<float>(sum);
+  }
+}
+
+// 32 nibbles as bytes 0..15 in the low lane (low nibbles) and 16..31 in the high lane.
+inline __m256i unpack_nibbles(const uint8_t* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
+}
+
+template <QuantType kType>
+constexpr int64_t kBlockBytes = kType == QuantType::kQ8_0 ? 34 : kType == QuantType::kQ4_0 ? 18 : 20;
+
+template <QuantType kType, int kRows>
+void tile_rows(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64_t blocks,
+               float* out, int64_t out_stride) {
+  constexpr int64_t block_bytes = kBlockBytes<kType>;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t j = 0; j < n_rows; ++j) {
+    const uint8_t* row = weight + j * blocks * block_bytes;
+    __m256 acc[kRows];
+    float offset[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      acc[r] = _mm256_setzero_ps();
+      offset[r] = 0.0f;
+    }
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* w = row + b * block_bytes;
+      const float dw = load_half(w);
+      __m256i wq;
+      float wo = 0.0f;
+      if constexpr (kType == QuantType::kQ8_0) {
+        wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
+      } else if constexpr (kType == QuantType::kQ4_0) {
+        wq = unpack_nibbles(w + 2);
+        wo = -8.0f * dw;
+      } else {
+        wq = unpack_nibbles(w + 4);
+        wo = load_half(w + 2);
+      }
+      // maddubs takes unsigned x signed: for signed Q8_0 weights, move the sign onto x.
+      const __m256i wu = kType == QuantType::kQ8_0 ? _mm256_abs_epi8(wq) : wq;
+      for (int r = 0; r < kRows; ++r) {
+        const Q8ActBlock& xb = x[r * blocks + b];
+        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb.q));
+        if constexpr (kType == QuantType::kQ8_0) xv = _mm256_sign_epi8(xv, wq);
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xv), ones);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * xb.d), acc[r]);
+        if constexpr (kType != QuantType::kQ8_0) offset[r] += wo * xb.s;
+      }
+    }
+    for (int r = 0; r < kRows; ++r) out[r * out_stride + j] = hsum(acc[r]) + offset[r];
+  }
+}
+
+template <QuantType kType>
+void tile_type(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64_t blocks,
+               int64_t m_rows, float* out, int64_t out_stride) {
+  switch (m_rows) {
+    case 1:
+      return tile_rows<kType, 1>(weight, n_rows, x, blocks, out, out_stride);
+    case 2:
+      return tile_rows<kType, 2>(weight, n_rows, x, blocks, out, out_stride);
+    case 3:
+      return tile_rows<kType, 3>(weight, n_rows, x, blocks, out, out_stride);
+    default:
+      return tile_rows<kType, 4>(weight, n_rows, x, blocks, out, out_stride);
+  }
+}
+
+void tile_avx2(QuantType type, const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x,
+               int64_t blocks, int64_t m_rows, float* out, int64_t out_stride) {
+  static_assert(kQuantTileRows == 4, "tile_type handles up to 4 rows");
+  switch (type) {
+    case QuantType::kQ8_0:
+      return tile_type<QuantType::kQ8_0>(weight, n_rows, x, blocks, m_rows, out, out_stride);
+    case QuantType::kQ4_0:
+      return tile_type<QuantType::kQ4_0>(weight, n_rows, x, blocks, m_rows, out, out_stride);
+    default:
+      return tile_type<QuantType::kQ4_1>(weight, n_rows, x, blocks, m_rows, out, out_stride);
+  }
+}
+
+const QuantGemmKernels kAvx2Kernels = {"avx2", quantize_row_avx2, tile_avx2};
+
+}  // namespace
+
+const QuantGemmKernels* avx2_quant_gemm_kernels() { return &kAvx2Kernels; }
+
+}  // namespace fastllm::kernels::cpu

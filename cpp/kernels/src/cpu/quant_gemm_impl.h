@@ -1,0 +1,39 @@
+// Internals shared by the CPU quantized GEMM launcher (quant_gemm.cpp) and its AVX2 micro-kernels
+// (quant_gemm_avx2.cpp, the only file of the two built with -mavx2 -mfma -mf16c).
+#pragma once
+
+#include <cstdint>
+
+#include "fastllm/kernels/quant_gemm.h"
+
+namespace fastllm::kernels::cpu {
+
+// One block of 32 activations quantized to int8: x[i] ~= q[i] * d; s = d * sum(q) serves the
+// offset terms of Q4_0 (-8 d_w) and Q4_1 (m_w).
+struct Q8ActBlock {
+  float d;
+  float s;
+  int8_t q[32];
+};
+static_assert(sizeof(Q8ActBlock) == 40, "Q8ActBlock must be packed");
+
+// Rows of x processed together by one tile call; each weight block is decoded once per tile.
+constexpr int kQuantTileRows = 4;
+
+struct QuantGemmKernels {
+  const char* name;
+  // Quantizes k floats (k a multiple of 32) into k / 32 blocks: d = max|x| / 127, q = round(x / d)
+  // half to even; all-zero blocks get d = 0. Both implementations round identically.
+  void (*quantize_row)(const float* x, int64_t k, Q8ActBlock* out);
+  // For the 32-value types: out[r * out_stride + j] = x_r . W_j for r < m_rows (<= 4) and
+  // j < n_rows, where W_j is the weight row at weight + j * blocks * block_bytes and x_r the
+  // blocks at x + r * blocks.
+  void (*tile)(QuantType type, const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x,
+               int64_t blocks, int64_t m_rows, float* out, int64_t out_stride);
+};
+
+const QuantGemmKernels& scalar_quant_gemm_kernels();
+// Null when the library was built without the AVX2 file (non-x86 targets).
+const QuantGemmKernels* avx2_quant_gemm_kernels();
+
+}  // namespace fastllm::kernels::cpu
