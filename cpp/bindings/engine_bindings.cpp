@@ -173,12 +173,12 @@ void bind_engine(nb::module_& m) {
       .def_ro("max_blocks_per_seq", &BatchPlan::max_blocks_per_seq)
       .def_ro("request_ids", &BatchPlan::request_ids)
       .def_ro("any_prompt_logprobs", &BatchPlan::any_prompt_logprobs)
-      .def_prop_ro("num_prompt_tokens",
-                   [](const BatchPlan& p) { return view1d(p.num_prompt_tokens); }, ref)
-      .def_prop_ro("prompt_logprobs", [](const BatchPlan& p) { return view1d(p.prompt_logprobs); },
-                   ref)
-      .def_prop_ro("prompt_next_token",
-                   [](const BatchPlan& p) { return view1d(p.prompt_next_token); }, ref)
+      .def_prop_ro(
+          "num_prompt_tokens", [](const BatchPlan& p) { return view1d(p.num_prompt_tokens); }, ref)
+      .def_prop_ro(
+          "prompt_logprobs", [](const BatchPlan& p) { return view1d(p.prompt_logprobs); }, ref)
+      .def_prop_ro(
+          "prompt_next_token", [](const BatchPlan& p) { return view1d(p.prompt_next_token); }, ref)
       .def_prop_ro(
           "token_ids", [](const BatchPlan& p) { return view1d(p.token_ids); }, ref)
       .def_prop_ro(
@@ -235,14 +235,16 @@ void bind_engine(nb::module_& m) {
           ref)
       .def_prop_ro(
           "history_token_ids", [](const BatchPlan& p) { return view1d(p.history_token_ids); }, ref)
-      .def_prop_ro("bias_offsets", [](const BatchPlan& p) { return view1d(p.bias_offsets); }, ref)
-      .def_prop_ro("bias_token_ids", [](const BatchPlan& p) { return view1d(p.bias_token_ids); },
-                   ref)
-      .def_prop_ro("bias_values", [](const BatchPlan& p) { return view1d(p.bias_values); }, ref)
-      .def_prop_ro("allowed_offsets", [](const BatchPlan& p) { return view1d(p.allowed_offsets); },
-                   ref)
-      .def_prop_ro("allowed_token_ids",
-                   [](const BatchPlan& p) { return view1d(p.allowed_token_ids); }, ref)
+      .def_prop_ro(
+          "bias_offsets", [](const BatchPlan& p) { return view1d(p.bias_offsets); }, ref)
+      .def_prop_ro(
+          "bias_token_ids", [](const BatchPlan& p) { return view1d(p.bias_token_ids); }, ref)
+      .def_prop_ro(
+          "bias_values", [](const BatchPlan& p) { return view1d(p.bias_values); }, ref)
+      .def_prop_ro(
+          "allowed_offsets", [](const BatchPlan& p) { return view1d(p.allowed_offsets); }, ref)
+      .def_prop_ro(
+          "allowed_token_ids", [](const BatchPlan& p) { return view1d(p.allowed_token_ids); }, ref)
       .def_prop_ro(
           "blocks_to_swap_out", [](const BatchPlan& p) { return view2d(p.block_ops.swap_out, 2); },
           ref)
@@ -288,10 +290,9 @@ void bind_engine(nb::module_& m) {
             if (self.prompt_seq_indices.size() != self.prompt_token_logprobs.size()) {
               throw nb::value_error("seq_indices and token_logprobs differ in length");
             }
-            self.num_prompt_top_logprobs =
-                top_token_ids.is_valid() && top_token_ids.ndim() == 2
-                    ? static_cast<int32_t>(top_token_ids.shape(1))
-                    : 0;
+            self.num_prompt_top_logprobs = top_token_ids.is_valid() && top_token_ids.ndim() == 2
+                                               ? static_cast<int32_t>(top_token_ids.shape(1))
+                                               : 0;
           },
           "seq_indices"_a, "token_logprobs"_a, "top_token_ids"_a.none() = nb::none(),
           "top_logprobs"_a.none() = nb::none(),

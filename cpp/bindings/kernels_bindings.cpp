@@ -4,6 +4,7 @@
 // torch.cuda.current_stream().cuda_stream). fp8 e4m3 KV caches are passed as uint8 views.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 
 #include <cstdint>
@@ -14,6 +15,7 @@
 #include "fastllm/kernels/cache_ops.h"
 #include "fastllm/kernels/common.h"
 #include "fastllm/kernels/norm.h"
+#include "fastllm/kernels/quant_gemm.h"
 #include "fastllm/kernels/rotary.h"
 #include "fastllm/kernels/sampling.h"
 
@@ -550,6 +552,47 @@ void sample(const Array& logits, const Array& temperature, const Array& top_k, c
   }
 }
 
+// ---- quantized linear ---------------------------------------------------------------------------
+
+void quant_gemm(const Array& out, const Array& input, const Array& weight, int32_t type,
+                const Array& bias, bool allow_simd, uintptr_t stream) {
+  const char* op = "quant_gemm";
+  const bool cuda = cuda_device(input, op);
+  check_device(out, cuda, op, "out");
+  k::QuantGemmParams p;
+  p.type = static_cast<k::QuantType>(type);
+  const int64_t values = k::quant_block_values(p.type);
+  check_arg(values > 0, where(op, "unknown quantization type ") + std::to_string(type));
+  check_arg(input.dtype() == nb::dtype<float>() && out.dtype() == nb::dtype<float>(),
+            where(op, "input and out must be float32"));
+  auto [rows, in_stride] = rows_of(input, op, "input");
+  auto [out_rows, out_stride] = rows_of(out, op, "out");
+  p.k = input.shape(input.ndim() - 1);
+  p.n = out.shape(out.ndim() - 1);
+  check_arg(out_rows == rows, where(op, "out must have input's rows"));
+  check_arg(p.k % values == 0, where(op, "in_features must be a multiple of the block size"));
+  const auto* w = typed<uint8_t>(weight, cuda, op, "weight");
+  check_arg(numel(weight) == p.n * (p.k / values) * k::quant_block_bytes(p.type),
+            where(op, "weight must hold out_features rows of in_features / block_values blocks"));
+  p.bias = bias.is_valid() ? typed<float>(bias, cuda, op, "bias") : nullptr;
+  check_arg(p.bias == nullptr || numel(bias) == p.n, where(op, "bias must be [out_features]"));
+  p.m = rows;
+  p.input_stride = in_stride;
+  p.out_stride = out_stride;
+  p.input = static_cast<const float*>(input.data());
+  p.out = static_cast<float*>(out.data());
+  p.weight = w;
+  p.allow_simd = allow_simd;
+  nb::gil_scoped_release release;
+  if (cuda) {
+#ifdef FASTLLM_WITH_CUDA
+    k::quant_gemm_cuda(p, stream_ptr(stream));
+#endif
+  } else {
+    k::quant_gemm_cpu(p);
+  }
+}
+
 }  // namespace
 
 void bind_kernels(nb::module_& m) {
@@ -604,4 +647,18 @@ void bind_kernels(nb::module_& m) {
         "Sample one token per logits row (see fastllm/kernels/sampling.h for the semantics).");
   m.def("sampling_workspace_bytes", &k::sampling_workspace_bytes, arg("num_rows"), arg("vocab"),
         "Bytes of CUDA workspace sample() needs.");
+  m.def("quant_gemm", &quant_gemm, arg("out"), arg("input"), arg("weight"), arg("type"),
+        arg("bias").none() = nb::none(), arg("allow_simd") = true, arg("stream") = 0,
+        "out[m, n] = input[m, k] @ W.T (+ bias) for W [n, k] in a GGUF block type (ggml type id: "
+        "2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 14 Q6_K) stored as uint8 rows.");
+  m.def(
+      "quant_gemm_cpu_isa", [] { return std::string(k::quant_gemm_cpu_isa()); },
+      "The CPU code path quant_gemm takes for Q8_0/Q4_0/Q4_1: 'avx2' or 'scalar'.");
+  m.def(
+      "quant_block_info",
+      [](int32_t type) {
+        const auto t = static_cast<k::QuantType>(type);
+        return std::make_pair(k::quant_block_values(t), k::quant_block_bytes(t));
+      },
+      arg("type"), "(values, bytes) per block of a ggml type id; (0, 0) when unsupported.");
 }

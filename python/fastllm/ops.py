@@ -27,6 +27,7 @@ __all__ = [
     "fused_add_rms_norm",
     "gelu_and_mul",
     "paged_attention",
+    "quant_linear",
     "reshape_and_cache",
     "rms_norm",
     "rotary_embedding",
@@ -250,6 +251,48 @@ def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 @gelu_and_mul.register_fake
 def _(x, approximate="none"):
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+# ---- quantized linear ------------------------------------------------------------------------------
+
+# ggml type ids of the GGUF block encodings quant_linear reads.
+GGML_QUANT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
+
+
+def quant_block_info(quant_type: int) -> tuple[int, int]:
+    """(values, bytes) per block of a ggml type id; (0, 0) when quant_linear cannot read it."""
+    return tuple(_ops.quant_block_info(quant_type))
+
+
+def quant_linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, quant_type: int,
+                      bias: torch.Tensor | None = None, allow_simd: bool = True) -> torch.Tensor:
+    """The eager body of :func:`quant_linear`, writing into ``out`` (float32 ``[..., n]``); models
+    call it directly on hot paths to skip the dispatcher. ``allow_simd=False`` forces the scalar
+    CPU code (tests compare the two)."""
+    _ops.quant_gemm(out, x, weight, quant_type, bias, allow_simd, _stream(x))
+    return out
+
+
+@torch.library.custom_op("fastllm::quant_linear", mutates_args=())
+def quant_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    quant_type: int,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` with ``W`` ``[out_features, in_features]`` kept in a GGUF block
+    encoding: ``weight`` is uint8 ``[out_features, bytes_per_row]`` (rows of whole blocks) and
+    ``quant_type`` a ggml type id (see ``GGML_QUANT_TYPES``). ``x`` is float32 ``[..., in_features]``
+    with a dense last dimension. On the CPU, Q8_0/Q4_0/Q4_1 quantize ``x`` to int8 per 32 values
+    and use integer dot products; Q4_K/Q6_K and the CUDA kernels accumulate in float."""
+    out = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32, device=x.device)
+    return quant_linear_into(out, x, weight, quant_type, bias)
+
+
+@quant_linear.register_fake
+def _(x, weight, quant_type, out_features, bias=None):
+    return x.new_empty((*x.shape[:-1], out_features), dtype=torch.float32)
 
 
 # ---- sampling -------------------------------------------------------------------------------------

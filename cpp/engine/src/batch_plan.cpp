@@ -70,7 +70,7 @@ void add_sample_row(BatchPlan& plan, const Request& req, int32_t token_index, in
   plan.history_offsets.push_back(static_cast<int32_t>(plan.history_token_ids.size()));
 
   plan.bias_token_ids.insert(plan.bias_token_ids.end(), p.logit_bias_ids.begin(),
-                            p.logit_bias_ids.end());
+                             p.logit_bias_ids.end());
   plan.bias_values.insert(plan.bias_values.end(), p.logit_bias_values.begin(),
                           p.logit_bias_values.end());
   const bool suppress = req.num_output_tokens() < p.min_tokens;

@@ -5,19 +5,11 @@
 #include <string>
 
 #include "fastllm/errors.h"
+#include "mix.h"
 
 namespace fastllm {
 
-namespace {
-
-uint64_t mix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
-}  // namespace
+using detail::mix64;
 
 FakeExecutor::FakeExecutor(const FakeExecutorConfig& config)
     : config_(config),

@@ -4,18 +4,13 @@
 #include <string>
 
 #include "fastllm/errors.h"
+#include "mix.h"
 
 namespace fastllm {
 
-namespace {
+using detail::mix64;
 
-// splitmix64 finalizer: a cheap, well-mixing 64-bit permutation.
-uint64_t mix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
+namespace {
 
 uint64_t hash_block(uint64_t parent, uint64_t salt, const int32_t* tokens, int32_t n) {
   uint64_t h = mix64(parent) ^ mix64(salt ^ 0x5851f42d4c957f2dull);

@@ -53,10 +53,10 @@ void SamplingParams::validate(int32_t max_logprobs) const {
   for (size_t i = 0; i < logit_bias_ids.size(); ++i) {
     require(logit_bias_ids[i] >= 0,
             "logit_bias token ids must be non-negative, got " + std::to_string(logit_bias_ids[i]));
-    require(std::isfinite(logit_bias_values[i]) && logit_bias_values[i] >= -100.0f &&
-                logit_bias_values[i] <= 100.0f,
-            "logit_bias values must be in [-100, 100], got " +
-                std::to_string(logit_bias_values[i]));
+    require(
+        std::isfinite(logit_bias_values[i]) && logit_bias_values[i] >= -100.0f &&
+            logit_bias_values[i] <= 100.0f,
+        "logit_bias values must be in [-100, 100], got " + std::to_string(logit_bias_values[i]));
   }
   for (int32_t t : allowed_token_ids) {
     require(t >= 0, "allowed_token_ids must be non-negative, got " + std::to_string(t));

@@ -19,7 +19,7 @@ struct StepResult {
 
   // Prompt logprobs, one entry per scored prompt position, grouped by sequence in plan order
   // (positions ascending): the sequence index, the scored token's logprob and the top-K.
-  int32_t num_prompt_top_logprobs = 0;     // K'
+  int32_t num_prompt_top_logprobs = 0;  // K'
   std::vector<int32_t> prompt_seq_indices;
   std::vector<float> prompt_token_logprobs;
   std::vector<int32_t> prompt_top_token_ids;  // [entries * K']

@@ -17,16 +17,16 @@ struct SamplingParams {
   float min_p = 0.0f;              // in [0, 1]
   float presence_penalty = 0.0f;   // in [-2, 2]
   float frequency_penalty = 0.0f;  // in [-2, 2]
-  float repetition_penalty = 1.0f;      // > 0; 1 = off
-  int64_t seed = -1;                    // -1 = unseeded
-  int32_t priority = 0;                 // lower value is served first under the priority policy
-  bool ignore_eos = false;              // keep generating past the model's EOS tokens
-  std::vector<int32_t> stop_token_ids;  // finish (reason "stop") when one of these is sampled
-  std::vector<int32_t> logit_bias_ids;   // added to the logits before sampling: token ids ...
-  std::vector<float> logit_bias_values;  // ... and their biases, in [-100, 100]
+  float repetition_penalty = 1.0f;         // > 0; 1 = off
+  int64_t seed = -1;                       // -1 = unseeded
+  int32_t priority = 0;                    // lower value is served first under the priority policy
+  bool ignore_eos = false;                 // keep generating past the model's EOS tokens
+  std::vector<int32_t> stop_token_ids;     // finish (reason "stop") when one of these is sampled
+  std::vector<int32_t> logit_bias_ids;     // added to the logits before sampling: token ids ...
+  std::vector<float> logit_bias_values;    // ... and their biases, in [-100, 100]
   std::vector<int32_t> allowed_token_ids;  // when non-empty, only these tokens can be sampled
-  int32_t logprobs = -1;                // -1 = none; N = logprob of the sampled token plus top-N
-  int32_t prompt_logprobs = -1;         // -1 = none; N = top-N logprobs at each prompt position
+  int32_t logprobs = -1;                   // -1 = none; N = logprob of the sampled token plus top-N
+  int32_t prompt_logprobs = -1;            // -1 = none; N = top-N logprobs at each prompt position
 
   // Throws InvalidRequestError naming the first bad field. max_logprobs bounds logprobs counts.
   void validate(int32_t max_logprobs) const;

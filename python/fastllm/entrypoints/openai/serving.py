@@ -72,6 +72,14 @@ def error_event(error: Exception) -> dict:
                       "code": 400}}
 
 
+def usage_chunk(request_id: str, kind: str, created: int, model: str, prompt_tokens: int,
+                completion_tokens: int) -> dict:
+    """The last streamed chunk when stream_options.include_usage is set."""
+    return {"id": request_id, "object": kind, "created": created, "model": model, "choices": [],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
+
 def sse(payload: Any) -> str:
     body = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     return f"data: {body}\n\n"
@@ -478,11 +486,8 @@ class OpenAIServing:
                                     "finish_reason": chunk.finish_reason,
                                     "stop_reason": chunk.stop_reason}]})
         if include_usage:
-            yield sse({"id": base_id, "object": "text_completion", "created": created,
-                       "model": model, "choices": [],
-                       "usage": {"prompt_tokens": prompt_tokens,
-                                 "completion_tokens": completion_tokens,
-                                 "total_tokens": prompt_tokens + completion_tokens}})
+            yield sse(usage_chunk(base_id, "text_completion", created, model, prompt_tokens,
+                                  completion_tokens))
         yield sse("[DONE]")
 
     async def merged_streams(self, jobs: list[Job]
@@ -691,12 +696,8 @@ class OpenAIServing:
                     finish = ToolPlan.finish_reason(finish, tools.calls)
                 yield sse(chunk_body(index, {}, finish, stop_reason=chunk.stop_reason))
         if include_usage:
-            prompt_tokens = len(jobs[0].ids)
-            yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                       "model": model, "choices": [],
-                       "usage": {"prompt_tokens": prompt_tokens,
-                                 "completion_tokens": completion_tokens,
-                                 "total_tokens": prompt_tokens + completion_tokens}})
+            yield sse(usage_chunk(rid, "chat.completion.chunk", created, model, len(jobs[0].ids),
+                                  completion_tokens))
         yield sse("[DONE]")
 
     # ---- tokenize / detokenize ---------------------------------------------------------------
