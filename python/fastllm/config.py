@@ -39,6 +39,8 @@ class EngineArgs:
     model: str | None = None  # local dir or .gguf; None = the default model
     tokenizer: str | None = None
     load_format: str = "auto"  # auto | safetensors | pt | gguf | dummy
+    # auto: keep a GGUF file's quantized linear layers quantized on the CPU; dequantize: float
+    quantized_weights: str = "auto"
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
@@ -76,6 +78,9 @@ class EngineArgs:
             raise ValueError(f"block_size must be 8, 16 or 32, got {self.block_size}")
         if self.load_format not in ("auto", "safetensors", "pt", "gguf", "dummy"):
             raise ValueError(f"unknown load_format {self.load_format!r}")
+        if self.quantized_weights not in ("auto", "dequantize"):
+            raise ValueError(f"quantized_weights must be 'auto' or 'dequantize', got "
+                             f"{self.quantized_weights!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):

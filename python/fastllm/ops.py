@@ -24,6 +24,7 @@ _ops = _C.ops
 __all__ = [
     "build_rope_cos_sin_cache",
     "copy_blocks",
+    "eager",
     "fused_add_rms_norm",
     "gelu_and_mul",
     "paged_attention",
@@ -38,6 +39,12 @@ __all__ = [
 ]
 
 _ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
+
+
+def eager(op):
+    """The plain Python body of one of these custom ops, for eager hot paths: calling it skips
+    the dispatcher (~8 us a call on a CPU). Under torch.compile call the op itself."""
+    return getattr(op, "_init_fn", op)
 
 
 def _stream(t: torch.Tensor) -> int:

@@ -25,19 +25,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: list[str], env: dict | None = None, timeout: float = 120.0):
+def start_server(args: list[str], env: dict | None = None, timeout: float = 120.0,
+                 scheme: str = "http", verify: str | bool = True, health_path: str = "/health"):
     port = free_port()
     cmd = [sys.executable, "-m", "fastllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
            "--port", str(port), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})
-    base = f"http://127.0.0.1:{port}"
+    base = f"{scheme}://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {proc.stdout.read()}")
         try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{base}{health_path}", timeout=1, verify=verify).status_code == 200:
                 return proc, base
         except httpx.HTTPError:
             pass
@@ -236,8 +237,17 @@ def metric(text: str, name: str) -> float:
 
 
 def test_metrics_and_disconnect_frees_blocks(server, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
     client.completions.create(model=MODEL, prompt="warm up", max_tokens=2)
     text = httpx.get(f"{server}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert {"fastllm:num_requests_running", "fastllm:kv_cache_usage_perc",
+            "fastllm:prefix_cache_hit_rate", "fastllm:time_to_first_token_seconds",
+            "fastllm:inter_token_latency_seconds", "fastllm:e2e_request_latency_seconds",
+            "fastllm:generation_tokens", "fastllm:prompt_tokens"} <= set(families)
+    ttft = families["fastllm:time_to_first_token_seconds"]
+    assert any(s.name.endswith("_count") and s.value >= 1 for s in ttft.samples)
     assert metric(text, "fastllm:generation_tokens_total") > 0
     assert "fastllm:time_to_first_token_seconds_bucket" in text
     assert "fastllm:e2e_request_latency_seconds_count" in text
@@ -248,14 +258,12 @@ def test_metrics_and_disconnect_frees_blocks(server, client):
     body.pop("extra")
     with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=headers,
                       timeout=30) as r:
-        lines = 0
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                lines += 1
-            if lines >= 3:
-                break
+        lines = r.iter_lines()  # kept open: the client is still there while we look
+        data = [line for line in (next(lines) for _ in range(6)) if line.startswith("data: ")]
+        assert len(data) >= 3
         running = metric(httpx.get(f"{server}/metrics").text, "fastllm:num_requests_running")
         assert running == 1
+        r.close()  # the client goes away mid-stream
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         text = httpx.get(f"{server}/metrics").text
@@ -385,3 +393,40 @@ def test_beam_search(client):
     with pytest.raises(openai.BadRequestError, match="cannot be streamed"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=2, stream=True,
                                   extra_body={"use_beam_search": True})
+
+
+def test_ssl_root_path_middleware_chat_template_and_stats_log(tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                        "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc, base = start_server(
+        ["--ssl-keyfile", str(key), "--ssl-certfile", str(cert), "--root-path", "/api",
+         "--middleware", "server_middleware.add_header", "--chat-template", str(template),
+         "--max-model-len", "512"],
+        env={"PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             "FASTLLM_LOG_STATS_INTERVAL": "0.5"},
+        scheme="https", verify=str(cert))
+    try:
+        r = httpx.get(f"{base}/v1/models", verify=str(cert))
+        assert r.status_code == 200 and r.headers["x-fastllm-middleware"] == "on"
+        assert r.json()["data"][0]["id"] == MODEL
+        tok = httpx.post(f"{base}/tokenize", verify=str(cert), json={
+            "messages": [{"role": "user", "content": "hi"}]}).json()
+        text = httpx.post(f"{base}/detokenize", verify=str(cert),
+                          json={"tokens": tok["tokens"]}).json()["prompt"]
+        assert text == "user: hi\nassistant:"  # the --chat-template file, not the model's
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0,
+                          http_client=httpx.Client(verify=str(cert)))
+        assert c.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.total_tokens
+        docs = httpx.get(f"{base}/openapi.json", verify=str(cert)).json()
+        assert docs["servers"][0]["url"] == "/api"
+        time.sleep(1.2)
+    finally:
+        log = stop_server(proc)
+    assert "https://127.0.0.1" in log
+    assert re.search(r"running: \d+, waiting: \d+, generation: [0-9.]+ tok/s", log)

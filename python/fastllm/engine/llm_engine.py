@@ -16,6 +16,7 @@ from fastllm.engine.request_state import RequestState
 from fastllm.guided import get_manager
 from fastllm.loader import iterate_weights, load_config, resolve_model
 from fastllm.models import get_model_class
+from fastllm.models.quant_loader import load_quantized_model, use_quantized_weights
 from fastllm.outputs import RequestOutput
 from fastllm.sampling_params import SamplingParams
 from fastllm.tokenizer import load_tokenizer
@@ -90,6 +91,9 @@ class EngineCore:
 
     def _load_model(self) -> torch.nn.Module:
         cls = get_model_class(self.model_config)
+        if use_quantized_weights(self.args, self.source, self.device):
+            return load_quantized_model(cls, self.model_config, self.source, self.device,
+                                        self.dtype).eval()
         with torch.device("meta"):
             model = cls(self.model_config)
         model = model.to_empty(device=self.device).to(self.dtype)

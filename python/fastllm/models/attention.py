@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastllm import ops
+from fastllm.models import fast_ops as ops
 
 
 @dataclass

@@ -15,6 +15,7 @@ from torch import nn
 
 from fastllm import ops
 from fastllm.config import ModelConfig
+from fastllm.models import fast_ops
 from fastllm.models.attention import AttentionMetadata, PagedAttention
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -28,8 +29,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
-            return ops.rms_norm(x, self.weight, self.eps)
-        ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return fast_ops.rms_norm(x, self.weight, self.eps)
+        fast_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
         return x, residual
 
 
@@ -50,11 +51,11 @@ class LlamaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, rope_cache: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
+        # Views into qkv: the kernels take rows with a stride, so no copies; RoPE rotates q and k
+        # in place inside qkv.
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.contiguous()
-        k = k.contiguous()
-        ops.rotary_embedding(positions, q, k, rope_cache, self.head_dim, True)
-        return self.o_proj(self.attn(q, k, v.contiguous(), kv_cache, meta))
+        fast_ops.rotary_embedding(positions, q, k, rope_cache, self.head_dim, True)
+        return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
 class LlamaMLP(nn.Module):
@@ -64,7 +65,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(fast_ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -126,6 +127,15 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = None
         else:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # A QuantLinear over GGUF-encoded rows (see quant_loader); replaces lm_head / the tied
+        # embedding as the output projection when set.
+        self.quant_lm_head: nn.Module | None = None
+
+    def set_quantized_lm_head(self, module: nn.Module) -> None:
+        """Use module (hidden -> vocab logits, float32) as the output projection; the float
+        lm_head, if any, is dropped and no longer expected from the checkpoint."""
+        self.quant_lm_head = module
+        self.lm_head = None
 
     def init_buffers(self, device: torch.device) -> None:
         """Computes the non-persistent buffers (the float32 RoPE cos/sin table) on device. Call
@@ -138,6 +148,8 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.quant_lm_head is not None:
+            return self.quant_lm_head(hidden)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return torch.matmul(hidden, weight.t()).float()
 

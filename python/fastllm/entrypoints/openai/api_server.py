@@ -56,6 +56,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     return EngineArgs(
         model=ns.model, tokenizer=ns.tokenizer,
         load_format="auto" if ns.load_format == "auto" else ns.load_format,
+        quantized_weights=ns.quantized_weights,
         dtype=dtype, device=ns.device, seed=ns.seed, max_model_len=ns.max_model_len,
         block_size=ns.block_size, enable_prefix_caching=ns.enable_prefix_caching,
         enable_chunked_prefill=ns.enable_chunked_prefill,
@@ -95,7 +96,8 @@ def build_app(engine: AsyncLLM, ns: argparse.Namespace) -> FastAPI:
         engine.start()
         stats_task = None
         if not ns.disable_log_stats:
-            stats_task = asyncio.ensure_future(_log_stats(engine))
+            interval = float(os.environ.get("FASTLLM_LOG_STATS_INTERVAL", "10"))
+            stats_task = asyncio.ensure_future(_log_stats(engine, interval))
         try:
             yield
         finally:

@@ -91,6 +91,8 @@ def make_parser() -> argparse.ArgumentParser:
     a("--download-dir", default=None)
     a("--load-format", default="auto",
       choices=["auto", "pt", "safetensors", "npcache", "dummy", "tensorizer", "gguf"])
+    a("--quantized-weights", default="auto", choices=["auto", "dequantize"],
+      help="auto: keep a GGUF model's quantized linear layers quantized on the CPU")
     a("--dtype", default="auto",
       choices=["auto", "half", "float16", "bfloat16", "float", "float32"])
     a("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])

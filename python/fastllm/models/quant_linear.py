@@ -1,0 +1,105 @@
+"""Layers over weights kept in their GGUF block encoding (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K).
+
+``QuantLinear`` replaces ``nn.Linear``: its weight is a uint8 buffer ``[out_features,
+bytes_per_row]`` of whole ggml blocks, read by the ``fastllm::quant_linear`` kernel. Blocks never
+straddle rows, so fused projections (Q/K/V, gate/up) are the raw rows of their parts stacked.
+``QuantEmbedding`` looks token rows up in the same encoding and dequantizes only those rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastllm import ops
+
+_quant_linear_eager = ops.eager(ops.quant_linear)
+
+
+def quant_row_bytes(quant_type: str, in_features: int) -> int:
+    """Bytes of one row of ``in_features`` values in ``quant_type``."""
+    values, nbytes = ops.quant_block_info(ops.GGML_QUANT_TYPES[quant_type])
+    if in_features % values:
+        raise ValueError(f"{quant_type}: {in_features} values are not whole blocks of {values}")
+    return in_features // values * nbytes
+
+
+def supports(quant_type: str, in_features: int) -> bool:
+    """True when quant_linear can read rows of ``in_features`` values in ``quant_type``."""
+    type_id = ops.GGML_QUANT_TYPES.get(quant_type)
+    if type_id is None:
+        return False
+    values, _ = ops.quant_block_info(type_id)
+    return values > 0 and in_features % values == 0
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W.T (+ bias)`` for float32 ``x``, with ``W`` in a GGUF block encoding."""
+
+    def __init__(self, in_features: int, out_features: int, quant_type: str, bias: bool = False,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.quant_type = quant_type
+        self.type_id = ops.GGML_QUANT_TYPES[quant_type]
+        row_bytes = quant_row_bytes(quant_type, in_features)
+        self.register_buffer("qweight", torch.empty((out_features, row_bytes), dtype=torch.uint8,
+                                                    device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False)
+        else:
+            self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        if dtype != torch.float32:
+            x = x.float()
+        if torch.compiler.is_compiling():
+            y = ops.quant_linear(x, self.qweight, self.type_id, self.out_features, self.bias)
+        else:
+            # The eager body skips the dispatcher (~8 us a call, 120+ calls a step).
+            y = _quant_linear_eager(x, self.qweight, self.type_id, self.out_features, self.bias)
+        return y if dtype == torch.float32 else y.to(dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"quant_type={self.quant_type}, bias={self.bias is not None}")
+
+
+# Byte layout of the 32-value encodings: (bytes per block, offset of the quants, has min).
+_EMBED_LAYOUTS = {"Q8_0": (34, 2, False), "Q4_0": (18, 2, False), "Q4_1": (20, 4, True)}
+
+
+class QuantEmbedding(nn.Module):
+    """Token embedding over Q8_0/Q4_0/Q4_1 rows; only the looked-up rows are dequantized (the
+    same float32 arithmetic as the GGUF loader, so values equal the dequantized table's)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, quant_type: str,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        if quant_type not in _EMBED_LAYOUTS or embedding_dim % 32:
+            raise ValueError(f"QuantEmbedding cannot read {quant_type} rows of {embedding_dim}")
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.quant_type = quant_type
+        row_bytes = quant_row_bytes(quant_type, embedding_dim)
+        self.register_buffer("qweight", torch.empty((num_embeddings, row_bytes),
+                                                    dtype=torch.uint8, device=device))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        block_bytes, quant_offset, has_min = _EMBED_LAYOUTS[self.quant_type]
+        rows = self.qweight[input_ids.reshape(-1)]
+        blocks = rows.view(rows.shape[0], -1, block_bytes)
+        d = blocks[..., 0:2].contiguous().view(torch.float16).float()
+        raw = blocks[..., quant_offset:].contiguous()
+        if self.quant_type == "Q8_0":
+            q = raw.view(torch.int8).float()
+        else:
+            q = torch.cat([raw & 0x0F, raw >> 4], dim=-1).float()
+        if self.quant_type == "Q4_0":
+            q = q - 8.0
+        values = q * d
+        if has_min:
+            values = values + blocks[..., 2:4].contiguous().view(torch.float16).float()
+        return values.view(*input_ids.shape, self.embedding_dim)

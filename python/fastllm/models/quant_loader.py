@@ -1,0 +1,141 @@
+"""Build a model whose linear layers keep the GGUF file's block encoding (the CPU fast path).
+
+    if use_quantized_weights(args, source, device):
+        model = load_quantized_model(cls, model_config, source, device, dtype)
+
+Every ``nn.Linear`` whose checkpoint parts are all in one encoding ``quant_linear`` reads becomes
+a ``QuantLinear`` holding their raw rows stacked (Q/K/V, gate/up); a tied output projection reads
+the token embedding's rows, which ``QuantEmbedding`` also looks tokens up in (one copy of the
+table). Everything else (norms, biases, float or unsupported tensors) is dequantized and loaded by
+the model's own ``load_weights``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastllm.config import EngineArgs, ModelConfig
+from fastllm.loader import ModelSource, RawGGUFTensor, dequantize, iterate_gguf_raw
+from fastllm.loader.tensor_cast import cast_weight
+from fastllm.models.quant_linear import QuantEmbedding, QuantLinear, supports
+
+logger = logging.getLogger(__name__)
+
+QUANTIZED_WEIGHTS_MODES = ("auto", "dequantize")
+
+
+def use_quantized_weights(args: EngineArgs, source: ModelSource, device: torch.device) -> bool:
+    """"auto" keeps a GGUF file's quantization on the CPU; "dequantize" always loads float."""
+    return (args.quantized_weights == "auto" and source.is_gguf and device.type == "cpu"
+            and args.load_format in ("auto", "gguf"))
+
+
+def configure_cpu_threads() -> None:
+    """With the GEMMs in fastllm's kernel pool (FASTLLM_CPU_THREADS, default all cores), torch
+    only runs small glue ops (embedding rows, gathers): one intra-op thread keeps its OpenMP
+    workers from spinning against the pool on the same cores. FASTLLM_TORCH_THREADS overrides."""
+    wanted = int(os.environ.get("FASTLLM_TORCH_THREADS", "1"))
+    if wanted > 0 and torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
+
+
+def _raw_tensor(raw: RawGGUFTensor, dtype: torch.dtype) -> torch.Tensor:
+    n = int(np.prod(raw.shape))
+    values = dequantize(np.ascontiguousarray(raw.data).reshape(-1), raw.ggml_type, n)
+    return cast_weight(torch.from_numpy(values.reshape(raw.shape)), dtype)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
+def _linear_parts(model: nn.Module, name: str) -> list[str]:
+    """Checkpoint names (HF) of the weights a (possibly fused) linear layer is built from."""
+    fused = name.rpartition(".")[2]
+    parts = sorted(((idx, part) for part, (target, idx) in getattr(model, "_stacked", {}).items()
+                    if target == fused))
+    prefix = name.rpartition(".")[0]
+    if not parts:
+        return [f"{name}.weight"]
+    return [f"{prefix}.{part}.weight" for _, part in parts]
+
+
+def _quantize_linears(model: nn.Module, raw: dict[str, RawGGUFTensor],
+                      device: torch.device) -> tuple[int, set[str]]:
+    consumed: set[str] = set()
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or name == "lm_head":
+            continue
+        parts = [raw.get(p) for p in _linear_parts(model, name)]
+        if any(p is None for p in parts):
+            continue
+        types = {p.ggml_type for p in parts}
+        if len(types) != 1 or not supports(next(iter(types)), module.in_features):
+            continue
+        quant = QuantLinear(module.in_features, module.out_features, parts[0].ggml_type,
+                            bias=module.bias is not None, device=device)
+        rows = np.concatenate([np.asarray(p.data) for p in parts], axis=0)
+        if rows.shape != tuple(quant.qweight.shape):
+            raise ValueError(f"{name}: GGUF rows {rows.shape} do not match "
+                             f"{tuple(quant.qweight.shape)}")
+        quant.qweight.copy_(torch.from_numpy(rows))
+        _set_module(model, name, quant)
+        consumed.update(p.name for p in parts)
+        count += 1
+    return count, consumed
+
+
+def _quantize_output(model: nn.Module, config: ModelConfig, raw: dict[str, RawGGUFTensor],
+                     device: torch.device) -> set[str]:
+    """A quantized output projection (and, when tied, the embedding over the same rows)."""
+    embed = raw.get("model.embed_tokens.weight")
+    head = raw.get("lm_head.weight")
+    hidden, vocab = config.hidden_size, config.vocab_size
+    consumed: set[str] = set()
+    source = embed if config.tie_word_embeddings or head is None else head
+    if source is None or not supports(source.ggml_type, hidden):
+        return consumed
+    lm_head = QuantLinear(hidden, vocab, source.ggml_type, device=device)
+    lm_head.qweight.copy_(torch.from_numpy(np.asarray(source.data)))
+    model.set_quantized_lm_head(lm_head)
+    consumed.add(source.name)
+    if source is embed:
+        try:
+            embedding = QuantEmbedding(vocab, hidden, embed.ggml_type, device="meta")
+        except ValueError:
+            consumed.discard(embed.name)  # the embedding still needs its float table
+        else:
+            embedding.qweight = lm_head.qweight  # one copy of the table serves both
+            model.model.embed_tokens = embedding
+    if head is not None and source is not head:
+        consumed.add(head.name)  # tied: the embedding's rows serve as the output projection
+    return consumed
+
+
+@torch.no_grad()
+def load_quantized_model(cls: type, config: ModelConfig, source: ModelSource,
+                         device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The model of ``cls`` with GGUF-encoded linear layers (see the module docstring)."""
+    if device.type == "cpu":
+        configure_cpu_threads()
+    with torch.device("meta"):
+        model = cls(config)
+    model = model.to_empty(device=device).to(dtype)
+    model.init_buffers(device)
+    raw = {t.name: t for t in iterate_gguf_raw(source.gguf_path)}
+    count, consumed = _quantize_linears(model, raw, device)
+    consumed |= _quantize_output(model, config, raw, device)
+    rest = ((name, _raw_tensor(t, dtype)) for name, t in raw.items() if name not in consumed)
+    model.load_weights(rest)
+    kinds = sorted({m.quant_type for m in model.modules() if isinstance(m, QuantLinear)})
+    logger.info("kept GGUF quantization for %d linear layers (%s)%s", count, ", ".join(kinds),
+                " and the output projection" if "lm_head" in str(consumed) or
+                "embed_tokens" in str(consumed) else "")
+    return model
