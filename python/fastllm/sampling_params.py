@@ -39,6 +39,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     detokenize: bool = True
     priority: int = 0
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     # constrained output (JSON schema, regex, choice, grammar); see fastllm.guided
@@ -65,6 +66,8 @@ class SamplingParams:
         if self.best_of is not None and (not isinstance(self.best_of, int)
                                          or self.best_of < self.n):
             raise ValueError(f"best_of must be an integer >= n ({self.n}), got {self.best_of}")
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+            raise ValueError("truncate_prompt_tokens must be at least 1")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         if not self.detokenize and self.stop_strings:

@@ -68,7 +68,7 @@ def run_greedy(llm: LLM, prompt_ids: list[list[int]]) -> list:
 
 @pytest.fixture(scope="module")
 def default_llm() -> LLM:
-    return LLM(max_model_len=512)
+    return LLM(max_model_len=512, quantized_weights="dequantize")
 
 
 def test_tokenizer_agrees_with_hf(default_llm, hf_reference_model, prompt_ids):
@@ -94,21 +94,24 @@ def test_default_model_greedy_matches_hf(default_llm, prompt_ids, hf_outputs,
 
 
 def test_chunked_prefill_matches_hf(prompt_ids, hf_outputs):
-    llm = LLM(max_model_len=512, max_num_batched_tokens=16, enable_prefix_caching=False)
+    llm = LLM(max_model_len=512, quantized_weights="dequantize", max_num_batched_tokens=16,
+              enable_prefix_caching=False)
     outs = run_greedy(llm, prompt_ids)
     assert [o.outputs[0].token_ids for o in outs] == hf_outputs
 
 
 def test_preemption_keeps_greedy_output(prompt_ids, hf_outputs):
     # 17 usable blocks of 16 tokens: one request of max_model_len fits, the batch does not.
-    llm = LLM(max_model_len=256, num_gpu_blocks_override=18, enable_prefix_caching=False)
+    llm = LLM(max_model_len=256, quantized_weights="dequantize", num_gpu_blocks_override=18,
+              enable_prefix_caching=False)
     outs = run_greedy(llm, prompt_ids)
     assert [o.outputs[0].token_ids for o in outs] == hf_outputs
     assert llm.llm_engine.stats().num_preemptions > 0
 
 
 def test_preemption_by_swap_keeps_greedy_output(prompt_ids, hf_outputs):
-    llm = LLM(max_model_len=256, num_gpu_blocks_override=18, preemption_mode="swap",
+    llm = LLM(max_model_len=256, quantized_weights="dequantize", num_gpu_blocks_override=18,
+              preemption_mode="swap",
               swap_space=0.1, enable_prefix_caching=False)
     outs = run_greedy(llm, prompt_ids)
     assert [o.outputs[0].token_ids for o in outs] == hf_outputs
@@ -278,7 +281,7 @@ def test_logit_bias_and_allowed_token_ids(default_llm):
 
 
 def test_prompt_logprobs_match_hf_across_chunks(hf_reference_model, prompt_ids):
-    llm = LLM(max_model_len=512, max_num_batched_tokens=8)
+    llm = LLM(max_model_len=512, quantized_weights="dequantize", max_num_batched_tokens=8)
     ids = prompt_ids[3]  # the longest prompt: several 8-token chunks
     out = llm.generate([{"prompt_token_ids": ids}],
                        SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3),

@@ -170,6 +170,8 @@ class LLMEngine:
         if params.guided_decoding is not None:
             get_manager(self.core).compile(params.guided_decoding)  # ValueError if invalid
         text, ids = self.core.encode_prompt(prompt, add_special_tokens)
+        if params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens:
+            text, ids = None, ids[-params.truncate_prompt_tokens:]
         if request_id is None:
             request_id = f"req-{self._counter}"
             self._counter += 1

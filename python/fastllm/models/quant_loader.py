@@ -103,7 +103,7 @@ def _quantize_output(model: nn.Module, config: ModelConfig, raw: dict[str, RawGG
     if source is None or not supports(source.ggml_type, hidden):
         return consumed
     lm_head = QuantLinear(hidden, vocab, source.ggml_type, device=device)
-    lm_head.qweight.copy_(torch.from_numpy(np.asarray(source.data)))
+    lm_head.qweight.copy_(torch.from_numpy(np.array(source.data)))  # a writable copy
     model.set_quantized_lm_head(lm_head)
     consumed.add(source.name)
     if source is embed:

@@ -115,8 +115,7 @@ void tile_scalar(QuantType type, const uint8_t* weight, int64_t n_rows, const Q8
         float offset = 0.0f;
         if (type == QuantType::kQ4_0) offset = -8.0f * dw;
         if (type == QuantType::kQ4_1) offset = load_half(w + 2);
-        acc += static_cast<float>(block_isum(type, w, xr[b].q)) * (dw * xr[b].d) +
-               offset * xr[b].s;
+        acc += static_cast<float>(block_isum(type, w, xr[b].q)) * (dw * xr[b].d) + offset * xr[b].s;
       }
       out[r * out_stride + j] = acc;
     }

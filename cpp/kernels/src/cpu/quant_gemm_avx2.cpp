@@ -38,8 +38,9 @@ void quantize_row_avx2(const float* x, int64_t k, Q8ActBlock* out) {
     const float* v = x + b * 32;
     __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
     __m256 v2 = _mm256_loadu_ps(v + 16), v3 = _mm256_loadu_ps(v + 24);
-    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v0, abs_mask), _mm256_and_ps(v1, abs_mask)),
-                             _mm256_max_ps(_mm256_and_ps(v2, abs_mask), _mm256_and_ps(v3, abs_mask)));
+    __m256 m =
+        _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v0, abs_mask), _mm256_and_ps(v1, abs_mask)),
+                      _mm256_max_ps(_mm256_and_ps(v2, abs_mask), _mm256_and_ps(v3, abs_mask)));
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     h = _mm_max_ss(h, _mm_movehdup_ps(h));
@@ -51,7 +52,8 @@ void quantize_row_avx2(const float* x, int64_t k, Q8ActBlock* out) {
     const __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, id), kRound));
     const __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, id), kRound));
     const __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, id), kRound));
-    const int sum = hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+    const int sum =
+        hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
     const __m256i packed =
         _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[b].q),
@@ -69,7 +71,9 @@ inline __m256i unpack_nibbles(const uint8_t* p) {
 }
 
 template <QuantType kType>
-constexpr int64_t kBlockBytes = kType == QuantType::kQ8_0 ? 34 : kType == QuantType::kQ4_0 ? 18 : 20;
+constexpr int64_t kBlockBytes = kType == QuantType::kQ8_0   ? 34
+                                : kType == QuantType::kQ4_0 ? 18
+                                                            : 20;
 
 template <QuantType kType, int kRows>
 void tile_rows(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64_t blocks,

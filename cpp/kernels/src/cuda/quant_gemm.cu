@@ -91,9 +91,9 @@ __device__ __forceinline__ float sub_block_dot(const uint8_t* row, int64_t sub, 
 
 template <QuantType kType>
 __global__ void quant_gemm_kernel(float* __restrict__ out, const float* __restrict__ input,
-                                  const uint8_t* __restrict__ weight, const float* __restrict__ bias,
-                                  int64_t n, int64_t k, int64_t row_bytes, int64_t input_stride,
-                                  int64_t out_stride) {
+                                  const uint8_t* __restrict__ weight,
+                                  const float* __restrict__ bias, int64_t n, int64_t k,
+                                  int64_t row_bytes, int64_t input_stride, int64_t out_stride) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
   if (col >= n) return;

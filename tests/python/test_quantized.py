@@ -1,0 +1,228 @@
+"""GGUF-quantized linear layers: the quant_linear kernel against x @ dequantize(W).T, scalar
+against AVX2, and the quantized default model against its dequantized (fp32) twin."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastllm import _C, LLM, SamplingParams, ops
+from fastllm.loader import dequantize
+from fastllm.models.quant_linear import QuantEmbedding, QuantLinear
+
+CUDA = torch.cuda.is_available() and _C.ops.built_with_cuda()
+TYPES_32 = ["Q8_0", "Q4_0", "Q4_1"]
+TYPES_256 = ["Q4_K", "Q6_K"]
+
+
+def _half_bytes(rng: np.random.Generator, shape, low: float, high: float) -> np.ndarray:
+    return rng.uniform(low, high, size=shape).astype(np.float16).view(np.uint8).reshape(
+        *shape[:-1], shape[-1] * 2)
+
+
+def random_blocks(rng: np.random.Generator, quant_type: str, n: int, k: int) -> np.ndarray:
+    """uint8 [n, bytes_per_row]: valid blocks with random scales and quants."""
+    values, _ = ops.quant_block_info(ops.GGML_QUANT_TYPES[quant_type])
+    nb = k // values
+
+    def u8(count):
+        return rng.integers(0, 256, size=(n, nb, count), dtype=np.uint8)
+
+    if quant_type == "Q8_0":
+        q = rng.integers(-127, 128, size=(n, nb, 32), dtype=np.int8).view(np.uint8)
+        parts = [_half_bytes(rng, (n, nb, 1), 1e-3, 2e-2), q]
+    elif quant_type == "Q4_0":
+        parts = [_half_bytes(rng, (n, nb, 1), 1e-3, 2e-2), u8(16)]
+    elif quant_type == "Q4_1":
+        parts = [_half_bytes(rng, (n, nb, 1), 1e-3, 2e-2),
+                 _half_bytes(rng, (n, nb, 1), -0.1, 0.0), u8(16)]
+    elif quant_type == "Q4_K":
+        parts = [_half_bytes(rng, (n, nb, 1), 1e-4, 1e-3),
+                 _half_bytes(rng, (n, nb, 1), 1e-4, 1e-3), u8(12), u8(128)]
+    else:  # Q6_K
+        parts = [u8(128), u8(64), u8(16), _half_bytes(rng, (n, nb, 1), 1e-4, 1e-3)]
+    return np.ascontiguousarray(np.concatenate(parts, axis=2).reshape(n, -1))
+
+
+def dequantized(raw: np.ndarray, quant_type: str, n: int, k: int) -> torch.Tensor:
+    return torch.from_numpy(dequantize(raw.reshape(-1), quant_type, n * k).reshape(n, k))
+
+
+def fake_quantize_rows(x: torch.Tensor) -> torch.Tensor:
+    """x rounded through the kernel's int8 activation blocks (32 values, scale max|x| / 127)."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 127.0
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    return (torch.round(blocks * inv) * d).reshape(x.shape)
+
+
+SHAPES = [(1, 37, 64), (3, 129, 96), (7, 64, 576), (33, 45, 256), (5, 300, 1536)]
+
+
+@pytest.mark.parametrize("quant_type", TYPES_32 + TYPES_256)
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_quant_linear_matches_dequantized_reference(quant_type, m, n, k):
+    values, _ = ops.quant_block_info(ops.GGML_QUANT_TYPES[quant_type])
+    if k % values:
+        k = values * max(1, k // values)
+    rng = np.random.default_rng(m * 1000 + n + k)
+    raw = random_blocks(rng, quant_type, n, k)
+    w = dequantized(raw, quant_type, n, k)
+    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
+    y = ops.quant_linear(x, torch.from_numpy(raw), ops.GGML_QUANT_TYPES[quant_type], n)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    exact = x.double() @ w.double().T
+    scale = exact.abs().max().item()
+    if quant_type in TYPES_32:
+        # int8 activations: exact against the reference fed the same rounded activations, and
+        # within the activation rounding (~0.5/127 relative per value) of the float product.
+        same_input = fake_quantize_rows(x).double() @ w.double().T
+        torch.testing.assert_close(y.double(), same_input, atol=2e-5 * scale, rtol=1e-4)
+        rel = (y.double() - exact).norm() / exact.norm()
+        assert rel < 0.01, rel
+    else:
+        torch.testing.assert_close(y.double(), exact, atol=2e-5 * scale, rtol=1e-4)
+
+
+@pytest.mark.parametrize("quant_type", TYPES_32 + TYPES_256)
+def test_scalar_and_simd_paths_agree(quant_type):
+    m, n, k = 9, 71, 512
+    rng = np.random.default_rng(7)
+    raw = torch.from_numpy(random_blocks(rng, quant_type, n, k))
+    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
+    type_id = ops.GGML_QUANT_TYPES[quant_type]
+    simd = ops.quant_linear_into(torch.empty(m, n), x, raw, type_id, allow_simd=True)
+    scalar = ops.quant_linear_into(torch.empty(m, n), x, raw, type_id, allow_simd=False)
+    scale = scalar.abs().max().item()
+    torch.testing.assert_close(simd, scalar, atol=1e-5 * scale, rtol=1e-5)
+
+
+def test_quant_gemm_reports_its_path():
+    assert _C.ops.quant_gemm_cpu_isa() in ("avx2", "scalar")
+    assert ops.quant_block_info(ops.GGML_QUANT_TYPES["Q4_1"]) == (32, 20)
+    assert ops.quant_block_info(ops.GGML_QUANT_TYPES["Q6_K"]) == (256, 210)
+
+
+def test_quant_linear_bias_and_strided_rows():
+    rng = np.random.default_rng(3)
+    n, k = 50, 128
+    raw = torch.from_numpy(random_blocks(rng, "Q4_1", n, k))
+    w = dequantized(raw.numpy(), "Q4_1", n, k)
+    wide = torch.from_numpy(rng.standard_normal((6, k + 32)).astype(np.float32))
+    x = wide[:, :k]  # rows k + 32 apart
+    bias = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+    y = ops.quant_linear(x, raw, ops.GGML_QUANT_TYPES["Q4_1"], n, bias)
+    ref = fake_quantize_rows(x.contiguous()) @ w.T + bias
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_quant_linear_rejects_bad_shapes():
+    raw = torch.zeros(4, 20, dtype=torch.uint8)
+    with pytest.raises(ValueError):
+        ops.quant_linear(torch.zeros(2, 48), raw, ops.GGML_QUANT_TYPES["Q4_1"], 4)  # k % 32
+    with pytest.raises(ValueError):
+        ops.quant_linear(torch.zeros(2, 64), raw, ops.GGML_QUANT_TYPES["Q4_1"], 4)  # bytes
+    with pytest.raises(ValueError):
+        ops.quant_linear(torch.zeros(2, 32), raw, 99, 4)  # unknown type
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("quant_type", TYPES_32 + TYPES_256)
+def test_quant_linear_cuda_matches_reference(quant_type):
+    m, n, k = 3, 67, 512
+    rng = np.random.default_rng(11)
+    raw = random_blocks(rng, quant_type, n, k)
+    w = dequantized(raw, quant_type, n, k)
+    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
+    y = ops.quant_linear(x.cuda(), torch.from_numpy(raw).cuda(), ops.GGML_QUANT_TYPES[quant_type],
+                         n)
+    exact = x @ w.T
+    torch.testing.assert_close(y.cpu(), exact, atol=1e-4 * exact.abs().max().item(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("quant_type", TYPES_32)
+def test_quant_embedding_equals_dequantized_rows(quant_type):
+    rng = np.random.default_rng(5)
+    vocab, dim = 40, 96
+    raw = random_blocks(rng, quant_type, vocab, dim)
+    emb = QuantEmbedding(vocab, dim, quant_type)
+    emb.qweight.copy_(torch.from_numpy(raw))
+    ids = torch.tensor([[3, 0, 39], [7, 7, 1]])
+    assert torch.equal(emb(ids), dequantized(raw, quant_type, vocab, dim)[ids])
+
+
+# ---- the default model: quantized against dequantized ---------------------------------------------
+
+TEXT = (
+    "The history of the bicycle begins in the early nineteenth century, when inventors in Europe "
+    "experimented with two-wheeled machines that riders pushed along with their feet. These "
+    "early designs, sometimes called hobby horses, were heavy and uncomfortable, yet they showed "
+    "that a person could balance on two wheels in a line. Decades later, mechanics attached "
+    "pedals and cranks to the front wheel, and the velocipede became popular in Paris and "
+    "London. Because the pedals turned the wheel directly, makers enlarged the front wheel to "
+    "go faster, which led to the tall high-wheeler with its tiny rear wheel. Riding one was "
+    "dangerous: a sudden stop could throw the rider over the handlebars. The safety bicycle of "
+    "the 1880s solved this problem with two wheels of equal size and a chain that drove the "
+    "rear wheel. Pneumatic tires, invented soon after, made the ride smoother, and the bicycle "
+    "quickly became a practical means of transport for millions of people. Cycling changed "
+    "daily life in many ways. Workers could live farther from factories, women gained a new "
+    "freedom of movement, and road improvements that later helped cars were first demanded by "
+    "cyclists. Today engineers continue to refine frames, gears and brakes, while cities build "
+    "protected lanes to make cycling safer. The basic shape of the safety bicycle, however, has "
+    "remained almost unchanged for more than a century, a sign of how well its designers solved "
+    "the problem of personal transport."
+)
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Write a haiku about the sea.",
+    "Q: What is 12 times 7?\nA:",
+]
+
+
+@pytest.fixture(scope="module")
+def llm_pair():
+    quant = LLM(max_model_len=512, quantized_weights="auto")
+    fp32 = LLM(max_model_len=512, quantized_weights="dequantize")
+    return quant, fp32
+
+
+def _perplexity(llm: LLM, ids: list[int]) -> float:
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+    lps = [d[t].logprob for t, d in zip(ids[1:], out.prompt_logprobs[1:])]
+    return math.exp(-sum(lps) / len(lps))
+
+
+def test_default_model_keeps_gguf_quantization(llm_pair):
+    model = llm_pair[0].llm_engine.core.model
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    # qkv, o, gate_up, down per layer + the tied output projection
+    assert len(layers) == 4 * model.config.num_hidden_layers + 1
+    assert {m.quant_type for m in layers} == {"Q4_1", "Q8_0"}
+    assert isinstance(model.model.embed_tokens, QuantEmbedding)
+
+
+def test_perplexity_within_one_percent_of_fp32(llm_pair):
+    quant, fp32 = llm_pair
+    ids = quant.get_tokenizer().encode(TEXT, add_special_tokens=False)
+    assert len(ids) >= 250
+    ppl_quant, ppl_fp32 = _perplexity(quant, ids), _perplexity(fp32, ids)
+    print(f"perplexity: quantized {ppl_quant:.4f}, fp32 {ppl_fp32:.4f}")
+    assert abs(ppl_quant / ppl_fp32 - 1.0) < 0.01, (ppl_quant, ppl_fp32)
+
+
+def test_greedy_text_close_to_fp32(llm_pair):
+    """Greedy continuations start the same; int8 activations may flip a near-tie later on."""
+    quant, fp32 = llm_pair
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    ours = [o.outputs[0].token_ids for o in quant.generate(PROMPTS, params, use_tqdm=False)]
+    theirs = [o.outputs[0].token_ids for o in fp32.generate(PROMPTS, params, use_tqdm=False)]
+    prefix = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
+              for x, y in zip(ours, theirs)]
+    assert min(prefix) >= 4, prefix
+    assert sum(prefix) >= 8 * len(PROMPTS), prefix
