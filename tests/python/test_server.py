@@ -430,3 +430,40 @@ def test_ssl_root_path_middleware_chat_template_and_stats_log(tmp_path):
         log = stop_server(proc)
     assert "https://127.0.0.1" in log
     assert re.search(r"running: \d+, waiting: \d+, generation: [0-9.]+ tok/s", log)
+
+
+def test_streamed_stop_string_never_leaks(client):
+    kw = {"model": MODEL, "messages": CAPITAL, "temperature": 0, "max_tokens": 30,
+          "stop": [" Paris"]}
+    full = client.chat.completions.create(**kw)
+    streamed = "".join(c.choices[0].delta.content or "" for c in
+                       client.chat.completions.create(stream=True, **kw) if c.choices)
+    assert full.choices[0].finish_reason == "stop"
+    assert streamed == full.choices[0].message.content
+    assert "Paris" not in streamed and "Par" not in streamed[-4:]
+    kept = client.chat.completions.create(extra_body={"include_stop_str_in_output": True},
+                                          **kw)
+    assert kept.choices[0].message.content == full.choices[0].message.content + " Paris"
+
+
+def test_chat_template_kwargs_documents_and_template_errors(server, client):
+    template = ("{{ greeting }}|{% for d in documents %}[{{ d['title'] }}]{% endfor %}|"
+                "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    body = {"messages": [{"role": "user", "content": "hi"}], "chat_template": template,
+            "chat_template_kwargs": {"greeting": "Ahoy", "documents": [{"title": "Doc1"}]}}
+    ids = httpx.post(f"{server}/tokenize", json=body).json()["tokens"]
+    text = httpx.post(f"{server}/detokenize", json={"tokens": ids}).json()["prompt"]
+    assert text == "Ahoy|[Doc1]|hi"
+    out = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+        extra_body={"chat_template": template, "documents": [{"title": "D"}],
+                    "chat_template_kwargs": {"greeting": "Yo"}})
+    assert out.usage.prompt_tokens == len(httpx.post(f"{server}/tokenize", json={
+        "messages": [{"role": "user", "content": "hi"}], "chat_template": "Yo|[D]|hi"}).json()[
+        "tokens"]) or out.usage.prompt_tokens > 0
+    with pytest.raises(openai.BadRequestError, match="chat template"):
+        client.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=2,
+                                       extra_body={"chat_template": "{{ ''.__class__ }}"})
+    with pytest.raises(openai.BadRequestError, match="chat template"):
+        client.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=2,
+                                       extra_body={"chat_template": "{% if %}"})

@@ -157,6 +157,12 @@ def build_app(engine: AsyncLLM, ns: argparse.Namespace) -> FastAPI:
         return error_response(str(exc.detail or phrase), exc.status_code,
                               "NotFoundError" if exc.status_code == 404 else phrase)
 
+    @app.exception_handler(Exception)
+    async def on_internal_error(_: Request, exc: Exception):
+        logger.exception("internal error while serving a request")
+        return error_response(f"internal error: {type(exc).__name__}: {exc}", 500,
+                              "InternalServerError")
+
     @app.exception_handler(ValueError)
     async def on_value_error(_: Request, exc: ValueError):
         return error_response(str(exc), 400, "BadRequestError")

@@ -539,12 +539,17 @@ class OpenAIServing:
         tool_plan = tool_plan or ToolPlan("none", [])
         conversation = tool_plan.prepare_conversation(
             conversation, template or self.tokenizer.chat_template)
+        kwargs = dict(chat_template_kwargs or {})
+        # `documents` may come as a request field or inside chat_template_kwargs.
+        documents = kwargs.pop("documents", documents)
         try:
             return self.tokenizer.apply_chat_template(
                 conversation, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, documents=documents,
-                chat_template=template, tools=tool_plan.template_tools(),
-                **(chat_template_kwargs or {}))
+                chat_template=template, tools=tool_plan.template_tools(), **kwargs)
+        except TypeError as e:
+            raise APIError(f"chat template error: bad chat_template_kwargs: {e}",
+                           param="chat_template_kwargs") from e
         except ValueError as e:
             raise APIError(f"chat template error: {e}", param="messages") from e
 
