@@ -2,7 +2,7 @@
 schema with free-text fields, and a regex of free words), measured in one run on the default
 model. Prints ms/token for each and the guided/unguided ratio; asserts nothing.
 
-    python benchmarks/guided_overhead.py [--prompts 16] [--output-len 96]
+    python benchmarks/guided_overhead.py [--prompts 8] [--output-len 64] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ def main() -> None:
     from fastllm.guided import GuidedDecodingParams, get_manager
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--output-len", type=int, default=96)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=1)
     args = ap.parse_args()
 
     llm = LLM(max_model_len=1024)
