@@ -653,7 +653,8 @@ void bind_kernels(nb::module_& m) {
         "2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 14 Q6_K) stored as uint8 rows.");
   m.def(
       "quant_gemm_cpu_isa", [] { return std::string(k::quant_gemm_cpu_isa()); },
-      "The CPU code path quant_gemm takes for Q8_0/Q4_0/Q4_1: 'avx2' or 'scalar'.");
+      "The CPU code path quant_gemm takes for Q8_0/Q4_0/Q4_1: 'avx512_vnni', 'avx_vnni', 'avx2' or "
+      "'scalar'.");
   m.def(
       "quant_block_info",
       [](int32_t type) {

@@ -38,7 +38,7 @@ def reference_beam_search(model, prompt: list[int], width: int, max_tokens: int,
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(max_model_len=512)
+    return LLM(max_model_len=512, quantized_weights="dequantize")
 
 
 @pytest.mark.parametrize("width", [2, 3])

@@ -209,7 +209,7 @@ def test_guided_and_unguided_in_one_batch(client):
 def llm():
     from fastllm import LLM
 
-    return LLM(max_model_len=512)
+    return LLM(max_model_len=512, quantized_weights="dequantize")
 
 
 def test_offline_guided_batch(llm):

@@ -200,7 +200,7 @@ def test_hf_dir_config(tiny_llama_dir: str) -> None:
     config = load_config(resolve_model(tiny_llama_dir))
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert config["num_key_value_heads"] == 2 and config["num_attention_heads"] == 4
-    assert config["head_dim"] == 16
+    assert config["head_dim"] == 64
     assert config["rope_theta"] == 10000.0  # transformers 5 writes rope_parameters
     assert config["rope_scaling"] is None
     assert config["torch_dtype"] == "float32"

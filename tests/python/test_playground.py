@@ -31,7 +31,8 @@ SCREENSHOT_DIR = Path(os.environ.get("FASTLLM_ARTIFACTS", "build/artifacts"))
 
 
 def test_playground_streams_a_reply_in_chromium():
-    proc, base = start_server(["--max-model-len", "1024", "--disable-log-stats"])
+    proc, base = start_server(["--max-model-len", "1024", "--quantized-weights", "dequantize",
+                               "--disable-log-stats"])
     options = webdriver.ChromeOptions()
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--window-size=1100,800"):

@@ -4,6 +4,9 @@ against AVX2, and the quantized default model against its dequantized (fp32) twi
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -100,8 +103,44 @@ def test_scalar_and_simd_paths_agree(quant_type):
     torch.testing.assert_close(simd, scalar, atol=1e-5 * scale, rtol=1e-5)
 
 
+@pytest.mark.parametrize("cap", ["avx2", "avx_vnni"])
+def test_simd_variants_agree(tmp_path, cap):
+    """The narrower SIMD kernels (picked in a fresh process with FASTLLM_QUANT_GEMM_ISA, as the
+    path is chosen once) give the same results as this process's path, on every tile height."""
+    k = 288  # 9 blocks: an odd count exercises the AVX-512 kernel's block-pair tail
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((11, k)).astype(np.float32)
+    outputs = {}
+    for quant_type in TYPES_32:
+        raw = random_blocks(rng, quant_type, 53, k)
+        np.save(tmp_path / f"{quant_type}_w.npy", raw)
+        outputs[quant_type] = [
+            ops.quant_linear(torch.from_numpy(x[:m]), torch.from_numpy(raw),
+                             ops.GGML_QUANT_TYPES[quant_type], 53) for m in range(1, 12)]
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import sys, numpy as np, torch\n"
+        "from fastllm import _C, ops\n"
+        "d = sys.argv[1]; x = torch.from_numpy(np.load(d + '/x.npy'))\n"
+        "print(_C.ops.quant_gemm_cpu_isa())\n"
+        "for t in ('Q8_0', 'Q4_0', 'Q4_1'):\n"
+        "    w = torch.from_numpy(np.load(d + f'/{t}_w.npy'))\n"
+        "    for m in range(1, 12):\n"
+        "        y = ops.quant_linear(x[:m], w, ops.GGML_QUANT_TYPES[t], w.shape[0])\n"
+        "        np.save(d + f'/{t}_{m}_y.npy', y.numpy())\n"
+    )
+    env = dict(os.environ, FASTLLM_QUANT_GEMM_ISA=cap)
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=120, check=True)
+    assert proc.stdout.split()[-1] in (cap, "avx2", "scalar")
+    for quant_type, ours in outputs.items():
+        for m, y in enumerate(ours, start=1):
+            theirs = torch.from_numpy(np.load(tmp_path / f"{quant_type}_{m}_y.npy"))
+            torch.testing.assert_close(y, theirs, atol=1e-5 * y.abs().max().item(), rtol=1e-5)
+
+
 def test_quant_gemm_reports_its_path():
-    assert _C.ops.quant_gemm_cpu_isa() in ("avx2", "scalar")
+    assert _C.ops.quant_gemm_cpu_isa() in ("avx512_vnni", "avx_vnni", "avx2", "scalar")
     assert ops.quant_block_info(ops.GGML_QUANT_TYPES["Q4_1"]) == (32, 20)
     assert ops.quant_block_info(ops.GGML_QUANT_TYPES["Q6_K"]) == (256, 210)
 

@@ -59,7 +59,7 @@ def stop_server(proc) -> str:
 
 @pytest.fixture(scope="module")
 def server():
-    proc, base = start_server(["--api-key", API_KEY, "--max-model-len", "1024",
+    proc, base = start_server(["--api-key", API_KEY, "--max-model-len", "1024", "--quantized-weights", "dequantize",
                                "--max-logprobs", "5", "--disable-log-stats"])
     yield base
     stop_server(proc)

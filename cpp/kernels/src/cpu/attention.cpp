@@ -55,6 +55,7 @@ void paged_attention_cpu(const PagedAttentionParams& p) {
     int64_t seq, first_token, num_tokens;
   };
   std::vector<Item> items;
+  int64_t work = 0;  // query tokens x keys, summed over sequences
   check_arg(p.query_start_loc[0] == 0 && p.query_start_loc[p.num_seqs] == p.num_tokens,
             "paged_attention: query_start_loc must start at 0 and end at num_tokens");
   for (int64_t s = 0; s < p.num_seqs; ++s) {
@@ -66,6 +67,7 @@ void paged_attention_cpu(const PagedAttentionParams& p) {
               "paged_attention: context_lens[" + std::to_string(s) + "] exceeds the block table");
     for (int64_t t = begin; t < end; t += tile_tokens)
       items.push_back({s, t, std::min(tile_tokens, end - t)});
+    work += (end - begin) * p.context_lens[s];
   }
 
   const auto& ops = cpu::vec_ops();
@@ -165,7 +167,14 @@ void paged_attention_cpu(const PagedAttentionParams& p) {
       ops.store(acc + r * d, p.dtype, dst, d, 1.0f);
     }
   };
-  cpu::parallel_for(static_cast<int64_t>(items.size()) * p.num_kv_heads, run_item);
+  const int64_t num_items = static_cast<int64_t>(items.size()) * p.num_kv_heads;
+  // A small step (one decode token over a short context: a few microseconds of work) runs on the
+  // caller; waking the pool would cost more than it saves.
+  if (work * p.num_heads * d < (int64_t{1} << 18)) {
+    for (int64_t i = 0; i < num_items; ++i) run_item(i);
+    return;
+  }
+  cpu::parallel_for(num_items, run_item);
 }
 
 }  // namespace fastllm::kernels

@@ -31,6 +31,11 @@ int configured_threads() {
   return hw == 0 ? 1 : static_cast<int>(hw);
 }
 
+// Jobs are published as a generation number; items are claimed with a CAS on one 64-bit word
+// holding (generation << 32 | next index), so a worker that wakes late (its core was busy with
+// another process) can never claim an item of a newer job, and the caller waits only for items
+// that were actually claimed, not for every worker to check in. On a loaded machine a sleeping
+// worker then costs nothing: the caller simply runs the items itself.
 class Pool {
  public:
   explicit Pool(int size) : size_(size) {
@@ -41,7 +46,7 @@ class Pool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       stopping_ = true;
-      ++generation_;
+      generation_.fetch_add(1, std::memory_order_release);
     }
     wake_.notify_all();
     for (auto& worker : workers_) worker.join();
@@ -51,24 +56,35 @@ class Pool {
 
   void run(int64_t count, const std::function<void(int64_t)>& task) {
     std::unique_lock<std::mutex> call_lock(call_mutex_, std::try_to_lock);
-    if (size_ == 1 || count == 1 || t_inside_task || !call_lock.owns_lock()) {
+    if (size_ == 1 || count == 1 || t_inside_task || !call_lock.owns_lock() ||
+        count >= (int64_t{1} << 31)) {
       run_serial(count, task);
       return;
     }
+    uint64_t gen;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      task_ = &task;
-      count_ = count;
-      next_.store(0, std::memory_order_relaxed);
-      pending_workers_ = static_cast<int>(workers_.size());
+      task_.store(&task, std::memory_order_relaxed);
+      count_.store(count, std::memory_order_relaxed);
+      completed_.store(0, std::memory_order_relaxed);
+      cancelled_.store(false, std::memory_order_relaxed);
       error_ = nullptr;
-      generation_.fetch_add(1, std::memory_order_release);
+      gen = (generation_.load(std::memory_order_relaxed) + 1) & 0xffffffffu;
+      claim_.store(gen << 32, std::memory_order_release);
+      generation_.store(gen, std::memory_order_release);
     }
-    wake_.notify_all();
-    work();
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [this] { return pending_workers_ == 0; });
-    task_ = nullptr;
+    if (sleeping_.load(std::memory_order_acquire) > 0) wake_.notify_all();
+    work(gen);
+    for (int spin = 0; completed_.load(std::memory_order_acquire) < count; ++spin) {
+      if (spin < 20000) {
+        FASTLLM_CPU_RELAX();
+        continue;
+      }
+      std::unique_lock<std::mutex> lock(mutex_);
+      done_.wait(lock, [&] { return completed_.load(std::memory_order_acquire) >= count; });
+    }
+    task_.store(nullptr, std::memory_order_relaxed);
+    std::lock_guard<std::mutex> lock(mutex_);
     if (error_) std::rethrow_exception(error_);
   }
 
@@ -85,18 +101,34 @@ class Pool {
     t_inside_task = was_inside;
   }
 
-  void work() {
+  // Claims and runs items of job `gen` until none is left (or a newer job replaced it).
+  void work(uint64_t gen) {
     t_inside_task = true;
+    uint64_t state = claim_.load(std::memory_order_acquire);
     for (;;) {
-      const int64_t i = next_.fetch_add(1, std::memory_order_relaxed);
-      if (i >= count_) break;
-      try {
-        (*task_)(i);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (!error_) error_ = std::current_exception();
-        next_.store(count_, std::memory_order_relaxed);
+      if ((state >> 32) != gen) break;
+      const int64_t i = static_cast<int64_t>(state & 0xffffffffu);
+      // count_ belongs to `gen` here: a new job is published only after every item of this one
+      // completed, and then claim_ carries the new generation, so the CAS below fails.
+      if (i >= count_.load(std::memory_order_relaxed)) break;
+      if (!claim_.compare_exchange_weak(state, state + 1, std::memory_order_acq_rel,
+                                        std::memory_order_acquire))
+        continue;
+      if (!cancelled_.load(std::memory_order_relaxed)) {
+        try {
+          (*task_.load(std::memory_order_relaxed))(i);
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(mutex_);
+          if (!error_) error_ = std::current_exception();
+          cancelled_.store(true, std::memory_order_relaxed);
+        }
       }
+      const int64_t count = count_.load(std::memory_order_relaxed);
+      if (completed_.fetch_add(1, std::memory_order_acq_rel) + 1 == count) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        done_.notify_one();
+      }
+      state = claim_.load(std::memory_order_acquire);
     }
     t_inside_task = false;
   }
@@ -107,14 +139,18 @@ class Pool {
       // Spin briefly: layers issue kernels back to back, and a sleeping worker costs a wake-up.
       for (int spin = 0; spin < 4000 && generation_.load(std::memory_order_acquire) == seen; ++spin)
         FASTLLM_CPU_RELAX();
-      std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+      if (generation_.load(std::memory_order_acquire) == seen) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        sleeping_.fetch_add(1, std::memory_order_acq_rel);
+        wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+        sleeping_.fetch_sub(1, std::memory_order_acq_rel);
+      }
       seen = generation_.load(std::memory_order_acquire);
-      if (stopping_) return;
-      lock.unlock();
-      work();
-      lock.lock();
-      if (--pending_workers_ == 0) done_.notify_one();
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (stopping_) return;
+      }
+      work(seen);
     }
   }
 
@@ -125,10 +161,12 @@ class Pool {
   std::condition_variable wake_;
   std::condition_variable done_;
   std::atomic<uint64_t> generation_{0};
-  std::atomic<int64_t> next_{0};
-  const std::function<void(int64_t)>* task_ = nullptr;
-  int64_t count_ = 0;
-  int pending_workers_ = 0;
+  std::atomic<uint64_t> claim_{0};
+  std::atomic<int64_t> completed_{0};
+  std::atomic<int64_t> count_{0};
+  std::atomic<const std::function<void(int64_t)>*> task_{nullptr};
+  std::atomic<bool> cancelled_{false};
+  std::atomic<int> sleeping_{0};
   bool stopping_ = false;
   std::exception_ptr error_;
 };

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "fastllm/kernels/dtype_convert.h"
@@ -102,7 +103,8 @@ inline int block_isum(QuantType type, const uint8_t* w, const int8_t* q) {
 }
 
 void tile_scalar(QuantType type, const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x,
-                 int64_t blocks, int64_t m_rows, float* out, int64_t out_stride) {
+                 int64_t blocks, const float* /*xd*/, const float* /*xs*/, int64_t m_rows,
+                 float* out, int64_t out_stride) {
   const int64_t block_bytes = quant_block_bytes(type);
   for (int64_t j = 0; j < n_rows; ++j) {
     const uint8_t* row = weight + j * blocks * block_bytes;
@@ -225,9 +227,22 @@ const QuantGemmKernels& pick_kernels(bool allow_simd) {
       const QuantGemmKernels* k = nullptr;
 #if defined(__x86_64__) || defined(__i386__)
       __builtin_cpu_init();
+      // FASTLLM_QUANT_GEMM_ISA caps the path ("avx2", "avx_vnni"); tests compare the paths.
+      const char* cap_env = std::getenv("FASTLLM_QUANT_GEMM_ISA");
+      const std::string cap = cap_env ? cap_env : "";
       if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-          __builtin_cpu_supports("f16c"))
+          __builtin_cpu_supports("f16c")) {
         k = avx2_quant_gemm_kernels();
+#ifdef FASTLLM_HAVE_AVXVNNI_FILE
+        if (cap != "avx2" && __builtin_cpu_supports("avxvnni")) k = avxvnni_quant_gemm_kernels();
+#endif
+#ifdef FASTLLM_HAVE_AVX512_FILE
+        if (cap.empty() && __builtin_cpu_supports("avx512f") &&
+            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+            __builtin_cpu_supports("avx512vnni"))
+          k = avx512_quant_gemm_kernels();
+#endif
+      }
 #endif
       return k;
     }();
@@ -242,6 +257,12 @@ const QuantGemmKernels& scalar_quant_gemm_kernels() { return kScalarKernels; }
 
 #ifndef FASTLLM_HAVE_AVX2_FILE
 const QuantGemmKernels* avx2_quant_gemm_kernels() { return nullptr; }
+#endif
+#ifndef FASTLLM_HAVE_AVXVNNI_FILE
+const QuantGemmKernels* avxvnni_quant_gemm_kernels() { return nullptr; }
+#endif
+#ifndef FASTLLM_HAVE_AVX512_FILE
+const QuantGemmKernels* avx512_quant_gemm_kernels() { return nullptr; }
 #endif
 
 }  // namespace cpu
@@ -261,13 +282,27 @@ void quant_gemm_cpu(const QuantGemmParams& p) {
   const auto& kernels = cpu::pick_kernels(p.allow_simd);
   const int64_t blocks = p.k / 32;
   const int64_t row_bytes = blocks * quant_block_bytes(p.type);
+  constexpr int64_t tile = cpu::kQuantTileRows;
+  const int64_t tiles = (p.m + tile - 1) / tile;
   thread_local std::vector<cpu::Q8ActBlock> quantized;
+  thread_local std::vector<float> tile_scales;  // per tile: d then s, each [blocks][tile]
   if (static_cast<int64_t>(quantized.size()) < p.m * blocks)
     quantized.resize(static_cast<size_t>(p.m * blocks));
+  if (static_cast<int64_t>(tile_scales.size()) < tiles * 2 * blocks * tile)
+    tile_scales.resize(static_cast<size_t>(tiles * 2 * blocks * tile));
   cpu::Q8ActBlock* xq = quantized.data();
+  float* scales = tile_scales.data();
   auto quantize = [&](int64_t r) {
     kernels.quantize_row(p.input + r * p.input_stride, p.k, xq + r * blocks);
+    float* xd = scales + (r / tile) * 2 * blocks * tile;
+    float* xs = xd + blocks * tile;
+    for (int64_t b = 0; b < blocks; ++b) {
+      xd[b * tile + r % tile] = xq[r * blocks + b].d;
+      xs[b * tile + r % tile] = xq[r * blocks + b].s;
+    }
   };
+  // Rows past m in the last tile read as scale 0.
+  std::fill(scales + (tiles - 1) * 2 * blocks * tile, scales + tiles * 2 * blocks * tile, 0.0f);
   if (p.m * p.k >= (1 << 16)) {
     cpu::parallel_for(p.m, quantize);
   } else {
@@ -278,10 +313,11 @@ void quant_gemm_cpu(const QuantGemmParams& p) {
   const auto* weight = static_cast<const uint8_t*>(p.weight);
   cpu::parallel_for((p.n + per - 1) / per, [&](int64_t task) {
     const int64_t n0 = task * per, n1 = std::min(p.n, n0 + per);
-    for (int64_t m0 = 0; m0 < p.m; m0 += cpu::kQuantTileRows) {
-      kernels.tile(p.type, weight + n0 * row_bytes, n1 - n0, xq + m0 * blocks, blocks,
-                   std::min<int64_t>(cpu::kQuantTileRows, p.m - m0), p.out + m0 * p.out_stride + n0,
-                   p.out_stride);
+    for (int64_t t = 0; t < tiles; ++t) {
+      const float* xd = scales + t * 2 * blocks * tile;
+      kernels.tile(p.type, weight + n0 * row_bytes, n1 - n0, xq + t * tile * blocks, blocks, xd,
+                   xd + blocks * tile, std::min(tile, p.m - t * tile),
+                   p.out + t * tile * p.out_stride + n0, p.out_stride);
     }
     cpu::add_bias(p, n0, n1);
   });

@@ -1,6 +1,8 @@
 // AVX2 micro-kernels of the quantized GEMM: int8 activations against Q8_0/Q4_0/Q4_1 weight blocks
 // with _mm256_maddubs_epi16 (u8 x s8 -> s16 pairs) and _mm256_madd_epi16 (-> s32), one float FMA
 // per block pair. Built with -mavx2 -mfma -mf16c; runs only when the CPU has them.
+// quant_gemm_avxvnni.cpp compiles this file again with FASTLLM_QUANT_GEMM_VNNI (and -mavxvnni):
+// then one _mm256_dpbusd_avx_epi32 replaces each maddubs + madd pair, with identical results.
 #include <immintrin.h>
 
 #include <cstring>
@@ -24,6 +26,18 @@ inline int hsum_epi32(__m256i v) {
   lo = _mm_add_epi32(lo, _mm_shuffle_epi32(lo, _MM_SHUFFLE(2, 3, 0, 1)));
   return _mm_cvtsi128_si32(lo);
 }
+
+// Sums of 4 adjacent u8 x s8 products as int32 lanes (no saturation can occur for our operands:
+// |u| <= 128 and |s| <= 127, so a maddubs pair stays below 32767).
+#ifdef FASTLLM_QUANT_GEMM_VNNI
+inline __m256i dot_u8s8(__m256i u, __m256i s, __m256i /*ones*/) {
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+}
+#else
+inline __m256i dot_u8s8(__m256i u, __m256i s, __m256i ones) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones);
+}
+#endif
 
 inline float load_half(const uint8_t* p) {
   uint16_t h;
@@ -70,25 +84,37 @@ inline __m256i unpack_nibbles(const uint8_t* p) {
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
 }
 
+constexpr int64_t kPrefetchRows = 8;
+
 template <QuantType kType>
 constexpr int64_t kBlockBytes = kType == QuantType::kQ8_0   ? 34
                                 : kType == QuantType::kQ4_0 ? 18
                                                             : 20;
 
+// 1 or 2 rows of x (decode): per row a float vector accumulator; blocks alternate between two
+// accumulator sets so consecutive FMAs do not wait on each other (with one chain, FMA latency,
+// not memory, bounded a batch-1 GEMV).
 template <QuantType kType, int kRows>
 void tile_rows(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64_t blocks,
                float* out, int64_t out_stride) {
   constexpr int64_t block_bytes = kBlockBytes<kType>;
   const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t row_bytes = blocks * block_bytes;
   for (int64_t j = 0; j < n_rows; ++j) {
-    const uint8_t* row = weight + j * blocks * block_bytes;
-    __m256 acc[kRows];
-    float offset[kRows];
+    const uint8_t* row = weight + j * row_bytes;
+    // Decode streams each weight once from DRAM in short slices; asking for the rows a few
+    // ahead keeps more misses in flight than the hardware prefetcher does at a slice's start.
+    if (j + kPrefetchRows < n_rows)
+      for (int64_t off = 0; off < row_bytes; off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * row_bytes + off),
+                     _MM_HINT_T0);
+    __m256 acc0[kRows], acc1[kRows];
+    float offset0[kRows], offset1[kRows];
     for (int r = 0; r < kRows; ++r) {
-      acc[r] = _mm256_setzero_ps();
-      offset[r] = 0.0f;
+      acc0[r] = acc1[r] = _mm256_setzero_ps();
+      offset0[r] = offset1[r] = 0.0f;
     }
-    for (int64_t b = 0; b < blocks; ++b) {
+    auto step = [&](int64_t b, __m256 * acc, float* offset) __attribute__((always_inline)) {
       const uint8_t* w = row + b * block_bytes;
       const float dw = load_half(w);
       __m256i wq;
@@ -108,47 +134,135 @@ void tile_rows(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64
         const Q8ActBlock& xb = x[r * blocks + b];
         __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb.q));
         if constexpr (kType == QuantType::kQ8_0) xv = _mm256_sign_epi8(xv, wq);
-        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xv), ones);
+        const __m256i dot = dot_u8s8(wu, xv, ones);
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * xb.d), acc[r]);
         if constexpr (kType != QuantType::kQ8_0) offset[r] += wo * xb.s;
       }
+    };
+    int64_t b = 0;
+    for (; b + 1 < blocks; b += 2) {
+      step(b, acc0, offset0);
+      step(b + 1, acc1, offset1);
     }
-    for (int r = 0; r < kRows; ++r) out[r * out_stride + j] = hsum(acc[r]) + offset[r];
+    if (b < blocks) step(b, acc0, offset0);
+    for (int r = 0; r < kRows; ++r)
+      out[r * out_stride + j] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + (offset0[r] + offset1[r]);
+  }
+}
+
+// Horizontal sums of 8 int32 vectors, lane r of the result = sum of p[r].
+inline __m256i reduce8(const __m256i* p) {
+  const __m256i h0123 =
+      _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+  const __m256i h4567 =
+      _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(h0123, h4567, 0x20),
+                          _mm256_permute2x128_si256(h0123, h4567, 0x31));
+}
+
+// 3 to 8 rows of x: the integer dot products of one weight block with every row are reduced into
+// one vector (lane = row) and scaled with the tile's transposed activation scales in one FMA, so
+// the float work per block is shared by the rows instead of repeated for each.
+template <QuantType kType, int kRows>
+void tile_rows_wide(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64_t blocks,
+                    const float* xd, const float* xs, float* out, int64_t out_stride) {
+  constexpr int64_t block_bytes = kBlockBytes<kType>;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t row_bytes = blocks * block_bytes;
+  for (int64_t j = 0; j < n_rows; ++j) {
+    const uint8_t* row = weight + j * row_bytes;
+    if (j + kPrefetchRows < n_rows)
+      for (int64_t off = 0; off < row_bytes; off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * row_bytes + off),
+                     _MM_HINT_T0);
+    __m256 acc = _mm256_setzero_ps();
+    __m256 offset = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* w = row + b * block_bytes;
+      const float dw = load_half(w);
+      __m256i wq;
+      if constexpr (kType == QuantType::kQ8_0) {
+        wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
+      } else if constexpr (kType == QuantType::kQ4_0) {
+        wq = unpack_nibbles(w + 2);
+        offset = _mm256_fmadd_ps(_mm256_loadu_ps(xs + b * 8), _mm256_set1_ps(-8.0f * dw), offset);
+      } else {
+        wq = unpack_nibbles(w + 4);
+        offset =
+            _mm256_fmadd_ps(_mm256_loadu_ps(xs + b * 8), _mm256_set1_ps(load_half(w + 2)), offset);
+      }
+      const __m256i wu = kType == QuantType::kQ8_0 ? _mm256_abs_epi8(wq) : wq;
+      __m256i p[8];
+      for (int r = 0; r < 8; ++r) {
+        if (r >= kRows) {
+          p[r] = _mm256_setzero_si256();
+          continue;
+        }
+        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r * blocks + b].q));
+        if constexpr (kType == QuantType::kQ8_0) xv = _mm256_sign_epi8(xv, wq);
+        p[r] = dot_u8s8(wu, xv, ones);
+      }
+      const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(xd + b * 8), _mm256_set1_ps(dw));
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), scale, acc);
+    }
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, _mm256_add_ps(acc, offset));
+    for (int r = 0; r < kRows; ++r) out[r * out_stride + j] = sums[r];
   }
 }
 
 template <QuantType kType>
 void tile_type(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64_t blocks,
-               int64_t m_rows, float* out, int64_t out_stride) {
+               const float* xd, const float* xs, int64_t m_rows, float* out, int64_t out_stride) {
   switch (m_rows) {
     case 1:
       return tile_rows<kType, 1>(weight, n_rows, x, blocks, out, out_stride);
     case 2:
       return tile_rows<kType, 2>(weight, n_rows, x, blocks, out, out_stride);
     case 3:
-      return tile_rows<kType, 3>(weight, n_rows, x, blocks, out, out_stride);
+      return tile_rows_wide<kType, 3>(weight, n_rows, x, blocks, xd, xs, out, out_stride);
+    case 4:
+      return tile_rows_wide<kType, 4>(weight, n_rows, x, blocks, xd, xs, out, out_stride);
+    case 5:
+      return tile_rows_wide<kType, 5>(weight, n_rows, x, blocks, xd, xs, out, out_stride);
+    case 6:
+      return tile_rows_wide<kType, 6>(weight, n_rows, x, blocks, xd, xs, out, out_stride);
+    case 7:
+      return tile_rows_wide<kType, 7>(weight, n_rows, x, blocks, xd, xs, out, out_stride);
     default:
-      return tile_rows<kType, 4>(weight, n_rows, x, blocks, out, out_stride);
+      return tile_rows_wide<kType, 8>(weight, n_rows, x, blocks, xd, xs, out, out_stride);
   }
 }
 
 void tile_avx2(QuantType type, const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x,
-               int64_t blocks, int64_t m_rows, float* out, int64_t out_stride) {
-  static_assert(kQuantTileRows == 4, "tile_type handles up to 4 rows");
+               int64_t blocks, const float* xd, const float* xs, int64_t m_rows, float* out,
+               int64_t out_stride) {
+  static_assert(kQuantTileRows == 8, "tile_type handles up to 8 rows");
   switch (type) {
     case QuantType::kQ8_0:
-      return tile_type<QuantType::kQ8_0>(weight, n_rows, x, blocks, m_rows, out, out_stride);
+      return tile_type<QuantType::kQ8_0>(weight, n_rows, x, blocks, xd, xs, m_rows, out,
+                                         out_stride);
     case QuantType::kQ4_0:
-      return tile_type<QuantType::kQ4_0>(weight, n_rows, x, blocks, m_rows, out, out_stride);
+      return tile_type<QuantType::kQ4_0>(weight, n_rows, x, blocks, xd, xs, m_rows, out,
+                                         out_stride);
     default:
-      return tile_type<QuantType::kQ4_1>(weight, n_rows, x, blocks, m_rows, out, out_stride);
+      return tile_type<QuantType::kQ4_1>(weight, n_rows, x, blocks, xd, xs, m_rows, out,
+                                         out_stride);
   }
 }
 
-const QuantGemmKernels kAvx2Kernels = {"avx2", quantize_row_avx2, tile_avx2};
+#ifdef FASTLLM_QUANT_GEMM_VNNI
+const QuantGemmKernels kKernels = {"avx_vnni", quantize_row_avx2, tile_avx2};
+#else
+const QuantGemmKernels kKernels = {"avx2", quantize_row_avx2, tile_avx2};
+#endif
 
 }  // namespace
 
-const QuantGemmKernels* avx2_quant_gemm_kernels() { return &kAvx2Kernels; }
+#ifdef FASTLLM_QUANT_GEMM_VNNI
+const QuantGemmKernels* avxvnni_quant_gemm_kernels() { return &kKernels; }
+#else
+const QuantGemmKernels* avx2_quant_gemm_kernels() { return &kKernels; }
+#endif
 
 }  // namespace fastllm::kernels::cpu

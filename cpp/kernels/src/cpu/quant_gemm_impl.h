@@ -18,22 +18,28 @@ struct Q8ActBlock {
 static_assert(sizeof(Q8ActBlock) == 40, "Q8ActBlock must be packed");
 
 // Rows of x processed together by one tile call; each weight block is decoded once per tile.
-constexpr int kQuantTileRows = 4;
+constexpr int kQuantTileRows = 8;
 
 struct QuantGemmKernels {
   const char* name;
   // Quantizes k floats (k a multiple of 32) into k / 32 blocks: d = max|x| / 127, q = round(x / d)
   // half to even; all-zero blocks get d = 0. Both implementations round identically.
   void (*quantize_row)(const float* x, int64_t k, Q8ActBlock* out);
-  // For the 32-value types: out[r * out_stride + j] = x_r . W_j for r < m_rows (<= 4) and
+  // For the 32-value types: out[r * out_stride + j] = x_r . W_j for r < m_rows (<= 8) and
   // j < n_rows, where W_j is the weight row at weight + j * blocks * block_bytes and x_r the
-  // blocks at x + r * blocks.
+  // blocks at x + r * blocks. xd / xs hold the tile's scales transposed: xd[b * 8 + r] = x_r's
+  // block b d (s likewise), 0 for rows past m_rows.
   void (*tile)(QuantType type, const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x,
-               int64_t blocks, int64_t m_rows, float* out, int64_t out_stride);
+               int64_t blocks, const float* xd, const float* xs, int64_t m_rows, float* out,
+               int64_t out_stride);
 };
 
 const QuantGemmKernels& scalar_quant_gemm_kernels();
 // Null when the library was built without the AVX2 file (non-x86 targets).
 const QuantGemmKernels* avx2_quant_gemm_kernels();
+// Null when the compiler had no -mavxvnni.
+const QuantGemmKernels* avxvnni_quant_gemm_kernels();
+// Null when the compiler had no -mavx512vnni.
+const QuantGemmKernels* avx512_quant_gemm_kernels();
 
 }  // namespace fastllm::kernels::cpu

@@ -192,9 +192,12 @@ void sample_row(const SamplingParamsBatch& p, int64_t row) {
 
   // Logprobs from the raw logits.
   if (p.sampled_logprob != nullptr || p.sampled_rank != nullptr || p.num_top_logprobs > 0) {
-    const float raw_max = *std::max_element(raw, raw + vocab);
-    double sum = 0.0;
-    for (int64_t v = 0; v < vocab; ++v) sum += std::exp(static_cast<double>(raw[v] - raw_max));
+    // Vectorised log-sum-exp (x, the processed logits, is free again once the token is chosen):
+    // a scalar double exp per vocabulary entry cost ~0.5 ms a row, 10 % of a batch-32 step.
+    const auto& vec = cpu::vec_ops();
+    const float raw_max = vec.max(raw, vocab);
+    std::copy(raw, raw + vocab, x);
+    const double sum = vec.exp_shift_sum(x, vocab, raw_max);
     const float lse = raw_max + static_cast<float>(std::log(sum));
     if (p.sampled_logprob != nullptr) p.sampled_logprob[row] = raw[token] - lse;
     if (p.sampled_rank != nullptr) {

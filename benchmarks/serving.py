@@ -1,0 +1,279 @@
+"""Serving benchmark: fastllm-serve against llama.cpp's llama-server (and optionally
+llama-cpp-python's server) on the same GGUF, measured one server at a time in the same run.
+
+    python benchmarks/serving.py [--llama-server ~/.cache/fastllm-bench/llama-server]
+                                 [--llama-cpp-python /path/to/venv/bin/python]
+                                 [--clients 1 16 32] [--output-len 128]
+
+Each server is started as a subprocess on 127.0.0.1 and driven by concurrent streaming OpenAI
+Completions clients (asyncio + httpx): greedy, ignore_eos, fixed prompts, `clients` requests in
+flight at a time. At 1 client 8 requests run, at c > 1 clients 2 * c requests (32 x 128 tokens at
+16 clients, 64 x 128 at 32). Prints per level the aggregate output tok/s and the median time to
+first token, then the server's peak RSS (VmHWM of the process tree) and its time to ready, and
+fastllm's ratio to each peer. Asserts nothing; never run by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a refrigerator works to a curious ten-year-old.",
+    "List some practical tips for learning a new programming language.",
+    "Describe the water cycle and why it matters for agriculture.",
+    "What are the main differences between a comet and an asteroid?",
+    "Summarize the plot of a heist movie you would like to see.",
+    "Give advice to someone running their first marathon.",
+    "Explain the difference between weather and climate.",
+]
+
+
+@dataclass
+class Level:
+    clients: int
+    requests: int
+    tokens: int = 0
+    seconds: float = 0.0
+    ttft: list[float] = field(default_factory=list)
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def ttft_p50_ms(self) -> float:
+        return statistics.median(self.ttft) * 1e3 if self.ttft else float("nan")
+
+
+@dataclass
+class Result:
+    name: str
+    ready_s: float = float("nan")
+    peak_rss_mb: float = float("nan")
+    levels: dict[int, Level] = field(default_factory=dict)
+    error: str | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tree_peak_rss_mb(pid: int) -> float:
+    """Sum of VmHWM (peak resident set) over the process and its descendants."""
+    def hwm(p: int) -> int:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        total += hwm(p)
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                stack.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return total / 1024
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str,
+                      output_len: int) -> tuple[int, float | None]:
+    body = {
+        "model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
+        "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True},
+    }
+    t0 = time.perf_counter()
+    first = None
+    chunks = 0
+    usage = None
+    async with client.stream("POST", url, json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            msg = json.loads(data)
+            if msg.get("usage"):
+                usage = msg["usage"]
+            for choice in msg.get("choices") or []:
+                if choice.get("text"):
+                    chunks += 1
+                    if first is None:
+                        first = time.perf_counter() - t0
+    tokens = int(usage["completion_tokens"]) if usage and usage.get("completion_tokens") else chunks
+    return tokens, first
+
+
+async def run_level(base: str, model: str, clients: int, requests: int,
+                    output_len: int) -> Level:
+    level = Level(clients, requests)
+    url = f"{base}/v1/completions"
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(i)
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while True:
+            try:
+                i = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            tokens, ttft = await one_request(client, url, model, PROMPTS[i % len(PROMPTS)],
+                                             output_len)
+            level.tokens += tokens
+            if ttft is not None:
+                level.ttft.append(ttft)
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(clients)))
+        level.seconds = time.perf_counter() - t0
+    return level
+
+
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float) -> float:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"{base}/v1/models", timeout=2.0).status_code == 200:
+                return time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"server not ready after {timeout:.0f} s")
+
+
+def bench_server(name: str, cmd: list[str], port: int, model: str, args, env=None) -> Result:
+    result = Result(name)
+    base = f"http://127.0.0.1:{port}"
+    fd, log_path = tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")
+    print(f"\n== {name}: {' '.join(cmd)}  (log: {log_path})", flush=True)
+    with os.fdopen(fd, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    try:
+        result.ready_s = wait_ready(base, proc, args.ready_timeout)
+        asyncio.run(run_level(base, model, 1, 1, 16))  # warm-up
+        for clients in args.clients:
+            requests = 8 if clients == 1 else 2 * clients
+            level = asyncio.run(run_level(base, model, clients, requests, args.output_len))
+            result.levels[clients] = level
+            print(f"  {clients:>3} clients, {requests:>3} x {args.output_len}: "
+                  f"{level.tok_s:8.1f} tok/s, TTFT p50 {level.ttft_p50_ms:8.1f} ms", flush=True)
+        result.peak_rss_mb = tree_peak_rss_mb(proc.pid)
+    except (RuntimeError, OSError, httpx.HTTPError) as e:  # reported, not fatal
+        result.error = f"{type(e).__name__}: {e}"
+        print(f"  failed: {result.error}", flush=True)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return result
+
+
+def report(results: list[Result], clients: list[int]) -> None:
+    print("\n| server | " + " | ".join(f"{c} cl tok/s | {c} cl TTFT p50 ms" for c in clients)
+          + " | peak RSS MB | ready s |")
+    print("|---" * (2 * len(clients) + 3) + "|")
+    for r in results:
+        cells = []
+        for c in clients:
+            lv = r.levels.get(c)
+            cells += [f"{lv.tok_s:.1f}", f"{lv.ttft_p50_ms:.0f}"] if lv else ["-", "-"]
+        print(f"| {r.name} | " + " | ".join(cells) +
+              f" | {r.peak_rss_mb:.0f} | {r.ready_s:.1f} |")
+    ours = results[0]
+    for peer in results[1:]:
+        if peer.error:
+            continue
+        ratios = []
+        for c in clients:
+            a, b = ours.levels.get(c), peer.levels.get(c)
+            if a and b and b.tok_s:
+                ratios.append(f"{c} clients {a.tok_s / b.tok_s:.2f}x")
+        rss = ours.peak_rss_mb / peer.peak_rss_mb if peer.peak_rss_mb else float("nan")
+        print(f"fastllm / {peer.name}: throughput " + ", ".join(ratios) +
+              f"; peak RSS {rss:.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2)")
+    ap.add_argument("--llama-server", default=None, help="path of llama.cpp's llama-server")
+    ap.add_argument("--llama-cpp-python", default=None,
+                    help="python interpreter that has llama-cpp-python[server] installed")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 16, 32])
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads for every server")
+    ap.add_argument("--ctx-per-slot", type=int, default=512)
+    ap.add_argument("--ready-timeout", type=float, default=300.0)
+    ap.add_argument("--fastllm-args", default="", help="extra fastllm-serve flags")
+    args = ap.parse_args()
+
+    if args.model is None:
+        from fastllm.loader import default_gguf_path
+
+        args.model = default_gguf_path()
+    model_name = "bench"
+    results: list[Result] = []
+
+    port = free_port()
+    serve = shutil.which("fastllm-serve")
+    cmd = ([serve] if serve else [sys.executable, "-m", "fastllm.entrypoints.cli"]) + [
+        "--model", args.model, "--host", "127.0.0.1", "--port", str(port),
+        "--max-model-len", "1024", "--served-model-name", model_name, "--disable-log-stats",
+        "--disable-log-requests", *args.fastllm_args.split()]
+    env = dict(os.environ, FASTLLM_CPU_THREADS=str(args.threads))
+    results.append(bench_server("fastllm", cmd, port, model_name, args, env))
+
+    if args.llama_server:
+        port = free_port()
+        slots = 16
+        cmd = [os.path.expanduser(args.llama_server), "-m", args.model, "-t", str(args.threads),
+               "-np", str(slots), "-c", str(slots * args.ctx_per_slot), "--host", "127.0.0.1",
+               "--port", str(port), "--alias", model_name]
+        results.append(bench_server("llama-server", cmd, port, model_name, args))
+    if args.llama_cpp_python:
+        port = free_port()
+        cmd = [args.llama_cpp_python, "-m", "llama_cpp.server", "--model", args.model,
+               "--n_threads", str(args.threads), "--n_ctx", "2048", "--host", "127.0.0.1",
+               "--port", str(port), "--model_alias", model_name]
+        results.append(bench_server("llama-cpp-python", cmd, port, model_name, args))
+    report(results, args.clients)
+
+
+if __name__ == "__main__":
+    main()

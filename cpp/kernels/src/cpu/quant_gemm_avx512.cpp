@@ -1,0 +1,191 @@
+// AVX-512 VNNI micro-kernel of the quantized GEMM for 3 to 8 rows of x (prefill and batched
+// decode): each 512-bit dot product covers two consecutive weight blocks, and one reduction tree
+// turns the 8 rows x 2 blocks of int32 partial sums into a single vector, so the per-block float
+// work is shared by 16 (row, block) pairs. 1-2 rows and the activation quantization use the
+// AVX-VNNI / AVX2 kernels. Built with -mavx512f -mavx512bw -mavx512vl -mavx512vnni; picked at run
+// time only on CPUs that have them.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "quant_gemm_impl.h"
+
+namespace fastllm::kernels::cpu {
+namespace {
+
+inline float load_half(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+inline __m256i unpack_nibbles(const uint8_t* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
+}
+
+constexpr int64_t kPrefetchRows = 8;  // see quant_gemm_avx2.cpp
+
+template <QuantType kType>
+constexpr int64_t kBlockBytes = kType == QuantType::kQ8_0   ? 34
+                                : kType == QuantType::kQ4_0 ? 18
+                                                            : 20;
+
+// 32 quants of a block as bytes (nibbles unpacked; Q8_0 as stored).
+template <QuantType kType>
+inline __m256i block_quants(const uint8_t* w) {
+  if constexpr (kType == QuantType::kQ8_0)
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
+  else
+    return unpack_nibbles(w + (kType == QuantType::kQ4_0 ? 2 : 4));
+}
+
+template <QuantType kType>
+inline float block_min(const uint8_t* w, float dw) {
+  if constexpr (kType == QuantType::kQ4_0) return -8.0f * dw;
+  if constexpr (kType == QuantType::kQ4_1) return load_half(w + 2);
+  return 0.0f;
+}
+
+// p[r] holds row r's int32 partial sums, lanes 0-7 for block b and 8-15 for block b + 1. Returns
+// the 16 totals in 128-bit lanes [rows 0-3 of b, rows 0-3 of b+1, rows 4-7 of b, rows 4-7 of b+1].
+inline __m512i reduce8x2(const __m512i* p) {
+  auto pairs = [](__m512i a, __m512i b) {
+    return _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  };
+  const __m512i t0 = pairs(p[0], p[1]), t1 = pairs(p[2], p[3]);
+  const __m512i t2 = pairs(p[4], p[5]), t3 = pairs(p[6], p[7]);
+  const __m512i u0 = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+  const __m512i u1 = _mm512_add_epi32(_mm512_unpacklo_epi64(t2, t3), _mm512_unpackhi_epi64(t2, t3));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+template <QuantType kType, int kRows>
+void tile_rows_zmm(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64_t blocks,
+                   const float* xd, const float* xs, float* out, int64_t out_stride) {
+  constexpr int64_t block_bytes = kBlockBytes<kType>;
+  constexpr __mmask16 kSecond = 0xF0F0;  // lanes of block b + 1 in reduce8x2's order
+  const __m512i zero = _mm512_setzero_si512();
+  const int64_t row_bytes = blocks * block_bytes;
+  for (int64_t j = 0; j < n_rows; ++j) {
+    const uint8_t* row = weight + j * row_bytes;
+    if (j + kPrefetchRows < n_rows)
+      for (int64_t off = 0; off < row_bytes; off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * row_bytes + off),
+                     _MM_HINT_T0);
+    __m512 acc = _mm512_setzero_ps();
+    __m512 offset = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b += 2) {
+      const bool pair = b + 1 < blocks;
+      const uint8_t* w0 = row + b * block_bytes;
+      const uint8_t* w1 = w0 + block_bytes;
+      const float dw0 = load_half(w0);
+      const float dw1 = pair ? load_half(w1) : 0.0f;
+      const __m512i wq =
+          _mm512_inserti64x4(_mm512_castsi256_si512(block_quants<kType>(w0)),
+                             pair ? block_quants<kType>(w1) : _mm256_setzero_si256(), 1);
+      __m512i wu = wq;
+      __mmask64 negative = 0;
+      if constexpr (kType == QuantType::kQ8_0) {
+        // dpbusd takes unsigned x signed: move the weights' signs onto x.
+        wu = _mm512_abs_epi8(wq);
+        negative = _mm512_movepi8_mask(wq);
+      }
+      __m512i p[8];
+      for (int r = 0; r < 8; ++r) {
+        if (r >= kRows) {
+          p[r] = zero;
+          continue;
+        }
+        const Q8ActBlock* xb = x + r * blocks + b;
+        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb[0].q));
+        __m512i xv = pair ? _mm512_inserti64x4(
+                                _mm512_castsi256_si512(lo),
+                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb[1].q)), 1)
+                          : _mm512_zextsi256_si512(lo);
+        if constexpr (kType == QuantType::kQ8_0) xv = _mm512_mask_sub_epi8(xv, negative, zero, xv);
+        p[r] = _mm512_dpbusd_epi32(zero, wu, xv);
+      }
+      const __mmask16 valid = pair ? 0xFFFF : 0x00FF;
+      const __m512 d = _mm512_maskz_loadu_ps(valid, xd + b * 8);
+      const __m512 scale =
+          _mm512_mul_ps(_mm512_shuffle_f32x4(d, d, _MM_SHUFFLE(3, 1, 2, 0)),
+                        _mm512_mask_blend_ps(kSecond, _mm512_set1_ps(dw0), _mm512_set1_ps(dw1)));
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(reduce8x2(p)), scale, acc);
+      if constexpr (kType != QuantType::kQ8_0) {
+        const __m512 s = _mm512_maskz_loadu_ps(valid, xs + b * 8);
+        const float m1 = pair ? block_min<kType>(w1, dw1) : 0.0f;
+        offset =
+            _mm512_fmadd_ps(_mm512_shuffle_f32x4(s, s, _MM_SHUFFLE(3, 1, 2, 0)),
+                            _mm512_mask_blend_ps(kSecond, _mm512_set1_ps(block_min<kType>(w0, dw0)),
+                                                 _mm512_set1_ps(m1)),
+                            offset);
+      }
+    }
+    acc = _mm512_add_ps(acc, offset);
+    // Rows 0-3 are lanes L0 + L1, rows 4-7 lanes L2 + L3.
+    const __m512 sum = _mm512_add_ps(_mm512_shuffle_f32x4(acc, acc, _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_f32x4(acc, acc, _MM_SHUFFLE(3, 1, 3, 1)));
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, _mm512_castps512_ps256(sum));
+    for (int r = 0; r < kRows; ++r) out[r * out_stride + j] = sums[r];
+  }
+}
+
+template <QuantType kType>
+void tile_type(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64_t blocks,
+               const float* xd, const float* xs, int64_t m_rows, float* out, int64_t out_stride) {
+  switch (m_rows) {
+    case 3:
+      return tile_rows_zmm<kType, 3>(weight, n_rows, x, blocks, xd, xs, out, out_stride);
+    case 4:
+      return tile_rows_zmm<kType, 4>(weight, n_rows, x, blocks, xd, xs, out, out_stride);
+    case 5:
+      return tile_rows_zmm<kType, 5>(weight, n_rows, x, blocks, xd, xs, out, out_stride);
+    case 6:
+      return tile_rows_zmm<kType, 6>(weight, n_rows, x, blocks, xd, xs, out, out_stride);
+    case 7:
+      return tile_rows_zmm<kType, 7>(weight, n_rows, x, blocks, xd, xs, out, out_stride);
+    default:
+      return tile_rows_zmm<kType, 8>(weight, n_rows, x, blocks, xd, xs, out, out_stride);
+  }
+}
+
+const QuantGemmKernels* narrow_kernels() {
+  static const QuantGemmKernels* k =
+      avxvnni_quant_gemm_kernels() ? avxvnni_quant_gemm_kernels() : avx2_quant_gemm_kernels();
+  return k;
+}
+
+void tile_avx512(QuantType type, const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x,
+                 int64_t blocks, const float* xd, const float* xs, int64_t m_rows, float* out,
+                 int64_t out_stride) {
+  static_assert(kQuantTileRows == 8, "tile_type handles up to 8 rows");
+  if (m_rows <= 2)
+    return narrow_kernels()->tile(type, weight, n_rows, x, blocks, xd, xs, m_rows, out, out_stride);
+  switch (type) {
+    case QuantType::kQ8_0:
+      return tile_type<QuantType::kQ8_0>(weight, n_rows, x, blocks, xd, xs, m_rows, out,
+                                         out_stride);
+    case QuantType::kQ4_0:
+      return tile_type<QuantType::kQ4_0>(weight, n_rows, x, blocks, xd, xs, m_rows, out,
+                                         out_stride);
+    default:
+      return tile_type<QuantType::kQ4_1>(weight, n_rows, x, blocks, xd, xs, m_rows, out,
+                                         out_stride);
+  }
+}
+
+void quantize_row_avx512(const float* x, int64_t k, Q8ActBlock* out) {
+  narrow_kernels()->quantize_row(x, k, out);
+}
+
+const QuantGemmKernels kKernels = {"avx512_vnni", quantize_row_avx512, tile_avx512};
+
+}  // namespace
+
+const QuantGemmKernels* avx512_quant_gemm_kernels() { return &kKernels; }
+
+}  // namespace fastllm::kernels::cpu
