@@ -59,8 +59,10 @@ def stop_server(proc) -> str:
 
 @pytest.fixture(scope="module")
 def server():
-    proc, base = start_server(["--api-key", API_KEY, "--max-model-len", "1024", "--quantized-weights", "dequantize",
-                               "--max-logprobs", "5", "--disable-log-stats"])
+    # fp32 weights: the tests compare greedy text with the model's known answers.
+    proc, base = start_server(["--api-key", API_KEY, "--max-model-len", "1024",
+                               "--quantized-weights", "dequantize", "--max-logprobs", "5",
+                               "--disable-log-stats"])
     yield base
     stop_server(proc)
 
