@@ -1,15 +1,16 @@
 """Serving benchmark: fastllm-serve against llama.cpp's llama-server (and optionally
 llama-cpp-python's server) on the same GGUF, measured one server at a time in the same run.
 
-    python benchmarks/serving.py [--llama-server ~/.cache/fastllm-bench/llama-server]
+    python benchmarks/serve.py [--llama-server ~/.cache/fastllm-bench/llama-server]
                                  [--llama-cpp-python /path/to/venv/bin/python]
-                                 [--clients 1 16 32] [--output-len 128]
+                                 [--clients 1 16 32] [--output-len 128] [--requests 64]
 
 Each server is started as a subprocess on 127.0.0.1 and driven by concurrent streaming OpenAI
 Completions clients (asyncio + httpx): greedy, ignore_eos, fixed prompts, `clients` requests in
 flight at a time. At 1 client 8 requests run, at c > 1 clients 2 * c requests (32 x 128 tokens at
 16 clients, 64 x 128 at 32). Prints per level the aggregate output tok/s and the median time to
-first token, then the server's peak RSS (VmHWM of the process tree) and its time to ready, and
+first token, TTFT and inter-token latency p50/p99 (`--requests N` sets the request count of every
+level above one client), then the server's peak RSS (VmHWM of the process tree) and its time to ready, and
 fastllm's ratio to each peer. Asserts nothing; never run by CI.
 """
 
@@ -22,7 +23,6 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,6 +50,7 @@ class Level:
     tokens: int = 0
     seconds: float = 0.0
     ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
 
     @property
     def tok_s(self) -> float:
@@ -57,7 +58,19 @@ class Level:
 
     @property
     def ttft_p50_ms(self) -> float:
-        return statistics.median(self.ttft) * 1e3 if self.ttft else float("nan")
+        return percentile(self.ttft, 50) * 1e3
+
+    def summary(self) -> str:
+        return (f"TTFT p50 {percentile(self.ttft, 50) * 1e3:7.1f} ms p99 "
+                f"{percentile(self.ttft, 99) * 1e3:7.1f} ms, ITL p50 "
+                f"{percentile(self.itl, 50) * 1e3:6.1f} ms p99 {percentile(self.itl, 99) * 1e3:6.1f} ms")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 @dataclass
@@ -100,7 +113,7 @@ def tree_peak_rss_mb(pid: int) -> float:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str,
-                      output_len: int) -> tuple[int, float | None]:
+                      output_len: int) -> tuple[int, float | None, list[float]]:
     body = {
         "model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
         "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True},
@@ -109,6 +122,8 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
     first = None
     chunks = 0
     usage = None
+    gaps: list[float] = []
+    last = None
     async with client.stream("POST", url, json=body) as resp:
         resp.raise_for_status()
         async for line in resp.aiter_lines():
@@ -123,10 +138,14 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
             for choice in msg.get("choices") or []:
                 if choice.get("text"):
                     chunks += 1
+                    now = time.perf_counter()
                     if first is None:
-                        first = time.perf_counter() - t0
+                        first = now - t0
+                    else:
+                        gaps.append(now - last)
+                    last = now
     tokens = int(usage["completion_tokens"]) if usage and usage.get("completion_tokens") else chunks
-    return tokens, first
+    return tokens, first, gaps
 
 
 async def run_level(base: str, model: str, clients: int, requests: int,
@@ -144,9 +163,10 @@ async def run_level(base: str, model: str, clients: int, requests: int,
                 i = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            tokens, ttft = await one_request(client, url, model, PROMPTS[i % len(PROMPTS)],
-                                             output_len)
+            tokens, ttft, gaps = await one_request(client, url, model,
+                                                   PROMPTS[i % len(PROMPTS)], output_len)
             level.tokens += tokens
+            level.itl.extend(gaps)
             if ttft is not None:
                 level.ttft.append(ttft)
 
@@ -183,11 +203,11 @@ def bench_server(name: str, cmd: list[str], port: int, model: str, args, env=Non
         result.ready_s = wait_ready(base, proc, args.ready_timeout)
         asyncio.run(run_level(base, model, 1, 1, 16))  # warm-up
         for clients in args.clients:
-            requests = 8 if clients == 1 else 2 * clients
+            requests = 8 if clients == 1 else (args.requests or 2 * clients)
             level = asyncio.run(run_level(base, model, clients, requests, args.output_len))
             result.levels[clients] = level
             print(f"  {clients:>3} clients, {requests:>3} x {args.output_len}: "
-                  f"{level.tok_s:8.1f} tok/s, TTFT p50 {level.ttft_p50_ms:8.1f} ms", flush=True)
+                  f"{level.tok_s:8.1f} tok/s, {level.summary()}", flush=True)
         result.peak_rss_mb = tree_peak_rss_mb(proc.pid)
     except (RuntimeError, OSError, httpx.HTTPError) as e:  # reported, not fatal
         result.error = f"{type(e).__name__}: {e}"
@@ -237,6 +257,8 @@ def main() -> None:
                     help="python interpreter that has llama-cpp-python[server] installed")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 16, 32])
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--requests", type=int, default=0,
+                    help="requests per level above one client (default: 2 x clients)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for every server")
     ap.add_argument("--ctx-per-slot", type=int, default=512)
     ap.add_argument("--ready-timeout", type=float, default=300.0)
