@@ -292,7 +292,10 @@ def main() -> None:
         port = free_port()
         cmd = [args.llama_cpp_python, "-m", "llama_cpp.server", "--model", args.model,
                "--n_threads", str(args.threads), "--n_ctx", "2048", "--host", "127.0.0.1",
-               "--port", str(port), "--model_alias", model_name]
+               "--port", str(port), "--model_alias", model_name,
+               # By default its server cancels the running request when a new one arrives;
+               # queueing them is how it serves concurrent clients.
+               "--interrupt_requests", "False"]
         results.append(bench_server("llama-cpp-python", cmd, port, model_name, args))
     report(results, args.clients)
 
