@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import threading
+from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
@@ -20,34 +21,40 @@ import numpy as np
 from fastllm.guided.params import GuidedDecodingParams
 
 
-class Matcher:
+class Matcher(ABC):
     """One sequence's position in a grammar."""
 
+    @abstractmethod
     def fill_bitmask(self, bitmask: np.ndarray, row: int) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def accept(self, token_id: int) -> bool:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def rollback(self, num_tokens: int) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def is_terminated(self) -> bool:
         """True when the grammar accepts nothing more than an end of sequence (or has failed)."""
-        raise NotImplementedError
+        ...
 
 
-class CompiledGrammar:
+class CompiledGrammar(ABC):
+    @abstractmethod
     def new_matcher(self) -> Matcher:
-        raise NotImplementedError
+        ...
 
 
-class Backend:
+class Backend(ABC):
     name = ""
 
+    @abstractmethod
     def compile(self, params: GuidedDecodingParams) -> CompiledGrammar:
         """ValueError names what is wrong with the constraint."""
-        raise NotImplementedError
+        ...
 
 
 def _choice_lark(choices: list[str]) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 
@@ -162,32 +163,37 @@ class CallStreamer:
         return out, call
 
 
-class ToolStream:
+class ToolStream(ABC):
     """Streaming state of one choice."""
 
+    @abstractmethod
     def feed(self, text: str) -> tuple[str, list[dict]]:
         """Content text and tool-call deltas for a new piece of model text."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def finish(self) -> tuple[str, list[dict]]:
         """What is left at the end of generation."""
-        raise NotImplementedError
+        ...
 
     @property
+    @abstractmethod
     def calls(self) -> list[ToolCall]:
-        raise NotImplementedError
+        ...
 
 
-class ToolParser:
+class ToolParser(ABC):
     name = ""
     # Whether the model's tool markers are special tokens that decoding must keep.
     keep_special_tokens = False
 
+    @abstractmethod
     def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def stream(self) -> ToolStream:
-        raise NotImplementedError
+        ...
 
 
 def partial_suffix(text: str, tag: str) -> int:
