@@ -87,6 +87,27 @@ T* typed_or_null(const Array& a, bool cuda, const char* op, const char* name) {
 void* stream_ptr(uintptr_t stream) { return reinterpret_cast<void*>(stream); }
 
 // True for a CUDA tensor (the build must have the CUDA kernels), false for a CPU one.
+// Runs k::<op>_cpu(p), or k::<op>_cuda(p, stream) for device tensors, with the GIL released.
+// cuda_device() has already refused device tensors when the build has no CUDA kernels.
+#ifdef FASTLLM_WITH_CUDA
+#define FASTLLM_RUN_OP(op, cuda, p, stream) \
+  do {                                      \
+    nb::gil_scoped_release release_gil;     \
+    if (cuda) {                             \
+      k::op##_cuda(p, stream_ptr(stream));  \
+    } else {                                \
+      k::op##_cpu(p);                       \
+    }                                       \
+  } while (0)
+#else
+#define FASTLLM_RUN_OP(op, cuda, p, stream) \
+  do {                                      \
+    (void)(stream);                         \
+    nb::gil_scoped_release release_gil;     \
+    if (!(cuda)) k::op##_cpu(p);            \
+  } while (0)
+#endif
+
 bool cuda_device(const Array& a, const char* op) {
   const bool cuda = is_cuda(a);
   check_arg(cuda || a.device_type() == nb::device::cpu::value,
@@ -140,14 +161,7 @@ void reshape_and_cache(const Array& key, const Array& value, const Array& key_ca
   p.value_token_stride = p.num_tokens > 1 ? value.stride(0) : p.num_kv_heads * p.head_size;
   p.k_scale = k_scale;
   p.v_scale = v_scale;
-  nb::gil_scoped_release release;
-  if (cuda) {
-#ifdef FASTLLM_WITH_CUDA
-    k::reshape_and_cache_cuda(p, stream_ptr(stream));
-#endif
-  } else {
-    k::reshape_and_cache_cpu(p);
-  }
+  FASTLLM_RUN_OP(reshape_and_cache, cuda, p, stream);
 }
 
 void copy_blocks(const Array& cache, const Array& block_mapping, uintptr_t stream) {
@@ -264,14 +278,7 @@ void paged_attention(const Array& out, const Array& query, const Array& key_cach
     p.workspace = workspace.data();
     p.workspace_bytes = workspace.nbytes();
   }
-  nb::gil_scoped_release release;
-  if (cuda) {
-#ifdef FASTLLM_WITH_CUDA
-    k::paged_attention_cuda(p, stream_ptr(stream));
-#endif
-  } else {
-    k::paged_attention_cpu(p);
-  }
+  FASTLLM_RUN_OP(paged_attention, cuda, p, stream);
 }
 
 // ---- norms, rotary, activations -----------------------------------------------------------------
@@ -320,14 +327,7 @@ void rms_norm(const Array& out, const Array& input, const Array& weight, float e
   p.out = out.data();
   p.weight = weight.data();
   p.eps = eps;
-  nb::gil_scoped_release release;
-  if (cuda) {
-#ifdef FASTLLM_WITH_CUDA
-    k::rms_norm_cuda(p, stream_ptr(stream));
-#endif
-  } else {
-    k::rms_norm_cpu(p);
-  }
+  FASTLLM_RUN_OP(rms_norm, cuda, p, stream);
 }
 
 void fused_add_rms_norm(const Array& input, const Array& residual, const Array& weight, float eps,
@@ -357,14 +357,7 @@ void fused_add_rms_norm(const Array& input, const Array& residual, const Array& 
   p.residual = residual.data();
   p.weight = weight.data();
   p.eps = eps;
-  nb::gil_scoped_release release;
-  if (cuda) {
-#ifdef FASTLLM_WITH_CUDA
-    k::fused_add_rms_norm_cuda(p, stream_ptr(stream));
-#endif
-  } else {
-    k::fused_add_rms_norm_cpu(p);
-  }
+  FASTLLM_RUN_OP(fused_add_rms_norm, cuda, p, stream);
 }
 
 void rotary_embedding(const Array& positions, const Array& query, const Array& key,
@@ -409,14 +402,7 @@ void rotary_embedding(const Array& positions, const Array& query, const Array& k
   p.rotary_dim = cos_sin_cache.shape(1);
   p.head_size = head_size;
   p.is_neox = is_neox;
-  nb::gil_scoped_release release;
-  if (cuda) {
-#ifdef FASTLLM_WITH_CUDA
-    k::rotary_embedding_cuda(p, stream_ptr(stream));
-#endif
-  } else {
-    k::rotary_embedding_cpu(p);
-  }
+  FASTLLM_RUN_OP(rotary_embedding, cuda, p, stream);
 }
 
 void act_and_mul(const Array& out, const Array& input, int32_t activation, uintptr_t stream) {
@@ -440,14 +426,7 @@ void act_and_mul(const Array& out, const Array& input, int32_t activation, uintp
   p.input = input.data();
   p.out = out.data();
   p.activation = static_cast<k::Activation>(activation);
-  nb::gil_scoped_release release;
-  if (cuda) {
-#ifdef FASTLLM_WITH_CUDA
-    k::act_and_mul_cuda(p, stream_ptr(stream));
-#endif
-  } else {
-    k::act_and_mul_cpu(p);
-  }
+  FASTLLM_RUN_OP(act_and_mul, cuda, p, stream);
 }
 
 // ---- sampling -----------------------------------------------------------------------------------
@@ -542,14 +521,7 @@ void sample(const Array& logits, const Array& temperature, const Array& top_k, c
     p.workspace = workspace.data();
     p.workspace_bytes = workspace.nbytes();
   }
-  nb::gil_scoped_release release;
-  if (cuda) {
-#ifdef FASTLLM_WITH_CUDA
-    k::sample_cuda(p, stream_ptr(stream));
-#endif
-  } else {
-    k::sample_cpu(p);
-  }
+  FASTLLM_RUN_OP(sample, cuda, p, stream);
 }
 
 // ---- quantized linear ---------------------------------------------------------------------------
@@ -583,14 +555,7 @@ void quant_gemm(const Array& out, const Array& input, const Array& weight, int32
   p.out = static_cast<float*>(out.data());
   p.weight = w;
   p.allow_simd = allow_simd;
-  nb::gil_scoped_release release;
-  if (cuda) {
-#ifdef FASTLLM_WITH_CUDA
-    k::quant_gemm_cuda(p, stream_ptr(stream));
-#endif
-  } else {
-    k::quant_gemm_cpu(p);
-  }
+  FASTLLM_RUN_OP(quant_gemm, cuda, p, stream);
 }
 
 }  // namespace
