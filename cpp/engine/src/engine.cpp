@@ -169,8 +169,11 @@ struct Engine::Impl {
 
   std::vector<RequestOutput> run_step();
   void drain_inputs(std::vector<RequestOutput>& out);
+  // Emits the request's final output, then releases it.
   void finish(Request* req, RequestStatus status, std::vector<RequestOutput>& out,
               std::string error = {});
+  // Frees the request's blocks and forgets it (its id becomes usable again).
+  void release(Request* req, RequestStatus status);
   void update_stats();
   void loop();
 };
@@ -207,18 +210,22 @@ RequestStatus status_after_token(const Request& req, const std::vector<int32_t>&
 
 void Engine::Impl::finish(Request* req, RequestStatus status, std::vector<RequestOutput>& out,
                           std::string error) {
-  scheduler.remove_request(req);
-  req->status = status;
   RequestOutput o = make_output(*req);
   o.finished = true;
   o.finish_reason = finish_reason_of(status);
   o.error = std::move(error);
   out.push_back(std::move(o));
+  release(req, status);
+}
+
+void Engine::Impl::release(Request* req, RequestStatus status) {
+  scheduler.remove_request(req);
+  req->status = status;
   {
     std::lock_guard<std::mutex> lock(mu);
     live_ids.erase(req->id);
   }
-  requests.erase(req->id);
+  requests.erase(req->id);  // destroys req
 }
 
 void Engine::Impl::drain_inputs(std::vector<RequestOutput>& out) {
@@ -382,13 +389,7 @@ std::vector<RequestOutput> Engine::Impl::run_step() {
       continue;
     }
     // The output with the final token was emitted above; release the request quietly.
-    scheduler.remove_request(req);
-    req->status = finished_status[i];
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      live_ids.erase(req->id);
-    }
-    requests.erase(req->id);
+    release(req, finished_status[i]);
   }
   update_stats();
   return out;
