@@ -18,71 +18,14 @@
 #include "fastllm/kernels/quant_gemm.h"
 #include "fastllm/kernels/rotary.h"
 #include "fastllm/kernels/sampling.h"
+#include "array_args.h"
 
 namespace nb = nanobind;
 namespace k = fastllm::kernels;
 
 namespace {
 
-using Array = nb::ndarray<>;
-using k::check_arg;
-
-std::string where(const char* op, const char* name) { return std::string(op) + ": " + name; }
-
-bool is_cuda(const Array& a) { return a.device_type() == nb::device::cuda::value; }
-
-void check_device(const Array& a, bool cuda, const char* op, const char* name) {
-  const bool ok = cuda ? is_cuda(a) : a.device_type() == nb::device::cpu::value;
-  check_arg(ok, where(op, name) + (cuda ? " must be a CUDA tensor like the others"
-                                        : " must be a CPU tensor like the others"));
-}
-
-// The activation dtype of a float tensor; uint8 reads as float8 e4m3 where allow_fp8.
-k::DType float_dtype(const Array& a, const char* op, const char* name, bool allow_fp8 = false) {
-  const auto dt = a.dtype();
-  if (dt == nb::dtype<float>()) return k::DType::kFloat32;
-  if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) && dt.bits == 16)
-    return k::DType::kFloat16;
-  if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && dt.bits == 16)
-    return k::DType::kBFloat16;
-  if (allow_fp8 && dt == nb::dtype<uint8_t>()) return k::DType::kFloat8E4M3;
-  throw k::KernelArgumentError(where(op, name) + " must be float32, float16 or bfloat16" +
-                               (allow_fp8 ? " (or a uint8 view of float8_e4m3fn)" : ""));
-}
-
-// Dimensions [from, ndim) packed densely (dimension from-1 may have any stride).
-void check_dense_from(const Array& a, size_t from, const char* op, const char* name) {
-  int64_t expected = 1;
-  for (size_t d = a.ndim(); d-- > from;) {
-    check_arg(a.shape(d) == 1 || a.stride(d) == expected,
-              where(op, name) + " must be contiguous in its inner dimensions");
-    expected *= static_cast<int64_t>(a.shape(d));
-  }
-}
-
-void check_contiguous(const Array& a, const char* op, const char* name) {
-  check_dense_from(a, 0, op, name);
-}
-
-int64_t numel(const Array& a) {
-  int64_t n = 1;
-  for (size_t d = 0; d < a.ndim(); ++d) n *= static_cast<int64_t>(a.shape(d));
-  return n;
-}
-
-// A contiguous integer (or float) array of the given element type on the expected device.
-template <typename T>
-T* typed(const Array& a, bool cuda, const char* op, const char* name) {
-  check_arg(a.dtype() == nb::dtype<T>(), where(op, name) + " has the wrong dtype");
-  check_device(a, cuda, op, name);
-  check_contiguous(a, op, name);
-  return static_cast<T*>(a.data());
-}
-
-template <typename T>
-T* typed_or_null(const Array& a, bool cuda, const char* op, const char* name) {
-  return a.is_valid() ? typed<T>(a, cuda, op, name) : nullptr;
-}
+using namespace fastllm::bindings;  // NOLINT: the argument checks
 
 void* stream_ptr(uintptr_t stream) { return reinterpret_cast<void*>(stream); }
 

@@ -102,6 +102,12 @@ class QuantEmbedding(nn.Module):
                                                     dtype=torch.uint8, device=device))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            ids = input_ids.reshape(-1).to(torch.int32).numpy()
+            out = torch.empty((len(ids), self.embedding_dim), dtype=torch.float32)
+            _native.embed_quant_rows(out.numpy(), self.qweight.numpy(),
+                                     ops.GGML_QUANT_TYPES[self.quant_type], ids)
+            return out.view(*input_ids.shape, self.embedding_dim)
         block_bytes, quant_offset, has_min = _EMBED_LAYOUTS[self.quant_type]
         rows = self.qweight[input_ids.reshape(-1)]
         blocks = rows.view(rows.shape[0], -1, block_bytes)

@@ -7,6 +7,7 @@ on the CPU (one host-to-device copy each on a GPU). The engine thread calls exec
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ import torch
 from fastllm import _C, ops
 from fastllm.config import ModelConfig
 from fastllm.models.attention import AttentionMetadata
+from fastllm.models.native_cpu import build_cpu_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,11 @@ class ModelExecutor(_C.Executor):
                  torch.empty(host_shape, dtype=dtype, pin_memory=pin))
                 for _ in range(config.num_hidden_layers)
             ]
+        # Quantized Llama-family models on the CPU run their layer loop in C++ (one call a step);
+        # FASTLLM_CPU_NATIVE_DECODER=0 keeps the per-op Python path.
+        self.cpu_decoder = None
+        if device.type == "cpu" and os.environ.get("FASTLLM_CPU_NATIVE_DECODER", "1") != "0":
+            self.cpu_decoder = build_cpu_decoder(model, self.kv_caches, block_size)
 
     # ---- helpers -----------------------------------------------------------------------------
 
@@ -134,15 +141,13 @@ class ModelExecutor(_C.Executor):
         if plan.num_tokens == 0:
             return _C.StepResult(np.empty(0, dtype=np.int32))
         input_ids = self._tensor(plan.token_ids)
-        positions = self._tensor(plan.positions).to(torch.int64)
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(plan.slot_mapping),
-            query_start_loc=self._tensor(plan.query_start_loc),
-            context_lens=self._tensor(plan.context_lens),
-            block_tables=self._tensor(plan.block_tables),
-            max_context_len=int(plan.max_context_len),
-        )
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if self.cpu_decoder is not None:
+            hidden = self.model.model.embed_tokens(input_ids)
+            self.cpu_decoder.forward(hidden.numpy(), plan.positions, plan.slot_mapping,
+                                     plan.query_start_loc, plan.context_lens, plan.block_tables,
+                                     int(plan.max_context_len))
+        else:
+            hidden = self._model_forward(plan, input_ids)
         prompt_logprobs = self._prompt_logprobs(plan, hidden) if plan.any_prompt_logprobs else None
         if plan.num_samples == 0:
             return _with_prompt_logprobs(_C.StepResult(np.empty(0, dtype=np.int32)),
@@ -162,6 +167,17 @@ class ModelExecutor(_C.Executor):
         else:
             result = _C.StepResult(tokens.cpu())
         return _with_prompt_logprobs(result, prompt_logprobs)
+
+    def _model_forward(self, plan, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = self._tensor(plan.positions).to(torch.int64)
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(plan.slot_mapping),
+            query_start_loc=self._tensor(plan.query_start_loc),
+            context_lens=self._tensor(plan.context_lens),
+            block_tables=self._tensor(plan.block_tables),
+            max_context_len=int(plan.max_context_len),
+        )
+        return self.model(input_ids, positions, self.kv_caches, meta)
 
     def _prompt_logprobs(self, plan, hidden: torch.Tensor) -> tuple:
         """Log-softmax scores of the prompt tokens for the sequences that asked for them: row at

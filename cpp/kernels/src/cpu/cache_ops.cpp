@@ -26,9 +26,6 @@ void check_reshape_and_cache(const ReshapeAndCacheParams& p) {
   check_arg(p.key_token_stride >= p.num_kv_heads * p.head_size &&
                 p.value_token_stride >= p.num_kv_heads * p.head_size,
             "reshape_and_cache: token strides smaller than num_kv_heads * head_size");
-  check_arg(p.cache_dtype == p.dtype || p.cache_dtype == DType::kFloat8E4M3,
-            std::string("reshape_and_cache: cache dtype ") + dtype_name(p.cache_dtype) +
-                " must equal the source dtype " + dtype_name(p.dtype) + " or be float8_e4m3");
   check_arg(p.dtype != DType::kFloat8E4M3, "reshape_and_cache: source rows cannot be float8");
   check_arg(p.k_scale > 0.0f && p.v_scale > 0.0f, "reshape_and_cache: scales must be positive");
 }

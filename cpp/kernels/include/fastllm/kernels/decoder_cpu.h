@@ -1,0 +1,120 @@
+// A whole Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2) run on the CPU in one call, over
+// weights kept in their GGUF block encodings.
+//
+// The model code in Python calls one kernel per layer piece; on a small model that is a thousand
+// crossings of the Python/C++ boundary per step, more time than the arithmetic of a decode step.
+// CpuDecoder runs the same kernels (quant_gemm, rms_norm, rotary, reshape_and_cache,
+// paged_attention, act_and_mul) in a C++ loop over the layers, on buffers it keeps between steps:
+//
+//   hidden = embeddings
+//   for each layer:  h = norm(hidden (+ residual))            fused add on layers > 0
+//                    qkv = h W_qkv; rope(q, k); cache(k, v); a = attention(q)
+//                    h = norm(a W_o + residual)                 fused add
+//                    hidden = silu_and_mul(h W_gate_up) W_down
+//   out = norm(hidden + residual)
+//
+// The arithmetic is that of the per-op path: the same kernels in the same order, so its output
+// equals the Python model's on the same weights.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "fastllm/kernels/common.h"
+#include "fastllm/kernels/quant_gemm.h"
+
+namespace fastllm::kernels {
+
+// A linear layer over GGUF-encoded rows: y = x W^T (+ bias), W [n][k].
+struct QuantLinearRef {
+  const void* weight = nullptr;  // n rows of k / block_values blocks, densely packed
+  const float* bias = nullptr;   // optional [n]
+  int64_t n = 0;
+  int64_t k = 0;
+  QuantType type = QuantType::kQ8_0;
+};
+
+struct DecoderLayerRef {
+  const float* input_norm = nullptr;           // [hidden]
+  const float* post_attention_norm = nullptr;  // [hidden]
+  QuantLinearRef qkv;      // [q + 2 kv][hidden]: rows of Q, then K, then V
+  QuantLinearRef o_proj;   // [hidden][q]
+  QuantLinearRef gate_up;  // [2 intermediate][hidden]: gate rows, then up rows
+  QuantLinearRef down;     // [hidden][intermediate]
+  void* key_cache = nullptr;    // [num_blocks][block_size][num_kv_heads][head_dim]
+  void* value_cache = nullptr;  // same shape
+};
+
+struct DecoderShape {
+  int64_t hidden = 0;
+  int64_t num_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t intermediate = 0;
+  float rms_eps = 1e-6f;
+  const float* final_norm = nullptr;     // [hidden]
+  const float* rope_cache = nullptr;     // [max_position][rotary_dim] (see rotary.h)
+  int64_t rotary_dim = 0;
+  int64_t max_position = 0;
+  bool rope_neox = true;
+  float attn_scale = 1.0f;
+  int32_t sliding_window = -1;
+  int64_t block_size = 0;
+  int64_t num_blocks = 0;
+  DType cache_dtype = DType::kFloat32;  // float32, float16 or bfloat16
+};
+
+// One step's batch, laid out as the engine's BatchPlan (see attention.h for the metadata).
+struct DecoderBatch {
+  float* hidden = nullptr;  // [num_tokens][hidden]: the embeddings in, the final-normed states out
+  const int32_t* positions = nullptr;        // [num_tokens]
+  const int64_t* slot_mapping = nullptr;     // [num_tokens]
+  const int32_t* query_start_loc = nullptr;  // [num_seqs + 1]
+  const int32_t* context_lens = nullptr;     // [num_seqs]
+  const int32_t* block_tables = nullptr;     // [num_seqs][max_blocks_per_seq]
+  int64_t num_tokens = 0;
+  int64_t num_seqs = 0;
+  int64_t max_blocks_per_seq = 0;
+  int64_t max_context_len = 0;
+};
+
+class CpuDecoder {
+ public:
+  // Throws KernelArgumentError for inconsistent sizes.
+  explicit CpuDecoder(const DecoderShape& shape);
+
+  // Appends a layer; its linear shapes must match the model's. The pointers must stay valid for
+  // the decoder's lifetime.
+  void add_layer(const DecoderLayerRef& layer);
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+  const DecoderShape& shape() const { return shape_; }
+
+  // Runs every layer over the batch (the caches get this step's keys and values). One call at a
+  // time: the decoder's buffers are shared between calls.
+  void forward(const DecoderBatch& batch);
+
+ private:
+  void linear(const QuantLinearRef& w, const float* x, int64_t x_stride, float* y,
+              int64_t num_tokens) const;
+
+  DecoderShape shape_;
+  std::vector<DecoderLayerRef> layers_;
+  int64_t q_size_ = 0;
+  int64_t kv_size_ = 0;
+  // Step buffers, grown to the largest batch seen.
+  std::vector<float> residual_;
+  std::vector<float> qkv_;
+  std::vector<float> attn_;
+  std::vector<float> gate_up_;
+  std::vector<float> act_;
+  std::vector<int64_t> positions_;
+};
+
+// Token embedding rows from a table in a 32-value GGUF encoding (Q8_0, Q4_0, Q4_1):
+// out[i] = dequantize(table row ids[i]), the same float arithmetic as the GGUF loader
+// (Q4_0: (q - 8) * d, Q4_1: q * d + m). Throws KernelArgumentError for an id outside
+// [0, num_rows) or another encoding.
+void embed_quant_rows_cpu(const void* table, QuantType type, int64_t num_rows, int64_t dim,
+                          const int32_t* ids, int64_t num_ids, float* out);
+
+}  // namespace fastllm::kernels

@@ -1,0 +1,264 @@
+// CpuDecoder: the Llama-family layer loop over the CPU kernels (see decoder_cpu.h).
+#include "fastllm/kernels/decoder_cpu.h"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "fastllm/kernels/activation.h"
+#include "fastllm/kernels/attention.h"
+#include "fastllm/kernels/cache_ops.h"
+#include "fastllm/kernels/dtype_convert.h"
+#include "fastllm/kernels/norm.h"
+#include "fastllm/kernels/rotary.h"
+
+namespace fastllm::kernels {
+
+namespace {
+
+template <typename T>
+T* grow(std::vector<T>& buffer, int64_t n) {
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(static_cast<size_t>(n));
+  return buffer.data();
+}
+
+void check_linear(const QuantLinearRef& w, int64_t n, int64_t k, const char* name) {
+  const std::string where = std::string("CpuDecoder: ") + name;
+  check_arg(w.weight != nullptr, where + " has no weight");
+  check_arg(quant_block_values(w.type) > 0, where + " has an unknown quantization type");
+  check_arg(w.n == n && w.k == k, where + " is [" + std::to_string(w.n) + ", " +
+                                      std::to_string(w.k) + "], expected [" + std::to_string(n) +
+                                      ", " + std::to_string(k) + "]");
+  check_arg(k % quant_block_values(w.type) == 0,
+            where + ": " + std::to_string(k) + " values are not whole " +
+                quant_type_name(w.type) + " blocks");
+}
+
+}  // namespace
+
+CpuDecoder::CpuDecoder(const DecoderShape& s) : shape_(s) {
+  check_arg(s.hidden > 0 && s.num_heads > 0 && s.num_kv_heads > 0 && s.head_dim > 0 &&
+                s.intermediate > 0,
+            "CpuDecoder: sizes must be positive");
+  check_arg(s.num_heads % s.num_kv_heads == 0,
+            "CpuDecoder: num_heads must be a multiple of num_kv_heads");
+  check_arg(s.final_norm != nullptr && s.rope_cache != nullptr,
+            "CpuDecoder: final_norm and rope_cache are required");
+  check_arg(s.rotary_dim > 0 && s.rotary_dim <= s.head_dim && s.rotary_dim % 2 == 0,
+            "CpuDecoder: rotary_dim must be even and at most head_dim");
+  check_arg(s.max_position > 0 && s.block_size > 0 && s.num_blocks > 0,
+            "CpuDecoder: max_position, block_size and num_blocks must be positive");
+  check_arg(s.cache_dtype != DType::kFloat8E4M3,
+            "CpuDecoder: the KV cache must be float32, float16 or bfloat16");
+  q_size_ = s.num_heads * s.head_dim;
+  kv_size_ = s.num_kv_heads * s.head_dim;
+}
+
+void CpuDecoder::add_layer(const DecoderLayerRef& layer) {
+  const DecoderShape& s = shape_;
+  check_arg(layer.input_norm != nullptr && layer.post_attention_norm != nullptr,
+            "CpuDecoder: a layer needs both norm weights");
+  check_arg(layer.key_cache != nullptr && layer.value_cache != nullptr,
+            "CpuDecoder: a layer needs its key and value caches");
+  check_linear(layer.qkv, q_size_ + 2 * kv_size_, s.hidden, "qkv_proj");
+  check_linear(layer.o_proj, s.hidden, q_size_, "o_proj");
+  check_linear(layer.gate_up, 2 * s.intermediate, s.hidden, "gate_up_proj");
+  check_linear(layer.down, s.hidden, s.intermediate, "down_proj");
+  layers_.push_back(layer);
+}
+
+void CpuDecoder::linear(const QuantLinearRef& w, const float* x, int64_t x_stride, float* y,
+                        int64_t num_tokens) const {
+  QuantGemmParams p;
+  p.out = y;
+  p.input = x;
+  p.weight = w.weight;
+  p.bias = w.bias;
+  p.m = num_tokens;
+  p.n = w.n;
+  p.k = w.k;
+  p.input_stride = x_stride;
+  p.out_stride = w.n;
+  p.type = w.type;
+  quant_gemm_cpu(p);
+}
+
+void CpuDecoder::forward(const DecoderBatch& b) {
+  const DecoderShape& s = shape_;
+  const int64_t t = b.num_tokens;
+  check_arg(t >= 0 && b.num_seqs >= 0, "CpuDecoder: negative batch sizes");
+  if (t == 0) return;
+  check_arg(b.hidden != nullptr && b.positions != nullptr && b.slot_mapping != nullptr &&
+                b.query_start_loc != nullptr && b.context_lens != nullptr &&
+                b.block_tables != nullptr,
+            "CpuDecoder: missing batch arrays");
+  const int64_t h = s.hidden, qkv_width = q_size_ + 2 * kv_size_;
+  float* hidden = b.hidden;
+  float* residual = grow(residual_, t * h);
+  float* qkv = grow(qkv_, t * qkv_width);
+  float* attn = grow(attn_, t * q_size_);
+  float* gate_up = grow(gate_up_, t * 2 * s.intermediate);
+  float* act = grow(act_, t * s.intermediate);
+  int64_t* positions = grow(positions_, t);
+  for (int64_t i = 0; i < t; ++i) {
+    check_arg(b.positions[i] >= 0 && b.positions[i] < s.max_position,
+              "CpuDecoder: position " + std::to_string(b.positions[i]) + " out of range");
+    positions[i] = b.positions[i];
+  }
+
+  RmsNormParams first_norm;
+  first_norm.out = hidden;
+  first_norm.input = hidden;
+  first_norm.num_tokens = t;
+  first_norm.hidden = h;
+  first_norm.input_stride = h;
+  first_norm.out_stride = h;
+  first_norm.eps = s.rms_eps;
+
+  FusedAddRmsNormParams add_norm;
+  add_norm.input = hidden;
+  add_norm.residual = residual;
+  add_norm.num_tokens = t;
+  add_norm.hidden = h;
+  add_norm.input_stride = h;
+  add_norm.residual_stride = h;
+  add_norm.eps = s.rms_eps;
+
+  RotaryParams rope;
+  rope.positions = positions;
+  rope.query = qkv;
+  rope.key = qkv + q_size_;
+  rope.cos_sin_cache = s.rope_cache;
+  rope.num_tokens = t;
+  rope.num_heads = s.num_heads;
+  rope.num_kv_heads = s.num_kv_heads;
+  rope.head_size = s.head_dim;
+  rope.rotary_dim = s.rotary_dim;
+  rope.max_position = s.max_position;
+  rope.query_token_stride = qkv_width;
+  rope.key_token_stride = qkv_width;
+  rope.is_neox = s.rope_neox;
+
+  ReshapeAndCacheParams cache;
+  cache.key = qkv + q_size_;
+  cache.value = qkv + q_size_ + kv_size_;
+  cache.slot_mapping = b.slot_mapping;
+  cache.num_tokens = t;
+  cache.num_kv_heads = s.num_kv_heads;
+  cache.head_size = s.head_dim;
+  cache.key_token_stride = qkv_width;
+  cache.value_token_stride = qkv_width;
+  cache.num_blocks = s.num_blocks;
+  cache.block_size = s.block_size;
+  cache.cache_dtype = s.cache_dtype;
+
+  PagedAttentionParams attention;
+  attention.out = attn;
+  attention.query = qkv;
+  attention.query_start_loc = b.query_start_loc;
+  attention.context_lens = b.context_lens;
+  attention.block_tables = b.block_tables;
+  attention.num_tokens = t;
+  attention.num_seqs = b.num_seqs;
+  attention.num_heads = s.num_heads;
+  attention.num_kv_heads = s.num_kv_heads;
+  attention.head_size = s.head_dim;
+  attention.block_size = s.block_size;
+  attention.num_blocks = s.num_blocks;
+  attention.max_blocks_per_seq = b.max_blocks_per_seq;
+  attention.query_token_stride = qkv_width;
+  attention.out_token_stride = q_size_;
+  attention.scale = s.attn_scale;
+  attention.sliding_window = s.sliding_window;
+  attention.cache_dtype = s.cache_dtype;
+  attention.max_context_len = b.max_context_len;
+
+  ActAndMulParams silu;
+  silu.out = act;
+  silu.input = gate_up;
+  silu.num_tokens = t;
+  silu.d = s.intermediate;
+  silu.input_stride = 2 * s.intermediate;
+  silu.out_stride = s.intermediate;
+
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const DecoderLayerRef& layer = layers_[l];
+    if (l == 0) {
+      std::memcpy(residual, hidden, static_cast<size_t>(t * h) * sizeof(float));
+      first_norm.weight = layer.input_norm;
+      rms_norm_cpu(first_norm);
+    } else {
+      add_norm.weight = layer.input_norm;
+      fused_add_rms_norm_cpu(add_norm);
+    }
+    linear(layer.qkv, hidden, h, qkv, t);
+    rotary_embedding_cpu(rope);
+    cache.key_cache = layer.key_cache;
+    cache.value_cache = layer.value_cache;
+    reshape_and_cache_cpu(cache);
+    attention.key_cache = layer.key_cache;
+    attention.value_cache = layer.value_cache;
+    paged_attention_cpu(attention);
+    linear(layer.o_proj, attn, q_size_, hidden, t);
+    add_norm.weight = layer.post_attention_norm;
+    fused_add_rms_norm_cpu(add_norm);
+    linear(layer.gate_up, hidden, h, gate_up, t);
+    act_and_mul_cpu(silu);
+    linear(layer.down, act, s.intermediate, hidden, t);
+  }
+  if (layers_.empty()) {
+    first_norm.weight = s.final_norm;
+    rms_norm_cpu(first_norm);
+  } else {
+    add_norm.weight = s.final_norm;
+    fused_add_rms_norm_cpu(add_norm);
+  }
+}
+
+namespace {
+
+inline float half_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return half_to_float(bits);
+}
+
+}  // namespace
+
+void embed_quant_rows_cpu(const void* table, QuantType type, int64_t num_rows, int64_t dim,
+                          const int32_t* ids, int64_t num_ids, float* out) {
+  check_arg(type == QuantType::kQ8_0 || type == QuantType::kQ4_0 || type == QuantType::kQ4_1,
+            std::string("embed_quant_rows: cannot read ") + quant_type_name(type) + " rows");
+  check_arg(dim > 0 && dim % 32 == 0, "embed_quant_rows: dim must be a multiple of 32");
+  const int64_t block_bytes = quant_block_bytes(type);
+  const int64_t row_bytes = dim / 32 * block_bytes;
+  for (int64_t i = 0; i < num_ids; ++i) {
+    check_arg(ids[i] >= 0 && ids[i] < num_rows,
+              "embed_quant_rows: token id " + std::to_string(ids[i]) + " out of range");
+    const auto* row = static_cast<const uint8_t*>(table) + ids[i] * row_bytes;
+    float* y = out + i * dim;
+    for (int64_t blk = 0; blk < dim / 32; ++blk, y += 32) {
+      const uint8_t* w = row + blk * block_bytes;
+      const float d = half_at(w);
+      if (type == QuantType::kQ8_0) {
+        const auto* q = reinterpret_cast<const int8_t*>(w + 2);
+        for (int j = 0; j < 32; ++j) y[j] = static_cast<float>(q[j]) * d;
+      } else if (type == QuantType::kQ4_0) {
+        const uint8_t* q = w + 2;
+        for (int j = 0; j < 16; ++j) {
+          y[j] = (static_cast<float>(q[j] & 0x0F) - 8.0f) * d;
+          y[j + 16] = (static_cast<float>(q[j] >> 4) - 8.0f) * d;
+        }
+      } else {
+        const float m = half_at(w + 2);
+        const uint8_t* q = w + 4;
+        for (int j = 0; j < 16; ++j) {
+          y[j] = static_cast<float>(q[j] & 0x0F) * d + m;
+          y[j + 16] = static_cast<float>(q[j] >> 4) * d + m;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace fastllm::kernels
