@@ -12,7 +12,9 @@ Rows of the table (ms per step, share of the step):
   python glue        executor + model code between those (plan -> tensors, layer loop)
   C++ engine         schedule/update/output queue (engine step minus the executor)
   front end          LLMEngine.step's Python output handling (detokenize, stop strings)
-Timers cost ~1 us each (~250 a step), counted in the rows they wrap. Asserts nothing.
+Timers cost ~1 us each (~250 a step), counted in the rows they wrap. With the native CPU decoder
+(quantized GGUF on the CPU; FASTLLM_CPU_NATIVE_DECODER=0 turns it off) the first four rows come
+from the decoder's own C++ timers. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -93,8 +95,10 @@ def main() -> None:
                 TIMES["_engine"] += time.perf_counter() - t0
 
     engine.engine = TimedEngine()
+    decoder = engine.core.executor.cpu_decoder
     print(f"threads: fastllm pool {_C.ops.cpu_num_threads()}, "
-          f"torch {torch.get_num_threads()}; weights: {args.quantized_weights}")
+          f"torch {torch.get_num_threads()}; weights: {args.quantized_weights}; layer loop: "
+          f"{'native CPU decoder' if decoder is not None else 'Python'}")
 
     prompt = list(range(1000, 1000 + args.prompt_len))
     for batch in args.batch:
@@ -104,10 +108,18 @@ def main() -> None:
         for _ in range(4):  # prefills and the first decode steps
             engine.step()
         TIMES.clear()
+        if decoder is not None:
+            decoder.set_profiling(True)
         t0 = time.perf_counter()
         for _ in range(args.steps):
             engine.step()
         total = (time.perf_counter() - t0) / args.steps * 1e3
+        if decoder is not None:
+            # The native decoder's own timers: its parts run inside one C++ call.
+            for key, part in (("gemm", "GEMMs"), ("attention", "attention"),
+                              ("norms_rope_act", "norms/rope/act")):
+                TIMES[part] += decoder.profile()[key]
+            decoder.set_profiling(False)
         per = {k: v / args.steps * 1e3 for k, v in TIMES.items()}
         while engine.has_unfinished_requests():
             engine.step()

@@ -120,6 +120,15 @@ class PyCpuDecoder {
   }
 
   int64_t num_layers() const { return decoder_->num_layers(); }
+  void set_profiling(bool on) { decoder_->set_profiling(on); }
+  nb::dict profile() const {
+    const auto& p = decoder_->profile();
+    nb::dict out;
+    out["gemm"] = p.gemm;
+    out["attention"] = p.attention;
+    out["norms_rope_act"] = p.norms_rope_act;
+    return out;
+  }
 
  private:
   // (weight uint8 [n, row_bytes], ggml type id, bias float32 [n] or None)
@@ -191,7 +200,12 @@ void bind_decoder(nb::module_& m) {
            arg("max_context_len"),
            "Runs every layer over the step in place: hidden holds the embeddings in and the "
            "final-normed states out.")
-      .def_prop_ro("num_layers", &PyCpuDecoder::num_layers);
+      .def_prop_ro("num_layers", &PyCpuDecoder::num_layers)
+      .def("set_profiling", &PyCpuDecoder::set_profiling, arg("on"),
+           "Turns the per-part timers on (and zeroes them) or off.")
+      .def("profile", &PyCpuDecoder::profile,
+           "Seconds spent in forward() per part since profiling was turned on: gemm, attention, "
+           "norms_rope_act.");
   m.def("embed_quant_rows", &embed_quant_rows, arg("out"), arg("table"), arg("type"), arg("ids"),
         "out[i] = the dequantized row ids[i] of a Q8_0/Q4_0/Q4_1 table.");
 }

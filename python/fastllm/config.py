@@ -42,6 +42,9 @@ class EngineArgs:
     # auto: keep a GGUF file's quantized linear layers quantized on the CPU; dequantize: float
     quantized_weights: str = "auto"
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    # auto: the model dtype, except float16 for a GGUF kept quantized on the CPU (its activations
+    # run in float32; half-precision keys and values halve the cache's memory and bandwidth)
+    kv_cache_dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     max_model_len: int | None = None
@@ -83,6 +86,9 @@ class EngineArgs:
                              f"{self.quantized_weights!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in _DTYPES:
+            raise ValueError(f"kv_cache_dtype must be 'auto', 'float32', 'float16' or "
+                             f"'bfloat16', got {self.kv_cache_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"unknown device {self.device!r}")
         if self.preemption_mode not in ("recompute", "swap"):
@@ -119,6 +125,12 @@ class EngineArgs:
             dt = _DTYPES[config_dtype]
             return torch.float16 if dt == torch.float32 else dt
         return torch.float16
+
+    def resolve_kv_cache_dtype(self, model_dtype: torch.dtype, quantized_on_cpu: bool
+                               ) -> torch.dtype:
+        if self.kv_cache_dtype != "auto":
+            return _DTYPES[self.kv_cache_dtype]
+        return torch.float16 if quantized_on_cpu else model_dtype
 
     def cpu_kv_bytes(self) -> int:
         gib = self.cpu_kvcache_space

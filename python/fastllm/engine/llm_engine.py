@@ -50,10 +50,14 @@ class EngineCore:
             raise ValueError(
                 f"max_model_len {self.max_model_len} exceeds the model's "
                 f"max_position_embeddings {mc.max_position_embeddings} without rope scaling")
-        self.model = self._load_model()
+        quantized = use_quantized_weights(args, self.source, self.device)
+        self.model = self._load_model(quantized)
+        self.kv_dtype = args.resolve_kv_cache_dtype(self.dtype, quantized and
+                                                    self.device.type == "cpu")
         num_gpu_blocks, num_cpu_blocks = self._plan_kv_cache()
-        self.executor = ModelExecutor(self.model, mc, self.device, self.dtype, args.block_size,
-                                      num_gpu_blocks, num_cpu_blocks, seed=args.seed)
+        self.executor = ModelExecutor(self.model, mc, self.device, self.kv_dtype,
+                                      args.block_size, num_gpu_blocks, num_cpu_blocks,
+                                      seed=args.seed)
 
         cfg = _C.EngineConfig()
         cfg.cache.num_gpu_blocks = num_gpu_blocks
@@ -83,15 +87,15 @@ class EngineCore:
         self.engine = _C.Engine(cfg, self.executor)
         self.num_gpu_blocks = num_gpu_blocks
         self.startup_seconds = time.perf_counter() - t0
-        logger.info("fastllm engine ready in %.2f s: %s on %s (%s), %d KV blocks of %d tokens",
-                    self.startup_seconds, mc.architecture, self.device, self.dtype,
-                    num_gpu_blocks - 1, args.block_size)
+        logger.info("fastllm engine ready in %.2f s: %s on %s (%s), %d KV blocks of %d tokens "
+                    "(%s)", self.startup_seconds, mc.architecture, self.device, self.dtype,
+                    num_gpu_blocks - 1, args.block_size, self.kv_dtype)
 
     # ---- construction ------------------------------------------------------------------------
 
-    def _load_model(self) -> torch.nn.Module:
+    def _load_model(self, quantized: bool) -> torch.nn.Module:
         cls = get_model_class(self.model_config)
-        if use_quantized_weights(self.args, self.source, self.device):
+        if quantized:
             return load_quantized_model(cls, self.model_config, self.source, self.device,
                                         self.dtype).eval()
         with torch.device("meta"):
@@ -108,7 +112,7 @@ class EngineCore:
 
     def _plan_kv_cache(self) -> tuple[int, int]:
         mc, args = self.model_config, self.args
-        per_block = kv_bytes_per_block(mc, args.block_size, self.dtype)
+        per_block = kv_bytes_per_block(mc, args.block_size, self.kv_dtype)
         if args.num_gpu_blocks_override is not None:
             blocks = int(args.num_gpu_blocks_override)
         elif self.device.type == "cpu":

@@ -30,20 +30,20 @@ class ModelExecutor(_C.Executor):
     """Implements the engine's Executor with a torch model and fastllm kernels."""
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, device: torch.device,
-                 dtype: torch.dtype, block_size: int, num_gpu_blocks: int, num_cpu_blocks: int,
+                 kv_dtype: torch.dtype, block_size: int, num_gpu_blocks: int, num_cpu_blocks: int,
                  seed: int = 0):
         super().__init__()
         self.model = model
         self.config = config
         self.device = device
-        self.dtype = dtype
+        self.kv_dtype = kv_dtype
         self.block_size = block_size
         self.seed = seed
         shape = (num_gpu_blocks, block_size, config.num_key_value_heads, config.head_dim)
         # torch.empty leaves pages untouched, so resident memory grows only with use.
         self.kv_caches = [
-            (torch.empty(shape, dtype=dtype, device=device),
-             torch.empty(shape, dtype=dtype, device=device))
+            (torch.empty(shape, dtype=kv_dtype, device=device),
+             torch.empty(shape, dtype=kv_dtype, device=device))
             for _ in range(config.num_hidden_layers)
         ]
         self.swap_caches = []
@@ -51,8 +51,8 @@ class ModelExecutor(_C.Executor):
             host_shape = (num_cpu_blocks, *shape[1:])
             pin = device.type == "cuda"
             self.swap_caches = [
-                (torch.empty(host_shape, dtype=dtype, pin_memory=pin),
-                 torch.empty(host_shape, dtype=dtype, pin_memory=pin))
+                (torch.empty(host_shape, dtype=kv_dtype, pin_memory=pin),
+                 torch.empty(host_shape, dtype=kv_dtype, pin_memory=pin))
                 for _ in range(config.num_hidden_layers)
             ]
         # Quantized Llama-family models on the CPU run their layer loop in C++ (one call a step);

@@ -2,6 +2,7 @@
 #include "fastllm/kernels/decoder_cpu.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <string>
 
@@ -181,38 +182,57 @@ void CpuDecoder::forward(const DecoderBatch& b) {
   silu.input_stride = 2 * s.intermediate;
   silu.out_stride = s.intermediate;
 
+  // Runs fn, adding its wall time to *part when profiling.
+  auto timed = [this](double* part, auto&& fn) {
+    if (!profiling_) return fn();
+    const auto start = std::chrono::steady_clock::now();
+    fn();
+    *part += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  double* const gemm = &profile_.gemm;
+  double* const attend = &profile_.attention;
+  double* const other = &profile_.norms_rope_act;
+
   for (size_t l = 0; l < layers_.size(); ++l) {
     const DecoderLayerRef& layer = layers_[l];
-    if (l == 0) {
-      std::memcpy(residual, hidden, static_cast<size_t>(t * h) * sizeof(float));
-      first_norm.weight = layer.input_norm;
+    timed(other, [&] {
+      if (l == 0) {
+        std::memcpy(residual, hidden, static_cast<size_t>(t * h) * sizeof(float));
+        first_norm.weight = layer.input_norm;
+        rms_norm_cpu(first_norm);
+      } else {
+        add_norm.weight = layer.input_norm;
+        fused_add_rms_norm_cpu(add_norm);
+      }
+    });
+    timed(gemm, [&] { linear(layer.qkv, hidden, h, qkv, t); });
+    timed(other, [&] { rotary_embedding_cpu(rope); });
+    timed(attend, [&] {
+      cache.key_cache = layer.key_cache;
+      cache.value_cache = layer.value_cache;
+      reshape_and_cache_cpu(cache);
+      attention.key_cache = layer.key_cache;
+      attention.value_cache = layer.value_cache;
+      paged_attention_cpu(attention);
+    });
+    timed(gemm, [&] { linear(layer.o_proj, attn, q_size_, hidden, t); });
+    timed(other, [&] {
+      add_norm.weight = layer.post_attention_norm;
+      fused_add_rms_norm_cpu(add_norm);
+    });
+    timed(gemm, [&] { linear(layer.gate_up, hidden, h, gate_up, t); });
+    timed(other, [&] { act_and_mul_cpu(silu); });
+    timed(gemm, [&] { linear(layer.down, act, s.intermediate, hidden, t); });
+  }
+  timed(other, [&] {
+    if (layers_.empty()) {
+      first_norm.weight = s.final_norm;
       rms_norm_cpu(first_norm);
     } else {
-      add_norm.weight = layer.input_norm;
+      add_norm.weight = s.final_norm;
       fused_add_rms_norm_cpu(add_norm);
     }
-    linear(layer.qkv, hidden, h, qkv, t);
-    rotary_embedding_cpu(rope);
-    cache.key_cache = layer.key_cache;
-    cache.value_cache = layer.value_cache;
-    reshape_and_cache_cpu(cache);
-    attention.key_cache = layer.key_cache;
-    attention.value_cache = layer.value_cache;
-    paged_attention_cpu(attention);
-    linear(layer.o_proj, attn, q_size_, hidden, t);
-    add_norm.weight = layer.post_attention_norm;
-    fused_add_rms_norm_cpu(add_norm);
-    linear(layer.gate_up, hidden, h, gate_up, t);
-    act_and_mul_cpu(silu);
-    linear(layer.down, act, s.intermediate, hidden, t);
-  }
-  if (layers_.empty()) {
-    first_norm.weight = s.final_norm;
-    rms_norm_cpu(first_norm);
-  } else {
-    add_norm.weight = s.final_norm;
-    fused_add_rms_norm_cpu(add_norm);
-  }
+  });
 }
 
 namespace {

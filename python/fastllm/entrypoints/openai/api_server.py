@@ -57,7 +57,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         model=ns.model, tokenizer=ns.tokenizer,
         load_format="auto" if ns.load_format == "auto" else ns.load_format,
         quantized_weights=ns.quantized_weights,
-        dtype=dtype, device=ns.device, seed=ns.seed, max_model_len=ns.max_model_len,
+        dtype=dtype, kv_cache_dtype=ns.kv_cache_dtype, device=ns.device, seed=ns.seed, max_model_len=ns.max_model_len,
         block_size=ns.block_size, enable_prefix_caching=ns.enable_prefix_caching,
         enable_chunked_prefill=ns.enable_chunked_prefill,
         max_num_batched_tokens=ns.max_num_batched_tokens, max_num_seqs=ns.max_num_seqs,

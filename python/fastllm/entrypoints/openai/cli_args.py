@@ -23,7 +23,6 @@ _UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "speculative_model": (None, "speculative decoding is not supported yet"),
     "num_speculative_tokens": (None, "speculative decoding is not supported yet"),
     "speculative_max_model_len": (None, "speculative decoding is not supported yet"),
-    "kv_cache_dtype": ("auto", "an fp8 KV cache is not wired into the engine yet"),
     "quantization_param_path": (None, "an fp8 KV cache is not wired into the engine yet"),
     "quantization": (None, "quantized weight formats other than GGUF are not supported yet"),
     "worker_use_ray": (False, "Ray workers are not supported"),
@@ -95,7 +94,9 @@ def make_parser() -> argparse.ArgumentParser:
       help="auto: keep a GGUF model's quantized linear layers quantized on the CPU")
     a("--dtype", default="auto",
       choices=["auto", "half", "float16", "bfloat16", "float", "float32"])
-    a("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    a("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "float32", "float16", "bfloat16"],
+      help="KV cache storage dtype; auto = the model dtype (float16 for a GGUF kept quantized on "
+           "the CPU). fp8 is not wired into the engine yet.")
     a("--quantization-param-path", default=None)
     a("--max-model-len", type=int, default=None)
     a("--guided-decoding-backend", default="guidance",
@@ -237,6 +238,8 @@ def _read_config(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
 
 
 def check_supported(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
+    if ns.kv_cache_dtype == "fp8":
+        parser.error("--kv-cache-dtype='fp8': an fp8 KV cache is not wired into the engine yet")
     for dest, (off, why) in _UNSUPPORTED.items():
         value = getattr(ns, dest)
         if value != off:

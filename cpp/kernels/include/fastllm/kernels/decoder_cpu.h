@@ -93,6 +93,20 @@ class CpuDecoder {
   // time: the decoder's buffers are shared between calls.
   void forward(const DecoderBatch& batch);
 
+  // Wall-clock seconds spent in each part of forward() since profiling was turned on (off by
+  // default; a timer costs ~20 ns): GEMMs, attention (cache write + paged attention) and
+  // norms/rope/act (RMSNorm, RoPE, SiLU-and-mul).
+  struct Profile {
+    double gemm = 0.0;
+    double attention = 0.0;
+    double norms_rope_act = 0.0;
+  };
+  void set_profiling(bool on) {
+    profiling_ = on;
+    profile_ = Profile();
+  }
+  const Profile& profile() const { return profile_; }
+
  private:
   void linear(const QuantLinearRef& w, const float* x, int64_t x_stride, float* y,
               int64_t num_tokens) const;
@@ -108,6 +122,8 @@ class CpuDecoder {
   std::vector<float> gate_up_;
   std::vector<float> act_;
   std::vector<int64_t> positions_;
+  bool profiling_ = false;
+  Profile profile_;
 };
 
 // Token embedding rows from a table in a 32-value GGUF encoding (Q8_0, Q4_0, Q4_1):
