@@ -29,7 +29,8 @@ inline void check_device(const Array& a, bool cuda, const char* op, const char* 
 }
 
 // The activation dtype of a float tensor; uint8 reads as float8 e4m3 where allow_fp8.
-inline k::DType float_dtype(const Array& a, const char* op, const char* name, bool allow_fp8 = false) {
+inline k::DType float_dtype(const Array& a, const char* op, const char* name,
+                            bool allow_fp8 = false) {
   const auto dt = a.dtype();
   if (dt == nb::dtype<float>()) return k::DType::kFloat32;
   if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) && dt.bits == 16)

@@ -72,8 +72,8 @@ class PyCpuDecoder {
     const k::DecoderShape& s = decoder_->shape();
     k::DecoderLayerRef layer;
     layer.input_norm = cpu_array<float>(input_norm, "input_norm", s.hidden);
-    layer.post_attention_norm = cpu_array<float>(post_attention_norm, "post_attention_norm",
-                                                 s.hidden);
+    layer.post_attention_norm =
+        cpu_array<float>(post_attention_norm, "post_attention_norm", s.hidden);
     layer.qkv = linear(qkv, "qkv_proj");
     layer.o_proj = linear(o_proj, "o_proj");
     layer.gate_up = linear(gate_up, "gate_up_proj");
@@ -85,8 +85,9 @@ class PyCpuDecoder {
       check_device(*cache, false, kOp, "kv cache");
       check_contiguous(*cache, kOp, "kv cache");
       check_arg(numel(*cache) == cache_numel,
-                where(kOp, "the KV caches must be [num_blocks, block_size, num_kv_heads, "
-                           "head_dim]"));
+                where(kOp,
+                      "the KV caches must be [num_blocks, block_size, num_kv_heads, "
+                      "head_dim]"));
     }
     layer.key_cache = key_cache.data();
     layer.value_cache = value_cache.data();
@@ -143,9 +144,9 @@ class PyCpuDecoder {
     ref.weight = cpu_array<uint8_t>(weight, name);
     ref.n = static_cast<int64_t>(weight.shape(0));
     ref.k = static_cast<int64_t>(weight.shape(1)) / k::quant_block_bytes(ref.type) * values;
-    check_arg(ref.k / values * k::quant_block_bytes(ref.type) ==
-                  static_cast<int64_t>(weight.shape(1)),
-              where(kOp, name) + " rows are not whole blocks");
+    check_arg(
+        ref.k / values * k::quant_block_bytes(ref.type) == static_cast<int64_t>(weight.shape(1)),
+        where(kOp, name) + " rows are not whole blocks");
     keep_.push_back(weight);
     if (!spec[2].is_none()) {
       const auto bias = nb::cast<Array>(spec[2]);
@@ -165,8 +166,8 @@ void embed_quant_rows(const Array& out, const Array& table, int32_t type, const 
   const auto qtype = static_cast<k::QuantType>(type);
   const int64_t dim = static_cast<int64_t>(out.shape(1));
   const int64_t values = k::quant_block_values(qtype);
-  check_arg(values == 32 && static_cast<int64_t>(table.shape(1)) ==
-                                dim / values * k::quant_block_bytes(qtype),
+  check_arg(values == 32 &&
+                static_cast<int64_t>(table.shape(1)) == dim / values * k::quant_block_bytes(qtype),
             where(op, "table rows must hold dim values in a 32-value encoding"));
   const int64_t n = numel(ids);
   check_arg(static_cast<int64_t>(out.shape(0)) == n, where(op, "out must have one row per id"));
@@ -184,20 +185,19 @@ void bind_decoder(nb::module_& m) {
   using nb::arg;
   nb::class_<PyCpuDecoder>(m, "CpuDecoder",
                            "The Llama-family layer loop on the CPU over GGUF-encoded weights.")
-      .def(nb::init<int64_t, int64_t, int64_t, int64_t, int64_t, float, const Array&,
-                    const Array&, bool, float, int32_t, int64_t, int64_t, const std::string&>(),
+      .def(nb::init<int64_t, int64_t, int64_t, int64_t, int64_t, float, const Array&, const Array&,
+                    bool, float, int32_t, int64_t, int64_t, const std::string&>(),
            arg("hidden_size"), arg("num_heads"), arg("num_kv_heads"), arg("head_dim"),
            arg("intermediate_size"), arg("rms_eps"), arg("final_norm"), arg("rope_cache"),
            arg("rope_neox"), arg("attn_scale"), arg("sliding_window"), arg("block_size"),
            arg("num_blocks"), arg("cache_dtype"))
-      .def("add_layer", &PyCpuDecoder::add_layer, arg("input_norm"),
-           arg("post_attention_norm"), arg("qkv"), arg("o_proj"), arg("gate_up"), arg("down"),
-           arg("key_cache"), arg("value_cache"),
+      .def("add_layer", &PyCpuDecoder::add_layer, arg("input_norm"), arg("post_attention_norm"),
+           arg("qkv"), arg("o_proj"), arg("gate_up"), arg("down"), arg("key_cache"),
+           arg("value_cache"),
            "Appends a layer; each linear is (uint8 weight rows, ggml type id, float32 bias or "
            "None).")
-      .def("forward", &PyCpuDecoder::forward, arg("hidden"), arg("positions"),
-           arg("slot_mapping"), arg("query_start_loc"), arg("context_lens"), arg("block_tables"),
-           arg("max_context_len"),
+      .def("forward", &PyCpuDecoder::forward, arg("hidden"), arg("positions"), arg("slot_mapping"),
+           arg("query_start_loc"), arg("context_lens"), arg("block_tables"), arg("max_context_len"),
            "Runs every layer over the step in place: hidden holds the embeddings in and the "
            "final-normed states out.")
       .def_prop_ro("num_layers", &PyCpuDecoder::num_layers)

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <string>
 
+#include "array_args.h"
 #include "fastllm/kernels/activation.h"
 #include "fastllm/kernels/attention.h"
 #include "fastllm/kernels/cache_ops.h"
@@ -18,7 +19,6 @@
 #include "fastllm/kernels/quant_gemm.h"
 #include "fastllm/kernels/rotary.h"
 #include "fastllm/kernels/sampling.h"
-#include "array_args.h"
 
 namespace nb = nanobind;
 namespace k = fastllm::kernels;

@@ -1,6 +1,4 @@
 // CpuDecoder: the Llama-family layer loop over the CPU kernels (see decoder_cpu.h).
-#include "fastllm/kernels/decoder_cpu.h"
-
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -9,6 +7,7 @@
 #include "fastllm/kernels/activation.h"
 #include "fastllm/kernels/attention.h"
 #include "fastllm/kernels/cache_ops.h"
+#include "fastllm/kernels/decoder_cpu.h"
 #include "fastllm/kernels/dtype_convert.h"
 #include "fastllm/kernels/norm.h"
 #include "fastllm/kernels/rotary.h"
@@ -30,17 +29,17 @@ void check_linear(const QuantLinearRef& w, int64_t n, int64_t k, const char* nam
   check_arg(w.n == n && w.k == k, where + " is [" + std::to_string(w.n) + ", " +
                                       std::to_string(w.k) + "], expected [" + std::to_string(n) +
                                       ", " + std::to_string(k) + "]");
-  check_arg(k % quant_block_values(w.type) == 0,
-            where + ": " + std::to_string(k) + " values are not whole " +
-                quant_type_name(w.type) + " blocks");
+  check_arg(k % quant_block_values(w.type) == 0, where + ": " + std::to_string(k) +
+                                                     " values are not whole " +
+                                                     quant_type_name(w.type) + " blocks");
 }
 
 }  // namespace
 
 CpuDecoder::CpuDecoder(const DecoderShape& s) : shape_(s) {
-  check_arg(s.hidden > 0 && s.num_heads > 0 && s.num_kv_heads > 0 && s.head_dim > 0 &&
-                s.intermediate > 0,
-            "CpuDecoder: sizes must be positive");
+  check_arg(
+      s.hidden > 0 && s.num_heads > 0 && s.num_kv_heads > 0 && s.head_dim > 0 && s.intermediate > 0,
+      "CpuDecoder: sizes must be positive");
   check_arg(s.num_heads % s.num_kv_heads == 0,
             "CpuDecoder: num_heads must be a multiple of num_kv_heads");
   check_arg(s.final_norm != nullptr && s.rope_cache != nullptr,

@@ -103,8 +103,8 @@ inline int block_isum(QuantType type, const uint8_t* w, const int8_t* q) {
 }
 
 void tile_scalar(QuantType type, const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x,
-                 int64_t blocks, const float* /*xd*/, const float* /*xs*/, int64_t m_rows,
-                 float* out, int64_t out_stride) {
+                 int64_t blocks, const float* /*xd*/, const float* /*xs*/, const int8_t* /*xi*/,
+                 int64_t m_rows, float* out, int64_t out_stride) {
   const int64_t block_bytes = quant_block_bytes(type);
   for (int64_t j = 0; j < n_rows; ++j) {
     const uint8_t* row = weight + j * blocks * block_bytes;
@@ -285,13 +285,20 @@ void quant_gemm_cpu(const QuantGemmParams& p) {
   constexpr int64_t tile = cpu::kQuantTileRows;
   const int64_t tiles = (p.m + tile - 1) / tile;
   thread_local std::vector<cpu::Q8ActBlock> quantized;
-  thread_local std::vector<float> tile_scales;  // per tile: d then s, each [blocks][tile]
+  thread_local std::vector<float> tile_scales;   // per tile: d then s, each [blocks][tile]
+  thread_local std::vector<int8_t> interleaved;  // per tile: [blocks][8 groups][tile][4]
+  const int64_t tile_bytes = blocks * cpu::kInterleavedBlockBytes;
   if (static_cast<int64_t>(quantized.size()) < p.m * blocks)
     quantized.resize(static_cast<size_t>(p.m * blocks));
   if (static_cast<int64_t>(tile_scales.size()) < tiles * 2 * blocks * tile)
     tile_scales.resize(static_cast<size_t>(tiles * 2 * blocks * tile));
+  // Decode-sized batches (m <= 2) use the row-major blocks only.
+  const bool interleave = p.m > 2;
+  if (interleave && static_cast<int64_t>(interleaved.size()) < tiles * tile_bytes)
+    interleaved.resize(static_cast<size_t>(tiles * tile_bytes));
   cpu::Q8ActBlock* xq = quantized.data();
   float* scales = tile_scales.data();
+  int8_t* xi = interleaved.data();
   auto quantize = [&](int64_t r) {
     kernels.quantize_row(p.input + r * p.input_stride, p.k, xq + r * blocks);
     float* xd = scales + (r / tile) * 2 * blocks * tile;
@@ -300,9 +307,17 @@ void quant_gemm_cpu(const QuantGemmParams& p) {
       xd[b * tile + r % tile] = xq[r * blocks + b].d;
       xs[b * tile + r % tile] = xq[r * blocks + b].s;
     }
+    if (!interleave) return;
+    int8_t* dst = xi + (r / tile) * tile_bytes + (r % tile) * 4;
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int g = 0; g < 8; ++g)
+        std::memcpy(dst + b * cpu::kInterleavedBlockBytes + g * 4 * tile,
+                    xq[r * blocks + b].q + 4 * g, 4);
   };
-  // Rows past m in the last tile read as scale 0.
+  // Rows past m in the last tile read as scale 0 and quants 0.
   std::fill(scales + (tiles - 1) * 2 * blocks * tile, scales + tiles * 2 * blocks * tile, 0.0f);
+  if (interleave && p.m % tile != 0)
+    std::fill(xi + (tiles - 1) * tile_bytes, xi + tiles * tile_bytes, int8_t{0});
   if (p.m * p.k >= (1 << 16)) {
     cpu::parallel_for(p.m, quantize);
   } else {
@@ -316,8 +331,9 @@ void quant_gemm_cpu(const QuantGemmParams& p) {
     for (int64_t t = 0; t < tiles; ++t) {
       const float* xd = scales + t * 2 * blocks * tile;
       kernels.tile(p.type, weight + n0 * row_bytes, n1 - n0, xq + t * tile * blocks, blocks, xd,
-                   xd + blocks * tile, std::min(tile, p.m - t * tile),
-                   p.out + t * tile * p.out_stride + n0, p.out_stride);
+                   xd + blocks * tile, interleave ? xi + t * tile_bytes : nullptr,
+                   std::min(tile, p.m - t * tile), p.out + t * tile * p.out_stride + n0,
+                   p.out_stride);
     }
     cpu::add_bias(p, n0, n1);
   });

@@ -160,15 +160,59 @@ inline __m256i reduce8(const __m256i* p) {
                           _mm256_permute2x128_si256(h0123, h4567, 0x31));
 }
 
-// 3 to 8 rows of x: the integer dot products of one weight block with every row are reduced into
-// one vector (lane = row) and scaled with the tile's transposed activation scales in one FMA, so
-// the float work per block is shared by the rows instead of repeated for each.
+// 3 to 8 rows of x against Q8_0 weights: the integer dot products of one weight block with every
+// row are reduced into one vector (lane = row) and scaled with the tile's transposed activation
+// scales in one FMA. (Signed weights need their sign moved onto x per product, which the
+// interleaved kernel below would repeat per group: this layout does it once per row.)
+template <int kRows>
+void tile_rows_q8_wide(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64_t blocks,
+                       const float* xd, float* out, int64_t out_stride) {
+  constexpr int64_t block_bytes = kBlockBytes<QuantType::kQ8_0>;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t row_bytes = blocks * block_bytes;
+  for (int64_t j = 0; j < n_rows; ++j) {
+    const uint8_t* row = weight + j * row_bytes;
+    if (j + kPrefetchRows < n_rows)
+      for (int64_t off = 0; off < row_bytes; off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * row_bytes + off),
+                     _MM_HINT_T0);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* w = row + b * block_bytes;
+      const float dw = load_half(w);
+      const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
+      const __m256i wu = _mm256_abs_epi8(wq);
+      __m256i p[8];
+      for (int r = 0; r < 8; ++r) {
+        if (r >= kRows) {
+          p[r] = _mm256_setzero_si256();
+          continue;
+        }
+        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r * blocks + b].q));
+        xv = _mm256_sign_epi8(xv, wq);
+        p[r] = dot_u8s8(wu, xv, ones);
+      }
+      const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(xd + b * 8), _mm256_set1_ps(dw));
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), scale, acc);
+    }
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, acc);
+    for (int r = 0; r < kRows; ++r) out[r * out_stride + j] = sums[r];
+  }
+}
+// 3 to 8 rows of x against 4-bit weights, over the tile's interleaved quants (quant_gemm_impl.h):
+// each group of 4
+// weight values is broadcast to all 8 lanes and multiplied with 4 values of every row at once, so
+// lane r accumulates row r's dot product with no horizontal reduction. The
+// 8 maddubs results of a block are summed in int16 (|sum| <= 8 * 2 * 15 * 127 = 30480) and
+// widened once, so a block costs 9 multiply instructions for all rows.
 template <QuantType kType, int kRows>
-void tile_rows_wide(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64_t blocks,
+void tile_rows_wide(const uint8_t* weight, int64_t n_rows, const int8_t* xi, int64_t blocks,
                     const float* xd, const float* xs, float* out, int64_t out_stride) {
   constexpr int64_t block_bytes = kBlockBytes<kType>;
   const __m256i ones = _mm256_set1_epi16(1);
   const int64_t row_bytes = blocks * block_bytes;
+  alignas(32) uint8_t unpacked[32];
   for (int64_t j = 0; j < n_rows; ++j) {
     const uint8_t* row = weight + j * row_bytes;
     if (j + kPrefetchRows < n_rows)
@@ -180,30 +224,25 @@ void tile_rows_wide(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, 
     for (int64_t b = 0; b < blocks; ++b) {
       const uint8_t* w = row + b * block_bytes;
       const float dw = load_half(w);
-      __m256i wq;
-      if constexpr (kType == QuantType::kQ8_0) {
-        wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
-      } else if constexpr (kType == QuantType::kQ4_0) {
-        wq = unpack_nibbles(w + 2);
-        offset = _mm256_fmadd_ps(_mm256_loadu_ps(xs + b * 8), _mm256_set1_ps(-8.0f * dw), offset);
-      } else {
-        wq = unpack_nibbles(w + 4);
-        offset =
-            _mm256_fmadd_ps(_mm256_loadu_ps(xs + b * 8), _mm256_set1_ps(load_half(w + 2)), offset);
-      }
-      const __m256i wu = kType == QuantType::kQ8_0 ? _mm256_abs_epi8(wq) : wq;
-      __m256i p[8];
-      for (int r = 0; r < 8; ++r) {
-        if (r >= kRows) {
-          p[r] = _mm256_setzero_si256();
-          continue;
-        }
-        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r * blocks + b].q));
-        if constexpr (kType == QuantType::kQ8_0) xv = _mm256_sign_epi8(xv, wq);
-        p[r] = dot_u8s8(wu, xv, ones);
-      }
+      const int8_t* xb = xi + b * kInterleavedBlockBytes;
+      auto group = [&](int g) {
+        int32_t word;
+        std::memcpy(&word, unpacked + 4 * g, 4);
+        return _mm256_set1_epi32(word);
+      };
+      auto xg = [&](int g) {
+        return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32 * g));
+      };
+      _mm256_store_si256(reinterpret_cast<__m256i*>(unpacked),
+                         unpack_nibbles(w + (kType == QuantType::kQ4_1 ? 4 : 2)));
+      __m256i sum16 = _mm256_maddubs_epi16(group(0), xg(0));
+      for (int g = 1; g < 8; ++g)
+        sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(group(g), xg(g)));
+      const __m256i isum = _mm256_madd_epi16(sum16, ones);
+      const float wo = kType == QuantType::kQ4_0 ? -8.0f * dw : load_half(w + 2);
+      offset = _mm256_fmadd_ps(_mm256_loadu_ps(xs + b * 8), _mm256_set1_ps(wo), offset);
       const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(xd + b * 8), _mm256_set1_ps(dw));
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), scale, acc);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc);
     }
     alignas(32) float sums[8];
     _mm256_store_ps(sums, _mm256_add_ps(acc, offset));
@@ -213,40 +252,62 @@ void tile_rows_wide(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, 
 
 template <QuantType kType>
 void tile_type(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64_t blocks,
-               const float* xd, const float* xs, int64_t m_rows, float* out, int64_t out_stride) {
-  switch (m_rows) {
-    case 1:
-      return tile_rows<kType, 1>(weight, n_rows, x, blocks, out, out_stride);
-    case 2:
-      return tile_rows<kType, 2>(weight, n_rows, x, blocks, out, out_stride);
-    case 3:
-      return tile_rows_wide<kType, 3>(weight, n_rows, x, blocks, xd, xs, out, out_stride);
-    case 4:
-      return tile_rows_wide<kType, 4>(weight, n_rows, x, blocks, xd, xs, out, out_stride);
-    case 5:
-      return tile_rows_wide<kType, 5>(weight, n_rows, x, blocks, xd, xs, out, out_stride);
-    case 6:
-      return tile_rows_wide<kType, 6>(weight, n_rows, x, blocks, xd, xs, out, out_stride);
-    case 7:
-      return tile_rows_wide<kType, 7>(weight, n_rows, x, blocks, xd, xs, out, out_stride);
-    default:
-      return tile_rows_wide<kType, 8>(weight, n_rows, x, blocks, xd, xs, out, out_stride);
+               const float* xd, const float* xs, const int8_t* xi, int64_t m_rows, float* out,
+               int64_t out_stride) {
+  if constexpr (kType == QuantType::kQ8_0) {
+    switch (m_rows) {
+      case 1:
+        return tile_rows<kType, 1>(weight, n_rows, x, blocks, out, out_stride);
+      case 2:
+        return tile_rows<kType, 2>(weight, n_rows, x, blocks, out, out_stride);
+      case 3:
+        return tile_rows_q8_wide<3>(weight, n_rows, x, blocks, xd, out, out_stride);
+      case 4:
+        return tile_rows_q8_wide<4>(weight, n_rows, x, blocks, xd, out, out_stride);
+      case 5:
+        return tile_rows_q8_wide<5>(weight, n_rows, x, blocks, xd, out, out_stride);
+      case 6:
+        return tile_rows_q8_wide<6>(weight, n_rows, x, blocks, xd, out, out_stride);
+      case 7:
+        return tile_rows_q8_wide<7>(weight, n_rows, x, blocks, xd, out, out_stride);
+      default:
+        return tile_rows_q8_wide<8>(weight, n_rows, x, blocks, xd, out, out_stride);
+    }
+  } else {
+    switch (m_rows) {
+      case 1:
+        return tile_rows<kType, 1>(weight, n_rows, x, blocks, out, out_stride);
+      case 2:
+        return tile_rows<kType, 2>(weight, n_rows, x, blocks, out, out_stride);
+      case 3:
+        return tile_rows_wide<kType, 3>(weight, n_rows, xi, blocks, xd, xs, out, out_stride);
+      case 4:
+        return tile_rows_wide<kType, 4>(weight, n_rows, xi, blocks, xd, xs, out, out_stride);
+      case 5:
+        return tile_rows_wide<kType, 5>(weight, n_rows, xi, blocks, xd, xs, out, out_stride);
+      case 6:
+        return tile_rows_wide<kType, 6>(weight, n_rows, xi, blocks, xd, xs, out, out_stride);
+      case 7:
+        return tile_rows_wide<kType, 7>(weight, n_rows, xi, blocks, xd, xs, out, out_stride);
+      default:
+        return tile_rows_wide<kType, 8>(weight, n_rows, xi, blocks, xd, xs, out, out_stride);
+    }
   }
 }
 
 void tile_avx2(QuantType type, const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x,
-               int64_t blocks, const float* xd, const float* xs, int64_t m_rows, float* out,
-               int64_t out_stride) {
+               int64_t blocks, const float* xd, const float* xs, const int8_t* xi, int64_t m_rows,
+               float* out, int64_t out_stride) {
   static_assert(kQuantTileRows == 8, "tile_type handles up to 8 rows");
   switch (type) {
     case QuantType::kQ8_0:
-      return tile_type<QuantType::kQ8_0>(weight, n_rows, x, blocks, xd, xs, m_rows, out,
+      return tile_type<QuantType::kQ8_0>(weight, n_rows, x, blocks, xd, xs, xi, m_rows, out,
                                          out_stride);
     case QuantType::kQ4_0:
-      return tile_type<QuantType::kQ4_0>(weight, n_rows, x, blocks, xd, xs, m_rows, out,
+      return tile_type<QuantType::kQ4_0>(weight, n_rows, x, blocks, xd, xs, xi, m_rows, out,
                                          out_stride);
     default:
-      return tile_type<QuantType::kQ4_1>(weight, n_rows, x, blocks, xd, xs, m_rows, out,
+      return tile_type<QuantType::kQ4_1>(weight, n_rows, x, blocks, xd, xs, xi, m_rows, out,
                                          out_stride);
   }
 }

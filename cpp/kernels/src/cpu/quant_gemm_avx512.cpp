@@ -160,11 +160,12 @@ const QuantGemmKernels* narrow_kernels() {
 }
 
 void tile_avx512(QuantType type, const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x,
-                 int64_t blocks, const float* xd, const float* xs, int64_t m_rows, float* out,
-                 int64_t out_stride) {
+                 int64_t blocks, const float* xd, const float* xs, const int8_t* xi, int64_t m_rows,
+                 float* out, int64_t out_stride) {
   static_assert(kQuantTileRows == 8, "tile_type handles up to 8 rows");
   if (m_rows <= 2)
-    return narrow_kernels()->tile(type, weight, n_rows, x, blocks, xd, xs, m_rows, out, out_stride);
+    return narrow_kernels()->tile(type, weight, n_rows, x, blocks, xd, xs, xi, m_rows, out,
+                                  out_stride);
   switch (type) {
     case QuantType::kQ8_0:
       return tile_type<QuantType::kQ8_0>(weight, n_rows, x, blocks, xd, xs, m_rows, out,

@@ -20,6 +20,9 @@ static_assert(sizeof(Q8ActBlock) == 40, "Q8ActBlock must be packed");
 // Rows of x processed together by one tile call; each weight block is decoded once per tile.
 constexpr int kQuantTileRows = 8;
 
+// Bytes of one block of a tile's interleaved activations: 8 groups of 4 values x 8 rows.
+constexpr int64_t kInterleavedBlockBytes = 32 * kQuantTileRows;
+
 struct QuantGemmKernels {
   const char* name;
   // Quantizes k floats (k a multiple of 32) into k / 32 blocks: d = max|x| / 127, q = round(x / d)
@@ -28,10 +31,12 @@ struct QuantGemmKernels {
   // For the 32-value types: out[r * out_stride + j] = x_r . W_j for r < m_rows (<= 8) and
   // j < n_rows, where W_j is the weight row at weight + j * blocks * block_bytes and x_r the
   // blocks at x + r * blocks. xd / xs hold the tile's scales transposed: xd[b * 8 + r] = x_r's
-  // block b d (s likewise), 0 for rows past m_rows.
+  // block b d (s likewise), 0 for rows past m_rows. xi holds the tile's quants interleaved
+  // for one broadcast weight group against all rows: xi[b * 256 + g * 32 + r * 4 + i] = x_r's
+  // block b value 4 g + i (0 for rows past m_rows).
   void (*tile)(QuantType type, const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x,
-               int64_t blocks, const float* xd, const float* xs, int64_t m_rows, float* out,
-               int64_t out_stride);
+               int64_t blocks, const float* xd, const float* xs, const int8_t* xi, int64_t m_rows,
+               float* out, int64_t out_stride);
 };
 
 const QuantGemmKernels& scalar_quant_gemm_kernels();

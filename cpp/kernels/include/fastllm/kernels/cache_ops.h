@@ -31,11 +31,11 @@ struct ReshapeAndCacheParams {
   int64_t value_token_stride = 0;  // elements between consecutive tokens of value
   int64_t num_blocks = 0;
   int64_t block_size = 0;
-  DType dtype = DType::kFloat32;        // dtype of key and value
+  DType dtype = DType::kFloat32;  // dtype of key and value
   // Dtype of the caches: on the CPU any of the four (rows are converted, round to nearest even);
   // on CUDA the source dtype or kFloat8E4M3.
   DType cache_dtype = DType::kFloat32;
-  float k_scale = 1.0f;                 // fp8 only: stored = x / k_scale
+  float k_scale = 1.0f;  // fp8 only: stored = x / k_scale
   float v_scale = 1.0f;
 };
 

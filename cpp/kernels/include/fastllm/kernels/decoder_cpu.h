@@ -37,12 +37,12 @@ struct QuantLinearRef {
 struct DecoderLayerRef {
   const float* input_norm = nullptr;           // [hidden]
   const float* post_attention_norm = nullptr;  // [hidden]
-  QuantLinearRef qkv;      // [q + 2 kv][hidden]: rows of Q, then K, then V
-  QuantLinearRef o_proj;   // [hidden][q]
-  QuantLinearRef gate_up;  // [2 intermediate][hidden]: gate rows, then up rows
-  QuantLinearRef down;     // [hidden][intermediate]
-  void* key_cache = nullptr;    // [num_blocks][block_size][num_kv_heads][head_dim]
-  void* value_cache = nullptr;  // same shape
+  QuantLinearRef qkv;                          // [q + 2 kv][hidden]: rows of Q, then K, then V
+  QuantLinearRef o_proj;                       // [hidden][q]
+  QuantLinearRef gate_up;                      // [2 intermediate][hidden]: gate rows, then up rows
+  QuantLinearRef down;                         // [hidden][intermediate]
+  void* key_cache = nullptr;                   // [num_blocks][block_size][num_kv_heads][head_dim]
+  void* value_cache = nullptr;                 // same shape
 };
 
 struct DecoderShape {
@@ -52,8 +52,8 @@ struct DecoderShape {
   int64_t head_dim = 0;
   int64_t intermediate = 0;
   float rms_eps = 1e-6f;
-  const float* final_norm = nullptr;     // [hidden]
-  const float* rope_cache = nullptr;     // [max_position][rotary_dim] (see rotary.h)
+  const float* final_norm = nullptr;  // [hidden]
+  const float* rope_cache = nullptr;  // [max_position][rotary_dim] (see rotary.h)
   int64_t rotary_dim = 0;
   int64_t max_position = 0;
   bool rope_neox = true;
