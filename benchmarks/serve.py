@@ -10,8 +10,10 @@ Completions clients (asyncio + httpx): greedy, ignore_eos, fixed prompts, `clien
 flight at a time. At 1 client 8 requests run, at c > 1 clients 2 * c requests (32 x 128 tokens at
 16 clients, 64 x 128 at 32). Prints per level the aggregate output tok/s and the median time to
 first token, TTFT and inter-token latency p50/p99 (`--requests N` sets the request count of every
-level above one client), then the server's peak RSS (VmHWM of the process tree) and its time to ready, and
-fastllm's ratio to each peer. Asserts nothing; never run by CI.
+level above one client), the server's peak RSS (VmHWM of the process tree) after each level and
+its time to ready, and fastllm's ratios to each peer (throughput, TTFT, peak RSS at 16 clients).
+llama-server runs once per level with as many slots (-np) as clients. Asserts nothing; never run
+by CI.
 """
 
 from __future__ import annotations
@@ -77,9 +79,20 @@ def percentile(values: list[float], q: float) -> float:
 class Result:
     name: str
     ready_s: float = float("nan")
-    peak_rss_mb: float = float("nan")
     levels: dict[int, Level] = field(default_factory=dict)
+    # Peak RSS (VmHWM of the process tree) read right after each level.
+    peak_rss_mb: dict[int, float] = field(default_factory=dict)
     error: str | None = None
+
+    def merge(self, other: Result) -> None:
+        self.levels.update(other.levels)
+        self.peak_rss_mb.update(other.peak_rss_mb)
+        if self.ready_s != self.ready_s:  # nan
+            self.ready_s = other.ready_s
+        self.error = self.error or other.error
+
+    def rss_at(self, clients: int) -> float:
+        return self.peak_rss_mb.get(clients, float("nan"))
 
 
 def free_port() -> int:
@@ -191,7 +204,8 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float) -> float:
     raise RuntimeError(f"server not ready after {timeout:.0f} s")
 
 
-def bench_server(name: str, cmd: list[str], port: int, model: str, args, env=None) -> Result:
+def bench_server(name: str, cmd: list[str], port: int, model: str, args, env=None,
+                 clients_levels: list[int] | None = None) -> Result:
     result = Result(name)
     base = f"http://127.0.0.1:{port}"
     fd, log_path = tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")
@@ -202,13 +216,14 @@ def bench_server(name: str, cmd: list[str], port: int, model: str, args, env=Non
     try:
         result.ready_s = wait_ready(base, proc, args.ready_timeout)
         asyncio.run(run_level(base, model, 1, 1, 16))  # warm-up
-        for clients in args.clients:
+        for clients in clients_levels or args.clients:
             requests = 8 if clients == 1 else (args.requests or 2 * clients)
             level = asyncio.run(run_level(base, model, clients, requests, args.output_len))
             result.levels[clients] = level
+            result.peak_rss_mb[clients] = tree_peak_rss_mb(proc.pid)
             print(f"  {clients:>3} clients, {requests:>3} x {args.output_len}: "
-                  f"{level.tok_s:8.1f} tok/s, {level.summary()}", flush=True)
-        result.peak_rss_mb = tree_peak_rss_mb(proc.pid)
+                  f"{level.tok_s:8.1f} tok/s, {level.summary()}, peak RSS "
+                  f"{result.peak_rss_mb[clients]:.0f} MB", flush=True)
     except (RuntimeError, OSError, httpx.HTTPError) as e:  # reported, not fatal
         result.error = f"{type(e).__name__}: {e}"
         print(f"  failed: {result.error}", flush=True)
@@ -225,8 +240,9 @@ def bench_server(name: str, cmd: list[str], port: int, model: str, args, env=Non
 
 
 def report(results: list[Result], clients: list[int]) -> None:
+    rss_level = 16 if 16 in clients else clients[-1]
     print("\n| server | " + " | ".join(f"{c} cl tok/s | {c} cl TTFT p50 ms" for c in clients)
-          + " | peak RSS MB | ready s |")
+          + f" | peak RSS MB ({rss_level} cl) | ready s |")
     print("|---" * (2 * len(clients) + 3) + "|")
     for r in results:
         cells = []
@@ -234,19 +250,20 @@ def report(results: list[Result], clients: list[int]) -> None:
             lv = r.levels.get(c)
             cells += [f"{lv.tok_s:.1f}", f"{lv.ttft_p50_ms:.0f}"] if lv else ["-", "-"]
         print(f"| {r.name} | " + " | ".join(cells) +
-              f" | {r.peak_rss_mb:.0f} | {r.ready_s:.1f} |")
+              f" | {r.rss_at(rss_level):.0f} | {r.ready_s:.1f} |")
     ours = results[0]
     for peer in results[1:]:
         if peer.error:
             continue
-        ratios = []
+        ratios, ttfts = [], []
         for c in clients:
             a, b = ours.levels.get(c), peer.levels.get(c)
             if a and b and b.tok_s:
                 ratios.append(f"{c} clients {a.tok_s / b.tok_s:.2f}x")
-        rss = ours.peak_rss_mb / peer.peak_rss_mb if peer.peak_rss_mb else float("nan")
+                ttfts.append(f"{c} clients {a.ttft_p50_ms / b.ttft_p50_ms:.2f}x")
+        rss = ours.rss_at(rss_level) / peer.rss_at(rss_level)
         print(f"fastllm / {peer.name}: throughput " + ", ".join(ratios) +
-              f"; peak RSS {rss:.2f}x")
+              f"; TTFT p50 " + ", ".join(ttfts) + f"; peak RSS at {rss_level} clients {rss:.2f}x")
 
 
 def main() -> None:
@@ -282,12 +299,18 @@ def main() -> None:
     results.append(bench_server("fastllm", cmd, port, model_name, args, env))
 
     if args.llama_server:
-        port = free_port()
-        slots = 16
-        cmd = [os.path.expanduser(args.llama_server), "-m", args.model, "-t", str(args.threads),
-               "-np", str(slots), "-c", str(slots * args.ctx_per_slot), "--host", "127.0.0.1",
-               "--port", str(port), "--alias", model_name]
-        results.append(bench_server("llama-server", cmd, port, model_name, args))
+        # One server per level with as many slots (-np) as clients, as llama.cpp is deployed
+        # for that load; its peak RSS at 16 clients is that of the 16-slot server.
+        merged = Result("llama-server")
+        for clients in args.clients:
+            port = free_port()
+            cmd = [os.path.expanduser(args.llama_server), "-m", args.model, "-t",
+                   str(args.threads), "-np", str(clients), "-c",
+                   str(clients * args.ctx_per_slot), "--host", "127.0.0.1", "--port", str(port),
+                   "--alias", model_name]
+            merged.merge(bench_server("llama-server", cmd, port, model_name, args,
+                                      clients_levels=[clients]))
+        results.append(merged)
     if args.llama_cpp_python:
         port = free_port()
         cmd = [args.llama_cpp_python, "-m", "llama_cpp.server", "--model", args.model,

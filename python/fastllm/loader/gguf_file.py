@@ -249,6 +249,21 @@ class GGUFFile:
             offset=info.data_offset,
         )
 
+    def release_pages(self, name: str | None = None) -> None:
+        """Drops this process's resident pages of one tensor (or of the whole file) once its
+        bytes were copied elsewhere: a read-only file mapping's pages stay in the page cache and
+        fault back in if read again, but no longer count in the process's resident set."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        if name is None:
+            start, end = 0, self.file_size
+        else:
+            info = self.tensors[name]
+            start, end = info.data_offset, info.data_offset + info.n_bytes
+        page = mmap.PAGESIZE
+        start -= start % page
+        self._mmap.madvise(mmap.MADV_DONTNEED, start, min(end, self.file_size) - start)
+
 
 @functools.lru_cache(maxsize=4)
 def _open_cached(path: str, size: int, mtime_ns: int) -> GGUFFile:

@@ -39,6 +39,7 @@ class RawGGUFTensor(NamedTuple):
     ggml_type: str
     shape: tuple[int, ...]
     data: np.ndarray
+    gguf_name: str = ""  # the tensor's name in the file
 
 
 def _mapped_tensors(gguf: GGUFFile) -> Iterator[tuple[str, str, int | None]]:
@@ -86,4 +87,4 @@ def iterate_gguf_raw(path: str | os.PathLike[str]) -> Iterator[RawGGUFTensor]:
         data = gguf.tensor_bytes(gguf_name).reshape(rows, -1)
         if heads is not None:
             data = unpermute_qk_rows(data, heads)
-        yield RawGGUFTensor(hf_name, info.type_name, info.shape, data)
+        yield RawGGUFTensor(hf_name, info.type_name, info.shape, data, gguf_name)

@@ -90,7 +90,12 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, qkv_bias: bool):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Given its (uninitialized) weight, nn.Embedding skips its random init: the checkpoint
+        # overwrites it anyway, and on the meta device that init imports ~800 torch modules
+        # (~70 MB resident) for nothing.
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, config.hidden_size,
+            _weight=torch.empty(config.vocab_size, config.hidden_size))
         # Filled by LlamaForCausalLM.init_buffers once the model has real storage.
         self.register_buffer("rope_cache", torch.empty(0), persistent=False)
         self.layers = nn.ModuleList(

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from fastllm.config import EngineArgs, ModelConfig
-from fastllm.loader import ModelSource, RawGGUFTensor, dequantize, iterate_gguf_raw
+from fastllm.loader import ModelSource, RawGGUFTensor, dequantize, iterate_gguf_raw, open_gguf
 from fastllm.loader.tensor_cast import cast_weight
 from fastllm.models.quant_linear import QuantEmbedding, QuantLinear, supports
 
@@ -66,8 +67,8 @@ def _linear_parts(model: nn.Module, name: str) -> list[str]:
     return [f"{prefix}.{part}.weight" for _, part in parts]
 
 
-def _quantize_linears(model: nn.Module, raw: dict[str, RawGGUFTensor],
-                      device: torch.device) -> tuple[int, set[str]]:
+def _quantize_linears(model: nn.Module, raw: dict[str, RawGGUFTensor], device: torch.device,
+                      release: Callable[[str], None]) -> tuple[int, set[str]]:
     consumed: set[str] = set()
     count = 0
     for name, module in list(model.named_modules()):
@@ -86,6 +87,8 @@ def _quantize_linears(model: nn.Module, raw: dict[str, RawGGUFTensor],
             raise ValueError(f"{name}: GGUF rows {rows.shape} do not match "
                              f"{tuple(quant.qweight.shape)}")
         quant.qweight.copy_(torch.from_numpy(rows))
+        for p in parts:
+            release(p.gguf_name)
         _set_module(model, name, quant)
         consumed.update(p.name for p in parts)
         count += 1
@@ -93,7 +96,7 @@ def _quantize_linears(model: nn.Module, raw: dict[str, RawGGUFTensor],
 
 
 def _quantize_output(model: nn.Module, config: ModelConfig, raw: dict[str, RawGGUFTensor],
-                     device: torch.device) -> set[str]:
+                     device: torch.device, release: Callable[[str], None]) -> set[str]:
     """A quantized output projection (and, when tied, the embedding over the same rows)."""
     embed = raw.get("model.embed_tokens.weight")
     head = raw.get("lm_head.weight")
@@ -104,6 +107,7 @@ def _quantize_output(model: nn.Module, config: ModelConfig, raw: dict[str, RawGG
         return consumed
     lm_head = QuantLinear(hidden, vocab, source.ggml_type, device=device)
     lm_head.qweight.copy_(torch.from_numpy(np.array(source.data)))  # a writable copy
+    release(source.gguf_name)
     model.set_quantized_lm_head(lm_head)
     consumed.add(source.name)
     if source is embed:
@@ -119,21 +123,43 @@ def _quantize_output(model: nn.Module, config: ModelConfig, raw: dict[str, RawGG
     return consumed
 
 
+def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Gives every parameter and buffer still on the meta device (uninitialized) storage."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_meta:
+                dt = dtype if param.is_floating_point() else param.dtype
+                setattr(module, name, nn.Parameter(torch.empty(param.shape, dtype=dt,
+                                                               device=device),
+                                                   requires_grad=False))
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_meta:
+                dt = dtype if buf.is_floating_point() else buf.dtype
+                module._buffers[name] = torch.empty(buf.shape, dtype=dt, device=device)
+
+
 @torch.no_grad()
 def load_quantized_model(cls: type, config: ModelConfig, source: ModelSource,
                          device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The model of ``cls`` with GGUF-encoded linear layers (see the module docstring)."""
     if device.type == "cpu":
         configure_cpu_threads()
+    # Built on the meta device: the float weights the quantized layers replace are never
+    # allocated; what remains (norms, biases, unsupported tensors) gets storage below.
     with torch.device("meta"):
         model = cls(config)
-    model = model.to_empty(device=device).to(dtype)
-    model.init_buffers(device)
     raw = {t.name: t for t in iterate_gguf_raw(source.gguf_path)}
-    count, consumed = _quantize_linears(model, raw, device)
-    consumed |= _quantize_output(model, config, raw, device)
+    # Each tensor's file pages leave the resident set once copied, so loading never holds the
+    # file and the model in memory together.
+    gguf = open_gguf(source.gguf_path)
+    count, consumed = _quantize_linears(model, raw, device, gguf.release_pages)
+    consumed |= _quantize_output(model, config, raw, device, gguf.release_pages)
+    _materialize(model, device, dtype)
+    model.init_buffers(device)
     rest = ((name, _raw_tensor(t, dtype)) for name, t in raw.items() if name not in consumed)
     model.load_weights(rest)
+    del raw, rest
+    gguf.release_pages()
     kinds = sorted({m.quant_type for m in model.modules() if isinstance(m, QuantLinear)})
     logger.info("kept GGUF quantization for %d linear layers (%s)%s", count, ", ".join(kinds),
                 " and the output projection" if "lm_head" in str(consumed) or
