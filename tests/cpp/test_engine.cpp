@@ -32,6 +32,15 @@ class CheckingExecutor : public Executor {
     EXPECT_EQ(static_cast<int32_t>(slots.size()), plan.num_tokens) << "a slot written twice";
     max_tokens_seen = std::max(max_tokens_seen, plan.num_tokens);
     if (plan.max_query_len > 1 && plan.num_seqs > 0) ++num_prefill_steps;
+    for (int32_t b : plan.block_tables) {
+      if (b != BlockPool::kNullBlock) device_blocks_seen.insert(b);
+    }
+    for (size_t i = 0; i + 1 < plan.block_ops.copy.size(); i += 2) {
+      device_blocks_seen.insert(plan.block_ops.copy[i + 1]);
+    }
+    for (size_t i = 0; i + 1 < plan.block_ops.swap_in.size(); i += 2) {
+      device_blocks_seen.insert(plan.block_ops.swap_in[i + 1]);
+    }
     num_copies += plan.block_ops.copy.size() / 2;
     num_swap_outs += plan.block_ops.swap_out.size() / 2;
     num_swap_ins += plan.block_ops.swap_in.size() / 2;
@@ -48,6 +57,7 @@ class CheckingExecutor : public Executor {
   int32_t max_tokens_seen = 0;
   int64_t num_prefill_steps = 0;
   int64_t num_copies = 0, num_swap_outs = 0, num_swap_ins = 0;
+  std::set<int32_t> device_blocks_seen;  // every device block a plan read or wrote
   std::string fail_when_request_present;
 };
 
@@ -205,6 +215,32 @@ TEST(Engine, PrefixCacheHitsAcrossRequests) {
   EngineStats s = engine.stats();
   EXPECT_EQ(s.prefix_hits, 64 * 7);
   EXPECT_EQ(s.num_free_blocks, s.num_total_blocks);
+}
+
+// The executor maps KV memory lazily, so the blocks a long run touches are its resident memory.
+// With few sequences at a time in a large pool, freed and cached blocks are reused before fresh
+// ones: the run touches blocks 1..k with k bounded by the peak working set, not the pool.
+TEST(Engine, LongRunTouchesOnlyThePeakWorkingSetOfALargePool) {
+  std::mt19937 rng(9);
+  auto shared = random_prompt(rng, 32);
+  const int n = 300;
+  Workload w = make_workload(n, 10, 5, 120, shared);
+  EngineConfig cfg = make_config(4001);
+  cfg.scheduler.max_num_seqs = 4;
+  std::shared_ptr<CheckingExecutor> exec;
+  Outcome run = run_workload(cfg, w, &exec);
+  expect_reference_tokens(w, run);
+  // At most 4 running requests of at most max_model_len tokens hold blocks at any time.
+  const int32_t max_working_set = 4 * (cfg.scheduler.max_model_len / cfg.cache.block_size);
+  const auto& seen = exec->device_blocks_seen;
+  ASSERT_FALSE(seen.empty());
+  EXPECT_EQ(*seen.begin(), 1);
+  EXPECT_EQ(*seen.rbegin(), static_cast<int32_t>(seen.size())) << "fresh blocks skipped";
+  EXPECT_LE(*seen.rbegin(), max_working_set);
+  // The prefix cache still works while blocks are recycled this eagerly.
+  int hits = 0;
+  for (const auto& [id, cached] : run.cached) hits += cached >= 32;
+  EXPECT_GT(hits, n / 2);
 }
 
 TEST(Engine, TinyPoolForcesRecomputePreemptionWithIdenticalTokens) {

@@ -7,15 +7,30 @@
 namespace fastllm {
 
 BlockPool::BlockPool(int32_t num_blocks) : blocks_(num_blocks > 0 ? num_blocks : 0) {
-  // Block 0 is the null block: permanently referenced, never in the free list.
+  // Block 0 is the null block: permanently referenced, never in the free list. Every other block
+  // starts fresh, outside the free list, so its memory stays untouched until it is needed.
   if (!blocks_.empty()) blocks_[kNullBlock].ref_count = 1;
-  for (int32_t b = 1; b < num_blocks; ++b) push_free_tail(b);
+  num_free_ = num_blocks > 1 ? num_blocks - 1 : 0;
 }
 
 double BlockPool::usage() const {
   const int32_t usable = num_blocks() - 1;
   if (usable <= 0) return 0.0;
   return static_cast<double>(usable - num_free_) / usable;
+}
+
+void BlockPool::push_free_head(int32_t block) {
+  Block& b = blocks_[block];
+  b.prev = -1;
+  b.next = head_;
+  b.in_free_list = true;
+  if (head_ >= 0) {
+    blocks_[head_].prev = block;
+  } else {
+    tail_ = block;
+  }
+  head_ = block;
+  ++num_free_;
 }
 
 void BlockPool::push_free_tail(int32_t block) {
@@ -63,15 +78,24 @@ void BlockPool::allocate(int32_t n, std::vector<int32_t>& out) {
                       std::to_string(num_free_) + " free");
   }
   for (int32_t i = 0; i < n; ++i) {
-    const int32_t block = head_;
-    unlink_free(block);
-    drop_hash(block);  // lazy eviction: the cached content is overwritten from now on
+    int32_t block;
+    if (head_ >= 0) {
+      block = head_;
+      unlink_free(block);
+      drop_hash(block);  // lazy eviction: the cached content is overwritten from now on
+    } else {
+      block = next_fresh_++;
+      --num_free_;
+    }
     blocks_[block].ref_count = 1;
     out.push_back(block);
   }
 }
 
 void BlockPool::touch(int32_t block) {
+  if (is_fresh(block)) {
+    throw EngineError("BlockPool::touch: block " + std::to_string(block) + " was never allocated");
+  }
   Block& b = blocks_[block];
   if (b.in_free_list) unlink_free(block);
   ++b.ref_count;
@@ -85,7 +109,13 @@ void BlockPool::release(const int32_t* blocks, int32_t n) {
       throw EngineError("BlockPool::release: block " + std::to_string(block) +
                         " is not referenced");
     }
-    if (--b.ref_count == 0) push_free_tail(block);
+    if (--b.ref_count > 0) continue;
+    // Cached blocks wait at the tail in LRU order; an uncached one is reused first.
+    if (b.has_hash) {
+      push_free_tail(block);
+    } else {
+      push_free_head(block);
+    }
   }
 }
 
@@ -99,11 +129,20 @@ int32_t BlockPool::lookup(uint64_t hash) const {
 }
 
 void BlockPool::register_block(int32_t block, uint64_t hash) {
+  if (is_fresh(block)) {
+    throw EngineError("BlockPool::register_block: block " + std::to_string(block) +
+                      " was never allocated");
+  }
   Block& b = blocks_[block];
   if (b.has_hash) return;
   if (!index_.emplace(hash, block).second) return;
   b.has_hash = true;
   b.hash = hash;
+  // An unreferenced block now holds a cached prefix: move it among the cached blocks.
+  if (b.in_free_list) {
+    unlink_free(block);
+    push_free_tail(block);
+  }
 }
 
 bool BlockPool::reset_prefix_cache() {

@@ -4,14 +4,26 @@
 //
 // Block 0 is the null block: never allocated, used to pad block tables.
 //
-// Free list (doubly linked, O(1) removal), evicted from the head:
+// The executor's memory is mapped lazily, so only blocks that were ever handed out are resident.
+// Allocation therefore reuses freed blocks before it touches new ones, and the resident set
+// follows the peak working set instead of growing to the whole pool:
 //
-//   head -> [least recently freed] <-> ... <-> [most recently freed] <- tail
+//   [0: null] [1 .. next_fresh_-1: touched] [next_fresh_ .. num_blocks-1: fresh, never handed out]
 //
-// A block whose ref count drops to 0 is appended at the tail but keeps its hash, so a later request
-// with the same prefix can take it back (a "cached" free block). Allocation pops the head and only
-// then drops the block's hash from the index: eviction is lazy and in LRU order. Callers free a
+// Fresh blocks are a range, not list entries. The free list (doubly linked, O(1) removal) holds
+// only touched blocks with ref count 0:
+//
+//   head -> [uncached, most recently freed] <-> ... <-> [cached, least recently freed]
+//                                           <-> ... <-> [cached, most recently freed] <- tail
+//
+// A released block without a cached hash joins the head: it holds nothing worth keeping and its
+// memory is warm. A released block with a hash joins the tail and keeps its hash, so a later
+// request with the same prefix can take it back (touch). Allocation pops the head and only then
+// drops the block's hash from the index, so cached blocks are evicted lazily in LRU order; fresh
+// blocks are taken, in increasing index order, only when the free list is empty. Callers free a
 // request's blocks tail-first, so the end of a sequence is evicted before its shared prefix.
+// The price: a cached block is evicted even while fresh blocks remain, so the prefix cache keeps
+// only what fits in the peak working set next to the blocks in use.
 #pragma once
 
 #include <cstdint>
@@ -28,20 +40,23 @@ class BlockPool {
   explicit BlockPool(int32_t num_blocks);
 
   int32_t num_blocks() const { return static_cast<int32_t>(blocks_.size()); }
-  // Blocks that can be handed out now: unreferenced ones, cached or not.
+  // Blocks that can be handed out now: unreferenced ones, cached or not, and fresh ones.
   int32_t num_free_blocks() const { return num_free_; }
+  // Blocks ever handed out (the null block excluded): the resident working set.
+  int32_t num_touched_blocks() const { return next_fresh_ - 1; }
   // Fraction of usable blocks referenced by requests.
   double usage() const;
 
   bool can_allocate(int32_t n) const { return n <= num_free_; }
-  // Pops n blocks from the LRU head (evicting their cached hashes); each gets ref count 1.
-  // Precondition: can_allocate(n).
+  // Pops n blocks from the free-list head (evicting their cached hashes), then takes fresh blocks
+  // once the list is empty; each gets ref count 1. Precondition: can_allocate(n).
   void allocate(int32_t n, std::vector<int32_t>& out);
 
-  // Takes a reference on a block found in the prefix cache, removing it from the free list if it
-  // was unreferenced.
+  // Takes a reference on a block found in the prefix cache (or already referenced), removing it
+  // from the free list if it was unreferenced. Throws for a block never handed out.
   void touch(int32_t block);
-  // Drops one reference from each block, in the order given; blocks reaching 0 join the tail.
+  // Drops one reference from each block, in the order given; a block reaching 0 joins the tail if
+  // it is cached, the head otherwise.
   void release(const int32_t* blocks, int32_t n);
   void release_reversed(const std::vector<int32_t>& blocks);
 
@@ -51,7 +66,8 @@ class BlockPool {
   // Returns the cached block for hash, or -1.
   int32_t lookup(uint64_t hash) const;
   // Records that block holds the full block described by hash. A hash already present keeps its
-  // first block (two requests may have computed the same prefix in one step).
+  // first block (two requests may have computed the same prefix in one step). Throws for a block
+  // never handed out.
   void register_block(int32_t block, uint64_t hash);
   bool is_registered(int32_t block) const { return blocks_[block].has_hash; }
   // Forgets every cached hash of unreferenced blocks. Returns false if some block is in use.
@@ -68,6 +84,8 @@ class BlockPool {
     uint64_t hash = 0;
   };
 
+  bool is_fresh(int32_t block) const { return block >= next_fresh_; }
+  void push_free_head(int32_t block);
   void push_free_tail(int32_t block);
   void unlink_free(int32_t block);
   void drop_hash(int32_t block);
@@ -76,7 +94,8 @@ class BlockPool {
   std::unordered_map<uint64_t, int32_t> index_;
   int32_t head_ = -1;
   int32_t tail_ = -1;
-  int32_t num_free_ = 0;
+  int32_t next_fresh_ = 1;  // blocks [next_fresh_, num_blocks) were never handed out
+  int32_t num_free_ = 0;    // free-list length + fresh blocks
 };
 
 }  // namespace fastllm
