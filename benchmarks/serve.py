@@ -263,7 +263,7 @@ def report(results: list[Result], clients: list[int]) -> None:
                 ttfts.append(f"{c} clients {a.ttft_p50_ms / b.ttft_p50_ms:.2f}x")
         rss = ours.rss_at(rss_level) / peer.rss_at(rss_level)
         print(f"fastllm / {peer.name}: throughput " + ", ".join(ratios) +
-              f"; TTFT p50 " + ", ".join(ttfts) + f"; peak RSS at {rss_level} clients {rss:.2f}x")
+              "; TTFT p50 " + ", ".join(ttfts) + f"; peak RSS at {rss_level} clients {rss:.2f}x")
 
 
 def main() -> None:

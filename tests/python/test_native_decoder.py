@@ -13,8 +13,8 @@ from fastllm import _C, LLM, SamplingParams, ops
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
-    "Write a haiku about the sea, the wind and the long grey afternoons of a northern harbour "
-    "town where the boats come home late and the gulls complain about everything.",
+    ("Write a haiku about the sea, the wind and the long grey afternoons of a northern harbour "
+    "town where the boats come home late and the gulls complain about everything."),
     "Q: What is 12 times 7?\nA:",
 ]
 
@@ -81,31 +81,31 @@ def _q8_rows(n: int, k: int) -> np.ndarray:
 
 
 def _decoder(**overrides):
-    kw = dict(hidden_size=H, num_heads=1, num_kv_heads=1, head_dim=HEAD, intermediate_size=INTER,
-              rms_eps=1e-5, final_norm=np.ones(H, np.float32),
-              rope_cache=np.ones((32, HEAD), np.float32), rope_neox=True, attn_scale=0.125,
-              sliding_window=-1, block_size=BLOCK, num_blocks=BLOCKS, cache_dtype="float32")
+    kw = {"hidden_size": H, "num_heads": 1, "num_kv_heads": 1, "head_dim": HEAD, "intermediate_size": INTER,
+              "rms_eps": 1e-5, "final_norm": np.ones(H, np.float32),
+              "rope_cache": np.ones((32, HEAD), np.float32), "rope_neox": True, "attn_scale": 0.125,
+              "sliding_window": -1, "block_size": BLOCK, "num_blocks": BLOCKS, "cache_dtype": "float32"}
     kw.update(overrides)
     return _C.ops.CpuDecoder(**kw)
 
 
 def _layer_args(**overrides):
     cache = np.zeros((BLOCKS, BLOCK, 1, HEAD), np.float32)
-    kw = dict(input_norm=np.ones(H, np.float32), post_attention_norm=np.ones(H, np.float32),
-              qkv=(_q8_rows(3 * HEAD, H), Q8_0, None), o_proj=(_q8_rows(H, HEAD), Q8_0, None),
-              gate_up=(_q8_rows(2 * INTER, H), Q8_0, None), down=(_q8_rows(H, INTER), Q8_0, None),
-              key_cache=cache, value_cache=cache.copy())
+    kw = {"input_norm": np.ones(H, np.float32), "post_attention_norm": np.ones(H, np.float32),
+              "qkv": (_q8_rows(3 * HEAD, H), Q8_0, None), "o_proj": (_q8_rows(H, HEAD), Q8_0, None),
+              "gate_up": (_q8_rows(2 * INTER, H), Q8_0, None), "down": (_q8_rows(H, INTER), Q8_0, None),
+              "key_cache": cache, "value_cache": cache.copy()}
     kw.update(overrides)
     return kw
 
 
 def _batch(positions):
     n = len(positions)
-    return dict(hidden=np.ones((n, H), np.float32), positions=np.array(positions, np.int32),
-                slot_mapping=np.arange(n, dtype=np.int64),
-                query_start_loc=np.array([0, n], np.int32),
-                context_lens=np.array([n], np.int32),
-                block_tables=np.array([[1, 2]], np.int32), max_context_len=n)
+    return {"hidden": np.ones((n, H), np.float32), "positions": np.array(positions, np.int32),
+                "slot_mapping": np.arange(n, dtype=np.int64),
+                "query_start_loc": np.array([0, n], np.int32),
+                "context_lens": np.array([n], np.int32),
+                "block_tables": np.array([[1, 2]], np.int32), "max_context_len": n}
 
 
 def test_toy_decoder_runs_and_writes_its_cache():
@@ -120,9 +120,9 @@ def test_toy_decoder_runs_and_writes_its_cache():
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (dict(final_norm=np.ones(H + 1, np.float32)), "final_norm"),
-    (dict(num_heads=3, num_kv_heads=2), "multiple"),
-    (dict(cache_dtype="int8"), "cache_dtype"),
+    ({"final_norm": np.ones(H + 1, np.float32)}, "final_norm"),
+    ({"num_heads": 3, "num_kv_heads": 2}, "multiple"),
+    ({"cache_dtype": "int8"}, "cache_dtype"),
 ])
 def test_decoder_rejects_bad_shapes(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -130,11 +130,11 @@ def test_decoder_rejects_bad_shapes(overrides, match):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (dict(qkv=(_q8_rows(2 * HEAD, H), Q8_0, None)), "qkv_proj"),
-    (dict(down=(_q8_rows(H, INTER), 99, None)), "quantization type"),
-    (dict(gate_up=(_q8_rows(2 * INTER, H), Q8_0, np.zeros(3, np.float32))), "gate_up_proj"),
-    (dict(key_cache=np.zeros((BLOCKS, BLOCK, 1, HEAD), np.float16)), "cache_dtype"),
-    (dict(value_cache=np.zeros((BLOCKS + 1, BLOCK, 1, HEAD), np.float32)), "KV caches"),
+    ({"qkv": (_q8_rows(2 * HEAD, H), Q8_0, None)}, "qkv_proj"),
+    ({"down": (_q8_rows(H, INTER), 99, None)}, "quantization type"),
+    ({"gate_up": (_q8_rows(2 * INTER, H), Q8_0, np.zeros(3, np.float32))}, "gate_up_proj"),
+    ({"key_cache": np.zeros((BLOCKS, BLOCK, 1, HEAD), np.float16)}, "cache_dtype"),
+    ({"value_cache": np.zeros((BLOCKS + 1, BLOCK, 1, HEAD), np.float32)}, "KV caches"),
 ])
 def test_add_layer_rejects_bad_layers(overrides, match):
     dec = _decoder()

@@ -313,6 +313,19 @@ def test_unsupported_flag_exits_with_its_name():
     assert "--speculative-model" in r.stderr and "not supported" in r.stderr
 
 
+def test_kv_cache_dtype_flag():
+    from fastllm.entrypoints.openai.api_server import engine_args_from
+    from fastllm.entrypoints.openai.cli_args import parse_args
+
+    assert engine_args_from(parse_args([], environ={})).kv_cache_dtype == "auto"
+    ns = parse_args(["--kv-cache-dtype", "float32"], environ={})
+    assert engine_args_from(ns).kv_cache_dtype == "float32"
+    with pytest.raises(SystemExit):
+        parse_args(["--kv-cache-dtype", "fp8"], environ={})
+    with pytest.raises(SystemExit):
+        parse_args(["--kv-cache-dtype", "int4"], environ={})
+
+
 def test_cli_config_env_precedence(tmp_path):
     from fastllm.entrypoints.openai.cli_args import parse_args
 
