@@ -25,11 +25,12 @@ from collections import defaultdict
 
 import torch
 
-from fastllm import _C, LLM, SamplingParams, ops
+from fastllm import _C, LLM, SamplingParams
 from fastllm.models import fast_ops
 from fastllm.models.attention import PagedAttention
 from fastllm.models.llama import LlamaForCausalLM, RMSNorm
 from fastllm.models.quant_linear import QuantEmbedding, QuantLinear
+from fastllm.worker import model_runner
 from fastllm.worker.model_runner import ModelExecutor
 
 TIMES: dict[str, float] = defaultdict(float)
@@ -77,7 +78,7 @@ def main() -> None:
     # Class-level wraps: the native engine calls execute() through the executor trampoline.
     orig_execute = ModelExecutor.execute
     ModelExecutor.execute = timed("_execute", orig_execute)
-    ops.sample = timed("sampling", ops.sample)  # the executor calls fastllm.ops.sample
+    model_runner._sample = timed("sampling", model_runner._sample)
     ModelExecutor._sampling_inputs = timed("sampling", ModelExecutor._sampling_inputs)
     LlamaForCausalLM.forward = timed("_model", LlamaForCausalLM.forward)
     native = engine.engine

@@ -19,6 +19,12 @@ from fastllm.models.native_cpu import build_cpu_decoder
 
 logger = logging.getLogger(__name__)
 
+# The ops' plain bodies: the registered custom ops go through torch's dispatcher, whose first
+# call imports torch._dynamo (~2 s and ~100 MB) for nothing in eager execution.
+_sample = ops.eager(ops.sample)
+_swap_blocks = ops.eager(ops.swap_blocks)
+_copy_blocks = ops.eager(ops.copy_blocks)
+
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     """Bytes of one block across all layers, keys and values."""
     elem = torch.empty((), dtype=dtype).element_size()
@@ -75,18 +81,18 @@ class ModelExecutor(_C.Executor):
         if len(swap_out):
             mapping = torch.from_numpy(swap_out.astype(np.int64))
             for (k, v), (hk, hv) in zip(self.kv_caches, self.swap_caches):
-                ops.swap_blocks(k, hk, mapping)
-                ops.swap_blocks(v, hv, mapping)
+                _swap_blocks(k, hk, mapping)
+                _swap_blocks(v, hv, mapping)
         if len(swap_in):
             mapping = torch.from_numpy(swap_in.astype(np.int64))
             for (k, v), (hk, hv) in zip(self.kv_caches, self.swap_caches):
-                ops.swap_blocks(hk, k, mapping)
-                ops.swap_blocks(hv, v, mapping)
+                _swap_blocks(hk, k, mapping)
+                _swap_blocks(hv, v, mapping)
         if len(copy):
             mapping = self._tensor(copy.copy())
             for k, v in self.kv_caches:
-                ops.copy_blocks(k, mapping)
-                ops.copy_blocks(v, mapping)
+                _copy_blocks(k, mapping)
+                _copy_blocks(v, mapping)
 
     def _sampling_inputs(self, plan) -> dict:
         rows = plan.num_samples
@@ -159,7 +165,7 @@ class ModelExecutor(_C.Executor):
         # sequences before sampling and advances their matchers after.
         guided = getattr(self, "guided", None)
         guided_rows = guided.apply(plan, logits) if guided is not None else None
-        tokens, logprob, _rank, top_lp, top_ids = ops.sample(logits, **kw)
+        tokens, logprob, _rank, top_lp, top_ids = _sample(logits, **kw)
         if guided_rows:
             guided.advance(guided_rows, tokens)
         if (plan.num_logprobs >= 0).any():
