@@ -82,11 +82,12 @@ def _quantize_linears(model: nn.Module, raw: dict[str, RawGGUFTensor], device: t
             continue
         quant = QuantLinear(module.in_features, module.out_features, parts[0].ggml_type,
                             bias=module.bias is not None, device=device)
-        rows = np.concatenate([np.asarray(p.data) for p in parts], axis=0)
-        if rows.shape != tuple(quant.qweight.shape):
-            raise ValueError(f"{name}: GGUF rows {rows.shape} do not match "
+        shape = (sum(p.data.shape[0] for p in parts), parts[0].data.shape[1])
+        if shape != tuple(quant.qweight.shape) or any(p.data.shape[1] != shape[1] for p in parts):
+            raise ValueError(f"{name}: GGUF rows {[p.data.shape for p in parts]} do not match "
                              f"{tuple(quant.qweight.shape)}")
-        quant.qweight.copy_(torch.from_numpy(rows))
+        # Straight from the file's pages into the layer (no intermediate copy).
+        np.concatenate([p.data for p in parts], axis=0, out=quant.qweight.numpy())
         for p in parts:
             release(p.gguf_name)
         _set_module(model, name, quant)
@@ -106,7 +107,7 @@ def _quantize_output(model: nn.Module, config: ModelConfig, raw: dict[str, RawGG
     if source is None or not supports(source.ggml_type, hidden):
         return consumed
     lm_head = QuantLinear(hidden, vocab, source.ggml_type, device=device)
-    lm_head.qweight.copy_(torch.from_numpy(np.array(source.data)))  # a writable copy
+    np.copyto(lm_head.qweight.numpy(), source.data.reshape(lm_head.qweight.shape))
     release(source.gguf_name)
     model.set_quantized_lm_head(lm_head)
     consumed.add(source.name)
