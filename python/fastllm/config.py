@@ -48,7 +48,9 @@ class EngineArgs:
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     max_model_len: int | None = None
-    block_size: int = 16
+    # Tokens per KV block; None: 16 on a GPU, 8 on a CPU (finer prefix-cache reuse and less
+    # partial-block memory, at no measurable cost there)
+    block_size: int | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     max_num_batched_tokens: int | None = None
@@ -77,7 +79,7 @@ class EngineArgs:
         return cls(**kwargs)
 
     def validate(self) -> None:
-        if self.block_size not in (8, 16, 32):
+        if self.block_size is not None and self.block_size not in (8, 16, 32):
             raise ValueError(f"block_size must be 8, 16 or 32, got {self.block_size}")
         if self.load_format not in ("auto", "safetensors", "pt", "gguf", "dummy"):
             raise ValueError(f"unknown load_format {self.load_format!r}")
@@ -131,6 +133,11 @@ class EngineArgs:
         if self.kv_cache_dtype != "auto":
             return _DTYPES[self.kv_cache_dtype]
         return torch.float16 if quantized_on_cpu else model_dtype
+
+    def resolve_block_size(self, device: torch.device) -> int:
+        if self.block_size is not None:
+            return self.block_size
+        return 8 if device.type == "cpu" else 16
 
     def cpu_kv_bytes(self) -> int:
         gib = self.cpu_kvcache_space

@@ -201,52 +201,85 @@ void tile_rows_q8_wide(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* 
   }
 }
 // 3 to 8 rows of x against 4-bit weights, over the tile's interleaved quants (quant_gemm_impl.h):
-// each group of 4
-// weight values is broadcast to all 8 lanes and multiplied with 4 values of every row at once, so
-// lane r accumulates row r's dot product with no horizontal reduction. The
-// 8 maddubs results of a block are summed in int16 (|sum| <= 8 * 2 * 15 * 127 = 30480) and
-// widened once, so a block costs 9 multiply instructions for all rows.
+// each group of 4 weight values is broadcast to all 8 lanes and multiplied with 4 values of every
+// row at once, so lane r accumulates row r's dot product with no horizontal reduction. The 8
+// maddubs results of a block are summed in int16 (|sum| <= 8 * 2 * 15 * 127 = 30480) as a tree
+// and widened once: 9 multiply instructions per block for all rows. Two weight rows go together,
+// sharing the activation loads and giving the core two independent chains.
+template <QuantType kType, int kCols>
+inline void wide_rows(const uint8_t* const* rows, int64_t blocks, const int8_t* xi, const float* xd,
+                      const float* xs, __m256* total) {
+  constexpr int64_t block_bytes = kBlockBytes<kType>;
+  constexpr int64_t quant_offset = kType == QuantType::kQ4_1 ? 4 : 2;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  __m256 acc[kCols], offset[kCols];
+  for (int c = 0; c < kCols; ++c) acc[c] = offset[c] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int8_t* xb = xi + b * kInterleavedBlockBytes;
+    __m256i x[8];
+    for (int g = 0; g < 8; ++g)
+      x[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32 * g));
+    const __m256 xdv = _mm256_loadu_ps(xd + b * 8);
+    const __m256 xsv = _mm256_loadu_ps(xs + b * 8);
+    for (int c = 0; c < kCols; ++c) {
+      const uint8_t* w = rows[c] + b * block_bytes;
+      const float dw = load_half(w);
+      // The 16 bytes in both lanes: low nibbles are values 0..15, high nibbles 16..31; group g
+      // (values 4g..4g+3) is then one dword broadcast by an in-lane shuffle.
+      const __m256i raw = _mm256_broadcastsi128_si256(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + quant_offset)));
+      const __m256i lo = _mm256_and_si256(raw, mask);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+      const __m256i s0 =
+          _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_shuffle_epi32(lo, 0x00), x[0]),
+                           _mm256_maddubs_epi16(_mm256_shuffle_epi32(lo, 0x55), x[1]));
+      const __m256i s1 =
+          _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_shuffle_epi32(lo, 0xAA), x[2]),
+                           _mm256_maddubs_epi16(_mm256_shuffle_epi32(lo, 0xFF), x[3]));
+      const __m256i s2 =
+          _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_shuffle_epi32(hi, 0x00), x[4]),
+                           _mm256_maddubs_epi16(_mm256_shuffle_epi32(hi, 0x55), x[5]));
+      const __m256i s3 =
+          _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_shuffle_epi32(hi, 0xAA), x[6]),
+                           _mm256_maddubs_epi16(_mm256_shuffle_epi32(hi, 0xFF), x[7]));
+      const __m256i sum16 = _mm256_add_epi16(_mm256_add_epi16(s0, s1), _mm256_add_epi16(s2, s3));
+      const float wo = kType == QuantType::kQ4_0 ? -8.0f * dw : load_half(w + 2);
+      offset[c] = _mm256_fmadd_ps(xsv, _mm256_set1_ps(wo), offset[c]);
+      acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, ones)),
+                               _mm256_mul_ps(xdv, _mm256_set1_ps(dw)), acc[c]);
+    }
+  }
+  for (int c = 0; c < kCols; ++c) total[c] = _mm256_add_ps(acc[c], offset[c]);
+}
+
 template <QuantType kType, int kRows>
 void tile_rows_wide(const uint8_t* weight, int64_t n_rows, const int8_t* xi, int64_t blocks,
                     const float* xd, const float* xs, float* out, int64_t out_stride) {
-  constexpr int64_t block_bytes = kBlockBytes<kType>;
-  const __m256i ones = _mm256_set1_epi16(1);
-  const int64_t row_bytes = blocks * block_bytes;
-  alignas(32) uint8_t unpacked[32];
-  for (int64_t j = 0; j < n_rows; ++j) {
+  const int64_t row_bytes = blocks * kBlockBytes<kType>;
+  auto store = [&](__m256 sums_v, int64_t j) {
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, sums_v);
+    for (int r = 0; r < kRows; ++r) out[r * out_stride + j] = sums[r];
+  };
+  int64_t j = 0;
+  for (; j < n_rows; j += 2) {
     const uint8_t* row = weight + j * row_bytes;
     if (j + kPrefetchRows < n_rows)
-      for (int64_t off = 0; off < row_bytes; off += 64)
+      for (int64_t off = 0; off < 2 * row_bytes; off += 64)
         _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * row_bytes + off),
                      _MM_HINT_T0);
-    __m256 acc = _mm256_setzero_ps();
-    __m256 offset = _mm256_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b) {
-      const uint8_t* w = row + b * block_bytes;
-      const float dw = load_half(w);
-      const int8_t* xb = xi + b * kInterleavedBlockBytes;
-      auto group = [&](int g) {
-        int32_t word;
-        std::memcpy(&word, unpacked + 4 * g, 4);
-        return _mm256_set1_epi32(word);
-      };
-      auto xg = [&](int g) {
-        return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32 * g));
-      };
-      _mm256_store_si256(reinterpret_cast<__m256i*>(unpacked),
-                         unpack_nibbles(w + (kType == QuantType::kQ4_1 ? 4 : 2)));
-      __m256i sum16 = _mm256_maddubs_epi16(group(0), xg(0));
-      for (int g = 1; g < 8; ++g)
-        sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(group(g), xg(g)));
-      const __m256i isum = _mm256_madd_epi16(sum16, ones);
-      const float wo = kType == QuantType::kQ4_0 ? -8.0f * dw : load_half(w + 2);
-      offset = _mm256_fmadd_ps(_mm256_loadu_ps(xs + b * 8), _mm256_set1_ps(wo), offset);
-      const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(xd + b * 8), _mm256_set1_ps(dw));
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc);
+    __m256 total[2];
+    if (j + 1 < n_rows) {
+      const uint8_t* rows[2] = {row, row + row_bytes};
+      wide_rows<kType, 2>(rows, blocks, xi, xd, xs, total);
+      store(total[0], j);
+      store(total[1], j + 1);
+    } else {
+      const uint8_t* rows[1] = {row};
+      wide_rows<kType, 1>(rows, blocks, xi, xd, xs, total);
+      store(total[0], j);
     }
-    alignas(32) float sums[8];
-    _mm256_store_ps(sums, _mm256_add_ps(acc, offset));
-    for (int r = 0; r < kRows; ++r) out[r * out_stride + j] = sums[r];
   }
 }
 

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import fastllm
 from fastllm.config import EngineArgs
 from fastllm.engine.async_llm import AsyncLLM
+from fastllm.engine.llm_engine import serve_large_allocations_from_mmap
 from fastllm.entrypoints.openai.cli_args import parse_args
 from fastllm.entrypoints.openai.metrics import ServerMetrics
 from fastllm.entrypoints.openai.protocol import (
@@ -235,6 +236,7 @@ def run(ns: argparse.Namespace) -> int:
 
     logging.basicConfig(level=os.environ.get("FASTLLM_LOGGING_LEVEL", "INFO").upper(),
                         format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    serve_large_allocations_from_mmap()
     try:
         engine = AsyncLLM(engine_args_from(ns))
         app = build_app(engine, ns)
@@ -247,7 +249,7 @@ def run(ns: argparse.Namespace) -> int:
     logger.info("fastllm %s serving %s at %s://%s:%d (KV cache: %d blocks x %d tokens, "
                 "max_model_len %d, ready in %.2f s)", fastllm.__version__,
                 engine.core.source_name, scheme, host, ns.port, stats.num_total_blocks,
-                ns.block_size, engine.core.max_model_len, engine.core.startup_seconds)
+                engine.core.block_size, engine.core.max_model_len, engine.core.startup_seconds)
     uvicorn.run(app, host=host, port=ns.port, log_level=ns.uvicorn_log_level,
                 ssl_keyfile=ns.ssl_keyfile, ssl_certfile=ns.ssl_certfile,
                 ssl_ca_certs=ns.ssl_ca_certs, ssl_cert_reqs=ns.ssl_cert_reqs,

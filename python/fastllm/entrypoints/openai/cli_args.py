@@ -112,7 +112,8 @@ def make_parser() -> argparse.ArgumentParser:
     a("--tensor-parallel-size", "-tp", type=int, default=1)
     a("--max-parallel-loading-workers", type=int, default=None)
     a("--ray-workers-use-nsight", action="store_true", default=False)
-    a("--block-size", type=int, default=16, choices=[8, 16, 32])
+    a("--block-size", type=int, default=None, choices=[8, 16, 32],
+      help="tokens per KV block (default: 16 on a GPU, 8 on a CPU)")
     a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     a("--use-v2-block-manager", action="store_true", default=False)
     a("--num-lookahead-slots", type=int, default=0)
