@@ -52,9 +52,11 @@ def serve_large_allocations_from_mmap(threshold: int = 128 << 10) -> None:
     its mmap threshold after the first large free and serves them from the heap, whose freed
     middle stays resident (10-15 MB more at 16 concurrent requests on the default model)."""
     libc = _libc()
-    m_mmap_threshold = -3
+    m_mmap_threshold, m_arena_max = -3, -8
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(m_mmap_threshold, threshold)
+        # Two heaps, not eight per core: each thread's arena keeps its own freed memory.
+        libc.mallopt(m_arena_max, 2)
 
 
 class EngineCore:
