@@ -217,6 +217,47 @@ TEST(Engine, PrefixCacheHitsAcrossRequests) {
   EXPECT_EQ(s.num_free_blocks, s.num_total_blocks);
 }
 
+// A prompt ending inside a block: later requests with that prompt reuse the whole prompt but its
+// last token, by copying the tail block, both after the first finished and while it still
+// decodes into that block. The checking executor reads every token back through the copies.
+TEST(Engine, PromptTailsInPartialBlocksAreReused) {
+  std::mt19937 rng(9);
+  const std::vector<int32_t> prompt = random_prompt(rng, 11);  // 8 + 3 with blocks of 8
+  EngineConfig cfg = make_config(64, /*block_size=*/8);
+  auto exec = std::make_shared<CheckingExecutor>(cfg);
+  Engine engine(cfg, exec);
+  SamplingParams p;
+  p.max_tokens = 12;
+  const auto reference = FakeExecutor::reference_generate(prompt, 12, kVocab, {kEos});
+  engine.add_request("first", prompt, p);
+  Outcome first = drain(engine);
+  EXPECT_EQ(first.cached.at("first"), 0);
+  for (const char* id : {"a", "b", "c"}) engine.add_request(id, prompt, p);
+  Outcome later = drain(engine);
+  for (const char* id : {"a", "b", "c"}) {
+    EXPECT_EQ(later.cached.at(id), 10) << id;
+    EXPECT_EQ(later.tokens.at(id), reference) << id;
+  }
+  // "x" is still decoding into its tail block when "y" copies the prompt part of it.
+  const std::vector<int32_t> other = random_prompt(rng, 13);
+  engine.add_request("x", other, p);
+  std::vector<int32_t> x_tokens;
+  for (int i = 0; i < 2; ++i)
+    for (const RequestOutput& o : engine.step())
+      x_tokens.insert(x_tokens.end(), o.new_token_ids.begin(), o.new_token_ids.end());
+  ASSERT_EQ(x_tokens.size(), 2u);
+  engine.add_request("y", other, p);
+  Outcome both = drain(engine);
+  both.tokens["x"].insert(both.tokens["x"].begin(), x_tokens.begin(), x_tokens.end());
+  const auto other_reference = FakeExecutor::reference_generate(other, 12, kVocab, {kEos});
+  EXPECT_EQ(both.tokens.at("x"), other_reference);
+  EXPECT_EQ(both.tokens.at("y"), other_reference);
+  EXPECT_EQ(both.cached.at("y"), 12);
+  EngineStats s = engine.stats();
+  EXPECT_EQ(s.prefix_hits, 3 * 10 + 12);
+  EXPECT_EQ(s.num_free_blocks, s.num_total_blocks);
+}
+
 // The executor maps KV memory lazily, so the blocks a long run touches are its resident memory.
 // With few sequences at a time in a large pool, freed and cached blocks are reused before fresh
 // ones: the run touches blocks 1..k with k bounded by the peak working set, not the pool.

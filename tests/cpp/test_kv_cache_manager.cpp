@@ -87,6 +87,65 @@ TEST(KVCacheManager, PrefixHitIsCappedSoOneTokenIsComputed) {
   EXPECT_EQ(kv.find_cached_prefix(c).num_tokens, 16);
 }
 
+TEST(KVCacheManager, PromptTailInAPartialBlockIsReusedThroughACopy) {
+  KVCacheManager kv({12, 0, 8, true});
+  Request a = make_request("a", iota_tokens(11));  // one full block + 3 tokens
+  prefill(kv, a);
+  // The same prompt: the full block, then 2 of the 3 tail tokens (the last one is computed).
+  Request b = make_request("b", iota_tokens(11));
+  CachedPrefix p = kv.find_cached_prefix(b);
+  ASSERT_EQ(p.blocks.size(), 1u);
+  EXPECT_EQ(p.blocks[0], a.block_ids[0]);
+  EXPECT_EQ(p.partial_block, a.block_ids[1]);
+  EXPECT_EQ(p.partial_tokens, 2);
+  EXPECT_EQ(p.num_tokens, 10);
+  EXPECT_EQ(kv.num_blocks_needed(b, 1, &p), 1);  // the copy of the tail block
+  kv.allocate_slots(b, 1, &p);
+  EXPECT_EQ(b.num_computed_tokens, 10);
+  ASSERT_EQ(b.block_ids.size(), 2u);
+  EXPECT_EQ(b.block_ids[0], a.block_ids[0]);
+  EXPECT_NE(b.block_ids[1], a.block_ids[1]);
+  const std::vector<int32_t> copy = {a.block_ids[1], b.block_ids[1]};
+  EXPECT_EQ(kv.pending_ops().copy, copy);
+  EXPECT_EQ(kv.prefix_hits(), 10);
+  // The source stays referenced until the step that copies it has run.
+  kv.free(a);
+  EXPECT_EQ(kv.device_pool().ref_count(copy[0]), 1);
+  kv.begin_step();
+  EXPECT_EQ(kv.device_pool().ref_count(copy[0]), 0);
+
+  // A tail is keyed by all of its tokens: a prompt sharing only 2 of the 3 reuses the full
+  // block alone, as does one diverging in the tail's first token.
+  std::vector<int32_t> t = iota_tokens(10);
+  t.push_back(7);
+  t.push_back(7);
+  Request c = make_request("c", t);
+  CachedPrefix pc = kv.find_cached_prefix(c);
+  EXPECT_EQ(pc.num_tokens, 8);
+  EXPECT_EQ(pc.partial_block, -1);
+  std::vector<int32_t> u = iota_tokens(8);
+  u.insert(u.end(), {1, 2, 3});
+  Request d = make_request("d", u);
+  CachedPrefix pd = kv.find_cached_prefix(d);
+  EXPECT_EQ(pd.num_tokens, 8);
+  EXPECT_EQ(pd.partial_block, -1);
+}
+
+TEST(KVCacheManager, EvictingAPartialBlockDropsItsKey) {
+  KVCacheManager kv({4, 0, 8, true});  // 3 usable blocks
+  Request a = make_request("a", iota_tokens(5));
+  prefill(kv, a);
+  kv.free(a);
+  Request b = make_request("b", iota_tokens(5));
+  EXPECT_EQ(kv.find_cached_prefix(b).num_tokens, 4);
+  Request c = make_request("c", iota_tokens(24, 5000));  // needs every block
+  prefill(kv, c);
+  EXPECT_EQ(kv.find_cached_prefix(b).num_tokens, 0);
+  kv.free(c);
+  EXPECT_TRUE(kv.reset_prefix_cache());
+  EXPECT_EQ(kv.find_cached_prefix(b).num_tokens, 0);
+}
+
 TEST(KVCacheManager, HitsSurviveFreeUntilEvicted) {
   KVCacheManager kv({4, 0, 8, true});  // 3 usable blocks
   Request a = make_request("a", iota_tokens(17));

@@ -103,6 +103,7 @@ def test_chunked_prefill_matches_hf(prompt_ids, hf_outputs):
 def test_preemption_keeps_greedy_output(prompt_ids, hf_outputs):
     # 17 usable blocks of 16 tokens: one request of max_model_len fits, the batch does not.
     llm = LLM(max_model_len=256, quantized_weights="dequantize", num_gpu_blocks_override=18,
+              block_size=16,
               enable_prefix_caching=False)
     outs = run_greedy(llm, prompt_ids)
     assert [o.outputs[0].token_ids for o in outs] == hf_outputs
@@ -111,6 +112,7 @@ def test_preemption_keeps_greedy_output(prompt_ids, hf_outputs):
 
 def test_preemption_by_swap_keeps_greedy_output(prompt_ids, hf_outputs):
     llm = LLM(max_model_len=256, quantized_weights="dequantize", num_gpu_blocks_override=18,
+              block_size=16,
               preemption_mode="swap",
               swap_space=0.1, enable_prefix_caching=False)
     outs = run_greedy(llm, prompt_ids)
@@ -130,6 +132,21 @@ def test_prefix_cache_hits_keep_greedy_output(default_llm, hf_reference_model):
     assert first.outputs[0].token_ids == hf_greedy(hf_reference_model.model, ids[0], NEW_TOKENS)
     assert second.outputs[0].token_ids == hf_greedy(hf_reference_model.model, ids[1],
                                                     NEW_TOKENS)
+
+
+def test_repeated_prompt_reuses_its_partial_tail_block(default_llm, hf_reference_model):
+    # 13 tokens: one full block of 8 on the CPU, and a tail of 5 in the next block. The second
+    # request reuses all but the last token (a copy of the tail block) and gives the same text.
+    ids = hf_reference_model.tokenizer(
+        "The old lighthouse keeper slowly climbed the narrow stairs again at dusk to light the "
+        "lamp", add_special_tokens=False)["input_ids"][:13]
+    assert len(ids) == 13 and default_llm.llm_engine.core.block_size == 8
+    first = default_llm.generate([{"prompt_token_ids": ids}], GREEDY, use_tqdm=False)[0]
+    second = default_llm.generate([{"prompt_token_ids": ids}], GREEDY, use_tqdm=False)[0]
+    assert second.num_cached_tokens == 12
+    expected = hf_greedy(hf_reference_model.model, ids, NEW_TOKENS)
+    assert first.outputs[0].token_ids == expected
+    assert second.outputs[0].token_ids == expected
 
 
 @pytest.mark.parametrize("fixture_name", ["tiny_llama_dir", "tiny_llama_sharded_dir",
@@ -235,15 +252,16 @@ def test_parallel_sampling_and_best_of(default_llm):
     assert len({tuple(c.token_ids) for c in out.outputs}) == 3  # distinct child seeds
     again = default_llm.generate("Once upon a time", params, use_tqdm=False)[0]
     assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
-    # The later children take the prompt's full blocks from the prefix cache: 41 prompt tokens
-    # are 2 full blocks of 16, computed once instead of four times.
+    # The later children take the first child's prompt from the prefix cache: 41 prompt tokens
+    # are 5 full blocks of 8 and a tail of 1 (copied), so each sibling computes only its last
+    # token.
     engine = default_llm.llm_engine
     before = engine.stats()
     prompt_ids = [1000 + i for i in range(41)]
     default_llm.generate([prompt_ids], SamplingParams(n=4, max_tokens=2), use_tqdm=False)
     after = engine.stats()
-    assert after.prefix_hits - before.prefix_hits == 3 * 32
-    assert after.num_prompt_tokens_computed - before.num_prompt_tokens_computed == 41 + 3 * 9
+    assert after.prefix_hits - before.prefix_hits == 3 * 40
+    assert after.num_prompt_tokens_computed - before.num_prompt_tokens_computed == 41 + 3 * 1
     best = default_llm.generate("Once upon a time", SamplingParams(
         n=2, best_of=5, temperature=1.0, max_tokens=12, seed=3, ignore_eos=True),
         use_tqdm=False)[0]

@@ -66,10 +66,16 @@ void BlockPool::unlink_free(int32_t block) {
 
 void BlockPool::drop_hash(int32_t block) {
   Block& b = blocks_[block];
-  if (!b.has_hash) return;
-  auto it = index_.find(b.hash);
-  if (it != index_.end() && it->second == block) index_.erase(it);
-  b.has_hash = false;
+  if (b.has_hash) {
+    auto it = index_.find(b.hash);
+    if (it != index_.end() && it->second == block) index_.erase(it);
+    b.has_hash = false;
+  }
+  if (b.has_partial) {
+    auto it = partial_index_.find(b.partial_key);
+    if (it != partial_index_.end() && it->second == block) partial_index_.erase(it);
+    b.has_partial = false;
+  }
 }
 
 void BlockPool::allocate(int32_t n, std::vector<int32_t>& out) {
@@ -111,7 +117,7 @@ void BlockPool::release(const int32_t* blocks, int32_t n) {
     }
     if (--b.ref_count > 0) continue;
     // Cached blocks wait at the tail in LRU order; an uncached one is reused first.
-    if (b.has_hash) {
+    if (b.cached()) {
       push_free_tail(block);
     } else {
       push_free_head(block);
@@ -136,10 +142,33 @@ void BlockPool::register_block(int32_t block, uint64_t hash) {
   Block& b = blocks_[block];
   if (b.has_hash) return;
   if (!index_.emplace(hash, block).second) return;
+  const bool was_cached = b.cached();
   b.has_hash = true;
   b.hash = hash;
   // An unreferenced block now holds a cached prefix: move it among the cached blocks.
-  if (b.in_free_list) {
+  if (b.in_free_list && !was_cached) {
+    unlink_free(block);
+    push_free_tail(block);
+  }
+}
+
+int32_t BlockPool::lookup_partial(uint64_t key) const {
+  auto it = partial_index_.find(key);
+  return it == partial_index_.end() ? -1 : it->second;
+}
+
+void BlockPool::register_partial(int32_t block, uint64_t key) {
+  if (is_fresh(block)) {
+    throw EngineError("BlockPool::register_partial: block " + std::to_string(block) +
+                      " was never allocated");
+  }
+  Block& b = blocks_[block];
+  if (b.has_partial) return;
+  if (!partial_index_.emplace(key, block).second) return;
+  const bool was_cached = b.cached();
+  b.has_partial = true;
+  b.partial_key = key;
+  if (b.in_free_list && !was_cached) {
     unlink_free(block);
     push_free_tail(block);
   }
@@ -147,8 +176,9 @@ void BlockPool::register_block(int32_t block, uint64_t hash) {
 
 bool BlockPool::reset_prefix_cache() {
   if (num_free_ != num_blocks() - 1) return false;
-  for (Block& b : blocks_) b.has_hash = false;
+  for (Block& b : blocks_) b.has_hash = b.has_partial = false;
   index_.clear();
+  partial_index_.clear();
   return true;
 }
 

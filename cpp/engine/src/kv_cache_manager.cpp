@@ -23,6 +23,9 @@ uint64_t hash_block(uint64_t parent, uint64_t salt, const int32_t* tokens, int32
 
 int32_t ceil_div(int32_t a, int32_t b) { return (a + b - 1) / b; }
 
+// Keeps partial-block keys apart from whole-block hashes.
+constexpr uint64_t kPartialSalt = 0x9e3779b97f4a7c15ull;
+
 }  // namespace
 
 KVCacheManager::KVCacheManager(const KVCacheConfig& config)
@@ -62,7 +65,20 @@ CachedPrefix KVCacheManager::find_cached_prefix(Request& req) {
     if (block < 0) break;
     prefix.blocks.push_back(block);
   }
-  prefix.num_tokens = static_cast<int32_t>(prefix.blocks.size()) * bs;
+  const int32_t full = static_cast<int32_t>(prefix.blocks.size());
+  // Then a partial block keyed by its first n tokens, the longest first; all but the request's
+  // last token are usable.
+  const int32_t rest = req.num_tokens() - full * bs;
+  const uint64_t parent = full == 0 ? 0 : req.block_hashes[full - 1];
+  for (int32_t n = std::min(rest, bs - 1); n >= 1 && rest > 1; --n) {
+    const int32_t block = device_.lookup_partial(
+        hash_block(parent, req.cache_salt ^ kPartialSalt, req.token_ids.data() + full * bs, n));
+    if (block < 0) continue;
+    prefix.partial_block = block;
+    prefix.partial_tokens = std::min(n, rest - 1);
+    break;
+  }
+  prefix.num_tokens = full * bs + prefix.partial_tokens;
   return prefix;
 }
 
@@ -85,6 +101,8 @@ int32_t KVCacheManager::num_blocks_needed(const Request& req, int32_t num_new_to
     for (int32_t b : prefix->blocks) {
       if (device_.ref_count(b) == 0) ++needed;  // taking it back removes it from the free list
     }
+    // The copied partial block is held until the copy ran.
+    if (prefix->partial_block >= 0 && device_.ref_count(prefix->partial_block) == 0) ++needed;
   }
   needed += std::max(0, ceil_div(computed + num_new_tokens, config_.block_size) - held);
   if (needs_copy_on_write(req)) ++needed;
@@ -107,15 +125,26 @@ void KVCacheManager::allocate_slots(Request& req, int32_t num_new_tokens,
     prefix_queries_ += req.num_tokens();
     prefix_hits_ += prefix->num_tokens;
   }
-  if (prefix != nullptr && !prefix->blocks.empty()) {
+  if (prefix != nullptr && prefix->num_tokens > 0) {
     if (!req.block_ids.empty()) {
       throw EngineError("allocate_slots: a cached prefix for request " + req.id +
                         " that already holds blocks");
     }
     for (int32_t b : prefix->blocks) device_.touch(b);
     req.block_ids = prefix->blocks;
-    req.num_computed_tokens = prefix->num_tokens;
     req.num_registered_blocks = static_cast<int32_t>(prefix->blocks.size());
+    if (prefix->partial_block >= 0) {
+      // The request writes its own tokens after the shared ones: it gets a copy, and the source
+      // stays referenced until the step that copies it has run (begin_step releases it).
+      device_.touch(prefix->partial_block);
+      copied_partial_sources_.push_back(prefix->partial_block);
+      scratch_.clear();
+      device_.allocate(1, scratch_);
+      pending_.copy.push_back(prefix->partial_block);
+      pending_.copy.push_back(scratch_[0]);
+      req.block_ids.push_back(scratch_[0]);
+    }
+    req.num_computed_tokens = prefix->num_tokens;
   }
   if (needs_copy_on_write(req)) {
     const int32_t idx = req.num_computed_tokens / bs;
@@ -134,6 +163,7 @@ void KVCacheManager::allocate_slots(Request& req, int32_t num_new_tokens,
 
 void KVCacheManager::cache_full_blocks(Request& req) {
   if (!config_.enable_prefix_caching) return;
+  cache_prompt_tail(req);
   const int32_t full = std::min(req.num_computed_tokens / config_.block_size,
                                 static_cast<int32_t>(req.block_ids.size()));
   if (full <= req.num_registered_blocks) return;
@@ -144,12 +174,30 @@ void KVCacheManager::cache_full_blocks(Request& req) {
   req.num_registered_blocks = full;
 }
 
+void KVCacheManager::cache_prompt_tail(Request& req) {
+  const int32_t bs = config_.block_size;
+  const int32_t prompt = req.num_prompt_tokens;
+  if (!config_.enable_prefix_caching || req.prompt_tail_registered || prompt % bs == 0 ||
+      req.num_computed_tokens < prompt) {
+    return;
+  }
+  const int32_t idx = prompt / bs;
+  if (idx >= static_cast<int32_t>(req.block_ids.size())) return;
+  ensure_block_hashes(req, idx);
+  const uint64_t parent = idx == 0 ? 0 : req.block_hashes[idx - 1];
+  device_.register_partial(req.block_ids[idx],
+                           hash_block(parent, req.cache_salt ^ kPartialSalt,
+                                      req.token_ids.data() + idx * bs, prompt % bs));
+  req.prompt_tail_registered = true;
+}
+
 void KVCacheManager::free(Request& req) {
   device_.release_reversed(req.block_ids);
   req.block_ids.clear();
   swap_.release_reversed(req.swapped_block_ids);
   req.swapped_block_ids.clear();
   req.num_registered_blocks = 0;
+  req.prompt_tail_registered = false;
 }
 
 void KVCacheManager::fork(const Request& parent, Request& child) {
@@ -164,6 +212,11 @@ void KVCacheManager::fork(const Request& parent, Request& child) {
 }
 
 void KVCacheManager::begin_step() {
+  if (!copied_partial_sources_.empty()) {
+    device_.release(copied_partial_sources_.data(),
+                    static_cast<int32_t>(copied_partial_sources_.size()));
+    copied_partial_sources_.clear();
+  }
   if (released_swap_blocks_.empty()) return;
   swap_.release(released_swap_blocks_.data(), static_cast<int32_t>(released_swap_blocks_.size()));
   released_swap_blocks_.clear();
@@ -185,6 +238,7 @@ void KVCacheManager::swap_out(Request& req) {
   device_.release_reversed(req.block_ids);
   req.block_ids.clear();
   req.num_registered_blocks = 0;
+  req.prompt_tail_registered = false;
 }
 
 bool KVCacheManager::can_swap_in(const Request& req, int32_t num_new_tokens) const {

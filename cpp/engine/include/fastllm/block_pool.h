@@ -70,6 +70,10 @@ class BlockPool {
   // never handed out.
   void register_block(int32_t block, uint64_t hash);
   bool is_registered(int32_t block) const { return blocks_[block].has_hash; }
+  // A second index for partial blocks: key -> block whose first tokens match the key (the tail
+  // of a prompt that ended inside the block). A block may carry one of each; eviction drops both.
+  int32_t lookup_partial(uint64_t key) const;
+  void register_partial(int32_t block, uint64_t key);
   // Forgets every cached hash of unreferenced blocks. Returns false if some block is in use.
   bool reset_prefix_cache();
   int32_t num_cached_blocks() const { return static_cast<int32_t>(index_.size()); }
@@ -82,6 +86,9 @@ class BlockPool {
     bool in_free_list = false;
     bool has_hash = false;
     uint64_t hash = 0;
+    bool has_partial = false;
+    uint64_t partial_key = 0;
+    bool cached() const { return has_hash || has_partial; }
   };
 
   bool is_fresh(int32_t block) const { return block >= next_fresh_; }
@@ -92,6 +99,7 @@ class BlockPool {
 
   std::vector<Block> blocks_;
   std::unordered_map<uint64_t, int32_t> index_;
+  std::unordered_map<uint64_t, int32_t> partial_index_;
   int32_t head_ = -1;
   int32_t tail_ = -1;
   int32_t next_fresh_ = 1;  // blocks [next_fresh_, num_blocks) were never handed out

@@ -2,7 +2,10 @@
 // prefix cache (chained block hashes) and copy-on-write forks. Engine-thread only.
 //
 // Block hashes chain: hash(block i) = H(hash(block i-1), cache_salt, tokens of block i), so equal
-// hashes mean equal whole prefixes. Only full blocks of computed tokens are ever registered.
+// hashes mean equal whole prefixes. Full blocks of computed tokens are registered; so is the
+// partial last block of a computed prompt, under a key of its first tokens (a prompt that ends
+// mid-block), so a later request with the same prompt reuses all of it but its last token, as
+// with whole blocks, instead of recomputing up to block_size - 1 tokens.
 //
 // Check-then-act: every can_X(...) is a pure check; the matching X(...) must only be called after
 // it returned true, and the block operations it implies (copies, swaps) are queued in
@@ -24,10 +27,14 @@ struct KVCacheConfig {
   bool enable_prefix_caching = true;
 };
 
-// A prefix-cache hit for a request that holds no blocks yet.
+// A prefix-cache hit for a request that holds no blocks yet: whole blocks, then possibly the
+// first tokens of a partial block (the tail of an earlier prompt), which the request gets a copy
+// of (the source keeps its cached content).
 struct CachedPrefix {
   std::vector<int32_t> blocks;
-  int32_t num_tokens = 0;  // blocks.size() * block_size
+  int32_t partial_block = -1;
+  int32_t partial_tokens = 0;
+  int32_t num_tokens = 0;  // blocks.size() * block_size + partial_tokens
 };
 
 // Block operations the executor applies before the forward pass, in this order:
@@ -54,8 +61,9 @@ class KVCacheManager {
   const BlockPool& device_pool() const { return device_; }
   const BlockPool& swap_pool() const { return swap_; }
 
-  // Longest cached prefix of req in full blocks, capped so that at least one token is left to
-  // compute. Empty when prefix caching is off or the request wants prompt logprobs.
+  // Longest cached prefix of req: full blocks, then the longest cached partial block after them,
+  // capped so that at least one token is left to compute. Empty when prefix caching is off or
+  // the request wants prompt logprobs.
   CachedPrefix find_cached_prefix(Request& req);
 
   // Blocks that allocate_slots would take from the free list (including blocks of `prefix` that
@@ -69,7 +77,8 @@ class KVCacheManager {
   // prefix length, and the lookup is counted in the hit-rate counters.
   void allocate_slots(Request& req, int32_t num_new_tokens, const CachedPrefix* prefix = nullptr);
 
-  // Registers the request's full, computed blocks in the prefix cache (no-op when caching is off).
+  // Registers the request's full, computed blocks in the prefix cache, and its prompt's partial
+  // last block once the prompt is computed (no-op when caching is off).
   void cache_full_blocks(Request& req);
 
   // Releases every device and swap block the request holds (tail first).
@@ -97,6 +106,7 @@ class KVCacheManager {
  private:
   void ensure_block_hashes(Request& req, int32_t num_full_blocks) const;
   bool needs_copy_on_write(const Request& req) const;
+  void cache_prompt_tail(Request& req);
 
   KVCacheConfig config_;
   BlockPool device_;
@@ -104,6 +114,7 @@ class KVCacheManager {
   BlockOps pending_;
   std::vector<int32_t> scratch_;
   std::vector<int32_t> released_swap_blocks_;
+  std::vector<int32_t> copied_partial_sources_;  // held until the copy has been executed
   int64_t prefix_queries_ = 0;
   int64_t prefix_hits_ = 0;
 };
