@@ -134,17 +134,18 @@ int32_t BlockPool::lookup(uint64_t hash) const {
   return it == index_.end() ? -1 : it->second;
 }
 
-void BlockPool::register_block(int32_t block, uint64_t hash) {
+void BlockPool::register_key(int32_t block, uint64_t key, bool partial) {
   if (is_fresh(block)) {
-    throw EngineError("BlockPool::register_block: block " + std::to_string(block) +
+    throw EngineError("BlockPool::register: block " + std::to_string(block) +
                       " was never allocated");
   }
   Block& b = blocks_[block];
-  if (b.has_hash) return;
-  if (!index_.emplace(hash, block).second) return;
+  bool& has = partial ? b.has_partial : b.has_hash;
+  if (has) return;
+  if (!(partial ? partial_index_ : index_).emplace(key, block).second) return;
   const bool was_cached = b.cached();
-  b.has_hash = true;
-  b.hash = hash;
+  has = true;
+  (partial ? b.partial_key : b.hash) = key;
   // An unreferenced block now holds a cached prefix: move it among the cached blocks.
   if (b.in_free_list && !was_cached) {
     unlink_free(block);
@@ -152,27 +153,14 @@ void BlockPool::register_block(int32_t block, uint64_t hash) {
   }
 }
 
+void BlockPool::register_block(int32_t block, uint64_t hash) { register_key(block, hash, false); }
+
 int32_t BlockPool::lookup_partial(uint64_t key) const {
   auto it = partial_index_.find(key);
   return it == partial_index_.end() ? -1 : it->second;
 }
 
-void BlockPool::register_partial(int32_t block, uint64_t key) {
-  if (is_fresh(block)) {
-    throw EngineError("BlockPool::register_partial: block " + std::to_string(block) +
-                      " was never allocated");
-  }
-  Block& b = blocks_[block];
-  if (b.has_partial) return;
-  if (!partial_index_.emplace(key, block).second) return;
-  const bool was_cached = b.cached();
-  b.has_partial = true;
-  b.partial_key = key;
-  if (b.in_free_list && !was_cached) {
-    unlink_free(block);
-    push_free_tail(block);
-  }
-}
+void BlockPool::register_partial(int32_t block, uint64_t key) { register_key(block, key, true); }
 
 bool BlockPool::reset_prefix_cache() {
   if (num_free_ != num_blocks() - 1) return false;

@@ -96,6 +96,7 @@ class BlockPool {
   void push_free_tail(int32_t block);
   void unlink_free(int32_t block);
   void drop_hash(int32_t block);
+  void register_key(int32_t block, uint64_t key, bool partial);
 
   std::vector<Block> blocks_;
   std::unordered_map<uint64_t, int32_t> index_;

@@ -6,6 +6,7 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "quant_gemm_impl.h"
 
@@ -283,49 +284,39 @@ void tile_rows_wide(const uint8_t* weight, int64_t n_rows, const int8_t* xi, int
   }
 }
 
+// Calls f(std::integral_constant<int, rows>) for a tile of 3..8 rows (8 for more).
+template <typename F>
+void with_wide_rows(int64_t m_rows, F&& f) {
+  switch (m_rows) {
+    case 3:
+      return f(std::integral_constant<int, 3>());
+    case 4:
+      return f(std::integral_constant<int, 4>());
+    case 5:
+      return f(std::integral_constant<int, 5>());
+    case 6:
+      return f(std::integral_constant<int, 6>());
+    case 7:
+      return f(std::integral_constant<int, 7>());
+    default:
+      return f(std::integral_constant<int, 8>());
+  }
+}
+
 template <QuantType kType>
 void tile_type(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64_t blocks,
                const float* xd, const float* xs, const int8_t* xi, int64_t m_rows, float* out,
                int64_t out_stride) {
-  if constexpr (kType == QuantType::kQ8_0) {
-    switch (m_rows) {
-      case 1:
-        return tile_rows<kType, 1>(weight, n_rows, x, blocks, out, out_stride);
-      case 2:
-        return tile_rows<kType, 2>(weight, n_rows, x, blocks, out, out_stride);
-      case 3:
-        return tile_rows_q8_wide<3>(weight, n_rows, x, blocks, xd, out, out_stride);
-      case 4:
-        return tile_rows_q8_wide<4>(weight, n_rows, x, blocks, xd, out, out_stride);
-      case 5:
-        return tile_rows_q8_wide<5>(weight, n_rows, x, blocks, xd, out, out_stride);
-      case 6:
-        return tile_rows_q8_wide<6>(weight, n_rows, x, blocks, xd, out, out_stride);
-      case 7:
-        return tile_rows_q8_wide<7>(weight, n_rows, x, blocks, xd, out, out_stride);
-      default:
-        return tile_rows_q8_wide<8>(weight, n_rows, x, blocks, xd, out, out_stride);
+  if (m_rows == 1) return tile_rows<kType, 1>(weight, n_rows, x, blocks, out, out_stride);
+  if (m_rows == 2) return tile_rows<kType, 2>(weight, n_rows, x, blocks, out, out_stride);
+  with_wide_rows(m_rows, [&](auto rows) {
+    if constexpr (kType == QuantType::kQ8_0) {
+      tile_rows_q8_wide<decltype(rows)::value>(weight, n_rows, x, blocks, xd, out, out_stride);
+    } else {
+      tile_rows_wide<kType, decltype(rows)::value>(weight, n_rows, xi, blocks, xd, xs, out,
+                                                   out_stride);
     }
-  } else {
-    switch (m_rows) {
-      case 1:
-        return tile_rows<kType, 1>(weight, n_rows, x, blocks, out, out_stride);
-      case 2:
-        return tile_rows<kType, 2>(weight, n_rows, x, blocks, out, out_stride);
-      case 3:
-        return tile_rows_wide<kType, 3>(weight, n_rows, xi, blocks, xd, xs, out, out_stride);
-      case 4:
-        return tile_rows_wide<kType, 4>(weight, n_rows, xi, blocks, xd, xs, out, out_stride);
-      case 5:
-        return tile_rows_wide<kType, 5>(weight, n_rows, xi, blocks, xd, xs, out, out_stride);
-      case 6:
-        return tile_rows_wide<kType, 6>(weight, n_rows, xi, blocks, xd, xs, out, out_stride);
-      case 7:
-        return tile_rows_wide<kType, 7>(weight, n_rows, xi, blocks, xd, xs, out, out_stride);
-      default:
-        return tile_rows_wide<kType, 8>(weight, n_rows, xi, blocks, xd, xs, out, out_stride);
-    }
-  }
+  });
 }
 
 void tile_avx2(QuantType type, const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x,
