@@ -131,6 +131,30 @@ TEST(KVCacheManager, PromptTailInAPartialBlockIsReusedThroughACopy) {
   EXPECT_EQ(pd.partial_block, -1);
 }
 
+TEST(KVCacheManager, AnswersAreEvictedBeforeAnyPrompt) {
+  KVCacheManager kv({9, 0, 8, true});  // 8 usable blocks
+  // Two requests of 16 prompt + 16 generated tokens, computed and cached, finishing together.
+  std::vector<Request> done;
+  for (int k = 0; k < 2; ++k) {
+    Request r = make_request(k == 0 ? "a" : "b", iota_tokens(32, 1000 * (k + 1)));
+    r.num_prompt_tokens = 16;
+    kv.allocate_slots(r, 32);
+    r.num_computed_tokens = 32;
+    kv.cache_full_blocks(r);
+    done.push_back(std::move(r));
+  }
+  for (Request& r : done) kv.free(r);
+  // A new request needing 4 blocks takes the 4 answer blocks; both prompts stay cached.
+  Request c = make_request("c", iota_tokens(32, 9000));
+  kv.allocate_slots(c, 32);
+  for (int k = 0; k < 2; ++k) {
+    std::vector<int32_t> prompt = iota_tokens(16, 1000 * (k + 1));
+    prompt.push_back(7);
+    Request again = make_request("again", prompt);
+    EXPECT_EQ(kv.find_cached_prefix(again).num_tokens, 16) << k;
+  }
+}
+
 TEST(KVCacheManager, EvictingAPartialBlockDropsItsKey) {
   KVCacheManager kv({4, 0, 8, true});  // 3 usable blocks
   Request a = make_request("a", iota_tokens(5));

@@ -107,7 +107,7 @@ void BlockPool::touch(int32_t block) {
   ++b.ref_count;
 }
 
-void BlockPool::release(const int32_t* blocks, int32_t n) {
+void BlockPool::release(const int32_t* blocks, int32_t n, bool evict_first) {
   for (int32_t i = 0; i < n; ++i) {
     const int32_t block = blocks[i];
     Block& b = blocks_[block];
@@ -117,7 +117,7 @@ void BlockPool::release(const int32_t* blocks, int32_t n) {
     }
     if (--b.ref_count > 0) continue;
     // Cached blocks wait at the tail in LRU order; an uncached one is reused first.
-    if (b.cached()) {
+    if (b.cached() && !evict_first) {
       push_free_tail(block);
     } else {
       push_free_head(block);

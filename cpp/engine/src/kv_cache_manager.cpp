@@ -192,7 +192,14 @@ void KVCacheManager::cache_prompt_tail(Request& req) {
 }
 
 void KVCacheManager::free(Request& req) {
-  device_.release_reversed(req.block_ids);
+  // Prompt blocks join the LRU part of the free list (end of the prompt first); blocks holding
+  // only generated tokens are reused before any of them: prompts (system prompts, few-shot
+  // examples, a chat's history) come back far more often than a particular answer, and when many
+  // requests finish in one step this keeps every prompt ahead of the others' answers.
+  const int32_t first_generated = ceil_div(req.num_prompt_tokens, config_.block_size);
+  const int32_t n = static_cast<int32_t>(req.block_ids.size());
+  for (int32_t i = std::min(first_generated, n); i-- > 0;) device_.release(&req.block_ids[i], 1);
+  for (int32_t i = n; i-- > first_generated;) device_.release(&req.block_ids[i], 1, true);
   req.block_ids.clear();
   swap_.release_reversed(req.swapped_block_ids);
   req.swapped_block_ids.clear();

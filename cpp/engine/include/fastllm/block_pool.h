@@ -57,7 +57,9 @@ class BlockPool {
   void touch(int32_t block);
   // Drops one reference from each block, in the order given; a block reaching 0 joins the tail if
   // it is cached, the head otherwise.
-  void release(const int32_t* blocks, int32_t n);
+  // evict_first: cached blocks that reach 0 go to the head with the uncached ones (reused, and
+  // so evicted, before the LRU part), for content less likely to be asked for again.
+  void release(const int32_t* blocks, int32_t n, bool evict_first = false);
   void release_reversed(const std::vector<int32_t>& blocks);
 
   int32_t ref_count(int32_t block) const { return blocks_[block].ref_count; }
