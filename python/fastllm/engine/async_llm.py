@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastllm.config import EngineArgs
-from fastllm.engine.llm_engine import EngineCore, release_free_memory
+from fastllm.engine.llm_engine import EngineCore
 from fastllm.engine.request_state import RequestState
 from fastllm.guided import get_manager
 from fastllm.outputs import Logprob
@@ -55,7 +55,6 @@ class AsyncLLM:
         self.engine = self.core.engine
         self.metrics = metrics
         self._streams: dict[str, _Stream] = {}
-        self._trim_pending = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.errored: str | None = None
 
@@ -137,20 +136,6 @@ class AsyncLLM:
 
     # ---- output dispatch (asyncio thread) ----------------------------------------------------
 
-    def _schedule_idle_trim(self) -> None:
-        """Once the engine has stayed idle for a second, hand the C heap's free pages back to
-        the OS: a burst's freed buffers would otherwise stay resident until the next burst."""
-        if self._loop is None or self._trim_pending:
-            return
-        self._trim_pending = True
-
-        def trim() -> None:
-            self._trim_pending = False
-            if not self._streams:
-                release_free_memory()
-
-        self._loop.call_later(1.0, trim)
-
     def _on_outputs(self) -> None:
         now = time.monotonic()
         for out in self.engine.take_outputs():
@@ -186,8 +171,6 @@ class AsyncLLM:
             )
             if state.finished:
                 del self._streams[out.request_id]
-                if not self._streams:
-                    self._schedule_idle_trim()
                 if state.params.guided_decoding is not None:
                     get_manager(self.core).unregister(out.request_id)
                 if self.metrics is not None:
