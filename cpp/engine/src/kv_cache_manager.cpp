@@ -12,12 +12,20 @@ using detail::mix64;
 
 namespace {
 
+// A block's hash folds its tokens in one by one, so the hash of its first n tokens is a step on
+// the way to the hash of n + 1.
+uint64_t hash_start(uint64_t parent, uint64_t salt) {
+  return mix64(parent) ^ mix64(salt ^ 0x5851f42d4c957f2dull);
+}
+
+uint64_t hash_step(uint64_t h, int32_t token, int32_t i) {
+  return mix64(
+      h ^ (static_cast<uint64_t>(static_cast<uint32_t>(token)) | (static_cast<uint64_t>(i) << 32)));
+}
+
 uint64_t hash_block(uint64_t parent, uint64_t salt, const int32_t* tokens, int32_t n) {
-  uint64_t h = mix64(parent) ^ mix64(salt ^ 0x5851f42d4c957f2dull);
-  for (int32_t i = 0; i < n; ++i) {
-    h = mix64(h ^ (static_cast<uint64_t>(static_cast<uint32_t>(tokens[i])) |
-                   (static_cast<uint64_t>(i) << 32)));
-  }
+  uint64_t h = hash_start(parent, salt);
+  for (int32_t i = 0; i < n; ++i) h = hash_step(h, tokens[i], i);
   return h;
 }
 
@@ -66,17 +74,18 @@ CachedPrefix KVCacheManager::find_cached_prefix(Request& req) {
     prefix.blocks.push_back(block);
   }
   const int32_t full = static_cast<int32_t>(prefix.blocks.size());
-  // Then a partial block keyed by its first n tokens, the longest first; all but the request's
-  // last token are usable.
+  // Then the longest partial block keyed by its first n tokens (one hash folded token by token);
+  // all but the request's last token are usable.
   const int32_t rest = req.num_tokens() - full * bs;
-  const uint64_t parent = full == 0 ? 0 : req.block_hashes[full - 1];
-  for (int32_t n = std::min(rest, bs - 1); n >= 1 && rest > 1; --n) {
-    const int32_t block = device_.lookup_partial(
-        hash_block(parent, req.cache_salt ^ kPartialSalt, req.token_ids.data() + full * bs, n));
+  const int32_t* tail = req.token_ids.data() + full * bs;
+  uint64_t key =
+      hash_start(full == 0 ? 0 : req.block_hashes[full - 1], req.cache_salt ^ kPartialSalt);
+  for (int32_t n = 1; rest > 1 && n <= std::min(rest, bs - 1); ++n) {
+    key = hash_step(key, tail[n - 1], n - 1);
+    const int32_t block = device_.lookup_partial(key);
     if (block < 0) continue;
     prefix.partial_block = block;
     prefix.partial_tokens = std::min(n, rest - 1);
-    break;
   }
   prefix.num_tokens = full * bs + prefix.partial_tokens;
   return prefix;

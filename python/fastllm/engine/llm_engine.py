@@ -4,7 +4,7 @@ native token outputs into text outputs. Synchronous; the offline LLM API drives 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import logging
 import time
 
@@ -31,9 +31,11 @@ PromptType = str | list[int] | dict
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
+@functools.cache
 def _libc():
+    # The process's own symbols (libc among them): no library search, which spawns ldconfig.
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return ctypes.CDLL(None)
     except OSError:
         return None
 

@@ -25,6 +25,7 @@ _sample = ops.eager(ops.sample)
 _swap_blocks = ops.eager(ops.swap_blocks)
 _copy_blocks = ops.eager(ops.copy_blocks)
 
+
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     """Bytes of one block across all layers, keys and values."""
     elem = torch.empty((), dtype=dtype).element_size()

@@ -292,8 +292,9 @@ void quant_gemm_cpu(const QuantGemmParams& p) {
     quantized.resize(static_cast<size_t>(p.m * blocks));
   if (static_cast<int64_t>(tile_scales.size()) < tiles * 2 * blocks * tile)
     tile_scales.resize(static_cast<size_t>(tiles * 2 * blocks * tile));
-  // Decode-sized batches (m <= 2) use the row-major blocks only.
-  const bool interleave = p.m > 2;
+  // Only kernels that read it get the interleaved copy, for 4-bit weights; decode-sized batches
+  // (m <= 2) use the row-major blocks.
+  const bool interleave = kernels.reads_interleaved && p.type != QuantType::kQ8_0 && p.m > 2;
   if (interleave && static_cast<int64_t>(interleaved.size()) < tiles * tile_bytes)
     interleaved.resize(static_cast<size_t>(tiles * tile_bytes));
   cpu::Q8ActBlock* xq = quantized.data();

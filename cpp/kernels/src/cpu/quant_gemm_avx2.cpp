@@ -201,6 +201,7 @@ void tile_rows_q8_wide(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* 
     for (int r = 0; r < kRows; ++r) out[r * out_stride + j] = sums[r];
   }
 }
+
 // 3 to 8 rows of x against 4-bit weights, over the tile's interleaved quants (quant_gemm_impl.h):
 // each group of 4 weight values is broadcast to all 8 lanes and multiplied with 4 values of every
 // row at once, so lane r accumulates row r's dot product with no horizontal reduction. The 8
@@ -337,9 +338,9 @@ void tile_avx2(QuantType type, const uint8_t* weight, int64_t n_rows, const Q8Ac
 }
 
 #ifdef FASTLLM_QUANT_GEMM_VNNI
-const QuantGemmKernels kKernels = {"avx_vnni", quantize_row_avx2, tile_avx2};
+const QuantGemmKernels kKernels = {"avx_vnni", quantize_row_avx2, tile_avx2, true};
 #else
-const QuantGemmKernels kKernels = {"avx2", quantize_row_avx2, tile_avx2};
+const QuantGemmKernels kKernels = {"avx2", quantize_row_avx2, tile_avx2, true};
 #endif
 
 }  // namespace

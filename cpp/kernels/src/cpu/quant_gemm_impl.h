@@ -37,6 +37,8 @@ struct QuantGemmKernels {
   void (*tile)(QuantType type, const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x,
                int64_t blocks, const float* xd, const float* xs, const int8_t* xi, int64_t m_rows,
                float* out, int64_t out_stride);
+  // Whether tile reads xi for Q4_0/Q4_1 tiles of 3+ rows; the launcher builds it only then.
+  bool reads_interleaved = false;
 };
 
 const QuantGemmKernels& scalar_quant_gemm_kernels();
