@@ -7,18 +7,21 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import torch
+from fastllm import _C
 
+# Accepted spellings of the float dtypes -> canonical names (torch.<name>; numpy has all but
+# bfloat16). Dtypes stay names until an executor needs its array library's dtype object.
 _DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
+    "float32": "float32",
+    "float": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "half": "float16",
+    "fp16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
 }
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def _env_float(name: str, default: float) -> float:
@@ -111,33 +114,47 @@ class EngineArgs:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
 
-    def resolve_device(self) -> torch.device:
+    def resolve_device(self) -> str:
+        """"cpu" or "cuda". On "auto", torch is asked only when a GPU could exist (the extension
+        has CUDA kernels and a GPU driver is there), so CPU-only machines decide without
+        importing it."""
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but torch sees no CUDA device")
-        return torch.device(self.device)
+            if not (_C.ops.built_with_cuda() and _gpu_device_nodes_present()):
+                return "cpu"
+            import torch
 
-    def resolve_dtype(self, config_dtype: str | None, device: torch.device) -> torch.dtype:
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+        return self.device
+
+    def use_quantized_weights(self, is_gguf: bool, device: str) -> bool:
+        """"auto" keeps a GGUF file's quantization on the CPU; "dequantize" always loads float."""
+        return (self.quantized_weights == "auto" and is_gguf and device == "cpu"
+                and self.load_format in ("auto", "gguf"))
+
+    def resolve_dtype(self, config_dtype: str | None, device: str) -> str:
         if self.dtype != "auto":
             return _DTYPES[self.dtype]
-        if device.type == "cpu":
-            return torch.float32  # fp16/bf16 GEMMs are slow on CPUs without AMX
+        if device == "cpu":
+            return "float32"  # fp16/bf16 GEMMs are slow on CPUs without AMX
         if config_dtype in _DTYPES:
             dt = _DTYPES[config_dtype]
-            return torch.float16 if dt == torch.float32 else dt
-        return torch.float16
+            return "float16" if dt == "float32" else dt
+        return "float16"
 
-    def resolve_kv_cache_dtype(self, model_dtype: torch.dtype, quantized_on_cpu: bool
-                               ) -> torch.dtype:
+    def resolve_kv_cache_dtype(self, model_dtype: str, quantized_on_cpu: bool) -> str:
         if self.kv_cache_dtype != "auto":
             return _DTYPES[self.kv_cache_dtype]
-        return torch.float16 if quantized_on_cpu else model_dtype
+        return "float16" if quantized_on_cpu else model_dtype
 
-    def resolve_block_size(self, device: torch.device) -> int:
+    def resolve_block_size(self, device: str) -> int:
         if self.block_size is not None:
             return self.block_size
-        return 8 if device.type == "cpu" else 16
+        return 8 if device == "cpu" else 16
 
     def cpu_kv_bytes(self) -> int:
         gib = self.cpu_kvcache_space
@@ -146,6 +163,12 @@ class EngineArgs:
         if gib <= 0:
             raise ValueError("the CPU KV cache space must be positive")
         return int(gib * (1 << 30))
+
+
+def _gpu_device_nodes_present() -> bool:
+    """Whether a GPU driver's device node exists (NVIDIA, AMD ROCm, WSL2): without one, torch
+    sees no GPU either."""
+    return any(os.path.exists(node) for node in ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg"))
 
 
 @dataclass
@@ -216,3 +239,13 @@ class ModelConfig:
             sliding_window=cfg.get("sliding_window"),
             raw=cfg,
         )
+
+    def attention_window(self) -> int:
+        """The attention window of every layer, -1 for none (only Mistral's is honoured)."""
+        window = self.sliding_window if self.architecture == "MistralForCausalLM" else None
+        return int(window) if window else -1
+
+    def kv_bytes_per_block(self, block_size: int, dtype: str) -> int:
+        """Bytes of one KV block across all layers, keys and values, in dtype (a name)."""
+        return (2 * self.num_hidden_layers * block_size * self.num_key_value_heads *
+                self.head_dim * _DTYPE_BYTES[dtype])

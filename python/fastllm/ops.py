@@ -12,22 +12,25 @@ head_size]``; slot = block * block_size + offset; block 0 is the reserved null b
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
 from fastllm import _C
+from fastllm.models.quant_types import GGML_QUANT_TYPES, quant_block_info
+from fastllm.models.rope import rope_cos_sin_cache
 
 _ops = _C.ops
 
 __all__ = [
+    "GGML_QUANT_TYPES",
     "build_rope_cos_sin_cache",
     "copy_blocks",
     "eager",
     "fused_add_rms_norm",
     "gelu_and_mul",
     "paged_attention",
+    "quant_block_info",
     "quant_linear",
     "reshape_and_cache",
     "rms_norm",
@@ -262,15 +265,6 @@ def _(x, approximate="none"):
 
 # ---- quantized linear ------------------------------------------------------------------------------
 
-# ggml type ids of the GGUF block encodings quant_linear reads.
-GGML_QUANT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
-
-
-def quant_block_info(quant_type: int) -> tuple[int, int]:
-    """(values, bytes) per block of a ggml type id; (0, 0) when quant_linear cannot read it."""
-    return tuple(_ops.quant_block_info(quant_type))
-
-
 def quant_linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, quant_type: int,
                       bias: torch.Tensor | None = None, allow_simd: bool = True) -> torch.Tensor:
     """The eager body of :func:`quant_linear`, writing into ``out`` (float32 ``[..., n]``); models
@@ -437,14 +431,6 @@ def to_csr(
 # ---- rotary cos/sin cache -------------------------------------------------------------------------
 
 
-def _yarn_correction_dim(num_rotations: float, dim: int, base: float, max_position: int) -> float:
-    return (dim * math.log(max_position / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
-
-
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
 def build_rope_cos_sin_cache(
     rotary_dim: int,
     max_position: int,
@@ -452,77 +438,8 @@ def build_rope_cos_sin_cache(
     rope_scaling: dict | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """float32 ``[positions, rotary_dim]`` = cat(cos, sin) for :func:`rotary_embedding`.
-
-    ``rope_scaling`` follows the HF config dict: ``{"rope_type" | "type": "linear" | "dynamic" |
-    "llama3" | "yarn", "factor": f, ...}``. Dynamic NTK and yarn extend the table to
-    ``max_position * factor`` positions (vLLM's convention); yarn folds its magnitude scale into
-    cos and sin."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
-    positions = max_position
-    mscale = 1.0
-    position_scale = 1.0
-    kind = None
-    if rope_scaling:
-        kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
-    if kind in (None, "default"):
-        pass
-    elif kind == "linear":
-        position_scale = 1.0 / float(rope_scaling["factor"])
-    elif kind == "dynamic":
-        factor = float(rope_scaling["factor"])
-        positions = int(max_position * factor)
-        ntk_base = base * ((factor * positions / max_position) - (factor - 1)) ** (
-            rotary_dim / (rotary_dim - 2)
-        )
-        inv_freq = 1.0 / (
-            ntk_base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
-        )
-    elif kind == "llama3":
-        factor = float(rope_scaling["factor"])
-        low = float(rope_scaling.get("low_freq_factor", 1.0))
-        high = float(rope_scaling.get("high_freq_factor", 4.0))
-        old = float(rope_scaling.get("original_max_position_embeddings", 8192))
-        wavelen = 2 * math.pi / inv_freq
-        smooth = ((old / wavelen) - low) / (high - low)
-        scaled = torch.where(
-            wavelen < old / high,
-            inv_freq,
-            torch.where(
-                wavelen > old / low,
-                inv_freq / factor,
-                (1 - smooth) * inv_freq / factor + smooth * inv_freq,
-            ),
-        )
-        inv_freq = scaled
-    elif kind == "yarn":
-        factor = float(rope_scaling["factor"])
-        original = int(rope_scaling.get("original_max_position_embeddings", max_position))
-        beta_fast = float(rope_scaling.get("beta_fast", 32))
-        beta_slow = float(rope_scaling.get("beta_slow", 1))
-        low = max(math.floor(_yarn_correction_dim(beta_fast, rotary_dim, base, original)), 0)
-        high = min(
-            math.ceil(_yarn_correction_dim(beta_slow, rotary_dim, base, original)), rotary_dim - 1
-        )
-        if low == high:
-            high += 0.001
-        ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(
-            0, 1
-        )
-        extrapolation = 1 - ramp
-        inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
-        attn_factor = float(rope_scaling.get("attention_factor") or 1.0)
-        mscale_all_dim = float(rope_scaling.get("mscale_all_dim", 0) or 0)
-        mscale_value = float(rope_scaling.get("mscale", 1) or 1)
-        mscale = (
-            _yarn_mscale(factor, mscale_value) / _yarn_mscale(factor, mscale_all_dim)
-            if mscale_all_dim
-            else _yarn_mscale(factor)
-        ) * attn_factor
-        positions = int(original * factor)
-    else:
-        raise ValueError(f"unsupported rope_scaling type {kind!r}")
-    t = torch.arange(positions, dtype=torch.float64) * position_scale
-    freqs = torch.outer(t, inv_freq)
-    cache = torch.cat([freqs.cos() * mscale, freqs.sin() * mscale], dim=-1)
-    return cache.to(device=device, dtype=torch.float32).contiguous()
+    """:func:`fastllm.models.rope.rope_cos_sin_cache` as a tensor on ``device``: one
+    implementation, so the torch model and the torch-free CPU path share the same table bit for
+    bit."""
+    cache = rope_cos_sin_cache(rotary_dim, max_position, base, rope_scaling)
+    return torch.from_numpy(cache).to(device)

@@ -49,7 +49,8 @@ class _Stream:
 
 class AsyncLLM:
     def __init__(self, args: EngineArgs, metrics=None):
-        self.core = EngineCore(args)
+        # A server keeps the process torch-free where the model allows it (see EngineCore).
+        self.core = EngineCore(args, torch_free=True)
         self.args = args
         self.tokenizer = self.core.tokenizer
         self.engine = self.core.engine

@@ -8,7 +8,7 @@ import functools
 import logging
 import time
 
-import torch
+import numpy as np
 
 from fastllm import _C
 from fastllm.config import EngineArgs, ModelConfig
@@ -16,13 +16,12 @@ from fastllm.engine.beam_search import Beam, BeamSearchParams, run_beam_search, 
 from fastllm.engine.parallel_sampling import ParentRequest
 from fastllm.engine.request_state import RequestState
 from fastllm.guided import get_manager
-from fastllm.loader import iterate_weights, load_config, resolve_model
-from fastllm.models import get_model_class
-from fastllm.models.quant_loader import load_quantized_model, use_quantized_weights
+from fastllm.loader import load_config, resolve_model
+from fastllm.models.cpu_model import load_cpu_model
 from fastllm.outputs import RequestOutput
 from fastllm.sampling_params import SamplingParams
 from fastllm.tokenizer import load_tokenizer
-from fastllm.worker.model_runner import ModelExecutor, kv_bytes_per_block
+from fastllm.worker.cpu_runner import CpuExecutor
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +62,16 @@ def serve_large_allocations_from_mmap(threshold: int = 128 << 10) -> None:
 
 class EngineCore:
     """The model, its executor and the native engine, built from EngineArgs. Front ends
-    (LLMEngine for offline use, AsyncLLM for the server) drive it."""
+    (LLMEngine for offline use, AsyncLLM for the server) drive it.
 
-    def __init__(self, args: EngineArgs):
+    Two executors: the torch model (``worker.model_runner``), and for a quantized GGUF model that
+    the native CPU decoder runs whole (``models.cpu_model``) a torch-free one (``worker.cpu_runner``)
+    that gives the same tokens and logprobs without torch's ~200 MB in the process. ``torch_free``
+    picks the latter where it applies (the server does); torch is imported only when the torch
+    model runs. The offline API keeps the torch model by default, whose modules stay open to
+    inspection (``core.model``)."""
+
+    def __init__(self, args: EngineArgs, torch_free: bool = False):
         args.validate()
         t0 = time.perf_counter()
         self.args = args
@@ -73,8 +79,8 @@ class EngineCore:
         self.source_name = args.model or DEFAULT_MODEL_NAME
         self.model_config = ModelConfig.from_dict(load_config(self.source), args)
         mc = self.model_config
-        self.device = args.resolve_device()
-        self.dtype = args.resolve_dtype(mc.torch_dtype, self.device)
+        self.device = args.resolve_device()  # "cpu" | "cuda"
+        dtype = args.resolve_dtype(mc.torch_dtype, self.device)
         self.block_size = args.resolve_block_size(self.device)
         self.tokenizer = load_tokenizer(args.tokenizer if args.tokenizer else self.source)
         release_free_memory()  # the tokenizer's parse buffers
@@ -84,15 +90,20 @@ class EngineCore:
             raise ValueError(
                 f"max_model_len {self.max_model_len} exceeds the model's "
                 f"max_position_embeddings {mc.max_position_embeddings} without rope scaling")
-        quantized = use_quantized_weights(args, self.source, self.device)
-        self.model = self._load_model(quantized)
-        release_free_memory()  # the loader's temporaries
-        self.kv_dtype = args.resolve_kv_cache_dtype(self.dtype, quantized and
-                                                    self.device.type == "cpu")
-        num_gpu_blocks, num_cpu_blocks = self._plan_kv_cache()
-        self.executor = ModelExecutor(self.model, mc, self.device, self.kv_dtype,
-                                      self.block_size, num_gpu_blocks, num_cpu_blocks,
-                                      seed=args.seed)
+        quantized = args.use_quantized_weights(self.source.is_gguf, self.device)
+        kv_dtype = args.resolve_kv_cache_dtype(dtype, quantized)
+        cpu_model = (load_cpu_model(mc, self.source, dtype, kv_dtype)
+                     if torch_free and quantized else None)
+        if cpu_model is not None:
+            # dtypes as numpy's objects here, as torch's on the torch path
+            self.model, self.dtype, self.kv_dtype = cpu_model, np.dtype(dtype), np.dtype(kv_dtype)
+            release_free_memory()  # the loader's temporaries
+            num_gpu_blocks, num_cpu_blocks = self._plan_kv_cache(kv_dtype)
+            self.executor = CpuExecutor(cpu_model, kv_dtype, self.block_size, num_gpu_blocks,
+                                        num_cpu_blocks, seed=args.seed)
+        else:
+            num_gpu_blocks, num_cpu_blocks = self._build_torch_executor(quantized, dtype,
+                                                                        kv_dtype)
 
         cfg = _C.EngineConfig()
         cfg.cache.num_gpu_blocks = num_gpu_blocks
@@ -107,7 +118,7 @@ class EngineCore:
             sched.max_num_batched_tokens = args.max_num_batched_tokens
         elif args.enable_chunked_prefill:
             # Small chunks keep decode steps flowing on a CPU; GPUs amortise larger ones.
-            sched.max_num_batched_tokens = 512 if self.device.type == "cpu" else 2048
+            sched.max_num_batched_tokens = 512 if self.device == "cpu" else 2048
         else:
             sched.max_num_batched_tokens = self.max_model_len
         sched.policy = (_C.SchedulingPolicy.PRIORITY if args.scheduling_policy == "priority"
@@ -122,21 +133,45 @@ class EngineCore:
         self.engine = _C.Engine(cfg, self.executor)
         self.num_gpu_blocks = num_gpu_blocks
         self.startup_seconds = time.perf_counter() - t0
-        logger.info("fastllm engine ready in %.2f s: %s on %s (%s), %d KV blocks of %d tokens "
-                    "(%s)", self.startup_seconds, mc.architecture, self.device, self.dtype,
-                    num_gpu_blocks - 1, self.block_size, self.kv_dtype)
+        logger.info("fastllm engine ready in %.2f s: %s on %s (%s, %s executor), %d KV blocks of "
+                    "%d tokens (%s)", self.startup_seconds, mc.architecture, self.device, dtype,
+                    "torch-free" if cpu_model is not None else "torch", num_gpu_blocks - 1,
+                    self.block_size, kv_dtype)
 
     # ---- construction ------------------------------------------------------------------------
 
-    def _load_model(self, quantized: bool) -> torch.nn.Module:
+    def _build_torch_executor(self, quantized: bool, dtype: str, kv_dtype: str
+                              ) -> tuple[int, int]:
+        """Loads the torch model and its executor; returns the KV blocks (device, host)."""
+        import torch
+
+        from fastllm.worker.model_runner import ModelExecutor
+
+        device = torch.device(self.device)
+        self.dtype, self.kv_dtype = getattr(torch, dtype), getattr(torch, kv_dtype)
+        self.model = self._load_model(quantized, device)
+        release_free_memory()  # the loader's temporaries
+        num_gpu_blocks, num_cpu_blocks = self._plan_kv_cache(kv_dtype)
+        self.executor = ModelExecutor(self.model, self.model_config, device, self.kv_dtype,
+                                      self.block_size, num_gpu_blocks, num_cpu_blocks,
+                                      seed=self.args.seed)
+        return num_gpu_blocks, num_cpu_blocks
+
+    def _load_model(self, quantized: bool, device):
+        import torch
+
+        from fastllm.loader import iterate_weights
+        from fastllm.models import get_model_class
+        from fastllm.models.quant_loader import load_quantized_model
+
         cls = get_model_class(self.model_config)
         if quantized:
-            return load_quantized_model(cls, self.model_config, self.source, self.device,
+            return load_quantized_model(cls, self.model_config, self.source, device,
                                         self.dtype).eval()
         with torch.device("meta"):
             model = cls(self.model_config)
-        model = model.to_empty(device=self.device).to(self.dtype)
-        model.init_buffers(self.device)
+        model = model.to_empty(device=device).to(self.dtype)
+        model.init_buffers(device)
         if self.args.load_format == "dummy":
             for p in model.parameters():
                 torch.nn.init.normal_(p, std=0.02, generator=torch.Generator(
@@ -145,15 +180,17 @@ class EngineCore:
             model.load_weights(iterate_weights(self.source, self.args.load_format, self.dtype))
         return model.eval()
 
-    def _plan_kv_cache(self) -> tuple[int, int]:
+    def _plan_kv_cache(self, kv_dtype: str) -> tuple[int, int]:
         mc, args = self.model_config, self.args
-        per_block = kv_bytes_per_block(mc, self.block_size, self.kv_dtype)
+        per_block = mc.kv_bytes_per_block(self.block_size, kv_dtype)
         if args.num_gpu_blocks_override is not None:
             blocks = int(args.num_gpu_blocks_override)
-        elif self.device.type == "cpu":
+        elif self.device == "cpu":
             blocks = args.cpu_kv_bytes() // per_block
         else:
-            free, total = torch.cuda.mem_get_info(self.device)
+            import torch
+
+            free, total = torch.cuda.mem_get_info(torch.device(self.device))
             used_elsewhere = total - free
             budget = total * args.gpu_memory_utilization - used_elsewhere
             # Leave room for the activations of one full step.
@@ -166,7 +203,7 @@ class EngineCore:
                 f"than max_model_len {self.max_model_len}: give it more memory "
                 f"(FASTLLM_CPU_KVCACHE_SPACE / --gpu-memory-utilization) or lower max_model_len")
         swap = 0
-        if self.device.type == "cuda" or args.preemption_mode == "swap":
+        if self.device == "cuda" or args.preemption_mode == "swap":
             swap = int(args.swap_space * (1 << 30)) // per_block
         return blocks, swap
 
@@ -192,8 +229,8 @@ class EngineCore:
 class LLMEngine:
     """Synchronous front end: add requests, call step() until done (the offline LLM API)."""
 
-    def __init__(self, args: EngineArgs):
-        self.core = EngineCore(args)
+    def __init__(self, args: EngineArgs, torch_free: bool = False):
+        self.core = EngineCore(args, torch_free)
         self.args = args
         self.tokenizer = self.core.tokenizer
         self.engine = self.core.engine

@@ -18,7 +18,6 @@ import logging
 import threading
 
 import numpy as np
-import torch
 
 from fastllm.guided.backends import Matcher
 
@@ -63,9 +62,10 @@ class GuidedRegistry:
 
     # ---- executor (engine thread) ------------------------------------------------------------
 
-    def apply(self, plan, logits: torch.Tensor) -> list | None:
-        """Masks the logits of guided rows in place; returns what :meth:`advance` needs, or None
-        when no row of this step is guided."""
+    def apply(self, plan, logits) -> list | None:
+        """Masks the logits (a float32 numpy array or torch tensor, rows = sampled rows) of guided
+        rows in place; returns what :meth:`advance` needs, or None when no row of this step is
+        guided."""
         if not self._states or plan.num_samples == 0:
             return None
         request_ids = plan.request_ids
@@ -96,17 +96,18 @@ class GuidedRegistry:
             allowed = allowed[:, :vocab]
         else:
             allowed = np.pad(allowed, ((0, 0), (0, vocab - allowed.shape[1])))
-        disallowed = torch.from_numpy(allowed == 0).to(logits.device)
-        index = torch.tensor([r for r, _ in rows], dtype=torch.int64, device=logits.device)
-        sub = logits.index_select(0, index)
-        sub.masked_fill_(disallowed, float("-inf"))
-        logits.index_copy_(0, index, sub)
+        index = np.array([r for r, _ in rows], dtype=np.int64)
+        if isinstance(logits, np.ndarray):
+            logits[index] = np.where(allowed == 0, np.float32(-np.inf), logits[index])
+        else:
+            _mask_tensor_rows(logits, index, allowed == 0)
         self.num_guided_rows += len(rows)
         return rows
 
-    def advance(self, rows: list, tokens: torch.Tensor) -> None:
-        """Feeds each guided row's sampled token to its matcher."""
-        sampled = tokens.cpu().numpy() if isinstance(tokens, torch.Tensor) else tokens
+    def advance(self, rows: list, tokens) -> None:
+        """Feeds each guided row's sampled token (tokens: numpy array or torch tensor) to its
+        matcher."""
+        sampled = tokens if isinstance(tokens, np.ndarray) else tokens.cpu().numpy()
         for r, state in rows:
             if state.broken:
                 continue
@@ -136,3 +137,13 @@ class GuidedRegistry:
         for t in self.eos_token_ids:
             if t < self.vocab_size:
                 words[row, t >> 5] |= np.uint32(1 << (t & 31))
+
+
+def _mask_tensor_rows(logits, index: np.ndarray, disallowed: np.ndarray) -> None:
+    """-inf into the disallowed entries of rows ``index`` of a torch tensor (on its device)."""
+    import torch
+
+    index_t = torch.from_numpy(index).to(logits.device)
+    sub = logits.index_select(0, index_t)
+    sub.masked_fill_(torch.from_numpy(disallowed).to(logits.device), float("-inf"))
+    logits.index_copy_(0, index_t, sub)

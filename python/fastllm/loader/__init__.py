@@ -17,14 +17,13 @@ from typing import Any
 from .config import load_config
 from .gguf_dequant import dequantize
 from .gguf_file import GGUFFile, open_gguf
+from .gguf_raw import RawGGUFTensor, dequantize_raw, iterate_gguf_raw
 from .source import LOAD_FORMATS, ModelSource, default_gguf_path, resolve_model
 
 # Names whose modules import torch (~1 s): loaded on first use, so that the tokenizer and
 # config paths start without torch.
 _LAZY = {
     "expected_parameter_shapes": ".dummy",
-    "RawGGUFTensor": ".gguf_weights",
-    "iterate_gguf_raw": ".gguf_weights",
     "iterate_weights": ".weights",
 }
 
@@ -42,6 +41,7 @@ __all__ = [
     "RawGGUFTensor",
     "default_gguf_path",
     "dequantize",
+    "dequantize_raw",
     "expected_parameter_shapes",
     "iterate_gguf_raw",
     "iterate_weights",

@@ -1,72 +1,120 @@
 """The native CPU decoder: a Llama-family model with GGUF-encoded linears runs its whole layer loop
 in one C++ call (``fastllm._C.ops.CpuDecoder``) instead of ~30 kernel calls per layer from Python.
 
-    decoder = build_cpu_decoder(model, kv_caches, block_size)   # None when the model can't
-    hidden = embed(input_ids); decoder.forward(hidden.numpy(), plan arrays...)
+    decoder = build_cpu_decoder(model, kv_caches, block_size)   # torch model; None when it can't
+    decoder = new_cpu_decoder(config, final_norm, rope_cache, layers, kv_caches, block_size)
+    hidden = embed(input_ids); decoder.forward(hidden, plan arrays...)
 
 The decoder runs the same kernels in the same order as ``LlamaForCausalLM.forward``, so its hidden
-states equal the Python model's; the model object still owns the weights, the embedding and the
-output projection.
+states equal the Python model's. Its caller owns the weights, the embedding and the output
+projection: the torch model (``build_cpu_decoder``) or the torch-free CPU model
+(``fastllm.models.cpu_model``). This module imports torch only inside ``build_cpu_decoder``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from fastllm import _C
-from fastllm.models.llama import LlamaForCausalLM
-from fastllm.models.quant_linear import QuantLinear
+from fastllm.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-_CACHE_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
+# KV cache dtypes the decoder reads and writes.
+CACHE_DTYPES = ("float32", "float16")
+
+# One linear as CpuDecoder.add_layer takes it: (uint8 weight rows, ggml type id, float32 bias).
+CpuLinear = tuple[np.ndarray, int, np.ndarray | None]
+KVArrays = tuple[np.ndarray, np.ndarray]
 
 
-def _linear(module) -> tuple | None:
+@dataclass
+class CpuLayer:
+    """One decoder layer's weights: float32 norms, fused linears (Q/K/V and gate/up stacked)."""
+
+    input_norm: np.ndarray
+    post_attention_norm: np.ndarray
+    qkv: CpuLinear
+    o_proj: CpuLinear
+    gate_up: CpuLinear
+    down: CpuLinear
+
+
+def native_decoder_enabled() -> bool:
+    """FASTLLM_CPU_NATIVE_DECODER=0 keeps the per-op Python layer loop (the torch model)."""
+    return os.environ.get("FASTLLM_CPU_NATIVE_DECODER", "1") != "0"
+
+
+def prepare_cpu_linear(weight: np.ndarray, type_id: int) -> tuple[np.ndarray, int]:
+    """The (weight rows, ggml type id) the CPU GEMM should read for one linear layer's weight:
+    the place to re-lay rows out for a faster kernel. Every linear the torch-free path hands to
+    CpuDecoder or quant_gemm passes through here (a token table read by embed_quant_rows does
+    not). Returns its inputs for now."""
+    return weight, type_id
+
+
+def new_cpu_decoder(config: ModelConfig, final_norm: np.ndarray, rope_cache: np.ndarray,
+                    layers: Sequence[CpuLayer], kv_caches: Sequence[KVArrays], block_size: int):
+    """A ``CpuDecoder`` over ``layers`` writing into ``kv_caches`` (``[num_blocks, block_size,
+    num_kv_heads, head_dim]`` arrays of a ``CACHE_DTYPES`` dtype, one (key, value) pair per
+    layer)."""
+    key0 = kv_caches[0][0]
+    c = config
+    decoder = _C.ops.CpuDecoder(
+        hidden_size=c.hidden_size, num_heads=c.num_attention_heads,
+        num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
+        intermediate_size=c.intermediate_size, rms_eps=float(c.rms_norm_eps),
+        final_norm=final_norm, rope_cache=rope_cache, rope_neox=True,
+        attn_scale=c.head_dim ** -0.5, sliding_window=c.attention_window(), block_size=block_size,
+        num_blocks=key0.shape[0], cache_dtype=key0.dtype.name)
+    for layer, (k, v) in zip(layers, kv_caches):
+        decoder.add_layer(layer.input_norm, layer.post_attention_norm, layer.qkv, layer.o_proj,
+                          layer.gate_up, layer.down, k, v)
+    logger.info("native CPU decoder: %d layers, %s KV cache", decoder.num_layers,
+                key0.dtype.name)
+    return decoder
+
+
+def _torch_linear(module) -> CpuLinear | None:
+    from fastllm.models.quant_linear import QuantLinear
+
     if not isinstance(module, QuantLinear) or module.qweight.device.type != "cpu":
         return None
     bias = None if module.bias is None else module.bias.detach().float().contiguous().numpy()
     return module.qweight.numpy(), module.type_id, bias
 
 
-def build_cpu_decoder(model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                      block_size: int):
-    """A ``CpuDecoder`` over ``model``'s weights and ``kv_caches``, or None when the model is not
-    a Llama-family model whose four linears per layer are all ``QuantLinear`` on the CPU (then the
-    Python model runs)."""
+def build_cpu_decoder(model, kv_caches: Sequence[tuple], block_size: int):
+    """A ``CpuDecoder`` over a torch model's weights and its torch ``kv_caches``, or None when
+    the model is not a Llama-family model whose four linears per layer are all ``QuantLinear``
+    on the CPU (then the Python model runs)."""
+    import torch
+
+    from fastllm.models.llama import LlamaForCausalLM
+
     if type(model) is not LlamaForCausalLM:
         return None
     inner = model.model
     key0 = kv_caches[0][0] if kv_caches else None
-    if key0 is None or key0.device.type != "cpu" or key0.dtype not in _CACHE_DTYPES:
+    if (key0 is None or key0.device.type != "cpu"
+            or str(key0.dtype).removeprefix("torch.") not in CACHE_DTYPES):
         return None
     if inner.rope_cache.dtype != torch.float32 or inner.norm.weight.dtype != torch.float32:
         return None
-    specs = []
+    layers = []
     for layer in inner.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        linears = [_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
-                                         mlp.down_proj)]
+        linears = [_torch_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                               mlp.down_proj)]
         if any(spec is None for spec in linears):
             return None
-        specs.append((layer, linears))
-    c = model.config
-    first = inner.layers[0]
-    decoder = _C.ops.CpuDecoder(
-        hidden_size=c.hidden_size, num_heads=c.num_attention_heads,
-        num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
-        intermediate_size=c.intermediate_size, rms_eps=float(first.input_layernorm.eps),
-        final_norm=inner.norm.weight.detach().numpy(),
-        rope_cache=inner.rope_cache.contiguous().numpy(),
-        rope_neox=True, attn_scale=float(first.self_attn.attn.scale),
-        sliding_window=int(first.self_attn.attn.sliding_window), block_size=block_size,
-        num_blocks=key0.shape[0], cache_dtype=_CACHE_DTYPES[key0.dtype])
-    for (layer, (qkv, o, gate_up, down)), (k, v) in zip(specs, kv_caches):
-        decoder.add_layer(layer.input_layernorm.weight.detach().numpy(),
-                          layer.post_attention_layernorm.weight.detach().numpy(), qkv, o, gate_up,
-                          down, k.numpy(), v.numpy())
-    logger.info("native CPU decoder: %d layers, %s KV cache", decoder.num_layers,
-                _CACHE_DTYPES[key0.dtype])
-    return decoder
+        layers.append(CpuLayer(layer.input_layernorm.weight.detach().numpy(),
+                               layer.post_attention_layernorm.weight.detach().numpy(), *linears))
+    return new_cpu_decoder(model.config, inner.norm.weight.detach().numpy(),
+                           inner.rope_cache.contiguous().numpy(), layers,
+                           [(k.numpy(), v.numpy()) for k, v in kv_caches], block_size)

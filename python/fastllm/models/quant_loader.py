@@ -1,6 +1,6 @@
 """Build a model whose linear layers keep the GGUF file's block encoding (the CPU fast path).
 
-    if use_quantized_weights(args, source, device):
+    if args.use_quantized_weights(source.is_gguf, device.type):
         model = load_quantized_model(cls, model_config, source, device, dtype)
 
 Every ``nn.Linear`` whose checkpoint parts are all in one encoding ``quant_linear`` reads becomes
@@ -20,20 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastllm.config import EngineArgs, ModelConfig
-from fastllm.loader import ModelSource, RawGGUFTensor, dequantize, iterate_gguf_raw, open_gguf
+from fastllm.config import ModelConfig
+from fastllm.loader import ModelSource, RawGGUFTensor, dequantize_raw, iterate_gguf_raw, open_gguf
 from fastllm.loader.tensor_cast import cast_weight
 from fastllm.models.quant_linear import QuantEmbedding, QuantLinear, supports
 
 logger = logging.getLogger(__name__)
 
 QUANTIZED_WEIGHTS_MODES = ("auto", "dequantize")
-
-
-def use_quantized_weights(args: EngineArgs, source: ModelSource, device: torch.device) -> bool:
-    """"auto" keeps a GGUF file's quantization on the CPU; "dequantize" always loads float."""
-    return (args.quantized_weights == "auto" and source.is_gguf and device.type == "cpu"
-            and args.load_format in ("auto", "gguf"))
 
 
 def configure_cpu_threads() -> None:
@@ -46,9 +40,7 @@ def configure_cpu_threads() -> None:
 
 
 def _raw_tensor(raw: RawGGUFTensor, dtype: torch.dtype) -> torch.Tensor:
-    n = int(np.prod(raw.shape))
-    values = dequantize(np.ascontiguousarray(raw.data).reshape(-1), raw.ggml_type, n)
-    return cast_weight(torch.from_numpy(values.reshape(raw.shape)), dtype)
+    return cast_weight(torch.from_numpy(dequantize_raw(raw)), dtype)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:

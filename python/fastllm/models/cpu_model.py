@@ -1,0 +1,210 @@
+"""A Llama-family GGUF model for the native CPU decoder, loaded and run without torch.
+
+    model = load_cpu_model(config, source, "float32", "float16")   # None: the torch path runs it
+    hidden = model.embed(token_ids)                  # float32 [tokens, hidden]
+    decoder = model.new_decoder(kv_caches, block_size)
+    decoder.forward(hidden, plan arrays...)          # in place: final-normed hidden states
+    logits = model.logits(hidden[rows])              # float32 [rows, vocab]
+
+It holds the arrays ``quant_loader.load_quantized_model`` gives the torch model (the same raw
+rows stacked the same way, the same dequantized norms and biases, the same RoPE table) and runs
+the same kernels on them, so both paths compute the same bits. (One difference: an untied
+Q8_0/Q4_0/Q4_1 token table stays quantized and is read row by row, which gives the values of the
+table the torch model dequantizes whole.) It covers what
+``native_cpu.build_cpu_decoder`` runs: every layer's four linears and the output projection in an
+encoding the quantized GEMM reads, float32 activations, a float32 or float16 KV cache. Any other
+model (a tensor without a place, a missing one, a float output projection) gets None, and the
+torch path loads it (and reports what is wrong with it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fastllm import _C
+from fastllm.config import ModelConfig
+from fastllm.loader import (
+    GGUFFile,
+    ModelSource,
+    RawGGUFTensor,
+    dequantize_raw,
+    iterate_gguf_raw,
+    open_gguf,
+)
+from fastllm.models import LLAMA_FAMILY
+from fastllm.models.native_cpu import (
+    CACHE_DTYPES,
+    CpuLayer,
+    CpuLinear,
+    KVArrays,
+    native_decoder_enabled,
+    new_cpu_decoder,
+    prepare_cpu_linear,
+)
+from fastllm.models.quant_types import GGML_QUANT_TYPES, quant_rows_supported
+from fastllm.models.rope import rope_cos_sin_cache
+
+logger = logging.getLogger(__name__)
+
+# Token tables embed_quant_rows dequantizes row by row (others are dequantized whole).
+_EMBED_TYPES = ("Q8_0", "Q4_0", "Q4_1")
+
+
+@dataclass
+class CpuModel:
+    config: ModelConfig
+    # uint8 rows of a quantized table (embed_type: its ggml type id) or float32 [vocab, hidden]
+    embed_table: np.ndarray
+    embed_type: int | None
+    lm_head: tuple[np.ndarray, int]  # (weight rows, ggml type id); tied: embed_table's rows
+    final_norm: np.ndarray
+    rope_cache: np.ndarray
+    layers: list[CpuLayer]
+
+    def embed(self, token_ids: np.ndarray) -> np.ndarray:
+        """float32 [tokens, hidden] embeddings of int32 token ids (a new, writable array)."""
+        if self.embed_type is None:
+            return self.embed_table[token_ids]
+        out = np.empty((len(token_ids), self.config.hidden_size), dtype=np.float32)
+        _C.ops.embed_quant_rows(out, self.embed_table, self.embed_type, token_ids)
+        return out
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """float32 [rows, vocab] output projection of contiguous float32 hidden rows."""
+        weight, type_id = self.lm_head
+        out = np.empty((hidden.shape[0], weight.shape[0]), dtype=np.float32)
+        _C.ops.quant_gemm(out, hidden, weight, type_id, None, True, 0)
+        return out
+
+    def new_decoder(self, kv_caches: Sequence[KVArrays], block_size: int):
+        return new_cpu_decoder(self.config, self.final_norm, self.rope_cache, self.layers,
+                               kv_caches, block_size)
+
+
+def load_cpu_model(config: ModelConfig, source: ModelSource, dtype: str, kv_dtype: str
+                   ) -> CpuModel | None:
+    """The model of a GGUF ``source`` kept quantized on the CPU, or None when the native decoder
+    does not cover it (see the module docstring) or FASTLLM_CPU_NATIVE_DECODER=0."""
+    if (config.architecture not in LLAMA_FAMILY or dtype != "float32"
+            or kv_dtype not in CACHE_DTYPES or not native_decoder_enabled()):
+        return None
+    raw = {t.name: t for t in iterate_gguf_raw(source.gguf_path)}
+    plan = _plan(config, raw)
+    if plan is None:
+        return None
+    # As in quant_loader: each tensor's file pages leave the resident set once copied.
+    gguf = open_gguf(source.gguf_path)
+    embed, head, layers = plan
+    if embed.ggml_type in _EMBED_TYPES and config.hidden_size % 32 == 0:
+        embed_table, embed_type = _copy(embed, gguf), GGML_QUANT_TYPES[embed.ggml_type]
+    else:
+        embed_table, embed_type = dequantize_raw(embed), None
+    if head is embed and embed_type is not None:
+        lm_head = (embed_table, embed_type)  # one copy of the table serves both
+    else:
+        lm_head = prepare_cpu_linear(_copy(head, gguf), GGML_QUANT_TYPES[head.ggml_type])
+    model = CpuModel(
+        config=config, embed_table=embed_table, embed_type=embed_type, lm_head=lm_head,
+        final_norm=dequantize_raw(raw["model.norm.weight"]),
+        rope_cache=rope_cos_sin_cache(config.head_dim, config.max_position_embeddings,
+                                      config.rope_theta, config.rope_scaling),
+        layers=[CpuLayer(dequantize_raw(norms[0]), dequantize_raw(norms[1]),
+                         *(_stack(parts, bias, gguf) for parts, bias in linears))
+                for norms, linears in layers])
+    gguf.release_pages()
+    logger.info("torch-free CPU model: %d layers, output projection %s, embedding %s",
+                len(model.layers), head.ggml_type,
+                embed.ggml_type if embed_type is not None else "float32")
+    return model
+
+
+# One linear's checkpoint parts and bias parts (None: no bias).
+_LinearPlan = tuple[list[RawGGUFTensor], list[RawGGUFTensor] | None]
+_LayerPlan = tuple[tuple[RawGGUFTensor, RawGGUFTensor], list[_LinearPlan]]
+
+
+def _plan(config: ModelConfig, raw: dict[str, RawGGUFTensor]
+          ) -> tuple[RawGGUFTensor, RawGGUFTensor, list[_LayerPlan]] | None:
+    """(embedding, output projection, per layer (norms, linears)) when every tensor the model
+    needs is there in a form the decoder reads and no other tensor is; None otherwise. Checks
+    shapes only: nothing is copied yet."""
+    c = config
+    hidden, q_size, kv_size = c.hidden_size, c.num_attention_heads * c.head_dim, (
+        c.num_key_value_heads * c.head_dim)
+    qkv_bias = c.attention_bias or c.architecture == "Qwen2ForCausalLM"
+    used: set[str] = set()
+
+    def take(name: str, shape: tuple[int, ...]) -> RawGGUFTensor | None:
+        tensor = raw.get(name)
+        if tensor is None or tuple(tensor.shape) != shape:
+            return None
+        used.add(name)
+        return tensor
+
+    def linear(prefix: str, parts: list[tuple[str, int]], in_features: int,
+               bias: bool) -> _LinearPlan | None:
+        weights = [take(f"{prefix}.{name}.weight", (rows, in_features)) for name, rows in parts]
+        if any(w is None for w in weights):
+            return None
+        types = {w.ggml_type for w in weights}
+        if len(types) != 1 or not quant_rows_supported(weights[0].ggml_type, in_features):
+            return None
+        if not bias:
+            return weights, None
+        biases = [take(f"{prefix}.{name}.bias", (rows,)) for name, rows in parts]
+        return None if any(b is None for b in biases) else (weights, biases)
+
+    embed = take("model.embed_tokens.weight", (c.vocab_size, hidden))
+    head = raw.get("lm_head.weight")
+    if head is not None:
+        used.add(head.name)  # tied: the embedding's rows serve as the output projection
+    if not c.tie_word_embeddings and head is not None:
+        head = take("lm_head.weight", (c.vocab_size, hidden))
+    else:
+        head = embed
+    if (embed is None or head is None or not quant_rows_supported(head.ggml_type, hidden)
+            or take("model.norm.weight", (hidden,)) is None):
+        return None
+    layers: list[_LayerPlan] = []
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}"
+        norms = (take(f"{p}.input_layernorm.weight", (hidden,)),
+                 take(f"{p}.post_attention_layernorm.weight", (hidden,)))
+        linears = [
+            linear(f"{p}.self_attn", [("q_proj", q_size), ("k_proj", kv_size),
+                                      ("v_proj", kv_size)], hidden, qkv_bias),
+            linear(f"{p}.self_attn", [("o_proj", hidden)], q_size, False),
+            linear(f"{p}.mlp", [("gate_proj", c.intermediate_size),
+                                ("up_proj", c.intermediate_size)], hidden, False),
+            linear(f"{p}.mlp", [("down_proj", hidden)], c.intermediate_size, False),
+        ]
+        if None in norms or None in linears:
+            return None
+        layers.append((norms, linears))
+    if used != raw.keys():
+        return None
+    return embed, head, layers
+
+
+def _copy(tensor: RawGGUFTensor, gguf: GGUFFile) -> np.ndarray:
+    out = np.array(tensor.data)
+    gguf.release_pages(tensor.gguf_name)
+    return out
+
+
+def _stack(parts: list[RawGGUFTensor], bias: list[RawGGUFTensor] | None,
+           gguf: GGUFFile) -> CpuLinear:
+    """One fused linear: its parts' raw rows stacked (Q/K/V, gate/up) and prepared for the
+    GEMM, with the parts' biases concatenated in the same order."""
+    weight = np.empty((sum(p.data.shape[0] for p in parts), parts[0].data.shape[1]),
+                      dtype=np.uint8)
+    np.concatenate([p.data for p in parts], axis=0, out=weight)
+    for p in parts:
+        gguf.release_pages(p.gguf_name)
+    weight, type_id = prepare_cpu_linear(weight, GGML_QUANT_TYPES[parts[0].ggml_type])
+    return weight, type_id, (None if bias is None else
+                             np.concatenate([dequantize_raw(b) for b in bias]))

@@ -1,0 +1,82 @@
+"""The rotary cos/sin table, in numpy: the torch model (through ``ops.build_rope_cos_sin_cache``)
+and the torch-free CPU path both take it from here, so their tables are the same bits. (Computed
+separately they are not: torch's vectorized float64 cos/sin and pow differ from libm's in the last
+place, which survives the rounding to float32 in a few entries of long or scaled tables.)"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _yarn_correction_dim(num_rotations: float, dim: int, base: float, max_position: int) -> float:
+    return (dim * math.log(max_position / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_cos_sin_cache(rotary_dim: int, max_position: int, base: float = 10000.0,
+                       rope_scaling: dict | None = None) -> np.ndarray:
+    """float32 ``[positions, rotary_dim]`` = cat(cos, sin) for the rotary embedding kernel,
+    computed in float64.
+
+    ``rope_scaling`` follows the HF config dict: ``{"rope_type" | "type": "linear" | "dynamic" |
+    "llama3" | "yarn", "factor": f, ...}``. Dynamic NTK and yarn extend the table to
+    ``max_position * factor`` positions (vLLM's convention); yarn folds its magnitude scale into
+    cos and sin."""
+    exponents = np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim
+    inv_freq = 1.0 / (base ** exponents)
+    positions = max_position
+    mscale = 1.0
+    position_scale = 1.0
+    kind = None
+    if rope_scaling:
+        kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+    if kind in (None, "default"):
+        pass
+    elif kind == "linear":
+        position_scale = 1.0 / float(rope_scaling["factor"])
+    elif kind == "dynamic":
+        factor = float(rope_scaling["factor"])
+        positions = int(max_position * factor)
+        ntk_base = base * ((factor * positions / max_position) - (factor - 1)) ** (
+            rotary_dim / (rotary_dim - 2))
+        inv_freq = 1.0 / (ntk_base ** exponents)
+    elif kind == "llama3":
+        factor = float(rope_scaling["factor"])
+        low = float(rope_scaling.get("low_freq_factor", 1.0))
+        high = float(rope_scaling.get("high_freq_factor", 4.0))
+        old = float(rope_scaling.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old / wavelen) - low) / (high - low)
+        inv_freq = np.where(
+            wavelen < old / high, inv_freq,
+            np.where(wavelen > old / low, inv_freq / factor,
+                     (1 - smooth) * inv_freq / factor + smooth * inv_freq))
+    elif kind == "yarn":
+        factor = float(rope_scaling["factor"])
+        original = int(rope_scaling.get("original_max_position_embeddings", max_position))
+        beta_fast = float(rope_scaling.get("beta_fast", 32))
+        beta_slow = float(rope_scaling.get("beta_slow", 1))
+        low = max(math.floor(_yarn_correction_dim(beta_fast, rotary_dim, base, original)), 0)
+        high = min(math.ceil(_yarn_correction_dim(beta_slow, rotary_dim, base, original)),
+                   rotary_dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(rotary_dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+        extrapolation = 1 - ramp
+        inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+        attn_factor = float(rope_scaling.get("attention_factor") or 1.0)
+        mscale_all_dim = float(rope_scaling.get("mscale_all_dim", 0) or 0)
+        mscale_value = float(rope_scaling.get("mscale", 1) or 1)
+        mscale = (_yarn_mscale(factor, mscale_value) / _yarn_mscale(factor, mscale_all_dim)
+                  if mscale_all_dim else _yarn_mscale(factor)) * attn_factor
+        positions = int(original * factor)
+    else:
+        raise ValueError(f"unsupported rope_scaling type {kind!r}")
+    freqs = np.outer(np.arange(positions, dtype=np.float64) * position_scale, inv_freq)
+    cache = np.concatenate([np.cos(freqs) * mscale, np.sin(freqs) * mscale], axis=-1)
+    return cache.astype(np.float32)

@@ -1,0 +1,98 @@
+"""What both executors read off a BatchPlan besides the model inputs, as numpy arrays (no torch):
+the sampling kernel's per-row arguments, and the prompt positions scored for prompt logprobs
+(attached to the step's result with ``with_prompt_logprobs``).
+
+Prompt logprobs are computed by the sampling kernel too: a greedy row whose allowed tokens are
+only the target returns the target's log-softmax over the raw logits (its "sampled logprob") and
+the row's top tokens, with the same arithmetic as the sampled tokens' logprobs and on any device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Rows of prompt logprobs scored per kernel call: bounds the [rows, vocab] logits.
+PROMPT_LOGPROB_CHUNK = 256
+
+
+def sampling_inputs(plan, seed: int) -> dict:
+    """Keyword arguments of ``ops.sample`` for the plan's sampled rows (numpy arrays, or ints)."""
+    rows = plan.num_samples
+    kw: dict = {
+        "temperature": plan.temperature,
+        "top_k": plan.top_k,
+        "top_p": plan.top_p,
+        "min_p": plan.min_p,
+        "seeds": plan.seeds,
+        "generator_offsets": plan.output_positions,
+        # Unseeded rows draw from a per-step stream of the engine's seed.
+        "global_seed": (seed * 1_000_003 + plan.step_id) & 0x7FFFFFFFFFFFFFFF,
+    }
+    history = plan.history_token_ids
+    if len(history):
+        offsets = plan.history_offsets
+        prompt_lens = plan.history_prompt_lens
+        lens = np.diff(offsets)
+        pos_in_row = np.arange(len(history)) - np.repeat(offsets[:-1], lens)
+        is_prompt = pos_in_row < np.repeat(prompt_lens, lens)
+        out_lens = lens - prompt_lens
+        kw.update(
+            repetition_penalty=plan.repetition_penalty,
+            presence_penalty=plan.presence_penalty,
+            frequency_penalty=plan.frequency_penalty,
+            prompt_offsets=csr_offsets(prompt_lens),
+            prompt_ids=np.ascontiguousarray(history[is_prompt]),
+            output_offsets=csr_offsets(out_lens),
+            output_ids=np.ascontiguousarray(history[~is_prompt]),
+        )
+    if len(plan.bias_token_ids):
+        # The request's logit_bias, plus -inf for EOS/stop ids of rows below min_tokens.
+        kw.update(
+            bias_offsets=plan.bias_offsets.copy(),
+            bias_ids=plan.bias_token_ids.copy(),
+            bias_values=plan.bias_values.copy(),
+        )
+    if len(plan.allowed_token_ids):
+        kw.update(
+            allowed_offsets=plan.allowed_offsets.copy(),
+            allowed_ids=plan.allowed_token_ids.copy(),
+        )
+    num_logprobs = plan.num_logprobs
+    kw["num_top_logprobs"] = int(num_logprobs.max()) if rows and num_logprobs.max() > 0 else 0
+    return kw
+
+
+def prompt_logprob_targets(plan) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(rows of this step's hidden states, int32 prompt token each row scores, int32 sequence
+    index of each row) for the sequences that asked for prompt logprobs, or None: the row at
+    position p scores the prompt token at p + 1 (see BatchPlan.prompt_logprobs)."""
+    qsl, pos, ids = plan.query_start_loc, plan.positions, plan.token_ids
+    rows, targets, seqs = [], [], []
+    for s in np.nonzero(plan.prompt_logprobs >= 0)[0]:
+        start, end = int(qsl[s]), int(qsl[s + 1])
+        last = min(end, start + max(0, int(plan.num_prompt_tokens[s]) - 1 - int(pos[start])))
+        if last <= start:
+            continue
+        t = np.arange(start, last)
+        tgt = np.where(t + 1 < end, ids[np.minimum(t + 1, end - 1)], plan.prompt_next_token[s])
+        rows.append(t)
+        targets.append(tgt)
+        seqs.append(np.full(len(t), s, dtype=np.int32))
+    if not rows:
+        return None
+    return (np.concatenate(rows), np.concatenate(targets).astype(np.int32),
+            np.concatenate(seqs))
+
+
+def csr_offsets(lengths: np.ndarray) -> np.ndarray:
+    """int32 [len(lengths) + 1] offsets of rows of those lengths."""
+    out = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
+def with_prompt_logprobs(result, prompt_logprobs: tuple | None):
+    """``result`` (a StepResult) carrying this step's prompt logprobs, if any."""
+    if prompt_logprobs is not None:
+        result.set_prompt_logprobs(*prompt_logprobs)
+    return result
