@@ -230,9 +230,10 @@ def test_repacked_layout_matches_dequantized_reference(quant_type, m, n, k):
                           _gemm(x, raw, ops.GGML_QUANT_TYPES[quant_type], n, False))
 
 
-@pytest.mark.parametrize("quant_type", REPACKABLE)
-def test_repacked_gemm_is_batch_invariant(quant_type):
-    """A row's outputs are the same bits whichever batch (1..13 rows, any position) it is in."""
+@pytest.mark.parametrize("quant_type", REPACKABLE + ["Q8_0"])
+def test_cpu_gemm_is_batch_invariant(quant_type):
+    """A row's outputs are the same bits whichever batch (1..13 rows, any position) it is in:
+    repacked 4-bit weights, and Q8_0 (the output projection's usual type) as stored."""
     n, k = 72, 384
     rng = np.random.default_rng(17)
     packed, type_id = _repacked(random_blocks(rng, quant_type, n, k), quant_type, k)
@@ -328,6 +329,21 @@ def test_default_model_keeps_gguf_quantization(llm_pair):
     assert len(layers) == 4 * model.config.num_hidden_layers + 1
     assert {m.quant_type for m in layers} == {"Q4_1", "Q8_0"}
     assert isinstance(model.model.embed_tokens, QuantEmbedding)
+
+
+def test_greedy_output_does_not_depend_on_batch_or_prefix_cache(llm_pair):
+    """Batch-invariant CPU kernels: a greedy request gives the same tokens and logprobs alone,
+    again with its prompt from the prefix cache, and inside a batch of other prompts."""
+    llm = llm_pair[0]
+    sp = SamplingParams(temperature=0, max_tokens=24, logprobs=2)
+    prompt = "Here is a list of the planets of the solar system, in order:"
+    first = llm.generate([prompt], sp, use_tqdm=False)[0]
+    cached = llm.generate([prompt], sp, use_tqdm=False)[0]
+    batched = llm.generate(PROMPTS + [prompt] + PROMPTS[::-1], sp, use_tqdm=False)[len(PROMPTS)]
+    assert cached.num_cached_tokens > 0
+    for other in (cached, batched):
+        assert other.outputs[0].token_ids == first.outputs[0].token_ids
+        assert other.outputs[0].cumulative_logprob == first.outputs[0].cumulative_logprob
 
 
 def test_perplexity_within_one_percent_of_fp32(llm_pair):

@@ -202,6 +202,64 @@ void tile_rows_q8_wide(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* 
   }
 }
 
+// 1 or 2 rows of x against Q8_0 weights with the arithmetic of tile_rows_q8_wide, so that a row's
+// results do not depend on how many rows came with it: per block the exact integer dot product,
+// then acc = fma(isum, d_x * d_w, acc) in block order. Four weight rows go together: their four
+// integer sums come out of one reduction tree and share the float work.
+template <int kRows>
+void tile_rows_q8_narrow(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64_t blocks,
+                         float* out, int64_t out_stride) {
+  constexpr int64_t block_bytes = kBlockBytes<QuantType::kQ8_0>;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t row_bytes = blocks * block_bytes;
+  auto block_dot = [&](const uint8_t* w, const int8_t* q) __attribute__((always_inline)) {
+    const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    return dot_u8s8(_mm256_abs_epi8(wq), _mm256_sign_epi8(xv, wq), ones);
+  };
+  int64_t j = 0;
+  for (; j + 4 <= n_rows; j += 4) {
+    const uint8_t* row = weight + j * row_bytes;
+    if (j + kPrefetchRows < n_rows)
+      for (int64_t off = 0; off < 4 * row_bytes; off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * row_bytes + off),
+                     _MM_HINT_T0);
+    __m128 acc[kRows];
+    for (int r = 0; r < kRows; ++r) acc[r] = _mm_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* w = row + b * block_bytes;
+      const __m128 dw = _mm_setr_ps(load_half(w), load_half(w + row_bytes),
+                                    load_half(w + 2 * row_bytes), load_half(w + 3 * row_bytes));
+      for (int r = 0; r < kRows; ++r) {
+        const Q8ActBlock& xb = x[r * blocks + b];
+        const __m256i h =
+            _mm256_hadd_epi32(_mm256_hadd_epi32(block_dot(w, xb.q), block_dot(w + row_bytes, xb.q)),
+                              _mm256_hadd_epi32(block_dot(w + 2 * row_bytes, xb.q),
+                                                block_dot(w + 3 * row_bytes, xb.q)));
+        const __m128i isum =
+            _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(isum), _mm_mul_ps(_mm_set1_ps(xb.d), dw), acc[r]);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) _mm_storeu_ps(out + r * out_stride + j, acc[r]);
+  }
+  for (; j < n_rows; ++j) {
+    const uint8_t* row = weight + j * row_bytes;
+    __m128 acc[kRows];
+    for (int r = 0; r < kRows; ++r) acc[r] = _mm_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* w = row + b * block_bytes;
+      const __m128 dw = _mm_set_ss(load_half(w));
+      for (int r = 0; r < kRows; ++r) {
+        const Q8ActBlock& xb = x[r * blocks + b];
+        const __m128 isum = _mm_cvtepi32_ps(_mm_cvtsi32_si128(hsum_epi32(block_dot(w, xb.q))));
+        acc[r] = _mm_fmadd_ss(isum, _mm_mul_ss(_mm_set_ss(xb.d), dw), acc[r]);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) out[r * out_stride + j] = _mm_cvtss_f32(acc[r]);
+  }
+}
+
 // 3 to 8 rows of x against 4-bit weights, over the tile's interleaved quants (quant_gemm_impl.h):
 // each group of 4 weight values is broadcast to all 8 lanes and multiplied with 4 values of every
 // row at once, so lane r accumulates row r's dot product with no horizontal reduction. The 8
@@ -308,6 +366,10 @@ template <QuantType kType>
 void tile_type(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64_t blocks,
                const float* xd, const float* xs, const int8_t* xi, int64_t m_rows, float* out,
                int64_t out_stride) {
+  if constexpr (kType == QuantType::kQ8_0) {
+    if (m_rows == 1) return tile_rows_q8_narrow<1>(weight, n_rows, x, blocks, out, out_stride);
+    if (m_rows == 2) return tile_rows_q8_narrow<2>(weight, n_rows, x, blocks, out, out_stride);
+  }
   if (m_rows == 1) return tile_rows<kType, 1>(weight, n_rows, x, blocks, out, out_stride);
   if (m_rows == 2) return tile_rows<kType, 2>(weight, n_rows, x, blocks, out, out_stride);
   with_wide_rows(m_rows, [&](auto rows) {
