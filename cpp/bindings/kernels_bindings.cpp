@@ -501,6 +501,23 @@ void quant_gemm(const Array& out, const Array& input, const Array& weight, int32
   FASTLLM_RUN_OP(quant_gemm, cuda, p, stream);
 }
 
+int32_t quant_repack(const Array& weight, int32_t type, int64_t in_features) {
+  const char* op = "quant_repack";
+  const auto qtype = static_cast<k::QuantType>(type);
+  const int64_t values = k::quant_block_values(qtype);
+  check_arg(values > 0, where(op, "unknown quantization type ") + std::to_string(type));
+  check_arg(weight.ndim() == 2, where(op, "weight must be 2-D [out_features, row_bytes]"));
+  check_arg(in_features > 0 && in_features % values == 0 &&
+                static_cast<int64_t>(weight.shape(1)) ==
+                    in_features / values * k::quant_block_bytes(qtype),
+            where(op, "weight rows must hold in_features values"));
+  check_contiguous(weight, op, "weight");
+  auto* data = typed<uint8_t>(weight, false, op, "weight");
+  nb::gil_scoped_release release_gil;
+  return static_cast<int32_t>(
+      k::quant_repack_rows8(qtype, data, static_cast<int64_t>(weight.shape(0)), in_features));
+}
+
 }  // namespace
 
 void bind_kernels(nb::module_& m) {
@@ -559,6 +576,12 @@ void bind_kernels(nb::module_& m) {
         arg("bias").none() = nb::none(), arg("allow_simd") = true, arg("stream") = 0,
         "out[m, n] = input[m, k] @ W.T (+ bias) for W [n, k] in a GGUF block type (ggml type id: "
         "2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 14 Q6_K) stored as uint8 rows.");
+  m.def(
+      "quant_repack", &quant_repack, arg("weight"), arg("type"), arg("in_features"),
+      "Rewrite a CPU uint8 [out_features, row_bytes] Q4_0 / Q4_1 weight in place into its "
+      "8-row interleaved layout (1002 Q4_0x8, 1003 Q4_1x8; faster quant_gemm, same bytes) and "
+      "return the new type id; returns type unchanged (bytes untouched) for other types (repacked "
+      "ones included) or when out_features is not a multiple of 8.");
   m.def(
       "quant_gemm_cpu_isa", [] { return std::string(k::quant_gemm_cpu_isa()); },
       "The CPU code path quant_gemm takes for Q8_0/Q4_0/Q4_1: 'avx512_vnni', 'avx_vnni', 'avx2' or "

@@ -65,7 +65,7 @@ TEST(BlockPool, UncachedFreedBlocksAreReusedMostRecentFirstBeforeFreshOnes) {
 }
 
 TEST(BlockPool, UncachedFreedBlockIsReusedBeforeCachedAndFreshOnes) {
-  BlockPool pool(8);
+  BlockPool pool(8, /*cache_headroom=*/0.0);
   std::vector<int32_t> a = allocate(pool, 4);  // 1 2 3 4
   pool.register_block(1, 11);
   pool.register_block(2, 22);
@@ -90,7 +90,7 @@ TEST(BlockPool, UncachedFreedBlockIsReusedBeforeCachedAndFreshOnes) {
 }
 
 TEST(BlockPool, CachedBlocksAreEvictedInLruOrder) {
-  BlockPool pool(7);
+  BlockPool pool(7, /*cache_headroom=*/0.0);
   std::vector<int32_t> a = allocate(pool, 4);  // 1 2 3 4
   for (int32_t b : a) pool.register_block(b, 100 + b);
   for (int32_t b : {2, 4, 1, 3}) pool.release(&b, 1);
@@ -107,7 +107,7 @@ TEST(BlockPool, CachedBlocksAreEvictedInLruOrder) {
 }
 
 TEST(BlockPool, ReleaseReversedEvictsTheEndOfASequenceFirst) {
-  BlockPool pool(5);
+  BlockPool pool(5, /*cache_headroom=*/0.0);
   std::vector<int32_t> a = allocate(pool, 3);  // 1 2 3
   for (int32_t b : a) pool.register_block(b, 10 + b);
   pool.release_reversed(a);  // cached: 3 joins the tail first, so it is evicted first
@@ -123,7 +123,7 @@ TEST(BlockPool, ReleaseReversedOfUncachedBlocksKeepsTheirOrder) {
 }
 
 TEST(BlockPool, ReleaseReversedPutsAPartialLastBlockFirstAndThePrefixLast) {
-  BlockPool pool(6);
+  BlockPool pool(6, /*cache_headroom=*/0.0);
   std::vector<int32_t> a = allocate(pool, 3);  // 1 2 full and cached, 3 partial
   pool.register_block(1, 11);
   pool.register_block(2, 22);
@@ -149,7 +149,7 @@ TEST(BlockPool, RefCountsKeepSharedBlocksOutOfTheFreeList) {
 }
 
 TEST(BlockPool, CachedBlocksSurviveFreeAndAreEvictedLazily) {
-  BlockPool pool(5);
+  BlockPool pool(5, /*cache_headroom=*/0.0);
   std::vector<int32_t> a = allocate(pool, 3);  // 1 2 3
   pool.register_block(a[0], 111);
   pool.register_block(a[1], 222);
@@ -180,7 +180,7 @@ TEST(BlockPool, CachedBlocksSurviveFreeAndAreEvictedLazily) {
 }
 
 TEST(BlockPool, PrefixHitLeavesTheFreeListFromTheMiddle) {
-  BlockPool pool(6);
+  BlockPool pool(6, /*cache_headroom=*/0.0);
   std::vector<int32_t> a = allocate(pool, 3);  // 1 2 3
   for (int32_t b : a) pool.register_block(b, 10 + b);
   pool.release_reversed(a);  // free list: 3 2 1
@@ -258,11 +258,12 @@ TEST(BlockPool, ResetPrefixCacheOnlyWhenIdle) {
 }
 
 // A long run of requests whose blocks in use never exceed a small working set touches exactly
-// the peak working set, however large the pool (the old LRU-of-everything order touched it all).
+// the peak working set (no cache headroom), however large the pool (the old LRU-of-everything
+// order touched it all).
 TEST(BlockPool, BoundedWorkingSetKeepsTouchedBlocksAtThePeak) {
   constexpr int32_t kPoolBlocks = 1001;
   constexpr int32_t kMaxInUse = 40;
-  BlockPool pool(kPoolBlocks);
+  BlockPool pool(kPoolBlocks, /*cache_headroom=*/0.0);
   std::mt19937 rng(1234);
   std::uniform_int_distribution<int32_t> size(1, 8), coin(0, 3), hash_pick(0, 63);
   std::vector<std::vector<int32_t>> held;
@@ -302,4 +303,73 @@ TEST(BlockPool, BoundedWorkingSetKeepsTouchedBlocksAtThePeak) {
   for (const auto& blocks : held) pool.release_reversed(blocks);
   EXPECT_EQ(pool.num_free_blocks(), kPoolBlocks - 1);
   EXPECT_EQ(pool.num_touched_blocks(), peak_in_use);
+}
+
+TEST(BlockPool, CachedBlocksGetHeadroomBesideThePeakWorkingSet) {
+  BlockPool pool(20);                          // headroom 1: touched may reach 2 x peak in use
+  std::vector<int32_t> a = allocate(pool, 4);  // 1 2 3 4, peak in use 4
+  for (int32_t b : a) pool.register_block(b, 10 + b);
+  pool.release_reversed(a);  // cached, LRU first: 4 3 2 1
+  // Fresh blocks rather than evicting while touched < 2 x 4.
+  std::vector<int32_t> b = allocate(pool, 4);
+  EXPECT_EQ(b, (std::vector<int32_t>{5, 6, 7, 8}));
+  EXPECT_EQ(pool.num_cached_blocks(), 4);
+  for (int32_t x : b) pool.register_block(x, 10 + x);
+  pool.release_reversed(b);  // cached: 4 3 2 1 8 7 6 5
+  // Touched 8 = 2 x peak: now the least recently freed cached block goes.
+  EXPECT_EQ(allocate(pool, 1), (std::vector<int32_t>{4}));
+  EXPECT_EQ(pool.lookup(14), -1);
+  EXPECT_EQ(pool.lookup(11), 1);
+  EXPECT_EQ(pool.num_touched_blocks(), 8);
+  // An uncached freed block still comes before everything else.
+  const int32_t four = 4;
+  pool.release(&four, 1);
+  EXPECT_EQ(allocate(pool, 1), (std::vector<int32_t>{4}));
+  EXPECT_EQ(pool.lookup(13), 3);
+}
+
+// The same random load as above with the default headroom: the touched set stays within twice
+// the peak working set, and the extra room keeps more prefixes (more hits than without it).
+TEST(BlockPool, HeadroomBoundsTouchedBlocksAndKeepsMorePrefixes) {
+  auto run = [](double headroom, int32_t* peak_out, int32_t* touched_out) {
+    constexpr int32_t kPoolBlocks = 1001, kMaxInUse = 40;
+    BlockPool pool(kPoolBlocks, headroom);
+    std::mt19937 rng(99);
+    std::uniform_int_distribution<int32_t> size(1, 8), coin(0, 3), hash_pick(0, 63);
+    std::vector<std::vector<int32_t>> held;
+    int32_t peak = 0;
+    int64_t hits = 0;
+    auto in_use = [&] { return kPoolBlocks - 1 - pool.num_free_blocks(); };
+    for (int step = 0; step < 20000; ++step) {
+      const int32_t n = size(rng);
+      if (in_use() + n + 1 <= kMaxInUse && coin(rng) != 0) {
+        std::vector<int32_t> blocks;
+        const int32_t cached = pool.lookup(static_cast<uint64_t>(hash_pick(rng)));
+        if (cached >= 0) {
+          pool.touch(cached);
+          blocks.push_back(cached);
+          ++hits;
+        }
+        pool.allocate(n, blocks);
+        for (int32_t b : blocks)
+          if (coin(rng) == 0) pool.register_block(b, static_cast<uint64_t>(hash_pick(rng)));
+        held.push_back(std::move(blocks));
+      } else if (!held.empty()) {
+        const size_t victim = std::uniform_int_distribution<size_t>(0, held.size() - 1)(rng);
+        pool.release_reversed(held[victim]);
+        held.erase(held.begin() + static_cast<std::ptrdiff_t>(victim));
+      }
+      peak = std::max(peak, in_use());
+      EXPECT_LE(pool.num_touched_blocks(), static_cast<int32_t>((1.0 + headroom) * peak) + 1);
+    }
+    *peak_out = peak;
+    *touched_out = pool.num_touched_blocks();
+    return hits;
+  };
+  int32_t peak0, touched0, peak1, touched1;
+  const int64_t hits0 = run(0.0, &peak0, &touched0);
+  const int64_t hits1 = run(1.0, &peak1, &touched1);
+  EXPECT_EQ(touched0, peak0);
+  EXPECT_GT(touched1, peak1);
+  EXPECT_GT(hits1, hits0);
 }

@@ -259,8 +259,9 @@ TEST(Engine, PromptTailsInPartialBlocksAreReused) {
 }
 
 // The executor maps KV memory lazily, so the blocks a long run touches are its resident memory.
-// With few sequences at a time in a large pool, freed and cached blocks are reused before fresh
-// ones: the run touches blocks 1..k with k bounded by the peak working set, not the pool.
+// With few sequences at a time in a large pool, freed blocks are reused before fresh ones and
+// cached ones get at most as much room again: the run touches blocks 1..k with k bounded by
+// twice the peak working set, not the pool.
 TEST(Engine, LongRunTouchesOnlyThePeakWorkingSetOfALargePool) {
   std::mt19937 rng(9);
   auto shared = random_prompt(rng, 32);
@@ -277,7 +278,7 @@ TEST(Engine, LongRunTouchesOnlyThePeakWorkingSetOfALargePool) {
   ASSERT_FALSE(seen.empty());
   EXPECT_EQ(*seen.begin(), 1);
   EXPECT_EQ(*seen.rbegin(), static_cast<int32_t>(seen.size())) << "fresh blocks skipped";
-  EXPECT_LE(*seen.rbegin(), max_working_set);
+  EXPECT_LE(*seen.rbegin(), 2 * max_working_set);
   // The prefix cache still works while blocks are recycled this eagerly.
   int hits = 0;
   for (const auto& [id, cached] : run.cached) hits += cached >= 32;

@@ -193,6 +193,91 @@ def test_quant_embedding_equals_dequantized_rows(quant_type):
     assert torch.equal(emb(ids), dequantized(raw, quant_type, vocab, dim)[ids])
 
 
+# ---- the 8-row interleaved CPU layouts (Q4_0x8 / Q4_1x8) ------------------------------------------
+
+REPACKABLE = ["Q4_0", "Q4_1"]
+
+
+def _repacked(raw: np.ndarray, quant_type: str, k: int) -> tuple[np.ndarray, int]:
+    packed = raw.copy()
+    type_id = _C.ops.quant_repack(packed, ops.GGML_QUANT_TYPES[quant_type], k)
+    return packed, type_id
+
+
+def _gemm(x: np.ndarray, raw: np.ndarray, type_id: int, n: int, simd: bool = True) -> np.ndarray:
+    y = np.empty((x.shape[0], n), dtype=np.float32)
+    _C.ops.quant_gemm(y, x, raw, type_id, None, simd, 0)
+    return y
+
+
+@pytest.mark.parametrize("quant_type", REPACKABLE)
+@pytest.mark.parametrize("m,n,k", [(1, 8, 32), (3, 136, 96), (9, 64, 576), (33, 48, 256)])
+def test_repacked_layout_matches_dequantized_reference(quant_type, m, n, k):
+    rng = np.random.default_rng(m * 1000 + n)
+    raw = random_blocks(rng, quant_type, n, k)
+    packed, type_id = _repacked(raw, quant_type, k)
+    assert type_id == 1000 + ops.GGML_QUANT_TYPES[quant_type]
+    assert not np.array_equal(packed, raw)  # the bytes moved
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    exact = fake_quantize_rows(torch.from_numpy(x)).double() @ dequantized(raw, quant_type, n,
+                                                                             k).double().T
+    scale = exact.abs().max().item()
+    for simd in (True, False):
+        y = torch.from_numpy(_gemm(x, packed, type_id, n, simd))
+        torch.testing.assert_close(y.double(), exact, atol=2e-5 * scale, rtol=1e-4)
+    # The scalar kernel reads the repacked blocks back: bit-identical to the row-major layout.
+    assert np.array_equal(_gemm(x, packed, type_id, n, False),
+                          _gemm(x, raw, ops.GGML_QUANT_TYPES[quant_type], n, False))
+
+
+@pytest.mark.parametrize("quant_type", REPACKABLE + ["Q8_0"])
+def test_cpu_gemm_is_batch_invariant(quant_type):
+    """A row's outputs are the same bits whichever batch (1..13 rows, any position) it is in:
+    repacked 4-bit weights, and Q8_0 (the output projection's usual type) as stored."""
+    n, k = 72, 384
+    rng = np.random.default_rng(17)
+    packed, type_id = _repacked(random_blocks(rng, quant_type, n, k), quant_type, k)
+    x = rng.standard_normal((13, k)).astype(np.float32)
+    alone = np.stack([_gemm(x[i:i + 1], packed, type_id, n)[0] for i in range(13)])
+    for m in range(2, 14):
+        assert np.array_equal(_gemm(x[:m], packed, type_id, n), alone[:m]), m
+    assert np.array_equal(_gemm(x[5:12], packed, type_id, n), alone[5:12])
+
+
+def test_repack_leaves_other_types_and_shapes():
+    rng = np.random.default_rng(19)
+    for quant_type, n in (("Q8_0", 16), ("Q4_1", 12)):  # no x8 layout / rows not a multiple of 8
+        raw = random_blocks(rng, quant_type, n, 64)
+        packed, type_id = _repacked(raw, quant_type, 64)
+        assert type_id == ops.GGML_QUANT_TYPES[quant_type] and np.array_equal(packed, raw)
+    packed, type_id = _repacked(random_blocks(rng, "Q4_0", 16, 64), "Q4_0", 64)
+    again = packed.copy()
+    assert _C.ops.quant_repack(again, type_id, 64) == type_id and np.array_equal(again, packed)
+    with pytest.raises(ValueError):
+        _C.ops.quant_repack(packed, ops.GGML_QUANT_TYPES["Q4_0"], 96)  # rows hold 64 values
+    with pytest.raises(ValueError, match="multiple of 8"):
+        _gemm(np.zeros((1, 64), np.float32), packed[:12].copy(), type_id, 12)
+
+
+@pytest.mark.parametrize("quant_type", REPACKABLE)
+def test_quant_linear_and_embedding_read_repacked_rows(quant_type):
+    rng = np.random.default_rng(23)
+    vocab, dim = 48, 96
+    raw = random_blocks(rng, quant_type, vocab, dim)
+    lin = QuantLinear(dim, vocab, quant_type)
+    lin.qweight.copy_(torch.from_numpy(raw))
+    emb = QuantEmbedding(vocab, dim, quant_type)
+    emb.qweight = lin.qweight  # a tied table, as the loader shares it
+    x = torch.from_numpy(rng.standard_normal((5, dim)).astype(np.float32))
+    before = lin(x)
+    lin.repack_for_cpu()
+    emb.type_id = lin.type_id
+    assert lin.type_id == 1000 + ops.GGML_QUANT_TYPES[quant_type]
+    torch.testing.assert_close(lin(x), before, atol=1e-5 * before.abs().max().item(), rtol=1e-5)
+    ids = torch.tensor([[3, 0, 47], [8, 9, 1]])
+    assert torch.equal(emb(ids), dequantized(raw, quant_type, vocab, dim)[ids])
+
+
 # ---- the default model: quantized against dequantized ---------------------------------------------
 
 TEXT = (
@@ -244,6 +329,21 @@ def test_default_model_keeps_gguf_quantization(llm_pair):
     assert len(layers) == 4 * model.config.num_hidden_layers + 1
     assert {m.quant_type for m in layers} == {"Q4_1", "Q8_0"}
     assert isinstance(model.model.embed_tokens, QuantEmbedding)
+
+
+def test_greedy_output_does_not_depend_on_batch_or_prefix_cache(llm_pair):
+    """Batch-invariant CPU kernels: a greedy request gives the same tokens and logprobs alone,
+    again with its prompt from the prefix cache, and inside a batch of other prompts."""
+    llm = llm_pair[0]
+    sp = SamplingParams(temperature=0, max_tokens=24, logprobs=2)
+    prompt = "Here is a list of the planets of the solar system, in order:"
+    first = llm.generate([prompt], sp, use_tqdm=False)[0]
+    cached = llm.generate([prompt], sp, use_tqdm=False)[0]
+    batched = llm.generate(PROMPTS + [prompt] + PROMPTS[::-1], sp, use_tqdm=False)[len(PROMPTS)]
+    assert cached.num_cached_tokens > 0
+    for other in (cached, batched):
+        assert other.outputs[0].token_ids == first.outputs[0].token_ids
+        assert other.outputs[0].cumulative_logprob == first.outputs[0].cumulative_logprob
 
 
 def test_perplexity_within_one_percent_of_fp32(llm_pair):

@@ -11,10 +11,7 @@ from fastllm import LLM, SamplingParams
 
 @pytest.fixture(scope="module")
 def llm():
-    # Without prefix caching, a repeated prompt is computed the same way every time: with the
-    # quantized kernels a cached prefix changes how the rest is tiled, and with it the last bits
-    # of the logits (see the README's CPU notes).
-    return LLM(max_model_len=512, enable_prefix_caching=False)
+    return LLM(max_model_len=512)
 
 
 def gen(llm, prompt, **kw):

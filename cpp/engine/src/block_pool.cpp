@@ -6,7 +6,8 @@
 
 namespace fastllm {
 
-BlockPool::BlockPool(int32_t num_blocks) : blocks_(num_blocks > 0 ? num_blocks : 0) {
+BlockPool::BlockPool(int32_t num_blocks, double cache_headroom)
+    : blocks_(num_blocks > 0 ? num_blocks : 0), cache_headroom_(std::max(0.0, cache_headroom)) {
   // Block 0 is the null block: permanently referenced, never in the free list. Every other block
   // starts fresh, outside the free list, so its memory stays untouched until it is needed.
   if (!blocks_.empty()) blocks_[kNullBlock].ref_count = 1;
@@ -84,8 +85,15 @@ void BlockPool::allocate(int32_t n, std::vector<int32_t>& out) {
                       std::to_string(num_free_) + " free");
   }
   for (int32_t i = 0; i < n; ++i) {
+    const bool fresh_left = next_fresh_ < num_blocks();
+    bool take_head = head_ >= 0;
+    if (take_head && blocks_[head_].cached() && fresh_left) {
+      // Only cached blocks are free: keep them while the cache has headroom.
+      const double limit = (1.0 + cache_headroom_) * std::max(peak_in_use_, num_in_use() + 1);
+      take_head = num_touched_blocks() >= limit;
+    }
     int32_t block;
-    if (head_ >= 0) {
+    if (take_head) {
       block = head_;
       unlink_free(block);
       drop_hash(block);  // lazy eviction: the cached content is overwritten from now on
@@ -95,6 +103,7 @@ void BlockPool::allocate(int32_t n, std::vector<int32_t>& out) {
     }
     blocks_[block].ref_count = 1;
     out.push_back(block);
+    note_in_use();
   }
 }
 
@@ -105,6 +114,7 @@ void BlockPool::touch(int32_t block) {
   Block& b = blocks_[block];
   if (b.in_free_list) unlink_free(block);
   ++b.ref_count;
+  note_in_use();
 }
 
 void BlockPool::release(const int32_t* blocks, int32_t n, bool evict_first) {

@@ -68,6 +68,14 @@ class QuantLinear(nn.Module):
             y = _quant_linear_eager(x, self.qweight, self.type_id, self.out_features, self.bias)
         return y if dtype == torch.float32 else y.to(dtype)
 
+    def repack_for_cpu(self) -> None:
+        """Rewrites a CPU Q4_0/Q4_1 weight in place into the 8-row interleaved layout that the CPU
+        GEMM reads fastest and computes batch-invariantly (``_C.ops.quant_repack``; same bytes).
+        Other types, devices, or a second call leave it as it is."""
+        if self.qweight.device.type == "cpu":
+            self.type_id = _native.quant_repack(self.qweight.numpy(), self.type_id,
+                                                self.in_features)
+
     def _numpy_weights(self):
         cached = self.__dict__.get("_numpy_cache")
         if cached is None or cached[0] is not self.qweight or cached[1] is not self.bias:
@@ -97,6 +105,8 @@ class QuantEmbedding(nn.Module):
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.quant_type = quant_type
+        # The ggml type id, or the CPU layout's when the table is shared with a repacked lm_head.
+        self.type_id = ops.GGML_QUANT_TYPES[quant_type]
         row_bytes = quant_row_bytes(quant_type, embedding_dim)
         self.register_buffer("qweight", torch.empty((num_embeddings, row_bytes),
                                                     dtype=torch.uint8, device=device))
@@ -105,8 +115,7 @@ class QuantEmbedding(nn.Module):
         if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
             ids = input_ids.reshape(-1).to(torch.int32).numpy()
             out = torch.empty((len(ids), self.embedding_dim), dtype=torch.float32)
-            _native.embed_quant_rows(out.numpy(), self.qweight.numpy(),
-                                     ops.GGML_QUANT_TYPES[self.quant_type], ids)
+            _native.embed_quant_rows(out.numpy(), self.qweight.numpy(), self.type_id, ids)
             return out.view(*input_ids.shape, self.embedding_dim)
         block_bytes, quant_offset, has_min = _EMBED_LAYOUTS[self.quant_type]
         rows = self.qweight[input_ids.reshape(-1)]

@@ -131,6 +131,18 @@ def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> 
                 module._buffers[name] = torch.empty(buf.shape, dtype=dt, device=device)
 
 
+def _repack_for_cpu(model: nn.Module) -> None:
+    """Every CPU QuantLinear in its fastest layout; a tied embedding follows its table."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.repack_for_cpu()
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    head = getattr(model, "quant_lm_head", None)
+    if isinstance(embed, QuantEmbedding) and isinstance(head, QuantLinear) and \
+            embed.qweight is head.qweight:
+        embed.type_id = head.type_id
+
+
 @torch.no_grad()
 def load_quantized_model(cls: type, config: ModelConfig, source: ModelSource,
                          device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -153,6 +165,8 @@ def load_quantized_model(cls: type, config: ModelConfig, source: ModelSource,
     model.load_weights(rest)
     del raw, rest
     gguf.release_pages()
+    if device.type == "cpu":
+        _repack_for_cpu(model)
     kinds = sorted({m.quant_type for m in model.modules() if isinstance(m, QuantLinear)})
     logger.info("kept GGUF quantization for %d linear layers (%s)%s", count, ", ".join(kinds),
                 " and the output projection" if "lm_head" in str(consumed) or

@@ -18,14 +18,19 @@
 //
 // A released block without a cached hash joins the head: it holds nothing worth keeping and its
 // memory is warm. A released block with a hash joins the tail and keeps its hash, so a later
-// request with the same prefix can take it back (touch). Allocation pops the head and only then
-// drops the block's hash from the index, so cached blocks are evicted lazily in LRU order; fresh
-// blocks are taken, in increasing index order, only when the free list is empty. Callers free a
-// request's blocks tail-first, so the end of a sequence is evicted before its shared prefix.
-// The price: a cached block is evicted even while fresh blocks remain, so the prefix cache keeps
-// only what fits in the peak working set next to the blocks in use.
+// request with the same prefix can take it back (touch). Allocation order:
+//   1. an uncached free block (the head), most recently freed first;
+//   2. a fresh block, while the touched blocks number less than (1 + cache_headroom) x the peak
+//      of blocks in use so far: cached prefixes get that much room beside the working set;
+//   3. the least recently freed cached block (the head once no uncached one is left), whose hash
+//      is dropped only now, so cached blocks are evicted lazily in LRU order;
+//   4. a fresh block (the pool is larger than the headroom allows, but nothing else is free).
+// Fresh blocks go out in increasing index order. Callers free a request's blocks tail-first, so
+// the end of a sequence is evicted before its shared prefix. Resident memory thus stays within
+// (1 + cache_headroom) x the peak working set unless the pool has nothing else to give.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <unordered_map>
 #include <vector>
@@ -36,8 +41,9 @@ class BlockPool {
  public:
   static constexpr int32_t kNullBlock = 0;
 
-  // num_blocks includes the null block, so num_blocks - 1 are usable.
-  explicit BlockPool(int32_t num_blocks);
+  // num_blocks includes the null block, so num_blocks - 1 are usable. cache_headroom: see above
+  // (0 evicts a cached block before touching a fresh one).
+  explicit BlockPool(int32_t num_blocks, double cache_headroom = 1.0);
 
   int32_t num_blocks() const { return static_cast<int32_t>(blocks_.size()); }
   // Blocks that can be handed out now: unreferenced ones, cached or not, and fresh ones.
@@ -48,8 +54,7 @@ class BlockPool {
   double usage() const;
 
   bool can_allocate(int32_t n) const { return n <= num_free_; }
-  // Pops n blocks from the free-list head (evicting their cached hashes), then takes fresh blocks
-  // once the list is empty; each gets ref count 1. Precondition: can_allocate(n).
+  // Takes n blocks in the order above, each with ref count 1. Precondition: can_allocate(n).
   void allocate(int32_t n, std::vector<int32_t>& out);
 
   // Takes a reference on a block found in the prefix cache (or already referenced), removing it
@@ -94,6 +99,8 @@ class BlockPool {
   };
 
   bool is_fresh(int32_t block) const { return block >= next_fresh_; }
+  int32_t num_in_use() const { return num_blocks() - 1 - num_free_; }
+  void note_in_use() { peak_in_use_ = std::max(peak_in_use_, num_in_use()); }
   void push_free_head(int32_t block);
   void push_free_tail(int32_t block);
   void unlink_free(int32_t block);
@@ -107,6 +114,8 @@ class BlockPool {
   int32_t tail_ = -1;
   int32_t next_fresh_ = 1;  // blocks [next_fresh_, num_blocks) were never handed out
   int32_t num_free_ = 0;    // free-list length + fresh blocks
+  double cache_headroom_ = 1.0;
+  int32_t peak_in_use_ = 0;
 };
 
 }  // namespace fastllm

@@ -246,23 +246,22 @@ inline float half_at(const uint8_t* p) {
 
 void embed_quant_rows_cpu(const void* table, QuantType type, int64_t num_rows, int64_t dim,
                           const int32_t* ids, int64_t num_ids, float* out) {
-  check_arg(type == QuantType::kQ8_0 || type == QuantType::kQ4_0 || type == QuantType::kQ4_1,
+  const QuantType base = quant_base_type(type);
+  check_arg(base == QuantType::kQ8_0 || base == QuantType::kQ4_0 || base == QuantType::kQ4_1,
             std::string("embed_quant_rows: cannot read ") + quant_type_name(type) + " rows");
   check_arg(dim > 0 && dim % 32 == 0, "embed_quant_rows: dim must be a multiple of 32");
-  const int64_t block_bytes = quant_block_bytes(type);
-  const int64_t row_bytes = dim / 32 * block_bytes;
+  uint8_t w[34];  // one block in the base type's layout
   for (int64_t i = 0; i < num_ids; ++i) {
     check_arg(ids[i] >= 0 && ids[i] < num_rows,
               "embed_quant_rows: token id " + std::to_string(ids[i]) + " out of range");
-    const auto* row = static_cast<const uint8_t*>(table) + ids[i] * row_bytes;
     float* y = out + i * dim;
     for (int64_t blk = 0; blk < dim / 32; ++blk, y += 32) {
-      const uint8_t* w = row + blk * block_bytes;
+      quant_read_block(type, table, dim, ids[i], blk, w);
       const float d = half_at(w);
-      if (type == QuantType::kQ8_0) {
+      if (base == QuantType::kQ8_0) {
         const auto* q = reinterpret_cast<const int8_t*>(w + 2);
         for (int j = 0; j < 32; ++j) y[j] = static_cast<float>(q[j]) * d;
-      } else if (type == QuantType::kQ4_0) {
+      } else if (base == QuantType::kQ4_0) {
         const uint8_t* q = w + 2;
         for (int j = 0; j < 16; ++j) {
           y[j] = (static_cast<float>(q[j] & 0x0F) - 8.0f) * d;

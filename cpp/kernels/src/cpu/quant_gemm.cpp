@@ -16,8 +16,21 @@
 
 namespace fastllm::kernels {
 
-int64_t quant_block_values(QuantType type) {
+QuantType quant_base_type(QuantType type) {
   switch (type) {
+    case QuantType::kQ4_0x8:
+      return QuantType::kQ4_0;
+    case QuantType::kQ4_1x8:
+      return QuantType::kQ4_1;
+    default:
+      return type;
+  }
+}
+
+int64_t quant_row_group(QuantType type) { return quant_base_type(type) == type ? 1 : 8; }
+
+int64_t quant_block_values(QuantType type) {
+  switch (quant_base_type(type)) {
     case QuantType::kQ8_0:
     case QuantType::kQ4_0:
     case QuantType::kQ4_1:
@@ -30,7 +43,7 @@ int64_t quant_block_values(QuantType type) {
 }
 
 int64_t quant_block_bytes(QuantType type) {
-  switch (type) {
+  switch (quant_base_type(type)) {
     case QuantType::kQ8_0:
       return 34;
     case QuantType::kQ4_0:
@@ -57,8 +70,68 @@ const char* quant_type_name(QuantType type) {
       return "Q4_K";
     case QuantType::kQ6_K:
       return "Q6_K";
+    case QuantType::kQ4_0x8:
+      return "Q4_0x8";
+    case QuantType::kQ4_1x8:
+      return "Q4_1x8";
   }
   return "unknown";
+}
+
+namespace {
+
+// Bytes before the quants in one block of an x8 group: the 8 scales (and 8 mins).
+int64_t x8_header_bytes(QuantType type) { return type == QuantType::kQ4_1x8 ? 32 : 16; }
+
+}  // namespace
+
+QuantType quant_repack_rows8(QuantType type, void* weight, int64_t n, int64_t k) {
+  QuantType packed;
+  if (type == QuantType::kQ4_0)
+    packed = QuantType::kQ4_0x8;
+  else if (type == QuantType::kQ4_1)
+    packed = QuantType::kQ4_1x8;
+  else
+    return type;
+  check_arg(n >= 0 && k > 0 && k % 32 == 0, "quant_repack_rows8: bad sizes");
+  if (n % 8 != 0) return type;
+  const int64_t block_bytes = quant_block_bytes(type), blocks = k / 32;
+  const int64_t row_bytes = blocks * block_bytes, header = x8_header_bytes(packed);
+  const int64_t quant_offset = block_bytes - 16;  // the 16 nibble bytes end each block
+  std::vector<uint8_t> group(static_cast<size_t>(8 * row_bytes));
+  auto* base = static_cast<uint8_t*>(weight);
+  for (int64_t g = 0; g < n / 8; ++g) {
+    uint8_t* src = base + g * 8 * row_bytes;
+    for (int64_t b = 0; b < blocks; ++b) {
+      uint8_t* dst = group.data() + b * 8 * block_bytes;
+      for (int r = 0; r < 8; ++r) {
+        const uint8_t* blk = src + r * row_bytes + b * block_bytes;
+        std::memcpy(dst + 2 * r, blk, 2);                             // d
+        if (header == 32) std::memcpy(dst + 16 + 2 * r, blk + 2, 2);  // m
+        for (int c = 0; c < 4; ++c)
+          std::memcpy(dst + header + 32 * c + 4 * r, blk + quant_offset + 4 * c, 4);
+      }
+    }
+    std::memcpy(src, group.data(), group.size());
+  }
+  return packed;
+}
+
+void quant_read_block(QuantType type, const void* weight, int64_t k, int64_t row, int64_t block,
+                      uint8_t* out) {
+  const int64_t block_bytes = quant_block_bytes(type);
+  const int64_t row_bytes = k / quant_block_values(type) * block_bytes;
+  const auto* base = static_cast<const uint8_t*>(weight);
+  if (quant_row_group(type) == 1) {
+    std::memcpy(out, base + row * row_bytes + block * block_bytes, block_bytes);
+    return;
+  }
+  const uint8_t* blk = base + (row / 8) * 8 * row_bytes + block * 8 * block_bytes;
+  const int64_t r = row % 8, header = x8_header_bytes(type), quant_offset = block_bytes - 16;
+  std::memcpy(out, blk + 2 * r, 2);
+  if (header == 32) std::memcpy(out + 2, blk + 16 + 2 * r, 2);
+  for (int c = 0; c < 4; ++c)
+    std::memcpy(out + quant_offset + 4 * c, blk + header + 32 * c + 4 * r, 4);
 }
 
 namespace cpu {
@@ -124,7 +197,29 @@ void tile_scalar(QuantType type, const uint8_t* weight, int64_t n_rows, const Q8
   }
 }
 
-const QuantGemmKernels kScalarKernels = {"scalar", quantize_row_scalar, tile_scalar};
+// x8 layouts: each block is read back into its row-major form (tests compare the layouts).
+void tile_x8_scalar(QuantType type, const uint8_t* weight, int64_t groups, const Q8ActBlock* x,
+                    int64_t blocks, int64_t m_rows, float* out, int64_t out_stride) {
+  const QuantType base = quant_base_type(type);
+  uint8_t blk[20];
+  for (int64_t j = 0; j < groups * 8; ++j) {
+    for (int64_t r = 0; r < m_rows; ++r) {
+      const Q8ActBlock* xr = x + r * blocks;
+      float acc = 0.0f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        quant_read_block(type, weight, blocks * 32, j, b, blk);
+        const float dw = load_half(blk);
+        const float offset = base == QuantType::kQ4_0 ? -8.0f * dw : load_half(blk + 2);
+        acc +=
+            static_cast<float>(block_isum(base, blk, xr[b].q)) * (dw * xr[b].d) + offset * xr[b].s;
+      }
+      out[r * out_stride + j] = acc;
+    }
+  }
+}
+
+const QuantGemmKernels kScalarKernels = {"scalar", quantize_row_scalar, tile_scalar, false,
+                                         tile_x8_scalar};
 
 // ---- K-quants: dequantize a weight row, then float dot products -------------------------------
 
@@ -251,6 +346,35 @@ const QuantGemmKernels& pick_kernels(bool allow_simd) {
   return kScalarKernels;
 }
 
+// The x8 layouts: activations quantized row by row, then slices of 8-row groups in parallel.
+void quant_gemm_x8(const QuantGemmParams& p) {
+  check_arg(p.n % 8 == 0, std::string("quant_gemm: ") + quant_type_name(p.type) +
+                              " weights need out_features to be a multiple of 8");
+  const auto& kernels = pick_kernels(p.allow_simd);
+  const int64_t blocks = p.k / 32;
+  const int64_t row_bytes = blocks * quant_block_bytes(p.type);
+  thread_local std::vector<Q8ActBlock> quantized;
+  if (static_cast<int64_t>(quantized.size()) < p.m * blocks)
+    quantized.resize(static_cast<size_t>(p.m * blocks));
+  Q8ActBlock* xq = quantized.data();
+  auto quantize = [&](int64_t r) {
+    kernels.quantize_row(p.input + r * p.input_stride, p.k, xq + r * blocks);
+  };
+  if (p.m * p.k >= (1 << 16)) {
+    parallel_for(p.m, quantize);
+  } else {
+    for (int64_t r = 0; r < p.m; ++r) quantize(r);
+  }
+  const int64_t per = (slice_rows(p.n) + 7) / 8 * 8;
+  const auto* weight = static_cast<const uint8_t*>(p.weight);
+  parallel_for((p.n + per - 1) / per, [&](int64_t task) {
+    const int64_t n0 = task * per, n1 = std::min(p.n, n0 + per);
+    kernels.tile_x8(p.type, weight + n0 * row_bytes, (n1 - n0) / 8, xq, blocks, p.m, p.out + n0,
+                    p.out_stride);
+    add_bias(p, n0, n1);
+  });
+}
+
 }  // namespace
 
 const QuantGemmKernels& scalar_quant_gemm_kernels() { return kScalarKernels; }
@@ -278,6 +402,7 @@ void quant_gemm_cpu(const QuantGemmParams& p) {
   check_arg(p.input_stride >= p.k && p.out_stride >= p.n, "quant_gemm: bad strides");
   if (p.m == 0 || p.n == 0) return;
   if (values == 256) return cpu::k_quant_gemm(p);
+  if (quant_row_group(p.type) == 8) return cpu::quant_gemm_x8(p);
 
   const auto& kernels = cpu::pick_kernels(p.allow_simd);
   const int64_t blocks = p.k / 32;

@@ -202,6 +202,64 @@ void tile_rows_q8_wide(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* 
   }
 }
 
+// 1 or 2 rows of x against Q8_0 weights with the arithmetic of tile_rows_q8_wide, so that a row's
+// results do not depend on how many rows came with it: per block the exact integer dot product,
+// then acc = fma(isum, d_x * d_w, acc) in block order. Four weight rows go together: their four
+// integer sums come out of one reduction tree and share the float work.
+template <int kRows>
+void tile_rows_q8_narrow(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64_t blocks,
+                         float* out, int64_t out_stride) {
+  constexpr int64_t block_bytes = kBlockBytes<QuantType::kQ8_0>;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t row_bytes = blocks * block_bytes;
+  auto block_dot = [&](const uint8_t* w, const int8_t* q) __attribute__((always_inline)) {
+    const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    return dot_u8s8(_mm256_abs_epi8(wq), _mm256_sign_epi8(xv, wq), ones);
+  };
+  int64_t j = 0;
+  for (; j + 4 <= n_rows; j += 4) {
+    const uint8_t* row = weight + j * row_bytes;
+    if (j + kPrefetchRows < n_rows)
+      for (int64_t off = 0; off < 4 * row_bytes; off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * row_bytes + off),
+                     _MM_HINT_T0);
+    __m128 acc[kRows];
+    for (int r = 0; r < kRows; ++r) acc[r] = _mm_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* w = row + b * block_bytes;
+      const __m128 dw = _mm_setr_ps(load_half(w), load_half(w + row_bytes),
+                                    load_half(w + 2 * row_bytes), load_half(w + 3 * row_bytes));
+      for (int r = 0; r < kRows; ++r) {
+        const Q8ActBlock& xb = x[r * blocks + b];
+        const __m256i h =
+            _mm256_hadd_epi32(_mm256_hadd_epi32(block_dot(w, xb.q), block_dot(w + row_bytes, xb.q)),
+                              _mm256_hadd_epi32(block_dot(w + 2 * row_bytes, xb.q),
+                                                block_dot(w + 3 * row_bytes, xb.q)));
+        const __m128i isum =
+            _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(isum), _mm_mul_ps(_mm_set1_ps(xb.d), dw), acc[r]);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) _mm_storeu_ps(out + r * out_stride + j, acc[r]);
+  }
+  for (; j < n_rows; ++j) {
+    const uint8_t* row = weight + j * row_bytes;
+    __m128 acc[kRows];
+    for (int r = 0; r < kRows; ++r) acc[r] = _mm_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* w = row + b * block_bytes;
+      const __m128 dw = _mm_set_ss(load_half(w));
+      for (int r = 0; r < kRows; ++r) {
+        const Q8ActBlock& xb = x[r * blocks + b];
+        const __m128 isum = _mm_cvtepi32_ps(_mm_cvtsi32_si128(hsum_epi32(block_dot(w, xb.q))));
+        acc[r] = _mm_fmadd_ss(isum, _mm_mul_ss(_mm_set_ss(xb.d), dw), acc[r]);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) out[r * out_stride + j] = _mm_cvtss_f32(acc[r]);
+  }
+}
+
 // 3 to 8 rows of x against 4-bit weights, over the tile's interleaved quants (quant_gemm_impl.h):
 // each group of 4 weight values is broadcast to all 8 lanes and multiplied with 4 values of every
 // row at once, so lane r accumulates row r's dot product with no horizontal reduction. The 8
@@ -308,6 +366,10 @@ template <QuantType kType>
 void tile_type(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64_t blocks,
                const float* xd, const float* xs, const int8_t* xi, int64_t m_rows, float* out,
                int64_t out_stride) {
+  if constexpr (kType == QuantType::kQ8_0) {
+    if (m_rows == 1) return tile_rows_q8_narrow<1>(weight, n_rows, x, blocks, out, out_stride);
+    if (m_rows == 2) return tile_rows_q8_narrow<2>(weight, n_rows, x, blocks, out, out_stride);
+  }
   if (m_rows == 1) return tile_rows<kType, 1>(weight, n_rows, x, blocks, out, out_stride);
   if (m_rows == 2) return tile_rows<kType, 2>(weight, n_rows, x, blocks, out, out_stride);
   with_wide_rows(m_rows, [&](auto rows) {
@@ -337,10 +399,115 @@ void tile_avx2(QuantType type, const uint8_t* weight, int64_t n_rows, const Q8Ac
   }
 }
 
+// ---- x8 layouts (quant_gemm.h): 8 weight rows per 32-byte load ---------------------------------
+
+// Row r's int32 dot products with the 8 rows of one block, lane i = weight row i: the 4 values of
+// group g of x are broadcast from memory against the group's 32 bytes (4 values x 8 rows).
+inline __m256i x8_block_dot(const __m256i* w, const int8_t* xq) {
+  auto bcast = [xq](int g) {
+    int32_t v;
+    std::memcpy(&v, xq + 4 * g, 4);
+    return _mm256_set1_epi32(v);
+  };
 #ifdef FASTLLM_QUANT_GEMM_VNNI
-const QuantGemmKernels kKernels = {"avx_vnni", quantize_row_avx2, tile_avx2, true};
+  __m256i acc = _mm256_setzero_si256();
+  for (int g = 0; g < 8; ++g) acc = _mm256_dpbusd_avx_epi32(acc, w[g], bcast(g));
+  return acc;
 #else
-const QuantGemmKernels kKernels = {"avx2", quantize_row_avx2, tile_avx2, true};
+  // int16 sums of the 8 maddubs stay below 8 * 2 * 15 * 127 = 30480 (no saturation).
+  const __m256i s0 =
+      _mm256_add_epi16(_mm256_maddubs_epi16(w[0], bcast(0)), _mm256_maddubs_epi16(w[1], bcast(1)));
+  const __m256i s1 =
+      _mm256_add_epi16(_mm256_maddubs_epi16(w[2], bcast(2)), _mm256_maddubs_epi16(w[3], bcast(3)));
+  const __m256i s2 =
+      _mm256_add_epi16(_mm256_maddubs_epi16(w[4], bcast(4)), _mm256_maddubs_epi16(w[5], bcast(5)));
+  const __m256i s3 =
+      _mm256_add_epi16(_mm256_maddubs_epi16(w[6], bcast(6)), _mm256_maddubs_epi16(w[7], bcast(7)));
+  return _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(s0, s1), _mm256_add_epi16(s2, s3)),
+                           _mm256_set1_epi16(1));
+#endif
+}
+
+// kRows (<= 4) rows of x against one 8-row group: the group's block is unpacked once into 8
+// vectors of nibbles and multiplied with every row; row r's 8 outputs accumulate in one vector.
+// Per block and row: acc += isum * (d_w * d_x), then acc += m_w * s_x, in that order for every
+// kRows, so results do not depend on how rows are batched.
+template <QuantType kType, int kRows>
+void x8_group(const uint8_t* group, const Q8ActBlock* x, int64_t blocks, float* out,
+              int64_t out_stride) {
+  constexpr int64_t group_block = 8 * (kType == QuantType::kQ4_1x8 ? 20 : 18);
+  constexpr int64_t header = kType == QuantType::kQ4_1x8 ? 32 : 16;
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  __m256 acc[kRows];
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* w = group + b * group_block;
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+    const __m256 mw =
+        kType == QuantType::kQ4_1x8
+            ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)))
+            : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+    __m256i q[8];
+    for (int c = 0; c < 4; ++c) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + header + 32 * c));
+      q[c] = _mm256_and_si256(raw, mask);
+      q[c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+    }
+    for (int r = 0; r < kRows; ++r) {
+      const Q8ActBlock& xb = x[r * blocks + b];
+      const __m256i isum = x8_block_dot(q, xb.q);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, _mm256_set1_ps(xb.d)),
+                               acc[r]);
+      acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xb.s), acc[r]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) _mm256_storeu_ps(out + r * out_stride, acc[r]);
+}
+
+template <QuantType kType>
+void tile_x8_type(const uint8_t* weight, int64_t groups, const Q8ActBlock* x, int64_t blocks,
+                  int64_t m_rows, float* out, int64_t out_stride) {
+  const int64_t group_bytes = blocks * 8 * (kType == QuantType::kQ4_1x8 ? 20 : 18);
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* group = weight + g * group_bytes;
+    if (g + 1 < groups)  // the next group streams in while this one computes
+      for (int64_t off = 0; off < group_bytes; off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(group + group_bytes + off), _MM_HINT_T0);
+    int64_t r = 0;
+    for (; r + 4 <= m_rows; r += 4)
+      x8_group<kType, 4>(group, x + r * blocks, blocks, out + r * out_stride + 8 * g, out_stride);
+    const Q8ActBlock* xr = x + r * blocks;
+    float* o = out + r * out_stride + 8 * g;
+    switch (m_rows - r) {
+      case 4:
+        x8_group<kType, 4>(group, xr, blocks, o, out_stride);
+        break;
+      case 3:
+        x8_group<kType, 3>(group, xr, blocks, o, out_stride);
+        break;
+      case 2:
+        x8_group<kType, 2>(group, xr, blocks, o, out_stride);
+        break;
+      case 1:
+        x8_group<kType, 1>(group, xr, blocks, o, out_stride);
+        break;
+      default:
+        break;
+    }
+  }
+}
+
+void tile_x8_avx2(QuantType type, const uint8_t* weight, int64_t groups, const Q8ActBlock* x,
+                  int64_t blocks, int64_t m_rows, float* out, int64_t out_stride) {
+  if (type == QuantType::kQ4_1x8)
+    return tile_x8_type<QuantType::kQ4_1x8>(weight, groups, x, blocks, m_rows, out, out_stride);
+  tile_x8_type<QuantType::kQ4_0x8>(weight, groups, x, blocks, m_rows, out, out_stride);
+}
+
+#ifdef FASTLLM_QUANT_GEMM_VNNI
+const QuantGemmKernels kKernels = {"avx_vnni", quantize_row_avx2, tile_avx2, true, tile_x8_avx2};
+#else
+const QuantGemmKernels kKernels = {"avx2", quantize_row_avx2, tile_avx2, true, tile_x8_avx2};
 #endif
 
 }  // namespace

@@ -39,6 +39,12 @@ struct QuantGemmKernels {
                float* out, int64_t out_stride);
   // Whether tile reads xi for Q4_0/Q4_1 tiles of 3+ rows; the launcher builds it only then.
   bool reads_interleaved = false;
+  // For the x8 layouts: out[r * out_stride + 8 g + i] = x_r . W_{8g+i} for r < m_rows (any
+  // number) and g < groups, W the groups at weight. Each output is computed by the same
+  // operations in the same order whatever m_rows is, so a row's result does not depend on the
+  // batch it came in.
+  void (*tile_x8)(QuantType type, const uint8_t* weight, int64_t groups, const Q8ActBlock* x,
+                  int64_t blocks, int64_t m_rows, float* out, int64_t out_stride) = nullptr;
 };
 
 const QuantGemmKernels& scalar_quant_gemm_kernels();

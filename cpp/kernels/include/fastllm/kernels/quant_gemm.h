@@ -9,6 +9,14 @@
 //   Q6_K 256 values, 210 bytes | low nibbles[128] | high 2 bits[64] | scales int8[16] | d fp16
 // In the 32-value formats byte j holds value j in its low nibble and value j + 16 in its high one.
 //
+// CPU layouts Q4_0x8 / Q4_1x8 (quant_repack_rows8): groups of 8 consecutive rows stored together,
+// block by block. One block of a group (8 x the source block bytes) is
+//   d fp16[8] | (Q4_1x8: m fp16[8]) | 4 chunks of 32 bytes
+// where byte 4 r + i of chunk c is source byte 4 c + i of row r (values 4c+i and 16+4c+i), so one
+// 32-byte load holds the same 4 values of all 8 rows and each product of a GEMM lands in its own
+// output lane. Rows keep their byte size, so a slice of rows starting at a multiple of 8 is a
+// plain pointer offset.
+//
 // CPU fast path (Q8_0/Q4_0/Q4_1): x is quantized per 32 values to int8 with one float scale (like
 // the weights), and each block pair becomes an integer dot product scaled once; parallel over
 // slices of n, tiles of 4 rows of x inside each slice so a weight slice is read from memory once.
@@ -22,7 +30,22 @@
 namespace fastllm::kernels {
 
 // Values match ggml's type ids, so the Python side can pass GGUF type numbers straight through.
-enum class QuantType : int32_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14 };
+// The x8 layouts have no ggml id; theirs are 1000 + the source type's.
+enum class QuantType : int32_t {
+  kQ4_0 = 2,
+  kQ4_1 = 3,
+  kQ8_0 = 8,
+  kQ4_K = 12,
+  kQ6_K = 14,
+  kQ4_0x8 = 1002,
+  kQ4_1x8 = 1003,
+};
+
+// The row-major type an x8 layout was made from (type itself otherwise).
+QuantType quant_base_type(QuantType type);
+
+// Rows of type that form one unit of its layout: 8 for the x8 layouts, else 1.
+int64_t quant_row_group(QuantType type);
 
 // Values per block of type (32 or 256); 0 for an unknown type.
 int64_t quant_block_values(QuantType type);
@@ -32,6 +55,16 @@ int64_t quant_block_bytes(QuantType type);
 
 // "Q8_0", "Q4_0", ... for messages.
 const char* quant_type_name(QuantType type);
+
+// Rewrites n rows of k values of type in place into its x8 layout and returns the x8 type; returns
+// type unchanged (and leaves the bytes) when type has none (only Q4_0 and Q4_1 have) or n is not a
+// multiple of 8. The x8 layouts are read by quant_gemm_cpu and embed_quant_rows_cpu only.
+QuantType quant_repack_rows8(QuantType type, void* weight, int64_t n, int64_t k);
+
+// Copies block `block` of row `row` of a weight in type's layout (rows of k values) as a block of
+// the base type (quant_base_type) to out (quant_block_bytes(type) bytes).
+void quant_read_block(QuantType type, const void* weight, int64_t k, int64_t row, int64_t block,
+                      uint8_t* out);
 
 struct QuantGemmParams {
   float* out = nullptr;          // [m][n], rows out_stride floats apart
@@ -43,7 +76,7 @@ struct QuantGemmParams {
   int64_t k = 0;  // a multiple of the type's block_values
   int64_t input_stride = 0;
   int64_t out_stride = 0;
-  QuantType type = QuantType::kQ8_0;
+  QuantType type = QuantType::kQ8_0;  // x8 layouts need n % 8 == 0
   // False runs the portable scalar code even on an AVX2 CPU (tests compare the two).
   bool allow_simd = true;
 };
