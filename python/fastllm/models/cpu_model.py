@@ -57,10 +57,11 @@ _EMBED_TYPES = ("Q8_0", "Q4_0", "Q4_1")
 @dataclass
 class CpuModel:
     config: ModelConfig
-    # uint8 rows of a quantized table (embed_type: its ggml type id) or float32 [vocab, hidden]
+    # uint8 rows of a quantized table (embed_type: its type id, a repacked layout's when tied to
+    # the output projection) or float32 [vocab, hidden]
     embed_table: np.ndarray
     embed_type: int | None
-    lm_head: tuple[np.ndarray, int]  # (weight rows, ggml type id); tied: embed_table's rows
+    lm_head: tuple[np.ndarray, int]  # (weight rows, type id); tied: embed_table's rows
     final_norm: np.ndarray
     rope_cache: np.ndarray
     layers: list[CpuLayer]
@@ -104,7 +105,10 @@ def load_cpu_model(config: ModelConfig, source: ModelSource, dtype: str, kv_dtyp
     else:
         embed_table, embed_type = dequantize_raw(embed), None
     if head is embed and embed_type is not None:
-        lm_head = (embed_table, embed_type)  # one copy of the table serves both
+        # One copy of the table serves both, in the layout the GEMM prefers (embed_quant_rows
+        # reads it too).
+        lm_head = prepare_cpu_linear(embed_table, embed_type)
+        embed_type = lm_head[1]
     else:
         lm_head = prepare_cpu_linear(_copy(head, gguf), GGML_QUANT_TYPES[head.ggml_type])
     model = CpuModel(

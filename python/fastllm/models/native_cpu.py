@@ -51,11 +51,14 @@ def native_decoder_enabled() -> bool:
 
 
 def prepare_cpu_linear(weight: np.ndarray, type_id: int) -> tuple[np.ndarray, int]:
-    """The (weight rows, ggml type id) the CPU GEMM should read for one linear layer's weight:
-    the place to re-lay rows out for a faster kernel. Every linear the torch-free path hands to
-    CpuDecoder or quant_gemm passes through here (a token table read by embed_quant_rows does
-    not). Returns its inputs for now."""
-    return weight, type_id
+    """The (weight rows, type id) the CPU GEMM should read for one linear layer's weight: Q4_0 /
+    Q4_1 rows are repacked in place into their 8-row interleaved layout (``_C.ops.quant_repack``,
+    the same bytes; ``QuantLinear.repack_for_cpu`` does the same on the torch path), other types
+    are returned as they are. Every linear the torch-free path hands to CpuDecoder or quant_gemm
+    passes through here, a tied token table too (embed_quant_rows reads the repacked layout)."""
+    values, nbytes = _C.ops.quant_block_info(type_id)
+    in_features = weight.shape[1] // nbytes * values
+    return weight, _C.ops.quant_repack(weight, type_id, in_features)
 
 
 def new_cpu_decoder(config: ModelConfig, final_norm: np.ndarray, rope_cache: np.ndarray,
