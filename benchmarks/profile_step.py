@@ -3,13 +3,17 @@
 
     python benchmarks/profile_step.py [--batch 1 32] [--steps 40] [--quantized-weights auto]
 
+It profiles the executor LLM() picks: the torch-free one for the quantized default model
+(FASTLLM_TORCH_FREE=0: the torch model with the native decoder; add FASTLLM_CPU_NATIVE_DECODER=0
+for its per-op Python layer loop).
+
 Rows of the table (ms per step, share of the step):
   GEMMs              qkv/o/gate_up/down projections (QuantLinear or nn.Linear)
   lm_head            the output projection of the sampled rows (compute_logits)
   attention          K/V cache write + paged attention
   norms/rope/act     RMSNorm, RoPE, SiLU-and-mul, the embedding lookup
   sampling           the sample kernel and its inputs
-  python glue        executor + model code between those (plan -> tensors, layer loop)
+  python glue        executor + model code between those (plan -> arrays, layer loop)
   C++ engine         schedule/update/output queue (engine step minus the executor)
   front end          LLMEngine.step's Python output handling (detokenize, stop strings)
 Timers cost ~1 us each (~250 a step), counted in the rows they wrap. With the native CPU decoder
@@ -23,15 +27,10 @@ import argparse
 import time
 from collections import defaultdict
 
-import torch
-
 from fastllm import _C, LLM, SamplingParams
-from fastllm.models import fast_ops
-from fastllm.models.attention import PagedAttention
-from fastllm.models.llama import LlamaForCausalLM, RMSNorm
-from fastllm.models.quant_linear import QuantEmbedding, QuantLinear
-from fastllm.worker import model_runner
-from fastllm.worker.model_runner import ModelExecutor
+from fastllm.models.cpu_model import CpuModel
+from fastllm.worker import cpu_runner
+from fastllm.worker.cpu_runner import CpuExecutor
 
 TIMES: dict[str, float] = defaultdict(float)
 
@@ -47,8 +46,27 @@ def timed(category: str, fn):
     return wrapper
 
 
-def instrument(model: torch.nn.Module) -> None:
+def instrument_torch_free() -> None:
+    """Wrap the torch-free executor's steps (its decoder has its own timers)."""
+    CpuExecutor.execute = timed("_execute", CpuExecutor.execute)
+    CpuModel.logits = timed("lm_head", CpuModel.logits)
+    CpuModel.embed = timed("norms/rope/act", CpuModel.embed)
+    cpu_runner.sample = timed("sampling", cpu_runner.sample)
+    cpu_runner.sampling_inputs = timed("sampling", cpu_runner.sampling_inputs)
+
+
+def instrument_torch(executor) -> None:
     """Wrap instance forwards (only this model) and the module-level ops the layers call."""
+    import torch
+
+    from fastllm.models import fast_ops
+    from fastllm.models.attention import PagedAttention
+    from fastllm.models.llama import LlamaForCausalLM, RMSNorm
+    from fastllm.models.quant_linear import QuantEmbedding, QuantLinear
+    from fastllm.worker import model_runner
+    from fastllm.worker.model_runner import ModelExecutor
+
+    model = executor.model
     # The output projection (a QuantLinear, or a torch matmul with the tied embedding) is timed
     # as a whole through compute_logits.
     model.compute_logits = timed("lm_head", model.compute_logits)
@@ -61,6 +79,11 @@ def instrument(model: torch.nn.Module) -> None:
             module.forward = timed("norms/rope/act", module.forward)
     fast_ops.rotary_embedding = timed("norms/rope/act", fast_ops.rotary_embedding)
     fast_ops.silu_and_mul = timed("norms/rope/act", fast_ops.silu_and_mul)
+    # Class-level wraps: the native engine calls execute() through the executor trampoline.
+    ModelExecutor.execute = timed("_execute", ModelExecutor.execute)
+    model_runner._sample = timed("sampling", model_runner._sample)
+    ModelExecutor._sampling_inputs = timed("sampling", ModelExecutor._sampling_inputs)
+    LlamaForCausalLM.forward = timed("_model", LlamaForCausalLM.forward)
 
 
 def main() -> None:
@@ -73,14 +96,14 @@ def main() -> None:
 
     llm = LLM(max_model_len=1024, quantized_weights=args.quantized_weights)
     engine = llm.llm_engine
-    model = engine.core.model
-    instrument(model)
-    # Class-level wraps: the native engine calls execute() through the executor trampoline.
-    orig_execute = ModelExecutor.execute
-    ModelExecutor.execute = timed("_execute", orig_execute)
-    model_runner._sample = timed("sampling", model_runner._sample)
-    ModelExecutor._sampling_inputs = timed("sampling", ModelExecutor._sampling_inputs)
-    LlamaForCausalLM.forward = timed("_model", LlamaForCausalLM.forward)
+    executor = engine.core.executor
+    torch_free = isinstance(executor, CpuExecutor)
+    if torch_free:
+        instrument_torch_free()
+        decoder = executor.decoder
+    else:
+        instrument_torch(executor)
+        decoder = executor.cpu_decoder
     native = engine.engine
     engine_step = native.step
 
@@ -96,10 +119,9 @@ def main() -> None:
                 TIMES["_engine"] += time.perf_counter() - t0
 
     engine.engine = TimedEngine()
-    decoder = engine.core.executor.cpu_decoder
-    print(f"threads: fastllm pool {_C.ops.cpu_num_threads()}, "
-          f"torch {torch.get_num_threads()}; weights: {args.quantized_weights}; layer loop: "
-          f"{'native CPU decoder' if decoder is not None else 'Python'}")
+    print(f"threads: fastllm pool {_C.ops.cpu_num_threads()}; weights: "
+          f"{args.quantized_weights}; executor: {'torch-free' if torch_free else 'torch'}; "
+          f"layer loop: {'native CPU decoder' if decoder is not None else 'Python'}")
 
     prompt = list(range(1000, 1000 + args.prompt_len))
     for batch in args.batch:

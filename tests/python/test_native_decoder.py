@@ -19,6 +19,13 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _torch_executor(monkeypatch):
+    """These tests look inside the torch executor (the default is the torch-free one, which
+    test_torch_free.py checks against it)."""
+    monkeypatch.setenv("FASTLLM_TORCH_FREE", "0")
+
+
 def _run(llm: LLM) -> list:
     # Chunks of 32 tokens split the long prompt across steps and mix prefill with decode.
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)

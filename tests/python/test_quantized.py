@@ -14,6 +14,7 @@ import torch
 
 from fastllm import _C, LLM, SamplingParams, ops
 from fastllm.loader import dequantize
+from fastllm.models.cpu_model import CpuModel
 from fastllm.models.quant_linear import QuantEmbedding, QuantLinear
 
 CUDA = torch.cuda.is_available() and _C.ops.built_with_cuda()
@@ -323,12 +324,29 @@ def _perplexity(llm: LLM, ids: list[int]) -> float:
 
 
 def test_default_model_keeps_gguf_quantization(llm_pair):
+    """The default LLM() runs the torch-free executor: Q4_1 layers in their repacked layout, the
+    tied Q8_0 table as both embedding and output projection (one copy)."""
     model = llm_pair[0].llm_engine.core.model
+    assert isinstance(model, CpuModel)
+    assert len(model.layers) == model.config.num_hidden_layers
+    q4_1x8 = 1000 + ops.GGML_QUANT_TYPES["Q4_1"]
+    for layer in model.layers:
+        assert {lin[1] for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)} == {q4_1x8}
+    assert model.embed_type == ops.GGML_QUANT_TYPES["Q8_0"]
+    assert model.lm_head[0] is model.embed_table
+
+
+def test_torch_model_keeps_gguf_quantization(monkeypatch):
+    monkeypatch.setenv("FASTLLM_TORCH_FREE", "0")
+    model = LLM(max_model_len=128).llm_engine.core.model
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     # qkv, o, gate_up, down per layer + the tied output projection
     assert len(layers) == 4 * model.config.num_hidden_layers + 1
     assert {m.quant_type for m in layers} == {"Q4_1", "Q8_0"}
+    assert {m.type_id for m in layers} == {1000 + ops.GGML_QUANT_TYPES["Q4_1"],
+                                           ops.GGML_QUANT_TYPES["Q8_0"]}
     assert isinstance(model.model.embed_tokens, QuantEmbedding)
+    assert model.model.embed_tokens.qweight is model.quant_lm_head.qweight
 
 
 def test_greedy_output_does_not_depend_on_batch_or_prefix_cache(llm_pair):

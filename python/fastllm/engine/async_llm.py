@@ -50,7 +50,7 @@ class _Stream:
 class AsyncLLM:
     def __init__(self, args: EngineArgs, metrics=None):
         # A server keeps the process torch-free where the model allows it (see EngineCore).
-        self.core = EngineCore(args, torch_free=True)
+        self.core = EngineCore(args)
         self.args = args
         self.tokenizer = self.core.tokenizer
         self.engine = self.core.engine

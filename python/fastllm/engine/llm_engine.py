@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 import time
 
 import numpy as np
@@ -66,12 +67,11 @@ class EngineCore:
 
     Two executors: the torch model (``worker.model_runner``), and for a quantized GGUF model that
     the native CPU decoder runs whole (``models.cpu_model``) a torch-free one (``worker.cpu_runner``)
-    that gives the same tokens and logprobs without torch's ~200 MB in the process. ``torch_free``
-    picks the latter where it applies (the server does); torch is imported only when the torch
-    model runs. The offline API keeps the torch model by default, whose modules stay open to
-    inspection (``core.model``)."""
+    that gives the same tokens and logprobs without torch's ~200 MB in the process. The latter
+    runs wherever it applies unless ``torch_free`` is False (None: unless the environment sets
+    FASTLLM_TORCH_FREE=0); torch is imported only when the torch model runs."""
 
-    def __init__(self, args: EngineArgs, torch_free: bool = False):
+    def __init__(self, args: EngineArgs, torch_free: bool | None = None):
         args.validate()
         t0 = time.perf_counter()
         self.args = args
@@ -92,6 +92,8 @@ class EngineCore:
                 f"max_position_embeddings {mc.max_position_embeddings} without rope scaling")
         quantized = args.use_quantized_weights(self.source.is_gguf, self.device)
         kv_dtype = args.resolve_kv_cache_dtype(dtype, quantized)
+        if torch_free is None:
+            torch_free = os.environ.get("FASTLLM_TORCH_FREE", "1") != "0"
         cpu_model = (load_cpu_model(mc, self.source, dtype, kv_dtype)
                      if torch_free and quantized else None)
         if cpu_model is not None:
@@ -229,7 +231,7 @@ class EngineCore:
 class LLMEngine:
     """Synchronous front end: add requests, call step() until done (the offline LLM API)."""
 
-    def __init__(self, args: EngineArgs, torch_free: bool = False):
+    def __init__(self, args: EngineArgs, torch_free: bool | None = None):
         self.core = EngineCore(args, torch_free)
         self.args = args
         self.tokenizer = self.core.tokenizer
