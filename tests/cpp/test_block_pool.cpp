@@ -257,52 +257,68 @@ TEST(BlockPool, ResetPrefixCacheOnlyWhenIdle) {
   EXPECT_EQ(pool.num_touched_blocks(), 1);
 }
 
-// A long run of requests whose blocks in use never exceed a small working set touches exactly
-// the peak working set (no cache headroom), however large the pool (the old LRU-of-everything
-// order touched it all).
-TEST(BlockPool, BoundedWorkingSetKeepsTouchedBlocksAtThePeak) {
-  constexpr int32_t kPoolBlocks = 1001;
-  constexpr int32_t kMaxInUse = 40;
-  BlockPool pool(kPoolBlocks, /*cache_headroom=*/0.0);
-  std::mt19937 rng(1234);
-  std::uniform_int_distribution<int32_t> size(1, 8), coin(0, 3), hash_pick(0, 63);
-  std::vector<std::vector<int32_t>> held;
+// A random load of requests: each takes 1-8 blocks (sometimes after a prefix hit) while at most
+// kMaxInUse blocks are in use, registers some of them under 64 possible hashes, and a random held
+// request is freed otherwise. check(pool, peak in use) runs after every step.
+struct RandomLoad {
+  static constexpr int32_t kPoolBlocks = 1001;
+  static constexpr int32_t kMaxInUse = 40;
   int32_t peak_in_use = 0;
   int64_t hits = 0;
-  auto in_use = [&] { return kPoolBlocks - 1 - pool.num_free_blocks(); };
-  for (int step = 0; step < 20000; ++step) {
-    const int32_t n = size(rng);
-    if (in_use() + n + 1 <= kMaxInUse && coin(rng) != 0) {  // +1: a prefix hit
-      std::vector<int32_t> blocks;
-      // Sometimes start with a cached block (a prefix hit), as the KV cache manager does.
-      const int32_t cached = pool.lookup(static_cast<uint64_t>(hash_pick(rng)));
-      if (cached >= 0 && coin(rng) == 0) {
-        pool.touch(cached);
-        blocks.push_back(cached);
-        ++hits;
+  int32_t touched_after_release = 0;
+
+  template <typename Check>
+  void run(BlockPool& pool, uint32_t seed, Check&& check) {
+    std::mt19937 rng(seed);
+    std::uniform_int_distribution<int32_t> size(1, 8), coin(0, 3), hash_pick(0, 63);
+    std::vector<std::vector<int32_t>> held;
+    auto in_use = [&] { return kPoolBlocks - 1 - pool.num_free_blocks(); };
+    for (int step = 0; step < 20000; ++step) {
+      const int32_t n = size(rng);
+      if (in_use() + n + 1 <= kMaxInUse && coin(rng) != 0) {  // +1: a prefix hit
+        std::vector<int32_t> blocks;
+        // Sometimes start with a cached block (a prefix hit), as the KV cache manager does.
+        const int32_t cached = pool.lookup(static_cast<uint64_t>(hash_pick(rng)));
+        if (cached >= 0 && coin(rng) != 0) {
+          pool.touch(cached);
+          blocks.push_back(cached);
+          ++hits;
+        }
+        pool.allocate(n, blocks);
+        for (int32_t b : blocks) {
+          if (coin(rng) == 0) pool.register_block(b, static_cast<uint64_t>(hash_pick(rng)));
+        }
+        held.push_back(std::move(blocks));
+      } else if (!held.empty()) {
+        const size_t victim = std::uniform_int_distribution<size_t>(0, held.size() - 1)(rng);
+        pool.release_reversed(held[victim]);
+        held.erase(held.begin() + static_cast<std::ptrdiff_t>(victim));
       }
-      pool.allocate(n, blocks);
-      for (int32_t b : blocks) {
-        if (coin(rng) == 0) pool.register_block(b, static_cast<uint64_t>(hash_pick(rng)));
-      }
-      held.push_back(std::move(blocks));
-    } else if (!held.empty()) {
-      const size_t victim = std::uniform_int_distribution<size_t>(0, held.size() - 1)(rng);
-      pool.release_reversed(held[victim]);
-      held.erase(held.begin() + static_cast<std::ptrdiff_t>(victim));
+      peak_in_use = std::max(peak_in_use, in_use());
+      check(pool, peak_in_use, step);
     }
-    peak_in_use = std::max(peak_in_use, in_use());
+    for (const auto& blocks : held) pool.release_reversed(blocks);
+    EXPECT_EQ(pool.num_free_blocks(), kPoolBlocks - 1);
+    touched_after_release = pool.num_touched_blocks();
+  }
+};
+
+// Without cache headroom, a long run whose blocks in use never exceed a small working set
+// touches exactly the peak working set, however large the pool (the old LRU-of-everything order
+// touched it all).
+TEST(BlockPool, BoundedWorkingSetKeepsTouchedBlocksAtThePeak) {
+  BlockPool pool(RandomLoad::kPoolBlocks, /*cache_headroom=*/0.0);
+  RandomLoad load;
+  load.run(pool, 1234, [](const BlockPool& p, int32_t peak, int step) {
     // Blocks in use are touched, and a fresh block is only taken when every touched block is in
     // use, so the touched set is exactly the peak of blocks in use so far.
-    ASSERT_EQ(pool.num_touched_blocks(), peak_in_use) << "step " << step;
-  }
-  EXPECT_LE(peak_in_use, kMaxInUse);
-  EXPECT_GT(peak_in_use, kMaxInUse / 2);
-  EXPECT_GT(hits, 100);
+    ASSERT_EQ(p.num_touched_blocks(), peak) << "step " << step;
+  });
+  EXPECT_LE(load.peak_in_use, RandomLoad::kMaxInUse);
+  EXPECT_GT(load.peak_in_use, RandomLoad::kMaxInUse / 2);
+  EXPECT_GT(load.hits, 100);
   EXPECT_GT(pool.num_cached_blocks(), 0);
-  for (const auto& blocks : held) pool.release_reversed(blocks);
-  EXPECT_EQ(pool.num_free_blocks(), kPoolBlocks - 1);
-  EXPECT_EQ(pool.num_touched_blocks(), peak_in_use);
+  EXPECT_EQ(load.touched_after_release, load.peak_in_use);
 }
 
 TEST(BlockPool, CachedBlocksGetHeadroomBesideThePeakWorkingSet) {
@@ -328,48 +344,16 @@ TEST(BlockPool, CachedBlocksGetHeadroomBesideThePeakWorkingSet) {
   EXPECT_EQ(pool.lookup(13), 3);
 }
 
-// The same random load as above with the default headroom: the touched set stays within twice
-// the peak working set, and the extra room keeps more prefixes (more hits than without it).
+// The same load with the default headroom: the touched set stays within twice the peak working
+// set, and the extra room keeps more prefixes (more hits than without it).
 TEST(BlockPool, HeadroomBoundsTouchedBlocksAndKeepsMorePrefixes) {
-  auto run = [](double headroom, int32_t* peak_out, int32_t* touched_out) {
-    constexpr int32_t kPoolBlocks = 1001, kMaxInUse = 40;
-    BlockPool pool(kPoolBlocks, headroom);
-    std::mt19937 rng(99);
-    std::uniform_int_distribution<int32_t> size(1, 8), coin(0, 3), hash_pick(0, 63);
-    std::vector<std::vector<int32_t>> held;
-    int32_t peak = 0;
-    int64_t hits = 0;
-    auto in_use = [&] { return kPoolBlocks - 1 - pool.num_free_blocks(); };
-    for (int step = 0; step < 20000; ++step) {
-      const int32_t n = size(rng);
-      if (in_use() + n + 1 <= kMaxInUse && coin(rng) != 0) {
-        std::vector<int32_t> blocks;
-        const int32_t cached = pool.lookup(static_cast<uint64_t>(hash_pick(rng)));
-        if (cached >= 0) {
-          pool.touch(cached);
-          blocks.push_back(cached);
-          ++hits;
-        }
-        pool.allocate(n, blocks);
-        for (int32_t b : blocks)
-          if (coin(rng) == 0) pool.register_block(b, static_cast<uint64_t>(hash_pick(rng)));
-        held.push_back(std::move(blocks));
-      } else if (!held.empty()) {
-        const size_t victim = std::uniform_int_distribution<size_t>(0, held.size() - 1)(rng);
-        pool.release_reversed(held[victim]);
-        held.erase(held.begin() + static_cast<std::ptrdiff_t>(victim));
-      }
-      peak = std::max(peak, in_use());
-      EXPECT_LE(pool.num_touched_blocks(), static_cast<int32_t>((1.0 + headroom) * peak) + 1);
-    }
-    *peak_out = peak;
-    *touched_out = pool.num_touched_blocks();
-    return hits;
-  };
-  int32_t peak0, touched0, peak1, touched1;
-  const int64_t hits0 = run(0.0, &peak0, &touched0);
-  const int64_t hits1 = run(1.0, &peak1, &touched1);
-  EXPECT_EQ(touched0, peak0);
-  EXPECT_GT(touched1, peak1);
-  EXPECT_GT(hits1, hits0);
+  RandomLoad without, with;
+  BlockPool pool0(RandomLoad::kPoolBlocks, 0.0), pool1(RandomLoad::kPoolBlocks);
+  without.run(pool0, 99, [](const BlockPool&, int32_t, int) {});
+  with.run(pool1, 99, [](const BlockPool& p, int32_t peak, int step) {
+    ASSERT_LE(p.num_touched_blocks(), 2 * peak) << "step " << step;
+  });
+  EXPECT_EQ(without.touched_after_release, without.peak_in_use);
+  EXPECT_GT(with.touched_after_release, with.peak_in_use);
+  EXPECT_GT(with.hits, without.hits);
 }
