@@ -280,46 +280,76 @@ inline __m256 load8(const void* base, int64_t offset) {
   }
 }
 
-// Eight dot-product accumulators reduced to one vector of their eight sums.
-inline __m256 reduce8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
-                      __m256 a7) {
-  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+// Scores of kRows query rows against kKeys (<= 4) consecutive keys: each key chunk is loaded
+// (and converted) once for all rows. Every score is reduced by the same tree, ((0+1)+(2+3)) +
+// ((4+5)+(6+7)) over its accumulator's lanes, wherever the key falls in a group, so a score does
+// not depend on how many keys or rows came with it. first: the first key's element offset.
+template <DType kType, int kRows, int kKeys>
+inline void attn_scores_group(const void* keys, int64_t first, int64_t key_stride, const float* q,
+                              int64_t d, float* scores, int64_t score_stride) {
+  __m256 acc[kRows][4];
+  for (int r = 0; r < kRows; ++r)
+    for (int k = 0; k < 4; ++k) acc[r][k] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < d; c += 8) {
+    for (int k = 0; k < kKeys; ++k) {
+      const __m256 kv = load8<kType>(keys, first + k * key_stride + c);
+      for (int r = 0; r < kRows; ++r)
+        acc[r][k] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q + r * d + c), acc[r][k]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    const __m256 h =
+        _mm256_hadd_ps(_mm256_hadd_ps(acc[r][0], acc[r][1]), _mm256_hadd_ps(acc[r][2], acc[r][3]));
+    const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    float* out = scores + r * score_stride;
+    if constexpr (kKeys == 4) {
+      _mm_storeu_ps(out, sums);
+    } else {
+      alignas(16) float tmp[4];
+      _mm_store_ps(tmp, sums);
+      for (int k = 0; k < kKeys; ++k) out[k] = tmp[k];
+    }
+  }
 }
 
-// d is a multiple of 8 (every supported head size is).
+template <DType kType, int kRows>
+void attn_scores_rows(const void* keys, int64_t key_stride, int64_t n, const float* q, int64_t d,
+                      float* scores, int64_t score_stride) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4)
+    attn_scores_group<kType, kRows, 4>(keys, j * key_stride, key_stride, q, d, scores + j,
+                                       score_stride);
+  const int64_t first = j * key_stride;
+  switch (n - j) {
+    case 3:
+      return attn_scores_group<kType, kRows, 3>(keys, first, key_stride, q, d, scores + j,
+                                                score_stride);
+    case 2:
+      return attn_scores_group<kType, kRows, 2>(keys, first, key_stride, q, d, scores + j,
+                                                score_stride);
+    case 1:
+      return attn_scores_group<kType, kRows, 1>(keys, first, key_stride, q, d, scores + j,
+                                                score_stride);
+    default:
+      return;
+  }
+}
+
+// d is a multiple of 8 (every supported head size is). Rows go three at a time (a GQA group of
+// three query heads shares each key load; 12 accumulators stay in registers).
 template <DType kType>
 void attn_scores_impl(const void* keys, int64_t key_stride, int64_t n, const float* q, int64_t rows,
                       int64_t d, float* scores, int64_t score_stride) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* qr = q + r * d;
-    float* out = scores + r * score_stride;
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
-             a7 = a0;
-      const int64_t o = j * key_stride;
-      for (int64_t c = 0; c < d; c += 8) {
-        const __m256 qv = _mm256_loadu_ps(qr + c);
-        a0 = _mm256_fmadd_ps(load8<kType>(keys, o + c), qv, a0);
-        a1 = _mm256_fmadd_ps(load8<kType>(keys, o + key_stride + c), qv, a1);
-        a2 = _mm256_fmadd_ps(load8<kType>(keys, o + 2 * key_stride + c), qv, a2);
-        a3 = _mm256_fmadd_ps(load8<kType>(keys, o + 3 * key_stride + c), qv, a3);
-        a4 = _mm256_fmadd_ps(load8<kType>(keys, o + 4 * key_stride + c), qv, a4);
-        a5 = _mm256_fmadd_ps(load8<kType>(keys, o + 5 * key_stride + c), qv, a5);
-        a6 = _mm256_fmadd_ps(load8<kType>(keys, o + 6 * key_stride + c), qv, a6);
-        a7 = _mm256_fmadd_ps(load8<kType>(keys, o + 7 * key_stride + c), qv, a7);
-      }
-      _mm256_storeu_ps(out + j, reduce8(a0, a1, a2, a3, a4, a5, a6, a7));
-    }
-    for (; j < n; ++j) {
-      __m256 a = _mm256_setzero_ps();
-      for (int64_t c = 0; c < d; c += 8)
-        a = _mm256_fmadd_ps(load8<kType>(keys, j * key_stride + c), _mm256_loadu_ps(qr + c), a);
-      out[j] = hsum(a);
-    }
-  }
+  int64_t r = 0;
+  for (; r + 3 <= rows; r += 3)
+    attn_scores_rows<kType, 3>(keys, key_stride, n, q + r * d, d, scores + r * score_stride,
+                               score_stride);
+  if (rows - r == 2)
+    attn_scores_rows<kType, 2>(keys, key_stride, n, q + r * d, d, scores + r * score_stride,
+                               score_stride);
+  else if (rows - r == 1)
+    attn_scores_rows<kType, 1>(keys, key_stride, n, q + r * d, d, scores + r * score_stride,
+                               score_stride);
 }
 
 // Up to four rows at a time, 16 dimensions per pass: 8 accumulators stay in registers while the
