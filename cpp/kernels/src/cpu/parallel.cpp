@@ -1,5 +1,6 @@
 #include "parallel.h"
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
@@ -31,11 +32,21 @@ int configured_threads() {
   return hw == 0 ? 1 : static_cast<int>(hw);
 }
 
-// Jobs are published as a generation number; items are claimed with a CAS on one 64-bit word
-// holding (generation << 32 | next index), so a worker that wakes late (its core was busy with
-// another process) can never claim an item of a newer job, and the caller waits only for items
-// that were actually claimed, not for every worker to check in. On a loaded machine a sleeping
-// worker then costs nothing: the caller simply runs the items itself.
+// Jobs are published as one 64-bit claim word, (generation << 40 | count << 20 | next index), and
+// items are claimed with a CAS on it. A claim therefore carries its own job's count and
+// generation: a worker that wakes late (its core was busy with another process), or that read the
+// word of a job that just finished, can never claim an item of a newer job or an index past its
+// job's count, and the caller waits only for items that were actually claimed, not for every
+// worker to check in. On a loaded machine a sleeping worker then costs nothing: the caller simply
+// runs the items itself. (An earlier layout kept the count in a separate variable, published
+// before the claim word: a worker holding the finished job's word could read the next job's larger
+// count, claim a stale index and run the next job's task once too often, letting its caller return
+// while a worker still ran an item; found by a stress test.)
+constexpr int kIndexBits = 20;
+constexpr uint64_t kIndexMask = (uint64_t{1} << kIndexBits) - 1;
+constexpr int64_t kMaxItems = int64_t{1} << kIndexBits;  // per published job
+constexpr uint64_t kGenerationMask = (uint64_t{1} << (64 - 2 * kIndexBits)) - 1;
+
 class Pool {
  public:
   explicit Pool(int size) : size_(size) {
@@ -46,7 +57,8 @@ class Pool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       stopping_ = true;
-      generation_.fetch_add(1, std::memory_order_release);
+      generation_.store((generation_.load(std::memory_order_relaxed) + 1) & kGenerationMask,
+                        std::memory_order_release);
     }
     wake_.notify_all();
     for (auto& worker : workers_) worker.join();
@@ -55,9 +67,15 @@ class Pool {
   int size() const { return size_; }
 
   void run(int64_t count, const std::function<void(int64_t)>& task) {
+    if (count > kMaxItems) {  // more items than a claim word holds: run them in ranges
+      const int64_t per = (count + kMaxItems - 1) / kMaxItems;
+      run((count + per - 1) / per, [&](int64_t range) {
+        for (int64_t i = range * per, end = std::min(count, i + per); i < end; ++i) task(i);
+      });
+      return;
+    }
     std::unique_lock<std::mutex> call_lock(call_mutex_, std::try_to_lock);
-    if (size_ == 1 || count == 1 || t_inside_task || !call_lock.owns_lock() ||
-        count >= (int64_t{1} << 31)) {
+    if (size_ == 1 || count == 1 || t_inside_task || !call_lock.owns_lock()) {
       run_serial(count, task);
       return;
     }
@@ -65,12 +83,12 @@ class Pool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       task_.store(&task, std::memory_order_relaxed);
-      count_.store(count, std::memory_order_relaxed);
       completed_.store(0, std::memory_order_relaxed);
       cancelled_.store(false, std::memory_order_relaxed);
       error_ = nullptr;
-      gen = (generation_.load(std::memory_order_relaxed) + 1) & 0xffffffffu;
-      claim_.store(gen << 32, std::memory_order_release);
+      gen = (generation_.load(std::memory_order_relaxed) + 1) & kGenerationMask;
+      claim_.store(gen << (2 * kIndexBits) | static_cast<uint64_t>(count) << kIndexBits,
+                   std::memory_order_release);
       generation_.store(gen, std::memory_order_release);
     }
     if (sleeping_.load(std::memory_order_acquire) > 0) wake_.notify_all();
@@ -106,14 +124,15 @@ class Pool {
     t_inside_task = true;
     uint64_t state = claim_.load(std::memory_order_acquire);
     for (;;) {
-      if ((state >> 32) != gen) break;
-      const int64_t i = static_cast<int64_t>(state & 0xffffffffu);
-      // count_ belongs to `gen` here: a new job is published only after every item of this one
-      // completed, and then claim_ carries the new generation, so the CAS below fails.
-      if (i >= count_.load(std::memory_order_relaxed)) break;
+      if ((state >> (2 * kIndexBits)) != gen) break;
+      const int64_t count = static_cast<int64_t>((state >> kIndexBits) & kIndexMask);
+      const int64_t i = static_cast<int64_t>(state & kIndexMask);
+      if (i >= count) break;
       if (!claim_.compare_exchange_weak(state, state + 1, std::memory_order_acq_rel,
                                         std::memory_order_acquire))
         continue;
+      // The CAS read this job's word, published after its task: task_ is this job's until every
+      // item, this one included, completed.
       if (!cancelled_.load(std::memory_order_relaxed)) {
         try {
           (*task_.load(std::memory_order_relaxed))(i);
@@ -123,7 +142,6 @@ class Pool {
           cancelled_.store(true, std::memory_order_relaxed);
         }
       }
-      const int64_t count = count_.load(std::memory_order_relaxed);
       if (completed_.fetch_add(1, std::memory_order_acq_rel) + 1 == count) {
         std::lock_guard<std::mutex> lock(mutex_);
         done_.notify_one();
@@ -163,7 +181,6 @@ class Pool {
   std::atomic<uint64_t> generation_{0};
   std::atomic<uint64_t> claim_{0};
   std::atomic<int64_t> completed_{0};
-  std::atomic<int64_t> count_{0};
   std::atomic<const std::function<void(int64_t)>*> task_{nullptr};
   std::atomic<bool> cancelled_{false};
   std::atomic<int> sleeping_{0};
