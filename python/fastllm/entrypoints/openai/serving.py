@@ -485,10 +485,10 @@ class OpenAIServing:
                        "choices": [{"index": index, "text": chunk.text, "logprobs": logprobs,
                                     "finish_reason": chunk.finish_reason,
                                     "stop_reason": chunk.stop_reason}]})
-        if include_usage:
-            yield sse(usage_chunk(base_id, "text_completion", created, model, prompt_tokens,
-                                  completion_tokens))
-        yield sse("[DONE]")
+        # The closing events go out in one write.
+        usage = (sse(usage_chunk(base_id, "text_completion", created, model, prompt_tokens,
+                                 completion_tokens)) if include_usage else "")
+        yield usage + sse("[DONE]")
 
     async def merged_streams(self, jobs: list[Job]
                              ) -> AsyncIterator[tuple[int, StreamChunk | Exception]]:
@@ -700,10 +700,9 @@ class OpenAIServing:
                 if tools is not None:
                     finish = ToolPlan.finish_reason(finish, tools.calls)
                 yield sse(chunk_body(index, {}, finish, stop_reason=chunk.stop_reason))
-        if include_usage:
-            yield sse(usage_chunk(rid, "chat.completion.chunk", created, model, len(jobs[0].ids),
-                                  completion_tokens))
-        yield sse("[DONE]")
+        usage = (sse(usage_chunk(rid, "chat.completion.chunk", created, model, len(jobs[0].ids),
+                                 completion_tokens)) if include_usage else "")
+        yield usage + sse("[DONE]")  # one write
 
     # ---- tokenize / detokenize ---------------------------------------------------------------
 
