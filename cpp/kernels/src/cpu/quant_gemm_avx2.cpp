@@ -428,7 +428,7 @@ inline __m256i x8_block_dot(const __m256i* w, const int8_t* xq) {
 #endif
 }
 
-// kRows (<= 4) rows of x against one 8-row group: the group's block is unpacked once into 8
+// kRows (<= 8) rows of x against one 8-row group: the group's block is unpacked once into 8
 // vectors of nibbles and multiplied with every row; row r's 8 outputs accumulate in one vector.
 // Per block and row: acc += isum * (d_w * d_x), then acc += m_w * s_x, in that order for every
 // kRows, so results do not depend on how rows are batched.
@@ -474,11 +474,20 @@ void tile_x8_type(const uint8_t* weight, int64_t groups, const Q8ActBlock* x, in
       for (int64_t off = 0; off < group_bytes; off += 64)
         _mm_prefetch(reinterpret_cast<const char*>(group + group_bytes + off), _MM_HINT_T0);
     int64_t r = 0;
-    for (; r + 4 <= m_rows; r += 4)
-      x8_group<kType, 4>(group, x + r * blocks, blocks, out + r * out_stride + 8 * g, out_stride);
+    for (; r + 8 <= m_rows; r += 8)
+      x8_group<kType, 8>(group, x + r * blocks, blocks, out + r * out_stride + 8 * g, out_stride);
     const Q8ActBlock* xr = x + r * blocks;
     float* o = out + r * out_stride + 8 * g;
     switch (m_rows - r) {
+      case 7:
+        x8_group<kType, 7>(group, xr, blocks, o, out_stride);
+        break;
+      case 6:
+        x8_group<kType, 6>(group, xr, blocks, o, out_stride);
+        break;
+      case 5:
+        x8_group<kType, 5>(group, xr, blocks, o, out_stride);
+        break;
       case 4:
         x8_group<kType, 4>(group, xr, blocks, o, out_stride);
         break;
