@@ -346,6 +346,22 @@ const QuantGemmKernels& pick_kernels(bool allow_simd) {
   return kScalarKernels;
 }
 
+// This thread's buffer for the int8 blocks of a GEMM's activations, grown as needed.
+Q8ActBlock* activation_blocks(int64_t count) {
+  thread_local std::vector<Q8ActBlock> blocks;
+  if (static_cast<int64_t>(blocks.size()) < count) blocks.resize(static_cast<size_t>(count));
+  return blocks.data();
+}
+
+// quantize(r) for every row of x: over the pool when there are enough values to pay for it.
+void for_each_input_row(const QuantGemmParams& p, const std::function<void(int64_t)>& quantize) {
+  if (p.m * p.k >= (1 << 16)) {
+    parallel_for(p.m, quantize);
+  } else {
+    for (int64_t r = 0; r < p.m; ++r) quantize(r);
+  }
+}
+
 // The x8 layouts: activations quantized row by row, then slices of 8-row groups in parallel.
 void quant_gemm_x8(const QuantGemmParams& p) {
   check_arg(p.n % 8 == 0, std::string("quant_gemm: ") + quant_type_name(p.type) +
@@ -353,18 +369,10 @@ void quant_gemm_x8(const QuantGemmParams& p) {
   const auto& kernels = pick_kernels(p.allow_simd);
   const int64_t blocks = p.k / 32;
   const int64_t row_bytes = blocks * quant_block_bytes(p.type);
-  thread_local std::vector<Q8ActBlock> quantized;
-  if (static_cast<int64_t>(quantized.size()) < p.m * blocks)
-    quantized.resize(static_cast<size_t>(p.m * blocks));
-  Q8ActBlock* xq = quantized.data();
-  auto quantize = [&](int64_t r) {
+  Q8ActBlock* xq = activation_blocks(p.m * blocks);
+  for_each_input_row(p, [&](int64_t r) {
     kernels.quantize_row(p.input + r * p.input_stride, p.k, xq + r * blocks);
-  };
-  if (p.m * p.k >= (1 << 16)) {
-    parallel_for(p.m, quantize);
-  } else {
-    for (int64_t r = 0; r < p.m; ++r) quantize(r);
-  }
+  });
   const int64_t per = (slice_rows(p.n) + 7) / 8 * 8;
   const auto* weight = static_cast<const uint8_t*>(p.weight);
   parallel_for((p.n + per - 1) / per, [&](int64_t task) {
@@ -409,12 +417,9 @@ void quant_gemm_cpu(const QuantGemmParams& p) {
   const int64_t row_bytes = blocks * quant_block_bytes(p.type);
   constexpr int64_t tile = cpu::kQuantTileRows;
   const int64_t tiles = (p.m + tile - 1) / tile;
-  thread_local std::vector<cpu::Q8ActBlock> quantized;
   thread_local std::vector<float> tile_scales;   // per tile: d then s, each [blocks][tile]
   thread_local std::vector<int8_t> interleaved;  // per tile: [blocks][8 groups][tile][4]
   const int64_t tile_bytes = blocks * cpu::kInterleavedBlockBytes;
-  if (static_cast<int64_t>(quantized.size()) < p.m * blocks)
-    quantized.resize(static_cast<size_t>(p.m * blocks));
   if (static_cast<int64_t>(tile_scales.size()) < tiles * 2 * blocks * tile)
     tile_scales.resize(static_cast<size_t>(tiles * 2 * blocks * tile));
   // Only kernels that read it get the interleaved copy, for 4-bit weights; decode-sized batches
@@ -422,7 +427,7 @@ void quant_gemm_cpu(const QuantGemmParams& p) {
   const bool interleave = kernels.reads_interleaved && p.type != QuantType::kQ8_0 && p.m > 2;
   if (interleave && static_cast<int64_t>(interleaved.size()) < tiles * tile_bytes)
     interleaved.resize(static_cast<size_t>(tiles * tile_bytes));
-  cpu::Q8ActBlock* xq = quantized.data();
+  cpu::Q8ActBlock* xq = cpu::activation_blocks(p.m * blocks);
   float* scales = tile_scales.data();
   int8_t* xi = interleaved.data();
   auto quantize = [&](int64_t r) {
@@ -444,11 +449,7 @@ void quant_gemm_cpu(const QuantGemmParams& p) {
   std::fill(scales + (tiles - 1) * 2 * blocks * tile, scales + tiles * 2 * blocks * tile, 0.0f);
   if (interleave && p.m % tile != 0)
     std::fill(xi + (tiles - 1) * tile_bytes, xi + tiles * tile_bytes, int8_t{0});
-  if (p.m * p.k >= (1 << 16)) {
-    cpu::parallel_for(p.m, quantize);
-  } else {
-    for (int64_t r = 0; r < p.m; ++r) quantize(r);
-  }
+  cpu::for_each_input_row(p, quantize);
 
   const int64_t per = cpu::slice_rows(p.n);
   const auto* weight = static_cast<const uint8_t*>(p.weight);

@@ -343,10 +343,14 @@ void tile_rows_wide(const uint8_t* weight, int64_t n_rows, const int8_t* xi, int
   }
 }
 
-// Calls f(std::integral_constant<int, rows>) for a tile of 3..8 rows (8 for more).
+// Calls f(std::integral_constant<int, rows>) for 1..8 rows (8 for more).
 template <typename F>
-void with_wide_rows(int64_t m_rows, F&& f) {
+void with_rows(int64_t m_rows, F&& f) {
   switch (m_rows) {
+    case 1:
+      return f(std::integral_constant<int, 1>());
+    case 2:
+      return f(std::integral_constant<int, 2>());
     case 3:
       return f(std::integral_constant<int, 3>());
     case 4:
@@ -372,7 +376,7 @@ void tile_type(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64
   }
   if (m_rows == 1) return tile_rows<kType, 1>(weight, n_rows, x, blocks, out, out_stride);
   if (m_rows == 2) return tile_rows<kType, 2>(weight, n_rows, x, blocks, out, out_stride);
-  with_wide_rows(m_rows, [&](auto rows) {
+  with_rows(m_rows, [&](auto rows) {  // 3..8 rows here
     if constexpr (kType == QuantType::kQ8_0) {
       tile_rows_q8_wide<decltype(rows)::value>(weight, n_rows, x, blocks, xd, out, out_stride);
     } else {
@@ -473,35 +477,11 @@ void tile_x8_type(const uint8_t* weight, int64_t groups, const Q8ActBlock* x, in
     if (g + 1 < groups)  // the next group streams in while this one computes
       for (int64_t off = 0; off < group_bytes; off += 64)
         _mm_prefetch(reinterpret_cast<const char*>(group + group_bytes + off), _MM_HINT_T0);
-    int64_t r = 0;
-    for (; r + 8 <= m_rows; r += 8)
-      x8_group<kType, 8>(group, x + r * blocks, blocks, out + r * out_stride + 8 * g, out_stride);
-    const Q8ActBlock* xr = x + r * blocks;
-    float* o = out + r * out_stride + 8 * g;
-    switch (m_rows - r) {
-      case 7:
-        x8_group<kType, 7>(group, xr, blocks, o, out_stride);
-        break;
-      case 6:
-        x8_group<kType, 6>(group, xr, blocks, o, out_stride);
-        break;
-      case 5:
-        x8_group<kType, 5>(group, xr, blocks, o, out_stride);
-        break;
-      case 4:
-        x8_group<kType, 4>(group, xr, blocks, o, out_stride);
-        break;
-      case 3:
-        x8_group<kType, 3>(group, xr, blocks, o, out_stride);
-        break;
-      case 2:
-        x8_group<kType, 2>(group, xr, blocks, o, out_stride);
-        break;
-      case 1:
-        x8_group<kType, 1>(group, xr, blocks, o, out_stride);
-        break;
-      default:
-        break;
+    for (int64_t r = 0; r < m_rows; r += 8) {
+      with_rows(m_rows - r, [&](auto rows) {
+        x8_group<kType, decltype(rows)::value>(group, x + r * blocks, blocks,
+                                               out + r * out_stride + 8 * g, out_stride);
+      });
     }
   }
 }
