@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fastllm import _C, ops
+from fastllm.models.native_cpu import prepare_cpu_linear
 
 _quant_linear_eager = ops.eager(ops.quant_linear)
 _native = _C.ops
@@ -23,15 +24,6 @@ def quant_row_bytes(quant_type: str, in_features: int) -> int:
     if in_features % values:
         raise ValueError(f"{quant_type}: {in_features} values are not whole blocks of {values}")
     return in_features // values * nbytes
-
-
-def supports(quant_type: str, in_features: int) -> bool:
-    """True when quant_linear can read rows of ``in_features`` values in ``quant_type``."""
-    type_id = ops.GGML_QUANT_TYPES.get(quant_type)
-    if type_id is None:
-        return False
-    values, _ = ops.quant_block_info(type_id)
-    return values > 0 and in_features % values == 0
 
 
 class QuantLinear(nn.Module):
@@ -70,11 +62,11 @@ class QuantLinear(nn.Module):
 
     def repack_for_cpu(self) -> None:
         """Rewrites a CPU Q4_0/Q4_1 weight in place into the 8-row interleaved layout that the CPU
-        GEMM reads fastest and computes batch-invariantly (``_C.ops.quant_repack``; same bytes).
-        Other types, devices, or a second call leave it as it is."""
+        GEMM reads fastest and computes batch-invariantly (``native_cpu.prepare_cpu_linear``, as
+        the torch-free path does; same bytes). Other types, devices, or a second call leave it as
+        it is."""
         if self.qweight.device.type == "cpu":
-            self.type_id = _native.quant_repack(self.qweight.numpy(), self.type_id,
-                                                self.in_features)
+            _, self.type_id = prepare_cpu_linear(self.qweight.numpy(), self.type_id)
 
     def _numpy_weights(self):
         cached = self.__dict__.get("_numpy_cache")

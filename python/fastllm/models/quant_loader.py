@@ -23,7 +23,8 @@ from torch import nn
 from fastllm.config import ModelConfig
 from fastllm.loader import ModelSource, RawGGUFTensor, dequantize_raw, iterate_gguf_raw, open_gguf
 from fastllm.loader.tensor_cast import cast_weight
-from fastllm.models.quant_linear import QuantEmbedding, QuantLinear, supports
+from fastllm.models.quant_linear import QuantEmbedding, QuantLinear
+from fastllm.models.quant_types import quant_rows_supported
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def _quantize_linears(model: nn.Module, raw: dict[str, RawGGUFTensor], device: t
         if any(p is None for p in parts):
             continue
         types = {p.ggml_type for p in parts}
-        if len(types) != 1 or not supports(next(iter(types)), module.in_features):
+        if len(types) != 1 or not quant_rows_supported(next(iter(types)), module.in_features):
             continue
         quant = QuantLinear(module.in_features, module.out_features, parts[0].ggml_type,
                             bias=module.bias is not None, device=device)
@@ -96,7 +97,7 @@ def _quantize_output(model: nn.Module, config: ModelConfig, raw: dict[str, RawGG
     hidden, vocab = config.hidden_size, config.vocab_size
     consumed: set[str] = set()
     source = embed if config.tie_word_embeddings or head is None else head
-    if source is None or not supports(source.ggml_type, hidden):
+    if source is None or not quant_rows_supported(source.ggml_type, hidden):
         return consumed
     lm_head = QuantLinear(hidden, vocab, source.ggml_type, device=device)
     np.copyto(lm_head.qweight.numpy(), source.data.reshape(lm_head.qweight.shape))

@@ -16,9 +16,8 @@ import numpy as np
 from fastllm import _C
 from fastllm.models.cpu_model import CpuModel
 from fastllm.worker.step_inputs import (
-    PROMPT_LOGPROB_CHUNK,
-    prompt_logprob_targets,
     sampling_inputs,
+    score_prompt_logprobs,
     with_prompt_logprobs,
 )
 
@@ -120,24 +119,10 @@ class CpuExecutor(_C.Executor):
         return with_prompt_logprobs(result, prompt_logprobs)
 
     def _prompt_logprobs(self, plan, hidden: np.ndarray) -> tuple | None:
-        """As ``ModelExecutor._prompt_logprobs``: the sampling kernel scores each target."""
-        scored = prompt_logprob_targets(plan)
-        if scored is None:
-            return None
-        rows, targets, seqs = scored
-        k = int(plan.prompt_logprobs.max())
-        token_lp, top_lp, top_ids = [], [], []
-        for start in range(0, len(rows), PROMPT_LOGPROB_CHUNK):
-            chunk = slice(start, start + PROMPT_LOGPROB_CHUNK)
-            logits = self.model.logits(hidden[rows[chunk]])
-            n = logits.shape[0]
-            kw = {"allowed_offsets": np.arange(n + 1, dtype=np.int32),
-                  "allowed_ids": targets[chunk], "num_top_logprobs": k}
+        def score(logits, allowed_offsets, allowed_ids, k):
+            kw = {"allowed_offsets": allowed_offsets, "allowed_ids": allowed_ids,
+                  "num_top_logprobs": k}
             _, logprob, top_values, top_indices = sample(logits, kw, True)
-            token_lp.append(logprob)
-            top_lp.append(top_values)
-            top_ids.append(top_indices)
-        return (seqs, np.concatenate(token_lp),
-                np.concatenate(top_ids) if k > 0 else None,
-                np.concatenate(top_lp) if k > 0 else None)
+            return logprob, top_values, top_indices
 
+        return score_prompt_logprobs(plan, lambda rows: self.model.logits(hidden[rows]), score)

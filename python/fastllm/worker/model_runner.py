@@ -17,9 +17,8 @@ from fastllm.config import ModelConfig
 from fastllm.models.attention import AttentionMetadata
 from fastllm.models.native_cpu import build_cpu_decoder, native_decoder_enabled
 from fastllm.worker.step_inputs import (
-    PROMPT_LOGPROB_CHUNK,
-    prompt_logprob_targets,
     sampling_inputs,
+    score_prompt_logprobs,
     with_prompt_logprobs,
 )
 
@@ -145,25 +144,12 @@ class ModelExecutor(_C.Executor):
         return self.model(input_ids, positions, self.kv_caches, meta)
 
     def _prompt_logprobs(self, plan, hidden: torch.Tensor) -> tuple | None:
-        """Prompt logprobs of this step (see step_inputs): (sequence indices, token logprobs,
-        top ids, top logprobs) as StepResult.set_prompt_logprobs takes them, or None."""
-        scored = prompt_logprob_targets(plan)
-        if scored is None:
-            return None
-        rows, targets, seqs = scored
-        k = int(plan.prompt_logprobs.max())
-        token_lp, top_lp, top_ids = [], [], []
-        for start in range(0, len(rows), PROMPT_LOGPROB_CHUNK):
-            chunk = slice(start, start + PROMPT_LOGPROB_CHUNK)
-            logits = self.model.compute_logits(hidden[self._tensor(rows[chunk])])
-            n = logits.shape[0]
+        def score(logits, allowed_offsets, allowed_ids, k):
             _, logprob, _, top_values, top_indices = _sample(
-                logits, allowed_offsets=self._tensor(np.arange(n + 1, dtype=np.int32)),
-                allowed_ids=self._tensor(targets[chunk]), num_top_logprobs=k)
-            token_lp.append(logprob)
-            top_lp.append(top_values)
-            top_ids.append(top_indices)
-        return (seqs, torch.cat(token_lp).cpu(),
-                torch.cat(top_ids).cpu() if k > 0 else None,
-                torch.cat(top_lp).cpu() if k > 0 else None)
+                logits, allowed_offsets=self._tensor(allowed_offsets),
+                allowed_ids=self._tensor(allowed_ids), num_top_logprobs=k)
+            return logprob.cpu().numpy(), top_values.cpu().numpy(), top_indices.cpu().numpy()
+
+        return score_prompt_logprobs(
+            plan, lambda rows: self.model.compute_logits(hidden[self._tensor(rows)]), score)
 

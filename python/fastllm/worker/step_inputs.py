@@ -1,6 +1,6 @@
 """What both executors read off a BatchPlan besides the model inputs, as numpy arrays (no torch):
-the sampling kernel's per-row arguments, and the prompt positions scored for prompt logprobs
-(attached to the step's result with ``with_prompt_logprobs``).
+the sampling kernel's per-row arguments, and the prompt logprobs of the step
+(``score_prompt_logprobs``, attached to the step's result with ``with_prompt_logprobs``).
 
 Prompt logprobs are computed by the sampling kernel too: a greedy row whose allowed tokens are
 only the target returns the target's log-softmax over the raw logits (its "sampled logprob") and
@@ -62,7 +62,34 @@ def sampling_inputs(plan, seed: int) -> dict:
     return kw
 
 
-def prompt_logprob_targets(plan) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def score_prompt_logprobs(plan, logits_of, score) -> tuple | None:
+    """This step's prompt logprobs as ``StepResult.set_prompt_logprobs`` takes them: (sequence
+    index, token logprob, top ids or None, top logprobs or None) per scored position, or None.
+    The executor supplies ``logits_of(rows)`` (the output projection of those rows of its hidden
+    states) and ``score(logits, allowed_offsets, allowed_ids, num_top_logprobs)`` (the sampling
+    kernel on them, returning numpy (token logprob, top logprobs, top ids)); rows go
+    ``PROMPT_LOGPROB_CHUNK`` at a time."""
+    scored = _prompt_logprob_targets(plan)
+    if scored is None:
+        return None
+    rows, targets, seqs = scored
+    k = int(plan.prompt_logprobs.max())
+    token_lp, top_lp, top_ids = [], [], []
+    for start in range(0, len(rows), PROMPT_LOGPROB_CHUNK):
+        chunk = slice(start, start + PROMPT_LOGPROB_CHUNK)
+        logits = logits_of(rows[chunk])
+        # One allowed token per row, the target: its "sampled" logprob is the target's.
+        offsets = np.arange(len(targets[chunk]) + 1, dtype=np.int32)
+        lp, values, indices = score(logits, offsets, targets[chunk], k)
+        token_lp.append(lp)
+        top_lp.append(values)
+        top_ids.append(indices)
+    return (seqs, np.concatenate(token_lp),
+            np.concatenate(top_ids) if k > 0 else None,
+            np.concatenate(top_lp) if k > 0 else None)
+
+
+def _prompt_logprob_targets(plan) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(rows of this step's hidden states, int32 prompt token each row scores, int32 sequence
     index of each row) for the sequences that asked for prompt logprobs, or None: the row at
     position p scores the prompt token at p + 1 (see BatchPlan.prompt_logprobs)."""
