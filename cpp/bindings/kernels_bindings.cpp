@@ -518,6 +518,24 @@ int32_t quant_repack(const Array& weight, int32_t type, int64_t in_features) {
       k::quant_repack_rows8(qtype, data, static_cast<int64_t>(weight.shape(0)), in_features));
 }
 
+void quant_pack_q7_0x8(const Array& out, const Array& weight, int64_t in_features) {
+  const char* op = "quant_pack_q7_0x8";
+  check_arg(weight.ndim() == 2 && in_features > 0 && in_features % 32 == 0 &&
+                static_cast<int64_t>(weight.shape(1)) == in_features / 32 * 34,
+            where(op, "weight must be Q8_0 rows [out_features, in_features / 32 * 34]"));
+  const int64_t n = weight.shape(0);
+  check_arg(n % 8 == 0, where(op, "out_features must be a multiple of 8"));
+  check_arg(out.ndim() == 2 && static_cast<int64_t>(out.shape(0)) == n &&
+                static_cast<int64_t>(out.shape(1)) == in_features / 32 * 38,
+            where(op, "out must be uint8 [out_features, in_features / 32 * 38]"));
+  check_contiguous(weight, op, "weight");
+  check_contiguous(out, op, "out");
+  const auto* src = typed<uint8_t>(weight, false, op, "weight");
+  auto* dst = typed<uint8_t>(out, false, op, "out");
+  nb::gil_scoped_release release_gil;
+  k::quant_pack_q7_0x8(src, n, in_features, dst);
+}
+
 }  // namespace
 
 void bind_kernels(nb::module_& m) {
@@ -582,6 +600,11 @@ void bind_kernels(nb::module_& m) {
       "8-row interleaved layout (1002 Q4_0x8, 1003 Q4_1x8; faster quant_gemm, same bytes) and "
       "return the new type id; returns type unchanged (bytes untouched) for other types (repacked "
       "ones included) or when out_features is not a multiple of 8.");
+  m.def("quant_pack_q7_0x8", &quant_pack_q7_0x8, arg("out"), arg("weight"), arg("in_features"),
+        "Write CPU Q8_0 rows (out_features a multiple of 8) requantized to 7 bits into out, uint8 "
+        "[out_features, in_features / 32 * 38], in the Q7_0x8 layout (type id 1008) that "
+        "quant_gemm reads for output projections: its 7-bit activations halve the widening "
+        "multiplies of Q8_0 on AVX2.");
   m.def(
       "quant_gemm_cpu_isa", [] { return std::string(k::quant_gemm_cpu_isa()); },
       "The CPU code path quant_gemm takes for Q8_0/Q4_0/Q4_1: 'avx512_vnni', 'avx_vnni', 'avx2' or "

@@ -15,6 +15,7 @@ import torch
 from fastllm import _C, LLM, SamplingParams, ops
 from fastllm.loader import dequantize
 from fastllm.models.cpu_model import CpuModel
+from fastllm.models.native_cpu import Q7_0X8, prepare_cpu_linear
 from fastllm.models.quant_linear import QuantEmbedding, QuantLinear
 
 CUDA = torch.cuda.is_available() and _C.ops.built_with_cuda()
@@ -279,6 +280,91 @@ def test_quant_linear_and_embedding_read_repacked_rows(quant_type):
     assert torch.equal(emb(ids), dequantized(raw, quant_type, vocab, dim)[ids])
 
 
+# ---- Q7_0x8: 7-bit output projections ------------------------------------------------------------
+
+
+def _q7(raw: np.ndarray, k: int) -> np.ndarray:
+    out = np.empty((raw.shape[0], k // 32 * 38), dtype=np.uint8)
+    _C.ops.quant_pack_q7_0x8(out, raw, k)
+    return out
+
+
+def _q7_reference(raw: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scales [n, blocks], values [n, blocks, 32]) of the 7-bit requantization, in numpy."""
+    blocks = raw.reshape(n, k // 32, 34)
+    d8 = blocks[..., :2].copy().view(np.float16).astype(np.float32)[..., 0]
+    q8 = blocks[..., 2:].view(np.int8).astype(np.float32)
+    amax = np.abs(q8).max(axis=-1)
+    d7 = np.where(amax <= 63, d8, (d8 * amax / np.float32(63)).astype(np.float16)).astype(
+        np.float32)
+    q7 = np.where((amax <= 63)[..., None], q8,
+                  np.clip(np.rint(q8 * d8[..., None] * (np.float32(1) / d7[..., None])), -63, 63))
+    return d7, q7
+
+
+def fake_quantize_rows_7bit(x: np.ndarray) -> np.ndarray:
+    blocks = x.reshape(x.shape[0], -1, 32).astype(np.float32)
+    d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(63)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), 0).astype(np.float32)
+    return (np.rint(blocks * inv) * d).reshape(x.shape)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 8, 32), (3, 136, 96), (9, 64, 576), (33, 48, 256)])
+def test_q7_output_layout_matches_its_reference(m, n, k):
+    """Q7_0x8 = Q8_0 rows requantized to |q| <= 63 (blocks that fit keep their bytes), against
+    7-bit activations: exact against a numpy reference of both roundings, SIMD and scalar; within
+    ~2 % of the float product on random (worst-case: every block spans +-127) weights."""
+    rng = np.random.default_rng(m * 1000 + n + 5)
+    raw = random_blocks(rng, "Q8_0", n, k)
+    small = raw.reshape(n, k // 32, 34)
+    small[0, :, 2:] = (small[0, :, 2:].view(np.int8) // 3).view(np.uint8)  # fits in 7 bits
+    packed = _q7(raw, k)
+    d7, q7 = _q7_reference(raw, n, k)
+    assert np.array_equal(q7[0], small[0, :, 2:].view(np.int8))  # kept as they were
+    w7 = (q7 * d7[..., None]).reshape(n, k).astype(np.float64)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    exact = fake_quantize_rows_7bit(x).astype(np.float64) @ w7.T
+    scale = np.abs(exact).max()
+    for simd in (True, False):
+        y = _gemm(x, packed, Q7_0X8, n, simd)
+        np.testing.assert_allclose(y, exact, atol=2e-5 * scale, rtol=1e-4)
+    full = x.astype(np.float64) @ dequantized(raw, "Q8_0", n, k).double().numpy().T
+    assert np.linalg.norm(y - full) / np.linalg.norm(full) < 0.02
+    # The kernels read the rows back as Q8_0 blocks (the embedding lookup does).
+    emb = np.empty((3, k), np.float32)
+    _C.ops.embed_quant_rows(emb, packed, Q7_0X8, np.array([0, n - 1, 5], np.int32))
+    np.testing.assert_array_equal(emb, w7[[0, n - 1, 5]].astype(np.float32))
+
+
+def test_q7_output_gemm_is_batch_invariant_and_rejects_bad_shapes():
+    n, k = 72, 384
+    rng = np.random.default_rng(29)
+    packed = _q7(random_blocks(rng, "Q8_0", n, k), k)
+    x = rng.standard_normal((13, k)).astype(np.float32)
+    alone = np.stack([_gemm(x[i:i + 1], packed, Q7_0X8, n)[0] for i in range(13)])
+    for m in range(2, 14):
+        assert np.array_equal(_gemm(x[:m], packed, Q7_0X8, n), alone[:m]), m
+    with pytest.raises(ValueError, match="multiple of 8"):
+        _q7(random_blocks(rng, "Q8_0", 12, 64), 64)
+    with pytest.raises(ValueError, match="Q8_0 rows"):
+        _q7(random_blocks(rng, "Q4_0", 16, 64), 64)
+
+
+def test_prepare_cpu_linear_gives_output_projections_q7():
+    rng = np.random.default_rng(31)
+    raw = random_blocks(rng, "Q8_0", 16, 64)
+    weight, type_id = prepare_cpu_linear(raw, ops.GGML_QUANT_TYPES["Q8_0"], output=True)
+    assert type_id == Q7_0X8 and np.array_equal(weight, _q7(raw, 64))
+    same, type_id = prepare_cpu_linear(raw, ops.GGML_QUANT_TYPES["Q8_0"])  # not an output
+    assert same is raw and type_id == ops.GGML_QUANT_TYPES["Q8_0"]
+    lin = QuantLinear(64, 16, "Q8_0")
+    lin.qweight.copy_(torch.from_numpy(raw))
+    x = torch.from_numpy(rng.standard_normal((4, 64)).astype(np.float32))
+    lin.repack_for_cpu(output=True)
+    assert lin.type_id == Q7_0X8 and lin.qweight.shape == (16, 2 * 38)
+    torch.testing.assert_close(lin(x), torch.from_numpy(_gemm(x.numpy(), weight, Q7_0X8, 16)))
+
+
 # ---- the default model: quantized against dequantized ---------------------------------------------
 
 TEXT = (
@@ -325,7 +411,7 @@ def _perplexity(llm: LLM, ids: list[int]) -> float:
 
 def test_default_model_keeps_gguf_quantization(llm_pair):
     """The default LLM() runs the torch-free executor: Q4_1 layers in their repacked layout, the
-    tied Q8_0 table as both embedding and output projection (one copy)."""
+    tied Q8_0 table as the embedding and its 7-bit Q7_0x8 copy as the output projection."""
     model = llm_pair[0].llm_engine.core.model
     assert isinstance(model, CpuModel)
     assert len(model.layers) == model.config.num_hidden_layers
@@ -333,7 +419,8 @@ def test_default_model_keeps_gguf_quantization(llm_pair):
     for layer in model.layers:
         assert {lin[1] for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)} == {q4_1x8}
     assert model.embed_type == ops.GGML_QUANT_TYPES["Q8_0"]
-    assert model.lm_head[0] is model.embed_table
+    head, head_type = model.lm_head
+    assert head_type == Q7_0X8 and head.shape == (model.config.vocab_size, 576 // 32 * 38)
 
 
 def test_torch_model_keeps_gguf_quantization(monkeypatch):
@@ -343,10 +430,19 @@ def test_torch_model_keeps_gguf_quantization(monkeypatch):
     # qkv, o, gate_up, down per layer + the tied output projection
     assert len(layers) == 4 * model.config.num_hidden_layers + 1
     assert {m.quant_type for m in layers} == {"Q4_1", "Q8_0"}
-    assert {m.type_id for m in layers} == {1000 + ops.GGML_QUANT_TYPES["Q4_1"],
-                                           ops.GGML_QUANT_TYPES["Q8_0"]}
-    assert isinstance(model.model.embed_tokens, QuantEmbedding)
-    assert model.model.embed_tokens.qweight is model.quant_lm_head.qweight
+    assert {m.type_id for m in layers} == {1000 + ops.GGML_QUANT_TYPES["Q4_1"], Q7_0X8}
+    assert model.quant_lm_head.type_id == Q7_0X8
+    embed = model.model.embed_tokens
+    assert isinstance(embed, QuantEmbedding) and embed.type_id == ops.GGML_QUANT_TYPES["Q8_0"]
+    assert embed.qweight.shape == (model.config.vocab_size, 576 // 32 * 34)
+
+
+def test_q7_output_projection_can_be_turned_off(monkeypatch):
+    """FASTLLM_CPU_Q7_LM_HEAD=0: the tied Q8_0 table serves as embedding and output projection."""
+    monkeypatch.setenv("FASTLLM_CPU_Q7_LM_HEAD", "0")
+    model = LLM(max_model_len=128).llm_engine.core.model
+    assert model.lm_head[1] == ops.GGML_QUANT_TYPES["Q8_0"]
+    assert model.lm_head[0] is model.embed_table
 
 
 def test_greedy_output_does_not_depend_on_batch_or_prefix_cache(llm_pair):

@@ -20,7 +20,7 @@ from fastllm.engine.llm_engine import LLMEngine
 from fastllm.guided import GuidedDecodingParams
 from fastllm.loader import dequantize_raw, iterate_gguf_raw, resolve_model
 from fastllm.models.cpu_model import load_cpu_model
-from fastllm.models.native_cpu import prepare_cpu_linear
+from fastllm.models.native_cpu import Q7_0X8, prepare_cpu_linear
 from fastllm.sampling_params import SamplingParams
 from fastllm.worker.cpu_runner import CpuExecutor
 from test_server import MODEL, start_server, stop_server
@@ -126,9 +126,10 @@ def test_cpu_model_holds_the_torch_models_weights():
                                                          module.type_id)
             assert np.array_equal(expected, weight) and expected_type == type_id
             assert module.bias is None and bias is None
-    # Tied output projection: one table, read as embedding rows and as GEMM rows.
-    assert cpu_model.lm_head[0] is cpu_model.embed_table
-    assert np.array_equal(torch_model.quant_lm_head.qweight.numpy(), cpu_model.embed_table)
+    # Tied output projection: the Q8_0 table for the embedding, its Q7_0x8 copy for the GEMM.
+    assert np.array_equal(inner.embed_tokens.qweight.numpy(), cpu_model.embed_table)
+    assert np.array_equal(torch_model.quant_lm_head.qweight.numpy(), cpu_model.lm_head[0])
+    assert torch_model.quant_lm_head.type_id == cpu_model.lm_head[1] == Q7_0X8
     ids = np.array([0, 1, 7042, 49151], dtype=np.int32)
     assert np.array_equal(inner.embed_tokens(torch.from_numpy(ids)).numpy(),
                           cpu_model.embed(ids))

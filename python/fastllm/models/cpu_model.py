@@ -38,6 +38,7 @@ from fastllm.loader import (
 from fastllm.models import LLAMA_FAMILY
 from fastllm.models.native_cpu import (
     CACHE_DTYPES,
+    Q7_0X8,
     CpuLayer,
     CpuLinear,
     KVArrays,
@@ -61,7 +62,8 @@ class CpuModel:
     # the output projection) or float32 [vocab, hidden]
     embed_table: np.ndarray
     embed_type: int | None
-    lm_head: tuple[np.ndarray, int]  # (weight rows, type id); tied: embed_table's rows
+    # (weight rows, type id); tied: embed_table's rows, or a Q7_0x8 copy of a Q8_0 table
+    lm_head: tuple[np.ndarray, int]
     final_norm: np.ndarray
     rope_cache: np.ndarray
     layers: list[CpuLayer]
@@ -106,11 +108,13 @@ def load_cpu_model(config: ModelConfig, source: ModelSource, dtype: str, kv_dtyp
         embed_table, embed_type = dequantize_raw(embed), None
     if head is embed and embed_type is not None:
         # One copy of the table serves both, in the layout the GEMM prefers (embed_quant_rows
-        # reads it too).
-        lm_head = prepare_cpu_linear(embed_table, embed_type)
-        embed_type = lm_head[1]
+        # reads it too), unless the output projection gets a copy of its own (Q7_0x8).
+        lm_head = prepare_cpu_linear(embed_table, embed_type, output=True)
+        if lm_head[0] is embed_table:
+            embed_type = lm_head[1]
     else:
-        lm_head = prepare_cpu_linear(_copy(head, gguf), GGML_QUANT_TYPES[head.ggml_type])
+        lm_head = prepare_cpu_linear(_copy(head, gguf), GGML_QUANT_TYPES[head.ggml_type],
+                                     output=True)
     model = CpuModel(
         config=config, embed_table=embed_table, embed_type=embed_type, lm_head=lm_head,
         final_norm=dequantize_raw(raw["model.norm.weight"]),
@@ -121,7 +125,8 @@ def load_cpu_model(config: ModelConfig, source: ModelSource, dtype: str, kv_dtyp
                 for norms, linears in layers])
     gguf.release_pages()
     logger.info("torch-free CPU model: %d layers, output projection %s, embedding %s",
-                len(model.layers), head.ggml_type,
+                len(model.layers),
+                "Q7_0x8 (7-bit)" if lm_head[1] == Q7_0X8 else head.ggml_type,
                 embed.ggml_type if embed_type is not None else "float32")
     return model
 

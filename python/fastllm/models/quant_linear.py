@@ -60,13 +60,16 @@ class QuantLinear(nn.Module):
             y = _quant_linear_eager(x, self.qweight, self.type_id, self.out_features, self.bias)
         return y if dtype == torch.float32 else y.to(dtype)
 
-    def repack_for_cpu(self) -> None:
+    def repack_for_cpu(self, output: bool = False) -> None:
         """Rewrites a CPU Q4_0/Q4_1 weight in place into the 8-row interleaved layout that the CPU
         GEMM reads fastest and computes batch-invariantly (``native_cpu.prepare_cpu_linear``, as
-        the torch-free path does; same bytes). Other types, devices, or a second call leave it as
-        it is."""
+        the torch-free path does; same bytes). ``output`` (the output projection): Q8_0 rows are
+        replaced by a 7-bit Q7_0x8 copy, as on the torch-free path. Other types, devices, or a
+        second call leave it as it is."""
         if self.qweight.device.type == "cpu":
-            _, self.type_id = prepare_cpu_linear(self.qweight.numpy(), self.type_id)
+            weight, self.type_id = prepare_cpu_linear(self.qweight.numpy(), self.type_id, output)
+            if weight.shape != self.qweight.shape:
+                self.qweight = torch.from_numpy(weight)
 
     def _numpy_weights(self):
         cached = self.__dict__.get("_numpy_cache")

@@ -133,12 +133,13 @@ def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> 
 
 
 def _repack_for_cpu(model: nn.Module) -> None:
-    """Every CPU QuantLinear in its fastest layout; a tied embedding follows its table."""
+    """Every CPU QuantLinear in its fastest layout; a tied embedding follows its table unless the
+    output projection took a copy of its own (Q7_0x8)."""
+    head = getattr(model, "quant_lm_head", None)
     for module in model.modules():
         if isinstance(module, QuantLinear):
-            module.repack_for_cpu()
+            module.repack_for_cpu(output=module is head)
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    head = getattr(model, "quant_lm_head", None)
     if isinstance(embed, QuantEmbedding) and isinstance(head, QuantLinear) and \
             embed.qweight is head.qweight:
         embed.type_id = head.type_id

@@ -22,6 +22,8 @@ QuantType quant_base_type(QuantType type) {
       return QuantType::kQ4_0;
     case QuantType::kQ4_1x8:
       return QuantType::kQ4_1;
+    case QuantType::kQ7_0x8:
+      return QuantType::kQ8_0;
     default:
       return type;
   }
@@ -43,6 +45,7 @@ int64_t quant_block_values(QuantType type) {
 }
 
 int64_t quant_block_bytes(QuantType type) {
+  if (type == QuantType::kQ7_0x8) return 38;  // 8 rows: 8 scales, 8 offset sums, 256 quants
   switch (quant_base_type(type)) {
     case QuantType::kQ8_0:
       return 34;
@@ -74,14 +77,25 @@ const char* quant_type_name(QuantType type) {
       return "Q4_0x8";
     case QuantType::kQ4_1x8:
       return "Q4_1x8";
+    case QuantType::kQ7_0x8:
+      return "Q7_0x8";
   }
   return "unknown";
 }
 
 namespace {
 
-// Bytes before the quants in one block of an x8 group: the 8 scales (and 8 mins).
-int64_t x8_header_bytes(QuantType type) { return type == QuantType::kQ4_1x8 ? 32 : 16; }
+// Bytes before the quants in one block of an x8 group: the 8 scales (and 8 mins, or 8 offset
+// sums).
+int64_t x8_header_bytes(QuantType type) {
+  return type == QuantType::kQ7_0x8 ? 48 : type == QuantType::kQ4_1x8 ? 32 : 16;
+}
+
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return half_to_float(h);
+}
 
 }  // namespace
 
@@ -117,6 +131,45 @@ QuantType quant_repack_rows8(QuantType type, void* weight, int64_t n, int64_t k)
   return packed;
 }
 
+void quant_pack_q7_0x8(const void* q8_0_rows, int64_t n, int64_t k, void* out) {
+  check_arg(n >= 0 && n % 8 == 0 && k > 0 && k % 32 == 0,
+            "quant_pack_q7_0x8: needs rows in multiples of 8 and whole blocks of 32");
+  const int64_t blocks = k / 32, src_row = blocks * 34;
+  const auto* src = static_cast<const uint8_t*>(q8_0_rows);
+  auto* dst = static_cast<uint8_t*>(out);
+  for (int64_t g = 0; g < n / 8; ++g) {
+    for (int64_t b = 0; b < blocks; ++b, dst += 8 * 38) {
+      for (int r = 0; r < 8; ++r) {
+        const uint8_t* blk = src + (8 * g + r) * src_row + b * 34;
+        const auto* q8 = reinterpret_cast<const int8_t*>(blk + 2);
+        int amax = 0;
+        for (int i = 0; i < 32; ++i) amax = std::max(amax, std::abs(static_cast<int>(q8[i])));
+        uint16_t d = 0;
+        std::memcpy(&d, blk, 2);
+        int8_t q7[32];
+        if (amax <= 63) {
+          std::memcpy(q7, q8, 32);  // already 7-bit: kept exactly
+        } else {
+          // The new scale spans the block's largest value with 63 steps; values are rounded
+          // against the scale as stored (fp16).
+          const float d8 = half_to_float(d);
+          d = float_to_half(d8 * static_cast<float>(amax) / 63.0f);
+          const float inv = 1.0f / half_to_float(d);
+          for (int i = 0; i < 32; ++i) {
+            const float v = std::nearbyint(static_cast<float>(q8[i]) * d8 * inv);
+            q7[i] = static_cast<int8_t>(std::clamp(v, -63.0f, 63.0f));
+          }
+        }
+        int32_t offset_sum = 0;
+        for (int i = 0; i < 32; ++i) offset_sum += 64 * q7[i];
+        std::memcpy(dst + 2 * r, &d, 2);
+        std::memcpy(dst + 16 + 4 * r, &offset_sum, 4);
+        for (int c = 0; c < 8; ++c) std::memcpy(dst + 48 + 32 * c + 4 * r, q7 + 4 * c, 4);
+      }
+    }
+  }
+}
+
 void quant_read_block(QuantType type, const void* weight, int64_t k, int64_t row, int64_t block,
                       uint8_t* out) {
   const int64_t block_bytes = quant_block_bytes(type);
@@ -129,6 +182,10 @@ void quant_read_block(QuantType type, const void* weight, int64_t k, int64_t row
   const uint8_t* blk = base + (row / 8) * 8 * row_bytes + block * 8 * block_bytes;
   const int64_t r = row % 8, header = x8_header_bytes(type), quant_offset = block_bytes - 16;
   std::memcpy(out, blk + 2 * r, 2);
+  if (type == QuantType::kQ7_0x8) {  // as a Q8_0 block: d, then the 32 values
+    for (int c = 0; c < 8; ++c) std::memcpy(out + 2 + 4 * c, blk + header + 32 * c + 4 * r, 4);
+    return;
+  }
   if (header == 32) std::memcpy(out + 2, blk + 16 + 2 * r, 2);
   for (int c = 0; c < 4; ++c)
     std::memcpy(out + quant_offset + 4 * c, blk + header + 32 * c + 4 * r, 4);
@@ -137,23 +194,19 @@ void quant_read_block(QuantType type, const void* weight, int64_t k, int64_t row
 namespace cpu {
 namespace {
 
-inline float load_half(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return half_to_float(h);
-}
-
+// kMax 127: the int8 blocks; kMax 63, kOffset 64: the 7-bit blocks the Q7_0x8 kernels read.
+template <int kMax, int kOffset>
 void quantize_row_scalar(const float* x, int64_t k, Q8ActBlock* out) {
   for (int64_t b = 0; b < k / 32; ++b) {
     const float* v = x + b * 32;
     float amax = 0.0f;
     for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(v[i]));
-    const float d = amax / 127.0f;
+    const float d = amax / static_cast<float>(kMax);
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     int sum = 0;
     for (int i = 0; i < 32; ++i) {
       const int q = static_cast<int>(std::nearbyint(v[i] * id));
-      out[b].q[i] = static_cast<int8_t>(q);
+      out[b].q[i] = static_cast<int8_t>(q + kOffset);
       sum += q;
     }
     out[b].d = d;
@@ -186,10 +239,10 @@ void tile_scalar(QuantType type, const uint8_t* weight, int64_t n_rows, const Q8
       float acc = 0.0f;
       for (int64_t b = 0; b < blocks; ++b) {
         const uint8_t* w = row + b * block_bytes;
-        const float dw = load_half(w);
+        const float dw = half_at(w);
         float offset = 0.0f;
         if (type == QuantType::kQ4_0) offset = -8.0f * dw;
-        if (type == QuantType::kQ4_1) offset = load_half(w + 2);
+        if (type == QuantType::kQ4_1) offset = half_at(w + 2);
         acc += static_cast<float>(block_isum(type, w, xr[b].q)) * (dw * xr[b].d) + offset * xr[b].s;
       }
       out[r * out_stride + j] = acc;
@@ -201,15 +254,22 @@ void tile_scalar(QuantType type, const uint8_t* weight, int64_t n_rows, const Q8
 void tile_x8_scalar(QuantType type, const uint8_t* weight, int64_t groups, const Q8ActBlock* x,
                     int64_t blocks, int64_t m_rows, float* out, int64_t out_stride) {
   const QuantType base = quant_base_type(type);
-  uint8_t blk[20];
+  uint8_t blk[38];
   for (int64_t j = 0; j < groups * 8; ++j) {
     for (int64_t r = 0; r < m_rows; ++r) {
       const Q8ActBlock* xr = x + r * blocks;
       float acc = 0.0f;
       for (int64_t b = 0; b < blocks; ++b) {
         quant_read_block(type, weight, blocks * 32, j, b, blk);
-        const float dw = load_half(blk);
-        const float offset = base == QuantType::kQ4_0 ? -8.0f * dw : load_half(blk + 2);
+        const float dw = half_at(blk);
+        if (type == QuantType::kQ7_0x8) {  // 7-bit activations stored offset by 64
+          const auto* wq = reinterpret_cast<const int8_t*>(blk + 2);
+          int isum = 0;
+          for (int i = 0; i < 32; ++i) isum += wq[i] * (xr[b].q[i] - 64);
+          acc += static_cast<float>(isum) * (dw * xr[b].d);
+          continue;
+        }
+        const float offset = base == QuantType::kQ4_0 ? -8.0f * dw : half_at(blk + 2);
         acc +=
             static_cast<float>(block_isum(base, blk, xr[b].q)) * (dw * xr[b].d) + offset * xr[b].s;
       }
@@ -218,8 +278,9 @@ void tile_x8_scalar(QuantType type, const uint8_t* weight, int64_t groups, const
   }
 }
 
-const QuantGemmKernels kScalarKernels = {"scalar", quantize_row_scalar, tile_scalar, false,
-                                         tile_x8_scalar};
+const QuantGemmKernels kScalarKernels = {"scalar",       quantize_row_scalar<127, 0>,
+                                         tile_scalar,    false,
+                                         tile_x8_scalar, quantize_row_scalar<63, 64>};
 
 // ---- K-quants: dequantize a weight row, then float dot products -------------------------------
 
@@ -236,8 +297,8 @@ void q4_k_scale_min(const uint8_t* s, int j, int* scale, int* min) {
 void dequantize_q4_k_row(const uint8_t* row, int64_t blocks, float* y) {
   for (int64_t b = 0; b < blocks; ++b, y += 256) {
     const uint8_t* blk = row + b * 144;
-    const float d = load_half(blk);
-    const float dmin = load_half(blk + 2);
+    const float d = half_at(blk);
+    const float dmin = half_at(blk + 2);
     const uint8_t* scales = blk + 4;
     const uint8_t* qs = blk + 16;
     for (int g = 0; g < 4; ++g) {
@@ -259,7 +320,7 @@ void dequantize_q6_k_row(const uint8_t* row, int64_t blocks, float* y) {
     const uint8_t* ql = blk;
     const uint8_t* qh = blk + 128;
     const auto* sc = reinterpret_cast<const int8_t*>(blk + 192);
-    const float d = load_half(blk + 208);
+    const float d = half_at(blk + 208);
     for (int half = 0; half < 2; ++half) {
       float* yh = y + 128 * half;
       const uint8_t* l4 = ql + 64 * half;
@@ -370,9 +431,10 @@ void quant_gemm_x8(const QuantGemmParams& p) {
   const int64_t blocks = p.k / 32;
   const int64_t row_bytes = blocks * quant_block_bytes(p.type);
   Q8ActBlock* xq = activation_blocks(p.m * blocks);
-  for_each_input_row(p, [&](int64_t r) {
-    kernels.quantize_row(p.input + r * p.input_stride, p.k, xq + r * blocks);
-  });
+  const auto quantize_row =
+      p.type == QuantType::kQ7_0x8 ? kernels.quantize_row_u7 : kernels.quantize_row;
+  for_each_input_row(
+      p, [&](int64_t r) { quantize_row(p.input + r * p.input_stride, p.k, xq + r * blocks); });
   const int64_t per = (slice_rows(p.n) + 7) / 8 * 8;
   const auto* weight = static_cast<const uint8_t*>(p.weight);
   parallel_for((p.n + per - 1) / per, [&](int64_t task) {

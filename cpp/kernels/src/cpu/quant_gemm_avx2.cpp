@@ -46,6 +46,8 @@ inline float load_half(const uint8_t* p) {
   return _cvtsh_ss(h);
 }
 
+// kMax / kOffset as quantize_row_scalar's (identical rounding).
+template <int kMax, int kOffset>
 void quantize_row_avx2(const float* x, int64_t k, Q8ActBlock* out) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -60,7 +62,7 @@ void quantize_row_avx2(const float* x, int64_t k, Q8ActBlock* out) {
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     h = _mm_max_ss(h, _mm_movehdup_ps(h));
     const float amax = _mm_cvtss_f32(h);
-    const float d = amax / 127.0f;
+    const float d = amax / static_cast<float>(kMax);
     const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
     constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     const __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, id), kRound));
@@ -69,10 +71,10 @@ void quantize_row_avx2(const float* x, int64_t k, Q8ActBlock* out) {
     const __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, id), kRound));
     const int sum =
         hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
-    const __m256i packed =
-        _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[b].q),
-                        _mm256_permutevar8x32_epi32(packed, order));
+    __m256i packed = _mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3)), order);
+    if constexpr (kOffset != 0) packed = _mm256_add_epi8(packed, _mm256_set1_epi8(kOffset));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[b].q), packed);
     out[b].d = d;
     out[b].s = d * static_cast<float>(sum);
   }
@@ -468,10 +470,54 @@ void x8_group(const uint8_t* group, const Q8ActBlock* x, int64_t blocks, float* 
   for (int r = 0; r < kRows; ++r) _mm256_storeu_ps(out + r * out_stride, acc[r]);
 }
 
+// Q7_0x8: kRows (<= 8) rows of 7-bit activations (offset by 64, unsigned) against one group.
+// A vpmaddubsw pair is at most 2 * 127 * 63 = 16002 in magnitude, so two sum in 16 bits before
+// widening; minus the block's 64 * sum(q) term that is the exact integer dot product. Per block
+// and row: acc += isum * (d_w * d_x), in that order for every kRows.
+template <int kRows>
+void q7_group(const uint8_t* group, const Q8ActBlock* x, int64_t blocks, float* out,
+              int64_t out_stride) {
+  constexpr int64_t group_block = 8 * 38, header = 48;
+  __m256 acc[kRows];
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* w = group + b * group_block;
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+    const __m256i offset_sum = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16));
+    __m256i q[8];
+    for (int c = 0; c < 8; ++c)
+      q[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + header + 32 * c));
+    for (int r = 0; r < kRows; ++r) {
+      const Q8ActBlock& xb = x[r * blocks + b];
+      auto bcast = [&xb](int c) {
+        int32_t v;
+        std::memcpy(&v, xb.q + 4 * c, 4);
+        return _mm256_set1_epi32(v);
+      };
+#ifdef FASTLLM_QUANT_GEMM_VNNI
+      __m256i isum = _mm256_setzero_si256();
+      for (int c = 0; c < 8; ++c) isum = _mm256_dpbusd_avx_epi32(isum, bcast(c), q[c]);
+#else
+      const __m256i ones = _mm256_set1_epi16(1);
+      auto pair = [&](int c) {
+        return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(bcast(c), q[c]),
+                                                  _mm256_maddubs_epi16(bcast(c + 1), q[c + 1])),
+                                 ones);
+      };
+      const __m256i isum =
+          _mm256_add_epi32(_mm256_add_epi32(pair(0), pair(2)), _mm256_add_epi32(pair(4), pair(6)));
+#endif
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(isum, offset_sum)),
+                               _mm256_mul_ps(dw, _mm256_set1_ps(xb.d)), acc[r]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) _mm256_storeu_ps(out + r * out_stride, acc[r]);
+}
+
 template <QuantType kType>
 void tile_x8_type(const uint8_t* weight, int64_t groups, const Q8ActBlock* x, int64_t blocks,
                   int64_t m_rows, float* out, int64_t out_stride) {
-  const int64_t group_bytes = blocks * 8 * (kType == QuantType::kQ4_1x8 ? 20 : 18);
+  const int64_t group_bytes = blocks * 8 * quant_block_bytes(kType);
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* group = weight + g * group_bytes;
     if (g + 1 < groups)  // the next group streams in while this one computes
@@ -479,8 +525,13 @@ void tile_x8_type(const uint8_t* weight, int64_t groups, const Q8ActBlock* x, in
         _mm_prefetch(reinterpret_cast<const char*>(group + group_bytes + off), _MM_HINT_T0);
     for (int64_t r = 0; r < m_rows; r += 8) {
       with_rows(m_rows - r, [&](auto rows) {
-        x8_group<kType, decltype(rows)::value>(group, x + r * blocks, blocks,
-                                               out + r * out_stride + 8 * g, out_stride);
+        if constexpr (kType == QuantType::kQ7_0x8) {
+          q7_group<decltype(rows)::value>(group, x + r * blocks, blocks,
+                                          out + r * out_stride + 8 * g, out_stride);
+        } else {
+          x8_group<kType, decltype(rows)::value>(group, x + r * blocks, blocks,
+                                                 out + r * out_stride + 8 * g, out_stride);
+        }
       });
     }
   }
@@ -490,13 +541,17 @@ void tile_x8_avx2(QuantType type, const uint8_t* weight, int64_t groups, const Q
                   int64_t blocks, int64_t m_rows, float* out, int64_t out_stride) {
   if (type == QuantType::kQ4_1x8)
     return tile_x8_type<QuantType::kQ4_1x8>(weight, groups, x, blocks, m_rows, out, out_stride);
+  if (type == QuantType::kQ7_0x8)
+    return tile_x8_type<QuantType::kQ7_0x8>(weight, groups, x, blocks, m_rows, out, out_stride);
   tile_x8_type<QuantType::kQ4_0x8>(weight, groups, x, blocks, m_rows, out, out_stride);
 }
 
 #ifdef FASTLLM_QUANT_GEMM_VNNI
-const QuantGemmKernels kKernels = {"avx_vnni", quantize_row_avx2, tile_avx2, true, tile_x8_avx2};
+const QuantGemmKernels kKernels = {"avx_vnni",   quantize_row_avx2<127, 0>, tile_avx2, true,
+                                   tile_x8_avx2, quantize_row_avx2<63, 64>};
 #else
-const QuantGemmKernels kKernels = {"avx2", quantize_row_avx2, tile_avx2, true, tile_x8_avx2};
+const QuantGemmKernels kKernels = {"avx2",       quantize_row_avx2<127, 0>, tile_avx2, true,
+                                   tile_x8_avx2, quantize_row_avx2<63, 64>};
 #endif
 
 }  // namespace

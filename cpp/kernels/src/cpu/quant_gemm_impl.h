@@ -43,8 +43,12 @@ struct QuantGemmKernels {
   // number) and g < groups, W the groups at weight. Each output is computed by the same
   // operations in the same order whatever m_rows is, so a row's result does not depend on the
   // batch it came in.
+  // (Q7_0x8 reads blocks of quantize_row_u7.)
   void (*tile_x8)(QuantType type, const uint8_t* weight, int64_t groups, const Q8ActBlock* x,
                   int64_t blocks, int64_t m_rows, float* out, int64_t out_stride) = nullptr;
+  // As quantize_row with d = max|x| / 63 and q stored as round(x / d) + 64 (1..127); s = d *
+  // sum(round(x / d)).
+  void (*quantize_row_u7)(const float* x, int64_t k, Q8ActBlock* out) = nullptr;
 };
 
 const QuantGemmKernels& scalar_quant_gemm_kernels();
