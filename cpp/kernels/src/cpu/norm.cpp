@@ -58,6 +58,16 @@ void fused_add_rms_norm_cpu(const FusedAddRmsNormParams& p) {
             "fused_add_rms_norm: bad strides");
   const auto& ops = cpu::vec_ops();
   const size_t size = dtype_size(p.dtype);
+  if (p.dtype == DType::kFloat32) {  // in place, no staging copies
+    const auto* w = static_cast<const float*>(p.weight);
+    for_rows(p.num_tokens, p.hidden, [&](int64_t i) {
+      float* x = static_cast<float*>(p.input) + i * p.input_stride;
+      ops.add_residual(x, static_cast<float*>(p.residual) + i * p.residual_stride, p.hidden);
+      const float inv_rms = 1.0f / std::sqrt(ops.sum_squares(x, p.hidden) / p.hidden + p.eps);
+      ops.mul_scaled(x, w, inv_rms, x, p.hidden);
+    });
+    return;
+  }
   for_rows(p.num_tokens, p.hidden, [&](int64_t i) {
     float* x = cpu::scratch(0, p.hidden);
     float* w = cpu::scratch(1, p.hidden);

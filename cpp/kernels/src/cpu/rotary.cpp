@@ -14,15 +14,16 @@ void rotate_heads(char* base, int64_t num_heads, const RotaryParams& p, const fl
   const auto& ops = cpu::vec_ops();
   const size_t size = dtype_size(p.dtype);
   const int64_t half = p.rotary_dim / 2;
+  if (p.is_neox && p.dtype == DType::kFloat32) {  // in place
+    for (int64_t h = 0; h < num_heads; ++h)
+      ops.rotate_half(reinterpret_cast<float*>(base) + h * p.head_size, cos, sin, half);
+    return;
+  }
   for (int64_t h = 0; h < num_heads; ++h) {
     char* head = base + h * p.head_size * size;
     ops.load(head, p.dtype, buffer, p.rotary_dim, 1.0f);
     if (p.is_neox) {
-      for (int64_t i = 0; i < half; ++i) {
-        const float x1 = buffer[i], x2 = buffer[i + half];
-        buffer[i] = x1 * cos[i] - x2 * sin[i];
-        buffer[i + half] = x2 * cos[i] + x1 * sin[i];
-      }
+      ops.rotate_half(buffer, cos, sin, half);
     } else {
       for (int64_t i = 0; i < half; ++i) {
         const float x1 = buffer[2 * i], x2 = buffer[2 * i + 1];

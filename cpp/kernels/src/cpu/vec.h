@@ -39,6 +39,12 @@ struct VecOps {
   void (*attn_values)(const void* values, int64_t value_stride, DType dtype, int64_t n,
                       const float* weights, int64_t weight_stride, int64_t rows, int64_t d,
                       float* acc);
+  // Index of the first largest value (std::max_element's, for x without NaN); n > 0.
+  int64_t (*argmax)(const float* x, int64_t n);
+  // x[i] += residual[i], and residual[i] = the new x[i].
+  void (*add_residual)(float* x, float* residual, int64_t n);
+  // Rotates each pair (x[i], x[i + half]) by the angle of cos[i], sin[i] (neox-style RoPE).
+  void (*rotate_half)(float* x, const float* cos, const float* sin, int64_t half);
 };
 
 const VecOps& vec_ops();

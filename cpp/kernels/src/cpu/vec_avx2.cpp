@@ -2,6 +2,7 @@
 // here runs unless vec_ops() saw those features at run time.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -447,9 +448,49 @@ void attn_values(const void* values, int64_t value_stride, DType dtype, int64_t 
   }
 }
 
-const VecOps kAvx2 = {"avx2",        load,     store,       dot,        dots,
-                      axpys,         scale,    sum_squares, mul_scaled, max,
-                      exp_shift_sum, silu_mul, attn_scores, attn_values};
+int64_t argmax(const float* x, int64_t n) {
+  // The largest value, then its first position.
+  const float m = max(x, n);
+  const __m256 mv = _mm256_set1_ps(m);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), mv, _CMP_EQ_OQ));
+    if (mask != 0) return i + __builtin_ctz(static_cast<unsigned>(mask));
+  }
+  for (; i < n; ++i)
+    if (x[i] == m) return i;
+  return std::max_element(x, x + n) - x;  // NaNs: no element equals the maximum
+}
+
+void add_residual(float* x, float* residual, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 sum = _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(residual + i));
+    _mm256_storeu_ps(x + i, sum);
+    _mm256_storeu_ps(residual + i, sum);
+  }
+  for (; i < n; ++i) residual[i] = x[i] += residual[i];
+}
+
+void rotate_half(float* x, const float* cos, const float* sin, int64_t half) {
+  int64_t i = 0;
+  for (; i + 8 <= half; i += 8) {
+    const __m256 x1 = _mm256_loadu_ps(x + i), x2 = _mm256_loadu_ps(x + i + half);
+    const __m256 c = _mm256_loadu_ps(cos + i), s = _mm256_loadu_ps(sin + i);
+    // Products rounded apart, then subtracted/added: the scalar code's arithmetic.
+    _mm256_storeu_ps(x + i, _mm256_sub_ps(_mm256_mul_ps(x1, c), _mm256_mul_ps(x2, s)));
+    _mm256_storeu_ps(x + i + half, _mm256_add_ps(_mm256_mul_ps(x2, c), _mm256_mul_ps(x1, s)));
+  }
+  for (; i < half; ++i) {
+    const float x1 = x[i], x2 = x[i + half];
+    x[i] = x1 * cos[i] - x2 * sin[i];
+    x[i + half] = x2 * cos[i] + x1 * sin[i];
+  }
+}
+
+const VecOps kAvx2 = {"avx2",      load,        store,      dot,          dots,          axpys,
+                      scale,       sum_squares, mul_scaled, max,          exp_shift_sum, silu_mul,
+                      attn_scores, attn_values, argmax,     add_residual, rotate_half};
 
 }  // namespace
 

@@ -1,4 +1,5 @@
 // Portable row primitives, the run-time dispatch and the thread-local scratch.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -132,9 +133,23 @@ void attn_values(const void* values, int64_t value_stride, DType dtype, int64_t 
   }
 }
 
-const VecOps kScalar = {"scalar",      load,     store,       dot,        dots,
-                        axpys,         scale,    sum_squares, mul_scaled, max,
-                        exp_shift_sum, silu_mul, attn_scores, attn_values};
+int64_t argmax(const float* x, int64_t n) { return std::max_element(x, x + n) - x; }
+
+void add_residual(float* x, float* residual, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) residual[i] = x[i] += residual[i];
+}
+
+void rotate_half(float* x, const float* cos, const float* sin, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = x[i], x2 = x[i + half];
+    x[i] = x1 * cos[i] - x2 * sin[i];
+    x[i + half] = x2 * cos[i] + x1 * sin[i];
+  }
+}
+
+const VecOps kScalar = {"scalar",    load,        store,      dot,          dots,          axpys,
+                        scale,       sum_squares, mul_scaled, max,          exp_shift_sum, silu_mul,
+                        attn_scores, attn_values, argmax,     add_residual, rotate_half};
 
 const VecOps& pick() {
 #if defined(FASTLLM_HAVE_AVX2_FILE) && (defined(__x86_64__) || defined(__i386__))
