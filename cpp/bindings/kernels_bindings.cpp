@@ -536,6 +536,31 @@ void quant_pack_q7_0x8(const Array& out, const Array& weight, int64_t in_feature
   k::quant_pack_q7_0x8(src, n, in_features, dst);
 }
 
+void quant_convert(const Array& out, const Array& weight, int32_t type, int64_t in_features,
+                   int32_t target) {
+  const char* op = "quant_convert";
+  const auto from = static_cast<k::QuantType>(type), to = static_cast<k::QuantType>(target);
+  const int64_t values = k::quant_block_values(from);
+  check_arg(values > 0 && k::quant_row_group(from) == 1,
+            where(op, "unknown or repacked quantization type ") + std::to_string(type));
+  check_arg(to == k::QuantType::kQ4_1 || to == k::QuantType::kQ8_0,
+            where(op, "target must be Q4_1 (3) or Q8_0 (8)"));
+  check_arg(weight.ndim() == 2 && in_features > 0 && in_features % values == 0 &&
+                static_cast<int64_t>(weight.shape(1)) ==
+                    in_features / values * k::quant_block_bytes(from),
+            where(op, "weight rows must hold in_features values"));
+  const int64_t n = weight.shape(0);
+  check_arg(out.ndim() == 2 && static_cast<int64_t>(out.shape(0)) == n &&
+                static_cast<int64_t>(out.shape(1)) == in_features / 32 * k::quant_block_bytes(to),
+            where(op, "out must be uint8 [out_features, in_features / 32 * target block bytes]"));
+  check_contiguous(weight, op, "weight");
+  check_contiguous(out, op, "out");
+  const auto* src = typed<uint8_t>(weight, false, op, "weight");
+  auto* dst = typed<uint8_t>(out, false, op, "out");
+  nb::gil_scoped_release release_gil;
+  k::quant_convert_rows(from, src, n, in_features, to, dst);
+}
+
 }  // namespace
 
 void bind_kernels(nb::module_& m) {
@@ -600,6 +625,11 @@ void bind_kernels(nb::module_& m) {
       "8-row interleaved layout (1002 Q4_0x8, 1003 Q4_1x8; faster quant_gemm, same bytes) and "
       "return the new type id; returns type unchanged (bytes untouched) for other types (repacked "
       "ones included) or when out_features is not a multiple of 8.");
+  m.def("quant_convert", &quant_convert, arg("out"), arg("weight"), arg("type"), arg("in_features"),
+        arg("target"),
+        "Write CPU weight rows of a GGUF type as target rows into out: Q4_K -> Q4_1 (3; scales "
+        "rounded to fp16, nibbles kept) or any type -> Q8_0 (8; through float), so the integer "
+        "GEMM kernels read them.");
   m.def("quant_pack_q7_0x8", &quant_pack_q7_0x8, arg("out"), arg("weight"), arg("in_features"),
         "Write CPU Q8_0 rows (out_features a multiple of 8) requantized to 7 bits into out, uint8 "
         "[out_features, in_features / 32 * 38], in the Q7_0x8 layout (type id 1008) that "

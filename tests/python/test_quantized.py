@@ -14,8 +14,9 @@ import torch
 
 from fastllm import _C, LLM, SamplingParams, ops
 from fastllm.loader import dequantize
+from fastllm.models import cpu_model
 from fastllm.models.cpu_model import CpuModel
-from fastllm.models.native_cpu import Q7_0X8, prepare_cpu_linear
+from fastllm.models.native_cpu import Q7_0X8, convert_rows, prepare_cpu_linear
 from fastllm.models.quant_linear import QuantEmbedding, QuantLinear
 
 CUDA = torch.cuda.is_available() and _C.ops.built_with_cuda()
@@ -363,6 +364,81 @@ def test_prepare_cpu_linear_gives_output_projections_q7():
     lin.repack_for_cpu(output=True)
     assert lin.type_id == Q7_0X8 and lin.qweight.shape == (16, 2 * 38)
     torch.testing.assert_close(lin(x), torch.from_numpy(_gemm(x.numpy(), weight, Q7_0X8, 16)))
+
+
+# ---- K-quants onto the integer kernels ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,k", [(8, 256), (24, 512)])
+def test_q4_k_rows_convert_to_q4_1(n, k):
+    """Each 32-value Q4_K sub-block is a Q4_1 block: the same values up to the fp16 rounding of
+    its scale and min (relative 2^-11)."""
+    rng = np.random.default_rng(n + k)
+    raw = random_blocks(rng, "Q4_K", n, k)
+    q4_1 = convert_rows(raw, ops.GGML_QUANT_TYPES["Q4_K"], ops.GGML_QUANT_TYPES["Q4_1"])
+    assert q4_1.shape == (n, k // 32 * 20)
+    ref = dequantized(raw, "Q4_K", n, k).numpy()
+    got = dequantized(q4_1, "Q4_1", n, k).numpy()
+    bound = 2.0 ** -10 * (np.abs(ref).reshape(n, -1, 32).max(-1, keepdims=True) + 1e-6)
+    assert np.all(np.abs(got - ref).reshape(n, -1, 32) <= bound)
+
+
+@pytest.mark.parametrize("quant_type", TYPES_32 + TYPES_256)
+def test_rows_convert_to_q8_0(quant_type):
+    """Any GGUF type to Q8_0: within half a step (max|w| / 254) of each 32-value block."""
+    n, k = 16, 512
+    rng = np.random.default_rng(41)
+    raw = random_blocks(rng, quant_type, n, k)
+    q8 = convert_rows(raw, ops.GGML_QUANT_TYPES[quant_type], ops.GGML_QUANT_TYPES["Q8_0"])
+    ref = dequantized(raw, quant_type, n, k).numpy().reshape(n, -1, 32)
+    got = dequantized(q8, "Q8_0", n, k).numpy().reshape(n, -1, 32)
+    step = np.abs(ref).max(-1, keepdims=True) / 127
+    assert np.all(np.abs(got - ref) <= 0.5 * step * 1.002 + 1e-7)
+    with pytest.raises(ValueError, match="Q4_1"):
+        convert_rows(raw, ops.GGML_QUANT_TYPES[quant_type], 2)  # Q4_0 is no target
+
+
+def test_prepare_cpu_linear_moves_kquants_to_integer_kernels(monkeypatch):
+    n, k = 16, 512
+    rng = np.random.default_rng(43)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    for quant_type, expected in (("Q4_K", 1003), ("Q6_K", ops.GGML_QUANT_TYPES["Q8_0"])):
+        raw = random_blocks(rng, quant_type, n, k)
+        weight, type_id = prepare_cpu_linear(raw.copy(), ops.GGML_QUANT_TYPES[quant_type])
+        assert type_id == expected
+        exact = x.astype(np.float64) @ dequantized(raw, quant_type, n, k).double().numpy().T
+        y = _gemm(x, weight, type_id, n)
+        assert np.linalg.norm(y - exact) / np.linalg.norm(exact) < 0.01
+    _, head_type = prepare_cpu_linear(raw.copy(), ops.GGML_QUANT_TYPES["Q6_K"], output=True)
+    assert head_type == Q7_0X8
+    monkeypatch.setenv("FASTLLM_CPU_CONVERT_KQUANTS", "0")
+    weight, type_id = prepare_cpu_linear(raw, ops.GGML_QUANT_TYPES["Q6_K"])
+    assert weight is raw and type_id == ops.GGML_QUANT_TYPES["Q6_K"]
+
+
+def test_fused_parts_of_different_types_stack_as_q8_0():
+    """A Q4_K_M file's fused Q/K/V: Q4_K queries and keys, Q6_K values, stacked as Q8_0."""
+    k = 256
+    rng = np.random.default_rng(47)
+
+    class Part:
+        def __init__(self, quant_type, rows):
+            self.ggml_type, self.gguf_name = quant_type, quant_type
+            self.data = random_blocks(rng, quant_type, rows, k)
+
+    class NoFile:
+        def release_pages(self, name=None):
+            pass
+
+    parts = [Part("Q4_K", 16), Part("Q4_K", 8), Part("Q6_K", 8)]
+    weight, type_id, bias = cpu_model._stack(parts, None, NoFile())
+    assert type_id == ops.GGML_QUANT_TYPES["Q8_0"] and bias is None
+    ref = np.concatenate([dequantized(p.data, p.ggml_type, p.data.shape[0], k).numpy()
+                          for p in parts])
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    exact = x.astype(np.float64) @ ref.T.astype(np.float64)
+    y = _gemm(x, weight, type_id, 32)
+    assert np.linalg.norm(y - exact) / np.linalg.norm(exact) < 0.01
 
 
 # ---- the default model: quantized against dequantized ---------------------------------------------

@@ -39,9 +39,11 @@ from fastllm.models import LLAMA_FAMILY
 from fastllm.models.native_cpu import (
     CACHE_DTYPES,
     Q7_0X8,
+    Q8_0,
     CpuLayer,
     CpuLinear,
     KVArrays,
+    convert_rows,
     native_decoder_enabled,
     new_cpu_decoder,
     prepare_cpu_linear,
@@ -159,8 +161,8 @@ def _plan(config: ModelConfig, raw: dict[str, RawGGUFTensor]
         weights = [take(f"{prefix}.{name}.weight", (rows, in_features)) for name, rows in parts]
         if any(w is None for w in weights):
             return None
-        types = {w.ggml_type for w in weights}
-        if len(types) != 1 or not quant_rows_supported(weights[0].ggml_type, in_features):
+        # Parts of different types are stacked as Q8_0 (_stack).
+        if not all(quant_rows_supported(w.ggml_type, in_features) for w in weights):
             return None
         if not bias:
             return weights, None
@@ -208,12 +210,19 @@ def _copy(tensor: RawGGUFTensor, gguf: GGUFFile) -> np.ndarray:
 def _stack(parts: list[RawGGUFTensor], bias: list[RawGGUFTensor] | None,
            gguf: GGUFFile) -> CpuLinear:
     """One fused linear: its parts' raw rows stacked (Q/K/V, gate/up) and prepared for the
-    GEMM, with the parts' biases concatenated in the same order."""
-    weight = np.empty((sum(p.data.shape[0] for p in parts), parts[0].data.shape[1]),
-                      dtype=np.uint8)
-    np.concatenate([p.data for p in parts], axis=0, out=weight)
+    GEMM, with the parts' biases concatenated in the same order. Parts of different types (a
+    Q4_K_M file's Q4_K queries and Q6_K values) are converted to Q8_0 first."""
+    types = [GGML_QUANT_TYPES[p.ggml_type] for p in parts]
+    if len(set(types)) == 1:
+        rows = [p.data for p in parts]
+        type_id = types[0]
+    else:
+        rows = [convert_rows(p.data, t, Q8_0) for p, t in zip(parts, types)]
+        type_id = Q8_0
+    weight = np.empty((sum(r.shape[0] for r in rows), rows[0].shape[1]), dtype=np.uint8)
+    np.concatenate(rows, axis=0, out=weight)
     for p in parts:
         gguf.release_pages(p.gguf_name)
-    weight, type_id = prepare_cpu_linear(weight, GGML_QUANT_TYPES[parts[0].ggml_type])
+    weight, type_id = prepare_cpu_linear(weight, type_id)
     return weight, type_id, (None if bias is None else
                              np.concatenate([dequantize_raw(b) for b in bias]))

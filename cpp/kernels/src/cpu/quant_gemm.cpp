@@ -341,6 +341,29 @@ void dequantize_q6_k_row(const uint8_t* row, int64_t blocks, float* y) {
   }
 }
 
+// One row of k values of a row-major type as floats (the loader's arithmetic).
+void dequantize_row(QuantType type, const uint8_t* row, int64_t k, float* y) {
+  if (type == QuantType::kQ4_K) return dequantize_q4_k_row(row, k / 256, y);
+  if (type == QuantType::kQ6_K) return dequantize_q6_k_row(row, k / 256, y);
+  const int64_t block_bytes = quant_block_bytes(type);
+  for (int64_t b = 0; b < k / 32; ++b, y += 32) {
+    const uint8_t* w = row + b * block_bytes;
+    const float d = half_at(w);
+    if (type == QuantType::kQ8_0) {
+      for (int i = 0; i < 32; ++i) y[i] = static_cast<float>(static_cast<int8_t>(w[2 + i])) * d;
+    } else {
+      const bool has_min = type == QuantType::kQ4_1;
+      const float m = has_min ? half_at(w + 2) : 0.0f;
+      const uint8_t* q = w + (has_min ? 4 : 2);
+      for (int j = 0; j < 16; ++j) {
+        const float lo = static_cast<float>(q[j] & 0x0F), hi = static_cast<float>(q[j] >> 4);
+        y[j] = has_min ? lo * d + m : (lo - 8.0f) * d;
+        y[j + 16] = has_min ? hi * d + m : (hi - 8.0f) * d;
+      }
+    }
+  }
+}
+
 // Weight rows per parallel task: enough tasks to balance the pool, few enough that a task's
 // slice (re-read once per tile of 4 rows of x) stays in L1/L2.
 int64_t slice_rows(int64_t n) {
@@ -462,6 +485,58 @@ const QuantGemmKernels* avx512_quant_gemm_kernels() { return nullptr; }
 }  // namespace cpu
 
 const char* quant_gemm_cpu_isa() { return cpu::pick_kernels(true).name; }
+
+void quant_convert_rows(QuantType type, const void* src, int64_t n, int64_t k, QuantType target,
+                        void* dst) {
+  const int64_t values = quant_block_values(type);
+  check_arg(values > 0 && quant_row_group(type) == 1,
+            "quant_convert_rows: the source must be a row-major GGUF type");
+  check_arg(n >= 0 && k > 0 && k % values == 0, "quant_convert_rows: bad sizes");
+  const int64_t src_row = k / values * quant_block_bytes(type);
+  const auto* in = static_cast<const uint8_t*>(src);
+  auto* out = static_cast<uint8_t*>(dst);
+  if (target == QuantType::kQ4_1) {
+    check_arg(type == QuantType::kQ4_K, "quant_convert_rows: only Q4_K converts to Q4_1");
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t b = 0; b < k / 256; ++b) {
+        const uint8_t* blk = in + r * src_row + b * 144;
+        const float d = half_at(blk), dmin = half_at(blk + 2);
+        for (int sub = 0; sub < 8; ++sub, out += 20) {
+          int sc, mn;
+          cpu::q4_k_scale_min(blk + 4, sub, &sc, &mn);
+          const uint16_t dh = float_to_half(d * static_cast<float>(sc));
+          const uint16_t mh = float_to_half(-dmin * static_cast<float>(mn));
+          std::memcpy(out, &dh, 2);
+          std::memcpy(out + 2, &mh, 2);
+          // Sub-block 2g holds the low nibbles of bytes 32g..32g+31, 2g+1 their high nibbles.
+          const uint8_t* qs = blk + 16 + 32 * (sub / 2);
+          const int shift = 4 * (sub % 2);
+          for (int j = 0; j < 16; ++j)
+            out[4 + j] = static_cast<uint8_t>(((qs[j] >> shift) & 0x0F) |
+                                              (((qs[j + 16] >> shift) & 0x0F) << 4));
+        }
+      }
+    }
+    return;
+  }
+  check_arg(target == QuantType::kQ8_0, "quant_convert_rows: targets are Q4_1 and Q8_0");
+  std::vector<float> y(static_cast<size_t>(k));
+  for (int64_t r = 0; r < n; ++r) {
+    cpu::dequantize_row(type, in + r * src_row, k, y.data());
+    for (int64_t b = 0; b < k / 32; ++b, out += 34) {
+      const float* v = y.data() + b * 32;
+      float amax = 0.0f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(v[i]));
+      const uint16_t dh = float_to_half(amax / 127.0f);
+      const float d = half_to_float(dh);
+      const float inv = d != 0.0f ? 1.0f / d : 0.0f;
+      std::memcpy(out, &dh, 2);
+      for (int i = 0; i < 32; ++i)
+        out[2 + i] = static_cast<uint8_t>(
+            static_cast<int8_t>(std::clamp(std::nearbyint(v[i] * inv), -127.0f, 127.0f)));
+    }
+  }
+}
 
 void quant_gemm_cpu(const QuantGemmParams& p) {
   const int64_t values = quant_block_values(p.type);

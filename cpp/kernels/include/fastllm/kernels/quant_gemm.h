@@ -76,6 +76,14 @@ QuantType quant_repack_rows8(QuantType type, void* weight, int64_t n, int64_t k)
 // bytes).
 void quant_pack_q7_0x8(const void* q8_0_rows, int64_t n, int64_t k, void* out);
 
+// Writes n rows of k values of type (row-major) as target rows into dst, for the CPU kernels
+// that read target faster: Q4_K -> Q4_1 (each 32-value sub-block is a Q4_1 block already: its
+// scale d * sc and min -dmin * m are rounded to fp16, the nibbles kept), or any row-major type ->
+// Q8_0 (values dequantized to float and rounded to 8 bits per 32, scale max|w| / 127; Q6_K's 16-
+// value sub-blocks lose at most a quarter of their own step). Throws for other pairs.
+void quant_convert_rows(QuantType type, const void* src, int64_t n, int64_t k, QuantType target,
+                        void* dst);
+
 // Copies block `block` of row `row` of a weight in type's layout (rows of k values) as a block of
 // the base type (quant_base_type) to out (quant_block_bytes(type) bytes).
 void quant_read_block(QuantType type, const void* weight, int64_t k, int64_t row, int64_t block,
