@@ -618,7 +618,9 @@ void bind_kernels(nb::module_& m) {
   m.def("quant_gemm", &quant_gemm, arg("out"), arg("input"), arg("weight"), arg("type"),
         arg("bias").none() = nb::none(), arg("allow_simd") = true, arg("stream") = 0,
         "out[m, n] = input[m, k] @ W.T (+ bias) for W [n, k] in a GGUF block type (ggml type id: "
-        "2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 14 Q6_K) stored as uint8 rows.");
+        "2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 14 Q6_K) stored as uint8 rows, or on the CPU in a "
+        "repacked layout (1002 Q4_0x8, 1003 Q4_1x8: quant_repack; 1008 Q7_0x8: "
+        "quant_pack_q7_0x8).");
   m.def(
       "quant_repack", &quant_repack, arg("weight"), arg("type"), arg("in_features"),
       "Rewrite a CPU uint8 [out_features, row_bytes] Q4_0 / Q4_1 weight in place into its "

@@ -351,6 +351,23 @@ def test_q7_output_gemm_is_batch_invariant_and_rejects_bad_shapes():
         _q7(random_blocks(rng, "Q4_0", 16, 64), 64)
 
 
+def test_q7_packing_of_degenerate_blocks():
+    """A block with a zero scale but large quants packs as zeros; a NaN scale gives zero values
+    too (no undefined float-to-int conversions), and the rest of the row is unaffected."""
+    rng = np.random.default_rng(37)
+    raw = random_blocks(rng, "Q8_0", 8, 64)
+    blocks = raw.reshape(8, 2, 34)
+    blocks[0, 0, :2] = np.frombuffer(np.float16(0).tobytes(), np.uint8)
+    blocks[0, 0, 2:] = 100
+    blocks[1, 0, :2] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)
+    blocks[1, 0, 2] = 120
+    emb = np.empty((2, 64), np.float32)
+    _C.ops.embed_quant_rows(emb, _q7(raw, 64), Q7_0X8, np.array([0, 1], np.int32))
+    assert np.all(emb[0, :32] == 0) and np.all(np.isfinite(emb[0, 32:]))
+    w1 = dequantized(raw, "Q8_0", 8, 64).numpy()[1, 32:]
+    np.testing.assert_allclose(emb[1, 32:], w1, atol=np.abs(w1).max() / 63)
+
+
 def test_prepare_cpu_linear_gives_output_projections_q7():
     rng = np.random.default_rng(31)
     raw = random_blocks(rng, "Q8_0", 16, 64)

@@ -97,6 +97,11 @@ inline float half_at(const uint8_t* p) {
   return half_to_float(h);
 }
 
+// v rounded to the nearest integer in [-limit, limit]; 0 for NaN (a corrupt scale).
+inline float clamp_round(float v, float limit) {
+  return v == v ? std::clamp(std::nearbyint(v), -limit, limit) : 0.0f;
+}
+
 }  // namespace
 
 QuantType quant_repack_rows8(QuantType type, void* weight, int64_t n, int64_t k) {
@@ -154,11 +159,10 @@ void quant_pack_q7_0x8(const void* q8_0_rows, int64_t n, int64_t k, void* out) {
           // against the scale as stored (fp16).
           const float d8 = half_to_float(d);
           d = float_to_half(d8 * static_cast<float>(amax) / 63.0f);
-          const float inv = 1.0f / half_to_float(d);
-          for (int i = 0; i < 32; ++i) {
-            const float v = std::nearbyint(static_cast<float>(q8[i]) * d8 * inv);
-            q7[i] = static_cast<int8_t>(std::clamp(v, -63.0f, 63.0f));
-          }
+          const float d7 = half_to_float(d);
+          const float inv = d7 != 0.0f ? 1.0f / d7 : 0.0f;
+          for (int i = 0; i < 32; ++i)
+            q7[i] = static_cast<int8_t>(clamp_round(static_cast<float>(q8[i]) * d8 * inv, 63.0f));
         }
         int32_t offset_sum = 0;
         for (int i = 0; i < 32; ++i) offset_sum += 64 * q7[i];
@@ -532,8 +536,7 @@ void quant_convert_rows(QuantType type, const void* src, int64_t n, int64_t k, Q
       const float inv = d != 0.0f ? 1.0f / d : 0.0f;
       std::memcpy(out, &dh, 2);
       for (int i = 0; i < 32; ++i)
-        out[2 + i] = static_cast<uint8_t>(
-            static_cast<int8_t>(std::clamp(std::nearbyint(v[i] * inv), -127.0f, 127.0f)));
+        out[2 + i] = static_cast<uint8_t>(static_cast<int8_t>(clamp_round(v[i] * inv, 127.0f)));
     }
   }
 }
