@@ -458,6 +458,45 @@ def test_fused_parts_of_different_types_stack_as_q8_0():
     assert np.linalg.norm(y - exact) / np.linalg.norm(exact) < 0.01
 
 
+def test_torch_loader_stacks_parts_of_different_types_as_q8_0():
+    """The torch model's loader does as the torch-free one: a fused linear whose parts differ in
+    type becomes one Q8_0 QuantLinear (repacked for the CPU GEMM, same products)."""
+    from torch import nn
+
+    from fastllm.models import quant_loader
+
+    k = 256
+    rng = np.random.default_rng(53)
+
+    class Part:
+        def __init__(self, name, quant_type, rows):
+            self.name = self.gguf_name = name
+            self.ggml_type = quant_type
+            self.data = random_blocks(rng, quant_type, rows, k)
+
+    class Model(nn.Module):
+        _stacked = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2)}
+
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.Module()
+            self.attn.qkv_proj = nn.Linear(k, 32, bias=False)
+
+    model = Model()
+    parts = [Part("attn.q_proj.weight", "Q4_K", 16), Part("attn.k_proj.weight", "Q4_K", 8),
+             Part("attn.v_proj.weight", "Q6_K", 8)]
+    count, consumed = quant_loader._quantize_linears(
+        model, {p.name: p for p in parts}, torch.device("cpu"), lambda name=None: None)
+    assert count == 1 and consumed == {p.name for p in parts}
+    lin = model.attn.qkv_proj
+    assert isinstance(lin, QuantLinear) and lin.quant_type == "Q8_0"
+    ref = np.concatenate([dequantized(p.data, p.ggml_type, p.data.shape[0], k).numpy()
+                          for p in parts])
+    x = torch.from_numpy(rng.standard_normal((3, k)).astype(np.float32))
+    exact = x.double() @ torch.from_numpy(ref).double().T
+    assert ((lin(x).double() - exact).norm() / exact.norm()).item() < 0.01
+
+
 # ---- the default model: quantized against dequantized ---------------------------------------------
 
 TEXT = (

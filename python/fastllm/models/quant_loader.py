@@ -3,8 +3,9 @@
     if args.use_quantized_weights(source.is_gguf, device.type):
         model = load_quantized_model(cls, model_config, source, device, dtype)
 
-Every ``nn.Linear`` whose checkpoint parts are all in one encoding ``quant_linear`` reads becomes
-a ``QuantLinear`` holding their raw rows stacked (Q/K/V, gate/up); a tied output projection reads
+Every ``nn.Linear`` whose checkpoint parts are in encodings ``quant_linear`` reads becomes a
+``QuantLinear`` holding their raw rows stacked (Q/K/V, gate/up; parts of different encodings are
+converted to Q8_0 first); a tied output projection reads
 the token embedding's rows, which ``QuantEmbedding`` also looks tokens up in (one copy of the
 table). Everything else (norms, biases, float or unsupported tensors) is dequantized and loaded by
 the model's own ``load_weights``.
@@ -23,8 +24,9 @@ from torch import nn
 from fastllm.config import ModelConfig
 from fastllm.loader import ModelSource, RawGGUFTensor, dequantize_raw, iterate_gguf_raw, open_gguf
 from fastllm.loader.tensor_cast import cast_weight
+from fastllm.models.native_cpu import convert_rows
 from fastllm.models.quant_linear import QuantEmbedding, QuantLinear
-from fastllm.models.quant_types import quant_rows_supported
+from fastllm.models.quant_types import GGML_QUANT_TYPES, quant_rows_supported
 
 logger = logging.getLogger(__name__)
 
@@ -71,16 +73,21 @@ def _quantize_linears(model: nn.Module, raw: dict[str, RawGGUFTensor], device: t
         if any(p is None for p in parts):
             continue
         types = {p.ggml_type for p in parts}
-        if len(types) != 1 or not quant_rows_supported(next(iter(types)), module.in_features):
+        if not all(quant_rows_supported(t, module.in_features) for t in types):
             continue
-        quant = QuantLinear(module.in_features, module.out_features, parts[0].ggml_type,
+        # Parts of different types (a Q4_K_M file's Q4_K queries and Q6_K values) go as Q8_0.
+        quant_type = next(iter(types)) if len(types) == 1 else "Q8_0"
+        rows = [p.data if p.ggml_type == quant_type else
+                convert_rows(p.data, GGML_QUANT_TYPES[p.ggml_type], GGML_QUANT_TYPES[quant_type])
+                for p in parts]
+        quant = QuantLinear(module.in_features, module.out_features, quant_type,
                             bias=module.bias is not None, device=device)
-        shape = (sum(p.data.shape[0] for p in parts), parts[0].data.shape[1])
-        if shape != tuple(quant.qweight.shape) or any(p.data.shape[1] != shape[1] for p in parts):
+        shape = (sum(r.shape[0] for r in rows), quant.qweight.shape[1])
+        if shape != tuple(quant.qweight.shape) or any(r.shape[1] != shape[1] for r in rows):
             raise ValueError(f"{name}: GGUF rows {[p.data.shape for p in parts]} do not match "
                              f"{tuple(quant.qweight.shape)}")
         # Straight from the file's pages into the layer (no intermediate copy).
-        np.concatenate([p.data for p in parts], axis=0, out=quant.qweight.numpy())
+        np.concatenate(rows, axis=0, out=quant.qweight.numpy())
         for p in parts:
             release(p.gguf_name)
         _set_module(model, name, quant)
