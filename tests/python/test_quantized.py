@@ -475,10 +475,10 @@ def test_torch_loader_stacks_parts_of_different_types_as_q8_0():
             self.data = random_blocks(rng, quant_type, rows, k)
 
     class Model(nn.Module):
-        _stacked = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2)}
-
         def __init__(self):
             super().__init__()
+            self._stacked = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1),
+                             "v_proj": ("qkv_proj", 2)}
             self.attn = nn.Module()
             self.attn.qkv_proj = nn.Linear(k, 32, bias=False)
 
