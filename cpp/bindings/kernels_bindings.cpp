@@ -518,7 +518,20 @@ int32_t quant_repack(const Array& weight, int32_t type, int64_t in_features) {
       k::quant_repack_rows8(qtype, data, static_cast<int64_t>(weight.shape(0)), in_features));
 }
 
-void quant_pack_q7_0x8(const Array& out, const Array& weight, int64_t in_features) {
+// Source weight rows that may be read-only (a GGUF file's mapped pages): uint8 [n, row_bytes],
+// contiguous, on the CPU.
+using SourceRows = nb::ndarray<nb::ro, nb::device::cpu>;
+
+const uint8_t* source_rows(const SourceRows& w, const char* op) {
+  check_arg(w.dtype() == nb::dtype<uint8_t>() && w.ndim() == 2,
+            where(op, "weight must be uint8 [out_features, row_bytes]"));
+  check_arg((w.shape(1) <= 1 || w.stride(1) == 1) &&
+                (w.shape(0) <= 1 || w.stride(0) == static_cast<int64_t>(w.shape(1))),
+            where(op, "weight must be contiguous"));
+  return static_cast<const uint8_t*>(w.data());
+}
+
+void quant_pack_q7_0x8(const Array& out, const SourceRows& weight, int64_t in_features) {
   const char* op = "quant_pack_q7_0x8";
   check_arg(weight.ndim() == 2 && in_features > 0 && in_features % 32 == 0 &&
                 static_cast<int64_t>(weight.shape(1)) == in_features / 32 * 34,
@@ -528,15 +541,13 @@ void quant_pack_q7_0x8(const Array& out, const Array& weight, int64_t in_feature
   check_arg(out.ndim() == 2 && static_cast<int64_t>(out.shape(0)) == n &&
                 static_cast<int64_t>(out.shape(1)) == in_features / 32 * 38,
             where(op, "out must be uint8 [out_features, in_features / 32 * 38]"));
-  check_contiguous(weight, op, "weight");
-  check_contiguous(out, op, "out");
-  const auto* src = typed<uint8_t>(weight, false, op, "weight");
+  const uint8_t* src = source_rows(weight, op);
   auto* dst = typed<uint8_t>(out, false, op, "out");
   nb::gil_scoped_release release_gil;
   k::quant_pack_q7_0x8(src, n, in_features, dst);
 }
 
-void quant_convert(const Array& out, const Array& weight, int32_t type, int64_t in_features,
+void quant_convert(const Array& out, const SourceRows& weight, int32_t type, int64_t in_features,
                    int32_t target) {
   const char* op = "quant_convert";
   const auto from = static_cast<k::QuantType>(type), to = static_cast<k::QuantType>(target);
@@ -553,9 +564,7 @@ void quant_convert(const Array& out, const Array& weight, int32_t type, int64_t 
   check_arg(out.ndim() == 2 && static_cast<int64_t>(out.shape(0)) == n &&
                 static_cast<int64_t>(out.shape(1)) == in_features / 32 * k::quant_block_bytes(to),
             where(op, "out must be uint8 [out_features, in_features / 32 * target block bytes]"));
-  check_contiguous(weight, op, "weight");
-  check_contiguous(out, op, "out");
-  const auto* src = typed<uint8_t>(weight, false, op, "weight");
+  const uint8_t* src = source_rows(weight, op);
   auto* dst = typed<uint8_t>(out, false, op, "out");
   nb::gil_scoped_release release_gil;
   k::quant_convert_rows(from, src, n, in_features, to, dst);

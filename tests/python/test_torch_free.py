@@ -200,3 +200,76 @@ def test_server_on_the_default_model_never_imports_torch():
         assert _maps_torch(proc.pid)
     finally:
         stop_server(proc)
+
+
+def _write_kquant_llama(path: str, source_gguf: str) -> None:
+    """A small random Llama in the types of a Q4_K_M file: Q4_K for most linears, Q6_K values,
+    down projections and output, float32 norms, the default model's vocabulary."""
+    import gguf
+
+    from fastllm.loader import open_gguf
+    from test_quantized import random_blocks
+
+    md = open_gguf(source_gguf).metadata
+    hidden, inter, layers, vocab = 256, 512, 2, len(md["tokenizer.ggml.tokens"])
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(512)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(inter)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(md.get("tokenizer.ggml.pre", "smollm"))
+    writer.add_token_list(md["tokenizer.ggml.tokens"])
+    writer.add_token_types([int(t) for t in md["tokenizer.ggml.token_type"]])
+    writer.add_token_merges(md["tokenizer.ggml.merges"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    rng = np.random.default_rng(61)
+
+    def quant(name, quant_type, rows, cols):
+        data = random_blocks(rng, quant_type, rows, cols)
+        writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType[quant_type])
+
+    quant("token_embd.weight", "Q6_K", vocab, hidden)
+    quant("output.weight", "Q6_K", vocab, hidden)
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    for i in range(layers):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+        quant(f"blk.{i}.attn_q.weight", "Q4_K", hidden, hidden)
+        quant(f"blk.{i}.attn_k.weight", "Q4_K", 128, hidden)
+        quant(f"blk.{i}.attn_v.weight", "Q6_K", 128, hidden)
+        quant(f"blk.{i}.attn_output.weight", "Q4_K", hidden, hidden)
+        quant(f"blk.{i}.ffn_gate.weight", "Q4_K", inter, hidden)
+        quant(f"blk.{i}.ffn_up.weight", "Q4_K", inter, hidden)
+        quant(f"blk.{i}.ffn_down.weight", "Q6_K", hidden, inter)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_kquant_model_runs_on_the_integer_kernels(tmp_path, default_gguf_path):
+    """A Q4_K_M-style file keeps the torch-free path: Q4_K layers as repacked Q4_1, the mixed
+    Q4_K/Q6_K Q/K/V stacked as Q8_0, Q6_K down projections as Q8_0, the Q6_K output projection as
+    Q7_0x8; the torch executor loads the same rows and gives the same tokens and logprobs."""
+    path = str(tmp_path / "tiny-q4_k_m.gguf")
+    _write_kquant_llama(path, default_gguf_path)
+    requests = [(prompt, SamplingParams(max_tokens=8, temperature=0.0, logprobs=2))
+                for prompt in ("The capital of France is", "def fibonacci(n):")]
+    results = {}
+    for torch_free in (True, False):
+        engine = _engine(torch_free, model=path, max_model_len=256)
+        results[torch_free] = _run(engine, requests)
+        if torch_free:
+            model = engine.core.model
+            layer = model.layers[0]
+            assert [lin[1] for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)] == [
+                8, 1003, 1003, 8]
+            assert model.lm_head[1] == Q7_0X8 and model.embed_type is None
+    assert results[True] == results[False]
+    assert all(len(r[2][0][0]) == 8 for r in results[True])
