@@ -113,23 +113,25 @@ def test_simd_variants_agree(tmp_path, cap):
     k = 288  # 9 blocks: an odd count exercises the AVX-512 kernel's block-pair tail
     rng = np.random.default_rng(13)
     x = rng.standard_normal((11, k)).astype(np.float32)
+    # The row-major types, and the CPU layouts (weights stored ready; type ids in the file name).
+    weights = {str(ops.GGML_QUANT_TYPES[t]): random_blocks(rng, t, 53, k) for t in TYPES_32}
+    weights["1003"] = _repacked(random_blocks(rng, "Q4_1", 56, k), "Q4_1", k)[0]
+    weights["1008"] = _q7(random_blocks(rng, "Q8_0", 56, k), k)
     outputs = {}
-    for quant_type in TYPES_32:
-        raw = random_blocks(rng, quant_type, 53, k)
-        np.save(tmp_path / f"{quant_type}_w.npy", raw)
-        outputs[quant_type] = [
-            ops.quant_linear(torch.from_numpy(x[:m]), torch.from_numpy(raw),
-                             ops.GGML_QUANT_TYPES[quant_type], 53) for m in range(1, 12)]
+    for type_id, raw in weights.items():
+        np.save(tmp_path / f"{type_id}_w.npy", raw)
+        outputs[type_id] = [ops.quant_linear(torch.from_numpy(x[:m]), torch.from_numpy(raw),
+                                             int(type_id), raw.shape[0]) for m in range(1, 12)]
     np.save(tmp_path / "x.npy", x)
     script = (
         "import sys, numpy as np, torch\n"
         "from fastllm import _C, ops\n"
         "d = sys.argv[1]; x = torch.from_numpy(np.load(d + '/x.npy'))\n"
         "print(_C.ops.quant_gemm_cpu_isa())\n"
-        "for t in ('Q8_0', 'Q4_0', 'Q4_1'):\n"
+        f"for t in {sorted(weights)}:\n"
         "    w = torch.from_numpy(np.load(d + f'/{t}_w.npy'))\n"
         "    for m in range(1, 12):\n"
-        "        y = ops.quant_linear(x[:m], w, ops.GGML_QUANT_TYPES[t], w.shape[0])\n"
+        "        y = ops.quant_linear(x[:m], w, int(t), w.shape[0])\n"
         "        np.save(d + f'/{t}_{m}_y.npy', y.numpy())\n"
     )
     env = dict(os.environ, FASTLLM_QUANT_GEMM_ISA=cap)
