@@ -8,7 +8,6 @@
 #include "fastllm/kernels/attention.h"
 #include "fastllm/kernels/cache_ops.h"
 #include "fastllm/kernels/decoder_cpu.h"
-#include "fastllm/kernels/dtype_convert.h"
 #include "fastllm/kernels/norm.h"
 #include "fastllm/kernels/rotary.h"
 
@@ -234,16 +233,6 @@ void CpuDecoder::forward(const DecoderBatch& b) {
   });
 }
 
-namespace {
-
-inline float half_at(const uint8_t* p) {
-  uint16_t bits;
-  std::memcpy(&bits, p, 2);
-  return half_to_float(bits);
-}
-
-}  // namespace
-
 void embed_quant_rows_cpu(const void* table, QuantType type, int64_t num_rows, int64_t dim,
                           const int32_t* ids, int64_t num_ids, float* out) {
   const QuantType base = quant_base_type(type);
@@ -257,24 +246,7 @@ void embed_quant_rows_cpu(const void* table, QuantType type, int64_t num_rows, i
     float* y = out + i * dim;
     for (int64_t blk = 0; blk < dim / 32; ++blk, y += 32) {
       quant_read_block(type, table, dim, ids[i], blk, w);
-      const float d = half_at(w);
-      if (base == QuantType::kQ8_0) {
-        const auto* q = reinterpret_cast<const int8_t*>(w + 2);
-        for (int j = 0; j < 32; ++j) y[j] = static_cast<float>(q[j]) * d;
-      } else if (base == QuantType::kQ4_0) {
-        const uint8_t* q = w + 2;
-        for (int j = 0; j < 16; ++j) {
-          y[j] = (static_cast<float>(q[j] & 0x0F) - 8.0f) * d;
-          y[j + 16] = (static_cast<float>(q[j] >> 4) - 8.0f) * d;
-        }
-      } else {
-        const float m = half_at(w + 2);
-        const uint8_t* q = w + 4;
-        for (int j = 0; j < 16; ++j) {
-          y[j] = static_cast<float>(q[j] & 0x0F) * d + m;
-          y[j + 16] = static_cast<float>(q[j] >> 4) * d + m;
-        }
-      }
+      quant_dequantize_block(base, w, y);
     }
   }
 }

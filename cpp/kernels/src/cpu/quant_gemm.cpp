@@ -174,6 +174,29 @@ void quant_pack_q7_0x8(const void* q8_0_rows, int64_t n, int64_t k, void* out) {
   }
 }
 
+void quant_dequantize_block(QuantType type, const uint8_t* block, float* out) {
+  const float d = half_at(block);
+  if (type == QuantType::kQ8_0) {
+    const auto* q = reinterpret_cast<const int8_t*>(block + 2);
+    for (int j = 0; j < 32; ++j) out[j] = static_cast<float>(q[j]) * d;
+  } else if (type == QuantType::kQ4_0) {
+    const uint8_t* q = block + 2;
+    for (int j = 0; j < 16; ++j) {
+      out[j] = (static_cast<float>(q[j] & 0x0F) - 8.0f) * d;
+      out[j + 16] = (static_cast<float>(q[j] >> 4) - 8.0f) * d;
+    }
+  } else {
+    check_arg(type == QuantType::kQ4_1,
+              std::string("quant_dequantize_block: not a 32-value type: ") + quant_type_name(type));
+    const float m = half_at(block + 2);
+    const uint8_t* q = block + 4;
+    for (int j = 0; j < 16; ++j) {
+      out[j] = static_cast<float>(q[j] & 0x0F) * d + m;
+      out[j + 16] = static_cast<float>(q[j] >> 4) * d + m;
+    }
+  }
+}
+
 void quant_read_block(QuantType type, const void* weight, int64_t k, int64_t row, int64_t block,
                       uint8_t* out) {
   const int64_t block_bytes = quant_block_bytes(type);
@@ -350,22 +373,8 @@ void dequantize_row(QuantType type, const uint8_t* row, int64_t k, float* y) {
   if (type == QuantType::kQ4_K) return dequantize_q4_k_row(row, k / 256, y);
   if (type == QuantType::kQ6_K) return dequantize_q6_k_row(row, k / 256, y);
   const int64_t block_bytes = quant_block_bytes(type);
-  for (int64_t b = 0; b < k / 32; ++b, y += 32) {
-    const uint8_t* w = row + b * block_bytes;
-    const float d = half_at(w);
-    if (type == QuantType::kQ8_0) {
-      for (int i = 0; i < 32; ++i) y[i] = static_cast<float>(static_cast<int8_t>(w[2 + i])) * d;
-    } else {
-      const bool has_min = type == QuantType::kQ4_1;
-      const float m = has_min ? half_at(w + 2) : 0.0f;
-      const uint8_t* q = w + (has_min ? 4 : 2);
-      for (int j = 0; j < 16; ++j) {
-        const float lo = static_cast<float>(q[j] & 0x0F), hi = static_cast<float>(q[j] >> 4);
-        y[j] = has_min ? lo * d + m : (lo - 8.0f) * d;
-        y[j + 16] = has_min ? hi * d + m : (hi - 8.0f) * d;
-      }
-    }
-  }
+  for (int64_t b = 0; b < k / 32; ++b)
+    quant_dequantize_block(type, row + b * block_bytes, y + b * 32);
 }
 
 // Weight rows per parallel task: enough tasks to balance the pool, few enough that a task's

@@ -84,6 +84,10 @@ void quant_pack_q7_0x8(const void* q8_0_rows, int64_t n, int64_t k, void* out);
 void quant_convert_rows(QuantType type, const void* src, int64_t n, int64_t k, QuantType target,
                         void* dst);
 
+// One block of a row-major 32-value type (Q8_0, Q4_0, Q4_1) as 32 floats, with the GGUF
+// loader's arithmetic (Q4_0: (q - 8) * d, Q4_1: q * d + m).
+void quant_dequantize_block(QuantType type, const uint8_t* block, float* out);
+
 // Copies block `block` of row `row` of a weight in type's layout (rows of k values) as a block of
 // the base type (quant_base_type) to out (quant_block_bytes(type) bytes).
 void quant_read_block(QuantType type, const void* weight, int64_t k, int64_t row, int64_t block,
