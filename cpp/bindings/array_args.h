@@ -42,8 +42,11 @@ inline k::DType float_dtype(const Array& a, const char* op, const char* name,
                                (allow_fp8 ? " (or a uint8 view of float8_e4m3fn)" : ""));
 }
 
-// Dimensions [from, ndim) packed densely (dimension from-1 may have any stride).
+// Dimensions [from, ndim) packed densely (dimension from-1 may have any stride). An array with
+// no elements is dense whatever its strides: numpy >= 2.4 gives empty arrays stride 0.
 inline void check_dense_from(const Array& a, size_t from, const char* op, const char* name) {
+  for (size_t d = 0; d < a.ndim(); ++d)
+    if (a.shape(d) == 0) return;
   int64_t expected = 1;
   for (size_t d = a.ndim(); d-- > from;) {
     check_arg(a.shape(d) == 1 || a.stride(d) == expected,

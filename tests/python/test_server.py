@@ -196,7 +196,7 @@ def test_api_key_is_required(server):
 
 
 def test_bad_requests_get_openai_errors_and_server_keeps_serving(client, server):
-    with pytest.raises(openai.BadRequestError, match="does not exist"):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="other-model", prompt="x", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         client.completions.create(model=MODEL, prompt="word " * 1100, max_tokens=2)

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastllm.config import EngineArgs
+from fastllm.engine.errors import RequestFailedError
 from fastllm.engine.llm_engine import EngineCore
 from fastllm.engine.request_state import RequestState
 from fastllm.guided import get_manager
@@ -111,6 +112,8 @@ class AsyncLLM:
             while True:
                 chunk = await stream.queue.get()
                 finished = chunk.finished
+                if chunk.finish_reason == "error":
+                    raise RequestFailedError(request_id, state.error)
                 yield chunk
                 if finished:
                     return
@@ -170,6 +173,8 @@ class AsyncLLM:
                 full_text=state.text if state.finished else "",
                 prompt_logprobs=prompt_logprobs,
             )
+            if state.failed:
+                logger.error("request %s failed: %s", out.request_id, state.error)
             if state.finished:
                 del self._streams[out.request_id]
                 if state.params.guided_decoding is not None:

@@ -14,6 +14,7 @@ import numpy as np
 from fastllm import _C
 from fastllm.config import EngineArgs, ModelConfig
 from fastllm.engine.beam_search import Beam, BeamSearchParams, run_beam_search, top_logprobs_of
+from fastllm.engine.errors import RequestFailedError
 from fastllm.engine.parallel_sampling import ParentRequest
 from fastllm.engine.request_state import RequestState
 from fastllm.guided import get_manager
@@ -320,6 +321,12 @@ class LLMEngine:
                 continue
             del self._states[out.request_id]
             self._unregister_guided(out.request_id)
+            if state.failed:
+                group = self._parents.get(out.request_id)
+                request_id = group.request_id if group is not None else out.request_id
+                self.abort_request(request_id)
+                logger.error("request %s failed: %s", request_id, state.error)
+                raise RequestFailedError(request_id, state.error)
             result = state.to_output()
             parent = self._parents.pop(out.request_id, None)
             if parent is not None:

@@ -32,6 +32,8 @@ class RequestState:
         self._prompt_sent = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        # Set when the engine failed the request (finish_reason "error", never sent to clients).
+        self.error: str | None = None
         self.num_cached_tokens = 0
         self._max_stop_len = max((len(s) for s in params.stop_strings), default=0)
         # Streaming cursors: how much text / how many tokens and logprobs were handed out.
@@ -41,6 +43,10 @@ class RequestState:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def failed(self) -> bool:
+        return self.finish_reason == "error"
 
     def update(self, out) -> bool:
         """Applies one native output. Returns True when a stop string ended the request here (the
@@ -77,8 +83,8 @@ class RequestState:
             self.finish_reason = out.finish_reason
             if out.stop_token_id >= 0:
                 self.stop_reason = out.stop_token_id
-            if out.finish_reason == "error" and out.error:
-                self.stop_reason = out.error
+            if out.finish_reason == "error":
+                self.error = out.error or "the engine failed the request"
         return False
 
     def _add_prompt_logprobs(self, out) -> None:

@@ -29,6 +29,7 @@ from fastllm.config import EngineArgs
 from fastllm.engine.async_llm import AsyncLLM
 from fastllm.engine.llm_engine import serve_large_allocations_from_mmap
 from fastllm.entrypoints.openai.cli_args import parse_args
+from fastllm.entrypoints.openai.http_protocol import OrderlyHttpToolsProtocol
 from fastllm.entrypoints.openai.metrics import ServerMetrics
 from fastllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -38,7 +39,7 @@ from fastllm.entrypoints.openai.protocol import (
     ModelList,
     TokenizeRequest,
 )
-from fastllm.entrypoints.openai.serving import APIError, OpenAIServing
+from fastllm.entrypoints.openai.serving import APIError, OpenAIServing, error_body
 from fastllm.guided import get_manager
 
 logger = logging.getLogger("fastllm.server")
@@ -48,8 +49,7 @@ _STATIC = Path(__file__).parent / "static"
 
 def error_response(message: str, status: int, err_type: str, param: str | None = None
                    ) -> JSONResponse:
-    return JSONResponse(status_code=status, content={
-        "error": {"message": message, "type": err_type, "param": param, "code": status}})
+    return JSONResponse(status_code=status, content=error_body(message, status, err_type, param))
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -254,7 +254,7 @@ def run(ns: argparse.Namespace) -> int:
     uvicorn.run(app, host=host, port=ns.port, log_level=ns.uvicorn_log_level,
                 ssl_keyfile=ns.ssl_keyfile, ssl_certfile=ns.ssl_certfile,
                 ssl_ca_certs=ns.ssl_ca_certs, ssl_cert_reqs=ns.ssl_cert_reqs,
-                root_path=ns.root_path or "")
+                root_path=ns.root_path or "", http=OrderlyHttpToolsProtocol)
     return 0
 
 

@@ -37,6 +37,9 @@ class ServerMetrics:
                                          registry=r)
         self.requests_finished = Counter("fastllm:request_success", "Finished requests",
                                          labels + ["finished_reason"], registry=r)
+        self.requests_failed = Counter("fastllm:request_errors",
+                                       "Requests the engine failed (answered with an error)",
+                                       labels, registry=r)
         self.ttft = Histogram("fastllm:time_to_first_token_seconds", "Time to first token",
                               labels, buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("fastllm:inter_token_latency_seconds", "Time between tokens",
@@ -57,7 +60,10 @@ class ServerMetrics:
             self.itl.labels(self.model_name).observe((now - stream.last_token_at) / count)
 
     def on_request_finished(self, reason, stream, num_tokens: int) -> None:
-        self.requests_finished.labels(self.model_name, reason or "abort").inc()
+        if reason == "error":
+            self.requests_failed.labels(self.model_name).inc()
+        else:
+            self.requests_finished.labels(self.model_name, reason or "abort").inc()
         self.e2e.labels(self.model_name).observe(time.monotonic() - stream.arrival)
 
     # ---- exposition --------------------------------------------------------------------------

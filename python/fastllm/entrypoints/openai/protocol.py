@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fastllm.guided.params import GuidedDecodingParams, normalize_backend
 from fastllm.sampling_params import SamplingParams
@@ -21,6 +21,37 @@ def random_id(prefix: str) -> str:
 class OpenAIModel(BaseModel):
     # Unknown fields are kept so they can be reported; see unsupported_fields().
     model_config = ConfigDict(extra="allow")
+
+
+def _check_text(value: Any, path: str = "") -> None:
+    """Raises ValueError for a string anywhere in value that is not valid Unicode text (a lone
+    surrogate such as "\\ud800", which JSON can spell but UTF-8 cannot encode): tokenizers,
+    templates and the response encoder all fail on one."""
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                where = f" in {path}" if path else ""
+                raise ValueError(f"invalid Unicode{where}: lone surrogate at character "
+                                 f"{e.start}") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, path)
+            _check_text(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(item, f"{path}[{i}]")
+
+
+class RequestModel(OpenAIModel):
+    """A request body: every string in it must be valid Unicode text (checked once, here)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        _check_text(data)
+        return data
 
 
 class ErrorInfo(BaseModel):
@@ -44,7 +75,7 @@ class ResponseFormat(OpenAIModel):
     json_schema: dict[str, Any] | None = None
 
 
-class SamplingFields(OpenAIModel):
+class SamplingFields(RequestModel):
     """Fields shared by completions and chat completions."""
 
     model: str | None = None
@@ -211,7 +242,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 
-class TokenizeRequest(OpenAIModel):
+class TokenizeRequest(RequestModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -222,7 +253,7 @@ class TokenizeRequest(OpenAIModel):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
-class DetokenizeRequest(OpenAIModel):
+class DetokenizeRequest(RequestModel):
     model: str | None = None
     tokens: list[int]
 

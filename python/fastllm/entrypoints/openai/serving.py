@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from fastllm.engine.async_llm import AsyncLLM, StreamChunk
+from fastllm.engine.errors import RequestFailedError
 from fastllm.engine.beam_search import (
     Beam,
     BeamSearchParams,
@@ -67,9 +68,28 @@ class Job:
     sample: int = 0  # which of the prompt's sequences; 0 computes the prompt for the others
 
 
-def error_event(error: Exception) -> dict:
-    return {"error": {"message": str(error), "type": "BadRequestError", "param": None,
-                      "code": 400}}
+def error_body(message: str, status: int, err_type: str, param: str | None = None) -> dict:
+    """The OpenAI error body; every error the server sends is built here."""
+    return {"error": {"message": message, "type": err_type, "param": param, "code": status}}
+
+
+def as_api_error(error: Exception) -> APIError:
+    """The client-facing form of an exception raised while serving a request: a bad value is a
+    400, a request the engine failed a 500."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, RequestFailedError):
+        return APIError(str(error), status=500)
+    if isinstance(error, ValueError):
+        return APIError(str(error))
+    return APIError(f"internal error: {type(error).__name__}: {error}", status=500)
+
+
+def error_event(error: Exception) -> str:
+    """A stream's error: an SSE `error` event with the OpenAI error body, then [DONE]."""
+    e = as_api_error(error)
+    body = json.dumps(error_body(e.message, e.status, e.err_type, e.param), ensure_ascii=False)
+    return f"event: error\ndata: {body}\n\n" + sse("[DONE]")
 
 
 def usage_chunk(request_id: str, kind: str, created: int, model: str, prompt_tokens: int,
@@ -122,8 +142,7 @@ class OpenAIServing:
         if requested is None or requested in self.served_model_names:
             return self.served_model_names[0] if requested is None else requested
         raise APIError(f"The model `{requested}` does not exist; this server serves "
-                       f"{', '.join(self.served_model_names)}.", param="model",
-                       err_type="NotFoundError")
+                       f"{', '.join(self.served_model_names)}.", status=404, param="model")
 
     def check_fields(self, request: SamplingFields) -> None:
         bad = request.unsupported()
@@ -181,7 +200,10 @@ class OpenAIServing:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             watcher.cancel()
-            return task.result()
+            try:
+                return task.result()
+            except (RequestFailedError, ValueError) as e:
+                raise as_api_error(e) from e
         task.cancel()
         try:
             await task
@@ -472,8 +494,8 @@ class OpenAIServing:
         completion_tokens = 0
         async for index, chunk in self.merged_streams(jobs):
             if isinstance(chunk, Exception):
-                yield sse(error_event(chunk))
-                continue
+                yield error_event(chunk)
+                return
             completion_tokens += len(chunk.token_ids)
             logprobs = None
             if want_logprobs and chunk.logprobs:
@@ -677,8 +699,8 @@ class OpenAIServing:
         tool_streams = {job.index: tool_plan.stream() for job in jobs} if tool_plan else {}
         async for index, chunk in self.merged_streams(jobs):
             if isinstance(chunk, Exception):
-                yield sse(error_event(chunk))
-                continue
+                yield error_event(chunk)
+                return
             completion_tokens += len(chunk.token_ids)
             logprobs = (self.chat_logprobs(chunk.token_ids, chunk.logprobs, top_n, as_ids)
                         if want_logprobs and chunk.logprobs else None)

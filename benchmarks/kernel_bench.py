@@ -1,6 +1,6 @@
 """Kernel benchmarks: decode paged attention against memory bandwidth and torch SDPA.
 
-Run: python benchmarks/kernels.py [--device cpu|cuda] [--iters N]
+Run: python benchmarks/kernel_bench.py [--device cpu|cuda] [--iters N]
 
 Prints, for decode at batch 32 x context 1,024, the achieved K/V read bandwidth, its ratio to a
 STREAM-like copy measured in the same run (copy GB/s counts bytes read + written), and the speedup
