@@ -8,6 +8,7 @@ import random
 
 import httpx
 import pytest
+
 from test_server import API_KEY, MODEL, start_server, stop_server
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}

@@ -11,13 +11,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from fastllm.engine.async_llm import AsyncLLM, StreamChunk
-from fastllm.engine.errors import RequestFailedError
 from fastllm.engine.beam_search import (
     Beam,
     BeamSearchParams,
     run_beam_search_async,
     top_logprobs_of,
 )
+from fastllm.engine.errors import RequestFailedError
 from fastllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
