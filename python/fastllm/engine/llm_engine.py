@@ -241,6 +241,7 @@ class LLMEngine:
         self._parents: dict[str, ParentRequest] = {}  # child id -> parent, for n / best_of
         self._groups: dict[str, ParentRequest] = {}  # parent id -> parent
         self._counter = 0
+        self._backlog: list[RequestOutput] = []  # finished in a step that raised
 
     def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
                     request_id: str | None = None, add_special_tokens: bool = True) -> str:
@@ -303,11 +304,14 @@ class LLMEngine:
         return aborted
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._states) or bool(self._groups)
+        return bool(self._states) or bool(self._groups) or bool(self._backlog)
 
     def step(self) -> list[RequestOutput]:
-        """One engine step; returns the requests that finished in it."""
-        finished = []
+        """One engine step; returns the requests that finished in it. A request the engine
+        failed raises RequestFailedError (after the step's other outputs are applied; requests
+        that finished beside it are returned by the next call)."""
+        finished, self._backlog = self._backlog, []
+        failures: list[RequestFailedError] = []
         for out in self.engine.step():
             state = self._states.get(out.request_id)
             if state is None:
@@ -326,7 +330,8 @@ class LLMEngine:
                 request_id = group.request_id if group is not None else out.request_id
                 self.abort_request(request_id)
                 logger.error("request %s failed: %s", request_id, state.error)
-                raise RequestFailedError(request_id, state.error)
+                failures.append(RequestFailedError(request_id, state.error))
+                continue
             result = state.to_output()
             parent = self._parents.pop(out.request_id, None)
             if parent is not None:
@@ -335,6 +340,9 @@ class LLMEngine:
                     continue
                 del self._groups[parent.request_id]
             finished.append(result)
+        if failures:
+            self._backlog = finished
+            raise failures[0]
         return finished
 
     def run_until_done(self, request_ids: list[str]) -> dict[str, RequestOutput]:
@@ -342,6 +350,9 @@ class LLMEngine:
         wanted = set(request_ids)
         results: dict[str, RequestOutput] = {}
         while wanted - results.keys():
+            if not self.has_unfinished_requests():
+                missing = ", ".join(sorted(wanted - results.keys()))
+                raise ValueError(f"no such running request(s): {missing}")
             for out in self.step():
                 if out.request_id in wanted:
                     results[out.request_id] = out
