@@ -203,9 +203,12 @@ void tile_type(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64
   }
 }
 
+// AVX-512 VNNI does not imply AVX-VNNI (Ice Lake, Zen 4 lack the VEX form): ask the CPU.
 const QuantGemmKernels* narrow_kernels() {
   static const QuantGemmKernels* k =
-      avxvnni_quant_gemm_kernels() ? avxvnni_quant_gemm_kernels() : avx2_quant_gemm_kernels();
+      avxvnni_quant_gemm_kernels() != nullptr && __builtin_cpu_supports("avxvnni")
+          ? avxvnni_quant_gemm_kernels()
+          : avx2_quant_gemm_kernels();
   return k;
 }
 
