@@ -577,7 +577,7 @@ void bind_kernels(nb::module_& m) {
   m.def("built_with_cuda", &k::built_with_cuda, "True when the CUDA kernels were compiled in.");
   m.def(
       "cpu_isa", [] { return std::string(k::cpu_isa()); },
-      "The CPU code path picked at run time: 'avx2' or 'scalar'.");
+      "The CPU code path of the float kernels: 'avx2' or 'scalar' (env FASTLLM_CPU_ISA caps it).");
   m.def("cpu_num_threads", &k::cpu_num_threads,
         "Threads of the CPU kernels (env FASTLLM_CPU_THREADS, default all cores).");
 
@@ -649,7 +649,7 @@ void bind_kernels(nb::module_& m) {
   m.def(
       "quant_gemm_cpu_isa", [] { return std::string(k::quant_gemm_cpu_isa()); },
       "The CPU code path quant_gemm takes for Q8_0/Q4_0/Q4_1: 'avx512_vnni', 'avx_vnni', 'avx2' or "
-      "'scalar'.");
+      "'scalar' (env FASTLLM_CPU_ISA caps it).");
   m.def(
       "quant_block_info",
       [](int32_t type) {

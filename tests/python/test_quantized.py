@@ -108,7 +108,7 @@ def test_scalar_and_simd_paths_agree(quant_type):
 
 @pytest.mark.parametrize("cap", ["avx2", "avx_vnni"])
 def test_simd_variants_agree(tmp_path, cap):
-    """The narrower SIMD kernels (picked in a fresh process with FASTLLM_QUANT_GEMM_ISA, as the
+    """The narrower SIMD kernels (picked in a fresh process with FASTLLM_CPU_ISA, as the
     path is chosen once) give the same results as this process's path, on every tile height."""
     k = 288  # 9 blocks: an odd count exercises the AVX-512 kernel's block-pair tail
     rng = np.random.default_rng(13)
@@ -134,7 +134,7 @@ def test_simd_variants_agree(tmp_path, cap):
         "        y = ops.quant_linear(x[:m], w, int(t), w.shape[0])\n"
         "        np.save(d + f'/{t}_{m}_y.npy', y.numpy())\n"
     )
-    env = dict(os.environ, FASTLLM_QUANT_GEMM_ISA=cap)
+    env = dict(os.environ, FASTLLM_CPU_ISA=cap)
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=120, check=True)
     assert proc.stdout.split()[-1] in (cap, "avx2", "scalar")

@@ -417,19 +417,19 @@ const QuantGemmKernels& pick_kernels(bool allow_simd) {
   if (allow_simd) {
     static const QuantGemmKernels* simd = [] {
       const QuantGemmKernels* k = nullptr;
+      // FASTLLM_CPU_ISA caps the path (tests compare the paths, CI runs them all).
+      const IsaLevel cap = isa_cap();
 #if defined(__x86_64__) || defined(__i386__)
       __builtin_cpu_init();
-      // FASTLLM_QUANT_GEMM_ISA caps the path ("avx2", "avx_vnni"); tests compare the paths.
-      const char* cap_env = std::getenv("FASTLLM_QUANT_GEMM_ISA");
-      const std::string cap = cap_env ? cap_env : "";
-      if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-          __builtin_cpu_supports("f16c")) {
+      if (cap >= IsaLevel::kAvx2 && __builtin_cpu_supports("avx2") &&
+          __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
         k = avx2_quant_gemm_kernels();
 #ifdef FASTLLM_HAVE_AVXVNNI_FILE
-        if (cap != "avx2" && __builtin_cpu_supports("avxvnni")) k = avxvnni_quant_gemm_kernels();
+        if (cap >= IsaLevel::kAvxVnni && __builtin_cpu_supports("avxvnni"))
+          k = avxvnni_quant_gemm_kernels();
 #endif
 #ifdef FASTLLM_HAVE_AVX512_FILE
-        if (cap.empty() && __builtin_cpu_supports("avx512f") &&
+        if (cap >= IsaLevel::kAvx512 && __builtin_cpu_supports("avx512f") &&
             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
             __builtin_cpu_supports("avx512vnni"))
           k = avx512_quant_gemm_kernels();

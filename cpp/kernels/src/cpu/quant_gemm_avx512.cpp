@@ -1,9 +1,9 @@
-// AVX-512 VNNI micro-kernel of the quantized GEMM for 3 to 8 rows of x (prefill and batched
-// decode): each 512-bit dot product covers two consecutive weight blocks, and one reduction tree
-// turns the 8 rows x 2 blocks of int32 partial sums into a single vector, so the per-block float
-// work is shared by 16 (row, block) pairs. 1-2 rows and the activation quantization use the
-// AVX-VNNI / AVX2 kernels. Built with -mavx512f -mavx512bw -mavx512vl -mavx512vnni; picked at run
-// time only on CPUs that have them.
+// AVX-512 VNNI micro-kernels of the quantized GEMM for 3 to 8 rows of x (prefill and batched
+// decode): each 512-bit dot product covers two weight blocks (two consecutive blocks of a 4-bit
+// row; the same block of two Q8_0 rows), and one reduction tree turns the 8 rows x 2 blocks of
+// int32 partial sums into a single vector, so the per-block float work is shared by 16 pairs.
+// 1-2 rows and the activation quantization use the AVX-VNNI / AVX2 kernels. Built with -mavx512f
+// -mavx512bw -mavx512vl -mavx512vnni; picked at run time only on CPUs that have them.
 #include <immintrin.h>
 
 #include <cstring>
@@ -32,20 +32,16 @@ constexpr int64_t kBlockBytes = kType == QuantType::kQ8_0   ? 34
                                 : kType == QuantType::kQ4_0 ? 18
                                                             : 20;
 
-// 32 quants of a block as bytes (nibbles unpacked; Q8_0 as stored).
+// 32 nibbles of a 4-bit block as bytes.
 template <QuantType kType>
 inline __m256i block_quants(const uint8_t* w) {
-  if constexpr (kType == QuantType::kQ8_0)
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
-  else
-    return unpack_nibbles(w + (kType == QuantType::kQ4_0 ? 2 : 4));
+  return unpack_nibbles(w + (kType == QuantType::kQ4_0 ? 2 : 4));
 }
 
 template <QuantType kType>
 inline float block_min(const uint8_t* w, float dw) {
   if constexpr (kType == QuantType::kQ4_0) return -8.0f * dw;
-  if constexpr (kType == QuantType::kQ4_1) return load_half(w + 2);
-  return 0.0f;
+  return load_half(w + 2);
 }
 
 // p[r] holds row r's int32 partial sums, lanes 0-7 for block b and 8-15 for block b + 1. Returns
@@ -62,6 +58,7 @@ inline __m512i reduce8x2(const __m512i* p) {
                           _mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+// 4-bit weights (row-major Q4_0 / Q4_1; the x8 layouts have their own kernels).
 template <QuantType kType, int kRows>
 void tile_rows_zmm(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64_t blocks,
                    const float* xd, const float* xs, float* out, int64_t out_stride) {
@@ -86,13 +83,6 @@ void tile_rows_zmm(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, i
       const __m512i wq =
           _mm512_inserti64x4(_mm512_castsi256_si512(block_quants<kType>(w0)),
                              pair ? block_quants<kType>(w1) : _mm256_setzero_si256(), 1);
-      __m512i wu = wq;
-      __mmask64 negative = 0;
-      if constexpr (kType == QuantType::kQ8_0) {
-        // dpbusd takes unsigned x signed: move the weights' signs onto x.
-        wu = _mm512_abs_epi8(wq);
-        negative = _mm512_movepi8_mask(wq);
-      }
       __m512i p[8];
       for (int r = 0; r < 8; ++r) {
         if (r >= kRows) {
@@ -101,12 +91,12 @@ void tile_rows_zmm(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, i
         }
         const Q8ActBlock* xb = x + r * blocks + b;
         const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb[0].q));
-        __m512i xv = pair ? _mm512_inserti64x4(
-                                _mm512_castsi256_si512(lo),
-                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb[1].q)), 1)
-                          : _mm512_zextsi256_si512(lo);
-        if constexpr (kType == QuantType::kQ8_0) xv = _mm512_mask_sub_epi8(xv, negative, zero, xv);
-        p[r] = _mm512_dpbusd_epi32(zero, wu, xv);
+        const __m512i xv =
+            pair ? _mm512_inserti64x4(_mm512_castsi256_si512(lo),
+                                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb[1].q)),
+                                      1)
+                 : _mm512_zextsi256_si512(lo);
+        p[r] = _mm512_dpbusd_epi32(zero, wq, xv);
       }
       const __mmask16 valid = pair ? 0xFFFF : 0x00FF;
       const __m512 d = _mm512_maskz_loadu_ps(valid, xd + b * 8);
@@ -114,15 +104,13 @@ void tile_rows_zmm(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, i
           _mm512_mul_ps(_mm512_shuffle_f32x4(d, d, _MM_SHUFFLE(3, 1, 2, 0)),
                         _mm512_mask_blend_ps(kSecond, _mm512_set1_ps(dw0), _mm512_set1_ps(dw1)));
       acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(reduce8x2(p)), scale, acc);
-      if constexpr (kType != QuantType::kQ8_0) {
-        const __m512 s = _mm512_maskz_loadu_ps(valid, xs + b * 8);
-        const float m1 = pair ? block_min<kType>(w1, dw1) : 0.0f;
-        offset =
-            _mm512_fmadd_ps(_mm512_shuffle_f32x4(s, s, _MM_SHUFFLE(3, 1, 2, 0)),
-                            _mm512_mask_blend_ps(kSecond, _mm512_set1_ps(block_min<kType>(w0, dw0)),
-                                                 _mm512_set1_ps(m1)),
-                            offset);
-      }
+      const __m512 s = _mm512_maskz_loadu_ps(valid, xs + b * 8);
+      const float m1 = pair ? block_min<kType>(w1, dw1) : 0.0f;
+      offset =
+          _mm512_fmadd_ps(_mm512_shuffle_f32x4(s, s, _MM_SHUFFLE(3, 1, 2, 0)),
+                          _mm512_mask_blend_ps(kSecond, _mm512_set1_ps(block_min<kType>(w0, dw0)),
+                                               _mm512_set1_ps(m1)),
+                          offset);
     }
     acc = _mm512_add_ps(acc, offset);
     // Rows 0-3 are lanes L0 + L1, rows 4-7 lanes L2 + L3.
@@ -131,6 +119,72 @@ void tile_rows_zmm(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, i
     alignas(32) float sums[8];
     _mm256_store_ps(sums, _mm512_castps512_ps256(sum));
     for (int r = 0; r < kRows; ++r) out[r * out_stride + j] = sums[r];
+  }
+}
+
+// 3 to 8 rows of x against Q8_0 weights, two weight rows at a time: each 512-bit dot product
+// pairs one block of weight row j (low half) with the same block of row j + 1 (high half) against
+// the row of x broadcast to both halves, and reduce8x2 turns the 8 rows x 2 weight rows of int32
+// sums into one vector. Every lane then takes acc = fma(isum, d_x * d_w, acc) in block order:
+// the arithmetic of the AVX2 / AVX-VNNI Q8_0 kernels for any number of rows, so a row's result
+// does not depend on the batch it came in (nor on which of these kernels ran).
+template <int kRows>
+void tile_rows_q8(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64_t blocks,
+                  const float* xd, float* out, int64_t out_stride) {
+  constexpr int64_t block_bytes = kBlockBytes<QuantType::kQ8_0>;
+  constexpr __mmask16 kSecond = 0xF0F0;  // lanes of weight row j + 1 in reduce8x2's order
+  const __m512i zero = _mm512_setzero_si512();
+  const int64_t row_bytes = blocks * block_bytes;
+  for (int64_t j = 0; j < n_rows; j += 2) {
+    const bool pair = j + 1 < n_rows;
+    const uint8_t* row0 = weight + j * row_bytes;
+    const uint8_t* row1 = pair ? row0 + row_bytes : row0;
+    const bool prefetch = j + kPrefetchRows + 1 < n_rows;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* w0 = row0 + b * block_bytes;
+      const uint8_t* w1 = row1 + b * block_bytes;
+      // The rows kPrefetchRows ahead, a block at a time: one burst per row pair at its start
+      // (as the 4-bit kernel does) left this two-stream loop 20% slower from DRAM.
+      if (prefetch) {
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + kPrefetchRows * row_bytes), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + (kPrefetchRows + 1) * row_bytes),
+                     _MM_HINT_T0);
+      }
+      // A lone last row pairs with zeros (scale 0): its own lanes are computed as in a pair.
+      const __m512i wq = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + 2))),
+          pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1 + 2))
+               : _mm256_setzero_si256(),
+          1);
+      // dpbusd takes unsigned x signed: move the weights' signs onto x.
+      const __m512i wu = _mm512_abs_epi8(wq);
+      const __mmask64 negative = _mm512_movepi8_mask(wq);
+      __m512i p[8];
+      for (int r = 0; r < 8; ++r) {
+        if (r >= kRows) {
+          p[r] = zero;
+          continue;
+        }
+        const __m512i xv = _mm512_broadcast_i64x4(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r * blocks + b].q)));
+        p[r] = _mm512_dpbusd_epi32(zero, wu, _mm512_mask_sub_epi8(xv, negative, zero, xv));
+      }
+      // xd's rows 0-3 and 4-7 each in two 128-bit lanes, times d_w of row j or j + 1.
+      const __m512 d = _mm512_castps256_ps512(_mm256_loadu_ps(xd + b * 8));
+      const __m512 dw = _mm512_mask_blend_ps(kSecond, _mm512_set1_ps(load_half(w0)),
+                                             _mm512_set1_ps(pair ? load_half(w1) : 0.0f));
+      const __m512 scale = _mm512_mul_ps(_mm512_shuffle_f32x4(d, d, _MM_SHUFFLE(1, 1, 0, 0)), dw);
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(reduce8x2(p)), scale, acc);
+    }
+    // Lanes [rows 0-3 of j, rows 0-3 of j + 1, rows 4-7 of j, rows 4-7 of j + 1].
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, acc);
+    for (int r = 0; r < kRows; ++r) {
+      const int lane = (r / 4) * 8 + r % 4;
+      out[r * out_stride + j] = sums[lane];
+      if (pair) out[r * out_stride + j + 1] = sums[lane + 4];
+    }
   }
 }
 
@@ -153,9 +207,12 @@ void tile_type(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64
   }
 }
 
+// AVX-512 VNNI does not imply AVX-VNNI (Ice Lake, Zen 4 lack the VEX form): ask the CPU.
 const QuantGemmKernels* narrow_kernels() {
   static const QuantGemmKernels* k =
-      avxvnni_quant_gemm_kernels() ? avxvnni_quant_gemm_kernels() : avx2_quant_gemm_kernels();
+      avxvnni_quant_gemm_kernels() != nullptr && __builtin_cpu_supports("avxvnni")
+          ? avxvnni_quant_gemm_kernels()
+          : avx2_quant_gemm_kernels();
   return k;
 }
 
@@ -168,8 +225,20 @@ void tile_avx512(QuantType type, const uint8_t* weight, int64_t n_rows, const Q8
                                   out_stride);
   switch (type) {
     case QuantType::kQ8_0:
-      return tile_type<QuantType::kQ8_0>(weight, n_rows, x, blocks, xd, xs, m_rows, out,
-                                         out_stride);
+      switch (m_rows) {
+        case 3:
+          return tile_rows_q8<3>(weight, n_rows, x, blocks, xd, out, out_stride);
+        case 4:
+          return tile_rows_q8<4>(weight, n_rows, x, blocks, xd, out, out_stride);
+        case 5:
+          return tile_rows_q8<5>(weight, n_rows, x, blocks, xd, out, out_stride);
+        case 6:
+          return tile_rows_q8<6>(weight, n_rows, x, blocks, xd, out, out_stride);
+        case 7:
+          return tile_rows_q8<7>(weight, n_rows, x, blocks, xd, out, out_stride);
+        default:
+          return tile_rows_q8<8>(weight, n_rows, x, blocks, xd, out, out_stride);
+      }
     case QuantType::kQ4_0:
       return tile_type<QuantType::kQ4_0>(weight, n_rows, x, blocks, xd, xs, m_rows, out,
                                          out_stride);

@@ -47,6 +47,15 @@ struct VecOps {
   void (*rotate_half)(float* x, const float* cos, const float* sin, int64_t half);
 };
 
+// Instruction-set levels of the CPU dispatchers, each including the ones before it.
+enum class IsaLevel { kScalar, kAvx2, kAvxVnni, kAvx512 };
+
+// The highest level any CPU dispatcher may pick, from env FASTLLM_CPU_ISA (scalar, avx2, avx_vnni,
+// avx512; unset or empty: avx512, i.e. no cap), read at each call. A dispatcher still picks only
+// what the CPU has, so a cap above the CPU's level is the CPU's level. Any other value throws
+// KernelArgumentError naming the variable and the accepted values.
+IsaLevel isa_cap();
+
 const VecOps& vec_ops();
 const VecOps& scalar_vec_ops();
 // Null when the library was built without the AVX2 file (non-x86 targets).

@@ -1,8 +1,10 @@
 // Portable row primitives, the run-time dispatch and the thread-local scratch.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "fastllm/kernels/dtype_convert.h"
@@ -152,9 +154,10 @@ const VecOps kScalar = {"scalar",    load,        store,      dot,          dots
                         attn_scores, attn_values, argmax,     add_residual, rotate_half};
 
 const VecOps& pick() {
+  const IsaLevel cap = isa_cap();
 #if defined(FASTLLM_HAVE_AVX2_FILE) && (defined(__x86_64__) || defined(__i386__))
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+  if (cap >= IsaLevel::kAvx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       __builtin_cpu_supports("f16c") && avx2_vec_ops() != nullptr)
     return *avx2_vec_ops();
 #endif
@@ -163,8 +166,21 @@ const VecOps& pick() {
 
 }  // namespace
 
+IsaLevel isa_cap() {
+  const char* env = std::getenv("FASTLLM_CPU_ISA");
+  const std::string value = env != nullptr ? env : "";
+  if (value.empty() || value == "avx512") return IsaLevel::kAvx512;
+  if (value == "avx_vnni") return IsaLevel::kAvxVnni;
+  if (value == "avx2") return IsaLevel::kAvx2;
+  if (value == "scalar") return IsaLevel::kScalar;
+  throw KernelArgumentError("FASTLLM_CPU_ISA='" + value +
+                            "' is not one of scalar, avx2, avx_vnni, avx512 (unset: the best the "
+                            "CPU has)");
+}
+
 const VecOps& scalar_vec_ops() { return kScalar; }
 
+// Picked once (a bad FASTLLM_CPU_ISA throws at every call instead: the static stays unset).
 const VecOps& vec_ops() {
   static const VecOps& ops = pick();
   return ops;

@@ -111,8 +111,9 @@ struct QuantGemmParams {
 void quant_gemm_cpu(const QuantGemmParams& params);
 
 // Name of the code path quant_gemm_cpu takes for the 32-value types: "avx512_vnni" (3+ rows of x
-// in AVX-512 VNNI, fewer rows as "avx_vnni"), "avx_vnni", "avx2" or "scalar". Env
-// FASTLLM_QUANT_GEMM_ISA=avx2|avx_vnni, read at the first call, caps the choice.
+// in AVX-512 VNNI, fewer rows as "avx_vnni" or "avx2"), "avx_vnni", "avx2" or "scalar". Env
+// FASTLLM_CPU_ISA=scalar|avx2|avx_vnni|avx512, read at the first call, caps the choice (an
+// unknown value throws KernelArgumentError).
 const char* quant_gemm_cpu_isa();
 
 #ifdef FASTLLM_WITH_CUDA
