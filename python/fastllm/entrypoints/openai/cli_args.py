@@ -13,7 +13,6 @@ import difflib
 import json
 import math
 import os
-import sys
 from typing import Any
 
 import yaml
@@ -96,9 +95,7 @@ FLAGS: dict[str, tuple[str, str]] = {
         IGNORED, "one process loads the whole model; there are no loading workers"),
     "model_loader_extra_config": (UNSUPPORTED, "loader extra configs are not supported"),
     "ignore_patterns": (IGNORED, "fastllm reads only the weight files its loader knows"),
-    "quantization": (
-        UNSUPPORTED, "fastllm reads a GGUF file's quantization itself; other quantized formats "
-                     "are not supported yet"),
+    "quantization": (UNSUPPORTED, "only GGUF quantization, which is read from the file"),
     "rope_scaling": (ACTS, ""),
     "rope_theta": (ACTS, ""),
     "override_neuron_config": (UNSUPPORTED, "Neuron devices are not supported"),
@@ -108,8 +105,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "disable_sliding_window": (
         UNSUPPORTED, "a sliding-window model always runs with its window"),
     "use_v2_block_manager": (IGNORED, "fastllm has one block manager"),
-    "num_lookahead_slots": (UNSUPPORTED, "lookahead slots (speculative decoding) are not "
-                                         "supported"),
+    "num_lookahead_slots": (UNSUPPORTED, "lookahead slots are not supported"),
     "seed": (ACTS, ""),
     "swap_space": (ACTS, ""),
     "cpu_offload_gb": (UNSUPPORTED, "offloading weights to the CPU is not supported"),
