@@ -326,6 +326,9 @@ def run(ns: argparse.Namespace) -> int:
         sock.close()
         print(f"fastllm-serve: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while the model loads: nothing to drain yet
+        sock.close()
+        return 130
     # --return-tokens-as-token-ids is the default of the request parameter of that name.
     app.state.serving.return_tokens_as_token_ids = ns.return_tokens_as_token_ids
     scheme = "https" if ns.ssl_certfile else "http"
@@ -346,7 +349,11 @@ def run(ns: argparse.Namespace) -> int:
                             # streams need a moment to send their final chunks.
                             timeout_graceful_shutdown=ns.shutdown_timeout + 5)
     server = _server_class()(config, engine, ns.shutdown_timeout, announce)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        # A forced exit (a third signal) skips the lifespan shutdown; the engine loop still stops.
+        engine.engine.stop()
     return 0
 
 
