@@ -132,6 +132,27 @@ class AsyncLLM:
             manager.unregister(request_id)
         return self.engine.abort(request_id)
 
+    def abort_all(self) -> int:
+        """Ends every in-flight request now (a shutdown whose drain deadline passed): each stream
+        gets a last chunk with finish_reason "abort", so its client sees a proper ending, and the
+        engine frees the request's blocks. Returns how many requests were ended."""
+        ended = list(self._streams.items())
+        self._streams.clear()
+        for request_id, stream in ended:
+            self.abort(request_id)
+            state = stream.state
+            state.finish_reason = "abort"
+            text, tokens, logprobs = state.take_delta()
+            if self.metrics is not None:
+                self.metrics.on_request_finished("abort", stream, len(state.token_ids))
+            stream.queue.put_nowait(StreamChunk(
+                request_id=request_id, text=text, token_ids=tokens, logprobs=logprobs,
+                finished=True, finish_reason="abort", stop_reason=None,
+                num_prompt_tokens=len(state.prompt_token_ids),
+                num_output_tokens=len(state.token_ids), num_cached_tokens=state.num_cached_tokens,
+                full_text=state.text, prompt_logprobs=state.take_prompt_logprobs()))
+        return len(ended)
+
     async def prepare_guided(self, params: SamplingParams) -> None:
         """Compiles the request's grammar off the event loop (and caches it), so an invalid
         constraint fails before a response starts. ValueError names the problem."""

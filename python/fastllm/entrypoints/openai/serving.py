@@ -175,7 +175,7 @@ class OpenAIServing:
                            f"--max-logprobs), got {value}", param=param)
 
     def token_text(self, token_id: int, as_ids: bool) -> str:
-        if as_ids:
+        if as_ids or getattr(self, "return_tokens_as_token_ids", False):
             return f"token_id:{token_id}"
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
