@@ -1,5 +1,7 @@
 // Token-level sampling parameters of one request. Text-level rules (stop strings, detokenization)
 // live in Python; everything here acts on token ids and is carried into the BatchPlan per row.
+// best_of is a front-end notion: the engine generates n sequences and ranks none of them; pass
+// n = best_of (with logprobs) and keep the best by RequestOutput::cumulative_logprob.
 #pragma once
 
 #include <cstdint>
@@ -8,9 +10,7 @@
 namespace fastllm {
 
 struct SamplingParams {
-  // Sequences generated for the prompt, 1..max_num_seqs (children share its KV blocks; see
-  // request.h). best_of is a front-end notion: pass n = best_of and rank the n results there.
-  int32_t n = 1;
+  int32_t n = 1;                    // sequences for the prompt, <= max_num_seqs (see request.h)
   int32_t max_tokens = 16;          // output tokens at most; -1 = until max_model_len
   int32_t min_tokens = 0;           // EOS and stop_token_ids are ignored before this many outputs
   float temperature = 1.0f;         // 0 = greedy
