@@ -8,6 +8,7 @@
 #include <map>
 #include <random>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -503,5 +504,37 @@ TEST(FanOut, MixedWorkloadUnderPressure) {
     Outcome run = drain(engine);
     for (const Req& r : reqs) expect_children(run, r.id, r.prompt, r.params);
     EXPECT_GT(engine.stats().num_preemptions, 0);
+  }
+}
+
+// Fails chosen steps; the others run the fake model.
+class FailingExecutor : public Executor {
+ public:
+  FailingExecutor(const EngineConfig& c, std::set<int64_t> fail_steps)
+      : fake_({c.cache.num_gpu_blocks, 0, c.cache.block_size, kVocab, true}),
+        fail_steps_(std::move(fail_steps)) {}
+  StepResult execute(const BatchPlan& plan) override {
+    if (fail_steps_.count(plan.step_id)) throw std::runtime_error("boom");
+    return fake_.execute(plan);
+  }
+  FakeExecutor fake_;
+  std::set<int64_t> fail_steps_;
+};
+
+TEST(FanOut, ExecutorFailureFinishesTheStepsSequencesOnce) {
+  EngineConfig cfg = make_config(64);
+  for (int64_t fail_step : {0, 2}) {  // the fan-out step itself, or a decode step after it
+    Engine engine(cfg, std::make_shared<FailingExecutor>(cfg, std::set<int64_t>{fail_step}));
+    std::mt19937 rng(14);
+    SamplingParams p;
+    p.n = 3;
+    p.max_tokens = 20;
+    p.ignore_eos = true;
+    engine.add_request("f", random_prompt(rng, 21), p);
+    Outcome run = drain(engine);
+    const int32_t expected_sequences = fail_step == 0 ? 1 : 3;
+    EXPECT_EQ(static_cast<int32_t>(run.reasons.size()), expected_sequences) << fail_step;
+    for (const auto& [k, reason] : run.reasons) EXPECT_EQ(reason, FinishReason::kError);
+    EXPECT_EQ(run.request_finished["f"], 1);
   }
 }
