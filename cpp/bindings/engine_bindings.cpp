@@ -205,6 +205,11 @@ void bind_engine(nb::module_& m) {
           "sample_seq_indices", [](const BatchPlan& p) { return view1d(p.sample_seq_indices); },
           ref)
       .def_prop_ro(
+          "sample_child_indices", [](const BatchPlan& p) { return view1d(p.sample_child_indices); },
+          ref,
+          "per sample row: the child (RequestOutput.seq_index) it draws for; an n > 1 request's "
+          "prefill has n rows on its last prompt token")
+      .def_prop_ro(
           "temperature", [](const BatchPlan& p) { return view1d(p.temperature); }, ref)
       .def_prop_ro(
           "top_p", [](const BatchPlan& p) { return view1d(p.top_p); }, ref)
@@ -319,11 +324,12 @@ void bind_engine(nb::module_& m) {
           "verify_kv"_a = true)
       .def_static("reference_generate", &FakeExecutor::reference_generate, "prompt"_a,
                   "max_tokens"_a, "vocab_size"_a, "eos_token_ids"_a, "min_tokens"_a = 0,
-                  "seed"_a = -1)
+                  "seed"_a = -1, "child"_a = 0)
       .def_prop_ro("num_steps", &FakeExecutor::num_steps);
 
   nb::class_<RequestOutput>(m, "RequestOutput")
       .def_ro("request_id", &RequestOutput::request_id)
+      .def_ro("seq_index", &RequestOutput::seq_index, "which of the request's n sequences")
       .def_ro("new_token_ids", &RequestOutput::new_token_ids)
       .def_ro("new_logprobs", &RequestOutput::new_logprobs)
       .def_ro("num_top_logprobs", &RequestOutput::num_top_logprobs)
@@ -334,6 +340,9 @@ void bind_engine(nb::module_& m) {
       .def_ro("prompt_top_token_ids", &RequestOutput::prompt_top_token_ids)
       .def_ro("prompt_top_logprobs", &RequestOutput::prompt_top_logprobs)
       .def_ro("finished", &RequestOutput::finished)
+      .def_ro("request_finished", &RequestOutput::request_finished,
+              "the request's last unfinished sequence finished with this output")
+      .def_ro("cumulative_logprob", &RequestOutput::cumulative_logprob)
       .def_prop_ro("finish_reason",
                    [](const RequestOutput& o) { return finish_reason_or_none(o.finish_reason); })
       .def_ro("stop_token_id", &RequestOutput::stop_token_id)
@@ -343,7 +352,8 @@ void bind_engine(nb::module_& m) {
       .def_ro("error", &RequestOutput::error)
       .def("__repr__", [](const RequestOutput& o) {
         return "RequestOutput(request_id='" + o.request_id +
-               "', new_tokens=" + std::to_string(o.new_token_ids.size()) +
+               "', seq_index=" + std::to_string(o.seq_index) +
+               ", new_tokens=" + std::to_string(o.new_token_ids.size()) +
                ", finished=" + (o.finished ? "True" : "False") +
                ", finish_reason=" + to_string(o.finish_reason) + ")";
       });

@@ -93,10 +93,14 @@ class SamplingParams:
             child.logprobs = 0
         return child
 
-    def to_native(self) -> _C.SamplingParams:
-        """The token-level part of one sequence, as the C++ engine's SamplingParams."""
+    def to_native(self, fan_out: bool = False) -> _C.SamplingParams:
+        """The token-level part, as the C++ engine's SamplingParams: of one sequence by default
+        (the front end adds one engine request per sample, see for_child); with ``fan_out`` of
+        the whole request, which the engine runs as num_samples child sequences of one request
+        (one prefill; outputs carry seq_index; seeded child i uses seed + i; logprobs on when
+        best_of must rank the candidates; the contract is in cpp/engine/.../engine.h)."""
         p = _C.SamplingParams()
-        p.n = 1
+        p.n = self.num_samples if fan_out else 1
         p.max_tokens = -1 if self.max_tokens is None else int(self.max_tokens)
         p.min_tokens = int(self.min_tokens)
         p.temperature = float(self.temperature)
@@ -116,5 +120,7 @@ class SamplingParams:
         if self.allowed_token_ids:
             p.allowed_token_ids = [int(t) for t in self.allowed_token_ids]
         p.logprobs = -1 if self.logprobs is None else int(self.logprobs)
+        if fan_out and self.num_samples > self.n and self.logprobs is None:
+            p.logprobs = 0
         p.prompt_logprobs = -1 if self.prompt_logprobs is None else int(self.prompt_logprobs)
         return p

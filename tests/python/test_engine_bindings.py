@@ -307,3 +307,63 @@ def test_extension_does_not_link_libtorch():
     assert libs, "readelf found no NEEDED entries"
     for lib in libs:
         assert not lib.startswith(("libtorch", "libc10", "libcudart", "libpython")), lib
+
+
+def test_n_is_one_request_with_children_and_one_prefill():
+    """n = 4 through _C.Engine: one prefill, four children with seq_index 0..3, child i seeded
+    like a separate request with seed + i, every block back after the request."""
+    cfg = make_config(num_blocks=64)
+    cfg.vocab_size = 1000
+    cfg.eos_token_ids = [7]
+    engine = _C.Engine(cfg, _C.FakeExecutor(64, 0, 16, 1000))
+    prompt = list(range(100, 121))  # 21 tokens: the last block is shared until a child writes
+    engine.add_request("fan", prompt, params(8, n=4, seed=10, ignore_eos=True))
+    first = engine.step()
+    assert [o.seq_index for o in first] == [0, 1, 2, 3]
+    assert all(o.request_id == "fan" and len(o.new_token_ids) == 1 for o in first)
+    assert engine.stats().num_running == 4
+    tokens, finished = {}, []
+    for o in first:
+        tokens.setdefault(o.seq_index, []).extend(o.new_token_ids)
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            tokens.setdefault(o.seq_index, []).extend(o.new_token_ids)
+            if o.request_finished:
+                finished.append(o.seq_index)
+    assert sorted(tokens) == [0, 1, 2, 3]
+    for i in range(4):
+        assert tokens[i] == _C.FakeExecutor.reference_generate(prompt, 8, 1000, [], 0, 10 + i)
+    assert len(finished) == 1
+    stats = engine.stats()
+    assert stats.num_prompt_tokens_computed == len(prompt)  # one prefill, not four
+    assert stats.num_generated_tokens == 4 * 8
+    assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_abort_of_a_fanned_out_request_ends_every_child():
+    cfg = make_config(num_blocks=64)
+    engine = _C.Engine(cfg, _C.FakeExecutor(64, 0, 16, VOCAB))
+    engine.add_request("fan", list(range(10, 40)), params(100, n=3, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    assert engine.stats().num_running == 3
+    assert engine.abort("fan")
+    outs = engine.step()
+    assert sorted(o.seq_index for o in outs) == [0, 1, 2]
+    assert all(o.finished and o.finish_reason == "abort" for o in outs)
+    assert [o.request_finished for o in outs].count(True) == 1
+    assert not engine.has_unfinished_requests()
+    assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        engine.add_request("big", [1, 2, 3], params(4, n=cfg.scheduler.max_num_seqs + 1))
+
+
+def test_to_native_fans_out_only_when_asked():
+    from fastllm.sampling_params import SamplingParams
+
+    sp = SamplingParams(n=2, best_of=4, seed=3)
+    assert sp.to_native().n == 1  # today's front end adds one engine request per sample
+    native = sp.to_native(fan_out=True)
+    assert native.n == 4 and native.seed == 3
+    assert native.logprobs == 0  # best_of ranks by logprob
+    assert SamplingParams(n=3, logprobs=2).to_native(fan_out=True).logprobs == 2

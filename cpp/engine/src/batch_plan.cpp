@@ -22,6 +22,7 @@ void BatchPlan::clear() {
   any_prompt_logprobs = false;
   sample_token_indices.clear();
   sample_seq_indices.clear();
+  sample_child_indices.clear();
   temperature.clear();
   top_p.clear();
   top_k.clear();
@@ -46,11 +47,14 @@ void BatchPlan::clear() {
 
 namespace {
 
+// child: the sequence of req's request that the row draws for; req.seq_index except on the n
+// first-token rows of a request that is not forked yet, where child c draws with seed + c.
 void add_sample_row(BatchPlan& plan, const Request& req, int32_t token_index, int32_t seq_index,
-                    const std::vector<int32_t>& eos_token_ids) {
+                    int32_t child, const std::vector<int32_t>& eos_token_ids) {
   const SamplingParams& p = req.params;
   plan.sample_token_indices.push_back(token_index);
   plan.sample_seq_indices.push_back(seq_index);
+  plan.sample_child_indices.push_back(child);
   plan.temperature.push_back(p.temperature);
   plan.top_p.push_back(p.top_p);
   plan.top_k.push_back(p.top_k);
@@ -58,7 +62,7 @@ void add_sample_row(BatchPlan& plan, const Request& req, int32_t token_index, in
   plan.presence_penalty.push_back(p.presence_penalty);
   plan.frequency_penalty.push_back(p.frequency_penalty);
   plan.repetition_penalty.push_back(p.repetition_penalty);
-  plan.seeds.push_back(p.seed);
+  plan.seeds.push_back(p.seed < 0 ? p.seed : p.seed + (child - req.seq_index));
   plan.output_positions.push_back(req.num_output_tokens());
   plan.num_logprobs.push_back(p.logprobs);
 
@@ -145,7 +149,11 @@ void build_batch_plan(const SchedulerOutput& out, int32_t block_size,
     plan.any_prompt_logprobs = plan.any_prompt_logprobs || wants_prompt;
     // The last known token is computed in this step: its logits give the next token.
     if (start + n == req.num_tokens()) {
-      add_sample_row(plan, req, plan.num_tokens - 1, seq, eos_token_ids);
+      add_sample_row(plan, req, plan.num_tokens - 1, seq, req.seq_index, eos_token_ids);
+      // An n > 1 prompt just computed: its children's first tokens come from the same logits.
+      for (int32_t c = 1; c < req.num_first_samples(); ++c) {
+        add_sample_row(plan, req, plan.num_tokens - 1, seq, c, eos_token_ids);
+      }
     }
   }
 }

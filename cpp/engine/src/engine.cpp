@@ -131,6 +131,13 @@ bool contains(const std::vector<int32_t>& v, int32_t x) {
 
 }  // namespace
 
+// The sequences of one request: [0] from add_request, [1..n-1] forked after its prompt.
+struct SequenceGroup {
+  std::vector<std::unique_ptr<Request>> seqs;
+  int32_t num_unfinished = 1;  // sequences without their final output yet
+  int32_t num_unreleased = 1;  // sequences still known to the scheduler
+};
+
 struct Engine::Impl {
   Impl(const EngineConfig& c, std::shared_ptr<Executor> e)
       : config((c.validate(), c)),
@@ -146,7 +153,7 @@ struct Engine::Impl {
   KVCacheManager kv;
   Scheduler scheduler;
   BatchPlan plan;
-  std::unordered_map<std::string, std::unique_ptr<Request>> requests;
+  std::unordered_map<std::string, SequenceGroup> requests;
   int64_t step_id = 0;
   int64_t num_generated_tokens = 0;
   int64_t num_prompt_tokens_computed = 0;
@@ -169,11 +176,17 @@ struct Engine::Impl {
 
   std::vector<RequestOutput> run_step();
   void drain_inputs(std::vector<RequestOutput>& out);
-  // Emits the request's final output, then releases it.
+  // Emits the sequence's final output, then releases it.
   void finish(Request* req, RequestStatus status, std::vector<RequestOutput>& out,
               std::string error = {});
-  // Frees the request's blocks and forgets it (its id becomes usable again).
+  // Counts the sequence's final output; true when it was the request's last unfinished one.
+  bool mark_finished(const Request* req);
+  // Frees the sequence's blocks; once every sequence of its request is released the request is
+  // forgotten (its id becomes usable again).
   void release(Request* req, RequestStatus status);
+  // The sequence a sample row of req draws for: req itself, or, on the first-token rows of an
+  // n > 1 request, child `child` (forked from req's blocks on the first such row).
+  Request* sequence_for_row(Request* req, int32_t child);
   void update_stats();
   void loop();
 };
@@ -183,6 +196,8 @@ namespace {
 RequestOutput make_output(const Request& req) {
   RequestOutput o;
   o.request_id = req.id;
+  o.seq_index = req.seq_index;
+  o.cumulative_logprob = req.cumulative_logprob;
   o.num_prompt_tokens = req.num_prompt_tokens;
   o.num_output_tokens = req.num_output_tokens();
   o.num_cached_tokens = std::max(req.num_cached_tokens, 0);
@@ -212,20 +227,56 @@ void Engine::Impl::finish(Request* req, RequestStatus status, std::vector<Reques
                           std::string error) {
   RequestOutput o = make_output(*req);
   o.finished = true;
+  o.request_finished = mark_finished(req);
   o.finish_reason = finish_reason_of(status);
   o.error = std::move(error);
   out.push_back(std::move(o));
   release(req, status);
 }
 
+bool Engine::Impl::mark_finished(const Request* req) {
+  return --requests.at(req->id).num_unfinished == 0;
+}
+
 void Engine::Impl::release(Request* req, RequestStatus status) {
   scheduler.remove_request(req);
   req->status = status;
+  auto it = requests.find(req->id);
+  if (--it->second.num_unreleased > 0) return;
   {
     std::lock_guard<std::mutex> lock(mu);
     live_ids.erase(req->id);
   }
-  requests.erase(req->id);  // destroys req
+  requests.erase(it);  // destroys every sequence of the request, req included
+}
+
+Request* Engine::Impl::sequence_for_row(Request* req, int32_t child) {
+  SequenceGroup& group = requests.at(req->id);
+  if (!req->children_forked) {
+    std::vector<Request*> children;
+    for (int32_t c = 1; c < req->params.n; ++c) {
+      auto seq = std::make_unique<Request>();
+      seq->id = req->id;
+      seq->seq_index = c;
+      seq->arrival_index = req->arrival_index;
+      seq->params = req->params;
+      seq->params.n = 1;
+      if (seq->params.seed >= 0) seq->params.seed += c;
+      seq->cache_salt = req->cache_salt;
+      seq->num_prompt_tokens = req->num_prompt_tokens;
+      seq->num_cached_tokens = req->num_cached_tokens;
+      // req may already hold its own first token (its row comes first).
+      seq->token_ids.reserve(req->token_ids.capacity());
+      seq->token_ids.assign(req->token_ids.begin(),
+                            req->token_ids.begin() + req->num_prompt_tokens);
+      children.push_back(seq.get());
+      group.seqs.push_back(std::move(seq));
+      ++group.num_unfinished;
+      ++group.num_unreleased;
+    }
+    scheduler.add_children(req, children);
+  }
+  return group.seqs.at(child).get();
 }
 
 void Engine::Impl::drain_inputs(std::vector<RequestOutput>& out) {
@@ -238,12 +289,19 @@ void Engine::Impl::drain_inputs(std::vector<RequestOutput>& out) {
   }
   for (auto& req : adds) {
     Request* raw = req.get();
-    requests.emplace(raw->id, std::move(req));
+    requests[raw->id].seqs.push_back(std::move(req));
     scheduler.add_request(raw);
   }
+  std::vector<Request*> live;
   for (const std::string& id : aborts) {
     auto it = requests.find(id);
-    if (it != requests.end()) finish(it->second.get(), RequestStatus::kFinishedAborted, out);
+    if (it == requests.end()) continue;
+    // Every unfinished sequence reports its abort; the last one releases the request.
+    live.clear();
+    for (auto& seq : it->second.seqs) {
+      if (!is_finished(seq->status)) live.push_back(seq.get());
+    }
+    for (Request* seq : live) finish(seq, RequestStatus::kFinishedAborted, out);
   }
 }
 
@@ -335,6 +393,11 @@ std::vector<RequestOutput> Engine::Impl::run_step() {
   std::vector<RequestStatus> finished_status;
   for (int32_t r = 0; r < plan.num_samples; ++r) {
     Request* req = sched.scheduled[plan.sample_seq_indices[r]].request;
+    // The first row of an unforked n > 1 request forks its children before any of them (or the
+    // parent) can finish, so request_finished is only set once all n exist.
+    if (plan.sample_child_indices[r] != req->seq_index || req->num_first_samples() > 1) {
+      req = sequence_for_row(req, plan.sample_child_indices[r]);
+    }
     const int32_t token = result.sampled_token_ids[r];
     if (token < 0 || (config.vocab_size > 0 && token >= config.vocab_size)) {
       finished.push_back(req);
@@ -348,6 +411,8 @@ std::vector<RequestOutput> Engine::Impl::run_step() {
     attach_prompt_part(req, o);
     if (req->params.logprobs >= 0 && has_logprobs) {
       o.new_logprobs.push_back(result.sampled_logprobs[r]);
+      req->cumulative_logprob += result.sampled_logprobs[r];
+      o.cumulative_logprob = req->cumulative_logprob;
       if (has_top) {
         const size_t n = std::min(k, static_cast<size_t>(req->params.logprobs));
         o.num_top_logprobs = static_cast<int32_t>(n);
@@ -366,6 +431,7 @@ std::vector<RequestOutput> Engine::Impl::run_step() {
         req->stop_token_id = token;
       }
       o.finished = true;
+      o.request_finished = mark_finished(req);
       o.finish_reason = finish_reason_of(status);
       o.stop_token_id = req->stop_token_id;
       finished.push_back(req);
@@ -429,7 +495,11 @@ void Engine::Impl::loop() {
       std::fprintf(stderr, "fastllm engine loop error: %s\n", e.what());
       std::vector<RequestOutput> out;
       std::vector<Request*> live;
-      for (auto& [id, req] : requests) live.push_back(req.get());
+      for (auto& [id, group] : requests) {
+        for (auto& seq : group.seqs) {
+          if (!is_finished(seq->status)) live.push_back(seq.get());
+        }
+      }
       for (Request* r : live) {
         try {
           finish(r, RequestStatus::kFinishedError, out, e.what());
@@ -472,6 +542,11 @@ void Engine::add_request(const std::string& request_id, std::vector<int32_t> pro
     }
   }
   params.validate(c.max_logprobs);
+  if (params.n > c.scheduler.max_num_seqs) {
+    throw InvalidRequestError("n (" + std::to_string(params.n) +
+                              ") must not exceed max_num_seqs (" +
+                              std::to_string(c.scheduler.max_num_seqs) + ")");
+  }
   params.check_vocab(c.vocab_size);
 
   auto req = std::make_unique<Request>();

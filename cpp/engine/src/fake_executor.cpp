@@ -19,8 +19,11 @@ FakeExecutor::FakeExecutor(const FakeExecutorConfig& config)
 }
 
 int32_t FakeExecutor::next_token(const int32_t* context, int32_t length, int32_t vocab_size,
-                                 int64_t seed, const int32_t* banned, int32_t num_banned) {
-  uint64_t h = seed >= 0 ? mix64(static_cast<uint64_t>(seed) ^ 0xa0761d6478bd642full) : 0x1234;
+                                 int64_t seed, const int32_t* banned, int32_t num_banned,
+                                 int32_t child) {
+  uint64_t h = seed >= 0    ? mix64(static_cast<uint64_t>(seed) ^ 0xa0761d6478bd642full)
+               : child == 0 ? 0x1234
+                            : mix64(static_cast<uint64_t>(child) ^ 0xe7037ed1a0b428dbull);
   for (int32_t i = 0; i < length; ++i) {
     h = mix64(h ^ static_cast<uint32_t>(context[i]) ^ (static_cast<uint64_t>(i) << 32));
   }
@@ -37,13 +40,15 @@ int32_t FakeExecutor::next_token(const int32_t* context, int32_t length, int32_t
 std::vector<int32_t> FakeExecutor::reference_generate(const std::vector<int32_t>& prompt,
                                                       int32_t max_tokens, int32_t vocab_size,
                                                       const std::vector<int32_t>& eos_token_ids,
-                                                      int32_t min_tokens, int64_t seed) {
+                                                      int32_t min_tokens, int64_t seed,
+                                                      int32_t child) {
   std::vector<int32_t> seq = prompt;
   for (int32_t out = 0; out < max_tokens; ++out) {
     const bool suppress = out < min_tokens;
-    const int32_t token = next_token(seq.data(), static_cast<int32_t>(seq.size()), vocab_size, seed,
-                                     suppress ? eos_token_ids.data() : nullptr,
-                                     suppress ? static_cast<int32_t>(eos_token_ids.size()) : 0);
+    const int32_t token =
+        next_token(seq.data(), static_cast<int32_t>(seq.size()), vocab_size, seed,
+                   suppress ? eos_token_ids.data() : nullptr,
+                   suppress ? static_cast<int32_t>(eos_token_ids.size()) : 0, child);
     seq.push_back(token);
     if (std::find(eos_token_ids.begin(), eos_token_ids.end(), token) != eos_token_ids.end()) break;
   }
@@ -112,11 +117,12 @@ StepResult FakeExecutor::execute(const BatchPlan& plan) {
         }
         context_.push_back(s.token);
       }
-      token =
-          next_token(context_.data(), ctx, config_.vocab_size, plan.seeds[r], banned, num_banned);
+      token = next_token(context_.data(), ctx, config_.vocab_size, plan.seeds[r], banned,
+                         num_banned, plan.sample_child_indices[r]);
     } else {
       const int32_t last[2] = {plan.token_ids[plan.sample_token_indices[r]], ctx};
-      token = next_token(last, 2, config_.vocab_size, plan.seeds[r], banned, num_banned);
+      token = next_token(last, 2, config_.vocab_size, plan.seeds[r], banned, num_banned,
+                         plan.sample_child_indices[r]);
     }
     result.sampled_token_ids.push_back(token);
     any_logprobs = any_logprobs || plan.num_logprobs[r] >= 0;

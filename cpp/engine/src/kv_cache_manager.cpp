@@ -224,6 +224,7 @@ void KVCacheManager::fork(const Request& parent, Request& child) {
   child.block_ids = parent.block_ids;
   child.block_hashes = parent.block_hashes;
   child.num_registered_blocks = parent.num_registered_blocks;
+  child.prompt_tail_registered = parent.prompt_tail_registered;
   child.num_computed_tokens = parent.num_computed_tokens;
 }
 

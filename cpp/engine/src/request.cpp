@@ -1,6 +1,7 @@
 #include "fastllm/request.h"
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include "fastllm/errors.h"
@@ -17,7 +18,7 @@ void require(bool ok, const std::string& message) {
 }  // namespace
 
 void SamplingParams::validate(int32_t max_logprobs) const {
-  require(n == 1, "n must be 1 (parallel sampling is not supported yet), got " + std::to_string(n));
+  require(n >= 1, "n must be at least 1, got " + std::to_string(n));
   require(max_tokens == -1 || max_tokens >= 1,
           "max_tokens must be at least 1, got " + std::to_string(max_tokens));
   require(min_tokens >= 0, "min_tokens must be non-negative, got " + std::to_string(min_tokens));
@@ -39,6 +40,9 @@ void SamplingParams::validate(int32_t max_logprobs) const {
   require(std::isfinite(repetition_penalty) && repetition_penalty > 0.0f,
           "repetition_penalty must be positive, got " + std::to_string(repetition_penalty));
   require(seed >= -1, "seed must be -1 (none) or non-negative, got " + std::to_string(seed));
+  // Child i samples with seed + i.
+  require(seed <= std::numeric_limits<int64_t>::max() - (n - 1),
+          "seed + n - 1 must fit in a signed 64-bit integer, got seed " + std::to_string(seed));
   require(logprobs >= -1 && logprobs <= max_logprobs, "logprobs must be in [0, " +
                                                           std::to_string(max_logprobs) + "], got " +
                                                           std::to_string(logprobs));

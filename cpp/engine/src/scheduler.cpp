@@ -58,13 +58,31 @@ void Scheduler::add_request(Request* req) {
 void Scheduler::remove_request(Request* req) {
   if (auto it = std::find(running_.begin(), running_.end(), req); it != running_.end()) {
     running_.erase(it);
+    num_reserved_seqs_ -= req->num_pending_children();
   } else if (auto wit = std::find(waiting_.begin(), waiting_.end(), req); wit != waiting_.end()) {
     waiting_.erase(wit);
   }
   kv_.free(*req);
 }
 
+void Scheduler::add_children(Request* parent, const std::vector<Request*>& children) {
+  auto it = std::find(running_.begin(), running_.end(), parent);
+  if (it == running_.end() || parent->children_forked) {
+    throw EngineError("add_children: request " + parent->id + " is not a running, unforked parent");
+  }
+  // Its siblings (there are none yet) and the reserved places become running children.
+  num_reserved_seqs_ -= parent->num_pending_children();
+  parent->children_forked = true;
+  for (Request* child : children) {
+    kv_.fork(*parent, *child);
+    child->status = RequestStatus::kRunning;
+  }
+  running_.insert(it + 1, children.begin(), children.end());
+}
+
 void Scheduler::preempt(Request* victim) {
+  // victim has just left running_.
+  num_reserved_seqs_ -= victim->num_pending_children();
   if (config_.preemption_mode == PreemptionMode::kSwap && kv_.can_swap_out(*victim)) {
     kv_.swap_out(*victim);
     victim->status = RequestStatus::kSwapped;
@@ -119,9 +137,9 @@ void Scheduler::schedule_running(int32_t& budget) {
 }
 
 void Scheduler::schedule_waiting(int32_t& budget) {
-  while (!waiting_.empty() && budget > 0 &&
-         static_cast<int32_t>(running_.size()) < config_.max_num_seqs) {
+  while (!waiting_.empty() && budget > 0 && num_seqs_held() < config_.max_num_seqs) {
     Request* req = waiting_.front();
+    if (num_seqs_held() + req->num_first_samples() > config_.max_num_seqs) break;
     bool admitted = req->status == RequestStatus::kSwapped ? admit_swapped(req, budget)
                                                            : admit_waiting(req, budget);
     if (!admitted && config_.policy == SchedulingPolicy::kPriority && !running_.empty() &&
@@ -143,6 +161,7 @@ void Scheduler::schedule_waiting(int32_t& budget) {
     waiting_.pop_front();
     req->status = RequestStatus::kRunning;
     insert_running(req);
+    num_reserved_seqs_ += req->num_pending_children();
   }
 }
 

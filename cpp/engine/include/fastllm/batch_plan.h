@@ -46,10 +46,13 @@ struct BatchPlan {
   bool any_prompt_logprobs = false;
 
   // Per sample row [num_samples]: sequences whose last token this step is the end of their known
-  // tokens get one next token sampled from the logits of that row.
+  // tokens get one next token sampled from the logits of that row. The one exception: a request
+  // with n > 1 whose prompt ends in this step gets n rows on its last prompt token, one per child
+  // (consecutive, child 0 first, each with the child's seed); see request.h.
   int32_t num_samples = 0;
   std::vector<int32_t> sample_token_indices;  // token row whose logits are sampled
   std::vector<int32_t> sample_seq_indices;    // the sequence it belongs to
+  std::vector<int32_t> sample_child_indices;  // the child (RequestOutput::seq_index) it draws for
   std::vector<float> temperature;
   std::vector<float> top_p;
   std::vector<int32_t> top_k;

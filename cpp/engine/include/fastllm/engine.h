@@ -8,6 +8,25 @@
 // add_request() and abort() may be called from any thread at any time; they validate at once
 // (throwing InvalidRequestError) and hand the work to the engine thread through an input queue.
 // A failing executor step finishes that step's requests with an error; the loop goes on.
+//
+// Parallel sampling (SamplingParams::n = N > 1; request.h has the mechanics) — the contract:
+//   - One add_request, one id, one prefill: the prompt is computed once (EngineStats counts its
+//     prompt tokens once) and N sequences continue from it, copy-on-write on the prompt's blocks.
+//     n must not exceed max_num_seqs; the request waits until n places are free.
+//   - Every RequestOutput names its sequence: (request_id, seq_index), seq_index in 0..N-1.
+//     Sequence 0 reports the prompt logprobs. The step that computes the prompt emits the first
+//     token of every child, in seq_index order; after that each child reports only its own new
+//     tokens (outputs of one step follow the plan's order, a child's tokens come in order).
+//   - Seeds: child i uses seed + i (what N requests with seeds seed, seed+1, ... would give);
+//     unseeded children draw independently.
+//   - Each child finishes on its own (finished, finish_reason, stop_token_id are per child). The
+//     output that finishes the request's last unfinished child has request_finished == true; only
+//     then is the id free again. The engine ranks nothing: best_of is the front end's (pass
+//     n = best_of, ask for logprobs, rank by cumulative_logprob and keep the best n).
+//   - abort(id) aborts every unfinished child (one final kAbort output each) and frees all their
+//     blocks. A request aborted or failed before its prompt completed has only sequence 0, whose
+//     final output carries request_finished.
+// With n = 1 nothing changes: seq_index is 0 and request_finished equals finished.
 #pragma once
 
 #include <cstdint>
@@ -39,6 +58,7 @@ struct EngineConfig {
 // a request has finished == true.
 struct RequestOutput {
   std::string request_id;
+  int32_t seq_index = 0;  // which of the request's n sequences produced it
   std::vector<int32_t> new_token_ids;
   std::vector<float> new_logprobs;     // per new token, when logprobs were asked for
   int32_t num_top_logprobs = 0;        // K
@@ -49,7 +69,10 @@ struct RequestOutput {
   int32_t num_prompt_top_logprobs = 0;
   std::vector<int32_t> prompt_top_token_ids;  // [prompt_logprobs.size() * K']
   std::vector<float> prompt_top_logprobs;
-  bool finished = false;
+  bool finished = false;          // this sequence is done
+  bool request_finished = false;  // ... and it was the request's last unfinished sequence
+  // Sum of this sequence's sampled-token logprobs so far (0 unless logprobs were asked for).
+  double cumulative_logprob = 0.0;
   FinishReason finish_reason = FinishReason::kNone;
   int32_t stop_token_id = -1;  // the stop token that ended it (not EOS), or -1
   int32_t num_prompt_tokens = 0;
@@ -85,7 +108,8 @@ class Engine {
   // tokens or more, token ids outside the vocabulary, bad sampling values or an id still in use.
   void add_request(const std::string& request_id, std::vector<int32_t> prompt_token_ids,
                    const SamplingParams& params, uint64_t cache_salt = 0);
-  // Aborts a live request; its blocks are freed and a final output with kAbort is emitted.
+  // Aborts a live request: every unfinished sequence emits a final output with kAbort and all
+  // their blocks are freed.
   // Returns false when no live request has this id.
   bool abort(const std::string& request_id);
 

@@ -8,7 +8,9 @@
 //      (blocks freed, progress reset) or by swap (blocks copied to the CPU swap space).
 //   2. schedule_waiting: only if nothing was preempted in this step, waiting requests are admitted
 //      in queue order (FCFS or (priority, arrival)) while budget, max_num_seqs and blocks allow.
-//      The queue head blocks the ones behind it: no overtaking.
+//      The queue head blocks the ones behind it: no overtaking. A request with n > 1 whose
+//      children are not forked yet needs room for n sequences: it holds n - 1 places of
+//      max_num_seqs while it runs, until add_children turns them into running children.
 // The result is a SchedulerOutput; BatchPlan turns it into flat arrays.
 #pragma once
 
@@ -56,11 +58,18 @@ class Scheduler {
   void add_request(Request* req);
   // Takes a request out of whichever queue holds it and frees its blocks.
   void remove_request(Request* req);
+  // Called after the step that sampled the first tokens of parent (a running n > 1 request that
+  // just computed its prompt): each child forks parent's blocks copy-on-write and runs right
+  // after parent and its earlier siblings. Children hold the prompt and their first token, with
+  // num_computed_tokens == parent's; parent's children_forked becomes true.
+  void add_children(Request* parent, const std::vector<Request*>& children);
 
   // Plans one step. The returned reference stays valid until the next call.
   const SchedulerOutput& schedule();
 
   int32_t num_running() const { return static_cast<int32_t>(running_.size()); }
+  // Running sequences plus the places held for children not forked yet (<= max_num_seqs).
+  int32_t num_seqs_held() const { return num_running() + num_reserved_seqs_; }
   int32_t num_waiting() const { return static_cast<int32_t>(waiting_.size()); }
   bool has_requests() const { return !running_.empty() || !waiting_.empty(); }
   int64_t num_preemptions() const { return num_preemptions_; }
@@ -81,6 +90,7 @@ class Scheduler {
   std::deque<Request*> waiting_;
   SchedulerOutput output_;
   int64_t num_preemptions_ = 0;
+  int32_t num_reserved_seqs_ = 0;  // sum of num_pending_children() over running_
 };
 
 }  // namespace fastllm
