@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from fastllm import LLM, SamplingParams, _C
+from fastllm import _C, LLM, SamplingParams
 from fastllm.engine.errors import RequestFailedError
 
 POISON = "poisoned"  # a request id containing this makes the injected fault fire
