@@ -175,6 +175,14 @@ struct Engine::Impl {
   EngineStats stats;
 
   std::vector<RequestOutput> run_step();
+  // Runs one plan; returns why it failed (empty on success).
+  std::string execute(const BatchPlan& step, StepResult& result);
+  // Applies a successful step's sampled tokens and logprobs to its requests.
+  void apply_result(const SchedulerOutput& sched, const BatchPlan& plan, const StepResult& result,
+                    std::vector<RequestOutput>& out);
+  // After a failed step: runs each of its requests alone, so a fault that one request triggers
+  // fails that request only.
+  void isolate_failure(const SchedulerOutput& sched, std::vector<RequestOutput>& out);
   void drain_inputs(std::vector<RequestOutput>& out);
   // Emits the sequence's final output, then releases it.
   void finish(Request* req, RequestStatus status, std::vector<RequestOutput>& out,
@@ -320,17 +328,12 @@ std::vector<RequestOutput> Engine::Impl::run_step() {
   build_batch_plan(sched, config.cache.block_size, config.eos_token_ids, step_id++, plan);
 
   StepResult result;
-  std::string failure;
-  try {
-    result = executor->execute(plan);
-    if (static_cast<int32_t>(result.sampled_token_ids.size()) != plan.num_samples) {
-      failure = "executor returned " + std::to_string(result.sampled_token_ids.size()) +
-                " tokens for " + std::to_string(plan.num_samples) + " sample rows";
-    }
-  } catch (const std::exception& e) {
-    failure = std::string("executor failed: ") + e.what();
-  }
-  if (!failure.empty()) {
+  const std::string failure = execute(plan, result);
+  if (failure.empty()) {
+    apply_result(sched, plan, result, out);
+  } else if (sched.scheduled.size() > 1 && sched.block_ops.empty()) {
+    isolate_failure(sched, out);
+  } else {
     // Only this step's requests are lost; requests swapped out in this step lost their copy too.
     std::vector<Request*> victims;
     for (const ScheduledRequest& s : sched.scheduled) victims.push_back(s.request);
@@ -338,10 +341,47 @@ std::vector<RequestOutput> Engine::Impl::run_step() {
       if (p->status == RequestStatus::kSwapped) victims.push_back(p);
     }
     for (Request* r : victims) finish(r, RequestStatus::kFinishedError, out, failure);
-    update_stats();
-    return out;
   }
+  update_stats();
+  return out;
+}
 
+std::string Engine::Impl::execute(const BatchPlan& step, StepResult& result) {
+  try {
+    result = executor->execute(step);
+  } catch (const std::exception& e) {
+    return std::string("executor failed: ") + e.what();
+  }
+  if (static_cast<int32_t>(result.sampled_token_ids.size()) != step.num_samples) {
+    return "executor returned " + std::to_string(result.sampled_token_ids.size()) + " tokens for " +
+           std::to_string(step.num_samples) + " sample rows";
+  }
+  return {};
+}
+
+void Engine::Impl::isolate_failure(const SchedulerOutput& sched, std::vector<RequestOutput>& out) {
+  // Each request runs again on its own: the failed step changed no engine state, and without
+  // block copies or swaps re-running it rewrites the same KV slots with the same values.
+  const std::vector<ScheduledRequest> scheduled = sched.scheduled;
+  SchedulerOutput one;
+  BatchPlan solo;
+  for (const ScheduledRequest& s : scheduled) {
+    one.clear();
+    one.scheduled.push_back(s);
+    one.num_scheduled_tokens = s.num_new_tokens;
+    build_batch_plan(one, config.cache.block_size, config.eos_token_ids, step_id++, solo);
+    StepResult result;
+    const std::string failure = execute(solo, result);
+    if (failure.empty()) {
+      apply_result(one, solo, result, out);
+    } else {
+      finish(s.request, RequestStatus::kFinishedError, out, failure);
+    }
+  }
+}
+
+void Engine::Impl::apply_result(const SchedulerOutput& sched, const BatchPlan& plan,
+                                const StepResult& result, std::vector<RequestOutput>& out) {
   const size_t k = static_cast<size_t>(std::max(result.num_top_logprobs, 0));
   const bool has_logprobs = result.sampled_logprobs.size() == result.sampled_token_ids.size();
   const bool has_top = k > 0 &&
@@ -457,8 +497,6 @@ std::vector<RequestOutput> Engine::Impl::run_step() {
     // The output with the final token was emitted above; release the request quietly.
     release(req, finished_status[i]);
   }
-  update_stats();
-  return out;
 }
 
 void Engine::Impl::update_stats() {
