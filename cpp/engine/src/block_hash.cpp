@@ -1,0 +1,259 @@
+#include "fastllm/block_hash.h"
+
+#include <algorithm>
+#include <cstring>
+#include <random>
+
+namespace fastllm {
+
+const char* to_string(PrefixHashAlgo algo) {
+  switch (algo) {
+    case PrefixHashAlgo::kSha256:
+      return "sha256";
+    case PrefixHashAlgo::kFast:
+      return "fast";
+    case PrefixHashAlgo::kTestWeak:
+      return "test_weak";
+  }
+  return "?";
+}
+
+namespace {
+
+constexpr uint32_t kSha256K[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
+
+inline uint32_t rotr32(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
+inline uint64_t rotl64(uint64_t x, int n) { return (x << n) | (x >> (64 - n)); }
+
+inline void sip_round(std::array<uint64_t, 4>& v) {
+  v[0] += v[1];
+  v[1] = rotl64(v[1], 13);
+  v[1] ^= v[0];
+  v[0] = rotl64(v[0], 32);
+  v[2] += v[3];
+  v[3] = rotl64(v[3], 16);
+  v[3] ^= v[2];
+  v[0] += v[3];
+  v[3] = rotl64(v[3], 21);
+  v[3] ^= v[0];
+  v[2] += v[1];
+  v[1] = rotl64(v[1], 17);
+  v[1] ^= v[2];
+  v[2] = rotl64(v[2], 32);
+}
+
+inline void sip_absorb(std::array<uint64_t, 4>& v, uint64_t m) {
+  v[3] ^= m;
+  sip_round(v);
+  sip_round(v);
+  v[0] ^= m;
+}
+
+// The per-process SipHash key: drawn once, never leaves the process, so digests cannot be
+// predicted (or collisions searched for) from outside.
+const std::array<uint64_t, 2>& process_key() {
+  static const std::array<uint64_t, 2> key = [] {
+    std::random_device rd;
+    std::array<uint64_t, 2> k{};
+    for (uint64_t& w : k) w = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+    return k;
+  }();
+  return key;
+}
+
+// Little-endian serialization, so digests do not depend on the host's byte order.
+inline void put_u32(uint8_t* p, uint32_t x) {
+  for (int i = 0; i < 4; ++i) p[i] = static_cast<uint8_t>(x >> (8 * i));
+}
+inline void put_u64(uint8_t* p, uint64_t x) {
+  for (int i = 0; i < 8; ++i) p[i] = static_cast<uint8_t>(x >> (8 * i));
+}
+
+constexpr uint32_t kFullTag = 0x46424b31;     // "1KBF": a whole block
+constexpr uint32_t kPartialTag = 0x50424b31;  // "1KBP": the first tokens of a block
+
+}  // namespace
+
+void Sha256::reset() {
+  state_ = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+            0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+  buf_len_ = 0;
+  total_ = 0;
+}
+
+void Sha256::compress(const uint8_t* p) {
+  uint32_t w[64];
+  for (int i = 0; i < 16; ++i) {
+    w[i] = (static_cast<uint32_t>(p[4 * i]) << 24) | (static_cast<uint32_t>(p[4 * i + 1]) << 16) |
+           (static_cast<uint32_t>(p[4 * i + 2]) << 8) | p[4 * i + 3];
+  }
+  for (int i = 16; i < 64; ++i) {
+    const uint32_t s0 = rotr32(w[i - 15], 7) ^ rotr32(w[i - 15], 18) ^ (w[i - 15] >> 3);
+    const uint32_t s1 = rotr32(w[i - 2], 17) ^ rotr32(w[i - 2], 19) ^ (w[i - 2] >> 10);
+    w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+  }
+  uint32_t a = state_[0], b = state_[1], c = state_[2], d = state_[3];
+  uint32_t e = state_[4], f = state_[5], g = state_[6], h = state_[7];
+  for (int i = 0; i < 64; ++i) {
+    const uint32_t s1 = rotr32(e, 6) ^ rotr32(e, 11) ^ rotr32(e, 25);
+    const uint32_t ch = (e & f) ^ (~e & g);
+    const uint32_t t1 = h + s1 + ch + kSha256K[i] + w[i];
+    const uint32_t s0 = rotr32(a, 2) ^ rotr32(a, 13) ^ rotr32(a, 22);
+    const uint32_t maj = (a & b) ^ (a & c) ^ (b & c);
+    const uint32_t t2 = s0 + maj;
+    h = g;
+    g = f;
+    f = e;
+    e = d + t1;
+    d = c;
+    c = b;
+    b = a;
+    a = t1 + t2;
+  }
+  state_[0] += a;
+  state_[1] += b;
+  state_[2] += c;
+  state_[3] += d;
+  state_[4] += e;
+  state_[5] += f;
+  state_[6] += g;
+  state_[7] += h;
+}
+
+void Sha256::update(const void* data, size_t n) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  total_ += n;
+  if (buf_len_ > 0) {
+    const size_t take = std::min(n, buf_.size() - buf_len_);
+    std::memcpy(buf_.data() + buf_len_, p, take);
+    buf_len_ += take;
+    p += take;
+    n -= take;
+    if (buf_len_ < buf_.size()) return;
+    compress(buf_.data());
+    buf_len_ = 0;
+  }
+  for (; n >= 64; p += 64, n -= 64) compress(p);
+  if (n > 0) std::memcpy(buf_.data(), p, n);
+  buf_len_ = n;
+}
+
+std::array<uint8_t, 32> Sha256::digest() const {
+  Sha256 s = *this;
+  const uint64_t bits = total_ * 8;
+  uint8_t pad[72] = {0x80};
+  // Pad to 56 bytes mod 64, then the message length in bits, big-endian.
+  const size_t pad_len = (s.buf_len_ < 56 ? 56 : 120) - s.buf_len_;
+  for (int i = 0; i < 8; ++i) pad[pad_len + i] = static_cast<uint8_t>(bits >> (56 - 8 * i));
+  s.update(pad, pad_len + 8);
+  std::array<uint8_t, 32> out{};
+  for (int i = 0; i < 8; ++i) {
+    for (int j = 0; j < 4; ++j) out[4 * i + j] = static_cast<uint8_t>(s.state_[i] >> (24 - 8 * j));
+  }
+  return out;
+}
+
+void SipHash128::reset(uint64_t k0, uint64_t k1) {
+  v_ = {k0 ^ 0x736f6d6570736575ull, k1 ^ 0x646f72616e646f6dull ^ 0xee, k0 ^ 0x6c7967656e657261ull,
+        k1 ^ 0x7465646279746573ull};
+  tail_ = 0;
+  tail_len_ = 0;
+  total_ = 0;
+}
+
+void SipHash128::update(const void* data, size_t n) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  total_ += n;
+  for (size_t i = 0; i < n; ++i) {
+    tail_ |= static_cast<uint64_t>(p[i]) << (8 * tail_len_);
+    if (++tail_len_ == 8) {
+      sip_absorb(v_, tail_);
+      tail_ = 0;
+      tail_len_ = 0;
+    }
+  }
+}
+
+std::array<uint64_t, 2> SipHash128::digest() const {
+  std::array<uint64_t, 4> v = v_;
+  sip_absorb(v, tail_ | (total_ << 56));
+  v[2] ^= 0xee;
+  for (int i = 0; i < 4; ++i) sip_round(v);
+  const uint64_t lo = v[0] ^ v[1] ^ v[2] ^ v[3];
+  v[1] ^= 0xdd;
+  for (int i = 0; i < 4; ++i) sip_round(v);
+  return {lo, v[0] ^ v[1] ^ v[2] ^ v[3]};
+}
+
+BlockHasher::BlockHasher(PrefixHashAlgo algo)
+    : algo_(algo), sip_(process_key()[0], process_key()[1]) {}
+
+void BlockHasher::begin(const BlockHash& parent, uint64_t salt, bool partial) {
+  num_tokens_ = 0;
+  partial_ = partial;
+  // Header: domain tag, parent digest, salt. The token count needs no field: the hashes' own
+  // length padding already separates messages of different lengths.
+  uint8_t head[4 + 32 + 8];
+  put_u32(head, partial ? kPartialTag : kFullTag);
+  for (int i = 0; i < 4; ++i) put_u64(head + 4 + 8 * i, parent.words[i]);
+  put_u64(head + 36, salt);
+  if (algo_ == PrefixHashAlgo::kSha256) {
+    sha_.reset();
+    sha_.update(head, sizeof(head));
+  } else if (algo_ == PrefixHashAlgo::kFast) {
+    sip_.reset(process_key()[0], process_key()[1]);
+    sip_.update(head, sizeof(head));
+  }
+}
+
+void BlockHasher::add(const int32_t* tokens, int32_t n) {
+  num_tokens_ += n;
+  uint8_t buf[64 * 4];
+  while (n > 0) {
+    const int32_t m = std::min<int32_t>(n, 64);
+    for (int32_t i = 0; i < m; ++i) put_u32(buf + 4 * i, static_cast<uint32_t>(tokens[i]));
+    if (algo_ == PrefixHashAlgo::kSha256) {
+      sha_.update(buf, 4 * static_cast<size_t>(m));
+    } else if (algo_ == PrefixHashAlgo::kFast) {
+      sip_.update(buf, 4 * static_cast<size_t>(m));
+    }
+    tokens += m;
+    n -= m;
+  }
+}
+
+BlockHash BlockHasher::digest() const {
+  BlockHash h;
+  switch (algo_) {
+    case PrefixHashAlgo::kSha256: {
+      const std::array<uint8_t, 32> d = sha_.digest();
+      for (int i = 0; i < 4; ++i) {
+        uint64_t w = 0;
+        for (int j = 0; j < 8; ++j) w = (w << 8) | d[8 * i + j];
+        h.words[i] = w;
+      }
+      break;
+    }
+    case PrefixHashAlgo::kFast: {
+      const std::array<uint64_t, 2> d = sip_.digest();
+      h.words[0] = d[0];
+      h.words[1] = d[1];
+      break;
+    }
+    case PrefixHashAlgo::kTestWeak:
+      // Ignores the parent, the salt and the token values: collisions everywhere.
+      h.words[0] = static_cast<uint64_t>(num_tokens_) + (partial_ ? 1000 : 0);
+      break;
+  }
+  return h;
+}
+
+}  // namespace fastllm
