@@ -199,6 +199,7 @@ BlockHasher::BlockHasher(PrefixHashAlgo algo)
 void BlockHasher::begin(const BlockHash& parent, uint64_t salt, bool partial) {
   num_tokens_ = 0;
   partial_ = partial;
+  parent_depth_ = parent.words[0];
   // Header: domain tag, parent digest, salt. The token count needs no field: the hashes' own
   // length padding already separates messages of different lengths.
   uint8_t head[4 + 32 + 8];
@@ -249,8 +250,11 @@ BlockHash BlockHasher::digest() const {
       break;
     }
     case PrefixHashAlgo::kTestWeak:
-      // Ignores the parent, the salt and the token values: collisions everywhere.
-      h.words[0] = static_cast<uint64_t>(num_tokens_) + (partial_ ? 1000 : 0);
+      // Only the block's depth in its sequence (and a partial block's length) count: the salt
+      // and the token values are ignored, so every prompt's block i collides with every other's.
+      h.words[0] = parent_depth_ + (partial_ ? 0 : 1);
+      h.words[1] = partial_ ? static_cast<uint64_t>(num_tokens_) : 0;
+      h.words[2] = partial_ ? 1 : 0;
       break;
   }
   return h;

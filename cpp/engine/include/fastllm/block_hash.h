@@ -19,8 +19,9 @@ enum class PrefixHashAlgo {
   // still unpredictable: without the key nobody can search for collisions offline, and 128 bits
   // put accidental ones out of reach. Digests differ between processes (no persistent cache).
   kFast,
-  // Tests only: every block maps to one of a few digests (by its token count), so different
-  // prompts collide on purpose and the hit verification is what keeps them apart.
+  // Tests only: a block's digest is its position in the sequence (a partial block's: and its
+  // length), so different prompts collide on purpose and the hit verification is what keeps
+  // them apart.
   kTestWeak,
 };
 
@@ -83,6 +84,7 @@ class BlockHasher {
   SipHash128 sip_;
   int32_t num_tokens_ = 0;
   bool partial_ = false;
+  uint64_t parent_depth_ = 0;  // kTestWeak: the parent's digest is its depth
 };
 
 }  // namespace fastllm
