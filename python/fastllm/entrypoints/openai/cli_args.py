@@ -115,6 +115,8 @@ def make_parser() -> argparse.ArgumentParser:
     a("--block-size", type=int, default=None, choices=[8, 16, 32],
       help="tokens per KV block (default: 16 on a GPU, 8 on a CPU)")
     a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    a("--prefix-caching-hash-algo", default="sha256", choices=["sha256", "fast"],
+      help="prefix-cache block digest: sha256, or fast (SipHash-128, random per-process key)")
     a("--use-v2-block-manager", action="store_true", default=False)
     a("--num-lookahead-slots", type=int, default=0)
     a("--seed", type=int, default=0)
