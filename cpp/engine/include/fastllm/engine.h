@@ -62,11 +62,12 @@ struct EngineStats {
   int32_t num_running = 0;
   int32_t num_waiting = 0;
   int32_t num_free_blocks = 0;
-  int32_t num_total_blocks = 0;        // usable device blocks
-  double kv_usage = 0.0;               // fraction of usable blocks in use
-  int64_t prefix_queries = 0;          // tokens looked up in the prefix cache
-  int64_t prefix_hits = 0;             // tokens found
-  int64_t prefix_hash_collisions = 0;  // cache hits rejected: the block held other tokens
+  int32_t num_total_blocks = 0;  // usable device blocks
+  double kv_usage = 0.0;         // fraction of usable blocks in use
+  int64_t prefix_queries = 0;    // tokens looked up in the prefix cache
+  int64_t prefix_hits = 0;       // tokens found
+  // Prefix-cache lookups whose hash matched a block holding other tokens (used as misses).
+  int64_t prefix_hash_collisions = 0;
   int64_t num_preemptions = 0;
   int64_t num_steps = 0;
   int64_t num_generated_tokens = 0;
