@@ -55,8 +55,9 @@ std::string hex(const std::array<uint8_t, 32>& d) {
 
 }  // namespace
 
-TEST(BlockHash, Sha256KnownAnswers) {
-  // FIPS 180-4 examples: empty, one block, two blocks after padding.
+// FIPS 180-4 examples: empty, one block, two blocks after padding, a million 'a's; through
+// the CPU's SHA instructions where it has them, then through the portable code.
+static void check_sha256_known_answers() {
   Sha256 h;
   EXPECT_EQ(hex(h.digest()), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
   h.update("abc", 3);
@@ -79,6 +80,14 @@ TEST(BlockHash, Sha256KnownAnswers) {
   for (int i = 0; i < 1000; ++i) million.update(a.data(), a.size());
   EXPECT_EQ(hex(million.digest()),
             "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+}
+
+TEST(BlockHash, Sha256KnownAnswers) {
+  check_sha256_known_answers();
+  const bool previous = Sha256::set_cpu_extensions(false);
+  EXPECT_FALSE(Sha256::uses_cpu_extensions());
+  check_sha256_known_answers();
+  Sha256::set_cpu_extensions(previous);
 }
 
 TEST(BlockHash, SipHash128KnownAnswer) {

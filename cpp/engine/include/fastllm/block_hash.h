@@ -44,6 +44,11 @@ class Sha256 {
   // Digest of the bytes so far; the object is left unchanged (more bytes may follow).
   std::array<uint8_t, 32> digest() const;
 
+  // Whether blocks go through the CPU's SHA instructions (x86 SHA extensions, when present).
+  static bool uses_cpu_extensions();
+  // Tests: turns that path off (or back on) process-wide; returns the previous setting.
+  static bool set_cpu_extensions(bool enabled);
+
  private:
   void compress(const uint8_t* block);
   std::array<uint32_t, 8> state_{};
