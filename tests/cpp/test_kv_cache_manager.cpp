@@ -74,6 +74,14 @@ static void check_sha256_known_answers() {
     pieces.digest();
   }
   EXPECT_EQ(pieces.digest(), whole.digest());
+  // The one-shot form, at every length around the padding boundaries.
+  std::string bytes;
+  for (int n = 0; n < 200; ++n) {
+    Sha256 s;
+    s.update(bytes.data(), bytes.size());
+    EXPECT_EQ(Sha256::hash(bytes.data(), bytes.size()), s.digest()) << n;
+    bytes += static_cast<char>('a' + n % 26);
+  }
   // A million 'a's (many full blocks).
   Sha256 million;
   const std::string a(1000, 'a');
@@ -108,6 +116,13 @@ TEST(BlockHash, DigestsDependOnParentSaltTokensAndKind) {
       return h.digest();
     };
     const BlockHash base = digest({}, 0, false, 16);
+    // The one-call form gives the streaming one's digests.
+    for (int32_t n : {1, 5, 8, 16}) {
+      for (bool partial : {false, true}) {
+        const BlockHash once = h.hash(base, 3, partial, t.data(), n);
+        EXPECT_EQ(once, digest(base, 3, partial, n)) << n;
+      }
+    }
     EXPECT_EQ(digest({}, 0, false, 16), base);
     EXPECT_NE(digest(base, 0, false, 16), base);
     EXPECT_NE(digest({}, 1, false, 16), base);

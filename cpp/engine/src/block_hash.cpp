@@ -140,6 +140,25 @@ std::atomic<bool> g_sha_ni_enabled{true};
 constexpr uint32_t kFullTag = 0x46424b31;     // "1KBF": a whole block
 constexpr uint32_t kPartialTag = 0x50424b31;  // "1KBP": the first tokens of a block
 
+// Header: domain tag, parent digest, salt. The token count needs no field: the hashes' own
+// length padding already separates messages of different lengths.
+constexpr size_t kHeaderBytes = 4 + 32 + 8;
+void write_header(uint8_t* p, const BlockHash& parent, uint64_t salt, bool partial) {
+  put_u32(p, partial ? kPartialTag : kFullTag);
+  for (int i = 0; i < 4; ++i) put_u64(p + 4 + 8 * i, parent.words[i]);
+  put_u64(p + 36, salt);
+}
+
+BlockHash to_block_hash(const std::array<uint8_t, 32>& d) {
+  BlockHash h;
+  for (int i = 0; i < 4; ++i) {
+    uint64_t w = 0;
+    for (int j = 0; j < 8; ++j) w = (w << 8) | d[8 * i + j];
+    h.words[i] = w;
+  }
+  return h;
+}
+
 }  // namespace
 
 void Sha256::reset() {
@@ -238,6 +257,28 @@ std::array<uint8_t, 32> Sha256::digest() const {
   return out;
 }
 
+std::array<uint8_t, 32> Sha256::hash(const void* data, size_t n) {
+  Sha256 s;
+  const auto* p = static_cast<const uint8_t*>(data);
+  const size_t whole = n / 64 * 64;
+  for (size_t i = 0; i < whole; i += 64) s.compress(p + i);
+  // The rest, 0x80, zeros up to 56 mod 64, then the length in bits, big-endian.
+  uint8_t tail[128] = {};
+  const size_t rest = n - whole;
+  std::memcpy(tail, p + whole, rest);
+  tail[rest] = 0x80;
+  const size_t len = rest < 56 ? 64 : 128;
+  const uint64_t bits = static_cast<uint64_t>(n) * 8;
+  for (int i = 0; i < 8; ++i) tail[len - 8 + i] = static_cast<uint8_t>(bits >> (56 - 8 * i));
+  s.compress(tail);
+  if (len == 128) s.compress(tail + 64);
+  std::array<uint8_t, 32> out{};
+  for (int i = 0; i < 8; ++i) {
+    for (int j = 0; j < 4; ++j) out[4 * i + j] = static_cast<uint8_t>(s.state_[i] >> (24 - 8 * j));
+  }
+  return out;
+}
+
 void SipHash128::reset(uint64_t k0, uint64_t k1) {
   v_ = {k0 ^ 0x736f6d6570736575ull, k1 ^ 0x646f72616e646f6dull ^ 0xee, k0 ^ 0x6c7967656e657261ull,
         k1 ^ 0x7465646279746573ull};
@@ -277,12 +318,8 @@ void BlockHasher::begin(const BlockHash& parent, uint64_t salt, bool partial) {
   num_tokens_ = 0;
   partial_ = partial;
   parent_depth_ = parent.words[0];
-  // Header: domain tag, parent digest, salt. The token count needs no field: the hashes' own
-  // length padding already separates messages of different lengths.
-  uint8_t head[4 + 32 + 8];
-  put_u32(head, partial ? kPartialTag : kFullTag);
-  for (int i = 0; i < 4; ++i) put_u64(head + 4 + 8 * i, parent.words[i]);
-  put_u64(head + 36, salt);
+  uint8_t head[kHeaderBytes];
+  write_header(head, parent, salt, partial);
   if (algo_ == PrefixHashAlgo::kSha256) {
     sha_.reset();
     sha_.update(head, sizeof(head));
@@ -308,18 +345,28 @@ void BlockHasher::add(const int32_t* tokens, int32_t n) {
   }
 }
 
+BlockHash BlockHasher::hash(const BlockHash& parent, uint64_t salt, bool partial,
+                            const int32_t* tokens, int32_t n) {
+  constexpr int32_t kMaxTokens = 32;  // the largest block size
+  if (algo_ != PrefixHashAlgo::kSha256 || n > kMaxTokens) {
+    begin(parent, salt, partial);
+    add(tokens, n);
+    return digest();
+  }
+  // The same bytes as begin + add.
+  uint8_t msg[kHeaderBytes + 4 * kMaxTokens];
+  write_header(msg, parent, salt, partial);
+  for (int32_t i = 0; i < n; ++i)
+    put_u32(msg + kHeaderBytes + 4 * i, static_cast<uint32_t>(tokens[i]));
+  return to_block_hash(Sha256::hash(msg, kHeaderBytes + 4 * static_cast<size_t>(n)));
+}
+
 BlockHash BlockHasher::digest() const {
   BlockHash h;
   switch (algo_) {
-    case PrefixHashAlgo::kSha256: {
-      const std::array<uint8_t, 32> d = sha_.digest();
-      for (int i = 0; i < 4; ++i) {
-        uint64_t w = 0;
-        for (int j = 0; j < 8; ++j) w = (w << 8) | d[8 * i + j];
-        h.words[i] = w;
-      }
+    case PrefixHashAlgo::kSha256:
+      h = to_block_hash(sha_.digest());
       break;
-    }
     case PrefixHashAlgo::kFast: {
       const std::array<uint64_t, 2> d = sip_.digest();
       h.words[0] = d[0];

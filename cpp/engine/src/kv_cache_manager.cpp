@@ -61,9 +61,8 @@ void KVCacheManager::ensure_block_hashes(Request& req, int32_t num_full_blocks) 
   auto& hashes = req.block_hashes;
   while (static_cast<int32_t>(hashes.size()) < num_full_blocks) {
     const int32_t i = static_cast<int32_t>(hashes.size());
-    hasher_.begin(i == 0 ? BlockHash{} : hashes[i - 1], req.cache_salt, /*partial=*/false);
-    hasher_.add(req.token_ids.data() + i * bs, bs);
-    hashes.push_back(hasher_.digest());
+    hashes.push_back(hasher_.hash(i == 0 ? BlockHash{} : hashes[i - 1], req.cache_salt,
+                                  /*partial=*/false, req.token_ids.data() + i * bs, bs));
   }
 }
 
@@ -247,11 +246,10 @@ void KVCacheManager::cache_prompt_tail(Request& req) {
   if (idx >= static_cast<int32_t>(req.block_ids.size()) || req.num_registered_blocks < idx) return;
   ensure_block_hashes(req, idx);
   const int32_t* tokens = req.token_ids.data() + idx * bs;
-  hasher_.begin(idx == 0 ? BlockHash{} : req.block_hashes[idx - 1], req.cache_salt,
-                /*partial=*/true);
-  hasher_.add(tokens, prompt % bs);
+  const BlockHash key = hasher_.hash(idx == 0 ? BlockHash{} : req.block_hashes[idx - 1],
+                                     req.cache_salt, /*partial=*/true, tokens, prompt % bs);
   const int32_t block = req.block_ids[idx];
-  if (device_.register_partial(block, hasher_.digest())) {
+  if (device_.register_partial(block, key)) {
     store_key(true, block, 0, idx == 0 ? 0 : req.block_nodes[idx - 1], req.cache_salt, tokens,
               prompt % bs);
   }

@@ -43,6 +43,8 @@ class Sha256 {
   void update(const void* data, size_t n);
   // Digest of the bytes so far; the object is left unchanged (more bytes may follow).
   std::array<uint8_t, 32> digest() const;
+  // One-shot digest of n bytes: no buffering, no copy of the state.
+  static std::array<uint8_t, 32> hash(const void* data, size_t n);
 
   // Whether blocks go through the CPU's SHA instructions (x86 SHA extensions, when present).
   static bool uses_cpu_extensions();
@@ -82,6 +84,9 @@ class BlockHasher {
   void begin(const BlockHash& parent, uint64_t salt, bool partial);
   void add(const int32_t* tokens, int32_t n);
   BlockHash digest() const;
+  // begin + add + digest in one call (SHA-256 hashes the serialized block in one pass).
+  BlockHash hash(const BlockHash& parent, uint64_t salt, bool partial, const int32_t* tokens,
+                 int32_t n);
 
  private:
   PrefixHashAlgo algo_;
