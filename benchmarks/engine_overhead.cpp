@@ -1,7 +1,7 @@
 // Engine overhead per step (scheduler + batch plan + output update), with the FakeExecutor in its
 // cheap mode and its own time subtracted. Prints µs/step; asserts nothing.
 //
-//   engine_overhead [steps]
+//   engine_overhead [steps] [sha256|fast]   (the prefix cache's hash, default sha256)
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -41,11 +41,14 @@ struct Scenario {
   int num_blocks;
 };
 
+PrefixHashAlgo g_hash_algo = PrefixHashAlgo::kSha256;
+
 void run(const Scenario& s, int steps) {
   EngineConfig cfg;
   cfg.cache.block_size = 16;
   cfg.cache.num_gpu_blocks = s.num_blocks;
   cfg.cache.enable_prefix_caching = true;
+  cfg.cache.hash_algo = g_hash_algo;
   cfg.scheduler.max_num_seqs = s.max_num_seqs;
   cfg.scheduler.max_num_batched_tokens = 8192;
   cfg.scheduler.max_model_len = 4096;
@@ -83,8 +86,11 @@ void run(const Scenario& s, int steps) {
 
 int main(int argc, char** argv) {
   const int steps = argc > 1 ? std::atoi(argv[1]) : 500;
-  std::printf("fastllm engine overhead (FakeExecutor, block_size 16, %d steps per scenario)\n",
-              steps);
+  if (argc > 2 && std::string(argv[2]) == "fast") g_hash_algo = PrefixHashAlgo::kFast;
+  std::printf(
+      "fastllm engine overhead (FakeExecutor, block_size 16, %d steps per scenario, %s prefix "
+      "hash)\n",
+      steps, to_string(g_hash_algo));
   run({"256 running, ctx 450-800", 256, 256, 448, 256 * 100}, steps);
   run({"256 running + 1024 waiting", 1280, 256, 448, 256 * 100}, steps);
   run({"256 running, blocks exhausted", 1280, 1024, 448, 256 * 40 + 1}, steps);

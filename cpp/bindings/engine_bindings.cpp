@@ -107,6 +107,10 @@ void bind_engine(nb::module_& m) {
   nb::enum_<SchedulingPolicy>(m, "SchedulingPolicy")
       .value("FCFS", SchedulingPolicy::kFCFS)
       .value("PRIORITY", SchedulingPolicy::kPriority);
+  nb::enum_<PrefixHashAlgo>(m, "PrefixHashAlgo")
+      .value("SHA256", PrefixHashAlgo::kSha256)
+      .value("FAST", PrefixHashAlgo::kFast)
+      .value("TEST_WEAK", PrefixHashAlgo::kTestWeak);
   nb::enum_<PreemptionMode>(m, "PreemptionMode")
       .value("RECOMPUTE", PreemptionMode::kRecompute)
       .value("SWAP", PreemptionMode::kSwap);
@@ -140,7 +144,8 @@ void bind_engine(nb::module_& m) {
       .def_rw("num_gpu_blocks", &KVCacheConfig::num_gpu_blocks)
       .def_rw("num_cpu_blocks", &KVCacheConfig::num_cpu_blocks)
       .def_rw("block_size", &KVCacheConfig::block_size)
-      .def_rw("enable_prefix_caching", &KVCacheConfig::enable_prefix_caching);
+      .def_rw("enable_prefix_caching", &KVCacheConfig::enable_prefix_caching)
+      .def_rw("hash_algo", &KVCacheConfig::hash_algo);
 
   nb::class_<SchedulerConfig>(m, "SchedulerConfig")
       .def(nb::init<>())
@@ -366,6 +371,7 @@ void bind_engine(nb::module_& m) {
       .def_ro("kv_usage", &EngineStats::kv_usage)
       .def_ro("prefix_queries", &EngineStats::prefix_queries)
       .def_ro("prefix_hits", &EngineStats::prefix_hits)
+      .def_ro("prefix_hash_collisions", &EngineStats::prefix_hash_collisions)
       .def_ro("num_preemptions", &EngineStats::num_preemptions)
       .def_ro("num_steps", &EngineStats::num_steps)
       .def_ro("num_generated_tokens", &EngineStats::num_generated_tokens)

@@ -55,6 +55,9 @@ class EngineArgs:
     # partial-block memory, at no measurable cost there)
     block_size: int | None = None
     enable_prefix_caching: bool = True
+    # Digest keying the prefix cache: sha256 (collision-resistant) or fast (SipHash-128 under a
+    # random per-process key); hits are checked against the cached tokens either way
+    prefix_caching_hash_algo: str = "sha256"
     enable_chunked_prefill: bool = True
     max_num_batched_tokens: int | None = None
     max_num_seqs: int = 256
@@ -99,6 +102,9 @@ class EngineArgs:
         if self.preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got "
                              f"{self.preemption_mode!r}")
+        if self.prefix_caching_hash_algo not in ("sha256", "fast"):
+            raise ValueError(f"prefix_caching_hash_algo must be 'sha256' or 'fast', got "
+                             f"{self.prefix_caching_hash_algo!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got "
                              f"{self.scheduling_policy!r}")

@@ -10,6 +10,13 @@ using fastllm::BlockPool;
 
 namespace {
 
+// A digest for the index tests, which only need distinct (or equal) keys.
+fastllm::BlockHash H(uint64_t v) {
+  fastllm::BlockHash h;
+  h.words[0] = v;
+  return h;
+}
+
 std::vector<int32_t> allocate(BlockPool& pool, int32_t n) {
   std::vector<int32_t> out;
   pool.allocate(n, out);
@@ -67,21 +74,21 @@ TEST(BlockPool, UncachedFreedBlocksAreReusedMostRecentFirstBeforeFreshOnes) {
 TEST(BlockPool, UncachedFreedBlockIsReusedBeforeCachedAndFreshOnes) {
   BlockPool pool(8, /*cache_headroom=*/0.0);
   std::vector<int32_t> a = allocate(pool, 4);  // 1 2 3 4
-  pool.register_block(1, 11);
-  pool.register_block(2, 22);
+  pool.register_block(1, H(11));
+  pool.register_block(2, H(22));
   // Interleave cached and uncached releases: free list becomes 4 3 | 1 2.
   for (int32_t b : {1, 3, 2, 4}) pool.release(&b, 1);
   EXPECT_EQ(pool.num_free_blocks(), 7);
   EXPECT_EQ(allocate(pool, 1), (std::vector<int32_t>{4}));
   EXPECT_EQ(allocate(pool, 1), (std::vector<int32_t>{3}));
-  EXPECT_EQ(pool.lookup(11), 1);  // no cached block evicted while uncached ones were free
-  EXPECT_EQ(pool.lookup(22), 2);
+  EXPECT_EQ(pool.lookup(H(11)), 1);  // no cached block evicted while uncached ones were free
+  EXPECT_EQ(pool.lookup(H(22)), 2);
   EXPECT_EQ(allocate(pool, 1), (std::vector<int32_t>{1}));
-  EXPECT_EQ(pool.lookup(11), -1);
-  EXPECT_EQ(pool.lookup(22), 2);
+  EXPECT_EQ(pool.lookup(H(11)), -1);
+  EXPECT_EQ(pool.lookup(H(22)), 2);
   EXPECT_FALSE(pool.is_registered(1));
   EXPECT_EQ(allocate(pool, 1), (std::vector<int32_t>{2}));
-  EXPECT_EQ(pool.lookup(22), -1);
+  EXPECT_EQ(pool.lookup(H(22)), -1);
   EXPECT_EQ(pool.num_cached_blocks(), 0);
   EXPECT_EQ(pool.num_touched_blocks(), 4);
   // The free list is empty now: only then are fresh blocks taken.
@@ -92,15 +99,15 @@ TEST(BlockPool, UncachedFreedBlockIsReusedBeforeCachedAndFreshOnes) {
 TEST(BlockPool, CachedBlocksAreEvictedInLruOrder) {
   BlockPool pool(7, /*cache_headroom=*/0.0);
   std::vector<int32_t> a = allocate(pool, 4);  // 1 2 3 4
-  for (int32_t b : a) pool.register_block(b, 100 + b);
+  for (int32_t b : a) pool.register_block(b, H(100 + b));
   for (int32_t b : {2, 4, 1, 3}) pool.release(&b, 1);
   EXPECT_EQ(pool.num_cached_blocks(), 4);
   const std::vector<int32_t> expected = {2, 4, 1, 3};
   for (size_t i = 0; i < expected.size(); ++i) {
     EXPECT_EQ(allocate(pool, 1), (std::vector<int32_t>{expected[i]}));
-    EXPECT_EQ(pool.lookup(100 + expected[i]), -1);
+    EXPECT_EQ(pool.lookup(H(100 + expected[i])), -1);
     for (size_t j = i + 1; j < expected.size(); ++j) {
-      EXPECT_EQ(pool.lookup(100 + expected[j]), expected[j]);
+      EXPECT_EQ(pool.lookup(H(100 + expected[j])), expected[j]);
     }
   }
   EXPECT_EQ(pool.num_touched_blocks(), 4);
@@ -109,7 +116,7 @@ TEST(BlockPool, CachedBlocksAreEvictedInLruOrder) {
 TEST(BlockPool, ReleaseReversedEvictsTheEndOfASequenceFirst) {
   BlockPool pool(5, /*cache_headroom=*/0.0);
   std::vector<int32_t> a = allocate(pool, 3);  // 1 2 3
-  for (int32_t b : a) pool.register_block(b, 10 + b);
+  for (int32_t b : a) pool.register_block(b, H(10 + b));
   pool.release_reversed(a);  // cached: 3 joins the tail first, so it is evicted first
   EXPECT_EQ(allocate(pool, 3), (std::vector<int32_t>{3, 2, 1}));
 }
@@ -125,12 +132,12 @@ TEST(BlockPool, ReleaseReversedOfUncachedBlocksKeepsTheirOrder) {
 TEST(BlockPool, ReleaseReversedPutsAPartialLastBlockFirstAndThePrefixLast) {
   BlockPool pool(6, /*cache_headroom=*/0.0);
   std::vector<int32_t> a = allocate(pool, 3);  // 1 2 full and cached, 3 partial
-  pool.register_block(1, 11);
-  pool.register_block(2, 22);
+  pool.register_block(1, H(11));
+  pool.register_block(2, H(22));
   pool.release_reversed(a);  // free list: 3 | 2 1
   EXPECT_EQ(allocate(pool, 2), (std::vector<int32_t>{3, 2}));
-  EXPECT_EQ(pool.lookup(11), 1);
-  EXPECT_EQ(pool.lookup(22), -1);
+  EXPECT_EQ(pool.lookup(H(11)), 1);
+  EXPECT_EQ(pool.lookup(H(22)), -1);
 }
 
 TEST(BlockPool, RefCountsKeepSharedBlocksOutOfTheFreeList) {
@@ -151,45 +158,45 @@ TEST(BlockPool, RefCountsKeepSharedBlocksOutOfTheFreeList) {
 TEST(BlockPool, CachedBlocksSurviveFreeAndAreEvictedLazily) {
   BlockPool pool(5, /*cache_headroom=*/0.0);
   std::vector<int32_t> a = allocate(pool, 3);  // 1 2 3
-  pool.register_block(a[0], 111);
-  pool.register_block(a[1], 222);
+  pool.register_block(a[0], H(111));
+  pool.register_block(a[1], H(222));
   pool.release_reversed(a);  // free list: 3 | 2 1, fresh: 4
-  EXPECT_EQ(pool.lookup(111), 1);
-  EXPECT_EQ(pool.lookup(222), 2);
+  EXPECT_EQ(pool.lookup(H(111)), 1);
+  EXPECT_EQ(pool.lookup(H(222)), 2);
   EXPECT_EQ(pool.num_free_blocks(), 4);
   // Taking a cached block back removes it from the free list without evicting anything.
   pool.touch(1);
   EXPECT_EQ(pool.ref_count(1), 1);
   EXPECT_EQ(pool.num_free_blocks(), 3);
-  EXPECT_EQ(pool.lookup(111), 1);
+  EXPECT_EQ(pool.lookup(H(111)), 1);
   // Allocation takes 3 (never cached) and then 2, evicting hash 222 only now; block 1 is held, so
   // the next one is fresh.
   EXPECT_EQ(allocate(pool, 1), (std::vector<int32_t>{3}));
-  EXPECT_EQ(pool.lookup(222), 2);
+  EXPECT_EQ(pool.lookup(H(222)), 2);
   EXPECT_EQ(allocate(pool, 1), (std::vector<int32_t>{2}));
-  EXPECT_EQ(pool.lookup(222), -1);
-  EXPECT_EQ(pool.lookup(111), 1);
+  EXPECT_EQ(pool.lookup(H(222)), -1);
+  EXPECT_EQ(pool.lookup(H(111)), 1);
   EXPECT_EQ(pool.num_touched_blocks(), 3);
   EXPECT_EQ(allocate(pool, 1), (std::vector<int32_t>{4}));
   EXPECT_EQ(pool.num_touched_blocks(), 4);
   // The block taken back is cached, so releasing it sends it to the tail again.
   pool.release(&a[0], 1);
-  EXPECT_EQ(pool.lookup(111), 1);
+  EXPECT_EQ(pool.lookup(H(111)), 1);
   EXPECT_EQ(allocate(pool, 1), (std::vector<int32_t>{1}));
-  EXPECT_EQ(pool.lookup(111), -1);
+  EXPECT_EQ(pool.lookup(H(111)), -1);
 }
 
 TEST(BlockPool, PrefixHitLeavesTheFreeListFromTheMiddle) {
   BlockPool pool(6, /*cache_headroom=*/0.0);
   std::vector<int32_t> a = allocate(pool, 3);  // 1 2 3
-  for (int32_t b : a) pool.register_block(b, 10 + b);
+  for (int32_t b : a) pool.register_block(b, H(10 + b));
   pool.release_reversed(a);  // free list: 3 2 1
-  const int32_t hit = pool.lookup(12);
+  const int32_t hit = pool.lookup(H(12));
   ASSERT_EQ(hit, 2);
   pool.touch(hit);
   EXPECT_EQ(allocate(pool, 2), (std::vector<int32_t>{3, 1}));
   EXPECT_EQ(allocate(pool, 1), (std::vector<int32_t>{4}));  // list empty: block 2 is held
-  EXPECT_EQ(pool.lookup(12), 2);
+  EXPECT_EQ(pool.lookup(H(12)), 2);
   EXPECT_EQ(pool.num_touched_blocks(), 4);
 }
 
@@ -212,44 +219,44 @@ TEST(BlockPool, TouchAndRegisterRejectBlocksNeverHandedOut) {
   BlockPool pool(4);
   allocate(pool, 1);
   EXPECT_THROW(pool.touch(2), fastllm::EngineError);
-  EXPECT_THROW(pool.register_block(3, 9), fastllm::EngineError);
+  EXPECT_THROW(pool.register_block(3, H(9)), fastllm::EngineError);
   EXPECT_EQ(pool.num_free_blocks(), 2);
-  EXPECT_EQ(pool.lookup(9), -1);
+  EXPECT_EQ(pool.lookup(H(9)), -1);
   EXPECT_EQ(allocate(pool, 2), (std::vector<int32_t>{2, 3}));
 }
 
 TEST(BlockPool, RegisteringAnUnreferencedBlockMovesItAmongTheCachedOnes) {
   BlockPool pool(4);
   std::vector<int32_t> a = allocate(pool, 2);
-  pool.release_reversed(a);   // free list: 1 2
-  pool.register_block(1, 9);  // free list: 2 | 1
+  pool.release_reversed(a);      // free list: 1 2
+  pool.register_block(1, H(9));  // free list: 2 | 1
   EXPECT_EQ(allocate(pool, 1), (std::vector<int32_t>{2}));
-  EXPECT_EQ(pool.lookup(9), 1);
+  EXPECT_EQ(pool.lookup(H(9)), 1);
 }
 
 TEST(BlockPool, DuplicateHashKeepsFirstBlock) {
   BlockPool pool(4);
   std::vector<int32_t> a;
   pool.allocate(2, a);
-  pool.register_block(a[0], 7);
-  pool.register_block(a[1], 7);
-  EXPECT_EQ(pool.lookup(7), a[0]);
+  pool.register_block(a[0], H(7));
+  pool.register_block(a[1], H(7));
+  EXPECT_EQ(pool.lookup(H(7)), a[0]);
   EXPECT_FALSE(pool.is_registered(a[1]));
   // The unregistered duplicate holds nothing worth keeping: it is reused before the cached one.
   pool.release(a.data(), 2);
   EXPECT_EQ(allocate(pool, 1), (std::vector<int32_t>{a[1]}));
-  EXPECT_EQ(pool.lookup(7), a[0]);
+  EXPECT_EQ(pool.lookup(H(7)), a[0]);
 }
 
 TEST(BlockPool, ResetPrefixCacheOnlyWhenIdle) {
   BlockPool pool(3);
   std::vector<int32_t> a;
   pool.allocate(1, a);
-  pool.register_block(a[0], 5);
+  pool.register_block(a[0], H(5));
   EXPECT_FALSE(pool.reset_prefix_cache());
   pool.release(&a[0], 1);
   EXPECT_TRUE(pool.reset_prefix_cache());
-  EXPECT_EQ(pool.lookup(5), -1);
+  EXPECT_EQ(pool.lookup(H(5)), -1);
   EXPECT_FALSE(pool.is_registered(a[0]));
   EXPECT_EQ(pool.num_cached_blocks(), 0);
   EXPECT_EQ(pool.num_free_blocks(), 2);
@@ -278,7 +285,7 @@ struct RandomLoad {
       if (in_use() + n + 1 <= kMaxInUse && coin(rng) != 0) {  // +1: a prefix hit
         std::vector<int32_t> blocks;
         // Sometimes start with a cached block (a prefix hit), as the KV cache manager does.
-        const int32_t cached = pool.lookup(static_cast<uint64_t>(hash_pick(rng)));
+        const int32_t cached = pool.lookup(H(hash_pick(rng)));
         if (cached >= 0 && coin(rng) != 0) {
           pool.touch(cached);
           blocks.push_back(cached);
@@ -286,7 +293,7 @@ struct RandomLoad {
         }
         pool.allocate(n, blocks);
         for (int32_t b : blocks) {
-          if (coin(rng) == 0) pool.register_block(b, static_cast<uint64_t>(hash_pick(rng)));
+          if (coin(rng) == 0) pool.register_block(b, H(hash_pick(rng)));
         }
         held.push_back(std::move(blocks));
       } else if (!held.empty()) {
@@ -324,24 +331,24 @@ TEST(BlockPool, BoundedWorkingSetKeepsTouchedBlocksAtThePeak) {
 TEST(BlockPool, CachedBlocksGetHeadroomBesideThePeakWorkingSet) {
   BlockPool pool(20);                          // headroom 1: touched may reach 2 x peak in use
   std::vector<int32_t> a = allocate(pool, 4);  // 1 2 3 4, peak in use 4
-  for (int32_t b : a) pool.register_block(b, 10 + b);
+  for (int32_t b : a) pool.register_block(b, H(10 + b));
   pool.release_reversed(a);  // cached, LRU first: 4 3 2 1
   // Fresh blocks rather than evicting while touched < 2 x 4.
   std::vector<int32_t> b = allocate(pool, 4);
   EXPECT_EQ(b, (std::vector<int32_t>{5, 6, 7, 8}));
   EXPECT_EQ(pool.num_cached_blocks(), 4);
-  for (int32_t x : b) pool.register_block(x, 10 + x);
+  for (int32_t x : b) pool.register_block(x, H(10 + x));
   pool.release_reversed(b);  // cached: 4 3 2 1 8 7 6 5
   // Touched 8 = 2 x peak: now the least recently freed cached block goes.
   EXPECT_EQ(allocate(pool, 1), (std::vector<int32_t>{4}));
-  EXPECT_EQ(pool.lookup(14), -1);
-  EXPECT_EQ(pool.lookup(11), 1);
+  EXPECT_EQ(pool.lookup(H(14)), -1);
+  EXPECT_EQ(pool.lookup(H(11)), 1);
   EXPECT_EQ(pool.num_touched_blocks(), 8);
   // An uncached freed block still comes before everything else.
   const int32_t four = 4;
   pool.release(&four, 1);
   EXPECT_EQ(allocate(pool, 1), (std::vector<int32_t>{4}));
-  EXPECT_EQ(pool.lookup(13), 3);
+  EXPECT_EQ(pool.lookup(H(13)), 3);
 }
 
 // The same load with the default headroom: the touched set stays within twice the peak working

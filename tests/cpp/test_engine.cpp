@@ -217,6 +217,47 @@ TEST(Engine, PrefixCacheHitsAcrossRequests) {
   EXPECT_EQ(s.num_free_blocks, s.num_total_blocks);
 }
 
+// Under a test hash where every prompt's block i collides with every other's, prompts that
+// differ never read each other's KV (the fake model derives its tokens from the KV it reads
+// back, so a shared block would change them), and equal prompts still hit the cache.
+TEST(Engine, PrefixHashCollisionsAreMisses) {
+  std::mt19937 rng(21);
+  const std::vector<int32_t> first = random_prompt(rng, 20);  // 2 blocks of 8 + 4
+  std::vector<int32_t> other = random_prompt(rng, 20);
+  other[0] = first[0] + 1;                                      // differs from the first block on
+  std::vector<int32_t> half(first.begin(), first.begin() + 8);  // first block shared only
+  const std::vector<int32_t> rest = random_prompt(rng, 12);
+  half.insert(half.end(), rest.begin(), rest.end());
+  half[8] = first[8] + 1;
+  std::vector<int32_t> tail(first.begin(), first.begin() + 16);  // another 4-token tail
+  tail.insert(tail.end(), {first[16] + 1, first[17], first[18], first[19]});
+  EngineConfig cfg = make_config(64, /*block_size=*/8);
+  cfg.cache.hash_algo = PrefixHashAlgo::kTestWeak;
+  auto exec = std::make_shared<CheckingExecutor>(cfg);
+  Engine engine(cfg, exec);
+  SamplingParams p;
+  p.max_tokens = 10;
+  engine.add_request("first", first, p);
+  Outcome warm = drain(engine);
+  EXPECT_EQ(warm.cached.at("first"), 0);
+  const std::map<std::string, std::vector<int32_t>> prompts = {
+      {"other", other}, {"half", half}, {"tail", tail}, {"again", first}};
+  for (const auto& [id, prompt] : prompts) engine.add_request(id, prompt, p);
+  Outcome run = drain(engine);
+  for (const auto& [id, prompt] : prompts) {
+    EXPECT_EQ(run.tokens.at(id), FakeExecutor::reference_generate(prompt, 10, kVocab, {kEos}))
+        << id;
+  }
+  EXPECT_EQ(run.cached.at("other"), 0);
+  EXPECT_EQ(run.cached.at("half"), 8);
+  EXPECT_EQ(run.cached.at("tail"), 16);
+  EXPECT_EQ(run.cached.at("again"), 19);
+  EngineStats s = engine.stats();
+  EXPECT_GE(s.prefix_hash_collisions, 3);
+  EXPECT_EQ(s.prefix_hits, 8 + 16 + 19);
+  EXPECT_EQ(s.num_free_blocks, s.num_total_blocks);
+}
+
 // A prompt ending inside a block: later requests with that prompt reuse the whole prompt but its
 // last token, by copying the tail block, both after the first finished and while it still
 // decodes into that block. The checking executor reads every token back through the copies.

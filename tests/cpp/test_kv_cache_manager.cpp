@@ -1,7 +1,9 @@
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <numeric>
 
+#include "fastllm/block_hash.h"
 #include "fastllm/errors.h"
 #include "fastllm/kv_cache_manager.h"
 
@@ -34,7 +36,182 @@ void prefill(KVCacheManager& kv, Request& r) {
   kv.cache_full_blocks(r);
 }
 
+// A cache whose hash collides on purpose: block i of every prompt gets the same digest.
+KVCacheConfig weak_hash_config(int32_t num_blocks) {
+  KVCacheConfig c{num_blocks, 0, 8, true};
+  c.hash_algo = PrefixHashAlgo::kTestWeak;
+  return c;
+}
+
+std::string hex(const std::array<uint8_t, 32>& d) {
+  static const char* digits = "0123456789abcdef";
+  std::string s;
+  for (uint8_t b : d) {
+    s += digits[b >> 4];
+    s += digits[b & 15];
+  }
+  return s;
+}
+
 }  // namespace
+
+// FIPS 180-4 examples: empty, one block, two blocks after padding, a million 'a's; through
+// the CPU's SHA instructions where it has them, then through the portable code.
+static void check_sha256_known_answers() {
+  Sha256 h;
+  EXPECT_EQ(hex(h.digest()), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  h.update("abc", 3);
+  EXPECT_EQ(hex(h.digest()), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  const std::string two = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
+  Sha256 whole;
+  whole.update(two.data(), two.size());
+  EXPECT_EQ(hex(whole.digest()),
+            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  // Fed in uneven pieces, with digests taken on the way: the same result.
+  Sha256 pieces;
+  for (size_t i = 0; i < two.size(); i += 5) {
+    pieces.update(two.data() + i, std::min<size_t>(5, two.size() - i));
+    pieces.digest();
+  }
+  EXPECT_EQ(pieces.digest(), whole.digest());
+  // The one-shot form, at every length around the padding boundaries.
+  std::string bytes;
+  for (int n = 0; n < 200; ++n) {
+    Sha256 s;
+    s.update(bytes.data(), bytes.size());
+    EXPECT_EQ(Sha256::hash(bytes.data(), bytes.size()), s.digest()) << n;
+    bytes += static_cast<char>('a' + n % 26);
+  }
+  // A million 'a's (many full blocks).
+  Sha256 million;
+  const std::string a(1000, 'a');
+  for (int i = 0; i < 1000; ++i) million.update(a.data(), a.size());
+  EXPECT_EQ(hex(million.digest()),
+            "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+}
+
+TEST(BlockHash, Sha256KnownAnswers) {
+  check_sha256_known_answers();
+  const bool previous = Sha256::set_cpu_extensions(false);
+  EXPECT_FALSE(Sha256::uses_cpu_extensions());
+  check_sha256_known_answers();
+  Sha256::set_cpu_extensions(previous);
+}
+
+TEST(BlockHash, SipHash128KnownAnswer) {
+  // The reference implementation's vectors: key 00..0f, messages 00 01 .. (n-1).
+  SipHash128 h(0x0706050403020100ull, 0x0f0e0d0c0b0a0908ull);
+  std::array<uint64_t, 2> d = h.digest();
+  EXPECT_EQ(d[0], 0xe6a825ba047f81a3ull);
+  EXPECT_EQ(d[1], 0x930255c71472f66dull);
+}
+
+TEST(BlockHash, DigestsDependOnParentSaltTokensAndKind) {
+  for (PrefixHashAlgo algo : {PrefixHashAlgo::kSha256, PrefixHashAlgo::kFast}) {
+    BlockHasher h(algo);
+    const std::vector<int32_t> t = iota_tokens(16);
+    auto digest = [&](const BlockHash& parent, uint64_t salt, bool partial, int32_t n) {
+      h.begin(parent, salt, partial);
+      h.add(t.data(), n);
+      return h.digest();
+    };
+    const BlockHash base = digest({}, 0, false, 16);
+    // The one-call form gives the streaming one's digests.
+    for (int32_t n : {1, 5, 8, 16}) {
+      for (bool partial : {false, true}) {
+        const BlockHash once = h.hash(base, 3, partial, t.data(), n);
+        EXPECT_EQ(once, digest(base, 3, partial, n)) << n;
+      }
+    }
+    EXPECT_EQ(digest({}, 0, false, 16), base);
+    EXPECT_NE(digest(base, 0, false, 16), base);
+    EXPECT_NE(digest({}, 1, false, 16), base);
+    EXPECT_NE(digest({}, 0, true, 16), base);
+    EXPECT_NE(digest({}, 0, false, 15), base);
+    // Wide digests: 256 bits for SHA-256, 128 for SipHash.
+    EXPECT_NE(base.words[1], 0u);
+    EXPECT_EQ(base.words[3] != 0, algo == PrefixHashAlgo::kSha256);
+  }
+}
+
+// Under a hash where every prompt's block i collides, the stored tokens keep different prompts
+// apart, and equal ones still share.
+TEST(KVCacheManager, CollidingHashesNeverShareBlocks) {
+  KVCacheManager kv(weak_hash_config(30));
+  Request a = make_request("a", iota_tokens(20, 100));  // 2 full blocks + a 4-token tail
+  prefill(kv, a);
+  EXPECT_EQ(kv.prefix_hash_collisions(), 0);
+
+  Request b = make_request("b", iota_tokens(20, 500));
+  CachedPrefix pb = kv.find_cached_prefix(b);
+  EXPECT_EQ(pb.num_tokens, 0);
+  EXPECT_TRUE(pb.blocks.empty());
+  EXPECT_EQ(pb.partial_block, -1);
+  EXPECT_EQ(kv.prefix_hash_collisions(), 1);  // block 0; the walk stops there
+  prefill(kv, b);
+  for (int32_t x : b.block_ids) {
+    EXPECT_EQ(std::count(a.block_ids.begin(), a.block_ids.end(), x), 0) << x;
+  }
+
+  // a's first block, then others: the first is shared, the second collides.
+  std::vector<int32_t> tc = iota_tokens(8, 100);
+  const std::vector<int32_t> rest = iota_tokens(12, 900);
+  tc.insert(tc.end(), rest.begin(), rest.end());
+  Request c = make_request("c", tc);
+  const int64_t before_c = kv.prefix_hash_collisions();
+  CachedPrefix pc = kv.find_cached_prefix(c);
+  EXPECT_EQ(pc.blocks, std::vector<int32_t>{a.block_ids[0]});
+  EXPECT_EQ(pc.num_tokens, 8);
+  EXPECT_EQ(kv.prefix_hash_collisions(), before_c + 1);
+
+  // a's full blocks, another tail of the same length: the tail's key collides.
+  std::vector<int32_t> td = iota_tokens(16, 100);
+  td.insert(td.end(), {1, 2, 3, 4});
+  Request d = make_request("d", td);
+  CachedPrefix pd = kv.find_cached_prefix(d);
+  EXPECT_EQ(pd.blocks, (std::vector<int32_t>{a.block_ids[0], a.block_ids[1]}));
+  EXPECT_EQ(pd.partial_block, -1);
+  EXPECT_EQ(pd.num_tokens, 16);
+  EXPECT_EQ(kv.prefix_hash_collisions(), before_c + 2);
+
+  // The weak hash ignores the salt too; the stored salt does not.
+  Request e = make_request("e", iota_tokens(20, 100), /*salt=*/7);
+  EXPECT_EQ(kv.find_cached_prefix(e).num_tokens, 0);
+  EXPECT_EQ(kv.prefix_hash_collisions(), before_c + 3);
+
+  // a's prompt again: all of a's blocks and 3 of its 4 tail tokens.
+  Request f = make_request("f", iota_tokens(20, 100));
+  CachedPrefix pf = kv.find_cached_prefix(f);
+  EXPECT_EQ(pf.blocks, (std::vector<int32_t>{a.block_ids[0], a.block_ids[1]}));
+  EXPECT_EQ(pf.partial_block, a.block_ids[2]);
+  EXPECT_EQ(pf.num_tokens, 19);
+  EXPECT_EQ(kv.prefix_hash_collisions(), before_c + 3);
+}
+
+// Two requests computing the same prompt at once: the second's blocks are duplicates (the first's
+// hold the index), and a block after them, registered by the second, still chains to the first's.
+TEST(KVCacheManager, DuplicateBlocksChainToTheIndexedOnes) {
+  KVCacheManager kv(weak_hash_config(30));
+  Request a = make_request("a", iota_tokens(8));
+  std::vector<int32_t> tb = iota_tokens(8);
+  const std::vector<int32_t> more = iota_tokens(8, 700);
+  tb.insert(tb.end(), more.begin(), more.end());
+  tb.push_back(1);
+  Request b = make_request("b", tb);
+  CachedPrefix pa = kv.find_cached_prefix(a), pb = kv.find_cached_prefix(b);
+  kv.allocate_slots(a, 8, &pa);
+  kv.allocate_slots(b, 17, &pb);
+  a.num_computed_tokens = 8;
+  b.num_computed_tokens = 17;
+  kv.cache_full_blocks(a);
+  kv.cache_full_blocks(b);
+  ASSERT_NE(a.block_ids[0], b.block_ids[0]);
+  Request c = make_request("c", tb);
+  CachedPrefix pc = kv.find_cached_prefix(c);
+  EXPECT_EQ(pc.blocks, (std::vector<int32_t>{a.block_ids[0], b.block_ids[1]}));
+  EXPECT_EQ(pc.num_tokens, 16);
+  EXPECT_EQ(kv.prefix_hash_collisions(), 0);
+}
 
 TEST(KVCacheManager, AllocatesCeilOfTokensOverBlockSize) {
   KVCacheManager kv({/*gpu=*/10, /*cpu=*/0, /*bs=*/8, /*prefix=*/false});

@@ -367,3 +367,34 @@ def test_to_native_fans_out_only_when_asked():
     assert native.n == 4 and native.seed == 3
     assert native.logprobs == 0  # best_of ranks by logprob
     assert SamplingParams(n=3, logprobs=2).to_native(fan_out=True).logprobs == 2
+@pytest.mark.parametrize("algo", ["SHA256", "FAST", "TEST_WEAK"])
+def test_prefix_cache_hash_algos_share_equal_prefixes_only(algo):
+    # TEST_WEAK makes block i of every prompt collide: only the check of the cached tokens keeps
+    # the prompts that differ from reading each other's KV (the fake model's tokens derive from
+    # the KV it reads back, through the prompt-tail copies too).
+    cfg = make_config(num_blocks=64, block_size=16)
+    cfg.cache.hash_algo = getattr(_C.PrefixHashAlgo, algo)
+    engine = _C.Engine(cfg, _C.FakeExecutor(64, 0, 16, VOCAB, True))
+    rng = np.random.default_rng(3)
+    shared = rng.integers(10, VOCAB, size=32).tolist()
+    first = shared + rng.integers(10, VOCAB, size=5).tolist()
+    run_sync(engine, [first], max_tokens=8)
+    others = [
+        first,  # every block and all but the last tail token
+        shared[:16] + rng.integers(10, VOCAB, size=21).tolist(),  # the first block
+        rng.integers(10, VOCAB, size=37).tolist(),  # nothing
+    ]
+    for i, p in enumerate(others):
+        engine.add_request(f"o{i}", p, params(8))
+    tokens, cached = {}, {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if o.finished:
+                cached[o.request_id] = o.num_cached_tokens
+    for i, p in enumerate(others):
+        assert tokens[f"o{i}"] == _C.FakeExecutor.reference_generate(p, 8, VOCAB, [EOS])
+    assert [cached[f"o{i}"] for i in range(3)] == [36, 16, 0]
+    stats = engine.stats()
+    assert stats.prefix_hits == 36 + 16
+    assert (stats.prefix_hash_collisions > 0) == (algo == "TEST_WEAK")

@@ -238,6 +238,8 @@ def test_bad_inputs_raise_value_error(default_llm):
         default_llm.generate([{"prompt_token_ids": [5] * 600}], use_tqdm=False)
     with pytest.raises(ValueError, match="unknown engine argument"):
         LLM(max_model_lenn=5)
+    with pytest.raises(ValueError, match="prefix_caching_hash_algo"):
+        LLM(prefix_caching_hash_algo="md5")
     with pytest.raises(ValueError):
         LLM(model="/nonexistent/model/dir")
     # The engine still serves after the errors.

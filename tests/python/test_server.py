@@ -326,6 +326,20 @@ def test_kv_cache_dtype_flag():
         parse_args(["--kv-cache-dtype", "int4"], environ={})
 
 
+def test_prefix_caching_hash_algo_flag():
+    from fastllm.config import EngineArgs
+    from fastllm.entrypoints.openai.api_server import engine_args_from
+    from fastllm.entrypoints.openai.cli_args import parse_args
+
+    assert engine_args_from(parse_args([], environ={})).prefix_caching_hash_algo == "sha256"
+    ns = parse_args(["--prefix-caching-hash-algo", "fast"], environ={})
+    assert engine_args_from(ns).prefix_caching_hash_algo == "fast"
+    with pytest.raises(SystemExit):
+        parse_args(["--prefix-caching-hash-algo", "md5"], environ={})
+    with pytest.raises(ValueError, match="'sha256' or 'fast'"):
+        EngineArgs(prefix_caching_hash_algo="test_weak").validate()
+
+
 def test_cli_config_env_precedence(tmp_path):
     from fastllm.entrypoints.openai.cli_args import parse_args
 

@@ -139,20 +139,20 @@ void BlockPool::release_reversed(const std::vector<int32_t>& blocks) {
   for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) release(&*it, 1);
 }
 
-int32_t BlockPool::lookup(uint64_t hash) const {
+int32_t BlockPool::lookup(const BlockHash& hash) const {
   auto it = index_.find(hash);
   return it == index_.end() ? -1 : it->second;
 }
 
-void BlockPool::register_key(int32_t block, uint64_t key, bool partial) {
+bool BlockPool::register_key(int32_t block, const BlockHash& key, bool partial) {
   if (is_fresh(block)) {
     throw EngineError("BlockPool::register: block " + std::to_string(block) +
                       " was never allocated");
   }
   Block& b = blocks_[block];
   bool& has = partial ? b.has_partial : b.has_hash;
-  if (has) return;
-  if (!(partial ? partial_index_ : index_).emplace(key, block).second) return;
+  if (has) return false;
+  if (!(partial ? partial_index_ : index_).emplace(key, block).second) return false;
   const bool was_cached = b.cached();
   has = true;
   (partial ? b.partial_key : b.hash) = key;
@@ -161,16 +161,21 @@ void BlockPool::register_key(int32_t block, uint64_t key, bool partial) {
     unlink_free(block);
     push_free_tail(block);
   }
+  return true;
 }
 
-void BlockPool::register_block(int32_t block, uint64_t hash) { register_key(block, hash, false); }
+bool BlockPool::register_block(int32_t block, const BlockHash& hash) {
+  return register_key(block, hash, false);
+}
 
-int32_t BlockPool::lookup_partial(uint64_t key) const {
+int32_t BlockPool::lookup_partial(const BlockHash& key) const {
   auto it = partial_index_.find(key);
   return it == partial_index_.end() ? -1 : it->second;
 }
 
-void BlockPool::register_partial(int32_t block, uint64_t key) { register_key(block, key, true); }
+bool BlockPool::register_partial(int32_t block, const BlockHash& key) {
+  return register_key(block, key, true);
+}
 
 bool BlockPool::reset_prefix_cache() {
   if (num_free_ != num_blocks() - 1) return false;

@@ -508,6 +508,7 @@ void Engine::Impl::update_stats() {
   s.kv_usage = kv.device_pool().usage();
   s.prefix_queries = kv.prefix_queries();
   s.prefix_hits = kv.prefix_hits();
+  s.prefix_hash_collisions = kv.prefix_hash_collisions();
   s.num_preemptions = scheduler.num_preemptions();
   s.num_steps = step_id;
   s.num_generated_tokens = num_generated_tokens;

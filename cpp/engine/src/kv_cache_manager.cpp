@@ -4,40 +4,20 @@
 #include <string>
 
 #include "fastllm/errors.h"
-#include "mix.h"
 
 namespace fastllm {
 
-using detail::mix64;
-
 namespace {
 
-// A block's hash folds its tokens in one by one, so the hash of its first n tokens is a step on
-// the way to the hash of n + 1.
-uint64_t hash_start(uint64_t parent, uint64_t salt) {
-  return mix64(parent) ^ mix64(salt ^ 0x5851f42d4c957f2dull);
-}
-
-uint64_t hash_step(uint64_t h, int32_t token, int32_t i) {
-  return mix64(
-      h ^ (static_cast<uint64_t>(static_cast<uint32_t>(token)) | (static_cast<uint64_t>(i) << 32)));
-}
-
-uint64_t hash_block(uint64_t parent, uint64_t salt, const int32_t* tokens, int32_t n) {
-  uint64_t h = hash_start(parent, salt);
-  for (int32_t i = 0; i < n; ++i) h = hash_step(h, tokens[i], i);
-  return h;
-}
-
 int32_t ceil_div(int32_t a, int32_t b) { return (a + b - 1) / b; }
-
-// Keeps partial-block keys apart from whole-block hashes.
-constexpr uint64_t kPartialSalt = 0x9e3779b97f4a7c15ull;
 
 }  // namespace
 
 KVCacheManager::KVCacheManager(const KVCacheConfig& config)
-    : config_(config), device_(config.num_gpu_blocks), swap_(config.num_cpu_blocks) {
+    : config_(config),
+      device_(config.num_gpu_blocks),
+      swap_(config.num_cpu_blocks),
+      hasher_(config.hash_algo) {
   const int32_t bs = config.block_size;
   if (bs != 8 && bs != 16 && bs != 32) {
     throw ConfigError("block_size must be 8, 16 or 32, got " + std::to_string(bs));
@@ -49,6 +29,31 @@ KVCacheManager::KVCacheManager(const KVCacheConfig& config)
   if (config.num_cpu_blocks < 0) {
     throw ConfigError("num_cpu_blocks must be non-negative");
   }
+  if (config.enable_prefix_caching) {
+    const size_t n = static_cast<size_t>(config.num_gpu_blocks);
+    full_keys_.resize(n);
+    partial_keys_.resize(n);
+    full_tokens_.resize(n * bs);
+    partial_tokens_.resize(n * bs);
+  }
+}
+
+bool KVCacheManager::key_matches(const CachedKey& key, const int32_t* stored, uint64_t parent_node,
+                                 uint64_t salt, const int32_t* tokens, int32_t n) const {
+  return key.parent_node == parent_node && key.salt == salt && key.num_tokens == n &&
+         std::equal(tokens, tokens + n, stored);
+}
+
+void KVCacheManager::store_key(bool partial, int32_t block, uint64_t node, uint64_t parent_node,
+                               uint64_t salt, const int32_t* tokens, int32_t n) {
+  CachedKey& key = (partial ? partial_keys_ : full_keys_)[block];
+  key.node = node;
+  key.parent_node = parent_node;
+  key.salt = salt;
+  key.num_tokens = n;
+  std::copy(tokens, tokens + n,
+            (partial ? partial_tokens_ : full_tokens_).begin() +
+                static_cast<size_t>(block) * config_.block_size);
 }
 
 void KVCacheManager::ensure_block_hashes(Request& req, int32_t num_full_blocks) const {
@@ -56,8 +61,8 @@ void KVCacheManager::ensure_block_hashes(Request& req, int32_t num_full_blocks) 
   auto& hashes = req.block_hashes;
   while (static_cast<int32_t>(hashes.size()) < num_full_blocks) {
     const int32_t i = static_cast<int32_t>(hashes.size());
-    const uint64_t parent = i == 0 ? 0 : hashes[i - 1];
-    hashes.push_back(hash_block(parent, req.cache_salt, req.token_ids.data() + i * bs, bs));
+    hashes.push_back(hasher_.hash(i == 0 ? BlockHash{} : hashes[i - 1], req.cache_salt,
+                                  /*partial=*/false, req.token_ids.data() + i * bs, bs));
   }
 }
 
@@ -68,22 +73,38 @@ CachedPrefix KVCacheManager::find_cached_prefix(Request& req) {
   const int32_t bs = config_.block_size;
   const int32_t max_blocks = (req.num_tokens() - 1) / bs;  // leave at least one token to compute
   ensure_block_hashes(req, max_blocks);
+  const int32_t* tokens = req.token_ids.data();
+  uint64_t parent_node = 0;
   for (int32_t i = 0; i < max_blocks; ++i) {
     const int32_t block = device_.lookup(req.block_hashes[i]);
     if (block < 0) break;
+    const CachedKey& key = full_keys_[block];
+    if (!key_matches(key, &full_tokens_[static_cast<size_t>(block) * bs], parent_node,
+                     req.cache_salt, tokens + i * bs, bs)) {
+      ++prefix_hash_collisions_;
+      break;
+    }
+    parent_node = key.node;
     prefix.blocks.push_back(block);
   }
   const int32_t full = static_cast<int32_t>(prefix.blocks.size());
-  // Then the longest partial block keyed by its first n tokens (one hash folded token by token);
+  // Then the longest partial block keyed by its first n tokens (one hash fed token by token);
   // all but the request's last token are usable.
   const int32_t rest = req.num_tokens() - full * bs;
-  const int32_t* tail = req.token_ids.data() + full * bs;
-  uint64_t key =
-      hash_start(full == 0 ? 0 : req.block_hashes[full - 1], req.cache_salt ^ kPartialSalt);
+  const int32_t* tail = tokens + full * bs;
+  if (rest > 1) {
+    hasher_.begin(full == 0 ? BlockHash{} : req.block_hashes[full - 1], req.cache_salt,
+                  /*partial=*/true);
+  }
   for (int32_t n = 1; rest > 1 && n <= std::min(rest, bs - 1); ++n) {
-    key = hash_step(key, tail[n - 1], n - 1);
-    const int32_t block = device_.lookup_partial(key);
+    hasher_.add(tail + n - 1, 1);
+    const int32_t block = device_.lookup_partial(hasher_.digest());
     if (block < 0) continue;
+    if (!key_matches(partial_keys_[block], &partial_tokens_[static_cast<size_t>(block) * bs],
+                     parent_node, req.cache_salt, tail, n)) {
+      ++prefix_hash_collisions_;
+      continue;
+    }
     prefix.partial_block = block;
     prefix.partial_tokens = std::min(n, rest - 1);
   }
@@ -139,7 +160,11 @@ void KVCacheManager::allocate_slots(Request& req, int32_t num_new_tokens,
       throw EngineError("allocate_slots: a cached prefix for request " + req.id +
                         " that already holds blocks");
     }
-    for (int32_t b : prefix->blocks) device_.touch(b);
+    req.block_nodes.clear();
+    for (int32_t b : prefix->blocks) {
+      device_.touch(b);
+      req.block_nodes.push_back(full_keys_[b].node);
+    }
     req.block_ids = prefix->blocks;
     req.num_registered_blocks = static_cast<int32_t>(prefix->blocks.size());
     if (prefix->partial_block >= 0) {
@@ -172,15 +197,42 @@ void KVCacheManager::allocate_slots(Request& req, int32_t num_new_tokens,
 
 void KVCacheManager::cache_full_blocks(Request& req) {
   if (!config_.enable_prefix_caching) return;
-  cache_prompt_tail(req);
-  const int32_t full = std::min(req.num_computed_tokens / config_.block_size,
-                                static_cast<int32_t>(req.block_ids.size()));
-  if (full <= req.num_registered_blocks) return;
-  ensure_block_hashes(req, full);
-  for (int32_t i = req.num_registered_blocks; i < full; ++i) {
-    device_.register_block(req.block_ids[i], req.block_hashes[i]);
+  const int32_t bs = config_.block_size;
+  const int32_t full =
+      std::min(req.num_computed_tokens / bs, static_cast<int32_t>(req.block_ids.size()));
+  if (full > req.num_registered_blocks) {
+    ensure_block_hashes(req, full);
+    auto& nodes = req.block_nodes;
+    // Entries past the registered blocks are stale; missing ones (never expected) get nodes
+    // nothing refers to, so that no hit can continue through them.
+    while (static_cast<int32_t>(nodes.size()) < req.num_registered_blocks) {
+      nodes.push_back(next_node_++);
+    }
+    nodes.resize(req.num_registered_blocks);
+    for (int32_t i = req.num_registered_blocks; i < full; ++i) {
+      const int32_t block = req.block_ids[i];
+      const int32_t* tokens = req.token_ids.data() + i * bs;
+      const uint64_t parent = i == 0 ? 0 : nodes[i - 1];
+      uint64_t node;
+      if (device_.register_block(block, req.block_hashes[i])) {
+        node = next_node_++;
+        store_key(false, block, node, parent, req.cache_salt, tokens, bs);
+      } else {
+        // The hash is taken: by the same tokens computed by another request (this block is a
+        // duplicate and shares that node), or by a collision (a node no one else names).
+        const int32_t cached = device_.lookup(req.block_hashes[i]);
+        const bool same =
+            cached >= 0 &&
+            key_matches(full_keys_[cached], &full_tokens_[static_cast<size_t>(cached) * bs], parent,
+                        req.cache_salt, tokens, bs);
+        node = same ? full_keys_[cached].node : next_node_++;
+      }
+      nodes.push_back(node);
+    }
+    req.num_registered_blocks = full;
   }
-  req.num_registered_blocks = full;
+  // After the full blocks: the prompt's tail names the last of them as its parent.
+  cache_prompt_tail(req);
 }
 
 void KVCacheManager::cache_prompt_tail(Request& req) {
@@ -191,12 +243,16 @@ void KVCacheManager::cache_prompt_tail(Request& req) {
     return;
   }
   const int32_t idx = prompt / bs;
-  if (idx >= static_cast<int32_t>(req.block_ids.size())) return;
+  if (idx >= static_cast<int32_t>(req.block_ids.size()) || req.num_registered_blocks < idx) return;
   ensure_block_hashes(req, idx);
-  const uint64_t parent = idx == 0 ? 0 : req.block_hashes[idx - 1];
-  device_.register_partial(req.block_ids[idx],
-                           hash_block(parent, req.cache_salt ^ kPartialSalt,
-                                      req.token_ids.data() + idx * bs, prompt % bs));
+  const int32_t* tokens = req.token_ids.data() + idx * bs;
+  const BlockHash key = hasher_.hash(idx == 0 ? BlockHash{} : req.block_hashes[idx - 1],
+                                     req.cache_salt, /*partial=*/true, tokens, prompt % bs);
+  const int32_t block = req.block_ids[idx];
+  if (device_.register_partial(block, key)) {
+    store_key(true, block, 0, idx == 0 ? 0 : req.block_nodes[idx - 1], req.cache_salt, tokens,
+              prompt % bs);
+  }
   req.prompt_tail_registered = true;
 }
 
@@ -223,6 +279,7 @@ void KVCacheManager::fork(const Request& parent, Request& child) {
   for (int32_t b : parent.block_ids) device_.touch(b);
   child.block_ids = parent.block_ids;
   child.block_hashes = parent.block_hashes;
+  child.block_nodes = parent.block_nodes;
   child.num_registered_blocks = parent.num_registered_blocks;
   child.prompt_tail_registered = parent.prompt_tail_registered;
   child.num_computed_tokens = parent.num_computed_tokens;

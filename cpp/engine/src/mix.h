@@ -1,4 +1,4 @@
-// Internal: the 64-bit mixing function shared by block hashing and the fake model.
+// Internal: the fake model's 64-bit mixing function (nothing that must resist collisions).
 #pragma once
 
 #include <cstdint>

@@ -113,6 +113,7 @@ class EngineCore:
         cfg.cache.num_cpu_blocks = num_cpu_blocks
         cfg.cache.block_size = self.block_size
         cfg.cache.enable_prefix_caching = args.enable_prefix_caching
+        cfg.cache.hash_algo = getattr(_C.PrefixHashAlgo, args.prefix_caching_hash_algo.upper())
         sched = cfg.scheduler
         sched.max_model_len = self.max_model_len
         sched.max_num_seqs = args.max_num_seqs

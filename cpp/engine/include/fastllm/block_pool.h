@@ -35,6 +35,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "fastllm/block_hash.h"
+
 namespace fastllm {
 
 class BlockPool {
@@ -70,17 +72,18 @@ class BlockPool {
   int32_t ref_count(int32_t block) const { return blocks_[block].ref_count; }
 
   // Prefix-cache index: hash -> block holding those tokens.
-  // Returns the cached block for hash, or -1.
-  int32_t lookup(uint64_t hash) const;
+  // Returns the cached block for hash, or -1. The index trusts the hash alone: callers verify
+  // that the block really holds their tokens (KVCacheManager).
+  int32_t lookup(const BlockHash& hash) const;
   // Records that block holds the full block described by hash. A hash already present keeps its
-  // first block (two requests may have computed the same prefix in one step). Throws for a block
-  // never handed out.
-  void register_block(int32_t block, uint64_t hash);
+  // first block (two requests may have computed the same prefix in one step). Returns whether
+  // block is now indexed under hash by this call. Throws for a block never handed out.
+  bool register_block(int32_t block, const BlockHash& hash);
   bool is_registered(int32_t block) const { return blocks_[block].has_hash; }
   // A second index for partial blocks: key -> block whose first tokens match the key (the tail
   // of a prompt that ended inside the block). A block may carry one of each; eviction drops both.
-  int32_t lookup_partial(uint64_t key) const;
-  void register_partial(int32_t block, uint64_t key);
+  int32_t lookup_partial(const BlockHash& key) const;
+  bool register_partial(int32_t block, const BlockHash& key);
   // Forgets every cached hash of unreferenced blocks. Returns false if some block is in use.
   bool reset_prefix_cache();
   int32_t num_cached_blocks() const { return static_cast<int32_t>(index_.size()); }
@@ -92,9 +95,9 @@ class BlockPool {
     int32_t next = -1;
     bool in_free_list = false;
     bool has_hash = false;
-    uint64_t hash = 0;
+    BlockHash hash;
     bool has_partial = false;
-    uint64_t partial_key = 0;
+    BlockHash partial_key;
     bool cached() const { return has_hash || has_partial; }
   };
 
@@ -105,11 +108,11 @@ class BlockPool {
   void push_free_tail(int32_t block);
   void unlink_free(int32_t block);
   void drop_hash(int32_t block);
-  void register_key(int32_t block, uint64_t key, bool partial);
+  bool register_key(int32_t block, const BlockHash& key, bool partial);
 
   std::vector<Block> blocks_;
-  std::unordered_map<uint64_t, int32_t> index_;
-  std::unordered_map<uint64_t, int32_t> partial_index_;
+  std::unordered_map<BlockHash, int32_t> index_;
+  std::unordered_map<BlockHash, int32_t> partial_index_;
   int32_t head_ = -1;
   int32_t tail_ = -1;
   int32_t next_fresh_ = 1;  // blocks [next_fresh_, num_blocks) were never handed out

@@ -89,6 +89,8 @@ struct EngineStats {
   double kv_usage = 0.0;         // fraction of usable blocks in use
   int64_t prefix_queries = 0;    // tokens looked up in the prefix cache
   int64_t prefix_hits = 0;       // tokens found
+  // Prefix-cache lookups whose hash matched a block holding other tokens (used as misses).
+  int64_t prefix_hash_collisions = 0;
   int64_t num_preemptions = 0;
   int64_t num_steps = 0;
   int64_t num_generated_tokens = 0;

@@ -1,11 +1,17 @@
 // KVCacheManager: maps requests to KV blocks. Owns the device BlockPool, the CPU swap pool, the
 // prefix cache (chained block hashes) and copy-on-write forks. Engine-thread only.
 //
-// Block hashes chain: hash(block i) = H(hash(block i-1), cache_salt, tokens of block i), so equal
-// hashes mean equal whole prefixes. Full blocks of computed tokens are registered; so is the
-// partial last block of a computed prompt, under a key of its first tokens (a prompt that ends
-// mid-block), so a later request with the same prompt reuses all of it but its last token, as
-// with whole blocks, instead of recomputing up to block_size - 1 tokens.
+// Block hashes chain: hash(block i) = H(hash(block i-1), cache_salt, tokens of block i), H being
+// SHA-256 by default (see block_hash.h), so equal hashes mean equal whole prefixes. Full blocks of
+// computed tokens are registered; so is the partial last block of a computed prompt, under a key
+// of its first tokens (a prompt that ends mid-block), so a later request with the same prompt
+// reuses all of it but its last token, as with whole blocks, instead of recomputing up to
+// block_size - 1 tokens.
+//
+// A hit is never trusted on the hash alone (a collision would hand one request another's KV):
+// each cached block keeps its tokens, its cache salt and its parent's node, a serial number given
+// to each registration, so that a node names one exact token prefix. A hit must match all three
+// (the parent being the block matched just before), otherwise it counts as a collision and a miss.
 //
 // Check-then-act: every can_X(...) is a pure check; the matching X(...) must only be called after
 // it returned true, and the block operations it implies (copies, swaps) are queued in
@@ -25,6 +31,9 @@ struct KVCacheConfig {
   int32_t num_cpu_blocks = 0;  // swap-space blocks (block 0 of the swap space is unused)
   int32_t block_size = 16;     // tokens per block: 8, 16 or 32
   bool enable_prefix_caching = true;
+  // Digest that keys the prefix cache: SHA-256 (collision-resistant), or a keyed 128-bit SipHash
+  // (faster, per-process key). kTestWeak is for tests only.
+  PrefixHashAlgo hash_algo = PrefixHashAlgo::kSha256;
 };
 
 // A prefix-cache hit for a request that holds no blocks yet: whole blocks, then possibly the
@@ -101,12 +110,27 @@ class KVCacheManager {
   // Prefix-cache counters in tokens, since construction.
   int64_t prefix_queries() const { return prefix_queries_; }
   int64_t prefix_hits() const { return prefix_hits_; }
+  // Lookups whose hash matched a cached block holding other tokens (rejected as misses).
+  int64_t prefix_hash_collisions() const { return prefix_hash_collisions_; }
   bool reset_prefix_cache() { return device_.reset_prefix_cache(); }
 
  private:
+  // What a cached block was registered with, so that a hit can be checked exactly.
+  struct CachedKey {
+    uint64_t node = 0;         // this registration's serial (full blocks); 0 names no prefix
+    uint64_t parent_node = 0;  // the preceding block's node; 0 for the first block
+    uint64_t salt = 0;
+    int32_t num_tokens = 0;
+  };
+
   void ensure_block_hashes(Request& req, int32_t num_full_blocks) const;
   bool needs_copy_on_write(const Request& req) const;
   void cache_prompt_tail(Request& req);
+  // Whether key (with tokens stored at stored) describes exactly these tokens after parent_node.
+  bool key_matches(const CachedKey& key, const int32_t* stored, uint64_t parent_node, uint64_t salt,
+                   const int32_t* tokens, int32_t n) const;
+  void store_key(bool partial, int32_t block, uint64_t node, uint64_t parent_node, uint64_t salt,
+                 const int32_t* tokens, int32_t n);
 
   KVCacheConfig config_;
   BlockPool device_;
@@ -117,6 +141,15 @@ class KVCacheManager {
   std::vector<int32_t> copied_partial_sources_;  // held until the copy has been executed
   int64_t prefix_queries_ = 0;
   int64_t prefix_hits_ = 0;
+  int64_t prefix_hash_collisions_ = 0;
+  mutable BlockHasher hasher_;
+  // Per device block: the key of its full-block registration and of its partial one, and their
+  // tokens (block_size per block). Valid while the pool indexes the block under that kind.
+  std::vector<CachedKey> full_keys_;
+  std::vector<CachedKey> partial_keys_;
+  std::vector<int32_t> full_tokens_;
+  std::vector<int32_t> partial_tokens_;
+  uint64_t next_node_ = 1;
 };
 
 }  // namespace fastllm

@@ -30,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "fastllm/block_hash.h"
 #include "fastllm/sampling_params.h"
 
 namespace fastllm {
@@ -73,9 +74,12 @@ struct Request {
 
   std::vector<int32_t> block_ids;          // GPU (device) block table, in token order
   std::vector<int32_t> swapped_block_ids;  // CPU swap-space blocks while kSwapped
-  std::vector<uint64_t> block_hashes;      // chained hashes of the full blocks of token_ids (lazy)
+  std::vector<BlockHash> block_hashes;     // chained hashes of the full blocks of token_ids (lazy)
   int32_t num_registered_blocks = 0;       // leading blocks already offered to the prefix cache
   bool prompt_tail_registered = false;     // the prompt's partial last block is offered too
+  // Per registered block: the prefix cache's exact identity of the tokens up to and including it
+  // (see KVCacheManager); what a hit's next block must name as its parent.
+  std::vector<uint64_t> block_nodes;
 
   int32_t num_tokens() const { return static_cast<int32_t>(token_ids.size()); }
   int32_t num_output_tokens() const { return num_tokens() - num_prompt_tokens; }

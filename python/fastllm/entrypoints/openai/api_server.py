@@ -62,6 +62,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         dtype=dtype, kv_cache_dtype=ns.kv_cache_dtype, device=ns.device, seed=ns.seed,
         max_model_len=ns.max_model_len,
         block_size=ns.block_size, enable_prefix_caching=ns.enable_prefix_caching,
+        prefix_caching_hash_algo=ns.prefix_caching_hash_algo,
         enable_chunked_prefill=ns.enable_chunked_prefill,
         max_num_batched_tokens=ns.max_num_batched_tokens, max_num_seqs=ns.max_num_seqs,
         max_logprobs=ns.max_logprobs, swap_space=ns.swap_space,

@@ -102,6 +102,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     # cache and scheduling
     "block_size": (ACTS, ""),
     "enable_prefix_caching": (ACTS, ""),
+    "prefix_caching_hash_algo": (ACTS, ""),
     "disable_sliding_window": (
         UNSUPPORTED, "a sliding-window model always runs with its window"),
     "use_v2_block_manager": (IGNORED, "fastllm has one block manager"),
@@ -363,6 +364,8 @@ def make_parser() -> argparse.ArgumentParser:
       help="tokens per KV block (default: 16 on a GPU, 8 on a CPU)")
     a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
       help="reuse the KV blocks of shared prompt prefixes")
+    a("--prefix-caching-hash-algo", default="sha256", choices=["sha256", "fast"],
+      help="prefix-cache block digest: sha256, or fast (SipHash-128, random per-process key)")
     a("--disable-sliding-window", action="store_true", default=False, help="unsupported")
     a("--use-v2-block-manager", action="store_true", default=False, help="ignored")
     a("--num-lookahead-slots", type=non_negative_int, default=0, help="unsupported unless 0")
