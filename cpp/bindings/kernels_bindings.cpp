@@ -402,15 +402,18 @@ void csr(const Array& offsets, const Array& ids, bool cuda, int64_t rows, const 
   }
 }
 
-void sample(const Array& logits, const Array& temperature, const Array& top_k, const Array& top_p,
-            const Array& min_p, const Array& repetition_penalty, const Array& presence_penalty,
-            const Array& frequency_penalty, const Array& seeds, const Array& generator_offsets,
-            uint64_t global_seed, const Array& prompt_offsets, const Array& prompt_ids,
-            const Array& output_offsets, const Array& output_ids, const Array& bias_offsets,
-            const Array& bias_ids, const Array& bias_values, const Array& allowed_offsets,
-            const Array& allowed_ids, const Array& sampled, const Array& sampled_logprob,
-            const Array& sampled_rank, const Array& top_logprobs, const Array& top_ids,
-            const Array& workspace, uintptr_t stream) {
+// The inputs of one sample() call, by name (arrays kept alive by the struct; None = neutral).
+struct SamplingInputs {
+  Array temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty,
+      seeds, generator_offsets;
+  uint64_t global_seed = 0;
+  Array prompt_offsets, prompt_ids, output_offsets, output_ids, bias_offsets, bias_ids, bias_values,
+      allowed_offsets, allowed_ids;
+};
+
+void sample(const Array& logits, const SamplingInputs& in, const Array& sampled,
+            const Array& sampled_logprob, const Array& sampled_rank, const Array& top_logprobs,
+            const Array& top_ids, const Array& workspace, uintptr_t stream) {
   const char* op = "sample";
   const bool cuda = cuda_device(logits, op);
   check_arg(logits.ndim() == 2, where(op, "logits must be [num_rows, vocab]"));
@@ -422,25 +425,25 @@ void sample(const Array& logits, const Array& temperature, const Array& top_k, c
   p.logits = static_cast<const float*>(logits.data());
   p.logits_row_stride = p.num_rows > 1 ? logits.stride(0) : p.vocab;
   const int64_t rows = p.num_rows;
-  p.temperature = row_param<float>(temperature, cuda, rows, "temperature");
-  p.top_k = row_param<int32_t>(top_k, cuda, rows, "top_k");
-  p.top_p = row_param<float>(top_p, cuda, rows, "top_p");
-  p.min_p = row_param<float>(min_p, cuda, rows, "min_p");
-  p.repetition_penalty = row_param<float>(repetition_penalty, cuda, rows, "repetition_penalty");
-  p.presence_penalty = row_param<float>(presence_penalty, cuda, rows, "presence_penalty");
-  p.frequency_penalty = row_param<float>(frequency_penalty, cuda, rows, "frequency_penalty");
-  p.seeds = row_param<int64_t>(seeds, cuda, rows, "seeds");
-  p.generator_offsets = row_param<int64_t>(generator_offsets, cuda, rows, "generator_offsets");
-  p.global_seed = global_seed;
-  csr(prompt_offsets, prompt_ids, cuda, rows, "prompt", p.prompt_offsets, p.prompt_ids);
-  csr(output_offsets, output_ids, cuda, rows, "output", p.output_offsets, p.output_ids);
-  csr(bias_offsets, bias_ids, cuda, rows, "logit_bias", p.bias_offsets, p.bias_ids);
-  csr(allowed_offsets, allowed_ids, cuda, rows, "allowed", p.allowed_offsets, p.allowed_ids);
+  p.temperature = row_param<float>(in.temperature, cuda, rows, "temperature");
+  p.top_k = row_param<int32_t>(in.top_k, cuda, rows, "top_k");
+  p.top_p = row_param<float>(in.top_p, cuda, rows, "top_p");
+  p.min_p = row_param<float>(in.min_p, cuda, rows, "min_p");
+  p.repetition_penalty = row_param<float>(in.repetition_penalty, cuda, rows, "repetition_penalty");
+  p.presence_penalty = row_param<float>(in.presence_penalty, cuda, rows, "presence_penalty");
+  p.frequency_penalty = row_param<float>(in.frequency_penalty, cuda, rows, "frequency_penalty");
+  p.seeds = row_param<int64_t>(in.seeds, cuda, rows, "seeds");
+  p.generator_offsets = row_param<int64_t>(in.generator_offsets, cuda, rows, "generator_offsets");
+  p.global_seed = in.global_seed;
+  csr(in.prompt_offsets, in.prompt_ids, cuda, rows, "prompt", p.prompt_offsets, p.prompt_ids);
+  csr(in.output_offsets, in.output_ids, cuda, rows, "output", p.output_offsets, p.output_ids);
+  csr(in.bias_offsets, in.bias_ids, cuda, rows, "logit_bias", p.bias_offsets, p.bias_ids);
+  csr(in.allowed_offsets, in.allowed_ids, cuda, rows, "allowed", p.allowed_offsets, p.allowed_ids);
   if (p.bias_ids != nullptr) {
-    check_arg(bias_values.is_valid() && bias_values.ndim() == 1 &&
-                  bias_values.shape(0) == bias_ids.shape(0),
+    check_arg(in.bias_values.is_valid() && in.bias_values.ndim() == 1 &&
+                  in.bias_values.shape(0) == in.bias_ids.shape(0),
               where(op, "bias_values must match bias_ids"));
-    p.bias_values = typed<float>(bias_values, cuda, op, "bias_values");
+    p.bias_values = typed<float>(in.bias_values, cuda, op, "bias_values");
   }
   p.sampled = const_cast<int32_t*>(row_param<int32_t>(sampled, cuda, rows, "sampled"));
   check_arg(p.sampled != nullptr || rows == 0, where(op, "sampled output is required"));
@@ -468,6 +471,25 @@ void sample(const Array& logits, const Array& temperature, const Array& top_k, c
 }
 
 // ---- quantized linear ---------------------------------------------------------------------------
+
+void embed_quant_rows(const Array& out, const Array& table, int32_t type, const Array& ids) {
+  const char* op = "embed_quant_rows";
+  check_arg(table.ndim() == 2 && out.ndim() == 2, where(op, "table and out must be 2-D"));
+  const auto qtype = static_cast<k::QuantType>(type);
+  const int64_t dim = static_cast<int64_t>(out.shape(1));
+  const int64_t values = k::quant_block_values(qtype);
+  check_arg(values == 32 &&
+                static_cast<int64_t>(table.shape(1)) == dim / values * k::quant_block_bytes(qtype),
+            where(op, "table rows must hold dim values in a 32-value encoding"));
+  const int64_t n = numel(ids);
+  check_arg(static_cast<int64_t>(out.shape(0)) == n, where(op, "out must have one row per id"));
+  const auto* table_data = typed<uint8_t>(table, false, op, "table");
+  const auto* id_data = typed<int32_t>(ids, false, op, "ids");
+  auto* out_data = typed<float>(out, false, op, "out");
+  nb::gil_scoped_release release_gil;
+  k::embed_quant_rows_cpu(table_data, qtype, static_cast<int64_t>(table.shape(0)), dim, id_data, n,
+                          out_data);
+}
 
 void quant_gemm(const Array& out, const Array& input, const Array& weight, int32_t type,
                 const Array& bias, bool allow_simd, uintptr_t stream) {
@@ -612,18 +634,59 @@ void bind_kernels(nb::module_& m) {
   m.def("act_and_mul", &act_and_mul, arg("out"), arg("input"), arg("activation"), arg("stream") = 0,
         "out = act(input[..., :d]) * input[..., d:]; activation 0 = SiLU, 1 = GeLU tanh, "
         "2 = GeLU erf.");
-  m.def("sample", &sample, arg("logits"), arg("temperature").none(), arg("top_k").none(),
-        arg("top_p").none(), arg("min_p").none(), arg("repetition_penalty").none(),
-        arg("presence_penalty").none(), arg("frequency_penalty").none(), arg("seeds").none(),
-        arg("generator_offsets").none(), arg("global_seed"), arg("prompt_offsets").none(),
-        arg("prompt_ids").none(), arg("output_offsets").none(), arg("output_ids").none(),
-        arg("bias_offsets").none(), arg("bias_ids").none(), arg("bias_values").none(),
-        arg("allowed_offsets").none(), arg("allowed_ids").none(), arg("sampled"),
-        arg("sampled_logprob").none(), arg("sampled_rank").none(), arg("top_logprobs").none(),
-        arg("top_ids").none(), arg("workspace").none(), arg("stream") = 0,
-        "Sample one token per logits row (see fastllm/kernels/sampling.h for the semantics).");
+  nb::class_<SamplingInputs>(m, "SamplingInputs",
+                             "The per-row inputs of sample() by name (see "
+                             "fastllm/kernels/sampling.h); None = the neutral value for every row")
+      .def(
+          "__init__",
+          [](SamplingInputs* self, const Array& temperature, const Array& top_k, const Array& top_p,
+             const Array& min_p, const Array& repetition_penalty, const Array& presence_penalty,
+             const Array& frequency_penalty, const Array& seeds, const Array& generator_offsets,
+             uint64_t global_seed, const Array& prompt_offsets, const Array& prompt_ids,
+             const Array& output_offsets, const Array& output_ids, const Array& bias_offsets,
+             const Array& bias_ids, const Array& bias_values, const Array& allowed_offsets,
+             const Array& allowed_ids) {
+            new (self) SamplingInputs{temperature,
+                                      top_k,
+                                      top_p,
+                                      min_p,
+                                      repetition_penalty,
+                                      presence_penalty,
+                                      frequency_penalty,
+                                      seeds,
+                                      generator_offsets,
+                                      global_seed,
+                                      prompt_offsets,
+                                      prompt_ids,
+                                      output_offsets,
+                                      output_ids,
+                                      bias_offsets,
+                                      bias_ids,
+                                      bias_values,
+                                      allowed_offsets,
+                                      allowed_ids};
+          },
+          nb::kw_only(), arg("temperature").none() = nb::none(), arg("top_k").none() = nb::none(),
+          arg("top_p").none() = nb::none(), arg("min_p").none() = nb::none(),
+          arg("repetition_penalty").none() = nb::none(),
+          arg("presence_penalty").none() = nb::none(), arg("frequency_penalty").none() = nb::none(),
+          arg("seeds").none() = nb::none(), arg("generator_offsets").none() = nb::none(),
+          arg("global_seed") = 0, arg("prompt_offsets").none() = nb::none(),
+          arg("prompt_ids").none() = nb::none(), arg("output_offsets").none() = nb::none(),
+          arg("output_ids").none() = nb::none(), arg("bias_offsets").none() = nb::none(),
+          arg("bias_ids").none() = nb::none(), arg("bias_values").none() = nb::none(),
+          arg("allowed_offsets").none() = nb::none(), arg("allowed_ids").none() = nb::none())
+      .def_ro("global_seed", &SamplingInputs::global_seed);
+  m.def("sample", &sample, arg("logits"), arg("inputs"), arg("sampled"),
+        arg("sampled_logprob").none() = nb::none(), arg("sampled_rank").none() = nb::none(),
+        arg("top_logprobs").none() = nb::none(), arg("top_ids").none() = nb::none(),
+        arg("workspace").none() = nb::none(), arg("stream") = 0,
+        "Sample one token per logits row with the SamplingInputs (see "
+        "fastllm/kernels/sampling.h for the semantics).");
   m.def("sampling_workspace_bytes", &k::sampling_workspace_bytes, arg("num_rows"), arg("vocab"),
         "Bytes of CUDA workspace sample() needs.");
+  m.def("embed_quant_rows", &embed_quant_rows, arg("out"), arg("table"), arg("type"), arg("ids"),
+        "out[i] = the dequantized row ids[i] of a Q8_0/Q4_0/Q4_1 table.");
   m.def("quant_gemm", &quant_gemm, arg("out"), arg("input"), arg("weight"), arg("type"),
         arg("bias").none() = nb::none(), arg("allow_simd") = true, arg("stream") = 0,
         "out[m, n] = input[m, k] @ W.T (+ bias) for W [n, k] in a GGUF block type (ggml type id: "

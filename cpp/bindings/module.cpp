@@ -5,12 +5,14 @@ namespace nb = nanobind;
 
 void bind_engine(nb::module_& m);
 void bind_kernels(nb::module_& m);
-void bind_decoder(nb::module_& m);
+void bind_models(nb::module_& m);
 
 NB_MODULE(_C, m) {
-  m.doc() = "fastllm native core: engine (scheduler, KV block manager, loop) and kernels";
+  m.doc() = "fastllm native core: engine (scheduler, KV block manager, loop), kernels and models";
   bind_engine(m);
   nb::module_ ops = m.def_submodule("ops", "fastllm kernels over raw tensors (DLPack views)");
   bind_kernels(ops);
-  bind_decoder(ops);
+  nb::module_ models = m.def_submodule(
+      "models", "model loops and executors built from the kernels (the native CPU executor)");
+  bind_models(models);
 }

@@ -661,6 +661,22 @@ def test_sampling_rejects_out_of_range_ids():
         )
 
 
+def test_sample_binding_takes_named_inputs_and_checks_them():
+    logits = torch.zeros(2, 8)
+    tokens = torch.empty(2, dtype=torch.int32)
+    inputs = _C.ops.SamplingInputs(
+        temperature=torch.zeros(2),
+        allowed_offsets=torch.tensor([0, 1, 2], dtype=torch.int32),
+        allowed_ids=torch.tensor([3, 5], dtype=torch.int32),
+    )
+    _C.ops.sample(logits, inputs, tokens)
+    assert tokens.tolist() == [3, 5]
+    with pytest.raises(ValueError, match="temperature"):
+        _C.ops.sample(logits, _C.ops.SamplingInputs(temperature=torch.zeros(3)), tokens)
+    with pytest.raises(TypeError):
+        _C.ops.SamplingInputs(torch.zeros(2))  # keyword-only: every input is named
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_seeded_rows_independent_of_batch_position(device):
     gen = torch.Generator().manual_seed(3)

@@ -1,4 +1,4 @@
-"""The native CPU decoder (fastllm._C.ops.CpuDecoder): the quantized default model's layer loop in
+"""The native CPU decoder (fastllm._C.models.CpuDecoder): the quantized default model's layer loop in
 one C++ call must give exactly what the per-op Python path gives, with float32 and float16 KV
 caches, through chunked prefill and batched decode; bad arguments raise ValueError."""
 
@@ -93,7 +93,7 @@ def _decoder(**overrides):
               "rope_cache": np.ones((32, HEAD), np.float32), "rope_neox": True, "attn_scale": 0.125,
               "sliding_window": -1, "block_size": BLOCK, "num_blocks": BLOCKS, "cache_dtype": "float32"}
     kw.update(overrides)
-    return _C.ops.CpuDecoder(**kw)
+    return _C.models.CpuDecoder(**kw)
 
 
 def _layer_args(**overrides):

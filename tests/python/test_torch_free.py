@@ -15,6 +15,7 @@ import openai
 import pytest
 import torch
 
+from fastllm import _C
 from fastllm.config import EngineArgs
 from fastllm.engine.llm_engine import LLMEngine
 from fastllm.guided import GuidedDecodingParams
@@ -273,3 +274,44 @@ def test_kquant_model_runs_on_the_integer_kernels(tmp_path, default_gguf_path):
             assert model.lm_head[1] == Q7_0X8 and model.embed_type is None
     assert results[True] == results[False]
     assert all(len(r[2][0][0]) == 8 for r in results[True])
+
+
+def test_logits_hook_runs_only_in_steps_with_a_watched_request():
+    """The C++ executor calls a Python LogitsHook (through its trampoline) only in steps that
+    sample a watched request; the hook's edits of the logits reach the sampler."""
+
+    class ForceToken(_C.models.LogitsHook):
+        def __init__(self):
+            super().__init__()
+            self.target = None
+            self.calls = 0
+            self.advanced = []
+
+        def apply(self, plan, logits):
+            self.calls += 1
+            for row, seq in enumerate(plan.sample_seq_indices):
+                if plan.request_ids[int(seq)] == self.target:
+                    logits[row, :] = -np.inf
+                    logits[row, 42] = 0.0
+
+        def advance(self, plan, tokens):
+            self.advanced.append(tokens.tolist())
+
+    engine = _engine(True, max_model_len=256)
+    hook = ForceToken()
+    engine.core.executor.set_logits_hook(hook)
+    with pytest.raises(RuntimeError, match="already set"):
+        engine.core.executor.set_logits_hook(ForceToken())
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    free = engine.add_request("Once upon a time", params)
+    alone = engine.run_until_done([free])[free].outputs[0].token_ids
+    assert hook.calls == 0
+
+    watched = engine.add_request("Once upon a time", params)
+    hook.target = watched
+    hook.watch(watched)
+    other = engine.add_request("Once upon a time", params)
+    outs = engine.run_until_done([watched, other])
+    assert list(outs[watched].outputs[0].token_ids) == [42] * 4
+    assert list(outs[other].outputs[0].token_ids) == list(alone)
+    assert hook.calls == 4 and len(hook.advanced) == 4 and all(42 in t for t in hook.advanced)

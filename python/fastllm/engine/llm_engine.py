@@ -23,7 +23,7 @@ from fastllm.models.cpu_model import load_cpu_model
 from fastllm.outputs import RequestOutput
 from fastllm.sampling_params import SamplingParams
 from fastllm.tokenizer import load_tokenizer
-from fastllm.worker.cpu_runner import CpuExecutor
+from fastllm.worker.cpu_runner import build_cpu_executor
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +102,8 @@ class EngineCore:
             self.model, self.dtype, self.kv_dtype = cpu_model, np.dtype(dtype), np.dtype(kv_dtype)
             release_free_memory()  # the loader's temporaries
             num_gpu_blocks, num_cpu_blocks = self._plan_kv_cache(kv_dtype)
-            self.executor = CpuExecutor(cpu_model, kv_dtype, self.block_size, num_gpu_blocks,
-                                        num_cpu_blocks, seed=args.seed)
+            self.executor = build_cpu_executor(cpu_model, kv_dtype, self.block_size,
+                                               num_gpu_blocks, num_cpu_blocks, seed=args.seed)
         else:
             num_gpu_blocks, num_cpu_blocks = self._build_torch_executor(quantized, dtype,
                                                                         kv_dtype)

@@ -10,6 +10,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 from fastllm.guided.backends import BackendSet, CompiledGrammar
+from fastllm.guided.hook import GuidedLogitsHook
 from fastllm.guided.params import GuidedDecodingParams, normalize_backend
 from fastllm.guided.registry import GuidedRegistry
 
@@ -22,6 +23,8 @@ class GuidedDecodingManager:
         self.backends = BackendSet(tokenizer, vocab_size, eos_token_ids)
         self.registry = GuidedRegistry(max(int(vocab_size), int(tokenizer.vocab_size)),
                                        eos_token_ids)
+        # What the executor calls: only in steps that sample a row of a registered request.
+        self.hook = GuidedLogitsHook(self.registry)
         self.default_backend = normalize_backend(default_backend) or DEFAULT_BACKEND
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, CompiledGrammar] = OrderedDict()
@@ -67,18 +70,20 @@ class GuidedDecodingManager:
 
     def register(self, request_id: str, compiled: CompiledGrammar) -> None:
         self.registry.register(request_id, compiled.new_matcher())
+        self.hook.watch(request_id)
 
     def unregister(self, request_id: str) -> None:
+        self.hook.unwatch(request_id)
         self.registry.unregister(request_id)
 
 
 def get_manager(core) -> GuidedDecodingManager:
-    """The engine core's manager, created on first use and attached to its executor (the
-    executor's ``guided`` attribute is what ``ModelExecutor.execute`` consults)."""
+    """The engine core's manager, created on first use; its hook is installed on the core's
+    executor then (``set_logits_hook``, once per executor)."""
     manager = getattr(core, "_guided_manager", None)
     if manager is None:
         eos = list(core.engine_config.eos_token_ids)
         manager = GuidedDecodingManager(core.tokenizer, core.model_config.vocab_size, eos)
         core._guided_manager = manager
-        core.executor.guided = manager.registry
+        core.executor.set_logits_hook(manager.hook)
     return manager

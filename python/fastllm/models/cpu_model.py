@@ -1,9 +1,9 @@
-"""A Llama-family GGUF model for the native CPU decoder, loaded and run without torch.
+"""A Llama-family GGUF model for the native CPU executor, loaded without torch.
 
     model = load_cpu_model(config, source, "float32", "float16")   # None: the torch path runs it
-    hidden = model.embed(token_ids)                  # float32 [tokens, hidden]
-    decoder = model.new_decoder(kv_caches, block_size)
-    decoder.forward(hidden, plan arrays...)          # in place: final-normed hidden states
+    weights = model.weights()                        # _C.models.CpuModelWeights: views, no copies
+    executor = _C.models.CpuExecutor(weights, ...)   # see worker.cpu_runner
+    hidden = model.embed(token_ids)                  # float32 [tokens, hidden] (checks, tools)
     logits = model.logits(hidden[rows])              # float32 [rows, vocab]
 
 It holds the arrays ``quant_loader.load_quantized_model`` gives the torch model (the same raw
@@ -20,7 +20,6 @@ torch path loads it (and reports what is wrong with it).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,10 +41,8 @@ from fastllm.models.native_cpu import (
     Q8_0,
     CpuLayer,
     CpuLinear,
-    KVArrays,
     convert_rows,
     native_decoder_enabled,
-    new_cpu_decoder,
     prepare_cpu_linear,
 )
 from fastllm.models.quant_types import GGML_QUANT_TYPES, quant_rows_supported
@@ -85,9 +82,21 @@ class CpuModel:
         _C.ops.quant_gemm(out, hidden, weight, type_id, None, True, 0)
         return out
 
-    def new_decoder(self, kv_caches: Sequence[KVArrays], block_size: int):
-        return new_cpu_decoder(self.config, self.final_norm, self.rope_cache, self.layers,
-                               kv_caches, block_size)
+    def weights(self) -> _C.models.CpuModelWeights:
+        """The arrays as the C++ executor reads them (it keeps references, copies nothing)."""
+        c = self.config
+        weights = _C.models.CpuModelWeights(
+            hidden_size=c.hidden_size, num_heads=c.num_attention_heads,
+            num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
+            intermediate_size=c.intermediate_size, rms_eps=float(c.rms_norm_eps),
+            final_norm=self.final_norm, rope_cache=self.rope_cache, rope_neox=True,
+            attn_scale=c.head_dim ** -0.5, sliding_window=c.attention_window(),
+            embed_table=self.embed_table, embed_type=self.embed_type,
+            lm_head=(*self.lm_head, None))
+        for layer in self.layers:
+            weights.add_layer(layer.input_norm, layer.post_attention_norm, layer.qkv,
+                              layer.o_proj, layer.gate_up, layer.down)
+        return weights
 
 
 def load_cpu_model(config: ModelConfig, source: ModelSource, dtype: str, kv_dtype: str

@@ -1,5 +1,5 @@
 """The native CPU decoder: a Llama-family model with GGUF-encoded linears runs its whole layer loop
-in one C++ call (``fastllm._C.ops.CpuDecoder``) instead of ~30 kernel calls per layer from Python.
+in one C++ call (``fastllm._C.models.CpuDecoder``) instead of ~30 kernel calls per layer from Python.
 
     decoder = build_cpu_decoder(model, kv_caches, block_size)   # torch model; None when it can't
     decoder = new_cpu_decoder(config, final_norm, rope_cache, layers, kv_caches, block_size)
@@ -7,8 +7,9 @@ in one C++ call (``fastllm._C.ops.CpuDecoder``) instead of ~30 kernel calls per 
 
 The decoder runs the same kernels in the same order as ``LlamaForCausalLM.forward``, so its hidden
 states equal the Python model's. Its caller owns the weights, the embedding and the output
-projection: the torch model (``build_cpu_decoder``) or the torch-free CPU model
-(``fastllm.models.cpu_model``). This module imports torch only inside ``build_cpu_decoder``.
+projection: the torch model (``build_cpu_decoder``). The torch-free path hands the same weights to
+the C++ executor (``fastllm.models.cpu_model``, ``_C.models.CpuExecutor``), which runs this
+decoder itself. This module imports torch only inside ``build_cpu_decoder``.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def new_cpu_decoder(config: ModelConfig, final_norm: np.ndarray, rope_cache: np.
     layer)."""
     key0 = kv_caches[0][0]
     c = config
-    decoder = _C.ops.CpuDecoder(
+    decoder = _C.models.CpuDecoder(
         hidden_size=c.hidden_size, num_heads=c.num_attention_heads,
         num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
         intermediate_size=c.intermediate_size, rms_eps=float(c.rms_norm_eps),

@@ -65,6 +65,14 @@ class ModelExecutor(_C.Executor):
         self.cpu_decoder = None
         if device.type == "cpu" and native_decoder_enabled():
             self.cpu_decoder = build_cpu_decoder(model, self.kv_caches, block_size)
+        self._logits_hook = None
+
+    def set_logits_hook(self, hook) -> None:
+        """Installs a ``_C.models.LogitsHook`` (guided decoding), as on the C++ executor: it
+        edits the sampled rows' logits of the steps where it ``wants`` the plan."""
+        if self._logits_hook is not None:
+            raise RuntimeError("the logits hook is already set")
+        self._logits_hook = hook
 
     # ---- helpers -----------------------------------------------------------------------------
 
@@ -119,13 +127,15 @@ class ModelExecutor(_C.Executor):
         rows = hidden[self._tensor(plan.sample_token_indices).to(torch.int64)]
         logits = self.model.compute_logits(rows)
         kw = self._sampling_inputs(plan)
-        # Guided decoding (fastllm.guided attaches its registry here): masks the rows of guided
-        # sequences before sampling and advances their matchers after.
-        guided = getattr(self, "guided", None)
-        guided_rows = guided.apply(plan, logits) if guided is not None else None
+        # The logits hook (guided decoding) masks rows of watched requests before sampling and
+        # sees the sampled tokens after.
+        hook = self._logits_hook
+        hooked = hook is not None and hook.wants(plan)
+        if hooked:
+            hook.apply(plan, logits)
         tokens, logprob, _rank, top_lp, top_ids = _sample(logits, **kw)
-        if guided_rows:
-            guided.advance(guided_rows, tokens)
+        if hooked:
+            hook.advance(plan, tokens)
         if (plan.num_logprobs >= 0).any():
             result = _C.StepResult(tokens.cpu(), logprob.cpu(), top_ids.cpu(), top_lp.cpu())
         else:

@@ -1,6 +1,8 @@
-"""What both executors read off a BatchPlan besides the model inputs, as numpy arrays (no torch):
-the sampling kernel's per-row arguments, and the prompt logprobs of the step
-(``score_prompt_logprobs``, attached to the step's result with ``with_prompt_logprobs``).
+"""What the torch executor reads off a BatchPlan besides the model inputs, as numpy arrays (no
+torch): the sampling kernel's per-row arguments, and the prompt logprobs of the step
+(``score_prompt_logprobs``, attached to the step's result with ``with_prompt_logprobs``). The C++
+CPU executor derives the same values in C++ (cpp/models/src/cpu_executor.cpp): a change here is
+a change there.
 
 Prompt logprobs are computed by the sampling kernel too: a greedy row whose allowed tokens are
 only the target returns the target's log-softmax over the raw logits (its "sampled logprob") and

@@ -93,6 +93,13 @@ void quant_dequantize_block(QuantType type, const uint8_t* block, float* out);
 void quant_read_block(QuantType type, const void* weight, int64_t k, int64_t row, int64_t block,
                       uint8_t* out);
 
+// Token embedding rows from a table in a 32-value GGUF encoding (Q8_0, Q4_0, Q4_1, or their x8
+// layouts): out[i] = dequantize(table row ids[i]), the same float arithmetic as the GGUF loader
+// (Q4_0: (q - 8) * d, Q4_1: q * d + m). Throws KernelArgumentError for an id outside
+// [0, num_rows) or another encoding.
+void embed_quant_rows_cpu(const void* table, QuantType type, int64_t num_rows, int64_t dim,
+                          const int32_t* ids, int64_t num_ids, float* out);
+
 struct QuantGemmParams {
   float* out = nullptr;          // [m][n], rows out_stride floats apart
   const float* input = nullptr;  // [m][k], rows input_stride floats apart

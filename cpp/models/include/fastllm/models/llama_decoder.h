@@ -23,7 +23,10 @@
 #include "fastllm/kernels/common.h"
 #include "fastllm/kernels/quant_gemm.h"
 
-namespace fastllm::kernels {
+namespace fastllm::models {
+
+using kernels::DType;
+using kernels::QuantType;
 
 // A linear layer over GGUF-encoded rows: y = x W^T (+ bias), W [n][k].
 struct QuantLinearRef {
@@ -126,11 +129,4 @@ class CpuDecoder {
   Profile profile_;
 };
 
-// Token embedding rows from a table in a 32-value GGUF encoding (Q8_0, Q4_0, Q4_1):
-// out[i] = dequantize(table row ids[i]), the same float arithmetic as the GGUF loader
-// (Q4_0: (q - 8) * d, Q4_1: q * d + m). Throws KernelArgumentError for an id outside
-// [0, num_rows) or another encoding.
-void embed_quant_rows_cpu(const void* table, QuantType type, int64_t num_rows, int64_t dim,
-                          const int32_t* ids, int64_t num_ids, float* out);
-
-}  // namespace fastllm::kernels
+}  // namespace fastllm::models

@@ -1,4 +1,6 @@
-// CpuDecoder: the Llama-family layer loop over the CPU kernels (see decoder_cpu.h).
+// CpuDecoder: the Llama-family layer loop over the CPU kernels (see llama_decoder.h).
+#include "fastllm/models/llama_decoder.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -7,11 +9,12 @@
 #include "fastllm/kernels/activation.h"
 #include "fastllm/kernels/attention.h"
 #include "fastllm/kernels/cache_ops.h"
-#include "fastllm/kernels/decoder_cpu.h"
 #include "fastllm/kernels/norm.h"
 #include "fastllm/kernels/rotary.h"
 
-namespace fastllm::kernels {
+namespace fastllm::models {
+
+using namespace kernels;  // NOLINT: the decoder is written in terms of the kernels
 
 namespace {
 
@@ -233,22 +236,4 @@ void CpuDecoder::forward(const DecoderBatch& b) {
   });
 }
 
-void embed_quant_rows_cpu(const void* table, QuantType type, int64_t num_rows, int64_t dim,
-                          const int32_t* ids, int64_t num_ids, float* out) {
-  const QuantType base = quant_base_type(type);
-  check_arg(base == QuantType::kQ8_0 || base == QuantType::kQ4_0 || base == QuantType::kQ4_1,
-            std::string("embed_quant_rows: cannot read ") + quant_type_name(type) + " rows");
-  check_arg(dim > 0 && dim % 32 == 0, "embed_quant_rows: dim must be a multiple of 32");
-  uint8_t w[34];  // one block in the base type's layout
-  for (int64_t i = 0; i < num_ids; ++i) {
-    check_arg(ids[i] >= 0 && ids[i] < num_rows,
-              "embed_quant_rows: token id " + std::to_string(ids[i]) + " out of range");
-    float* y = out + i * dim;
-    for (int64_t blk = 0; blk < dim / 32; ++blk, y += 32) {
-      quant_read_block(type, table, dim, ids[i], blk, w);
-      quant_dequantize_block(base, w, y);
-    }
-  }
-}
-
-}  // namespace fastllm::kernels
+}  // namespace fastllm::models

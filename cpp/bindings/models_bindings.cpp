@@ -1,0 +1,374 @@
+// fastllm._C.models: the native model loop and the CPU executor (cpp/models) over numpy/torch CPU
+// arrays. Objects keep a reference to every array they were given, so the weights and caches
+// they point into live as long as they do.
+//
+//   weights = CpuModelWeights(hidden_size=..., ..., lm_head=(rows, type, None))
+//   weights.add_layer(...)                       once per layer
+//   executor = CpuExecutor(weights, block_size=16, num_blocks=..., kv_cache_dtype="float16")
+//   executor.set_logits_hook(hook)               a LogitsHook subclass (guided decoding)
+//   Engine(config, executor)                     steps run without the GIL
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/trampoline.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "array_args.h"
+#include "fastllm/models/cpu_executor.h"
+#include "fastllm/models/llama_decoder.h"
+#include "fastllm/models/logits_hook.h"
+
+namespace nb = nanobind;
+namespace k = fastllm::kernels;
+namespace fm = fastllm::models;
+using namespace fastllm::bindings;  // NOLINT: the argument checks
+using fastllm::BatchPlan;
+
+namespace {
+
+constexpr const char* kDecoder = "CpuDecoder";
+constexpr const char* kWeights = "CpuModelWeights";
+
+template <typename T>
+T* cpu_array(const Array& a, const char* op, const char* name, int64_t expected_numel = -1) {
+  T* data = typed<T>(a, false, op, name);
+  check_arg(expected_numel < 0 || numel(a) == expected_numel,
+            where(op, name) + " has " + std::to_string(numel(a)) + " elements, expected " +
+                std::to_string(expected_numel));
+  return data;
+}
+
+k::DType cache_dtype_of(const std::string& name, const char* op) {
+  if (name == "float32") return k::DType::kFloat32;
+  if (name == "float16") return k::DType::kFloat16;
+  if (name == "bfloat16") return k::DType::kBFloat16;
+  throw k::KernelArgumentError(where(op, "cache_dtype must be float32, float16 or bfloat16"));
+}
+
+// The model sizes, final norm and RoPE table both bindings take.
+fm::DecoderShape decoder_shape(const char* op, int64_t hidden, int64_t num_heads,
+                               int64_t num_kv_heads, int64_t head_dim, int64_t intermediate,
+                               float rms_eps, const Array& final_norm, const Array& rope_cache,
+                               bool rope_neox, float attn_scale, int32_t sliding_window) {
+  fm::DecoderShape s;
+  s.hidden = hidden;
+  s.num_heads = num_heads;
+  s.num_kv_heads = num_kv_heads;
+  s.head_dim = head_dim;
+  s.intermediate = intermediate;
+  s.rms_eps = rms_eps;
+  s.final_norm = cpu_array<float>(final_norm, op, "final_norm", hidden);
+  check_arg(rope_cache.ndim() == 2, where(op, "rope_cache must be [max_position, rotary_dim]"));
+  s.rope_cache = cpu_array<float>(rope_cache, op, "rope_cache");
+  s.max_position = static_cast<int64_t>(rope_cache.shape(0));
+  s.rotary_dim = static_cast<int64_t>(rope_cache.shape(1));
+  s.rope_neox = rope_neox;
+  s.attn_scale = attn_scale;
+  s.sliding_window = sliding_window;
+  return s;
+}
+
+// (weight uint8 [n, row_bytes], ggml type id, bias float32 [n] or None); the arrays go to keep.
+fm::QuantLinearRef linear(const nb::handle& spec_obj, const char* op, const char* name,
+                          std::vector<Array>& keep) {
+  const auto spec = nb::cast<nb::tuple>(spec_obj);
+  check_arg(nb::len(spec) == 3, where(op, name) + " must be (weight, type, bias)");
+  const auto weight = nb::cast<Array>(spec[0]);
+  fm::QuantLinearRef ref;
+  ref.type = static_cast<k::QuantType>(nb::cast<int32_t>(spec[1]));
+  const int64_t values = k::quant_block_values(ref.type);
+  check_arg(values > 0, where(op, name) + " has an unknown quantization type");
+  check_arg(weight.ndim() == 2, where(op, name) + " weight must be [out_features, row_bytes]");
+  ref.weight = cpu_array<uint8_t>(weight, op, name);
+  ref.n = static_cast<int64_t>(weight.shape(0));
+  ref.k = static_cast<int64_t>(weight.shape(1)) / k::quant_block_bytes(ref.type) * values;
+  check_arg(
+      ref.k / values * k::quant_block_bytes(ref.type) == static_cast<int64_t>(weight.shape(1)),
+      where(op, name) + " rows are not whole blocks");
+  keep.push_back(weight);
+  if (!spec[2].is_none()) {
+    const auto bias = nb::cast<Array>(spec[2]);
+    ref.bias = cpu_array<float>(bias, op, name, ref.n);
+    keep.push_back(bias);
+  }
+  return ref;
+}
+
+fm::DecoderLayerRef layer_weights(const char* op, const fm::DecoderShape& s,
+                                  const Array& input_norm, const Array& post_attention_norm,
+                                  const nb::tuple& qkv, const nb::tuple& o_proj,
+                                  const nb::tuple& gate_up, const nb::tuple& down,
+                                  std::vector<Array>& keep) {
+  fm::DecoderLayerRef layer;
+  layer.input_norm = cpu_array<float>(input_norm, op, "input_norm", s.hidden);
+  layer.post_attention_norm =
+      cpu_array<float>(post_attention_norm, op, "post_attention_norm", s.hidden);
+  layer.qkv = linear(qkv, op, "qkv_proj", keep);
+  layer.o_proj = linear(o_proj, op, "o_proj", keep);
+  layer.gate_up = linear(gate_up, op, "gate_up_proj", keep);
+  layer.down = linear(down, op, "down_proj", keep);
+  keep.insert(keep.end(), {input_norm, post_attention_norm});
+  return layer;
+}
+
+// The decoder over caller-owned KV caches (the torch executor's).
+class PyCpuDecoder {
+ public:
+  PyCpuDecoder(int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+               int64_t intermediate, float rms_eps, const Array& final_norm,
+               const Array& rope_cache, bool rope_neox, float attn_scale, int32_t sliding_window,
+               int64_t block_size, int64_t num_blocks, const std::string& cache_dtype) {
+    fm::DecoderShape s =
+        decoder_shape(kDecoder, hidden, num_heads, num_kv_heads, head_dim, intermediate, rms_eps,
+                      final_norm, rope_cache, rope_neox, attn_scale, sliding_window);
+    s.block_size = block_size;
+    s.num_blocks = num_blocks;
+    s.cache_dtype = cache_dtype_of(cache_dtype, kDecoder);
+    decoder_ = std::make_unique<fm::CpuDecoder>(s);
+    keep_ = {final_norm, rope_cache};
+  }
+
+  void add_layer(const Array& input_norm, const Array& post_attention_norm, const nb::tuple& qkv,
+                 const nb::tuple& o_proj, const nb::tuple& gate_up, const nb::tuple& down,
+                 const Array& key_cache, const Array& value_cache) {
+    const fm::DecoderShape& s = decoder_->shape();
+    std::vector<Array> keep;
+    fm::DecoderLayerRef layer = layer_weights(kDecoder, s, input_norm, post_attention_norm, qkv,
+                                              o_proj, gate_up, down, keep);
+    const int64_t cache_numel = s.num_blocks * s.block_size * s.num_kv_heads * s.head_dim;
+    for (const Array* cache : {&key_cache, &value_cache}) {
+      check_arg(float_dtype(*cache, kDecoder, "kv cache") == s.cache_dtype,
+                where(kDecoder, "the KV caches must have the decoder's cache_dtype"));
+      check_device(*cache, false, kDecoder, "kv cache");
+      check_contiguous(*cache, kDecoder, "kv cache");
+      check_arg(numel(*cache) == cache_numel,
+                where(kDecoder,
+                      "the KV caches must be [num_blocks, block_size, num_kv_heads, "
+                      "head_dim]"));
+    }
+    layer.key_cache = key_cache.data();
+    layer.value_cache = value_cache.data();
+    decoder_->add_layer(layer);
+    keep.insert(keep.end(), {key_cache, value_cache});
+    keep_.insert(keep_.end(), keep.begin(), keep.end());
+  }
+
+  void forward(const Array& hidden, const Array& positions, const Array& slot_mapping,
+               const Array& query_start_loc, const Array& context_lens, const Array& block_tables,
+               int64_t max_context_len) {
+    const fm::DecoderShape& s = decoder_->shape();
+    fm::DecoderBatch b;
+    check_arg(hidden.ndim() == 2 && static_cast<int64_t>(hidden.shape(1)) == s.hidden,
+              where(kDecoder, "hidden must be [num_tokens, hidden_size]"));
+    b.num_tokens = static_cast<int64_t>(hidden.shape(0));
+    b.hidden = cpu_array<float>(hidden, kDecoder, "hidden");
+    b.positions = cpu_array<int32_t>(positions, kDecoder, "positions", b.num_tokens);
+    b.slot_mapping = cpu_array<int64_t>(slot_mapping, kDecoder, "slot_mapping", b.num_tokens);
+    check_arg(query_start_loc.ndim() == 1 && query_start_loc.shape(0) >= 1,
+              where(kDecoder, "query_start_loc must be [num_seqs + 1]"));
+    b.num_seqs = static_cast<int64_t>(query_start_loc.shape(0)) - 1;
+    b.query_start_loc = cpu_array<int32_t>(query_start_loc, kDecoder, "query_start_loc");
+    b.context_lens = cpu_array<int32_t>(context_lens, kDecoder, "context_lens", b.num_seqs);
+    check_arg(block_tables.ndim() == 2 && static_cast<int64_t>(block_tables.shape(0)) == b.num_seqs,
+              where(kDecoder, "block_tables must be [num_seqs, max_blocks_per_seq]"));
+    b.block_tables = cpu_array<int32_t>(block_tables, kDecoder, "block_tables");
+    b.max_blocks_per_seq = static_cast<int64_t>(block_tables.shape(1));
+    b.max_context_len = max_context_len;
+    nb::gil_scoped_release release_gil;
+    decoder_->forward(b);
+  }
+
+  int64_t num_layers() const { return decoder_->num_layers(); }
+  void set_profiling(bool on) { decoder_->set_profiling(on); }
+  nb::dict profile() const {
+    const auto& p = decoder_->profile();
+    nb::dict out;
+    out["gemm"] = p.gemm;
+    out["attention"] = p.attention;
+    out["norms_rope_act"] = p.norms_rope_act;
+    return out;
+  }
+
+ private:
+  std::unique_ptr<fm::CpuDecoder> decoder_;
+  std::vector<Array> keep_;
+};
+
+// A model's weights for CpuExecutor, and the arrays they point into.
+struct PyCpuModelWeights {
+  fm::CpuModelWeights weights;
+  std::vector<Array> keep;
+
+  void add_layer(const Array& input_norm, const Array& post_attention_norm, const nb::tuple& qkv,
+                 const nb::tuple& o_proj, const nb::tuple& gate_up, const nb::tuple& down) {
+    weights.layers.push_back(layer_weights(kWeights, weights.shape, input_norm, post_attention_norm,
+                                           qkv, o_proj, gate_up, down, keep));
+  }
+};
+
+void init_weights(PyCpuModelWeights* self, int64_t hidden, int64_t num_heads, int64_t num_kv_heads,
+                  int64_t head_dim, int64_t intermediate, float rms_eps, const Array& final_norm,
+                  const Array& rope_cache, bool rope_neox, float attn_scale, int32_t sliding_window,
+                  const Array& embed_table, nb::object embed_type, const nb::tuple& lm_head) {
+  new (self) PyCpuModelWeights();
+  fm::CpuModelWeights& w = self->weights;
+  w.shape = decoder_shape(kWeights, hidden, num_heads, num_kv_heads, head_dim, intermediate,
+                          rms_eps, final_norm, rope_cache, rope_neox, attn_scale, sliding_window);
+  check_arg(embed_table.ndim() == 2, where(kWeights, "embed_table must be [vocab, row]"));
+  w.vocab = static_cast<int64_t>(embed_table.shape(0));
+  if (embed_type.is_none()) {
+    check_arg(static_cast<int64_t>(embed_table.shape(1)) == hidden,
+              where(kWeights, "a float32 embed_table must be [vocab, hidden_size]"));
+    w.embed_table = cpu_array<float>(embed_table, kWeights, "embed_table");
+  } else {
+    w.embed_quantized = true;
+    w.embed_type = static_cast<k::QuantType>(nb::cast<int32_t>(embed_type));
+    const int64_t values = k::quant_block_values(w.embed_type);
+    check_arg(values == 32 && hidden % values == 0 &&
+                  static_cast<int64_t>(embed_table.shape(1)) ==
+                      hidden / values * k::quant_block_bytes(w.embed_type),
+              where(kWeights,
+                    "embed_table rows must hold hidden_size values in a 32-value "
+                    "encoding"));
+    w.embed_table = cpu_array<uint8_t>(embed_table, kWeights, "embed_table");
+  }
+  w.lm_head = linear(lm_head, kWeights, "lm_head", self->keep);
+  self->keep.insert(self->keep.end(), {final_norm, rope_cache, embed_table});
+}
+
+void init_executor(fm::CpuExecutor* self, const PyCpuModelWeights& weights, int64_t block_size,
+                   int64_t num_blocks, int64_t num_swap_blocks, const std::string& kv_cache_dtype,
+                   int64_t seed) {
+  fm::CpuExecutorConfig config;
+  config.block_size = block_size;
+  config.num_blocks = num_blocks;
+  config.num_swap_blocks = num_swap_blocks;
+  config.cache_dtype = cache_dtype_of(kv_cache_dtype, "CpuExecutor");
+  config.seed = seed;
+  new (self) fm::CpuExecutor(weights.weights, config);
+}
+
+// Python subclasses implement apply(plan, logits) and advance(plan, tokens); the engine thread
+// takes the GIL for those calls only.
+class PyLogitsHook : public fm::LogitsHook {
+ public:
+  NB_TRAMPOLINE(fm::LogitsHook, 2);
+
+  void apply(const BatchPlan& plan, float* logits, int64_t vocab) override {
+    nb::gil_scoped_acquire gil;
+    constexpr uint64_t hash = nb::detail::str_hash("apply");
+    nb::detail::ticket ticket(nb_trampoline, "apply", hash, true);
+    const size_t shape[2] = {static_cast<size_t>(plan.num_samples), static_cast<size_t>(vocab)};
+    nb::ndarray<nb::numpy, float, nb::ndim<2>> view(logits, 2, shape, nb::handle());
+    // A view without an owner is copied unless cast by reference: the hook edits it in place.
+    nb_trampoline.base().attr(ticket.key)(nb::cast(&plan, nb::rv_policy::reference),
+                                          nb::cast(view, nb::rv_policy::reference));
+  }
+
+  void advance(const BatchPlan& plan, const int32_t* tokens) override {
+    nb::gil_scoped_acquire gil;
+    constexpr uint64_t hash = nb::detail::str_hash("advance");
+    nb::detail::ticket ticket(nb_trampoline, "advance", hash, true);
+    const size_t shape[1] = {static_cast<size_t>(plan.num_samples)};
+    nb::ndarray<nb::numpy, const int32_t, nb::ndim<1>> view(tokens, 1, shape, nb::handle());
+    nb_trampoline.base().attr(ticket.key)(nb::cast(&plan, nb::rv_policy::reference),
+                                          nb::cast(view, nb::rv_policy::reference));
+  }
+};
+
+}  // namespace
+
+void bind_models(nb::module_& m) {
+  using nb::arg;
+  nb::class_<PyCpuDecoder>(m, "CpuDecoder",
+                           "The Llama-family layer loop on the CPU over GGUF-encoded weights.")
+      .def(nb::init<int64_t, int64_t, int64_t, int64_t, int64_t, float, const Array&, const Array&,
+                    bool, float, int32_t, int64_t, int64_t, const std::string&>(),
+           arg("hidden_size"), arg("num_heads"), arg("num_kv_heads"), arg("head_dim"),
+           arg("intermediate_size"), arg("rms_eps"), arg("final_norm"), arg("rope_cache"),
+           arg("rope_neox"), arg("attn_scale"), arg("sliding_window"), arg("block_size"),
+           arg("num_blocks"), arg("cache_dtype"))
+      .def("add_layer", &PyCpuDecoder::add_layer, arg("input_norm"), arg("post_attention_norm"),
+           arg("qkv"), arg("o_proj"), arg("gate_up"), arg("down"), arg("key_cache"),
+           arg("value_cache"),
+           "Appends a layer; each linear is (uint8 weight rows, ggml type id, float32 bias or "
+           "None).")
+      .def("forward", &PyCpuDecoder::forward, arg("hidden"), arg("positions"), arg("slot_mapping"),
+           arg("query_start_loc"), arg("context_lens"), arg("block_tables"), arg("max_context_len"),
+           "Runs every layer over the step in place: hidden holds the embeddings in and the "
+           "final-normed states out.")
+      .def_prop_ro("num_layers", &PyCpuDecoder::num_layers)
+      .def("set_profiling", &PyCpuDecoder::set_profiling, arg("on"),
+           "Turns the per-part timers on (and zeroes them) or off.")
+      .def("profile", &PyCpuDecoder::profile,
+           "Seconds spent in forward() per part since profiling was turned on: gemm, attention, "
+           "norms_rope_act.");
+
+  nb::class_<PyCpuModelWeights>(m, "CpuModelWeights",
+                                "A Llama-family model's weights for CpuExecutor (arrays kept "
+                                "alive, not copied).")
+      .def("__init__", &init_weights, nb::kw_only(), arg("hidden_size"), arg("num_heads"),
+           arg("num_kv_heads"), arg("head_dim"), arg("intermediate_size"), arg("rms_eps"),
+           arg("final_norm"), arg("rope_cache"), arg("rope_neox"), arg("attn_scale"),
+           arg("sliding_window"), arg("embed_table"), arg("embed_type").none(), arg("lm_head"),
+           "embed_table: uint8 rows of a Q8_0/Q4_0/Q4_1 table (embed_type: its ggml type id) or "
+           "float32 [vocab, hidden] (embed_type None); lm_head: (uint8 rows, type id, bias or "
+           "None).")
+      .def("add_layer", &PyCpuModelWeights::add_layer, arg("input_norm"),
+           arg("post_attention_norm"), arg("qkv"), arg("o_proj"), arg("gate_up"), arg("down"),
+           "Appends a layer; each linear is (uint8 weight rows, ggml type id, float32 bias or "
+           "None).")
+      .def_prop_ro("num_layers",
+                   [](const PyCpuModelWeights& w) { return w.weights.layers.size(); });
+
+  nb::class_<fm::LogitsHook, PyLogitsHook>(
+      m, "LogitsHook",
+      "Subclass and implement apply(plan, logits) (float32 [num_samples, vocab], edit in place) "
+      "and advance(plan, tokens) (int32 [num_samples]); called only for steps with a row of a "
+      "watched request.")
+      .def(nb::init<>())
+      .def("watch", &fm::LogitsHook::watch, arg("request_id"),
+           nb::call_guard<nb::gil_scoped_release>())
+      .def("unwatch", &fm::LogitsHook::unwatch, arg("request_id"),
+           nb::call_guard<nb::gil_scoped_release>())
+      .def("wants", &fm::LogitsHook::wants, arg("plan"),
+           "Whether some sample row of plan belongs to a watched request.");
+
+  nb::class_<fm::CpuExecutor, fastllm::Executor>(
+      m, "CpuExecutor",
+      "The engine's executor for a Llama-family GGUF model on the CPU: embed, decoder, logits "
+      "and sampling in C++ (no GIL in the step); it owns the KV caches.")
+      .def("__init__", &init_executor, arg("weights"), nb::kw_only(), arg("block_size"),
+           arg("num_blocks"), arg("num_swap_blocks") = 0, arg("kv_cache_dtype") = "float16",
+           arg("seed") = 0, nb::keep_alive<1, 2>())
+      .def("set_logits_hook", &fm::CpuExecutor::set_logits_hook, arg("hook"),
+           "Installs the hook (once).")
+      .def_prop_ro("has_logits_hook", &fm::CpuExecutor::has_logits_hook)
+      .def_prop_ro("kv_cache_bytes", &fm::CpuExecutor::kv_cache_bytes)
+      .def_prop_ro("num_layers", [](const fm::CpuExecutor& e) { return e.decoder().num_layers(); })
+      .def("set_profiling", &fm::CpuExecutor::set_profiling, arg("on"),
+           "Turns the per-part timers on (and zeroes them) or off.")
+      .def(
+          "profile",
+          [](const fm::CpuExecutor& e) {
+            const auto& p = e.profile();
+            const auto& d = e.decoder().profile();
+            nb::dict out;
+            out["embed"] = p.embed;
+            out["gemm"] = d.gemm;
+            out["attention"] = d.attention;
+            out["norms_rope_act"] = d.norms_rope_act;
+            out["lm_head"] = p.lm_head;
+            out["sampling"] = p.sampling;
+            out["prompt_logprobs"] = p.prompt_logprobs;
+            out["logits_hook"] = p.logits_hook;
+            out["total"] = p.total;
+            return out;
+          },
+          "Seconds per part of execute() since profiling was turned on (total: all of it).");
+}

@@ -1,0 +1,121 @@
+// CpuExecutor: the engine's Executor for a Llama-family model with GGUF-encoded weights on the
+// CPU. A whole step runs in C++, without Python or the GIL:
+//
+//   apply block ops               swap out, swap in, copy: on the KV caches it owns
+//   hidden = embed(token_ids)     quantized (Q8_0/Q4_0/Q4_1 rows) or float32 token table
+//   decoder.forward(hidden)       CpuDecoder (llama_decoder.h), in place
+//   prompt logprobs               rows of prompts that asked for them, kPromptLogprobChunk at a
+//   time logits = hidden[sample rows] W_out^T hook.apply(logits)            only when a sample
+//   row's request is watched (logits_hook.h) sample(logits)                the plan's per-row
+//   parameters, as they are hook.advance(tokens)
+//
+// The sampling inputs are the plan's arrays read in place; what is derived from them (the
+// per-step seed of unseeded rows, prompt/output token lists split from the histories, the
+// prompt logprob targets) follows python/fastllm/worker/step_inputs.py, which the torch executor
+// uses, so both executors give the same tokens and logprobs.
+//
+// Memory: the weights are borrowed (the caller keeps them alive for the executor's lifetime).
+// The KV caches are owned: anonymous private mappings, so a page becomes resident when the cache
+// first writes it, 4 KiB at a time (no huge pages: the cache grows a block at a time).
+//
+// Threads: construct and set_logits_hook on any thread; execute() on the engine thread only.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "fastllm/executor.h"
+#include "fastllm/kernels/sampling.h"
+#include "fastllm/models/llama_decoder.h"
+#include "fastllm/models/logits_hook.h"
+
+namespace fastllm::models {
+
+// A model's weights as CpuExecutor reads them (pointers borrowed from the caller).
+struct CpuModelWeights {
+  // Model sizes and the final norm / RoPE table; block_size, num_blocks and cache_dtype are
+  // the executor's (CpuExecutorConfig) and ignored here.
+  DecoderShape shape;
+  // One per layer; key_cache / value_cache are the executor's and ignored here.
+  std::vector<DecoderLayerRef> layers;
+  const void* embed_table = nullptr;  // [vocab] rows: quantized blocks, or float32 [vocab][hidden]
+  bool embed_quantized = false;       // embed_type applies (Q8_0/Q4_0/Q4_1 or their x8 layouts)
+  QuantType embed_type = QuantType::kQ8_0;
+  int64_t vocab = 0;       // rows of embed_table
+  QuantLinearRef lm_head;  // [vocab][hidden] output projection
+};
+
+struct CpuExecutorConfig {
+  int64_t block_size = 16;
+  int64_t num_blocks = 0;               // KV blocks the engine hands out
+  int64_t num_swap_blocks = 0;          // host blocks for swap preemption (0: none)
+  DType cache_dtype = DType::kFloat16;  // float32 or float16
+  int64_t seed = 0;  // the engine's seed: unseeded rows draw from a per-step stream of it
+};
+
+// Rows of prompt logprobs scored per output projection: bounds the [rows, vocab] logits.
+inline constexpr int64_t kPromptLogprobChunk = 256;
+
+class CpuExecutor : public Executor {
+ public:
+  // Throws KernelArgumentError for inconsistent weights or sizes.
+  CpuExecutor(const CpuModelWeights& weights, const CpuExecutorConfig& config);
+  ~CpuExecutor() override;
+  CpuExecutor(const CpuExecutor&) = delete;
+  CpuExecutor& operator=(const CpuExecutor&) = delete;
+
+  StepResult execute(const BatchPlan& plan) override;
+
+  // Installs the hook (once: a second call throws std::logic_error). It lives as long as the
+  // executor.
+  void set_logits_hook(std::shared_ptr<LogitsHook> hook);
+  bool has_logits_hook() const { return hook_.load(std::memory_order_acquire) != nullptr; }
+
+  // Wall-clock seconds per part of execute() since profiling was turned on (the decoder's own
+  // parts: decoder().profile()). total is the whole of execute().
+  struct Profile {
+    double embed = 0.0;
+    double lm_head = 0.0;
+    double sampling = 0.0;  // the sample kernel and its inputs
+    double prompt_logprobs = 0.0;
+    double logits_hook = 0.0;
+    double total = 0.0;
+  };
+  void set_profiling(bool on);
+  const Profile& profile() const { return profile_; }
+  const CpuDecoder& decoder() const { return *decoder_; }
+
+  const CpuExecutorConfig& config() const { return config_; }
+  // Bytes reserved for the KV caches (device and swap), resident only where written.
+  int64_t kv_cache_bytes() const;
+
+ private:
+  struct Mapping;  // an anonymous mmap region
+  void apply_block_ops(const BlockOps& ops);
+  void embed(const BatchPlan& plan, float* hidden);
+  void output_projection(const float* hidden, const int32_t* rows, int64_t num_rows, float* out);
+  void sample_rows(const BatchPlan& plan, float* logits, StepResult& result);
+  void score_prompt_logprobs(const BatchPlan& plan, const float* hidden, StepResult& result);
+
+  CpuModelWeights weights_;
+  CpuExecutorConfig config_;
+  int64_t cache_block_bytes_ = 0;
+  std::unique_ptr<Mapping> caches_;       // [layer][key, value][num_blocks] blocks
+  std::unique_ptr<Mapping> swap_caches_;  // [layer][key, value][num_swap_blocks] blocks
+  std::unique_ptr<CpuDecoder> decoder_;
+  std::shared_ptr<LogitsHook> hook_owner_;
+  std::atomic<LogitsHook*> hook_{nullptr};
+  bool profiling_ = false;
+  Profile profile_;
+  // Step buffers, grown to the largest step seen.
+  std::vector<float> hidden_;
+  std::vector<float> rows_;
+  std::vector<float> logits_;
+  std::vector<int32_t> prompt_ids_, prompt_offsets_, output_ids_, output_offsets_;
+  std::vector<int32_t> targets_, target_offsets_, target_rows_, target_seqs_;
+  std::vector<int32_t> scratch_tokens_;
+};
+
+}  // namespace fastllm::models
