@@ -331,7 +331,7 @@ std::vector<RequestOutput> Engine::Impl::run_step() {
   const std::string failure = execute(plan, result);
   if (failure.empty()) {
     apply_result(sched, plan, result, out);
-  } else if (sched.scheduled.size() > 1 && sched.block_ops.empty()) {
+  } else if (sched.scheduled.size() > 1 && sched.block_ops.swap_out.empty()) {
     isolate_failure(sched, out);
   } else {
     // Only this step's requests are lost; requests swapped out in this step lost their copy too.
@@ -360,15 +360,31 @@ std::string Engine::Impl::execute(const BatchPlan& step, StepResult& result) {
 }
 
 void Engine::Impl::isolate_failure(const SchedulerOutput& sched, std::vector<RequestOutput>& out) {
-  // Each request runs again on its own: the failed step changed no engine state, and without
-  // block copies or swaps re-running it rewrites the same KV slots with the same values.
+  // Each request runs again on its own: the failed step changed no engine state, and re-running
+  // a request rewrites the same KV slots with the same values. Its block copies and swap-ins
+  // (the pairs whose destination is one of its blocks) run again with it: their sources are
+  // read-only in a step, so each leaves its destination as the failed step's did. Swap-outs are
+  // not repeatable (their source blocks may have been reused), so run_step never gets here with
+  // one.
   const std::vector<ScheduledRequest> scheduled = sched.scheduled;
+  const BlockOps ops = sched.block_ops;
   SchedulerOutput one;
   BatchPlan solo;
+  const auto take_pairs = [](const std::vector<int32_t>& pairs, const Request& req,
+                             std::vector<int32_t>& into) {
+    for (size_t i = 0; i + 1 < pairs.size(); i += 2) {
+      if (contains(req.block_ids, pairs[i + 1])) {
+        into.push_back(pairs[i]);
+        into.push_back(pairs[i + 1]);
+      }
+    }
+  };
   for (const ScheduledRequest& s : scheduled) {
     one.clear();
     one.scheduled.push_back(s);
     one.num_scheduled_tokens = s.num_new_tokens;
+    take_pairs(ops.copy, *s.request, one.block_ops.copy);
+    take_pairs(ops.swap_in, *s.request, one.block_ops.swap_in);
     build_batch_plan(one, config.cache.block_size, config.eos_token_ids, step_id++, solo);
     StepResult result;
     const std::string failure = execute(solo, result);

@@ -269,6 +269,10 @@ void CpuExecutor::sample_rows(const BatchPlan& plan, float* logits, StepResult& 
       output_offsets_.assign(1, 0);
       prompt_ids_.clear();
       output_ids_.clear();
+      // An empty list (no output yet) must still be a non-null pointer: the sampler reads a
+      // null ids pointer as "no list given".
+      prompt_ids_.reserve(64);
+      output_ids_.reserve(64);
       for (int64_t r = 0; r < rows; ++r) {
         const auto begin = plan.history_token_ids.begin() + plan.history_offsets[r];
         const auto end = plan.history_token_ids.begin() + plan.history_offsets[r + 1];
