@@ -302,3 +302,32 @@ def test_registry_masks_only_guided_rows_and_never_re_advances(llm):
     assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == allowed
     registry.unregister("g")
     assert registry.apply(_Plan(["g"], [1]), torch.zeros(1, vocab)) is None
+
+
+def test_open_schemas_are_strict_by_default_and_can_be_relaxed(llm):
+    from fastllm import SamplingParams
+    from fastllm.guided.params import GuidedDecodingParams, strict_schema
+
+    schema = {"type": "object", "properties": {
+        "name": {"type": "string"},
+        "tags": {"type": "array", "items": {"type": "object",
+                                            "properties": {"k": {"type": "string"}}}},
+        "meta": {"type": "object", "additionalProperties": {"type": "integer"}}},
+        "required": ["name"]}
+    strict = strict_schema(schema)
+    assert strict["additionalProperties"] is False
+    assert strict["properties"]["tags"]["items"]["additionalProperties"] is False
+    assert strict["properties"]["meta"]["additionalProperties"] == {"type": "integer"}
+    assert "additionalProperties" not in schema  # the request's schema is not changed
+    assert '"additionalProperties": false' not in GuidedDecodingParams(
+        json=schema, json_strict=False).spec()
+
+    small = {"type": "object", "properties": {"city": {"type": "string"}},
+             "required": ["city"]}
+    params = [SamplingParams(max_tokens=64, temperature=t, seed=3,
+                             guided_decoding=GuidedDecodingParams(json=small))
+              for t in (0.0, 1.0)]
+    prompt = "Give the city where the Eiffel Tower stands as JSON: "
+    for out in llm.generate([prompt, prompt], params, use_tqdm=False):
+        value = json.loads(out.outputs[0].text)
+        assert set(value) == {"city"}

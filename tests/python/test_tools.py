@@ -310,3 +310,19 @@ def test_auto_needs_the_server_flags():
         assert r.status_code == 200
     finally:
         stop_server(proc)
+
+
+def test_named_tool_call_without_additional_properties_is_valid_json_in_64_tokens(client):
+    """A schema that does not close its objects: strict by default, so the small model cannot
+    invent keys until max_tokens cuts the call mid-string."""
+    tool = {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}
+    for temperature in (0.0, 1.0):
+        out = client.chat.completions.create(
+            model=MODEL, messages=ASK, tools=[tool], temperature=temperature, seed=11,
+            max_tokens=64, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        call = out.choices[0].message.tool_calls[0]
+        args = json.loads(call.function.arguments)
+        assert set(args) == {"city"} and isinstance(args["city"], str)

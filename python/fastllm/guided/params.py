@@ -28,12 +28,50 @@ def normalize_backend(name: str | None) -> str | None:
     return BACKEND_ALIASES[base]
 
 
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMA_VALUES = ("items", "additionalItems", "not", "if", "then", "else", "contains",
+                     "propertyNames", "unevaluatedItems")
+
+
+def strict_schema(schema: Any) -> Any:
+    """A copy of a JSON schema in which every object that does not say otherwise allows only its
+    listed properties (``additionalProperties: false``), as OpenAI's structured outputs do. A
+    small model given an open object tends to invent keys until it runs out of tokens."""
+    if isinstance(schema, list):
+        return [strict_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [strict_schema(s) for s in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: strict_schema(s) for name, s in out[key].items()}
+    for key in _SUBSCHEMA_VALUES:
+        if key in out:
+            out[key] = strict_schema(out[key])
+    is_object = out.get("type") == "object" or (
+        isinstance(out.get("type"), list) and "object" in out["type"]) or "properties" in out
+    if is_object and "additionalProperties" not in out and \
+            "unevaluatedProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    elif isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = strict_schema(out["additionalProperties"])
+    return out
+
+
 @dataclass
 class GuidedDecodingParams:
     """Exactly one of ``json``, ``regex``, ``choice``, ``grammar`` or ``json_object`` constrains
     the output. ``json`` is a JSON schema (a dict or its JSON text); ``grammar`` is a Lark grammar
     (GBNF/EBNF is converted); ``whitespace_pattern`` is a regex for the whitespace JSON output may
-    use; ``backend`` overrides the engine's default ("guidance" or "xgrammar")."""
+    use; ``backend`` overrides the engine's default ("guidance" or "xgrammar").
+
+    A ``json`` schema is strict by default: objects that do not set ``additionalProperties``
+    allow no keys beyond their ``properties`` (see :func:`strict_schema`);
+    ``json_strict=False`` keeps JSON Schema's default (any extra key)."""
 
     json: str | dict | None = None
     regex: str | None = None
@@ -42,17 +80,19 @@ class GuidedDecodingParams:
     json_object: bool | None = None
     backend: str | None = None
     whitespace_pattern: str | None = None
+    json_strict: bool = True
 
     @classmethod
     def from_optional(cls, json: str | dict | None = None, regex: str | None = None,
                       choice: list[str] | None = None, grammar: str | None = None,
                       json_object: bool | None = None, backend: str | None = None,
-                      whitespace_pattern: str | None = None) -> GuidedDecodingParams | None:
+                      whitespace_pattern: str | None = None, json_strict: bool = True
+                      ) -> GuidedDecodingParams | None:
         if all(x is None for x in (json, regex, choice, grammar)) and not json_object:
             return None
         return cls(json=json, regex=regex, choice=choice, grammar=grammar,
                    json_object=json_object or None, backend=backend,
-                   whitespace_pattern=whitespace_pattern)
+                   whitespace_pattern=whitespace_pattern, json_strict=json_strict)
 
     def kind(self) -> str:
         given = [name for name in ("json", "regex", "choice", "grammar")
@@ -77,6 +117,8 @@ class GuidedDecodingParams:
                     raise ValueError(f"guided_json is not valid JSON: {e}") from None
             if not isinstance(value, (dict, bool)):
                 raise ValueError("guided_json must be a JSON schema (an object)")
+            if self.json_strict:
+                value = strict_schema(value)
             return json.dumps(value, sort_keys=True)
         if kind == "json_object":
             return '{"type": "object"}'

@@ -117,6 +117,8 @@ class SamplingFields(RequestModel):
     guided_grammar: str | None = None
     guided_decoding_backend: str | None = None
     guided_whitespace_pattern: str | None = None
+    # false: a JSON schema's objects may hold keys it does not list (default: strict)
+    guided_json_strict: bool | None = None
     request_id: str | None = None
 
     def unsupported(self) -> list[str]:
@@ -130,6 +132,8 @@ class SamplingFields(RequestModel):
         fmt = self.response_format
         json_schema: Any = self.guided_json
         json_object = None
+        # Schemas are strict unless the request relaxes them (see GuidedDecodingParams).
+        strict = self.guided_json_strict is not False
         if fmt is not None and fmt.type != "text":
             if json_schema is not None:
                 raise ValueError("give either response_format or guided_json, not both")
@@ -142,6 +146,8 @@ class SamplingFields(RequestModel):
                     raise ValueError("response_format of type json_schema needs "
                                      "json_schema.schema (a JSON schema object)")
                 json_schema = schema
+                if spec.get("strict") is False:
+                    strict = False
         given = [name for name, value in (
             ("guided_json/response_format", json_schema if json_object is None else True),
             ("guided_regex", self.guided_regex), ("guided_choice", self.guided_choice),
@@ -152,7 +158,7 @@ class SamplingFields(RequestModel):
             json=json_schema, regex=self.guided_regex, choice=self.guided_choice,
             grammar=self.guided_grammar, json_object=json_object,
             backend=self.guided_decoding_backend,
-            whitespace_pattern=self.guided_whitespace_pattern)
+            whitespace_pattern=self.guided_whitespace_pattern, json_strict=strict)
         if params is None and self.guided_decoding_backend is not None:
             normalize_backend(self.guided_decoding_backend)  # an unknown name is still an error
         return params
