@@ -27,6 +27,14 @@ nb::ndarray<nb::numpy, T, nb::ndim<1>> view1d(const std::vector<T>& v) {
   return nb::ndarray<nb::numpy, T, nb::ndim<1>>(const_cast<T*>(v.data()), {v.size()});
 }
 
+// A read-only numpy view of an output's array (reference_internal: the output object stays
+// alive while the view does). Reading a std::vector field by value copied it into a new list on
+// every access, which made indexing it in a loop quadratic.
+template <typename T>
+nb::ndarray<nb::numpy, const T, nb::ndim<1>> ro_view(const std::vector<T>& v) {
+  return nb::ndarray<nb::numpy, const T, nb::ndim<1>>(v.data(), {v.size()});
+}
+
 template <typename T>
 nb::ndarray<nb::numpy, T, nb::ndim<2>> view2d(const std::vector<T>& v, size_t cols) {
   const size_t rows = cols == 0 ? 0 : v.size() / cols;
@@ -335,15 +343,24 @@ void bind_engine(nb::module_& m) {
   nb::class_<RequestOutput>(m, "RequestOutput")
       .def_ro("request_id", &RequestOutput::request_id)
       .def_ro("seq_index", &RequestOutput::seq_index, "which of the request's n sequences")
-      .def_ro("new_token_ids", &RequestOutput::new_token_ids)
-      .def_ro("new_logprobs", &RequestOutput::new_logprobs)
+      .def_prop_ro(
+          "new_token_ids", [](const RequestOutput& o) { return ro_view(o.new_token_ids); }, ref)
+      .def_prop_ro(
+          "new_logprobs", [](const RequestOutput& o) { return ro_view(o.new_logprobs); }, ref)
       .def_ro("num_top_logprobs", &RequestOutput::num_top_logprobs)
-      .def_ro("top_token_ids", &RequestOutput::top_token_ids)
-      .def_ro("top_logprobs", &RequestOutput::top_logprobs)
-      .def_ro("prompt_logprobs", &RequestOutput::prompt_logprobs)
+      .def_prop_ro(
+          "top_token_ids", [](const RequestOutput& o) { return ro_view(o.top_token_ids); }, ref)
+      .def_prop_ro(
+          "top_logprobs", [](const RequestOutput& o) { return ro_view(o.top_logprobs); }, ref)
+      .def_prop_ro(
+          "prompt_logprobs", [](const RequestOutput& o) { return ro_view(o.prompt_logprobs); }, ref)
       .def_ro("num_prompt_top_logprobs", &RequestOutput::num_prompt_top_logprobs)
-      .def_ro("prompt_top_token_ids", &RequestOutput::prompt_top_token_ids)
-      .def_ro("prompt_top_logprobs", &RequestOutput::prompt_top_logprobs)
+      .def_prop_ro(
+          "prompt_top_token_ids",
+          [](const RequestOutput& o) { return ro_view(o.prompt_top_token_ids); }, ref)
+      .def_prop_ro(
+          "prompt_top_logprobs",
+          [](const RequestOutput& o) { return ro_view(o.prompt_top_logprobs); }, ref)
       .def_ro("finished", &RequestOutput::finished)
       .def_ro("request_finished", &RequestOutput::request_finished,
               "the request's last unfinished sequence finished with this output")

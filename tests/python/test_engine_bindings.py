@@ -398,3 +398,27 @@ def test_prefix_cache_hash_algos_share_equal_prefixes_only(algo):
     stats = engine.stats()
     assert stats.prefix_hits == 36 + 16
     assert (stats.prefix_hash_collisions > 0) == (algo == "TEST_WEAK")
+
+
+def test_output_arrays_are_read_only_views_not_copies():
+    """Reading an output array twice gives the same memory (a view, not a new list per read:
+    indexing a copied field inside a loop was quadratic)."""
+    cfg = make_config(num_blocks=64, block_size=16)
+    engine = _C.Engine(cfg, _C.FakeExecutor(64, 0, 16, VOCAB, True))
+    p = params(2)
+    p.prompt_logprobs = 3
+    p.logprobs = 2
+    engine.add_request("v", list(range(10, 60)), p)
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    first = next(o for o in outs if len(o.prompt_logprobs))
+    for name in ("new_token_ids", "new_logprobs", "top_token_ids", "top_logprobs",
+                 "prompt_logprobs", "prompt_top_token_ids", "prompt_top_logprobs"):
+        a, b = getattr(first, name), getattr(first, name)
+        assert isinstance(a, np.ndarray) and not a.flags.writeable, name
+        if a.size:
+            assert a.__array_interface__["data"][0] == b.__array_interface__["data"][0], name
+    assert len(first.prompt_logprobs) == 49
+    assert len(first.prompt_top_token_ids) == 49 * first.num_prompt_top_logprobs
+    assert first.new_token_ids.dtype == np.int32 and first.prompt_logprobs.dtype == np.float32

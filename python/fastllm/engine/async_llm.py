@@ -170,9 +170,10 @@ class AsyncLLM:
             state = stream.state
             if state.update(out):
                 self.engine.abort(out.request_id)
-            if out.new_token_ids and self.metrics is not None:
-                self.metrics.on_tokens(stream, now, len(out.new_token_ids))
-            if out.new_token_ids:
+            num_new = len(out.new_token_ids)
+            if num_new and self.metrics is not None:
+                self.metrics.on_tokens(stream, now, num_new)
+            if num_new:
                 if stream.first_token_at is None:
                     stream.first_token_at = now
                 stream.last_token_at = now

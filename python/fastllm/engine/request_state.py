@@ -54,15 +54,16 @@ class RequestState:
         self.num_cached_tokens = out.num_cached_tokens
         if self.prompt_logprobs is not None and len(out.prompt_logprobs):
             self._add_prompt_logprobs(out)
-        new_ids = list(out.new_token_ids)
+        # The output's arrays are numpy views: converted once, never indexed element by element.
+        new_ids = out.new_token_ids.tolist()
         self.token_ids.extend(new_ids)
         if self.logprobs is not None and len(out.new_logprobs) == len(new_ids):
             k = out.num_top_logprobs
-            for i, (tok, lp) in enumerate(zip(new_ids, out.new_logprobs)):
-                entry = {tok: Logprob(float(lp))}
+            top_ids, top_values = out.top_token_ids.tolist(), out.top_logprobs.tolist()
+            for i, (tok, lp) in enumerate(zip(new_ids, out.new_logprobs.tolist())):
+                entry = {tok: Logprob(lp)}
                 for j in range(k):
-                    tid = out.top_token_ids[i * k + j]
-                    entry.setdefault(tid, Logprob(float(out.top_logprobs[i * k + j]), rank=j + 1))
+                    entry.setdefault(top_ids[i * k + j], Logprob(top_values[i * k + j], rank=j + 1))
                 if self.params.detokenize:
                     for tid, value in entry.items():
                         value.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
@@ -89,13 +90,14 @@ class RequestState:
 
     def _add_prompt_logprobs(self, out) -> None:
         k = out.num_prompt_top_logprobs
-        for i, lp in enumerate(out.prompt_logprobs):
+        top_ids, top_values = out.prompt_top_token_ids.tolist(), out.prompt_top_logprobs.tolist()
+        for i, lp in enumerate(out.prompt_logprobs.tolist()):
             position = len(self.prompt_logprobs)
             token = self.prompt_token_ids[position]
-            entry = {token: Logprob(float(lp))}
+            entry = {token: Logprob(lp)}
             for j in range(k):
-                tid = out.prompt_top_token_ids[i * k + j]
-                value = float(out.prompt_top_logprobs[i * k + j])
+                tid = top_ids[i * k + j]
+                value = top_values[i * k + j]
                 if tid == token:
                     entry[token].rank = j + 1
                 entry.setdefault(tid, Logprob(value, rank=j + 1))
