@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from fastllm import LLM, SamplingParams
@@ -15,11 +16,15 @@ from fastllm.engine.output_processor import OutputProcessor
 
 def native(rid, seq, tokens, logprobs=(), finished=False, reason="", request_finished=False,
            error=""):
-    """A stand-in for _C.RequestOutput with the fields the processor reads."""
+    """A stand-in for _C.RequestOutput with the fields the processor reads (arrays as numpy,
+    like the binding's)."""
+    ids = np.zeros(0, dtype=np.int32)
+    values = np.zeros(0, dtype=np.float32)
     return SimpleNamespace(
-        request_id=rid, seq_index=seq, new_token_ids=list(tokens), new_logprobs=list(logprobs),
-        num_top_logprobs=0, top_token_ids=[], top_logprobs=[], prompt_logprobs=[],
-        num_prompt_top_logprobs=0, prompt_top_token_ids=[], prompt_top_logprobs=[],
+        request_id=rid, seq_index=seq, new_token_ids=np.array(tokens, dtype=np.int32),
+        new_logprobs=np.array(logprobs, dtype=np.float32),
+        num_top_logprobs=0, top_token_ids=ids, top_logprobs=values, prompt_logprobs=values,
+        num_prompt_top_logprobs=0, prompt_top_token_ids=ids, prompt_top_logprobs=values,
         finished=finished, finish_reason=reason, stop_token_id=-1, error=error,
         num_cached_tokens=0, request_finished=request_finished,
         cumulative_logprob=float(sum(logprobs)))
