@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from fastllm import _C
 from fastllm.guided.params import GuidedDecodingParams
@@ -83,19 +83,9 @@ class SamplingParams:
         """Sequences generated for the request: best_of when given, else n."""
         return self.best_of or self.n
 
-    def for_child(self, index: int) -> SamplingParams:
-        """Parameters of the index-th of num_samples sequences: one sequence each, distinct
-        seeds when seeded, and logprobs on when best_of must rank the candidates."""
-        child = replace(self, n=1, best_of=None)
-        if self.seed is not None:
-            child.seed = self.seed + index
-        if self.num_samples > self.n and child.logprobs is None:
-            child.logprobs = 0
-        return child
-
     def to_native(self, fan_out: bool = False) -> _C.SamplingParams:
         """The token-level part, as the C++ engine's SamplingParams: of one sequence by default
-        (the front end adds one engine request per sample, see for_child); with ``fan_out`` of
+        (beam search's one-token steps); with ``fan_out`` (what LLMEngine and AsyncLLM send) of
         the whole request, which the engine runs as num_samples child sequences of one request
         (one prefill; outputs carry seq_index; seeded child i uses seed + i; logprobs on when
         best_of must rank the candidates; the contract is in cpp/engine/.../engine.h)."""

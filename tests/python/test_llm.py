@@ -254,16 +254,17 @@ def test_parallel_sampling_and_best_of(default_llm):
     assert len({tuple(c.token_ids) for c in out.outputs}) == 3  # distinct child seeds
     again = default_llm.generate("Once upon a time", params, use_tqdm=False)[0]
     assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
-    # The later children take the first child's prompt from the prefix cache: 41 prompt tokens
-    # are 5 full blocks of 8 and a tail of 1 (copied), so each sibling computes only its last
-    # token.
+    # One engine request: the prompt is computed once and the children fork its blocks (no
+    # prefix-cache lookups for the siblings, no recomputed last token).
     engine = default_llm.llm_engine
     before = engine.stats()
     prompt_ids = [1000 + i for i in range(41)]
-    default_llm.generate([prompt_ids], SamplingParams(n=4, max_tokens=2), use_tqdm=False)
+    four = default_llm.generate([prompt_ids], SamplingParams(n=4, max_tokens=2),
+                                use_tqdm=False)[0]
     after = engine.stats()
-    assert after.prefix_hits - before.prefix_hits == 3 * 40
-    assert after.num_prompt_tokens_computed - before.num_prompt_tokens_computed == 41 + 3 * 1
+    assert [len(c.token_ids) for c in four.outputs] == [2, 2, 2, 2]
+    assert after.prefix_hits - before.prefix_hits == 0
+    assert after.num_prompt_tokens_computed - before.num_prompt_tokens_computed == 41
     best = default_llm.generate("Once upon a time", SamplingParams(
         n=2, best_of=5, temperature=1.0, max_tokens=12, seed=3, ignore_eos=True),
         use_tqdm=False)[0]
@@ -316,3 +317,42 @@ def test_prompt_logprobs_match_hf_across_chunks(hf_reference_model, prompt_ids):
         top3 = ref[pos - 1].topk(3).indices.tolist()
         ranked = [t for t, lp in entry.items() if lp.rank is not None]
         assert set(top3) <= set(ranked)
+
+
+def test_n_with_a_long_prompt_computes_it_once(default_llm):
+    engine = default_llm.llm_engine
+    prompt_ids = [2000 + (i * 7) % 3000 for i in range(300)]
+    before = engine.stats()
+    out = default_llm.generate([prompt_ids], SamplingParams(n=4, max_tokens=3, ignore_eos=True,
+                                                            temperature=1.0, seed=5),
+                               use_tqdm=False)[0]
+    after = engine.stats()
+    assert after.num_prompt_tokens_computed - before.num_prompt_tokens_computed == 300
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3]
+    assert all(len(c.token_ids) == 3 for c in out.outputs)
+
+
+def test_n_with_stop_strings_and_prompt_logprobs(default_llm):
+    # Each child stops on its own stop string; prompt logprobs (computed once, with child 0)
+    # come with the request.
+    params = SamplingParams(n=3, temperature=1.0, seed=21, max_tokens=40, stop=[" ", "."],
+                            prompt_logprobs=1)
+    out = default_llm.generate("Once upon a time", params, use_tqdm=False)[0]
+    assert len(out.outputs) == 3
+    for c in out.outputs:
+        assert " " not in c.text and "." not in c.text
+        assert c.finish_reason in ("stop", "length")
+    n_prompt = len(out.prompt_token_ids)
+    assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == n_prompt
+    assert out.prompt_logprobs[0] is None
+    assert all(out.prompt_token_ids[i] in out.prompt_logprobs[i] for i in range(1, n_prompt))
+
+
+def test_n_best_of_errors(default_llm):
+    # The server answers the same messages (tests/python/test_server.py N_BEST_OF_ERRORS).
+    cases = [(SamplingParams(n=0), "n must be a positive integer, got 0"),
+             (SamplingParams(n=3, best_of=2), "best_of must be an integer >= n (3), got 2")]
+    for params, message in cases:
+        with pytest.raises(ValueError) as e:
+            default_llm.generate("hi", params, use_tqdm=False)
+        assert str(e.value) == message

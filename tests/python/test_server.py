@@ -496,3 +496,45 @@ def test_chat_template_kwargs_documents_and_template_errors(server, client):
     with pytest.raises(openai.BadRequestError, match="chat template"):
         client.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=2,
                                        extra_body={"chat_template": "{% if %}"})
+
+
+def test_n_with_a_long_prompt_computes_it_once_over_http(server, client):
+    # One engine request per prompt: the n children fork the prompt's blocks after one prefill.
+    prompt = [2000 + (i * 7) % 3000 for i in range(300)]
+    before = metric(httpx.get(f"{server}/metrics").text, "fastllm:prompt_tokens_computed")
+    out = client.completions.create(model=MODEL, prompt=prompt, n=4, max_tokens=3,
+                                    temperature=1.0, seed=5, extra_body={"ignore_eos": True})
+    after = metric(httpx.get(f"{server}/metrics").text, "fastllm:prompt_tokens_computed")
+    assert after - before == 300
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+    assert out.usage.prompt_tokens == 300 and out.usage.completion_tokens == 12
+    # Streamed: every chunk names its child; each child's tokens arrive under its index.
+    prompt = [3000 + (i * 11) % 2000 for i in range(200)]
+    counts: dict[int, int] = {}
+    for chunk in client.completions.create(model=MODEL, prompt=prompt, n=4, max_tokens=3,
+                                           temperature=1.0, seed=5, stream=True,
+                                           extra_body={"ignore_eos": True}):
+        for c in chunk.choices:
+            counts[c.index] = counts.get(c.index, 0) + 1
+    assert sorted(counts) == [0, 1, 2, 3]
+    final = metric(httpx.get(f"{server}/metrics").text, "fastllm:prompt_tokens_computed")
+    assert final - after == 200
+
+
+# The messages LLM.generate raises (tests/python/test_llm.py asserts the same strings).
+N_BEST_OF_ERRORS = [({"n": 0}, "n must be a positive integer, got 0"),
+                    ({"n": 3, "best_of": 2}, "best_of must be an integer >= n (3), got 2")]
+
+
+def test_n_best_of_errors_match_offline(client):
+    for fields, message in N_BEST_OF_ERRORS:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, prompt="hi", max_tokens=2, extra_body=fields)
+        assert e.value.body["message"] == message
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=2,
+                                           extra_body=fields)
+        assert e.value.body["message"] == message
+    with pytest.raises(openai.BadRequestError, match="best_of > n cannot be streamed"):
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=2, n=1, best_of=2,
+                                  stream=True)

@@ -13,35 +13,16 @@ from dataclasses import dataclass, field
 from fastllm.config import EngineArgs
 from fastllm.engine.errors import RequestFailedError
 from fastllm.engine.llm_engine import EngineCore
-from fastllm.engine.request_state import RequestState
+from fastllm.engine.output_processor import OutputProcessor, RequestGroup, StreamChunk
 from fastllm.guided import get_manager
-from fastllm.outputs import Logprob
 from fastllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class StreamChunk:
-    """What one request produced since its previous chunk."""
-
-    request_id: str
-    text: str
-    token_ids: list[int]
-    logprobs: list[dict[int, Logprob]] | None
-    finished: bool
-    finish_reason: str | None
-    stop_reason: int | str | None
-    num_prompt_tokens: int
-    num_output_tokens: int
-    num_cached_tokens: int
-    full_text: str = ""  # all text so far (for non-streaming responses)
-    prompt_logprobs: list | None = None  # prompt positions scored since the previous chunk
-
-
-@dataclass
 class _Stream:
-    state: RequestState
+    group: RequestGroup
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -57,6 +38,7 @@ class AsyncLLM:
         self.engine = self.core.engine
         self.metrics = metrics
         self._streams: dict[str, _Stream] = {}
+        self.processor = OutputProcessor(self.tokenizer, self.abort)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.errored: str | None = None
 
@@ -84,26 +66,30 @@ class AsyncLLM:
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                        prompt: str | None = None) -> AsyncIterator[StreamChunk]:
-        """Yields chunks until the request finishes. Leaving the iteration early (a client that
-        went away) aborts the request, which frees its KV blocks."""
+        """Yields chunks until the request finishes; each names its child (``index``): an n > 1
+        request is one engine request whose children stream side by side. With best_of > n the
+        kept n come as one whole chunk each once every candidate finished. Leaving the iteration
+        early (a client that went away) aborts the request, which frees its KV blocks."""
         if self._loop is None:
             self.start()
         params.validate(self.args.max_logprobs)
-        state = RequestState(request_id, prompt, prompt_token_ids, params, self.tokenizer)
-        stream = _Stream(state)
-        if request_id in self._streams:
+        if request_id in self._streams or request_id in self.processor:
             raise ValueError(f"request id {request_id!r} is already in use")
         guided = None
         if params.guided_decoding is not None:
             # Compiled off the event loop (cached: the server compiles before responding).
             guided = get_manager(self.core)
-            guided.register(request_id, await guided.compile_async(params.guided_decoding))
+            guided.register(request_id, await guided.compile_async(params.guided_decoding),
+                            params.num_samples)
         try:
-            self.engine.add_request(request_id, prompt_token_ids, params.to_native())
+            self.engine.add_request(request_id, prompt_token_ids, params.to_native(fan_out=True))
         except BaseException:
             if guided is not None:
                 guided.unregister(request_id)
             raise
+        group = self.processor.add_request(request_id, prompt, prompt_token_ids, params,
+                                           streaming=True)
+        stream = _Stream(group)
         self._streams[request_id] = stream
         if self.metrics is not None:
             self.metrics.on_prompt(len(prompt_token_ids))
@@ -111,17 +97,18 @@ class AsyncLLM:
         try:
             while True:
                 chunk = await stream.queue.get()
-                finished = chunk.finished
-                if chunk.finish_reason == "error":
-                    raise RequestFailedError(request_id, state.error)
-                yield chunk
-                if finished:
+                if chunk is None:  # the request is over
+                    finished = True
+                    if group.failed:
+                        raise RequestFailedError(request_id, group.error)
                     return
+                yield chunk
         finally:
             if guided is not None:
                 guided.unregister(request_id)
             if not finished:
                 self.engine.abort(request_id)
+                self.processor.remove(request_id)
                 self._streams.pop(request_id, None)
                 if self.metrics is not None:
                     self.metrics.on_request_finished("abort", stream, 0)
@@ -134,23 +121,27 @@ class AsyncLLM:
 
     def abort_all(self) -> int:
         """Ends every in-flight request now (a shutdown whose drain deadline passed): each stream
-        gets a last chunk with finish_reason "abort", so its client sees a proper ending, and the
-        engine frees the request's blocks. Returns how many requests were ended."""
+        gets a last chunk per unfinished child with finish_reason "abort", so its client sees a
+        proper ending, and the engine frees the request's blocks. Returns how many requests were
+        ended."""
         ended = list(self._streams.items())
         self._streams.clear()
         for request_id, stream in ended:
             self.abort(request_id)
-            state = stream.state
-            state.finish_reason = "abort"
-            text, tokens, logprobs = state.take_delta()
+            group = stream.group
+            self.processor.remove(request_id)
+            for index, child in enumerate(group.children):
+                if child.finished:
+                    continue
+                child.finish_reason = "abort"
+                if not group.ranked:
+                    stream.queue.put_nowait(group.chunk(index, child))
+            if group.ranked:
+                for index, child in group.kept():
+                    stream.queue.put_nowait(group.chunk(index, child, whole=True))
             if self.metrics is not None:
-                self.metrics.on_request_finished("abort", stream, len(state.token_ids))
-            stream.queue.put_nowait(StreamChunk(
-                request_id=request_id, text=text, token_ids=tokens, logprobs=logprobs,
-                finished=True, finish_reason="abort", stop_reason=None,
-                num_prompt_tokens=len(state.prompt_token_ids),
-                num_output_tokens=len(state.token_ids), num_cached_tokens=state.num_cached_tokens,
-                full_text=state.text, prompt_logprobs=state.take_prompt_logprobs()))
+                self.metrics.on_request_finished("abort", stream, group.num_output_tokens)
+            stream.queue.put_nowait(None)
         return len(ended)
 
     async def prepare_guided(self, params: SamplingParams) -> None:
@@ -163,45 +154,27 @@ class AsyncLLM:
 
     def _on_outputs(self) -> None:
         now = time.monotonic()
-        for out in self.engine.take_outputs():
-            stream = self._streams.get(out.request_id)
+        for group, chunks in self.processor.process(self.engine.take_outputs()):
+            stream = self._streams.get(group.request_id)
             if stream is None:
-                continue  # already ended (stop string or client gone)
-            state = stream.state
-            if state.update(out):
-                self.engine.abort(out.request_id)
-            num_new = len(out.new_token_ids)
-            if num_new and self.metrics is not None:
-                self.metrics.on_tokens(stream, now, num_new)
-            if num_new:
+                continue
+            new_tokens = group.new_tokens
+            if new_tokens:
+                if self.metrics is not None:
+                    self.metrics.on_tokens(stream, now, new_tokens)
                 if stream.first_token_at is None:
                     stream.first_token_at = now
                 stream.last_token_at = now
-            text, tokens, logprobs = state.take_delta()
-            prompt_logprobs = state.take_prompt_logprobs()
-            if not (text or tokens or state.finished or prompt_logprobs):
+            for chunk in chunks:
+                stream.queue.put_nowait(chunk)
+            if not group.finished:
                 continue
-            chunk = StreamChunk(
-                request_id=out.request_id,
-                text=text,
-                token_ids=tokens,
-                logprobs=logprobs,
-                finished=state.finished,
-                finish_reason=state.finish_reason,
-                stop_reason=state.stop_reason,
-                num_prompt_tokens=len(state.prompt_token_ids),
-                num_output_tokens=len(state.token_ids),
-                num_cached_tokens=state.num_cached_tokens,
-                full_text=state.text if state.finished else "",
-                prompt_logprobs=prompt_logprobs,
-            )
-            if state.failed:
-                logger.error("request %s failed: %s", out.request_id, state.error)
-            if state.finished:
-                del self._streams[out.request_id]
-                if state.params.guided_decoding is not None:
-                    get_manager(self.core).unregister(out.request_id)
-                if self.metrics is not None:
-                    self.metrics.on_request_finished(state.finish_reason, stream,
-                                                     len(state.token_ids))
-            stream.queue.put_nowait(chunk)
+            if group.failed:
+                logger.error("request %s failed: %s", group.request_id, group.error)
+            del self._streams[group.request_id]
+            if group.params.guided_decoding is not None:
+                get_manager(self.core).unregister(group.request_id)
+            if self.metrics is not None:
+                self.metrics.on_request_finished(group.finish_reason, stream,
+                                                 group.num_output_tokens)
+            stream.queue.put_nowait(None)

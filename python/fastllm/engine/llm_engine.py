@@ -15,8 +15,7 @@ from fastllm import _C
 from fastllm.config import EngineArgs, ModelConfig
 from fastllm.engine.beam_search import Beam, BeamSearchParams, run_beam_search, top_logprobs_of
 from fastllm.engine.errors import RequestFailedError
-from fastllm.engine.parallel_sampling import ParentRequest
-from fastllm.engine.request_state import RequestState
+from fastllm.engine.output_processor import OutputProcessor
 from fastllm.guided import get_manager
 from fastllm.loader import load_config, resolve_model
 from fastllm.models.cpu_model import load_cpu_model
@@ -231,16 +230,15 @@ class EngineCore:
 
 
 class LLMEngine:
-    """Synchronous front end: add requests, call step() until done (the offline LLM API)."""
+    """Synchronous front end: add requests, call step() until done (the offline LLM API). The
+    output processor is the one AsyncLLM uses."""
 
     def __init__(self, args: EngineArgs, torch_free: bool | None = None):
         self.core = EngineCore(args, torch_free)
         self.args = args
         self.tokenizer = self.core.tokenizer
         self.engine = self.core.engine
-        self._states: dict[str, RequestState] = {}
-        self._parents: dict[str, ParentRequest] = {}  # child id -> parent, for n / best_of
-        self._groups: dict[str, ParentRequest] = {}  # parent id -> parent
+        self.processor = OutputProcessor(self.tokenizer, self._abort_in_core)
         self._counter = 0
         self._backlog: list[RequestOutput] = []  # finished in a step that raised
 
@@ -256,56 +254,38 @@ class LLMEngine:
         if request_id is None:
             request_id = f"req-{self._counter}"
             self._counter += 1
-        if request_id in self._states or request_id in self._groups:
+        if request_id in self.processor:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if params.num_samples == 1:
-            self._add_sequence(request_id, text, ids, params)
-            return request_id
-        parent = ParentRequest(request_id, params)
-        for cid in parent.child_ids:
-            self._parents[cid] = parent
-        self._groups[request_id] = parent
-        # The first child computes the prompt; its siblings join once that prefill is done, so
-        # they find the prompt's blocks in the prefix cache instead of computing them again.
-        self._add_sequence(parent.child_ids[0], text, ids, params.for_child(0))
-        parent.pending = (text, ids)
-        return request_id
-
-    def _release_siblings(self, parent: ParentRequest) -> None:
-        if parent.pending is None:
-            return
-        text, ids = parent.pending
-        parent.pending = None
-        for index, cid in enumerate(parent.child_ids[1:], start=1):
-            self._add_sequence(cid, text, ids, parent.params.for_child(index))
-
-    def _add_sequence(self, request_id: str, text: str | None, ids: list[int],
-                      params: SamplingParams) -> None:
-        state = RequestState(request_id, text, ids, params, self.tokenizer)
+        # ONE engine request, also for n / best_of: the engine computes the prompt once and
+        # forks the children copy-on-write.
         if params.guided_decoding is not None:
             manager = get_manager(self.core)
-            manager.register(request_id, manager.compile(params.guided_decoding))
-        self.engine.add_request(request_id, ids, params.to_native())
-        self._states[request_id] = state
+            manager.register(request_id, manager.compile(params.guided_decoding),
+                             params.num_samples)
+        try:
+            self.engine.add_request(request_id, ids, params.to_native(fan_out=True))
+        except BaseException:
+            self._unregister_guided(request_id)
+            raise
+        self.processor.add_request(request_id, text, ids, params)
+        return request_id
 
     def _unregister_guided(self, request_id: str) -> None:
         manager = getattr(self.core, "_guided_manager", None)
         if manager is not None:
             manager.unregister(request_id)
 
+    def _abort_in_core(self, request_id: str) -> None:
+        self._unregister_guided(request_id)
+        self.engine.abort(request_id)
+
     def abort_request(self, request_id: str) -> bool:
-        parent = self._groups.pop(request_id, None)
-        ids = parent.child_ids if parent is not None else [request_id]
-        aborted = False
-        for rid in ids:
-            self._parents.pop(rid, None)
-            self._states.pop(rid, None)
-            self._unregister_guided(rid)
-            aborted = self.engine.abort(rid) or aborted
-        return aborted
+        self.processor.remove(request_id)
+        self._unregister_guided(request_id)
+        return self.engine.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._states) or bool(self._groups) or bool(self._backlog)
+        return bool(len(self.processor)) or bool(self._backlog)
 
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the requests that finished in it. A request the engine
@@ -313,34 +293,15 @@ class LLMEngine:
         that finished beside it are returned by the next call)."""
         finished, self._backlog = self._backlog, []
         failures: list[RequestFailedError] = []
-        for out in self.engine.step():
-            state = self._states.get(out.request_id)
-            if state is None:
-                continue  # ended earlier by a stop string; this is its abort
-            if state.update(out):
-                self.engine.abort(out.request_id)
-            parent = self._parents.get(out.request_id)
-            if parent is not None:
-                self._release_siblings(parent)
-            if not state.finished:
+        for group, _ in self.processor.process(self.engine.step()):
+            if not group.finished:
                 continue
-            del self._states[out.request_id]
-            self._unregister_guided(out.request_id)
-            if state.failed:
-                group = self._parents.get(out.request_id)
-                request_id = group.request_id if group is not None else out.request_id
-                self.abort_request(request_id)
-                logger.error("request %s failed: %s", request_id, state.error)
-                failures.append(RequestFailedError(request_id, state.error))
+            self._unregister_guided(group.request_id)
+            if group.failed:
+                logger.error("request %s failed: %s", group.request_id, group.error)
+                failures.append(RequestFailedError(group.request_id, group.error))
                 continue
-            result = state.to_output()
-            parent = self._parents.pop(out.request_id, None)
-            if parent is not None:
-                result = parent.add_finished(result)
-                if result is None:
-                    continue
-                del self._groups[parent.request_id]
-            finished.append(result)
+            finished.append(group.to_output())
         if failures:
             self._backlog = finished
             raise failures[0]

@@ -68,8 +68,11 @@ class GuidedDecodingManager:
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fastllm-grammar")
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.compile, params)
 
-    def register(self, request_id: str, compiled: CompiledGrammar) -> None:
-        self.registry.register(request_id, compiled.new_matcher())
+    def register(self, request_id: str, compiled: CompiledGrammar, num_children: int = 1) -> None:
+        """Registers the request before it is added: one matcher per child sequence (n > 1
+        requests fan out in the engine, each child follows the grammar on its own)."""
+        self.registry.register(request_id,
+                               [compiled.new_matcher() for _ in range(max(1, num_children))])
         self.hook.watch(request_id)
 
     def unregister(self, request_id: str) -> None:

@@ -38,7 +38,9 @@ class GuidedRegistry:
         self.vocab_size = int(vocab_size)
         self.words = (self.vocab_size + 31) // 32
         self.eos_token_ids = sorted(eos_token_ids)
-        self._states: dict[str, _State] = {}
+        # One state per child sequence (an n > 1 request's children share its id and are told
+        # apart by the plan's sample_child_indices).
+        self._states: dict[str, list[_State]] = {}
         self._lock = threading.Lock()
         self._buffer = np.zeros((0, self.words), dtype=np.int32)
         # (guided rows, unguided rows) per step, for the overhead benchmark
@@ -46,9 +48,11 @@ class GuidedRegistry:
 
     # ---- front end (asyncio or offline thread) -----------------------------------------------
 
-    def register(self, request_id: str, matcher: Matcher) -> None:
+    def register(self, request_id: str, matcher: Matcher | list[Matcher]) -> None:
+        """A matcher for the request, or one per child sequence (seq_index order)."""
+        matchers = matcher if isinstance(matcher, list) else [matcher]
         with self._lock:
-            self._states[request_id] = _State(matcher)
+            self._states[request_id] = [_State(m) for m in matchers]
 
     def unregister(self, request_id: str) -> None:
         with self._lock:
@@ -70,13 +74,17 @@ class GuidedRegistry:
             return None
         request_ids = plan.request_ids
         seq_index = plan.sample_seq_indices
+        children = getattr(plan, "sample_child_indices", None)
         positions = plan.output_positions
         rows: list[tuple[int, _State]] = []
         with self._lock:
             for r in range(plan.num_samples):
-                state = self._states.get(request_ids[int(seq_index[r])])
-                if state is not None:
-                    rows.append((r, state))
+                states = self._states.get(request_ids[int(seq_index[r])])
+                if states is None:
+                    continue
+                child = int(children[r]) if children is not None and len(children) else 0
+                if child < len(states):
+                    rows.append((r, states[child]))
         if not rows:
             return None
         for r, state in rows:

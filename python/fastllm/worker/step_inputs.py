@@ -17,6 +17,13 @@ import numpy as np
 PROMPT_LOGPROB_CHUNK = 256
 
 
+def _nonempty(ids: np.ndarray) -> np.ndarray:
+    """CSR ids with at least one element: an empty array's data pointer may be null, which the
+    sampling kernel takes for "no ids given" (every sampled row at its first output token, with
+    penalties on). The offsets never reach the padding."""
+    return np.ascontiguousarray(ids) if len(ids) else np.zeros(1, dtype=ids.dtype)
+
+
 def sampling_inputs(plan, seed: int) -> dict:
     """Keyword arguments of ``ops.sample`` for the plan's sampled rows (numpy arrays, or ints)."""
     rows = plan.num_samples
@@ -43,9 +50,9 @@ def sampling_inputs(plan, seed: int) -> dict:
             presence_penalty=plan.presence_penalty,
             frequency_penalty=plan.frequency_penalty,
             prompt_offsets=csr_offsets(prompt_lens),
-            prompt_ids=np.ascontiguousarray(history[is_prompt]),
+            prompt_ids=_nonempty(history[is_prompt]),
             output_offsets=csr_offsets(out_lens),
-            output_ids=np.ascontiguousarray(history[~is_prompt]),
+            output_ids=_nonempty(history[~is_prompt]),
         )
     if len(plan.bias_token_ids):
         # The request's logit_bias, plus -inf for EOS/stop ids of rows below min_tokens.

@@ -194,7 +194,7 @@ def build_app(engine: AsyncLLM, ns: argparse.Namespace) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest):
-        return serving.tokenize(request)
+        return await serving.tokenize(request)
 
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest):

@@ -31,6 +31,10 @@ class ServerMetrics:
                                      "Prefix cache hits / queries", labels, registry=r)
         self.preemptions = Gauge("fastllm:num_preemptions", "Requests preempted so far", labels,
                                  registry=r)
+        self.prompt_tokens_computed = Gauge(
+            "fastllm:prompt_tokens_computed",
+            "Prompt tokens the engine ran through the model (cache hits and forks excluded)",
+            labels, registry=r)
         self.prompt_tokens = Counter("fastllm:prompt_tokens", "Prompt tokens received", labels,
                                      registry=r)
         self.generation_tokens = Counter("fastllm:generation_tokens", "Tokens generated", labels,
@@ -78,6 +82,7 @@ class ServerMetrics:
         rate = stats.prefix_hits / stats.prefix_queries if stats.prefix_queries else 0.0
         self.prefix_hit_rate.labels(m).set(rate)
         self.preemptions.labels(m).set(stats.num_preemptions)
+        self.prompt_tokens_computed.labels(m).set(stats.num_prompt_tokens_computed)
 
     def render(self, stats) -> bytes:
         self.refresh(stats)

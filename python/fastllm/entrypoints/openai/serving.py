@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from fastllm.engine.async_llm import AsyncLLM, StreamChunk
@@ -54,18 +54,19 @@ class APIError(Exception):
 
 @dataclass
 class Job:
-    """One engine request serving one choice (or one best_of candidate)."""
+    """One engine request serving one prompt: its n choices (or best_of candidates, of which the
+    engine front end keeps the n best) are the request's children, told apart by chunk.index."""
 
-    index: int  # choice index in the response
     prompt_index: int
     request_id: str
     text: str | None
     ids: list[int]
     params: SamplingParams
     n: int  # choices per prompt
-    ranked: bool  # a best_of candidate: kept only if among the n best
-    wants_logprobs: bool
-    sample: int = 0  # which of the prompt's sequences; 0 computes the prompt for the others
+
+    def choice(self, child: int) -> int:
+        """The choice index in the response of the request's child."""
+        return self.prompt_index * self.n + child
 
 
 def error_body(message: str, status: int, err_type: str, param: str | None = None) -> dict:
@@ -212,85 +213,71 @@ class OpenAIServing:
         raise APIError("client disconnected", status=499)
 
     async def collect(self, gen: AsyncIterator[StreamChunk]) -> dict:
-        tokens: list[int] = []
-        logprobs: list = []
-        prompt_logprobs: list | None = None
-        last = None
-        async for chunk in gen:
-            tokens.extend(chunk.token_ids)
-            if chunk.logprobs:
-                logprobs.extend(chunk.logprobs)
-            if chunk.prompt_logprobs is not None:
-                prompt_logprobs = (prompt_logprobs or []) + chunk.prompt_logprobs
-            last = chunk
-        assert last is not None
-        cumulative = sum(entry[t].logprob for t, entry in zip(tokens, logprobs)) if logprobs \
-            else 0.0
-        return {"text": last.full_text, "tokens": tokens, "logprobs": logprobs, "last": last,
-                "cumulative_logprob": cumulative, "prompt_logprobs": prompt_logprobs}
+        """One child's whole result (the request's child 0 when it has several)."""
+        return (await self.collect_children(gen))[0]
 
-    def make_jobs(self, base_id: str, prompt_index: int, text: str | None, ids: list[int],
-                  params, stream: bool) -> list[Job]:
-        """One engine request per generated sequence: n of them, or best_of candidates."""
+    async def collect_children(self, gen: AsyncIterator[StreamChunk]) -> dict[int, dict]:
+        """Every child's result, by child index. The prompt's logprobs come with child 0; every
+        child's result carries them."""
+        acc: dict[int, dict] = {}
+        async for chunk in gen:
+            res = acc.setdefault(chunk.index, {"tokens": [], "logprobs": [], "last": None,
+                                               "prompt_logprobs": None})
+            res["tokens"].extend(chunk.token_ids)
+            if chunk.logprobs:
+                res["logprobs"].extend(chunk.logprobs)
+            if chunk.prompt_logprobs is not None:
+                res["prompt_logprobs"] = (res["prompt_logprobs"] or []) + chunk.prompt_logprobs
+            res["last"] = chunk
+        assert acc
+        prompt_logprobs = acc.get(0, {}).get("prompt_logprobs")
+        for res in acc.values():
+            res["text"] = res["last"].full_text
+            res["prompt_logprobs"] = prompt_logprobs
+        return acc
+
+    def make_job(self, base_id: str, prompt_index: int, text: str | None, ids: list[int],
+                 params, stream: bool) -> Job:
+        """One engine request per prompt; the engine fans it out into n (or best_of)
+        children."""
         try:
             params.validate(self.max_logprobs, self.engine.core.model_config.vocab_size)
         except ValueError as e:
             raise APIError(str(e)) from e
         if stream and params.num_samples > params.n:
             raise APIError("best_of > n cannot be streamed", param="best_of")
-        return [Job(prompt_index * params.n + j, prompt_index, f"{base_id}-{prompt_index}-{j}",
-                    text, ids, params.for_child(j), params.n, params.num_samples > params.n,
-                    params.logprobs is not None, j)
-                for j in range(params.num_samples)]
+        return Job(prompt_index, f"{base_id}-{prompt_index}", text, ids, params, params.n)
 
-    def job_streams(self, jobs: list[Job]) -> list[AsyncIterator[StreamChunk]]:
-        """One chunk stream per job. A prompt's later samples start once its first sample has
-        computed the prompt, so they take its KV blocks from the prefix cache."""
-        prompt_done = {job.prompt_index: asyncio.Event() for job in jobs}
+    def job_stream(self, job: Job) -> AsyncIterator[StreamChunk]:
+        self.log(job.request_id, job.ids)
+        return self.engine.generate(job.ids, job.params, job.request_id, job.text)
 
-        async def stream(job: Job) -> AsyncIterator[StreamChunk]:
-            done = prompt_done[job.prompt_index]
-            if job.sample > 0:
-                await done.wait()
-            self.log(job.request_id, job.ids)
-            try:
-                async for chunk in self.engine.generate(job.ids, job.params, job.request_id,
-                                                        job.text):
-                    done.set()
-                    yield chunk
-            finally:
-                done.set()  # never leave the siblings waiting
-
-        return [stream(job) for job in jobs]
-
-    async def run_jobs(self, raw_request, jobs: list[Job]) -> list[tuple[Job, dict]]:
-        """Runs every job to the end; with best_of keeps each prompt's n best candidates (by
-        cumulative logprob) and renumbers their choice indexes."""
+    async def run_jobs(self, raw_request, jobs: list[Job]) -> list[tuple[int, Job, dict]]:
+        """Runs every job to the end; returns (choice index, job, child result), in choice
+        order (best_of's ranking is done by the engine front end)."""
         async def run_all():
-            return await asyncio.gather(*(self.collect(g) for g in self.job_streams(jobs)))
+            return await asyncio.gather(*(self.collect_children(self.job_stream(job))
+                                          for job in jobs))
 
         try:
             results = await self.run_guarded(raw_request, run_all())
         except ValueError as e:
             raise APIError(str(e)) from e
-        by_prompt: dict[int, list[tuple[Job, dict]]] = {}
-        for job, res in zip(jobs, results):
-            by_prompt.setdefault(job.prompt_index, []).append((job, res))
-        chosen: list[tuple[Job, dict]] = []
-        for prompt_index in sorted(by_prompt):
-            group = by_prompt[prompt_index]
-            if group[0][0].ranked:
-                group = sorted(group, key=lambda jr: jr[1]["cumulative_logprob"], reverse=True)
-                group = group[: group[0][0].n]
-            for k, (job, res) in enumerate(group):
-                if not job.wants_logprobs:
-                    res["logprobs"] = []
-                chosen.append((replace(job, index=prompt_index * job.n + k), res))
+        chosen = []
+        for job, children in zip(jobs, results):
+            for child in sorted(children):
+                chosen.append((job.choice(child), job, children[child]))
         return chosen
 
     # ---- completions -------------------------------------------------------------------------
 
-    def completion_prompts(self, request: CompletionRequest) -> list[tuple[str | None,
+    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Tokenizes on a worker thread: a very long prompt must not stall the event loop, which
+        delivers every other stream's output."""
+        return await asyncio.to_thread(self.tokenizer.encode, text,
+                                       add_special_tokens=add_special_tokens)
+
+    async def completion_prompts(self, request: CompletionRequest) -> list[tuple[str | None,
                                                                            list[int]]]:
         p = request.prompt
         if isinstance(p, str):
@@ -304,7 +291,7 @@ class OpenAIServing:
         out = []
         for item in items:
             if isinstance(item, str):
-                ids = self.tokenizer.encode(item, add_special_tokens=bool(request.add_special_tokens))
+                ids = await self.encode(item, bool(request.add_special_tokens))
                 out.append((item, ids))
             else:
                 ids = [int(t) for t in item]
@@ -403,7 +390,7 @@ class OpenAIServing:
         model = self.model_name(request.model)
         self.check_fields(request)
         self.check_logprobs(request.logprobs, "logprobs")
-        prompts = self.completion_prompts(request)
+        prompts = await self.completion_prompts(request)
         requested = 16 if request.max_tokens is None else request.max_tokens
         jobs: list[Job] = []
         base_id = request.request_id or random_id("cmpl")
@@ -430,7 +417,7 @@ class OpenAIServing:
             if request.echo and request.logprobs is not None:
                 # The echoed prompt carries its own logprobs.
                 params.prompt_logprobs = max(params.prompt_logprobs or 0, request.logprobs)
-            jobs += self.make_jobs(base_id, i, text, ids, params, bool(request.stream))
+            jobs.append(self.make_job(base_id, i, text, ids, params, bool(request.stream)))
         if jobs:
             await self.prepare_guided(jobs[0].params)
         created = int(time.time())
@@ -450,7 +437,7 @@ class OpenAIServing:
         usage = UsageInfo()
         cached = 0
         counted_prompts = set()
-        for job, res in await self.run_jobs(raw_request, jobs):
+        for index, job, res in await self.run_jobs(raw_request, jobs):
             prefix = echo_text(job.text, job.ids)
             last = res["last"]
             logprobs = None
@@ -461,7 +448,7 @@ class OpenAIServing:
                     logprobs = self.merge_echo_logprobs(job.ids, res["prompt_logprobs"],
                                                         logprobs, request.logprobs, as_ids)
             choices.append({
-                "index": job.index,
+                "index": index,
                 "text": prefix + res["text"],
                 "logprobs": logprobs,
                 "finish_reason": last.finish_reason,
@@ -484,13 +471,15 @@ class OpenAIServing:
         offsets: dict[int, int] = {}
         for job in jobs:
             prefix = echo_text(job.text, job.ids)
-            offsets[job.index] = len(prefix)
-            if prefix:
-                yield sse({"id": base_id, "object": "text_completion", "created": created,
-                           "model": model, "choices": [{"index": job.index, "text": prefix,
-                                                        "logprobs": None,
-                                                        "finish_reason": None}]})
-        prompt_tokens = sum(len(job.ids) for job in jobs if job.index % job.n == 0)
+            for child in range(job.n):
+                index = job.choice(child)
+                offsets[index] = len(prefix)
+                if prefix:
+                    yield sse({"id": base_id, "object": "text_completion", "created": created,
+                               "model": model, "choices": [{"index": index, "text": prefix,
+                                                            "logprobs": None,
+                                                            "finish_reason": None}]})
+        prompt_tokens = sum(len(job.ids) for job in jobs)
         completion_tokens = 0
         async for index, chunk in self.merged_streams(jobs):
             if isinstance(chunk, Exception):
@@ -517,21 +506,25 @@ class OpenAIServing:
         """Runs every job and yields (choice index, chunk) as chunks arrive; an error ends that
         job's stream. Closing the iteration early cancels (and so aborts) the rest."""
         queue: asyncio.Queue = asyncio.Queue()
+        done = object()
 
-        async def pump(job: Job, chunks: AsyncIterator[StreamChunk]):
+        async def pump(job: Job):
             try:
-                async for chunk in chunks:
-                    await queue.put((job.index, chunk))
+                async for chunk in self.job_stream(job):
+                    await queue.put((job.choice(chunk.index), chunk))
+                await queue.put((job.choice(0), done))
             except Exception as e:  # noqa: BLE001 - forwarded to the client as an error event
-                await queue.put((job.index, e))
+                await queue.put((job.choice(0), e))
 
-        tasks = [asyncio.ensure_future(pump(job, chunks))
-                 for job, chunks in zip(jobs, self.job_streams(jobs))]
+        tasks = [asyncio.ensure_future(pump(job)) for job in jobs]
         try:
             remaining = len(jobs)
             while remaining:
                 index, chunk = await queue.get()
-                if isinstance(chunk, Exception) or chunk.finished:
+                if chunk is done:
+                    remaining -= 1
+                    continue
+                if isinstance(chunk, Exception):
                     remaining -= 1
                 yield index, chunk
         finally:
@@ -610,7 +603,7 @@ class OpenAIServing:
         prompt = self.render_chat(request.messages, request.add_generation_prompt,
                                   request.continue_final_message, request.chat_template,
                                   request.chat_template_kwargs, request.documents, tool_plan)
-        ids = self.tokenizer.encode(prompt, add_special_tokens=bool(request.add_special_tokens))
+        ids = await self.encode(prompt, bool(request.add_special_tokens))
         if request.truncate_prompt_tokens is not None:
             ids = ids[-request.truncate_prompt_tokens:]
         requested = request.max_completion_tokens or request.max_tokens
@@ -640,7 +633,7 @@ class OpenAIServing:
                         for k, b in enumerate(beams)],
                     "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
                               "total_tokens": len(ids) + completion_tokens}}
-        jobs = self.make_jobs(rid, 0, prompt, ids, params, bool(request.stream))
+        jobs = [self.make_job(rid, 0, prompt, ids, params, bool(request.stream))]
         await self.prepare_guided(params)
         tools_on = tool_plan.mode != "none"
         created = int(time.time())
@@ -658,14 +651,14 @@ class OpenAIServing:
         choices = []
         completion_tokens = 0
         cached = 0
-        for job, res in await self.run_jobs(raw_request, jobs):
+        for index, _, res in await self.run_jobs(raw_request, jobs):
             last = res["last"]
             cached = last.num_cached_tokens
             completion_tokens += len(res["tokens"])
             content, calls = (tool_plan.parse(res["text"]) if tools_on
                               else (echo + res["text"], []))
             choices.append({
-                "index": job.index,
+                "index": index,
                 "message": {"role": role, "content": content,
                             "tool_calls": [c.to_dict() for c in calls]},
                 "logprobs": (self.chat_logprobs(res["tokens"], res["logprobs"], top_n, as_ids)
@@ -691,12 +684,13 @@ class OpenAIServing:
                     "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                  "finish_reason": finish, "stop_reason": stop_reason}]}
 
-        for job in jobs:
-            yield sse(chunk_body(job.index, {"role": role, "content": ""}))
+        indexes = [job.choice(child) for job in jobs for child in range(job.n)]
+        for index in indexes:
+            yield sse(chunk_body(index, {"role": role, "content": ""}))
             if echo:
-                yield sse(chunk_body(job.index, {"content": echo}))
+                yield sse(chunk_body(index, {"content": echo}))
         completion_tokens = 0
-        tool_streams = {job.index: tool_plan.stream() for job in jobs} if tool_plan else {}
+        tool_streams = {index: tool_plan.stream() for index in indexes} if tool_plan else {}
         async for index, chunk in self.merged_streams(jobs):
             if isinstance(chunk, Exception):
                 yield error_event(chunk)
@@ -728,7 +722,7 @@ class OpenAIServing:
 
     # ---- tokenize / detokenize ---------------------------------------------------------------
 
-    def tokenize(self, request: TokenizeRequest) -> dict:
+    async def tokenize(self, request: TokenizeRequest) -> dict:
         self.model_name(request.model)
         if (request.prompt is None) == (request.messages is None):
             raise APIError("give exactly one of prompt or messages", param="prompt")
@@ -736,10 +730,9 @@ class OpenAIServing:
             text = self.render_chat(request.messages, request.add_generation_prompt,
                                     request.continue_final_message, request.chat_template,
                                     request.chat_template_kwargs)
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            ids = await self.encode(text, False)
         else:
-            ids = self.tokenizer.encode(request.prompt,
-                                        add_special_tokens=bool(request.add_special_tokens))
+            ids = await self.encode(request.prompt, bool(request.add_special_tokens))
         return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
 
     def detokenize(self, request: DetokenizeRequest) -> dict:
