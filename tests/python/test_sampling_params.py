@@ -42,9 +42,12 @@ def repeats(tokens: list[int]) -> int:
 def test_penalties_reduce_repetition(llm):
     prompt = "1 1 1 1 1 1 1 1 1 1 1 1"
     plain = gen(llm, prompt, temperature=0.0, max_tokens=24, ignore_eos=True)
+    # The greedy " 1" leads its runner-up by ~2.0 logits here, so a presence penalty must reach
+    # 2.0 to change it (1.5 used to "pass" only because penalised requests failed with no tokens).
     for kw in ({"repetition_penalty": 1.8}, {"frequency_penalty": 1.5},
-               {"presence_penalty": 1.5}):
+               {"presence_penalty": 2.0}):
         penalised = gen(llm, prompt, temperature=0.0, max_tokens=24, ignore_eos=True, **kw)
+        assert penalised.finish_reason == "length" and len(penalised.token_ids) == 24, kw
         assert penalised.token_ids != plain.token_ids, kw
         assert repeats(penalised.token_ids) < repeats(plain.token_ids), kw
 
