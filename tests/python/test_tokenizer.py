@@ -337,3 +337,15 @@ def test_detokenizer_window_stays_small(tokenizer: Tokenizer) -> None:
         widths.append(len(detok._ids) - detok._prefix_offset)
     assert max(widths) <= 8 and len(ids) > 500
     assert np.mean(widths) < 3
+
+
+def test_long_text_takes_the_batch_path_with_the_same_ids(tokenizer: Tokenizer) -> None:
+    """A long text goes through the backend's batch call, which releases the GIL while it works
+    (benchmarks/long_prompt_stall.py measures what that does for streams): same ids as the
+    single call, with and without special tokens, special tokens written in the text included."""
+    text = " ".join(f"word{i % 997} <|im_start|>" if i % 500 == 0 else f"word{i % 997}"
+                    for i in range(6000))
+    for special in (True, False):
+        expected = tokenizer.backend.encode(text, add_special_tokens=special).ids
+        assert len(expected) > 20000
+        assert tokenizer.encode(text, add_special_tokens=special) == expected
