@@ -86,7 +86,10 @@ _NUMPY_DTYPES = (torch.float32, torch.float16, torch.float8_e4m3fn)
 def _numpy_ok(*tensors: torch.Tensor) -> bool:
     """True when a call passes its tensors as numpy views (see the module docstring): the floating
     point ones given here are all CPU float32/float16 (or float8 caches)."""
-    return all(t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES for t in tensors)
+    for t in tensors:  # a loop, not all(<generator>): this runs ~6 times per layer per step
+        if t.dtype not in _NUMPY_DTYPES or t.device.type != "cpu":
+            return False
+    return True
 
 
 def _np(t: torch.Tensor):
