@@ -59,7 +59,7 @@ def instrument_torch(executor) -> None:
     """Wrap instance forwards (only this model) and the module-level ops the layers call."""
     import torch
 
-    from fastllm.models import fast_ops
+    from fastllm.models import llama
     from fastllm.models.attention import PagedAttention
     from fastllm.models.llama import LlamaForCausalLM, RMSNorm
     from fastllm.models.quant_linear import QuantEmbedding, QuantLinear
@@ -77,8 +77,8 @@ def instrument_torch(executor) -> None:
             module.forward = timed("attention", module.forward)
         elif isinstance(module, (RMSNorm, torch.nn.Embedding, QuantEmbedding)):
             module.forward = timed("norms/rope/act", module.forward)
-    fast_ops.rotary_embedding = timed("norms/rope/act", fast_ops.rotary_embedding)
-    fast_ops.silu_and_mul = timed("norms/rope/act", fast_ops.silu_and_mul)
+    llama._rotary_embedding = timed("norms/rope/act", llama._rotary_embedding)
+    llama._silu_and_mul = timed("norms/rope/act", llama._silu_and_mul)
     # Class-level wraps: the native engine calls execute() through the executor trampoline.
     ModelExecutor.execute = timed("_execute", ModelExecutor.execute)
     model_runner._sample = timed("sampling", model_runner._sample)

@@ -1,9 +1,16 @@
-"""fastllm kernels as torch ops.
+"""fastllm kernels as torch ops: the one route from torch code to the kernels.
 
-Thin wrappers over the native ``fastllm._C.ops`` functions, registered with ``torch.library`` (with
-fake implementations) so models that call them stay traceable by ``torch.compile``. Tensors cross
-into C++ zero-copy as DLPack views; CUDA tensors run on the current CUDA stream. This module is the
-only place that imports torch for the kernels; the extension never links it.
+Thin wrappers over ``fastllm.kernels`` (the native ``_C.ops`` functions), registered with
+``torch.library`` (with fake implementations) so models that call them stay traceable by
+``torch.compile``. Model code calls them through :func:`model_op`: the op's plain body when eager
+(the dispatcher costs ~8 us a call), the registered op under ``torch.compile``.
+
+How tensors cross into C++, zero-copy either way: CPU float32/float16 inputs as numpy views
+(nanobind reads a numpy array through the buffer protocol in well under a microsecond, while
+``torch.Tensor.__dlpack__`` costs ~3 us per tensor; a decode step makes ~10 calls with ~35 tensors
+per layer, ~3 ms a step on a small model), everything else (CUDA, bfloat16) as DLPack views. CUDA
+tensors run on the current CUDA stream. This module is the only place that imports torch for the
+kernels; the extension never links it.
 
 KV cache layout: ``key_cache`` and ``value_cache`` are each ``[num_blocks, block_size, num_kv_heads,
 head_size]``; slot = block * block_size + offset; block 0 is the reserved null block. A
@@ -12,15 +19,12 @@ head_size]``; slot = block * block_size + offset; block 0 is the reserved null b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from fastllm import _C
-from fastllm.models.quant_types import GGML_QUANT_TYPES, quant_block_info
-from fastllm.models.rope import rope_cos_sin_cache
-
-_ops = _C.ops
+from fastllm import kernels as _ops
+from fastllm.kernels import GGML_QUANT_TYPES, quant_block_info, rope_cos_sin_cache
 
 __all__ = [
     "GGML_QUANT_TYPES",
@@ -29,6 +33,7 @@ __all__ = [
     "eager",
     "fused_add_rms_norm",
     "gelu_and_mul",
+    "model_op",
     "paged_attention",
     "quant_block_info",
     "quant_linear",
@@ -50,6 +55,21 @@ def eager(op):
     return getattr(op, "_init_fn", op)
 
 
+def model_op(op) -> Callable:
+    """What model code calls for ``op``: its plain body (:func:`eager`) when eager, the registered
+    op while ``torch.compile`` traces."""
+    body = eager(op)
+
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return op(*args, **kwargs)
+        return body(*args, **kwargs)
+
+    call.__name__ = getattr(body, "__name__", "op")
+    call.__doc__ = getattr(body, "__doc__", None)
+    return call
+
+
 def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
 
@@ -57,6 +77,23 @@ def _stream(t: torch.Tensor) -> int:
 def _cache(t: torch.Tensor) -> torch.Tensor:
     # DLPack has no portable float8 code: fp8 caches cross as uint8 views.
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+# float8 KV caches cross as uint8 views (``_np``), like the DLPack route's.
+_NUMPY_DTYPES = (torch.float32, torch.float16, torch.float8_e4m3fn)
+
+
+def _numpy_ok(*tensors: torch.Tensor) -> bool:
+    """True when a call passes its tensors as numpy views (see the module docstring): the floating
+    point ones given here are all CPU float32/float16 (or float8 caches)."""
+    for t in tensors:  # a loop, not all(<generator>): this runs ~6 times per layer per step
+        if t.dtype not in _NUMPY_DTYPES or t.device.type != "cpu":
+            return False
+    return True
+
+
+def _np(t: torch.Tensor):
+    return _cache(t).numpy()
 
 
 # ---- cache ops ------------------------------------------------------------------------------------
@@ -74,6 +111,10 @@ def reshape_and_cache(
 ) -> None:
     """Write key/value ``[num_tokens, num_kv_heads, head_size]`` into the caches at
     ``slot_mapping`` (int64; negative slots are skipped)."""
+    if _numpy_ok(key, value, key_cache, value_cache):
+        _ops.reshape_and_cache(key.numpy(), value.numpy(), _np(key_cache), _np(value_cache),
+                               slot_mapping.numpy(), k_scale, v_scale, 0)
+        return
     _ops.reshape_and_cache(
         key,
         value,
@@ -139,6 +180,13 @@ def paged_attention(
     cached tokens including this step's (written first with :func:`reshape_and_cache`);
     ``block_tables`` int32 ``[num_seqs, max_blocks]`` padded with 0. ``max_context_len`` (a host
     bound of ``context_lens``) lets the CUDA kernel split long contexts across thread blocks."""
+    if _numpy_ok(query, key_cache, value_cache):
+        out = torch.empty(query.shape, dtype=query.dtype)
+        _ops.paged_attention(out.numpy(), query.numpy(), _np(key_cache), _np(value_cache),
+                             query_start_loc.numpy(), context_lens.numpy(), block_tables.numpy(),
+                             scale, sliding_window, softcap, k_scale, v_scale, max_context_len,
+                             None, 0)
+        return out
     out = torch.empty_like(query)
     workspace = None
     if query.is_cuda and max_context_len > 0:
@@ -192,7 +240,10 @@ def _(
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x / sqrt(mean(x^2) + eps) * weight`` over the last dimension (float accumulation)."""
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _ops.rms_norm(out, x, weight, eps, _stream(x))
+    if _numpy_ok(x, weight):
+        _ops.rms_norm(out.numpy(), x.numpy(), weight.numpy(), eps, 0)
+    else:
+        _ops.rms_norm(out, x, weight, eps, _stream(x))
     return out
 
 
@@ -206,7 +257,10 @@ def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> None:
     """In place: ``residual += x`` (rounded to the dtype), then ``x = rms_norm(residual) * weight``."""
-    _ops.fused_add_rms_norm(x, residual, weight, eps, _stream(x))
+    if _numpy_ok(x, residual, weight):
+        _ops.fused_add_rms_norm(x.numpy(), residual.numpy(), weight.numpy(), eps, 0)
+    else:
+        _ops.fused_add_rms_norm(x, residual, weight, eps, _stream(x))
 
 
 @fused_add_rms_norm.register_fake
@@ -225,6 +279,11 @@ def rotary_embedding(
 ) -> None:
     """Rotate query ``[num_tokens, num_heads * head_size]`` (and key) in place by ``positions``
     (int64) with ``cos_sin_cache`` float32 ``[max_position, rotary_dim]`` = cat(cos, sin)."""
+    if _numpy_ok(query, cos_sin_cache) and (key is None or _numpy_ok(key)):
+        _ops.rotary_embedding(positions.numpy(), query.numpy(),
+                              None if key is None else key.numpy(), cos_sin_cache.numpy(),
+                              head_size, is_neox, 0)
+        return
     _ops.rotary_embedding(positions, query, key, cos_sin_cache, head_size, is_neox, _stream(query))
 
 
@@ -235,7 +294,10 @@ def _(positions, query, key, cos_sin_cache, head_size, is_neox=True):
 
 def _act_and_mul(x: torch.Tensor, activation: int) -> torch.Tensor:
     out = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=x.dtype, device=x.device)
-    _ops.act_and_mul(out, x, activation, _stream(x))
+    if _numpy_ok(x):
+        _ops.act_and_mul(out.numpy(), x.numpy(), activation, 0)
+    else:
+        _ops.act_and_mul(out, x, activation, _stream(x))
     return out
 
 
@@ -441,7 +503,7 @@ def build_rope_cos_sin_cache(
     rope_scaling: dict | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """:func:`fastllm.models.rope.rope_cos_sin_cache` as a tensor on ``device``: one
+    """:func:`fastllm.kernels.rope_cos_sin_cache` as a tensor on ``device``: one
     implementation, so the torch model and the torch-free CPU path share the same table bit for
     bit."""
     cache = rope_cos_sin_cache(rotary_dim, max_position, base, rope_scaling)

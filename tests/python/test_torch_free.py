@@ -111,7 +111,7 @@ def test_cpu_model_holds_the_torch_models_weights():
     torch_model = _engine(False, max_model_len=256).core.model
     cpu_model = _engine(True, max_model_len=256).core.model
     inner = torch_model.model
-    # The RoPE table: one implementation (models.rope) behind both, the same bits.
+    # The RoPE table: one implementation (kernels.rope_cos_sin_cache) behind both, the same bits.
     assert np.array_equal(inner.rope_cache.numpy(), cpu_model.rope_cache)
     assert np.array_equal(inner.norm.weight.numpy(), cpu_model.final_norm)
     assert len(cpu_model.layers) == len(inner.layers) == 30

@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fastllm.models import fast_ops as ops
+from fastllm import ops
+
+_reshape_and_cache = ops.model_op(ops.reshape_and_cache)
+_paged_attention = ops.model_op(ops.paged_attention)
 
 
 @dataclass
@@ -37,12 +40,12 @@ class PagedAttention(torch.nn.Module):
                 ) -> torch.Tensor:
         n = q.shape[0]
         key_cache, value_cache = kv_cache
-        ops.reshape_and_cache(
+        _reshape_and_cache(
             k.view(n, self.num_kv_heads, self.head_dim),
             v.view(n, self.num_kv_heads, self.head_dim),
             key_cache, value_cache, meta.slot_mapping,
         )
-        out = ops.paged_attention(
+        out = _paged_attention(
             q.view(n, self.num_heads, self.head_dim), key_cache, value_cache,
             meta.query_start_loc, meta.context_lens, meta.block_tables, self.scale,
             sliding_window=self.sliding_window, max_context_len=meta.max_context_len,

@@ -11,7 +11,7 @@ rows stacked the same way, the same dequantized norms and biases, the same RoPE 
 the same kernels on them, so both paths compute the same bits. (One difference: an untied
 Q8_0/Q4_0/Q4_1 token table stays quantized and is read row by row, which gives the values of the
 table the torch model dequantizes whole.) It covers what
-``native_cpu.build_cpu_decoder`` runs: every layer's four linears and the output projection in an
+``llama.build_cpu_decoder`` runs: every layer's four linears and the output projection in an
 encoding the quantized GEMM reads, float32 activations, a float32 or float16 KV cache. Any other
 model (a tensor without a place, a missing one, a float output projection) gets None, and the
 torch path loads it (and reports what is wrong with it).
@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastllm import _C
+from fastllm import _C, kernels
 from fastllm.config import ModelConfig
+from fastllm.kernels import GGML_QUANT_TYPES, quant_rows_supported, rope_cos_sin_cache
 from fastllm.loader import (
     GGUFFile,
     ModelSource,
@@ -45,8 +46,6 @@ from fastllm.models.native_cpu import (
     native_decoder_enabled,
     prepare_cpu_linear,
 )
-from fastllm.models.quant_types import GGML_QUANT_TYPES, quant_rows_supported
-from fastllm.models.rope import rope_cos_sin_cache
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +71,14 @@ class CpuModel:
         if self.embed_type is None:
             return self.embed_table[token_ids]
         out = np.empty((len(token_ids), self.config.hidden_size), dtype=np.float32)
-        _C.ops.embed_quant_rows(out, self.embed_table, self.embed_type, token_ids)
+        kernels.embed_quant_rows(out, self.embed_table, self.embed_type, token_ids)
         return out
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """float32 [rows, vocab] output projection of contiguous float32 hidden rows."""
         weight, type_id = self.lm_head
         out = np.empty((hidden.shape[0], weight.shape[0]), dtype=np.float32)
-        _C.ops.quant_gemm(out, hidden, weight, type_id, None, True, 0)
+        kernels.quant_gemm(out, hidden, weight, type_id, None, True, 0)
         return out
 
     def weights(self) -> _C.models.CpuModelWeights:

@@ -7,7 +7,7 @@ separate tensors into their slices.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
 import torch
@@ -15,10 +15,16 @@ from torch import nn
 
 from fastllm import ops
 from fastllm.config import ModelConfig
-from fastllm.models import fast_ops
 from fastllm.models.attention import AttentionMetadata, PagedAttention
+from fastllm.models.native_cpu import CACHE_DTYPES, CpuLayer, CpuLinear, new_cpu_decoder
+from fastllm.models.quant_linear import QuantLinear
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+
+_rms_norm = ops.model_op(ops.rms_norm)
+_fused_add_rms_norm = ops.model_op(ops.fused_add_rms_norm)
+_rotary_embedding = ops.model_op(ops.rotary_embedding)
+_silu_and_mul = ops.model_op(ops.silu_and_mul)
 
 
 class RMSNorm(nn.Module):
@@ -29,8 +35,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
-            return fast_ops.rms_norm(x, self.weight, self.eps)
-        fast_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return _rms_norm(x, self.weight, self.eps)
+        _fused_add_rms_norm(x, residual, self.weight, self.eps)
         return x, residual
 
 
@@ -53,7 +59,7 @@ class LlamaAttention(nn.Module):
         # Views into qkv: the kernels take rows with a stride, so no copies; RoPE rotates q and k
         # in place inside qkv.
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        fast_ops.rotary_embedding(positions, q, k, rope_cache, self.head_dim, True)
+        _rotary_embedding(positions, q, k, rope_cache, self.head_dim, True)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
@@ -64,7 +70,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(fast_ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(_silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -212,3 +218,40 @@ class LlamaForCausalLM(nn.Module):
                 missing.append(pname)
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+
+
+# ---- the native CPU decoder over this model's weights ---------------------------------------------
+
+
+def _cpu_linear(module) -> CpuLinear | None:
+    if not isinstance(module, QuantLinear) or module.qweight.device.type != "cpu":
+        return None
+    bias = None if module.bias is None else module.bias.detach().float().contiguous().numpy()
+    return module.qweight.numpy(), module.type_id, bias
+
+
+def build_cpu_decoder(model: nn.Module, kv_caches: Sequence[KVCache], block_size: int):
+    """A ``CpuDecoder`` over a torch model's weights and its torch ``kv_caches``, or None when
+    the model is not a Llama-family model whose four linears per layer are all ``QuantLinear``
+    on the CPU (then the Python model runs)."""
+    if type(model) is not LlamaForCausalLM:
+        return None
+    inner = model.model
+    key0 = kv_caches[0][0] if kv_caches else None
+    if (key0 is None or key0.device.type != "cpu"
+            or str(key0.dtype).removeprefix("torch.") not in CACHE_DTYPES):
+        return None
+    if inner.rope_cache.dtype != torch.float32 or inner.norm.weight.dtype != torch.float32:
+        return None
+    layers = []
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = [_cpu_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                               mlp.down_proj)]
+        if any(spec is None for spec in linears):
+            return None
+        layers.append(CpuLayer(layer.input_layernorm.weight.detach().numpy(),
+                               layer.post_attention_layernorm.weight.detach().numpy(), *linears))
+    return new_cpu_decoder(model.config, inner.norm.weight.detach().numpy(),
+                           inner.rope_cache.contiguous().numpy(), layers,
+                           [(k.numpy(), v.numpy()) for k, v in kv_caches], block_size)

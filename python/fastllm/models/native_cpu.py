@@ -1,15 +1,15 @@
 """The native CPU decoder: a Llama-family model with GGUF-encoded linears runs its whole layer loop
 in one C++ call (``fastllm._C.models.CpuDecoder``) instead of ~30 kernel calls per layer from Python.
 
-    decoder = build_cpu_decoder(model, kv_caches, block_size)   # torch model; None when it can't
+    decoder = llama.build_cpu_decoder(model, kv_caches, block_size)  # torch model; None: can't
     decoder = new_cpu_decoder(config, final_norm, rope_cache, layers, kv_caches, block_size)
     hidden = embed(input_ids); decoder.forward(hidden, plan arrays...)
 
 The decoder runs the same kernels in the same order as ``LlamaForCausalLM.forward``, so its hidden
 states equal the Python model's. Its caller owns the weights, the embedding and the output
-projection: the torch model (``build_cpu_decoder``). The torch-free path hands the same weights to
+projection: the torch model (``fastllm.models.llama.build_cpu_decoder``). The torch-free path hands the same weights to
 the C++ executor (``fastllm.models.cpu_model``, ``_C.models.CpuExecutor``), which runs this
-decoder itself. This module imports torch only inside ``build_cpu_decoder``.
+decoder itself. This module does not import torch.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastllm import _C
+from fastllm import _C, kernels
 from fastllm.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -68,19 +68,19 @@ def kquant_conversion_enabled() -> bool:
 
 def convert_rows(weight: np.ndarray, type_id: int, target: int) -> np.ndarray:
     """New uint8 rows of ``weight`` (rows of ``type_id``) in ``target`` (Q4_1 from Q4_K, or Q8_0
-    from any GGUF type; ``_C.ops.quant_convert``)."""
-    values, nbytes = _C.ops.quant_block_info(type_id)
+    from any GGUF type; ``kernels.quant_convert``)."""
+    values, nbytes = kernels.quant_block_info(type_id)
     in_features = weight.shape[1] // nbytes * values
-    _, target_bytes = _C.ops.quant_block_info(target)
+    _, target_bytes = kernels.quant_block_info(target)
     out = np.empty((weight.shape[0], in_features // 32 * target_bytes), dtype=np.uint8)
-    _C.ops.quant_convert(out, np.ascontiguousarray(weight), type_id, in_features, target)
+    kernels.quant_convert(out, np.ascontiguousarray(weight), type_id, in_features, target)
     return out
 
 
 def prepare_cpu_linear(weight: np.ndarray, type_id: int, output: bool = False
                        ) -> tuple[np.ndarray, int]:
     """The (weight rows, type id) the CPU GEMM should read for one linear layer's weight: Q4_0 /
-    Q4_1 rows are repacked in place into their 8-row interleaved layout (``_C.ops.quant_repack``,
+    Q4_1 rows are repacked in place into their 8-row interleaved layout (``kernels.quant_repack``,
     the same bytes; ``QuantLinear.repack_for_cpu`` does the same on the torch path), other types
     are returned as they are. Every linear the torch-free path hands to CpuDecoder or quant_gemm
     passes through here, a tied token table too (embed_quant_rows reads the repacked layout).
@@ -94,13 +94,13 @@ def prepare_cpu_linear(weight: np.ndarray, type_id: int, output: bool = False
     if type_id in KQUANT_TARGETS and kquant_conversion_enabled():
         target = KQUANT_TARGETS[type_id]
         weight, type_id = convert_rows(weight, type_id, target), target
-    values, nbytes = _C.ops.quant_block_info(type_id)
+    values, nbytes = kernels.quant_block_info(type_id)
     in_features = weight.shape[1] // nbytes * values
     if (output and type_id == Q8_0 and weight.shape[0] % 8 == 0 and q7_output_enabled()):
         packed = np.empty((weight.shape[0], in_features // 32 * 38), dtype=np.uint8)
-        _C.ops.quant_pack_q7_0x8(packed, weight, in_features)
+        kernels.quant_pack_q7_0x8(packed, weight, in_features)
         return packed, Q7_0X8
-    return weight, _C.ops.quant_repack(weight, type_id, in_features)
+    return weight, kernels.quant_repack(weight, type_id, in_features)
 
 
 def new_cpu_decoder(config: ModelConfig, final_norm: np.ndarray, rope_cache: np.ndarray,
@@ -123,43 +123,3 @@ def new_cpu_decoder(config: ModelConfig, final_norm: np.ndarray, rope_cache: np.
     logger.info("native CPU decoder: %d layers, %s KV cache", decoder.num_layers,
                 key0.dtype.name)
     return decoder
-
-
-def _torch_linear(module) -> CpuLinear | None:
-    from fastllm.models.quant_linear import QuantLinear
-
-    if not isinstance(module, QuantLinear) or module.qweight.device.type != "cpu":
-        return None
-    bias = None if module.bias is None else module.bias.detach().float().contiguous().numpy()
-    return module.qweight.numpy(), module.type_id, bias
-
-
-def build_cpu_decoder(model, kv_caches: Sequence[tuple], block_size: int):
-    """A ``CpuDecoder`` over a torch model's weights and its torch ``kv_caches``, or None when
-    the model is not a Llama-family model whose four linears per layer are all ``QuantLinear``
-    on the CPU (then the Python model runs)."""
-    import torch
-
-    from fastllm.models.llama import LlamaForCausalLM
-
-    if type(model) is not LlamaForCausalLM:
-        return None
-    inner = model.model
-    key0 = kv_caches[0][0] if kv_caches else None
-    if (key0 is None or key0.device.type != "cpu"
-            or str(key0.dtype).removeprefix("torch.") not in CACHE_DTYPES):
-        return None
-    if inner.rope_cache.dtype != torch.float32 or inner.norm.weight.dtype != torch.float32:
-        return None
-    layers = []
-    for layer in inner.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        linears = [_torch_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
-                                               mlp.down_proj)]
-        if any(spec is None for spec in linears):
-            return None
-        layers.append(CpuLayer(layer.input_layernorm.weight.detach().numpy(),
-                               layer.post_attention_layernorm.weight.detach().numpy(), *linears))
-    return new_cpu_decoder(model.config, inner.norm.weight.detach().numpy(),
-                           inner.rope_cache.contiguous().numpy(), layers,
-                           [(k.numpy(), v.numpy()) for k, v in kv_caches], block_size)

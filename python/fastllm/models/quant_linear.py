@@ -11,11 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastllm import _C, ops
+from fastllm import kernels, ops
 from fastllm.models.native_cpu import prepare_cpu_linear
 
 _quant_linear_eager = ops.eager(ops.quant_linear)
-_native = _C.ops
 
 
 def quant_row_bytes(quant_type: str, in_features: int) -> int:
@@ -51,11 +50,11 @@ class QuantLinear(nn.Module):
         if torch.compiler.is_compiling():
             y = ops.quant_linear(x, self.qweight, self.type_id, self.out_features, self.bias)
         elif x.device.type == "cpu":
-            # Numpy views cross into the kernel far cheaper than DLPack (see fast_ops), and the
+            # Numpy views cross into the kernel far cheaper than DLPack (see fastllm.ops), and the
             # weight's view is made once.
             y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)
             qweight, bias = self._numpy_weights()
-            _native.quant_gemm(y.numpy(), x.numpy(), qweight, self.type_id, bias, True, 0)
+            kernels.quant_gemm(y.numpy(), x.numpy(), qweight, self.type_id, bias, True, 0)
         else:
             y = _quant_linear_eager(x, self.qweight, self.type_id, self.out_features, self.bias)
         return y if dtype == torch.float32 else y.to(dtype)
@@ -110,7 +109,7 @@ class QuantEmbedding(nn.Module):
         if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
             ids = input_ids.reshape(-1).to(torch.int32).numpy()
             out = torch.empty((len(ids), self.embedding_dim), dtype=torch.float32)
-            _native.embed_quant_rows(out.numpy(), self.qweight.numpy(), self.type_id, ids)
+            kernels.embed_quant_rows(out.numpy(), self.qweight.numpy(), self.type_id, ids)
             return out.view(*input_ids.shape, self.embedding_dim)
         block_bytes, quant_offset, has_min = _EMBED_LAYOUTS[self.quant_type]
         rows = self.qweight[input_ids.reshape(-1)]

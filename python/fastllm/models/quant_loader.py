@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from fastllm.config import ModelConfig
+from fastllm.kernels import GGML_QUANT_TYPES, quant_rows_supported
 from fastllm.loader import ModelSource, RawGGUFTensor, dequantize_raw, iterate_gguf_raw, open_gguf
 from fastllm.loader.tensor_cast import cast_weight
 from fastllm.models.native_cpu import convert_rows
 from fastllm.models.quant_linear import QuantEmbedding, QuantLinear
-from fastllm.models.quant_types import GGML_QUANT_TYPES, quant_rows_supported
 
 logger = logging.getLogger(__name__)
 

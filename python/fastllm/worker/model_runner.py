@@ -15,7 +15,8 @@ import torch
 from fastllm import _C, ops
 from fastllm.config import ModelConfig
 from fastllm.models.attention import AttentionMetadata
-from fastllm.models.native_cpu import build_cpu_decoder, native_decoder_enabled
+from fastllm.models.llama import build_cpu_decoder
+from fastllm.models.native_cpu import native_decoder_enabled
 from fastllm.worker.step_inputs import (
     sampling_inputs,
     score_prompt_logprobs,

@@ -1,13 +1,69 @@
-"""The rotary cos/sin table, in numpy: the torch model (through ``ops.build_rope_cos_sin_cache``)
-and the torch-free CPU path both take it from here, so their tables are the same bits. (Computed
-separately they are not: torch's vectorized float64 cos/sin and pow differ from libm's in the last
-place, which survives the rounding to float32 in a few entries of long or scaled tables.)"""
+"""The native kernels (``fastllm._C.ops``) as Python calls them: the one module that touches
+``_C.ops``. It takes numpy arrays or DLPack tensors and imports no torch, so the torch-free CPU path
+(``models.cpu_model``, ``models.native_cpu``) and the torch ops (``fastllm.ops``, which register
+these kernels with ``torch.library``) reach every kernel through the same names here.
+
+The kernel functions are the binding's own (``_C.pyi`` has their signatures), not wrappers: the
+models call some of them per layer per step, where a Python frame more would show.
+
+Also here, because both paths share it: the rotary cos/sin table in numpy. The torch model (through
+``ops.build_rope_cos_sin_cache``) and the torch-free path both take it from here, so their tables
+are the same bits. (Computed separately they are not: torch's vectorized float64 cos/sin and pow
+differ from libm's in the last place, which survives the rounding to float32 in a few entries of
+long or scaled tables.)
+"""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+
+from fastllm import _C
+
+_ops = _C.ops
+
+# ---- kernels ---------------------------------------------------------------------------------------
+
+act_and_mul = _ops.act_and_mul
+copy_blocks = _ops.copy_blocks
+embed_quant_rows = _ops.embed_quant_rows
+fused_add_rms_norm = _ops.fused_add_rms_norm
+paged_attention = _ops.paged_attention
+paged_attention_workspace_bytes = _ops.paged_attention_workspace_bytes
+quant_convert = _ops.quant_convert
+quant_gemm = _ops.quant_gemm
+quant_pack_q7_0x8 = _ops.quant_pack_q7_0x8
+quant_repack = _ops.quant_repack
+reshape_and_cache = _ops.reshape_and_cache
+rms_norm = _ops.rms_norm
+rotary_embedding = _ops.rotary_embedding
+sample = _ops.sample
+SamplingInputs = _ops.SamplingInputs
+sampling_workspace_bytes = _ops.sampling_workspace_bytes
+swap_blocks = _ops.swap_blocks
+
+# ---- GGUF block encodings --------------------------------------------------------------------------
+
+# ggml type ids of the GGUF block encodings the quantized GEMM reads (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K).
+GGML_QUANT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
+
+
+def quant_block_info(quant_type: int) -> tuple[int, int]:
+    """(values, bytes) per block of a ggml type id; (0, 0) when quant_gemm cannot read it."""
+    return tuple(_ops.quant_block_info(quant_type))
+
+
+def quant_rows_supported(quant_type: str, in_features: int) -> bool:
+    """True when the quantized GEMM reads rows of ``in_features`` values in ``quant_type``."""
+    type_id = GGML_QUANT_TYPES.get(quant_type)
+    if type_id is None:
+        return False
+    values, _ = quant_block_info(type_id)
+    return values > 0 and in_features % values == 0
+
+
+# ---- rotary cos/sin table --------------------------------------------------------------------------
 
 
 def _yarn_correction_dim(num_rotations: float, dim: int, base: float, max_position: int) -> float:
