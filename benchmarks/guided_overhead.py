@@ -32,7 +32,7 @@ def run(llm, prompts, params) -> tuple[float, int]:
 
 def main() -> None:
     from fastllm import LLM, SamplingParams
-    from fastllm.guided import GuidedDecodingParams, get_manager
+    from fastllm.guided import GuidedDecodingParams
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=8)
@@ -50,7 +50,7 @@ def main() -> None:
         "json schema": SamplingParams(**base, guided_decoding=GuidedDecodingParams(json=SCHEMA)),
         "regex": SamplingParams(**base, guided_decoding=GuidedDecodingParams(regex=WORDS_RE)),
     }
-    manager = get_manager(llm.llm_engine.core)
+    manager = llm.llm_engine.guided
     t0 = time.perf_counter()
     for p in modes.values():
         if p.guided_decoding is not None:

@@ -103,7 +103,7 @@ def main() -> None:
     else:
         instrument_torch(executor)
         decoder = executor.cpu_decoder
-    native = engine.engine
+    native = engine.core.native
     engine_step = native.step
 
     class TimedEngine:
@@ -117,7 +117,7 @@ def main() -> None:
             finally:
                 TIMES["_engine"] += time.perf_counter() - t0
 
-    engine.engine = TimedEngine()
+    engine.core.native = TimedEngine()
     print(f"threads: fastllm pool {_C.ops.cpu_num_threads()}; weights: "
           f"{args.quantized_weights}; executor: {'C++ CPU' if torch_free else 'torch'}; "
           f"layer loop: {'native CPU decoder' if decoder is not None else 'Python'}")

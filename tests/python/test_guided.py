@@ -236,7 +236,7 @@ def test_offline_guided_batch(llm):
     assert re.fullmatch(PHONE, outs[2].outputs[0].text)
     assert len(outs[3].outputs) == 3 and all(c.text in ("yes", "no") for c in outs[3].outputs)
     # the registry is empty once every request finished
-    assert len(llm.llm_engine.core._guided_manager.registry) == 0
+    assert len(llm.llm_engine.guided.registry) == 0
 
 
 def test_offline_json_object_and_errors(llm):
@@ -259,9 +259,7 @@ def test_offline_json_object_and_errors(llm):
 
 
 def test_compile_cache_hits(llm):
-    from fastllm.guided import get_manager
-
-    manager = get_manager(llm.llm_engine.core)
+    manager = llm.llm_engine.guided
     a = manager.compile(GuidedDecodingParams(json=PERSON))
     b = manager.compile(GuidedDecodingParams(json=json.dumps(PERSON)))
     assert a is b
@@ -280,9 +278,7 @@ class _Plan:
 def test_registry_masks_only_guided_rows_and_never_re_advances(llm):
     import torch
 
-    from fastllm.guided import get_manager
-
-    manager = get_manager(llm.llm_engine.core)
+    manager = llm.llm_engine.guided
     tok = llm.get_tokenizer()
     vocab = llm.llm_engine.core.model_config.vocab_size
     registry = GuidedRegistry(vocab, sorted(tok.eos_token_ids))

@@ -98,7 +98,7 @@ def test_offline_and_async_give_the_same_results(llm):
                     prompt_logprobs += chunk.prompt_logprobs
                 if chunk.finished:
                     reasons[chunk.index] = chunk.finish_reason
-            return texts, tokens, logprobs, reasons, prompt_logprobs, engine.engine.stats()
+            return texts, tokens, logprobs, reasons, prompt_logprobs, engine.stats()
         finally:
             engine.shutdown()
 

@@ -37,9 +37,10 @@ class FaultyExecutor(_C.Executor):
 
 
 def with_faulty_executor(core) -> FaultyExecutor:
-    """Rebuilds the core's native engine around a FaultyExecutor (test-only plumbing)."""
+    """Rebuilds the EngineCore's native engine around a FaultyExecutor (test-only plumbing: the
+    front ends reach the native engine through ``core.native`` on every call)."""
     faulty = FaultyExecutor(core.executor)
-    core.engine = _C.Engine(core.engine_config, faulty)
+    core.native = _C.Engine(core.engine_config, faulty)
     return faulty
 
 
@@ -47,7 +48,6 @@ def with_faulty_executor(core) -> FaultyExecutor:
 def llm():
     llm = LLM(max_model_len=256, max_num_seqs=8)
     with_faulty_executor(llm.llm_engine.core)
-    llm.llm_engine.engine = llm.llm_engine.core.engine
     return llm
 
 
@@ -90,14 +90,12 @@ def faulty_server():
     through the `request_id` extra field."""
     import uvicorn
 
-    from fastllm.engine.async_llm import AsyncLLM
-    from fastllm.entrypoints.openai.api_server import build_app, engine_args_from
+    from fastllm.entrypoints.openai.api_server import build_app, build_engine
     from fastllm.entrypoints.openai.cli_args import parse_args
 
     ns = parse_args(["--max-model-len", "256", "--disable-log-stats"], environ={})
-    engine = AsyncLLM(engine_args_from(ns))
-    faulty = with_faulty_executor(engine.core)
-    engine.engine = engine.core.engine
+    engine = build_engine(ns)
+    faulty = with_faulty_executor(engine._core)
     app = build_app(engine, ns)
 
     port = _free_port()

@@ -55,8 +55,9 @@ REQUESTS = [
 ]
 
 
-def _engine(torch_free: bool, **kwargs) -> LLMEngine:
-    engine = LLMEngine(EngineArgs(**kwargs), torch_free=torch_free)
+def _engine(torch_free: bool, guided_decoding: bool = True, **kwargs) -> LLMEngine:
+    engine = LLMEngine(EngineArgs(**kwargs), torch_free=torch_free,
+                       guided_decoding=guided_decoding)
     assert isinstance(engine.core.executor, CpuExecutor) == torch_free
     return engine
 
@@ -297,7 +298,7 @@ def test_logits_hook_runs_only_in_steps_with_a_watched_request():
         def advance(self, plan, tokens):
             self.advanced.append(tokens.tolist())
 
-    engine = _engine(True, max_model_len=256)
+    engine = _engine(True, guided_decoding=False, max_model_len=256)  # the hook slot is ours
     hook = ForceToken()
     engine.core.executor.set_logits_hook(hook)
     with pytest.raises(RuntimeError, match="already set"):

@@ -1,6 +1,10 @@
 """AsyncLLM: the server's front end. The native loop runs on its own thread; its output file
 descriptor wakes the asyncio loop, which detokenizes, applies stop strings and fans outputs out to
-one queue per request. Nothing here polls or sleeps."""
+one queue per request. Nothing here polls or sleeps.
+
+The server talks to this object only: generate / abort, encode / decode / apply_chat_template,
+``model_info``, ``stats()``, ``is_healthy``, start / shutdown. Its collaborators (metrics, the
+guided-decoding manager) come in through the constructor."""
 
 from __future__ import annotations
 
@@ -12,12 +16,40 @@ from dataclasses import dataclass, field
 
 from fastllm.config import EngineArgs
 from fastllm.engine.errors import RequestFailedError
-from fastllm.engine.llm_engine import EngineCore
+from fastllm.engine.llm_engine import (
+    DEFAULT_MODEL_NAME,
+    EngineCore,
+    serve_large_allocations_from_mmap,
+)
 from fastllm.engine.output_processor import OutputProcessor, RequestGroup, StreamChunk
-from fastllm.guided import get_manager
 from fastllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# Part of the server-facing API: the server's process setup and the chunks generate() yields.
+__all__ = ["AsyncLLM", "ModelInfo", "StreamChunk", "serve_large_allocations_from_mmap",
+           "served_model_names"]
+
+
+def served_model_names(args: EngineArgs) -> list[str]:
+    """The names the model is served under (--served-model-name; the first one labels the
+    metrics), known before the engine loads."""
+    return list(args.served_model_name or [args.model or DEFAULT_MODEL_NAME])
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a front end needs to know about the loaded model and its engine (read-only)."""
+
+    source_name: str  # the model as given (path, repo id or the default model's name)
+    served_model_names: tuple[str, ...]
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]  # the engine's: the model's and the tokenizer's
+    block_size: int
+    max_logprobs: int
+    startup_seconds: float
+    chat_template: str | None  # the tokenizer's own
 
 
 @dataclass
@@ -30,17 +62,31 @@ class _Stream:
 
 
 class AsyncLLM:
-    def __init__(self, args: EngineArgs, metrics=None):
+    def __init__(self, args: EngineArgs, metrics=None, guided_decoding_backend: str | None = None):
+        """metrics: an observer of prompts, tokens and finished requests (the server's
+        ServerMetrics), or None. guided_decoding_backend: the default backend of requests that
+        name none."""
         # A server keeps the process torch-free where the model allows it (see EngineCore).
-        self.core = EngineCore(args)
+        self._core = EngineCore(args)
         self.args = args
-        self.tokenizer = self.core.tokenizer
-        self.engine = self.core.engine
-        self.metrics = metrics
+        self._tokenizer = self._core.tokenizer
+        self._guided = self._core.build_guided_manager(guided_decoding_backend)
+        self._metrics = metrics
         self._streams: dict[str, _Stream] = {}
-        self.processor = OutputProcessor(self.tokenizer, self.abort)
+        self._processor = OutputProcessor(self._tokenizer, self.abort)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.errored: str | None = None
+        core = self._core
+        self.model_info = ModelInfo(
+            source_name=core.source_name, served_model_names=tuple(served_model_names(args)),
+            max_model_len=core.max_model_len, vocab_size=core.model_config.vocab_size,
+            eos_token_ids=tuple(core.engine_config.eos_token_ids), block_size=core.block_size,
+            max_logprobs=args.max_logprobs, startup_seconds=core.startup_seconds,
+            chat_template=self._tokenizer.chat_template)
+
+    @property
+    def metrics(self):
+        """The metrics observer given to the constructor (None without one)."""
+        return self._metrics
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -49,18 +95,46 @@ class AsyncLLM:
         if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self.engine.output_fd, self._on_outputs)
-        self.engine.start()
+        self._loop.add_reader(self._core.native.output_fd, self._on_outputs)
+        self._core.native.start()
 
     def shutdown(self) -> None:
+        """Stops the native loop; safe to call again, and after the asyncio loop closed."""
         if self._loop is not None:
-            self._loop.remove_reader(self.engine.output_fd)
+            if not self._loop.is_closed():
+                self._loop.remove_reader(self._core.native.output_fd)
             self._loop = None
-        self.engine.stop()
+        self._core.native.stop()
 
     @property
-    def is_running(self) -> bool:
-        return self.engine.is_running and self.errored is None
+    def is_healthy(self) -> bool:
+        """Whether the native loop runs (what /health reports)."""
+        return self._core.native.is_running
+
+    def stats(self):
+        """The native engine's counters (running / waiting requests, KV usage, tokens...)."""
+        return self._core.native.stats()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._streams)
+
+    # ---- tokenizer ---------------------------------------------------------------------------
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Tokenizes on a worker thread: a very long prompt must not stall the event loop, which
+        delivers every other stream's output."""
+        return await asyncio.to_thread(self._tokenizer.encode, text,
+                                       add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, conversation: list[dict], **kwargs) -> str:
+        """The prompt text of a conversation (the tokenizer's sandboxed template, or
+        ``chat_template=``); ValueError for a template that fails, TypeError for bad
+        keyword arguments."""
+        return self._tokenizer.apply_chat_template(conversation, **kwargs)
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -73,26 +147,27 @@ class AsyncLLM:
         if self._loop is None:
             self.start()
         params.validate(self.args.max_logprobs)
-        if request_id in self._streams or request_id in self.processor:
+        if request_id in self._streams or request_id in self._processor:
             raise ValueError(f"request id {request_id!r} is already in use")
         guided = None
         if params.guided_decoding is not None:
             # Compiled off the event loop (cached: the server compiles before responding).
-            guided = get_manager(self.core)
+            guided = self._guided
             guided.register(request_id, await guided.compile_async(params.guided_decoding),
                             params.num_samples)
         try:
-            self.engine.add_request(request_id, prompt_token_ids, params.to_native(fan_out=True))
+            self._core.native.add_request(request_id, prompt_token_ids,
+                                          params.to_native(fan_out=True))
         except BaseException:
             if guided is not None:
                 guided.unregister(request_id)
             raise
-        group = self.processor.add_request(request_id, prompt, prompt_token_ids, params,
-                                           streaming=True)
+        group = self._processor.add_request(request_id, prompt, prompt_token_ids, params,
+                                            streaming=True)
         stream = _Stream(group)
         self._streams[request_id] = stream
-        if self.metrics is not None:
-            self.metrics.on_prompt(len(prompt_token_ids))
+        if self._metrics is not None:
+            self._metrics.on_prompt(len(prompt_token_ids))
         finished = False
         try:
             while True:
@@ -107,17 +182,15 @@ class AsyncLLM:
             if guided is not None:
                 guided.unregister(request_id)
             if not finished:
-                self.engine.abort(request_id)
-                self.processor.remove(request_id)
+                self._core.native.abort(request_id)
+                self._processor.remove(request_id)
                 self._streams.pop(request_id, None)
-                if self.metrics is not None:
-                    self.metrics.on_request_finished("abort", stream, 0)
+                if self._metrics is not None:
+                    self._metrics.on_request_finished("abort", stream, 0)
 
     def abort(self, request_id: str) -> bool:
-        manager = getattr(self.core, "_guided_manager", None)
-        if manager is not None:
-            manager.unregister(request_id)
-        return self.engine.abort(request_id)
+        self._guided.unregister(request_id)
+        return self._core.native.abort(request_id)
 
     def abort_all(self) -> int:
         """Ends every in-flight request now (a shutdown whose drain deadline passed): each stream
@@ -129,7 +202,7 @@ class AsyncLLM:
         for request_id, stream in ended:
             self.abort(request_id)
             group = stream.group
-            self.processor.remove(request_id)
+            self._processor.remove(request_id)
             for index, child in enumerate(group.children):
                 if child.finished:
                     continue
@@ -139,8 +212,8 @@ class AsyncLLM:
             if group.ranked:
                 for index, child in group.kept():
                     stream.queue.put_nowait(group.chunk(index, child, whole=True))
-            if self.metrics is not None:
-                self.metrics.on_request_finished("abort", stream, group.num_output_tokens)
+            if self._metrics is not None:
+                self._metrics.on_request_finished("abort", stream, group.num_output_tokens)
             stream.queue.put_nowait(None)
         return len(ended)
 
@@ -148,20 +221,20 @@ class AsyncLLM:
         """Compiles the request's grammar off the event loop (and caches it), so an invalid
         constraint fails before a response starts. ValueError names the problem."""
         if params.guided_decoding is not None:
-            await get_manager(self.core).compile_async(params.guided_decoding)
+            await self._guided.compile_async(params.guided_decoding)
 
     # ---- output dispatch (asyncio thread) ----------------------------------------------------
 
     def _on_outputs(self) -> None:
         now = time.monotonic()
-        for group, chunks in self.processor.process(self.engine.take_outputs()):
+        for group, chunks in self._processor.process(self._core.native.take_outputs()):
             stream = self._streams.get(group.request_id)
             if stream is None:
                 continue
             new_tokens = group.new_tokens
             if new_tokens:
-                if self.metrics is not None:
-                    self.metrics.on_tokens(stream, now, new_tokens)
+                if self._metrics is not None:
+                    self._metrics.on_tokens(stream, now, new_tokens)
                 if stream.first_token_at is None:
                     stream.first_token_at = now
                 stream.last_token_at = now
@@ -173,8 +246,8 @@ class AsyncLLM:
                 logger.error("request %s failed: %s", group.request_id, group.error)
             del self._streams[group.request_id]
             if group.params.guided_decoding is not None:
-                get_manager(self.core).unregister(group.request_id)
-            if self.metrics is not None:
-                self.metrics.on_request_finished(group.finish_reason, stream,
+                self._guided.unregister(group.request_id)
+            if self._metrics is not None:
+                self._metrics.on_request_finished(group.finish_reason, stream,
                                                  group.num_output_tokens)
             stream.queue.put_nowait(None)

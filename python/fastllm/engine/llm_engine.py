@@ -16,7 +16,7 @@ from fastllm.config import EngineArgs, ModelConfig
 from fastllm.engine.beam_search import Beam, BeamSearchParams, run_beam_search, top_logprobs_of
 from fastllm.engine.errors import RequestFailedError
 from fastllm.engine.output_processor import OutputProcessor
-from fastllm.guided import get_manager
+from fastllm.guided import GuidedDecodingManager
 from fastllm.loader import load_config, resolve_model
 from fastllm.models.cpu_model import load_cpu_model
 from fastllm.outputs import RequestOutput
@@ -62,8 +62,8 @@ def serve_large_allocations_from_mmap(threshold: int = 128 << 10) -> None:
 
 
 class EngineCore:
-    """The model, its executor and the native engine, built from EngineArgs. Front ends
-    (LLMEngine for offline use, AsyncLLM for the server) drive it.
+    """The model, its executor and the native engine (``native``, a ``_C.Engine``), built from
+    EngineArgs. Front ends (LLMEngine for offline use, AsyncLLM for the server) drive it.
 
     Two executors: the torch model (``worker.model_runner``), and for a quantized GGUF model that
     the native CPU decoder runs whole (``models.cpu_model``) a torch-free one (``worker.cpu_runner``)
@@ -133,13 +133,21 @@ class EngineCore:
         cfg.vocab_size = mc.vocab_size
         cfg.max_logprobs = args.max_logprobs
         self.engine_config = cfg
-        self.engine = _C.Engine(cfg, self.executor)
+        self.native = _C.Engine(cfg, self.executor)
         self.num_gpu_blocks = num_gpu_blocks
         self.startup_seconds = time.perf_counter() - t0
         logger.info("fastllm engine ready in %.2f s: %s on %s (%s, %s executor), %d KV blocks of "
                     "%d tokens (%s)", self.startup_seconds, mc.architecture, self.device, dtype,
                     "torch-free" if cpu_model is not None else "torch", num_gpu_blocks - 1,
                     self.block_size, kv_dtype)
+
+    def build_guided_manager(self, default_backend: str | None = None) -> GuidedDecodingManager:
+        """A guided-decoding manager for this model, its hook installed on the executor (which
+        has one logits-hook slot: call this once, from the front end that owns the core)."""
+        manager = GuidedDecodingManager(self.tokenizer, self.model_config.vocab_size,
+                                        list(self.engine_config.eos_token_ids), default_backend)
+        self.executor.set_logits_hook(manager.hook)
+        return manager
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -233,11 +241,14 @@ class LLMEngine:
     """Synchronous front end: add requests, call step() until done (the offline LLM API). The
     output processor is the one AsyncLLM uses."""
 
-    def __init__(self, args: EngineArgs, torch_free: bool | None = None):
+    def __init__(self, args: EngineArgs, torch_free: bool | None = None,
+                 guided_decoding: bool = True):
+        """guided_decoding=False builds no guided-decoding manager, which leaves the executor's
+        one logits-hook slot to a caller's own hook (guided requests are then a ValueError)."""
         self.core = EngineCore(args, torch_free)
         self.args = args
         self.tokenizer = self.core.tokenizer
-        self.engine = self.core.engine
+        self.guided = self.core.build_guided_manager() if guided_decoding else None
         self.processor = OutputProcessor(self.tokenizer, self._abort_in_core)
         self._counter = 0
         self._backlog: list[RequestOutput] = []  # finished in a step that raised
@@ -246,8 +257,12 @@ class LLMEngine:
                     request_id: str | None = None, add_special_tokens: bool = True) -> str:
         params = params or SamplingParams()
         params.validate(self.args.max_logprobs, self.core.model_config.vocab_size)
+        compiled = None
         if params.guided_decoding is not None:
-            get_manager(self.core).compile(params.guided_decoding)  # ValueError if invalid
+            if self.guided is None:
+                raise ValueError("guided decoding is off for this engine "
+                                 "(LLMEngine(guided_decoding=False))")
+            compiled = self.guided.compile(params.guided_decoding)  # ValueError if invalid
         text, ids = self.core.encode_prompt(prompt, add_special_tokens)
         if params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens:
             text, ids = None, ids[-params.truncate_prompt_tokens:]
@@ -258,31 +273,33 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         # ONE engine request, also for n / best_of: the engine computes the prompt once and
         # forks the children copy-on-write.
-        if params.guided_decoding is not None:
-            manager = get_manager(self.core)
-            manager.register(request_id, manager.compile(params.guided_decoding),
-                             params.num_samples)
+        if compiled is not None:
+            self.guided.register(request_id, compiled, params.num_samples)
         try:
-            self.engine.add_request(request_id, ids, params.to_native(fan_out=True))
+            self.core.native.add_request(request_id, ids, params.to_native(fan_out=True))
         except BaseException:
             self._unregister_guided(request_id)
             raise
         self.processor.add_request(request_id, text, ids, params)
         return request_id
 
+    def encode_prompt(self, prompt: PromptType, add_special_tokens: bool = True
+                      ) -> tuple[str | None, list[int]]:
+        """(text or None, token ids) of a prompt string, token-id list or prompt dict."""
+        return self.core.encode_prompt(prompt, add_special_tokens)
+
     def _unregister_guided(self, request_id: str) -> None:
-        manager = getattr(self.core, "_guided_manager", None)
-        if manager is not None:
-            manager.unregister(request_id)
+        if self.guided is not None:
+            self.guided.unregister(request_id)
 
     def _abort_in_core(self, request_id: str) -> None:
         self._unregister_guided(request_id)
-        self.engine.abort(request_id)
+        self.core.native.abort(request_id)
 
     def abort_request(self, request_id: str) -> bool:
         self.processor.remove(request_id)
         self._unregister_guided(request_id)
-        return self.engine.abort(request_id)
+        return self.core.native.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(len(self.processor)) or bool(self._backlog)
@@ -293,7 +310,7 @@ class LLMEngine:
         that finished beside it are returned by the next call)."""
         finished, self._backlog = self._backlog, []
         failures: list[RequestFailedError] = []
-        for group, _ in self.processor.process(self.engine.step()):
+        for group, _ in self.processor.process(self.core.native.step()):
             if not group.finished:
                 continue
             self._unregister_guided(group.request_id)
@@ -335,4 +352,4 @@ class LLMEngine:
         return run_beam_search(prompt_ids, params, eos, expand)
 
     def stats(self):
-        return self.engine.stats()
+        return self.core.native.stats()

@@ -111,7 +111,7 @@ class LLM:
         tokenizer = engine.tokenizer
         results = []
         for prompt in tqdm(list(prompts), desc="Beam search", disable=not use_tqdm):
-            text, ids = engine.core.encode_prompt(prompt)
+            text, ids = engine.encode_prompt(prompt)
             beams = engine.beam_search(ids, params)
             results.append(BeamSearchOutput(prompt=text, prompt_token_ids=ids, sequences=[
                 BeamSequence(tokens=b.tokens, text=tokenizer.decode(b.tokens),

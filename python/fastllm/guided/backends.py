@@ -10,7 +10,6 @@ them) and consume the sampled tokens.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import threading
 from abc import ABC, abstractmethod
@@ -18,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fastllm.guided.params import GuidedDecodingParams
+from fastllm.guided.params import GuidedDecodingParams, backend_installed
 
 
 class Matcher(ABC):
@@ -224,11 +223,6 @@ class XGrammarBackend(Backend):
             raise ValueError(f"invalid guided_{'json' if kind == 'json_object' else kind} "
                              f"for xgrammar: {e}") from None
         return _XGrammarGrammar(self.xgr, compiled)
-
-
-def backend_installed(name: str) -> bool:
-    module = {"guidance": "llguidance", "xgrammar": "xgrammar"}[name]
-    return importlib.util.find_spec(module) is not None
 
 
 _BACKENDS = {"guidance": GuidanceBackend, "xgrammar": XGrammarBackend}

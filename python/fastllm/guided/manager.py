@@ -1,6 +1,8 @@
 """One engine's guided decoding: backends, a cache of compiled grammars and the registry the
 executor reads. Grammars compile off the engine loop (a small thread pool for the server, the
-caller's thread offline) and are cached by (backend, kind, constraint, whitespace pattern)."""
+caller's thread offline) and are cached by (backend, kind, constraint, whitespace pattern).
+The front end that owns the engine core builds it (``EngineCore.build_guided_manager``), which
+installs its hook on the executor."""
 
 from __future__ import annotations
 
@@ -30,9 +32,6 @@ class GuidedDecodingManager:
         self._cache: OrderedDict[tuple, CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-
-    def set_default_backend(self, name: str | None) -> None:
-        self.default_backend = normalize_backend(name) or DEFAULT_BACKEND
 
     def backend_name(self, params: GuidedDecodingParams) -> str:
         return normalize_backend(params.backend) or self.default_backend
@@ -79,14 +78,3 @@ class GuidedDecodingManager:
         self.hook.unwatch(request_id)
         self.registry.unregister(request_id)
 
-
-def get_manager(core) -> GuidedDecodingManager:
-    """The engine core's manager, created on first use; its hook is installed on the core's
-    executor then (``set_logits_hook``, once per executor)."""
-    manager = getattr(core, "_guided_manager", None)
-    if manager is None:
-        eos = list(core.engine_config.eos_token_ids)
-        manager = GuidedDecodingManager(core.tokenizer, core.model_config.vocab_size, eos)
-        core._guided_manager = manager
-        core.executor.set_logits_hook(manager.hook)
-    return manager

@@ -3,6 +3,7 @@ choice among strings or a grammar) and optionally the backend that enforces it."
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,13 @@ def normalize_backend(name: str | None) -> str | None:
         raise ValueError(f"unknown guided decoding backend {name!r}; fastllm supports "
                          f"'guidance' (llguidance, the default; also 'auto') and 'xgrammar'")
     return BACKEND_ALIASES[base]
+
+
+def backend_installed(name: str) -> bool:
+    """Whether the package of a backend (a normalized name) is importable; nothing is imported
+    (the server checks its --guided-decoding-backend with it before loading the model)."""
+    module = {"guidance": "llguidance", "xgrammar": "xgrammar"}[name]
+    return importlib.util.find_spec(module) is not None
 
 
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")

@@ -27,21 +27,24 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import fastllm
 from fastllm.config import EngineArgs
-from fastllm.engine.async_llm import AsyncLLM
-from fastllm.engine.llm_engine import serve_large_allocations_from_mmap
+from fastllm.engine.async_llm import (
+    AsyncLLM,
+    serve_large_allocations_from_mmap,
+    served_model_names,
+)
 from fastllm.entrypoints.openai.cli_args import ignored_flag_warnings, parse_args
+from fastllm.entrypoints.openai.errors import APIError, error_body
 from fastllm.entrypoints.openai.http_protocol import OrderlyHttpToolsProtocol
 from fastllm.entrypoints.openai.metrics import ServerMetrics
 from fastllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
-    ModelCard,
-    ModelList,
     TokenizeRequest,
 )
-from fastllm.entrypoints.openai.serving import APIError, OpenAIServing, error_body
-from fastllm.guided import get_manager
+from fastllm.entrypoints.openai.serving_chat import OpenAIServingChat
+from fastllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from fastllm.entrypoints.openai.serving_models import OpenAIServingModels
 
 logger = logging.getLogger("fastllm.server")
 
@@ -85,15 +88,30 @@ def load_chat_template(value: str | None) -> str | None:
                      f"jinja template")
 
 
+def build_engine(ns: argparse.Namespace) -> AsyncLLM:
+    """The server's engine, with its collaborators: the metrics it reports to (labelled with the
+    first served name) and the default guided-decoding backend."""
+    args = engine_args_from(ns)
+    metrics = ServerMetrics(served_model_names(args)[0])
+    return AsyncLLM(args, metrics=metrics,
+                    guided_decoding_backend=getattr(ns, "guided_decoding_backend", None))
+
+
 def build_app(engine: AsyncLLM, ns: argparse.Namespace) -> FastAPI:
-    names = ns.served_model_name or [engine.core.source_name]
-    metrics = ServerMetrics(names[0])
-    engine.metrics = metrics
-    serving = OpenAIServing(engine, names, ns.response_role, load_chat_template(ns.chat_template),
-                            ns.max_log_len, not ns.disable_log_requests)
-    serving.configure_tools(getattr(ns, "enable_auto_tool_choice", False),
-                            getattr(ns, "tool_call_parser", None))
-    get_manager(engine.core).set_default_backend(getattr(ns, "guided_decoding_backend", None))
+    """The app serving ``engine`` (built by :func:`build_engine`, which gives it its metrics)."""
+    metrics = engine.metrics
+    if metrics is None:
+        raise ValueError("the server's engine needs its metrics: build it with build_engine()")
+    names = list(engine.model_info.served_model_names)
+    shared = {"chat_template": load_chat_template(ns.chat_template),
+              "max_log_len": ns.max_log_len, "log_requests": not ns.disable_log_requests,
+              "return_tokens_as_token_ids": bool(getattr(ns, "return_tokens_as_token_ids",
+                                                         False))}
+    completion_serving = OpenAIServingCompletion(engine, names, **shared)
+    chat_serving = OpenAIServingChat(engine, names, ns.response_role,
+                                     getattr(ns, "enable_auto_tool_choice", False),
+                                     getattr(ns, "tool_call_parser", None), **shared)
+    models_serving = OpenAIServingModels(engine, names, ns.model, **shared)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -112,7 +130,6 @@ def build_app(engine: AsyncLLM, ns: argparse.Namespace) -> FastAPI:
     app = FastAPI(title="fastllm", version=fastllm.__version__, lifespan=lifespan,
                   root_path=ns.root_path or "")
     app.state.engine = engine
-    app.state.serving = serving
 
     app.add_middleware(CORSMiddleware, allow_origins=ns.allowed_origins,
                        allow_credentials=ns.allow_credentials, allow_methods=ns.allowed_methods,
@@ -173,43 +190,40 @@ def build_app(engine: AsyncLLM, ns: argparse.Namespace) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if not engine.is_running:
-            return error_response("the engine is not running", 503, "ServiceUnavailableError")
+        models_serving.health()
         return Response(status_code=200)
 
     @app.get("/version")
     async def version():
-        return {"version": fastllm.__version__}
+        return models_serving.version()
 
     @app.get("/metrics")
     async def metrics_endpoint():
-        return Response(metrics.render(engine.engine.stats()),
+        return Response(metrics.render(engine.stats()),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models():
-        cards = [ModelCard(id=n, root=ns.model or n, max_model_len=serving.max_model_len)
-                 for n in names]
-        return ModelList(data=cards)
+        return models_serving.models()
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest):
-        return await serving.tokenize(request)
+        return await models_serving.tokenize(request)
 
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest):
-        return serving.detokenize(request)
+        return models_serving.detokenize(request)
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, raw_request: Request):
-        result = await serving.completions(request, raw_request)
+        result = await completion_serving.completions(request, raw_request)
         if request.stream:
             return StreamingResponse(result, media_type="text/event-stream")
         return JSONResponse(result)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, raw_request: Request):
-        result = await serving.chat(request, raw_request)
+        result = await chat_serving.chat(request, raw_request)
         if request.stream:
             return StreamingResponse(result, media_type="text/event-stream")
         return JSONResponse(result)
@@ -225,7 +239,7 @@ async def _log_stats(engine: AsyncLLM, interval: float = 10.0) -> None:
     last_tokens = 0
     while True:
         await asyncio.sleep(interval)
-        s = engine.engine.stats()
+        s = engine.stats()
         rate = (s.num_generated_tokens - last_tokens) / interval
         last_tokens = s.num_generated_tokens
         hit = 100.0 * s.prefix_hits / s.prefix_queries if s.prefix_queries else 0.0
@@ -289,9 +303,10 @@ def _server_class():
                 self.force_exit = True
 
         def start_drain(self) -> None:
-            if self.engine._streams:
+            in_flight = self.engine.num_unfinished_requests
+            if in_flight:
                 logger.info("shutting down: %d request(s) in flight get %.1f s to finish",
-                            len(self.engine._streams), self.drain_s)
+                            in_flight, self.drain_s)
             self.loop.call_later(self.drain_s, self.abort_all)
 
         def abort_all(self) -> None:
@@ -321,7 +336,7 @@ def run(ns: argparse.Namespace) -> int:
         return 1
     serve_large_allocations_from_mmap()
     try:
-        engine = AsyncLLM(engine_args_from(ns))
+        engine = build_engine(ns)
         app = build_app(engine, ns)
     except ValueError as e:
         sock.close()
@@ -330,17 +345,14 @@ def run(ns: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # Ctrl-C while the model loads: nothing to drain yet
         sock.close()
         return 130
-    # --return-tokens-as-token-ids is the default of the request parameter of that name.
-    app.state.serving.return_tokens_as_token_ids = ns.return_tokens_as_token_ids
     scheme = "https" if ns.ssl_certfile else "http"
 
     def announce(address) -> None:
-        stats = engine.engine.stats()
+        stats, info = engine.stats(), engine.model_info
         logger.info("fastllm %s serving %s at %s://%s:%d (KV cache: %d blocks x %d tokens, "
                     "max_model_len %d, ready in %.2f s)", fastllm.__version__,
-                    engine.core.source_name, scheme, host, address[1], stats.num_total_blocks,
-                    engine.core.block_size, engine.core.max_model_len,
-                    engine.core.startup_seconds)
+                    info.source_name, scheme, host, address[1], stats.num_total_blocks,
+                    info.block_size, info.max_model_len, info.startup_seconds)
 
     config = uvicorn.Config(app, host=host, port=ns.port, log_level=ns.uvicorn_log_level,
                             ssl_keyfile=ns.ssl_keyfile, ssl_certfile=ns.ssl_certfile,
@@ -354,7 +366,7 @@ def run(ns: argparse.Namespace) -> int:
         server.run(sockets=[sock])
     finally:
         # A forced exit (a third signal) skips the lifespan shutdown; the engine loop still stops.
-        engine.engine.stop()
+        engine.shutdown()
     return 0
 
 

@@ -578,8 +578,7 @@ def check_supported(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> 
         value = getattr(ns, dest)
         if kind == UNSUPPORTED and value != defaults[dest]:
             parser.error(f"{_flag(dest)}={value!r}: {why}")
-    from fastllm.guided.backends import backend_installed
-    from fastllm.guided.params import normalize_backend
+    from fastllm.guided.params import backend_installed, normalize_backend
 
     try:
         backend = normalize_backend(ns.guided_decoding_backend) or "guidance"
