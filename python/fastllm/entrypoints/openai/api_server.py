@@ -25,7 +25,6 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import fastllm
 from fastllm.config import EngineArgs
 from fastllm.engine.async_llm import (
     AsyncLLM,
@@ -45,6 +44,7 @@ from fastllm.entrypoints.openai.protocol import (
 from fastllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from fastllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from fastllm.entrypoints.openai.serving_models import OpenAIServingModels
+from fastllm.version import __version__
 
 logger = logging.getLogger("fastllm.server")
 
@@ -127,7 +127,7 @@ def build_app(engine: AsyncLLM, ns: argparse.Namespace) -> FastAPI:
                 stats_task.cancel()
             engine.shutdown()
 
-    app = FastAPI(title="fastllm", version=fastllm.__version__, lifespan=lifespan,
+    app = FastAPI(title="fastllm", version=__version__, lifespan=lifespan,
                   root_path=ns.root_path or "")
     app.state.engine = engine
 
@@ -350,7 +350,7 @@ def run(ns: argparse.Namespace) -> int:
     def announce(address) -> None:
         stats, info = engine.stats(), engine.model_info
         logger.info("fastllm %s serving %s at %s://%s:%d (KV cache: %d blocks x %d tokens, "
-                    "max_model_len %d, ready in %.2f s)", fastllm.__version__,
+                    "max_model_len %d, ready in %.2f s)", __version__,
                     info.source_name, scheme, host, address[1], stats.num_total_blocks,
                     info.block_size, info.max_model_len, info.startup_seconds)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fastllm
 from fastllm.entrypoints.openai.errors import APIError
 from fastllm.entrypoints.openai.protocol import (
     DetokenizeRequest,
@@ -11,6 +10,7 @@ from fastllm.entrypoints.openai.protocol import (
     TokenizeRequest,
 )
 from fastllm.entrypoints.openai.serving_base import OpenAIServingBase
+from fastllm.version import __version__
 
 
 class OpenAIServingModels(OpenAIServingBase):
@@ -34,7 +34,7 @@ class OpenAIServingModels(OpenAIServingBase):
 
     @staticmethod
     def version() -> dict:
-        return {"version": fastllm.__version__}
+        return {"version": __version__}
 
     async def tokenize(self, request: TokenizeRequest) -> dict:
         self.model_name(request.model)
