@@ -15,6 +15,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastllm.config import EngineArgs
+from fastllm.engine.beam_search import (
+    Beam,
+    BeamSearchParams,
+    check_beam_search,
+    expansion_params,
+    run_beam_search_async,
+    top_logprobs_of,
+)
 from fastllm.engine.errors import RequestFailedError
 from fastllm.engine.llm_engine import (
     DEFAULT_MODEL_NAME,
@@ -187,6 +195,26 @@ class AsyncLLM:
                 self._streams.pop(request_id, None)
                 if self._metrics is not None:
                     self._metrics.on_request_finished("abort", stream, 0)
+
+    async def beam_search(self, prompt_token_ids: list[int], params: BeamSearchParams,
+                          request_id: str) -> list[Beam]:
+        """Beam search for one prompt, best beam first (the offline API runs the same search,
+        see fastllm.engine.beam_search). ValueError for a width the engine cannot serve."""
+        check_beam_search(params, self.args.max_logprobs)
+        counter = iter(range(1 << 62))
+
+        async def score(seq: list[int], k: int) -> dict[int, float]:
+            logprobs = []
+            async for chunk in self.generate(seq, expansion_params(k),
+                                             f"{request_id}-b{next(counter)}"):
+                logprobs += chunk.logprobs or []
+            return top_logprobs_of(logprobs[0], k)
+
+        async def expand(seqs: list[list[int]], k: int) -> list[dict[int, float]]:
+            return list(await asyncio.gather(*(score(seq, k) for seq in seqs)))
+
+        eos = set(self.model_info.eos_token_ids)
+        return await run_beam_search_async(prompt_token_ids, params, eos, expand)
 
     def abort(self, request_id: str) -> bool:
         self._guided.unregister(request_id)

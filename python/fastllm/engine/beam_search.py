@@ -9,6 +9,8 @@ import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from fastllm.sampling_params import SamplingParams
+
 
 @dataclass
 class BeamSearchParams:
@@ -99,6 +101,20 @@ class _Search:
         pool = self.done + self.live
         pool.sort(key=lambda b: b.score(self.params.length_penalty), reverse=True)
         return pool[: self.params.beam_width]
+
+
+def check_beam_search(params: BeamSearchParams, max_logprobs: int) -> None:
+    """ValueError for a search the engine cannot run: each step asks for 2 x width logprobs."""
+    params.validate()
+    width = params.beam_width
+    if 2 * width > max_logprobs:
+        raise ValueError(f"beam width {width} needs {2 * width} logprobs per step, above "
+                         f"max_logprobs {max_logprobs} (--max-logprobs)")
+
+
+def expansion_params(k: int) -> SamplingParams:
+    """The single-token request that scores one beam's next token: its top k logprobs."""
+    return SamplingParams(max_tokens=1, temperature=0.0, logprobs=k, ignore_eos=True)
 
 
 def run_beam_search(prompt: list[int], params: BeamSearchParams, eos_ids: set[int],

@@ -13,7 +13,14 @@ import numpy as np
 
 from fastllm import _C
 from fastllm.config import EngineArgs, ModelConfig
-from fastllm.engine.beam_search import Beam, BeamSearchParams, run_beam_search, top_logprobs_of
+from fastllm.engine.beam_search import (
+    Beam,
+    BeamSearchParams,
+    check_beam_search,
+    expansion_params,
+    run_beam_search,
+    top_logprobs_of,
+)
 from fastllm.engine.errors import RequestFailedError
 from fastllm.engine.output_processor import OutputProcessor
 from fastllm.guided import GuidedDecodingManager
@@ -340,14 +347,12 @@ class LLMEngine:
     def beam_search(self, prompt_ids: list[int], params: BeamSearchParams) -> list[Beam]:
         """Beam search for one prompt (see fastllm.engine.beam_search)."""
         def expand(seqs: list[list[int]], k: int) -> list[dict[int, float]]:
-            step = SamplingParams(max_tokens=1, temperature=0.0, logprobs=k, ignore_eos=True)
-            ids = [self.add_request({"prompt_token_ids": seq}, step) for seq in seqs]
+            ids = [self.add_request({"prompt_token_ids": seq}, expansion_params(k))
+                   for seq in seqs]
             outs = self.run_until_done(ids)
             return [top_logprobs_of(outs[i].outputs[0].logprobs[0], k) for i in ids]
 
-        if 2 * params.beam_width > self.args.max_logprobs:
-            raise ValueError(f"beam width {params.beam_width} needs 2 x width logprobs, above "
-                             f"max_logprobs {self.args.max_logprobs}")
+        check_beam_search(params, self.args.max_logprobs)
         eos = set(self.core.engine_config.eos_token_ids)
         return run_beam_search(prompt_ids, params, eos, expand)
 

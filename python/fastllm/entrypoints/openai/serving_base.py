@@ -16,8 +16,6 @@ from fastllm.engine.async_llm import AsyncLLM, StreamChunk
 from fastllm.engine.beam_search import (
     Beam,
     BeamSearchParams,
-    run_beam_search_async,
-    top_logprobs_of,
 )
 from fastllm.engine.errors import RequestFailedError
 from fastllm.entrypoints.openai.errors import APIError, as_api_error
@@ -266,28 +264,15 @@ class OpenAIServingBase:
         if request.stream:
             raise APIError("beam search cannot be streamed", param="stream")
         width = request.best_of or request.n or 1
-        if 2 * width > self.max_logprobs:
-            raise APIError(f"beam width {width} needs {2 * width} logprobs per step, above the "
-                           f"server's --max-logprobs {self.max_logprobs}", param="best_of")
         early = request.early_stopping
         params = BeamSearchParams(beam_width=width, max_tokens=max_tokens,
                                   ignore_eos=bool(request.ignore_eos),
                                   length_penalty=request.length_penalty or 1.0,
                                   early_stopping=early if early is not None else False)
-        counter = iter(range(1 << 62))
-
-        async def expand(seqs: list[list[int]], k: int) -> list[dict[int, float]]:
-            step = SamplingParams(max_tokens=1, temperature=0.0, logprobs=k, ignore_eos=True)
-            gens = [self.collect(self.engine.generate(seq, step, f"{request_id}-b{next(counter)}"))
-                    for seq in seqs]
-            results = await asyncio.gather(*gens)
-            return [top_logprobs_of(r["logprobs"][0], k) for r in results]
-
         try:
-            params.validate()
-            beams = await run_beam_search_async(ids, params, set(self.eos_token_ids), expand)
+            beams = await self.engine.beam_search(ids, params, request_id)
         except ValueError as e:
-            raise APIError(str(e)) from e
+            raise APIError(str(e), param="best_of") from e
         return beams[: request.n or 1]
 
     def beam_finish_reason(self, beam: Beam) -> str:
