@@ -170,11 +170,6 @@ class OpenAIServing:
                            f"prompt, {max_tokens} for the completion).", param="max_tokens")
         return max_tokens
 
-    def check_logprobs(self, value: int | None, param: str) -> None:
-        if value is not None and not 0 <= value <= self.max_logprobs:
-            raise APIError(f"{param} must be between 0 and {self.max_logprobs} (the server's "
-                           f"--max-logprobs), got {value}", param=param)
-
     def token_text(self, token_id: int, as_ids: bool) -> str:
         if as_ids or getattr(self, "return_tokens_as_token_ids", False):
             return f"token_id:{token_id}"
@@ -389,8 +384,8 @@ class OpenAIServing:
     async def completions(self, request: CompletionRequest, raw_request):
         model = self.model_name(request.model)
         self.check_fields(request)
-        self.check_logprobs(request.logprobs, "logprobs")
         prompts = await self.completion_prompts(request)
+        # OpenAI's completions default on purpose (chat's is "up to the context length").
         requested = 16 if request.max_tokens is None else request.max_tokens
         jobs: list[Job] = []
         base_id = request.request_id or random_id("cmpl")
@@ -593,7 +588,6 @@ class OpenAIServing:
         top_n = request.top_logprobs or 0
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError("top_logprobs needs logprobs=true", param="top_logprobs")
-        self.check_logprobs(request.top_logprobs, "top_logprobs")
         try:
             tool_plan = plan_tools(request.tools, request.tool_choice,
                                    request.parallel_tool_calls, self.enable_auto_tools,
