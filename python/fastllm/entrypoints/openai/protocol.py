@@ -75,15 +75,25 @@ class ResponseFormat(OpenAIModel):
     json_schema: dict[str, Any] | None = None
 
 
+# Request fields passed to SamplingParams under the same name when the request gives them.
+_PASSED_ON = ("n", "best_of", "presence_penalty", "frequency_penalty", "repetition_penalty",
+              "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
+              "ignore_eos", "min_tokens", "skip_special_tokens", "spaces_between_special_tokens",
+              "include_stop_str_in_output", "priority", "prompt_logprobs", "allowed_token_ids")
+
+
 class SamplingFields(RequestModel):
-    """Fields shared by completions and chat completions."""
+    """Fields shared by completions and chat completions. A sampling field defaults to None,
+    "not given": to_sampling_params passes on only what the request gave, so every default comes
+    from SamplingParams (the one table of them). OpenAI-specific defaults that differ on purpose
+    are applied where the endpoint is served and say so there (completions' max_tokens 16)."""
 
     model: str | None = None
-    frequency_penalty: float | None = 0.0
-    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     max_tokens: int | None = None
-    n: int | None = 1
+    n: int | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool | None = False
@@ -100,16 +110,16 @@ class SamplingFields(RequestModel):
     repetition_penalty: float | None = None
     length_penalty: float | None = 1.0
     early_stopping: bool | None = False
-    stop_token_ids: list[int] | None = Field(default_factory=list)
-    ignore_eos: bool | None = False
-    min_tokens: int | None = 0
-    skip_special_tokens: bool | None = True
-    spaces_between_special_tokens: bool | None = True
-    include_stop_str_in_output: bool | None = False
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)
     allowed_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None
-    priority: int | None = 0
+    priority: int | None = None
     return_tokens_as_token_ids: bool | None = False
     guided_json: str | dict[str, Any] | None = None
     guided_regex: str | None = None
@@ -168,31 +178,17 @@ class SamplingFields(RequestModel):
 
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None
                            ) -> SamplingParams:
+        """The request's sampling parameters: the fields it gave (not None), SamplingParams'
+        defaults for the rest. Nothing is checked here: SamplingParams.validate is the one
+        check, and its ValueError message is what the client sees (HTTP 400)."""
+        given = {name: getattr(self, name) for name in _PASSED_ON
+                 if getattr(self, name) is not None}
         return SamplingParams(
-            n=1 if self.n is None else self.n,
-            best_of=self.best_of,
-            presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=-1 if self.top_k is None else self.top_k,
-            min_p=0.0 if self.min_p is None else self.min_p,
-            seed=self.seed,
-            stop=self.stop,
-            stop_token_ids=list(self.stop_token_ids or []),
-            ignore_eos=bool(self.ignore_eos),
+            **given,
             max_tokens=max_tokens,
-            min_tokens=self.min_tokens or 0,
             logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens is not False,
-            spaces_between_special_tokens=self.spaces_between_special_tokens is not False,
-            include_stop_str_in_output=bool(self.include_stop_str_in_output),
-            priority=self.priority or 0,
             logit_bias=self.parsed_logit_bias(),
-            prompt_logprobs=self.prompt_logprobs,
             guided_decoding=self.guided_decoding(),
-            allowed_token_ids=self.allowed_token_ids,
         )
 
     def parsed_logit_bias(self) -> dict[int, float] | None:

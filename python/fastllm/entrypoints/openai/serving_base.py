@@ -37,6 +37,7 @@ class Job:
     ids: list[int]
     params: SamplingParams
     n: int  # choices per prompt
+    chunks: AsyncIterator[StreamChunk]  # the engine's stream, not started until consumed
 
     def choice(self, child: int) -> int:
         """The choice index in the response of the request's child."""
@@ -115,11 +116,6 @@ class OpenAIServingBase:
                            f"prompt, {max_tokens} for the completion).", param="max_tokens")
         return max_tokens
 
-    def check_logprobs(self, value: int | None, param: str) -> None:
-        if value is not None and not 0 <= value <= self.max_logprobs:
-            raise APIError(f"{param} must be between 0 and {self.max_logprobs} (the server's "
-                           f"--max-logprobs), got {value}", param=param)
-
     def token_text(self, token_id: int, as_ids: bool) -> str:
         if as_ids or self.return_tokens_as_token_ids:
             return f"token_id:{token_id}"
@@ -187,17 +183,19 @@ class OpenAIServingBase:
                  params, stream: bool) -> Job:
         """One engine request per prompt; the engine fans it out into n (or best_of)
         children."""
+        request_id = f"{base_id}-{prompt_index}"
         try:
-            params.validate(self.max_logprobs, self.vocab_size)
+            # The engine checks the parameters when the stream is created, before any response.
+            chunks = self.engine.generate(ids, params, request_id, text)
         except ValueError as e:
             raise APIError(str(e)) from e
         if stream and params.num_samples > params.n:
             raise APIError("best_of > n cannot be streamed", param="best_of")
-        return Job(prompt_index, f"{base_id}-{prompt_index}", text, ids, params, params.n)
+        return Job(prompt_index, request_id, text, ids, params, params.n, chunks)
 
     def job_stream(self, job: Job) -> AsyncIterator[StreamChunk]:
         self.log(job.request_id, job.ids)
-        return self.engine.generate(job.ids, job.params, job.request_id, job.text)
+        return job.chunks
 
     async def run_jobs(self, raw_request, jobs: list[Job]) -> list[tuple[int, Job, dict]]:
         """Runs every job to the end; returns (choice index, job, child result), in choice

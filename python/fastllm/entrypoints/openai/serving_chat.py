@@ -36,7 +36,6 @@ class OpenAIServingChat(OpenAIServingBase):
         top_n = request.top_logprobs or 0
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError("top_logprobs needs logprobs=true", param="top_logprobs")
-        self.check_logprobs(request.top_logprobs, "top_logprobs")
         try:
             tool_plan = plan_tools(request.tools, request.tool_choice,
                                    request.parallel_tool_calls, self.enable_auto_tools,

@@ -15,8 +15,8 @@ class OpenAIServingCompletion(OpenAIServingBase):
     async def completions(self, request: CompletionRequest, raw_request):
         model = self.model_name(request.model)
         self.check_fields(request)
-        self.check_logprobs(request.logprobs, "logprobs")
         prompts = await self.completion_prompts(request)
+        # OpenAI's completions default on purpose (chat's is "up to the context length").
         requested = 16 if request.max_tokens is None else request.max_tokens
         jobs: list[Job] = []
         base_id = request.request_id or random_id("cmpl")
