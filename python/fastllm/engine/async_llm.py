@@ -31,6 +31,7 @@ from fastllm.engine.llm_engine import (
 )
 from fastllm.engine.output_processor import OutputProcessor, RequestGroup, StreamChunk
 from fastllm.sampling_params import SamplingParams
+from fastllm.tokenizer.tokenizer import LONG_TEXT
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +131,11 @@ class AsyncLLM:
     # ---- tokenizer ---------------------------------------------------------------------------
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Tokenizes on a worker thread: a very long prompt must not stall the event loop, which
-        delivers every other stream's output."""
+        """Tokenizes a long text on a worker thread (the tokenizer releases the GIL there): a
+        very long prompt must not stall the event loop, which delivers every other stream's
+        output. A short one is encoded in place, faster than the hop to a thread."""
+        if len(text) < LONG_TEXT:
+            return self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
         return await asyncio.to_thread(self._tokenizer.encode, text,
                                        add_special_tokens=add_special_tokens)
 

@@ -25,8 +25,9 @@ from ..loader.source import ModelSource, default_gguf_path, resolve_model
 from .chat_template import render_chat_template
 from .gguf_tokenizer import load_gguf_backend
 
-# Characters from which encode() takes the GIL-releasing batch path.
-_LONG_TEXT = 4096
+# Characters from which encode() takes the GIL-releasing batch path (and a server encodes on a
+# worker thread): below it, encoding takes microseconds.
+LONG_TEXT = 4096
 
 
 @dataclass
@@ -96,7 +97,7 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special tokens written in the text (e.g. `<|im_start|>`) map to
         their ids; `add_special_tokens` adds BOS/EOS where the tokenizer is configured to."""
-        if len(text) < _LONG_TEXT:
+        if len(text) < LONG_TEXT:
             return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         # The batch call releases the GIL while it works (a server encodes long prompts on a
         # worker thread, and the event loop keeps streaming meanwhile); the single call holds it
