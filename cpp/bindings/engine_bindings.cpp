@@ -247,12 +247,26 @@ void bind_engine(nb::module_& m) {
           "suppress_stop_tokens", [](const BatchPlan& p) { return view1d(p.suppress_stop_tokens); },
           ref)
       .def_prop_ro(
-          "history_offsets", [](const BatchPlan& p) { return view1d(p.history_offsets); }, ref)
+          "penalty_prompt_offsets",
+          [](const BatchPlan& p) { return view1d(p.penalty_prompt_offsets); }, ref)
       .def_prop_ro(
-          "history_prompt_lens", [](const BatchPlan& p) { return view1d(p.history_prompt_lens); },
+          "penalty_prompt_ids", [](const BatchPlan& p) { return view1d(p.penalty_prompt_ids); },
           ref)
       .def_prop_ro(
-          "history_token_ids", [](const BatchPlan& p) { return view1d(p.history_token_ids); }, ref)
+          "penalty_output_offsets",
+          [](const BatchPlan& p) { return view1d(p.penalty_output_offsets); }, ref)
+      .def_prop_ro(
+          "penalty_output_ids", [](const BatchPlan& p) { return view1d(p.penalty_output_ids); },
+          ref)
+      .def_prop_ro(
+          "prompt_logprob_rows", [](const BatchPlan& p) { return view1d(p.prompt_logprob_rows); },
+          ref)
+      .def_prop_ro(
+          "prompt_logprob_targets",
+          [](const BatchPlan& p) { return view1d(p.prompt_logprob_targets); }, ref)
+      .def_prop_ro(
+          "prompt_logprob_seqs", [](const BatchPlan& p) { return view1d(p.prompt_logprob_seqs); },
+          ref)
       .def_prop_ro(
           "bias_offsets", [](const BatchPlan& p) { return view1d(p.bias_offsets); }, ref)
       .def_prop_ro(

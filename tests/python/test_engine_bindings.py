@@ -422,3 +422,42 @@ def test_output_arrays_are_read_only_views_not_copies():
     assert len(first.prompt_logprobs) == 49
     assert len(first.prompt_top_token_ids) == 49 * first.num_prompt_top_logprobs
     assert first.new_token_ids.dtype == np.int32 and first.prompt_logprobs.dtype == np.float32
+
+
+def test_plan_holds_penalty_lists_and_prompt_logprob_targets_in_kernel_form():
+    """Both executors read these straight off the plan: each penalised row's prompt and output
+    tokens as two CSR lists, and the prompt rows to score with the token each one scores."""
+    seen = []
+
+    class Recorder(_C.Executor):
+        def execute(self, plan):
+            seen.append({name: np.array(getattr(plan, name)) for name in (
+                "penalty_prompt_offsets", "penalty_prompt_ids", "penalty_output_offsets",
+                "penalty_output_ids", "prompt_logprob_rows", "prompt_logprob_targets",
+                "prompt_logprob_seqs", "token_ids")})
+            return _C.StepResult(np.full(plan.num_samples, 11, dtype=np.int32))
+
+    cfg = make_config(num_blocks=64, block_size=16, budget=8)  # the prompt takes two chunks
+    engine = _C.Engine(cfg, Recorder())
+    prompt = list(range(20, 32))
+    engine.add_request("pen", prompt, params(3, repetition_penalty=1.2, prompt_logprobs=1))
+    engine.add_request("plain", [40, 41], params(3))
+    while engine.has_unfinished_requests():
+        engine.step()
+    first, second = seen[0], seen[1]
+    # Chunk 1 (positions 0-7 of "pen", and "plain" whole): rows 0-7 score prompt[1:9].
+    assert first["prompt_logprob_rows"].tolist() == list(range(8))
+    assert first["prompt_logprob_targets"].tolist() == prompt[1:9]
+    assert first["prompt_logprob_seqs"].tolist() == [0] * 8
+    # Chunk 2: positions 8-11; position 11 is the prompt's last and scores nothing.
+    assert second["prompt_logprob_targets"].tolist() == prompt[9:12]
+    # The first sampled step of "pen" (chunk 2) has its prompt and no output yet; "plain" uses no
+    # penalties and gets empty spans.
+    assert second["penalty_prompt_ids"].tolist() == prompt
+    assert second["penalty_output_ids"].tolist() == []
+    later = seen[2]
+    assert later["penalty_prompt_ids"].tolist() == prompt
+    assert later["penalty_output_ids"].tolist() == [11]
+    assert later["penalty_prompt_offsets"].tolist() == [0, 12, 12]
+    assert later["penalty_output_offsets"].tolist() == [0, 1, 1]
+    assert len(later["prompt_logprob_rows"]) == 0

@@ -34,9 +34,13 @@ void BatchPlan::clear() {
   output_positions.clear();
   num_logprobs.clear();
   suppress_stop_tokens.clear();
-  history_offsets.clear();
-  history_prompt_lens.clear();
-  history_token_ids.clear();
+  penalty_prompt_offsets.clear();
+  penalty_prompt_ids.clear();
+  penalty_output_offsets.clear();
+  penalty_output_ids.clear();
+  prompt_logprob_rows.clear();
+  prompt_logprob_targets.clear();
+  prompt_logprob_seqs.clear();
   bias_offsets.clear();
   bias_token_ids.clear();
   bias_values.clear();
@@ -67,11 +71,13 @@ void add_sample_row(BatchPlan& plan, const Request& req, int32_t token_index, in
   plan.num_logprobs.push_back(p.logprobs);
 
   if (p.uses_penalties()) {
-    plan.history_token_ids.insert(plan.history_token_ids.end(), req.token_ids.begin(),
-                                  req.token_ids.end());
+    const auto prompt_end = req.token_ids.begin() + req.num_prompt_tokens;
+    plan.penalty_prompt_ids.insert(plan.penalty_prompt_ids.end(), req.token_ids.begin(),
+                                   prompt_end);
+    plan.penalty_output_ids.insert(plan.penalty_output_ids.end(), prompt_end, req.token_ids.end());
   }
-  plan.history_prompt_lens.push_back(p.uses_penalties() ? req.num_prompt_tokens : 0);
-  plan.history_offsets.push_back(static_cast<int32_t>(plan.history_token_ids.size()));
+  plan.penalty_prompt_offsets.push_back(static_cast<int32_t>(plan.penalty_prompt_ids.size()));
+  plan.penalty_output_offsets.push_back(static_cast<int32_t>(plan.penalty_output_ids.size()));
 
   plan.bias_token_ids.insert(plan.bias_token_ids.end(), p.logit_bias_ids.begin(),
                              p.logit_bias_ids.end());
@@ -118,7 +124,8 @@ void build_batch_plan(const SchedulerOutput& out, int32_t block_size,
   plan.max_blocks_per_seq = max_blocks;
   plan.block_tables.assign(static_cast<size_t>(plan.num_seqs) * max_blocks, BlockPool::kNullBlock);
   plan.query_start_loc.push_back(0);
-  plan.history_offsets.push_back(0);
+  plan.penalty_prompt_offsets.push_back(0);
+  plan.penalty_output_offsets.push_back(0);
   plan.bias_offsets.push_back(0);
   plan.allowed_offsets.push_back(0);
 
@@ -147,6 +154,15 @@ void build_batch_plan(const SchedulerOutput& out, int32_t block_size,
     plan.prompt_next_token.push_back(start + n < req.num_prompt_tokens ? req.token_ids[start + n]
                                                                        : -1);
     plan.any_prompt_logprobs = plan.any_prompt_logprobs || wants_prompt;
+    if (wants_prompt) {
+      // The row at position p scores the prompt token at p + 1 (the prompt's last has none).
+      const int32_t first_row = plan.num_tokens - n;
+      for (int32_t pos = start; pos < std::min(start + n, req.num_prompt_tokens - 1); ++pos) {
+        plan.prompt_logprob_rows.push_back(first_row + pos - start);
+        plan.prompt_logprob_targets.push_back(req.token_ids[pos + 1]);
+        plan.prompt_logprob_seqs.push_back(seq);
+      }
+    }
     // The last known token is computed in this step: its logits give the next token.
     if (start + n == req.num_tokens()) {
       add_sample_row(plan, req, plan.num_tokens - 1, seq, req.seq_index, eos_token_ids);

@@ -41,6 +41,9 @@ uint64_t step_seed(int64_t seed, int64_t step_id) {
          0x7FFFFFFFFFFFFFFFULL;
 }
 
+// The output-id list of a step whose penalised rows have no output yet.
+constexpr int32_t kNoTokens = 0;
+
 }  // namespace
 
 // Anonymous private memory: pages become resident when first written (no madvise, so no
@@ -260,32 +263,15 @@ void CpuExecutor::sample_rows(const BatchPlan& plan, float* logits, StepResult& 
     p.seeds = plan.seeds.data();
     p.generator_offsets = plan.output_positions.data();
     p.global_seed = step_seed(config_.seed, plan.step_id);
-    if (!plan.history_token_ids.empty()) {
-      // The histories hold each row's prompt then its output tokens: split them in two lists.
+    if (!plan.penalty_prompt_ids.empty()) {
       p.repetition_penalty = plan.repetition_penalty.data();
       p.presence_penalty = plan.presence_penalty.data();
       p.frequency_penalty = plan.frequency_penalty.data();
-      prompt_offsets_.assign(1, 0);
-      output_offsets_.assign(1, 0);
-      prompt_ids_.clear();
-      output_ids_.clear();
-      // An empty list (no output yet) must still be a non-null pointer: the sampler reads a
-      // null ids pointer as "no list given".
-      prompt_ids_.reserve(64);
-      output_ids_.reserve(64);
-      for (int64_t r = 0; r < rows; ++r) {
-        const auto begin = plan.history_token_ids.begin() + plan.history_offsets[r];
-        const auto end = plan.history_token_ids.begin() + plan.history_offsets[r + 1];
-        const auto split = begin + std::min<int64_t>(plan.history_prompt_lens[r], end - begin);
-        prompt_ids_.insert(prompt_ids_.end(), begin, split);
-        output_ids_.insert(output_ids_.end(), split, end);
-        prompt_offsets_.push_back(static_cast<int32_t>(prompt_ids_.size()));
-        output_offsets_.push_back(static_cast<int32_t>(output_ids_.size()));
-      }
-      p.prompt_offsets = prompt_offsets_.data();
-      p.prompt_ids = prompt_ids_.data();
-      p.output_offsets = output_offsets_.data();
-      p.output_ids = output_ids_.data();
+      p.prompt_offsets = plan.penalty_prompt_offsets.data();
+      p.prompt_ids = plan.penalty_prompt_ids.data();
+      p.output_offsets = plan.penalty_output_offsets.data();
+      // No output yet on any row: still a non-null list (a null one reads as "not given").
+      p.output_ids = plan.penalty_output_ids.empty() ? &kNoTokens : plan.penalty_output_ids.data();
     }
     if (!plan.bias_token_ids.empty()) {
       p.bias_offsets = plan.bias_offsets.data();
@@ -315,28 +301,13 @@ void CpuExecutor::sample_rows(const BatchPlan& plan, float* logits, StepResult& 
 
 void CpuExecutor::score_prompt_logprobs(const BatchPlan& plan, const float* hidden,
                                         StepResult& result) {
-  // Row t of a sequence at position p < num_prompt_tokens - 1 scores the prompt token at p + 1:
-  // the next row's token, or prompt_next_token for the chunk's last row.
-  target_rows_.clear();
-  targets_.clear();
-  target_seqs_.clear();
+  // The plan lists the rows to score and their targets (see BatchPlan::prompt_logprob_rows).
+  if (plan.prompt_logprob_rows.empty()) return;
   int32_t k = -1;
-  for (int32_t s = 0; s < plan.num_seqs; ++s) {
-    k = std::max(k, plan.prompt_logprobs[s]);
-    if (plan.prompt_logprobs[s] < 0) continue;
-    const int32_t start = plan.query_start_loc[s], end = plan.query_start_loc[s + 1];
-    const int32_t last =
-        std::min(end, start + std::max(0, plan.num_prompt_tokens[s] - 1 - plan.positions[start]));
-    for (int32_t t = start; t < last; ++t) {
-      target_rows_.push_back(t);
-      targets_.push_back(t + 1 < end ? plan.token_ids[t + 1] : plan.prompt_next_token[s]);
-      target_seqs_.push_back(s);
-    }
-  }
-  if (target_rows_.empty()) return;
-  const auto total = static_cast<int64_t>(target_rows_.size());
+  for (int32_t s = 0; s < plan.num_seqs; ++s) k = std::max(k, plan.prompt_logprobs[s]);
+  const auto total = static_cast<int64_t>(plan.prompt_logprob_rows.size());
   const int64_t vocab = weights_.vocab, top = std::max(k, 0);
-  result.prompt_seq_indices = target_seqs_;
+  result.prompt_seq_indices = plan.prompt_logprob_seqs;
   result.prompt_token_logprobs.resize(static_cast<size_t>(total));
   result.num_prompt_top_logprobs = static_cast<int32_t>(top);
   result.prompt_top_token_ids.resize(static_cast<size_t>(total * top));
@@ -346,7 +317,7 @@ void CpuExecutor::score_prompt_logprobs(const BatchPlan& plan, const float* hidd
   for (int64_t start = 0; start < total; start += kPromptLogprobChunk) {
     const int64_t n = std::min(kPromptLogprobChunk, total - start);
     float* logits = grow(logits_, static_cast<size_t>(n * vocab));
-    output_projection(hidden, target_rows_.data() + start, n, logits);
+    output_projection(hidden, plan.prompt_logprob_rows.data() + start, n, logits);
     for (int64_t i = 0; i <= n; ++i)
       target_offsets_[static_cast<size_t>(i)] = static_cast<int32_t>(i);
     kernels::SamplingParamsBatch p;
@@ -355,7 +326,7 @@ void CpuExecutor::score_prompt_logprobs(const BatchPlan& plan, const float* hidd
     p.vocab = vocab;
     p.logits_row_stride = vocab;
     p.allowed_offsets = target_offsets_.data();
-    p.allowed_ids = targets_.data() + start;
+    p.allowed_ids = plan.prompt_logprob_targets.data() + start;
     p.sampled = grow(scratch_tokens_, static_cast<size_t>(n));
     p.sampled_logprob = result.prompt_token_logprobs.data() + start;
     p.num_top_logprobs = top;

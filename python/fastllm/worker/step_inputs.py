@@ -1,8 +1,9 @@
 """What the torch executor reads off a BatchPlan besides the model inputs, as numpy arrays (no
 torch): the sampling kernel's per-row arguments, and the prompt logprobs of the step
-(``score_prompt_logprobs``, attached to the step's result with ``with_prompt_logprobs``). The C++
-CPU executor derives the same values in C++ (cpp/models/src/cpu_executor.cpp): a change here is
-a change there.
+(``score_prompt_logprobs``, attached to the step's result with ``with_prompt_logprobs``). The
+engine's BatchPlan already holds them in the kernel's form (the penalty lists split into prompt
+and output tokens, the prompt rows to score and their targets), as the C++ CPU executor reads
+them: nothing is derived twice.
 
 Prompt logprobs are computed by the sampling kernel too: a greedy row whose allowed tokens are
 only the target returns the target's log-softmax over the raw logits (its "sampled logprob") and
@@ -37,22 +38,16 @@ def sampling_inputs(plan, seed: int) -> dict:
         # Unseeded rows draw from a per-step stream of the engine's seed.
         "global_seed": (seed * 1_000_003 + plan.step_id) & 0x7FFFFFFFFFFFFFFF,
     }
-    history = plan.history_token_ids
-    if len(history):
-        offsets = plan.history_offsets
-        prompt_lens = plan.history_prompt_lens
-        lens = np.diff(offsets)
-        pos_in_row = np.arange(len(history)) - np.repeat(offsets[:-1], lens)
-        is_prompt = pos_in_row < np.repeat(prompt_lens, lens)
-        out_lens = lens - prompt_lens
+    if len(plan.penalty_prompt_ids):
+        # The plan splits each penalised row's history into prompt and output lists.
         kw.update(
             repetition_penalty=plan.repetition_penalty,
             presence_penalty=plan.presence_penalty,
             frequency_penalty=plan.frequency_penalty,
-            prompt_offsets=csr_offsets(prompt_lens),
-            prompt_ids=_nonempty(history[is_prompt]),
-            output_offsets=csr_offsets(out_lens),
-            output_ids=_nonempty(history[~is_prompt]),
+            prompt_offsets=plan.penalty_prompt_offsets.copy(),
+            prompt_ids=_nonempty(plan.penalty_prompt_ids),
+            output_offsets=plan.penalty_output_offsets.copy(),
+            output_ids=_nonempty(plan.penalty_output_ids),
         )
     if len(plan.bias_token_ids):
         # The request's logit_bias, plus -inf for EOS/stop ids of rows below min_tokens.
@@ -100,31 +95,11 @@ def score_prompt_logprobs(plan, logits_of, score) -> tuple | None:
 
 def _prompt_logprob_targets(plan) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(rows of this step's hidden states, int32 prompt token each row scores, int32 sequence
-    index of each row) for the sequences that asked for prompt logprobs, or None: the row at
-    position p scores the prompt token at p + 1 (see BatchPlan.prompt_logprobs)."""
-    qsl, pos, ids = plan.query_start_loc, plan.positions, plan.token_ids
-    rows, targets, seqs = [], [], []
-    for s in np.nonzero(plan.prompt_logprobs >= 0)[0]:
-        start, end = int(qsl[s]), int(qsl[s + 1])
-        last = min(end, start + max(0, int(plan.num_prompt_tokens[s]) - 1 - int(pos[start])))
-        if last <= start:
-            continue
-        t = np.arange(start, last)
-        tgt = np.where(t + 1 < end, ids[np.minimum(t + 1, end - 1)], plan.prompt_next_token[s])
-        rows.append(t)
-        targets.append(tgt)
-        seqs.append(np.full(len(t), s, dtype=np.int32))
-    if not rows:
+    index of each row), as the plan lists them (BatchPlan.prompt_logprob_rows), or None."""
+    if not len(plan.prompt_logprob_rows):
         return None
-    return (np.concatenate(rows), np.concatenate(targets).astype(np.int32),
-            np.concatenate(seqs))
-
-
-def csr_offsets(lengths: np.ndarray) -> np.ndarray:
-    """int32 [len(lengths) + 1] offsets of rows of those lengths."""
-    out = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=out[1:])
-    return out
+    return (plan.prompt_logprob_rows.astype(np.int64), plan.prompt_logprob_targets.copy(),
+            plan.prompt_logprob_seqs.copy())
 
 
 def with_prompt_logprobs(result, prompt_logprobs: tuple | None):

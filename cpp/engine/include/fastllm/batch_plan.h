@@ -44,6 +44,11 @@ struct BatchPlan {
   std::vector<int32_t> prompt_logprobs;    // [num_seqs]
   std::vector<int32_t> prompt_next_token;  // [num_seqs], -1 when the chunk ends the prompt
   bool any_prompt_logprobs = false;
+  // The same, as the rows to score (every executor reads these): per scored position, the token
+  // row whose logits score it, the prompt token it scores, and its sequence index.
+  std::vector<int32_t> prompt_logprob_rows;
+  std::vector<int32_t> prompt_logprob_targets;
+  std::vector<int32_t> prompt_logprob_seqs;
 
   // Per sample row [num_samples]: sequences whose last token this step is the end of their known
   // tokens get one next token sampled from the logits of that row. The one exception: a request
@@ -64,11 +69,13 @@ struct BatchPlan {
   std::vector<int64_t> output_positions;  // outputs so far: the generator counter of seeded rows
   std::vector<int32_t> num_logprobs;      // -1 = none
   std::vector<uint8_t> suppress_stop_tokens;  // 1 while below min_tokens: EOS/stop ids are masked
-  // Token histories for rows that use penalties (CSR over sample rows; empty spans otherwise):
-  // prompt tokens then output tokens of the row's request.
-  std::vector<int32_t> history_offsets;      // [num_samples + 1]
-  std::vector<int32_t> history_prompt_lens;  // [num_samples]
-  std::vector<int32_t> history_token_ids;
+  // Token histories for rows that use penalties, as the sampler takes them (two CSR lists over
+  // sample rows, empty spans for rows without penalties): the row's prompt tokens, and the
+  // output tokens of the row's sequence. Both id lists are empty when no row uses penalties.
+  std::vector<int32_t> penalty_prompt_offsets;  // [num_samples + 1]
+  std::vector<int32_t> penalty_prompt_ids;
+  std::vector<int32_t> penalty_output_offsets;  // [num_samples + 1]
+  std::vector<int32_t> penalty_output_ids;
   // Logit bias (CSR over sample rows): the request's logit_bias, plus -inf for its EOS/stop ids
   // while it is below min_tokens.
   std::vector<int32_t> bias_offsets;  // [num_samples + 1]

@@ -113,8 +113,7 @@ class CpuExecutor : public Executor {
   std::vector<float> hidden_;
   std::vector<float> rows_;
   std::vector<float> logits_;
-  std::vector<int32_t> prompt_ids_, prompt_offsets_, output_ids_, output_offsets_;
-  std::vector<int32_t> targets_, target_offsets_, target_rows_, target_seqs_;
+  std::vector<int32_t> target_offsets_;
   std::vector<int32_t> scratch_tokens_;
 };
 
