@@ -9,9 +9,9 @@
 //   row's request is watched (logits_hook.h) sample(logits)                the plan's per-row
 //   parameters, as they are hook.advance(tokens)
 //
-// The sampling inputs are the plan's arrays read in place; what is derived from them (the
-// per-step seed of unseeded rows, prompt/output token lists split from the histories, the
-// prompt logprob targets) follows python/fastllm/worker/step_inputs.py, which the torch executor
+// The sampling inputs are the plan's arrays read in place (penalty lists and prompt-logprob
+// targets come in the kernel's form, as the torch executor reads them too); the one value derived
+// here, the per-step seed of unseeded rows, is the formula python/fastllm/worker/step_inputs.py
 // uses, so both executors give the same tokens and logprobs.
 //
 // Memory: the weights are borrowed (the caller keeps them alive for the executor's lifetime).
