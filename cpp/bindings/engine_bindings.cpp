@@ -171,12 +171,14 @@ void bind_engine(nb::module_& m) {
       .def_rw("eos_token_ids", &EngineConfig::eos_token_ids)
       .def_rw("vocab_size", &EngineConfig::vocab_size)
       .def_rw("max_logprobs", &EngineConfig::max_logprobs)
+      .def_rw("seed", &EngineConfig::seed)
       .def("validate", &EngineConfig::validate);
 
   constexpr auto ref = nb::rv_policy::reference_internal;
   nb::class_<BatchPlan>(m, "BatchPlan",
                         "One step's work as flat arrays; valid during Executor.execute only")
       .def_ro("step_id", &BatchPlan::step_id)
+      .def_ro("sampling_seed", &BatchPlan::sampling_seed)
       .def_ro("block_size", &BatchPlan::block_size)
       .def_ro("num_seqs", &BatchPlan::num_seqs)
       .def_ro("num_tokens", &BatchPlan::num_tokens)

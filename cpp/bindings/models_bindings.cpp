@@ -242,14 +242,12 @@ void init_weights(PyCpuModelWeights* self, int64_t hidden, int64_t num_heads, in
 }
 
 void init_executor(fm::CpuExecutor* self, const PyCpuModelWeights& weights, int64_t block_size,
-                   int64_t num_blocks, int64_t num_swap_blocks, const std::string& kv_cache_dtype,
-                   int64_t seed) {
+                   int64_t num_blocks, int64_t num_swap_blocks, const std::string& kv_cache_dtype) {
   fm::CpuExecutorConfig config;
   config.block_size = block_size;
   config.num_blocks = num_blocks;
   config.num_swap_blocks = num_swap_blocks;
   config.cache_dtype = cache_dtype_of(kv_cache_dtype, "CpuExecutor");
-  config.seed = seed;
   new (self) fm::CpuExecutor(weights.weights, config);
 }
 
@@ -345,7 +343,7 @@ void bind_models(nb::module_& m) {
       "and sampling in C++ (no GIL in the step); it owns the KV caches.")
       .def("__init__", &init_executor, arg("weights"), nb::kw_only(), arg("block_size"),
            arg("num_blocks"), arg("num_swap_blocks") = 0, arg("kv_cache_dtype") = "float16",
-           arg("seed") = 0, nb::keep_alive<1, 2>())
+           nb::keep_alive<1, 2>())
       .def("set_logits_hook", &fm::CpuExecutor::set_logits_hook, arg("hook"),
            "Installs the hook (once).")
       .def_prop_ro("has_logits_hook", &fm::CpuExecutor::has_logits_hook)

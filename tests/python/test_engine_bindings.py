@@ -427,7 +427,7 @@ def test_output_arrays_are_read_only_views_not_copies():
 def test_plan_holds_penalty_lists_and_prompt_logprob_targets_in_kernel_form():
     """Both executors read these straight off the plan: each penalised row's prompt and output
     tokens as two CSR lists, and the prompt rows to score with the token each one scores."""
-    seen = []
+    seen, seeds = [], []
 
     class Recorder(_C.Executor):
         def execute(self, plan):
@@ -435,9 +435,11 @@ def test_plan_holds_penalty_lists_and_prompt_logprob_targets_in_kernel_form():
                 "penalty_prompt_offsets", "penalty_prompt_ids", "penalty_output_offsets",
                 "penalty_output_ids", "prompt_logprob_rows", "prompt_logprob_targets",
                 "prompt_logprob_seqs", "token_ids")})
+            seeds.append((plan.step_id, plan.sampling_seed))
             return _C.StepResult(np.full(plan.num_samples, 11, dtype=np.int32))
 
     cfg = make_config(num_blocks=64, block_size=16, budget=8)  # the prompt takes two chunks
+    cfg.seed = 7
     engine = _C.Engine(cfg, Recorder())
     prompt = list(range(20, 32))
     engine.add_request("pen", prompt, params(3, repetition_penalty=1.2, prompt_logprobs=1))
@@ -461,3 +463,6 @@ def test_plan_holds_penalty_lists_and_prompt_logprob_targets_in_kernel_form():
     assert later["penalty_prompt_offsets"].tolist() == [0, 12, 12]
     assert later["penalty_output_offsets"].tolist() == [0, 1, 1]
     assert len(later["prompt_logprob_rows"]) == 0
+    # Unseeded rows' stream of each step: the engine's seed mixed with the step id.
+    assert seeds and all(seed == (7 * 1_000_003 + step) & 0x7FFFFFFFFFFFFFFF
+                         for step, seed in seeds)

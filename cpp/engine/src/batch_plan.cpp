@@ -108,9 +108,12 @@ void add_sample_row(BatchPlan& plan, const Request& req, int32_t token_index, in
 }  // namespace
 
 void build_batch_plan(const SchedulerOutput& out, int32_t block_size,
-                      const std::vector<int32_t>& eos_token_ids, int64_t step_id, BatchPlan& plan) {
+                      const std::vector<int32_t>& eos_token_ids, int64_t step_id, BatchPlan& plan,
+                      int64_t seed) {
   plan.clear();
   plan.step_id = step_id;
+  plan.sampling_seed = (static_cast<uint64_t>(seed) * 1000003ULL + static_cast<uint64_t>(step_id)) &
+                       0x7FFFFFFFFFFFFFFFULL;
   plan.block_size = block_size;
   plan.num_seqs = static_cast<int32_t>(out.scheduled.size());
   plan.block_ops.swap_out = out.block_ops.swap_out;

@@ -325,7 +325,8 @@ std::vector<RequestOutput> Engine::Impl::run_step() {
     update_stats();
     return out;
   }
-  build_batch_plan(sched, config.cache.block_size, config.eos_token_ids, step_id++, plan);
+  build_batch_plan(sched, config.cache.block_size, config.eos_token_ids, step_id++, plan,
+                   config.seed);
 
   StepResult result;
   const std::string failure = execute(plan, result);
@@ -385,7 +386,8 @@ void Engine::Impl::isolate_failure(const SchedulerOutput& sched, std::vector<Req
     one.num_scheduled_tokens = s.num_new_tokens;
     take_pairs(ops.copy, *s.request, one.block_ops.copy);
     take_pairs(ops.swap_in, *s.request, one.block_ops.swap_in);
-    build_batch_plan(one, config.cache.block_size, config.eos_token_ids, step_id++, solo);
+    build_batch_plan(one, config.cache.block_size, config.eos_token_ids, step_id++, solo,
+                     config.seed);
     StepResult result;
     const std::string failure = execute(solo, result);
     if (failure.empty()) {

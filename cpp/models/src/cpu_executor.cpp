@@ -34,13 +34,6 @@ void timed(bool on, double* part, Fn&& fn) {
   *part += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-// The unseeded rows' stream of this step: the engine's seed mixed with the step id, 63 bits
-// (step_inputs.sampling_inputs computes the same number in Python integers).
-uint64_t step_seed(int64_t seed, int64_t step_id) {
-  return (static_cast<uint64_t>(seed) * 1000003ULL + static_cast<uint64_t>(step_id)) &
-         0x7FFFFFFFFFFFFFFFULL;
-}
-
 // The output-id list of a step whose penalised rows have no output yet.
 constexpr int32_t kNoTokens = 0;
 
@@ -262,7 +255,7 @@ void CpuExecutor::sample_rows(const BatchPlan& plan, float* logits, StepResult& 
     p.min_p = plan.min_p.data();
     p.seeds = plan.seeds.data();
     p.generator_offsets = plan.output_positions.data();
-    p.global_seed = step_seed(config_.seed, plan.step_id);
+    p.global_seed = plan.sampling_seed;
     if (!plan.penalty_prompt_ids.empty()) {
       p.repetition_penalty = plan.repetition_penalty.data();
       p.presence_penalty = plan.presence_penalty.data();

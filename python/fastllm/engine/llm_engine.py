@@ -109,7 +109,7 @@ class EngineCore:
             release_free_memory()  # the loader's temporaries
             num_gpu_blocks, num_cpu_blocks = self._plan_kv_cache(kv_dtype)
             self.executor = build_cpu_executor(cpu_model, kv_dtype, self.block_size,
-                                               num_gpu_blocks, num_cpu_blocks, seed=args.seed)
+                                               num_gpu_blocks, num_cpu_blocks)
         else:
             num_gpu_blocks, num_cpu_blocks = self._build_torch_executor(quantized, dtype,
                                                                         kv_dtype)
@@ -139,6 +139,7 @@ class EngineCore:
         cfg.eos_token_ids = sorted(eos)
         cfg.vocab_size = mc.vocab_size
         cfg.max_logprobs = args.max_logprobs
+        cfg.seed = args.seed
         self.engine_config = cfg
         self.native = _C.Engine(cfg, self.executor)
         self.num_gpu_blocks = num_gpu_blocks
@@ -171,8 +172,7 @@ class EngineCore:
         release_free_memory()  # the loader's temporaries
         num_gpu_blocks, num_cpu_blocks = self._plan_kv_cache(kv_dtype)
         self.executor = ModelExecutor(self.model, self.model_config, device, self.kv_dtype,
-                                      self.block_size, num_gpu_blocks, num_cpu_blocks,
-                                      seed=self.args.seed)
+                                      self.block_size, num_gpu_blocks, num_cpu_blocks)
         return num_gpu_blocks, num_cpu_blocks
 
     def _load_model(self, quantized: bool, device):

@@ -17,9 +17,9 @@ CpuExecutor = _C.models.CpuExecutor
 
 
 def build_cpu_executor(model: CpuModel, kv_dtype: str, block_size: int, num_blocks: int,
-                       num_swap_blocks: int, seed: int = 0) -> CpuExecutor:
+                       num_swap_blocks: int) -> CpuExecutor:
     """The executor over ``model``'s arrays (kept, not copied) with ``num_blocks`` KV blocks (and
     ``num_swap_blocks`` host blocks for swap preemption) of ``kv_dtype`` ("float32"/"float16"),
     allocated lazily: pages become resident as the cache first writes them."""
     return CpuExecutor(model.weights(), block_size=block_size, num_blocks=num_blocks,
-                       num_swap_blocks=num_swap_blocks, kv_cache_dtype=kv_dtype, seed=seed)
+                       num_swap_blocks=num_swap_blocks, kv_cache_dtype=kv_dtype)

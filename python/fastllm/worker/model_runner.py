@@ -36,15 +36,13 @@ class ModelExecutor(_C.Executor):
     """Implements the engine's Executor with a torch model and fastllm kernels."""
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, device: torch.device,
-                 kv_dtype: torch.dtype, block_size: int, num_gpu_blocks: int, num_cpu_blocks: int,
-                 seed: int = 0):
+                 kv_dtype: torch.dtype, block_size: int, num_gpu_blocks: int, num_cpu_blocks: int):
         super().__init__()
         self.model = model
         self.config = config
         self.device = device
         self.kv_dtype = kv_dtype
         self.block_size = block_size
-        self.seed = seed
         shape = (num_gpu_blocks, block_size, config.num_key_value_heads, config.head_dim)
         # torch.empty leaves pages untouched, so resident memory grows only with use.
         self.kv_caches = [
@@ -104,7 +102,7 @@ class ModelExecutor(_C.Executor):
 
     def _sampling_inputs(self, plan) -> dict:
         return {name: self._tensor(value) if isinstance(value, np.ndarray) else value
-                for name, value in sampling_inputs(plan, self.seed).items()}
+                for name, value in sampling_inputs(plan).items()}
 
     # ---- Executor ----------------------------------------------------------------------------
 

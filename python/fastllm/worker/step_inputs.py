@@ -25,7 +25,7 @@ def _nonempty(ids: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(ids) if len(ids) else np.zeros(1, dtype=ids.dtype)
 
 
-def sampling_inputs(plan, seed: int) -> dict:
+def sampling_inputs(plan) -> dict:
     """Keyword arguments of ``ops.sample`` for the plan's sampled rows (numpy arrays, or ints)."""
     rows = plan.num_samples
     kw: dict = {
@@ -35,8 +35,8 @@ def sampling_inputs(plan, seed: int) -> dict:
         "min_p": plan.min_p,
         "seeds": plan.seeds,
         "generator_offsets": plan.output_positions,
-        # Unseeded rows draw from a per-step stream of the engine's seed.
-        "global_seed": (seed * 1_000_003 + plan.step_id) & 0x7FFFFFFFFFFFFFFF,
+        # Unseeded rows draw from a per-step stream of the engine's seed (the plan mixes them).
+        "global_seed": plan.sampling_seed,
     }
     if len(plan.penalty_prompt_ids):
         # The plan splits each penalised row's history into prompt and output lists.

@@ -19,6 +19,9 @@ namespace fastllm {
 
 struct BatchPlan {
   int64_t step_id = 0;
+  // The random stream of this step's unseeded rows: the engine's seed mixed with step_id (63 bits;
+  // seeded rows use their own seed and output position instead).
+  uint64_t sampling_seed = 0;
   int32_t block_size = 16;
   int32_t num_seqs = 0;
   int32_t num_tokens = 0;
@@ -93,6 +96,7 @@ struct BatchPlan {
 // Fills plan from a scheduler decision. eos_token_ids are the model's EOS ids (masked together
 // with a request's stop_token_ids while it is below min_tokens).
 void build_batch_plan(const SchedulerOutput& out, int32_t block_size,
-                      const std::vector<int32_t>& eos_token_ids, int64_t step_id, BatchPlan& plan);
+                      const std::vector<int32_t>& eos_token_ids, int64_t step_id, BatchPlan& plan,
+                      int64_t seed = 0);
 
 }  // namespace fastllm

@@ -49,6 +49,7 @@ struct EngineConfig {
   std::vector<int32_t> eos_token_ids;  // the model's end-of-sequence ids
   int32_t vocab_size = 0;              // > 0: prompt token ids must be below it
   int32_t max_logprobs = 20;           // upper bound of logprobs / prompt_logprobs counts
+  int64_t seed = 0;  // unseeded rows sample from a per-step stream of it (BatchPlan::sampling_seed)
 
   // Throws ConfigError naming the first impossible setting.
   void validate() const;

@@ -9,10 +9,9 @@
 //   row's request is watched (logits_hook.h) sample(logits)                the plan's per-row
 //   parameters, as they are hook.advance(tokens)
 //
-// The sampling inputs are the plan's arrays read in place (penalty lists and prompt-logprob
-// targets come in the kernel's form, as the torch executor reads them too); the one value derived
-// here, the per-step seed of unseeded rows, is the formula python/fastllm/worker/step_inputs.py
-// uses, so both executors give the same tokens and logprobs.
+// The sampling inputs are the plan's arrays read in place: the penalty lists, the prompt-logprob
+// targets and the step's seed of unseeded rows come in the kernel's form, as the torch executor
+// reads them too, so both executors give the same tokens and logprobs.
 //
 // Memory: the weights are borrowed (the caller keeps them alive for the executor's lifetime).
 // The KV caches are owned: anonymous private mappings, so a page becomes resident when the cache
@@ -52,7 +51,6 @@ struct CpuExecutorConfig {
   int64_t num_blocks = 0;               // KV blocks the engine hands out
   int64_t num_swap_blocks = 0;          // host blocks for swap preemption (0: none)
   DType cache_dtype = DType::kFloat16;  // float32 or float16
-  int64_t seed = 0;  // the engine's seed: unseeded rows draw from a per-step stream of it
 };
 
 // Rows of prompt logprobs scored per output projection: bounds the [rows, vocab] logits.
