@@ -204,10 +204,8 @@ class OpenAIServingBase:
             return await asyncio.gather(*(self.collect_children(self.job_stream(job))
                                           for job in jobs))
 
-        try:
-            results = await self.run_guarded(raw_request, run_all())
-        except ValueError as e:
-            raise APIError(str(e)) from e
+        # run_guarded answers a ValueError or a failed request with its APIError.
+        results = await self.run_guarded(raw_request, run_all())
         chosen = []
         for job, children in zip(jobs, results):
             for child in sorted(children):
