@@ -122,6 +122,13 @@ void bind_engine(nb::module_& m) {
   nb::enum_<PreemptionMode>(m, "PreemptionMode")
       .value("RECOMPUTE", PreemptionMode::kRecompute)
       .value("SWAP", PreemptionMode::kSwap);
+  nb::enum_<SpecMethod>(m, "SpecMethod")
+      .value("NONE", SpecMethod::kNone)
+      .value("NGRAM", SpecMethod::kNgram)
+      .value("DRAFT_MODEL", SpecMethod::kDraftModel);
+  nb::enum_<AcceptanceMethod>(m, "AcceptanceMethod")
+      .value("REJECTION", AcceptanceMethod::kRejection)
+      .value("TYPICAL", AcceptanceMethod::kTypical);
 
   nb::class_<SamplingParams>(m, "SamplingParams", "Token-level sampling parameters of a request")
       .def(nb::init<>())
@@ -144,6 +151,7 @@ void bind_engine(nb::module_& m) {
       .def_rw("allowed_token_ids", &SamplingParams::allowed_token_ids)
       .def_rw("logprobs", &SamplingParams::logprobs)
       .def_rw("prompt_logprobs", &SamplingParams::prompt_logprobs)
+      .def_rw("speculate", &SamplingParams::speculate)
       .def("validate", &SamplingParams::validate, "max_logprobs"_a = 20)
       .def("check_vocab", &SamplingParams::check_vocab, "vocab_size"_a);
 
@@ -164,8 +172,33 @@ void bind_engine(nb::module_& m) {
       .def_rw("policy", &SchedulerConfig::policy)
       .def_rw("preemption_mode", &SchedulerConfig::preemption_mode);
 
+  nb::class_<SpeculativeConfig>(m, "SpeculativeConfig",
+                                "Speculative decoding (fastllm/spec_decode.h); off by default")
+      .def(nb::init<>())
+      .def_rw("method", &SpeculativeConfig::method)
+      .def_rw("num_speculative_tokens", &SpeculativeConfig::num_speculative_tokens)
+      .def_rw("ngram_min", &SpeculativeConfig::ngram_min)
+      .def_rw("ngram_max", &SpeculativeConfig::ngram_max)
+      .def_rw("disable_by_batch_size", &SpeculativeConfig::disable_by_batch_size)
+      .def_rw("acceptance", &SpeculativeConfig::acceptance)
+      .def_rw("typical_threshold", &SpeculativeConfig::typical_threshold)
+      .def_rw("typical_alpha", &SpeculativeConfig::typical_alpha)
+      .def_rw("adaptive", &SpeculativeConfig::adaptive)
+      .def_rw("max_model_len", &SpeculativeConfig::max_model_len)
+      .def_rw("draft_cache", &SpeculativeConfig::draft_cache);
+  m.def(
+      "ngram_lookup",
+      [](const std::vector<int32_t>& tokens, int32_t min_n, int32_t max_n, int32_t k) {
+        std::vector<int32_t> out;
+        ngram_lookup(tokens.data(), static_cast<int32_t>(tokens.size()), min_n, max_n, k, out);
+        return out;
+      },
+      "tokens"_a, "min_n"_a, "max_n"_a, "k"_a,
+      "The n-gram proposer's drafts after tokens (most recent match of the longest suffix)");
+
   nb::class_<EngineConfig>(m, "EngineConfig")
       .def(nb::init<>())
+      .def_rw("speculative", &EngineConfig::speculative)
       .def_rw("cache", &EngineConfig::cache)
       .def_rw("scheduler", &EngineConfig::scheduler)
       .def_rw("eos_token_ids", &EngineConfig::eos_token_ids)
@@ -188,6 +221,13 @@ void bind_engine(nb::module_& m) {
       .def_ro("max_blocks_per_seq", &BatchPlan::max_blocks_per_seq)
       .def_ro("request_ids", &BatchPlan::request_ids)
       .def_ro("any_prompt_logprobs", &BatchPlan::any_prompt_logprobs)
+      .def_ro("typical_acceptance", &BatchPlan::typical_acceptance)
+      .def_ro("typical_threshold", &BatchPlan::typical_threshold)
+      .def_ro("typical_alpha", &BatchPlan::typical_alpha)
+      .def_prop_ro(
+          "num_draft_tokens", [](const BatchPlan& p) { return view1d(p.num_draft_tokens); }, ref)
+      .def_prop_ro(
+          "draft_token_ids", [](const BatchPlan& p) { return view1d(p.draft_token_ids); }, ref)
       .def_prop_ro(
           "num_prompt_tokens", [](const BatchPlan& p) { return view1d(p.num_prompt_tokens); }, ref)
       .def_prop_ro(
@@ -345,12 +385,12 @@ void bind_engine(nb::module_& m) {
       .def(
           "__init__",
           [](FakeExecutor* self, int32_t num_gpu_blocks, int32_t num_cpu_blocks, int32_t block_size,
-             int32_t vocab_size, bool verify_kv) {
-            new (self)
-                FakeExecutor({num_gpu_blocks, num_cpu_blocks, block_size, vocab_size, verify_kv});
+             int32_t vocab_size, bool verify_kv, int32_t disagree_every) {
+            new (self) FakeExecutor(
+                {num_gpu_blocks, num_cpu_blocks, block_size, vocab_size, verify_kv, disagree_every});
           },
           "num_gpu_blocks"_a, "num_cpu_blocks"_a = 0, "block_size"_a = 16, "vocab_size"_a = 1000,
-          "verify_kv"_a = true)
+          "verify_kv"_a = true, "disagree_every"_a = 0)
       .def_static("reference_generate", &FakeExecutor::reference_generate, "prompt"_a,
                   "max_tokens"_a, "vocab_size"_a, "eos_token_ids"_a, "min_tokens"_a = 0,
                   "seed"_a = -1, "child"_a = 0)
@@ -408,11 +448,17 @@ void bind_engine(nb::module_& m) {
       .def_ro("num_preemptions", &EngineStats::num_preemptions)
       .def_ro("num_steps", &EngineStats::num_steps)
       .def_ro("num_generated_tokens", &EngineStats::num_generated_tokens)
-      .def_ro("num_prompt_tokens_computed", &EngineStats::num_prompt_tokens_computed);
+      .def_ro("num_prompt_tokens_computed", &EngineStats::num_prompt_tokens_computed)
+      .def_ro("spec_draft_tokens", &EngineStats::spec_draft_tokens)
+      .def_ro("spec_accepted_tokens", &EngineStats::spec_accepted_tokens)
+      .def_ro("spec_verify_steps", &EngineStats::spec_verify_steps)
+      .def_ro("spec_draft_seconds", &EngineStats::spec_draft_seconds)
+      .def_ro("spec_verify_seconds", &EngineStats::spec_verify_seconds);
 
   using release = nb::call_guard<nb::gil_scoped_release>;
   nb::class_<PyEngine>(m, "Engine", "The native engine: scheduler, KV cache manager and loop")
-      .def(nb::init<const EngineConfig&, std::shared_ptr<Executor>>(), "config"_a, "executor"_a)
+      .def(nb::init<const EngineConfig&, std::shared_ptr<Executor>, std::shared_ptr<Executor>>(),
+           "config"_a, "executor"_a, "draft_executor"_a.none() = nb::none())
       .def("add_request", &Engine::add_request, "request_id"_a, "prompt_token_ids"_a, "params"_a,
            "cache_salt"_a = 0, release())
       .def("abort", &Engine::abort, "request_id"_a, release())

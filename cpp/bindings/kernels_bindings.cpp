@@ -409,6 +409,8 @@ struct SamplingInputs {
   uint64_t global_seed = 0;
   Array prompt_offsets, prompt_ids, output_offsets, output_ids, bias_offsets, bias_ids, bias_values,
       allowed_offsets, allowed_ids;
+  Array draft_ids;  // typical acceptance (speculative decoding): per row, -1 = no draft
+  float typical_threshold = 0.0f, typical_alpha = 0.0f;
 };
 
 void sample(const Array& logits, const SamplingInputs& in, const Array& sampled,
@@ -439,6 +441,9 @@ void sample(const Array& logits, const SamplingInputs& in, const Array& sampled,
   csr(in.output_offsets, in.output_ids, cuda, rows, "output", p.output_offsets, p.output_ids);
   csr(in.bias_offsets, in.bias_ids, cuda, rows, "logit_bias", p.bias_offsets, p.bias_ids);
   csr(in.allowed_offsets, in.allowed_ids, cuda, rows, "allowed", p.allowed_offsets, p.allowed_ids);
+  p.draft_ids = row_param<int32_t>(in.draft_ids, cuda, rows, "draft_ids");
+  p.typical_threshold = in.typical_threshold;
+  p.typical_alpha = in.typical_alpha;
   if (p.bias_ids != nullptr) {
     check_arg(in.bias_values.is_valid() && in.bias_values.ndim() == 1 &&
                   in.bias_values.shape(0) == in.bias_ids.shape(0),
@@ -645,7 +650,8 @@ void bind_kernels(nb::module_& m) {
              uint64_t global_seed, const Array& prompt_offsets, const Array& prompt_ids,
              const Array& output_offsets, const Array& output_ids, const Array& bias_offsets,
              const Array& bias_ids, const Array& bias_values, const Array& allowed_offsets,
-             const Array& allowed_ids) {
+             const Array& allowed_ids, const Array& draft_ids, float typical_threshold,
+             float typical_alpha) {
             new (self) SamplingInputs{temperature,
                                       top_k,
                                       top_p,
@@ -664,7 +670,10 @@ void bind_kernels(nb::module_& m) {
                                       bias_ids,
                                       bias_values,
                                       allowed_offsets,
-                                      allowed_ids};
+                                      allowed_ids,
+                                      draft_ids,
+                                      typical_threshold,
+                                      typical_alpha};
           },
           nb::kw_only(), arg("temperature").none() = nb::none(), arg("top_k").none() = nb::none(),
           arg("top_p").none() = nb::none(), arg("min_p").none() = nb::none(),
@@ -675,7 +684,9 @@ void bind_kernels(nb::module_& m) {
           arg("prompt_ids").none() = nb::none(), arg("output_offsets").none() = nb::none(),
           arg("output_ids").none() = nb::none(), arg("bias_offsets").none() = nb::none(),
           arg("bias_ids").none() = nb::none(), arg("bias_values").none() = nb::none(),
-          arg("allowed_offsets").none() = nb::none(), arg("allowed_ids").none() = nb::none())
+          arg("allowed_offsets").none() = nb::none(), arg("allowed_ids").none() = nb::none(),
+          arg("draft_ids").none() = nb::none(), arg("typical_threshold") = 0.0f,
+          arg("typical_alpha") = 0.0f)
       .def_ro("global_seed", &SamplingInputs::global_seed);
   m.def("sample", &sample, arg("logits"), arg("inputs"), arg("sampled"),
         arg("sampled_logprob").none() = nb::none(), arg("sampled_rank").none() = nb::none(),

@@ -384,6 +384,9 @@ def sample(
     allowed_offsets: torch.Tensor | None = None,
     allowed_ids: torch.Tensor | None = None,
     num_top_logprobs: int = 0,
+    draft_ids: torch.Tensor | None = None,
+    typical_threshold: float = 0.0,
+    typical_alpha: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample one token per row of float32 ``logits [num_rows, vocab]``.
 
@@ -392,7 +395,8 @@ def sample(
     ``global_seed`` and the row index) and generator_offsets (int64, the request's output position).
     Token lists are CSR pairs (int32 offsets ``[num_rows + 1]`` + int32 ids): prompt and output
     tokens (repetition applies to both, presence/frequency to output), logit bias (+ float values)
-    and allowed ids. Returns (token int32 [R], logprob [R], rank int32 [R], top_logprobs [R, N],
+    and allowed ids. ``draft_ids`` (int32, -1 = none) turns on typical acceptance for the rows
+    that have one, with ``typical_threshold`` and ``typical_alpha``. Returns (token int32 [R], logprob [R], rank int32 [R], top_logprobs [R, N],
     top_ids int32 [R, N]); logprobs are of the raw logits (see fastllm/kernels/sampling.h)."""
     rows = logits.shape[0]
     device = logits.device
@@ -426,6 +430,9 @@ def sample(
         bias_values=bias_values,
         allowed_offsets=allowed_offsets,
         allowed_ids=allowed_ids,
+        draft_ids=draft_ids,
+        typical_threshold=typical_threshold,
+        typical_alpha=typical_alpha,
     )
     _ops.sample(
         logits,
@@ -464,6 +471,9 @@ def _(
     allowed_offsets=None,
     allowed_ids=None,
     num_top_logprobs=0,
+    draft_ids=None,
+    typical_threshold=0.0,
+    typical_alpha=0.0,
 ):
     rows = logits.shape[0]
     return (

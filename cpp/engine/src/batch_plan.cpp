@@ -41,6 +41,10 @@ void BatchPlan::clear() {
   prompt_logprob_rows.clear();
   prompt_logprob_targets.clear();
   prompt_logprob_seqs.clear();
+  num_draft_tokens.clear();
+  draft_token_ids.clear();
+  typical_acceptance = false;
+  typical_threshold = typical_alpha = 0.0f;
   bias_offsets.clear();
   bias_token_ids.clear();
   bias_values.clear();
@@ -53,9 +57,15 @@ namespace {
 
 // child: the sequence of req's request that the row draws for; req.seq_index except on the n
 // first-token rows of a request that is not forked yet, where child c draws with seed + c.
+// drafts: the draft tokens before the row (a verify row j has drafts 0..j-1 ahead of it, which
+// count as outputs for its generator position, min_tokens and penalties); draft: the one it
+// verifies or -1.
 void add_sample_row(BatchPlan& plan, const Request& req, int32_t token_index, int32_t seq_index,
-                    int32_t child, const std::vector<int32_t>& eos_token_ids) {
+                    int32_t child, const std::vector<int32_t>& eos_token_ids,
+                    const int32_t* drafts = nullptr, int32_t num_drafts = 0, int32_t draft = -1) {
   const SamplingParams& p = req.params;
+  const int32_t num_outputs = req.num_output_tokens() + num_drafts;
+  plan.draft_token_ids.push_back(draft);
   plan.sample_token_indices.push_back(token_index);
   plan.sample_seq_indices.push_back(seq_index);
   plan.sample_child_indices.push_back(child);
@@ -67,7 +77,7 @@ void add_sample_row(BatchPlan& plan, const Request& req, int32_t token_index, in
   plan.frequency_penalty.push_back(p.frequency_penalty);
   plan.repetition_penalty.push_back(p.repetition_penalty);
   plan.seeds.push_back(p.seed < 0 ? p.seed : p.seed + (child - req.seq_index));
-  plan.output_positions.push_back(req.num_output_tokens());
+  plan.output_positions.push_back(num_outputs);
   plan.num_logprobs.push_back(p.logprobs);
 
   if (p.uses_penalties()) {
@@ -75,6 +85,7 @@ void add_sample_row(BatchPlan& plan, const Request& req, int32_t token_index, in
     plan.penalty_prompt_ids.insert(plan.penalty_prompt_ids.end(), req.token_ids.begin(),
                                    prompt_end);
     plan.penalty_output_ids.insert(plan.penalty_output_ids.end(), prompt_end, req.token_ids.end());
+    plan.penalty_output_ids.insert(plan.penalty_output_ids.end(), drafts, drafts + num_drafts);
   }
   plan.penalty_prompt_offsets.push_back(static_cast<int32_t>(plan.penalty_prompt_ids.size()));
   plan.penalty_output_offsets.push_back(static_cast<int32_t>(plan.penalty_output_ids.size()));
@@ -83,7 +94,7 @@ void add_sample_row(BatchPlan& plan, const Request& req, int32_t token_index, in
                              p.logit_bias_ids.end());
   plan.bias_values.insert(plan.bias_values.end(), p.logit_bias_values.begin(),
                           p.logit_bias_values.end());
-  const bool suppress = req.num_output_tokens() < p.min_tokens;
+  const bool suppress = num_outputs < p.min_tokens;
   plan.suppress_stop_tokens.push_back(suppress ? 1 : 0);
   if (suppress) {
     const float masked = -std::numeric_limits<float>::infinity();
@@ -136,8 +147,11 @@ void build_batch_plan(const SchedulerOutput& out, int32_t block_size,
     const Request& req = *out.scheduled[seq].request;
     const int32_t n = out.scheduled[seq].num_new_tokens;
     const int32_t start = req.num_computed_tokens;
+    const int32_t known = req.num_tokens();
+    const int32_t num_drafts = std::max(0, start + n - known);
+    const int32_t* drafts = req.draft_token_ids.data();
     for (int32_t pos = start; pos < start + n; ++pos) {
-      plan.token_ids.push_back(req.token_ids[pos]);
+      plan.token_ids.push_back(pos < known ? req.token_ids[pos] : drafts[pos - known]);
       plan.positions.push_back(pos);
       plan.slot_mapping.push_back(
           static_cast<int64_t>(req.block_ids[pos / block_size]) * block_size + pos % block_size);
@@ -166,8 +180,15 @@ void build_batch_plan(const SchedulerOutput& out, int32_t block_size,
         plan.prompt_logprob_seqs.push_back(seq);
       }
     }
-    // The last known token is computed in this step: its logits give the next token.
-    if (start + n == req.num_tokens()) {
+    plan.num_draft_tokens.push_back(num_drafts);
+    if (num_drafts > 0) {
+      // The last known token, then each draft: row j draws the token after draft j.
+      for (int32_t j = 0; j <= num_drafts; ++j) {
+        add_sample_row(plan, req, plan.num_tokens - 1 - num_drafts + j, seq, req.seq_index,
+                       eos_token_ids, drafts, j, j < num_drafts ? drafts[j] : -1);
+      }
+    } else if (start + n == req.num_tokens()) {
+      // The last known token is computed in this step: its logits give the next token.
       add_sample_row(plan, req, plan.num_tokens - 1, seq, req.seq_index, eos_token_ids);
       // An n > 1 prompt just computed: its children's first tokens come from the same logits.
       for (int32_t c = 1; c < req.num_first_samples(); ++c) {

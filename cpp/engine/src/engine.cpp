@@ -50,6 +50,7 @@ void EngineConfig::validate() const {
   }
   if (vocab_size < 0) fail("vocab_size must be non-negative");
   if (max_logprobs < 0) fail("max_logprobs must be non-negative");
+  speculative.validate(bs);
 }
 
 namespace {
@@ -139,12 +140,25 @@ struct SequenceGroup {
 };
 
 struct Engine::Impl {
-  Impl(const EngineConfig& c, std::shared_ptr<Executor> e)
+  Impl(const EngineConfig& c, std::shared_ptr<Executor> e, std::shared_ptr<Executor> draft)
       : config((c.validate(), c)),
         executor(std::move(e)),
         kv(config.cache),
         scheduler(config.scheduler, kv) {
     if (!executor) throw ConfigError("Engine needs an executor");
+    const SpeculativeConfig& spec = config.speculative;
+    if (spec.method == SpecMethod::kDraftModel) {
+      if (!draft) throw ConfigError("speculative decoding with a draft model needs its executor");
+      const int32_t limit = spec.max_model_len > 0 ? spec.max_model_len
+                                                   : config.scheduler.max_model_len;
+      proposer = std::make_unique<DraftModelProposer>(std::move(draft), spec.draft_cache, limit,
+                                                      config.vocab_size);
+    } else if (draft) {
+      throw ConfigError("a draft executor was given, but the speculative method is not a draft "
+                        "model");
+    } else if (spec.method == SpecMethod::kNgram) {
+      proposer = std::make_unique<NgramProposer>(spec.ngram_min, spec.ngram_max);
+    }
   }
 
   // ---- engine-thread state ----
@@ -157,6 +171,14 @@ struct Engine::Impl {
   int64_t step_id = 0;
   int64_t num_generated_tokens = 0;
   int64_t num_prompt_tokens_computed = 0;
+  std::unique_ptr<Proposer> proposer;  // speculative decoding, when on
+  std::vector<Request*> drafting;      // this step's sequences with a proposal round
+  std::vector<int32_t> draft_caps;
+  int64_t spec_draft_tokens = 0;
+  int64_t spec_accepted_tokens = 0;
+  int64_t spec_verify_steps = 0;
+  double spec_draft_seconds = 0.0;
+  double spec_verify_seconds = 0.0;
 
   // ---- input side, guarded by mu (any thread) ----
   std::mutex mu;
@@ -175,6 +197,8 @@ struct Engine::Impl {
   EngineStats stats;
 
   std::vector<RequestOutput> run_step();
+  // Speculative decoding: drafts for the running sequences that decode and allow them.
+  void propose_drafts();
   // Runs one plan; returns why it failed (empty on success).
   std::string execute(const BatchPlan& step, StepResult& result);
   // Applies a successful step's sampled tokens and logprobs to its requests.
@@ -248,6 +272,7 @@ bool Engine::Impl::mark_finished(const Request* req) {
 
 void Engine::Impl::release(Request* req, RequestStatus status) {
   scheduler.remove_request(req);
+  if (proposer) proposer->release(req);
   req->status = status;
   auto it = requests.find(req->id);
   if (--it->second.num_unreleased > 0) return;
@@ -320,6 +345,7 @@ std::vector<RequestOutput> Engine::Impl::run_step() {
     update_stats();
     return out;
   }
+  if (proposer) propose_drafts();
   const SchedulerOutput& sched = scheduler.schedule();
   if (sched.scheduled.empty()) {
     update_stats();
@@ -327,9 +353,22 @@ std::vector<RequestOutput> Engine::Impl::run_step() {
   }
   build_batch_plan(sched, config.cache.block_size, config.eos_token_ids, step_id++, plan,
                    config.seed);
+  const SpeculativeConfig& spec = config.speculative;
+  bool verifies = false;
+  for (const int32_t d : plan.num_draft_tokens) verifies = verifies || d > 0;
+  if (verifies && spec.acceptance == AcceptanceMethod::kTypical) {
+    plan.typical_acceptance = true;
+    plan.typical_threshold = spec.typical_threshold;
+    plan.typical_alpha = spec.typical_alpha;
+  }
 
   StepResult result;
+  const auto step_start = std::chrono::steady_clock::now();
   const std::string failure = execute(plan, result);
+  if (verifies) {
+    spec_verify_seconds +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
+  }
   if (failure.empty()) {
     apply_result(sched, plan, result, out);
   } else if (sched.scheduled.size() > 1 && sched.block_ops.swap_out.empty()) {
@@ -345,6 +384,43 @@ std::vector<RequestOutput> Engine::Impl::run_step() {
   }
   update_stats();
   return out;
+}
+
+void Engine::Impl::propose_drafts() {
+  const SpeculativeConfig& spec = config.speculative;
+  drafting.clear();
+  draft_caps.clear();
+  const std::vector<Request*>& running = scheduler.running();
+  for (Request* req : running) req->draft_token_ids.clear();
+  if (spec.disable_by_batch_size > 0 &&
+      static_cast<int32_t>(running.size()) >= spec.disable_by_batch_size) {
+    return;
+  }
+  const int32_t max_model_len = config.scheduler.max_model_len;
+  for (Request* req : running) {
+    if (req->num_computed_tokens != req->num_tokens() - 1 || !req->params.speculate ||
+        req->num_first_samples() != 1) {
+      continue;
+    }
+    if (req->spec_len < 0) req->spec_len = spec.num_speculative_tokens;
+    if (req->spec_pause > 0) {
+      --req->spec_pause;
+      continue;
+    }
+    // a drafts accepted end in a + 1 new tokens: stay within max_tokens and max_model_len.
+    int32_t cap = std::min(req->spec_len, max_model_len - req->num_tokens() - 1);
+    if (req->params.max_tokens >= 0) {
+      cap = std::min(cap, req->params.max_tokens - req->num_output_tokens() - 1);
+    }
+    if (cap <= 0) continue;
+    drafting.push_back(req);
+    draft_caps.push_back(cap);
+  }
+  if (drafting.empty()) return;
+  const auto start = std::chrono::steady_clock::now();
+  proposer->propose(drafting, draft_caps);
+  spec_draft_seconds +=
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
 std::string Engine::Impl::execute(const BatchPlan& step, StepResult& result) {
@@ -406,12 +482,28 @@ void Engine::Impl::apply_result(const SchedulerOutput& sched, const BatchPlan& p
                        result.top_token_ids.size() == k * result.sampled_token_ids.size() &&
                        result.top_logprobs.size() == result.top_token_ids.size();
 
-  for (const ScheduledRequest& s : sched.scheduled) {
+  // Speculative sequences: their sample rows are consecutive; drafts are kept while each equals
+  // the token sampled before it (spec_decode.h), so rows past the first mismatch are dropped.
+  std::vector<int32_t> first_row(static_cast<size_t>(plan.num_seqs), -1);
+  std::vector<int32_t> accepted(static_cast<size_t>(plan.num_seqs), 0);
+  for (int32_t r = plan.num_samples; r-- > 0;) first_row[plan.sample_seq_indices[r]] = r;
+  for (int32_t seq = 0; seq < plan.num_seqs; ++seq) {
+    const int32_t d = plan.num_draft_tokens[seq];
+    if (d == 0 || first_row[seq] < 0) continue;
+    const auto& drafts = sched.scheduled[seq].request->draft_token_ids;
+    int32_t a = 0;
+    while (a < d && result.sampled_token_ids[first_row[seq] + a] == drafts[a]) ++a;
+    accepted[seq] = a;
+  }
+
+  for (int32_t seq = 0; seq < plan.num_seqs; ++seq) {
+    const ScheduledRequest& s = sched.scheduled[seq];
     Request* req = s.request;
     const int32_t prompt_part =
         std::max(0, std::min(req->num_prompt_tokens - req->num_computed_tokens, s.num_new_tokens));
     num_prompt_tokens_computed += prompt_part;
-    req->num_computed_tokens += s.num_new_tokens;
+    // Draft rows count once their tokens are appended below.
+    req->num_computed_tokens += s.num_new_tokens - plan.num_draft_tokens[seq];
     kv.cache_full_blocks(*req);
   }
 
@@ -449,8 +541,15 @@ void Engine::Impl::apply_result(const SchedulerOutput& sched, const BatchPlan& p
 
   std::vector<Request*> finished;
   std::vector<RequestStatus> finished_status;
+  // The speculative sequence whose output this step's later rows extend (null once it finished).
+  Request* extending = nullptr;
+  size_t extending_at = 0;
   for (int32_t r = 0; r < plan.num_samples; ++r) {
-    Request* req = sched.scheduled[plan.sample_seq_indices[r]].request;
+    const int32_t seq = plan.sample_seq_indices[r];
+    Request* req = sched.scheduled[seq].request;
+    const int32_t j = r - first_row[seq];  // row within a speculative sequence
+    const bool speculative = plan.num_draft_tokens[seq] > 0;
+    if (speculative && (j > accepted[seq] || (j > 0 && extending != req))) continue;
     // The first row of an unforked n > 1 request forks its children before any of them (or the
     // parent) can finish, so request_finished is only set once all n exist.
     if (plan.sample_child_indices[r] != req->seq_index || req->num_first_samples() > 1) {
@@ -464,9 +563,18 @@ void Engine::Impl::apply_result(const SchedulerOutput& sched, const BatchPlan& p
     }
     req->token_ids.push_back(token);
     ++num_generated_tokens;
-    RequestOutput o = make_output(*req);
+    if (speculative && j > 0) {
+      ++req->num_computed_tokens;  // the accepted draft this row's token follows
+      kv.cache_full_blocks(*req);
+    } else {
+      out.push_back(make_output(*req));
+      attach_prompt_part(req, out.back());
+      extending = speculative ? req : nullptr;
+      extending_at = out.size() - 1;
+    }
+    RequestOutput& o = out[speculative ? extending_at : out.size() - 1];
     o.new_token_ids.push_back(token);
-    attach_prompt_part(req, o);
+    o.num_output_tokens = req->num_output_tokens();
     if (req->params.logprobs >= 0 && has_logprobs) {
       o.new_logprobs.push_back(result.sampled_logprobs[r]);
       req->cumulative_logprob += result.sampled_logprobs[r];
@@ -474,9 +582,9 @@ void Engine::Impl::apply_result(const SchedulerOutput& sched, const BatchPlan& p
       if (has_top) {
         const size_t n = std::min(k, static_cast<size_t>(req->params.logprobs));
         o.num_top_logprobs = static_cast<int32_t>(n);
-        o.top_token_ids.assign(result.top_token_ids.begin() + r * k,
+        o.top_token_ids.insert(o.top_token_ids.end(), result.top_token_ids.begin() + r * k,
                                result.top_token_ids.begin() + r * k + n);
-        o.top_logprobs.assign(result.top_logprobs.begin() + r * k,
+        o.top_logprobs.insert(o.top_logprobs.end(), result.top_logprobs.begin() + r * k,
                               result.top_logprobs.begin() + r * k + n);
       }
     }
@@ -494,8 +602,21 @@ void Engine::Impl::apply_result(const SchedulerOutput& sched, const BatchPlan& p
       o.stop_token_id = req->stop_token_id;
       finished.push_back(req);
       finished_status.push_back(status);
+      if (extending == req) extending = nullptr;
     }
-    out.push_back(std::move(o));
+  }
+  const SpeculativeConfig& spec = config.speculative;
+  for (int32_t seq = 0; seq < plan.num_seqs; ++seq) {
+    const int32_t d = plan.num_draft_tokens[seq];
+    if (d == 0) continue;
+    Request* req = sched.scheduled[seq].request;
+    spec_draft_tokens += d;
+    spec_accepted_tokens += accepted[seq];
+    ++spec_verify_steps;
+    update_draft_len(*req, d, accepted[seq], spec.num_speculative_tokens, spec.adaptive);
+    req->draft_token_ids.clear();
+    // Blocks that hold only rejected drafts go back (a finished request frees all below).
+    if (!is_finished(req->status)) kv.free_tail(*req, req->num_tokens());
   }
   // Chunks of a long prompt that produced no token yet still report their prompt logprobs.
   std::vector<Request*> prompt_only;
@@ -531,6 +652,11 @@ void Engine::Impl::update_stats() {
   s.num_steps = step_id;
   s.num_generated_tokens = num_generated_tokens;
   s.num_prompt_tokens_computed = num_prompt_tokens_computed;
+  s.spec_draft_tokens = spec_draft_tokens;
+  s.spec_accepted_tokens = spec_accepted_tokens;
+  s.spec_verify_steps = spec_verify_steps;
+  s.spec_draft_seconds = spec_draft_seconds;
+  s.spec_verify_seconds = spec_verify_seconds;
   std::lock_guard<std::mutex> lock(stats_mu);
   stats = s;
 }
@@ -570,8 +696,9 @@ void Engine::Impl::loop() {
 
 // ---- Engine ----
 
-Engine::Engine(const EngineConfig& config, std::shared_ptr<Executor> executor)
-    : impl_(std::make_unique<Impl>(config, std::move(executor))) {
+Engine::Engine(const EngineConfig& config, std::shared_ptr<Executor> executor,
+               std::shared_ptr<Executor> draft_executor)
+    : impl_(std::make_unique<Impl>(config, std::move(executor), std::move(draft_executor))) {
   impl_->update_stats();
 }
 

@@ -91,7 +91,9 @@ StepResult FakeExecutor::execute(const BatchPlan& plan) {
   bool any_logprobs = false;
   for (int32_t r = 0; r < plan.num_samples; ++r) {
     const int32_t seq = plan.sample_seq_indices[r];
-    const int32_t ctx = plan.context_lens[seq];
+    // The row's context ends at its token (a verify row of speculative decoding ends before the
+    // sequence's last draft).
+    const int32_t ctx = plan.positions[plan.sample_token_indices[r]] + 1;
     // Tokens with a -inf bias (EOS/stop ids below min_tokens) can never be sampled.
     banned_.clear();
     for (int32_t i = plan.bias_offsets[r]; i < plan.bias_offsets[r + 1]; ++i) {
@@ -123,6 +125,10 @@ StepResult FakeExecutor::execute(const BatchPlan& plan) {
       const int32_t last[2] = {plan.token_ids[plan.sample_token_indices[r]], ctx};
       token = next_token(last, 2, config_.vocab_size, plan.seeds[r], banned, num_banned,
                          plan.sample_child_indices[r]);
+    }
+    if (config_.disagree_every > 0 &&
+        (static_cast<uint32_t>(ctx) * 2654435761u >> 7) % config_.disagree_every == 0) {
+      token = (token + 1) % config_.vocab_size;
     }
     result.sampled_token_ids.push_back(token);
     any_logprobs = any_logprobs || plan.num_logprobs[r] >= 0;

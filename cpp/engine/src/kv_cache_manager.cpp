@@ -272,6 +272,14 @@ void KVCacheManager::free(Request& req) {
   req.prompt_tail_registered = false;
 }
 
+void KVCacheManager::free_tail(Request& req, int32_t num_tokens) {
+  const auto keep = static_cast<size_t>(ceil_div(num_tokens, config_.block_size));
+  while (req.block_ids.size() > keep) {
+    device_.release(&req.block_ids.back(), 1, true);
+    req.block_ids.pop_back();
+  }
+}
+
 void KVCacheManager::fork(const Request& parent, Request& child) {
   if (!child.block_ids.empty()) {
     throw EngineError("fork: child " + child.id + " already holds blocks");

@@ -83,6 +83,7 @@ void Scheduler::add_children(Request* parent, const std::vector<Request*>& child
 void Scheduler::preempt(Request* victim) {
   // victim has just left running_.
   num_reserved_seqs_ -= victim->num_pending_children();
+  victim->draft_token_ids.clear();
   if (config_.preemption_mode == PreemptionMode::kSwap && kv_.can_swap_out(*victim)) {
     kv_.swap_out(*victim);
     victim->status = RequestStatus::kSwapped;
@@ -114,13 +115,27 @@ void Scheduler::schedule_running(int32_t& budget) {
   size_t i = 0;
   while (i < running_.size() && budget > 0) {
     Request* req = running_[i];
-    const int32_t n = std::min(req->num_tokens() - req->num_computed_tokens, budget);
+    const int32_t known = req->num_tokens() - req->num_computed_tokens;
+    auto& drafts = req->draft_token_ids;
+    // Drafts ride only on a decode step and only in budget that is left over.
+    if (known != 1 || budget <= known) {
+      drafts.clear();
+    } else if (static_cast<int32_t>(drafts.size()) > budget - known) {
+      drafts.resize(static_cast<size_t>(budget - known));
+    }
+    int32_t n = std::min(known + static_cast<int32_t>(drafts.size()), budget);
     bool fits = false;
     while (true) {
       if (kv_.can_allocate_slots(*req, n)) {
         kv_.allocate_slots(*req, n);
         fits = true;
         break;
+      }
+      if (!drafts.empty()) {
+        // Lookahead slots are taken only when free: never preempt anyone for a draft.
+        drafts.clear();
+        n = std::min(known, budget);
+        continue;
       }
       // Out of blocks: evict the request that ranks last (it has not been scheduled yet, or it
       // is this one).

@@ -275,6 +275,11 @@ void CpuExecutor::sample_rows(const BatchPlan& plan, float* logits, StepResult& 
       p.allowed_offsets = plan.allowed_offsets.data();
       p.allowed_ids = plan.allowed_token_ids.data();
     }
+    if (plan.typical_acceptance) {
+      p.draft_ids = plan.draft_token_ids.data();
+      p.typical_threshold = plan.typical_threshold;
+      p.typical_alpha = plan.typical_alpha;
+    }
     p.sampled = result.sampled_token_ids.data();
     if (want_logprobs) {
       p.sampled_logprob = result.sampled_logprobs.data();

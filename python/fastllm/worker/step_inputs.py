@@ -61,6 +61,13 @@ def sampling_inputs(plan) -> dict:
             allowed_offsets=plan.allowed_offsets.copy(),
             allowed_ids=plan.allowed_token_ids.copy(),
         )
+    if plan.typical_acceptance:
+        # Speculative decoding's typical acceptance: the draft each verify row checks.
+        kw.update(
+            draft_ids=plan.draft_token_ids.copy(),
+            typical_threshold=plan.typical_threshold,
+            typical_alpha=plan.typical_alpha,
+        )
     num_logprobs = plan.num_logprobs
     kw["num_top_logprobs"] = int(num_logprobs.max()) if rows and num_logprobs.max() > 0 else 0
     return kw

@@ -52,6 +52,10 @@ struct BatchPlan {
   std::vector<int32_t> prompt_logprob_rows;
   std::vector<int32_t> prompt_logprob_targets;
   std::vector<int32_t> prompt_logprob_seqs;
+  // Speculative decoding (spec_decode.h): per sequence, the draft tokens appended after its last
+  // known token in this step (0 without). Such a sequence has 1 + drafts token rows and as many
+  // consecutive sample rows, row j scoring the token after draft j.
+  std::vector<int32_t> num_draft_tokens;  // [num_seqs]
 
   // Per sample row [num_samples]: sequences whose last token this step is the end of their known
   // tokens get one next token sampled from the logits of that row. The one exception: a request
@@ -87,6 +91,13 @@ struct BatchPlan {
   // Allowed token ids (CSR over sample rows; an empty span allows every token).
   std::vector<int32_t> allowed_offsets;  // [num_samples + 1]
   std::vector<int32_t> allowed_token_ids;
+  // Per sample row: the draft token the row verifies (the sequence's next draft), or -1 (the
+  // bonus row after the last draft, and every row without speculation). The sampler reads it only
+  // under typical acceptance (typical_acceptance true, with its threshold and alpha).
+  std::vector<int32_t> draft_token_ids;
+  bool typical_acceptance = false;
+  float typical_threshold = 0.0f;
+  float typical_alpha = 0.0f;
 
   BlockOps block_ops;  // apply before the forward pass
 

@@ -40,6 +40,7 @@
 #include "fastllm/request.h"
 #include "fastllm/sampling_params.h"
 #include "fastllm/scheduler.h"
+#include "fastllm/spec_decode.h"
 
 namespace fastllm {
 
@@ -50,6 +51,7 @@ struct EngineConfig {
   int32_t vocab_size = 0;              // > 0: prompt token ids must be below it
   int32_t max_logprobs = 20;           // upper bound of logprobs / prompt_logprobs counts
   int64_t seed = 0;  // unseeded rows sample from a per-step stream of it (BatchPlan::sampling_seed)
+  SpeculativeConfig speculative;  // off unless method and num_speculative_tokens are set
 
   // Throws ConfigError naming the first impossible setting.
   void validate() const;
@@ -96,11 +98,21 @@ struct EngineStats {
   int64_t num_steps = 0;
   int64_t num_generated_tokens = 0;
   int64_t num_prompt_tokens_computed = 0;
+  // Speculative decoding: drafts scored by the target, those it accepted, the sequence-steps that
+  // verified at least one draft, and seconds spent proposing and in verify steps.
+  int64_t spec_draft_tokens = 0;
+  int64_t spec_accepted_tokens = 0;
+  int64_t spec_verify_steps = 0;
+  double spec_draft_seconds = 0.0;
+  double spec_verify_seconds = 0.0;
 };
 
 class Engine {
  public:
-  Engine(const EngineConfig& config, std::shared_ptr<Executor> executor);
+  // draft_executor: the draft model's executor when config.speculative.method is kDraftModel
+  // (its KV cache holds config.speculative.draft_cache.num_gpu_blocks blocks); null otherwise.
+  Engine(const EngineConfig& config, std::shared_ptr<Executor> executor,
+         std::shared_ptr<Executor> draft_executor = nullptr);
   ~Engine();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;

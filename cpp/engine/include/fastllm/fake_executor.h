@@ -20,6 +20,9 @@ struct FakeExecutorConfig {
   int32_t block_size = 16;
   int32_t vocab_size = 1000;
   bool verify_kv = true;  // read and check the whole context from the cache every step
+  // > 0: a different model that agrees with this one except at about one context length in
+  // disagree_every (the next token is shifted by one there): a draft model for tests.
+  int32_t disagree_every = 0;
 };
 
 class FakeExecutor : public Executor {

@@ -92,6 +92,9 @@ class KVCacheManager {
 
   // Releases every device and swap block the request holds (tail first).
   void free(Request& req);
+  // Releases the device blocks past those that hold its first num_tokens positions: slots taken
+  // for draft tokens that the target rejected (they were never registered or shared).
+  void free_tail(Request& req, int32_t num_tokens);
 
   // child takes a reference on every block of parent; the first write into a shared partial block
   // copies it (copy-on-write). child must hold no blocks and have parent's computed tokens.

@@ -81,6 +81,14 @@ struct Request {
   // (see KVCacheManager); what a hit's next block must name as its parent.
   std::vector<uint64_t> block_nodes;
 
+  // Speculative decoding (spec_decode.h): this step's proposed tokens (not part of token_ids
+  // until accepted), how many the sequence may propose now (the adaptive policy; -1 = not set
+  // yet), and its misses in a row and the steps it still sits out after them.
+  std::vector<int32_t> draft_token_ids;
+  int32_t spec_len = -1;
+  int32_t spec_misses = 0;
+  int32_t spec_pause = 0;
+
   int32_t num_tokens() const { return static_cast<int32_t>(token_ids.size()); }
   int32_t num_output_tokens() const { return num_tokens() - num_prompt_tokens; }
   int32_t last_token() const { return token_ids.back(); }

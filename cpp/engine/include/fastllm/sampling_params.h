@@ -23,6 +23,9 @@ struct SamplingParams {
   int64_t seed = -1;                // -1 = unseeded
   int32_t priority = 0;             // lower value is served first under the priority policy
   bool ignore_eos = false;          // keep generating past the model's EOS tokens
+  // Speculative decoding may propose tokens for this request (off for requests whose logits a
+  // hook edits step by step, e.g. guided decoding, whose state cannot follow a draft).
+  bool speculate = true;
   std::vector<int32_t> stop_token_ids;     // finish (reason "stop") when one of these is sampled
   std::vector<int32_t> logit_bias_ids;     // added to the logits before sampling: token ids ...
   std::vector<float> logit_bias_values;    // ... and their biases, in [-100, 100]

@@ -3,7 +3,8 @@
 //
 // One step:
 //   1. schedule_running: every running request, in order, gets its next tokens (1 for decode, a
-//      chunk for an unfinished prefill) while the token budget lasts. When blocks run out, the
+//      chunk for an unfinished prefill; 1 + its drafts under speculative decoding, the drafts
+//      dropped first when the budget or the blocks run short) while the token budget lasts. When blocks run out, the
 //      last running request (lowest priority under the priority policy) is preempted, by recompute
 //      (blocks freed, progress reset) or by swap (blocks copied to the CPU swap space).
 //   2. schedule_waiting: only if nothing was preempted in this step, waiting requests are admitted
@@ -68,6 +69,8 @@ class Scheduler {
   const SchedulerOutput& schedule();
 
   int32_t num_running() const { return static_cast<int32_t>(running_.size()); }
+  // The running sequences in schedule order (speculative decoding proposes for them).
+  const std::vector<Request*>& running() const { return running_; }
   // Running sequences plus the places held for children not forked yet (<= max_num_seqs).
   int32_t num_seqs_held() const { return num_running() + num_reserved_seqs_; }
   int32_t num_waiting() const { return static_cast<int32_t>(waiting_.size()); }

@@ -205,6 +205,26 @@ void sample_row(const SamplingParamsBatch& p, int64_t row) {
         for (int64_t v = 0; v < vocab; ++v)
           if (x[v] != kNegInf && std::exp(x[v] - m) < threshold) x[v] = kNegInf;
       }
+      const int32_t draft = p.draft_ids != nullptr ? p.draft_ids[row] : -1;
+      if (draft >= 0 && draft < vocab) {
+        // Typical acceptance: the draft if the target finds it likely enough for how spread out
+        // the target's distribution is, else the target's most likely token.
+        double z = 0.0, weighted = 0.0;
+        for (int64_t v = 0; v < vocab; ++v) {
+          if (x[v] == kNegInf) continue;
+          const double e = std::exp(static_cast<double>(x[v] - m));
+          z += e;
+          weighted += e * static_cast<double>(x[v] - m);
+        }
+        const double entropy = std::log(z) - weighted / z;
+        const double p_draft =
+            x[draft] == kNegInf ? 0.0 : std::exp(static_cast<double>(x[draft] - m)) / z;
+        const double bar = std::min(static_cast<double>(p.typical_threshold),
+                                    p.typical_alpha * std::exp(-entropy));
+        token = p_draft > bar ? draft : static_cast<int32_t>(vec.argmax(x, vocab));
+        write_logprobs(p, row, raw, token, x);
+        return;
+      }
       // 9. Exponential race. Gumbel noise lies in [-2.8, 16.6], so a token more than kRaceMargin
       // below the maximum cannot win; skipping it saves its random numbers and logarithms.
       const SamplingStream stream =

@@ -182,6 +182,26 @@ __global__ void __launch_bounds__(kThreads)
           if (x[v] != -INFINITY && aux_f[v] < t) x[v] = -INFINITY;
         __syncthreads();
       }
+      const int32_t draft = p.draft_ids != nullptr ? p.draft_ids[row] : -1;
+      if (draft >= 0 && draft < vocab) {
+        // Typical acceptance (sampling.h): entropy and the draft's probability after step 8.
+        float local_z = 0.0f, local_w = 0.0f;
+        ArgMax best{-INFINITY, -1};
+        for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) {
+          best = better(best, ArgMax{x[v], static_cast<int32_t>(v)});
+          if (x[v] == -INFINITY) continue;
+          const float e = expf(x[v] - m);
+          local_z += e;
+          local_w += e * (x[v] - m);
+        }
+        const float z = block_sum(local_z, scratch);
+        const float w = block_sum(local_w, scratch);
+        const int32_t argmax = block_argmax(best, value_scratch, index_scratch).index;
+        const float entropy = logf(z) - w / z;
+        const float p_draft = x[draft] == -INFINITY ? 0.0f : expf(x[draft] - m) / z;
+        const float bar = fminf(p.typical_threshold, p.typical_alpha * expf(-entropy));
+        token = p_draft > bar ? draft : argmax;
+      } else {
       // 9. Exponential race, four tokens per Philox call.
       const SamplingStream stream =
           SamplingStream::make(rp.seed, p.global_seed, rp.generator_offset, row);
@@ -203,6 +223,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       token = block_argmax(best, value_scratch, index_scratch).index;
+      }
     }
   }
   if (threadIdx.x == 0) p.sampled[row] = token;

@@ -12,6 +12,8 @@
 //   8. top-p (< 1): over the survivors renormalised, keep tokens whose p is >= t, t the largest
 //   value
 //      such that the survivors with p >= t hold at least top_p of the mass (ties kept);
+//      (typical acceptance: a row given a draft token d returns d when its probability after
+//      step 8 exceeds min(typical_threshold, typical_alpha * exp(-entropy)), else the argmax;)
 //   9. sample with an exponential race: argmax over survivors of x - log(-log(u_token)), u from
 //      Philox4x32-10 (philox.h) keyed by the row's seed, counter = (token / 4, row word, offset).
 // Logprobs come from the RAW logits (vLLM's default "raw_logprobs"): logprob of the sampled token
@@ -54,6 +56,11 @@ struct SamplingParamsBatch {
   const float* bias_values = nullptr;
   const int32_t* allowed_offsets = nullptr;
   const int32_t* allowed_ids = nullptr;
+  // Typical acceptance of speculative decoding: per row the draft token it verifies, or -1 (null:
+  // no row has one). Greedy rows ignore it (their argmax is compared with the draft as usual).
+  const int32_t* draft_ids = nullptr;
+  float typical_threshold = 0.0f;
+  float typical_alpha = 0.0f;
   // Outputs.
   int32_t* sampled = nullptr;        // [num_rows]
   float* sampled_logprob = nullptr;  // [num_rows] or null
