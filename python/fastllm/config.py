@@ -185,6 +185,40 @@ class EngineArgs:
                                    help="unsupported: fastllm runs only its own model code")
     served_model_name: list[str] | None = _arg(  # noqa: RUF009 - as above
         None, nargs="+", help="model name(s) the API answers to (default: the model's name)")
+    # Speculative decoding (SpeculativeSettings below resolves these).
+    speculative_model: str | None = _arg(
+        None, help="draft model (local directory or .gguf) or '[ngram]' for prompt lookup")
+    num_speculative_tokens: int | None = _arg(
+        None, type=positive_int, help="draft tokens proposed per sequence and step")
+    speculative_max_model_len: int | None = _arg(
+        None, type=positive_int, help="no drafts for sequences longer than this")
+    speculative_draft_tensor_parallel_size: int | None = _arg(
+        None, type=positive_int, names=("-spec-draft-tp",),
+        help="draft model tensor-parallel size (only 1)")
+    speculative_disable_by_batch_size: int | None = _arg(
+        None, type=positive_int, help="no drafts in steps that run this many sequences or more")
+    ngram_prompt_lookup_max: int | None = _arg(
+        None, type=positive_int, help="longest suffix the n-gram lookup matches (default 4)")
+    ngram_prompt_lookup_min: int | None = _arg(
+        None, type=positive_int, help="shortest suffix the n-gram lookup matches (default 1)")
+    spec_decoding_acceptance_method: str = _arg(
+        "rejection_sampler", choices=["rejection_sampler", "typical_acceptance_sampler"],
+        help="how drafts are verified: rejection_sampler (exact) or typical_acceptance_sampler")
+    typical_acceptance_sampler_posterior_threshold: float | None = _arg(
+        None, type=fraction_0_1, help="typical acceptance: probability threshold (default 0.09)")
+    typical_acceptance_sampler_posterior_alpha: float | None = _arg(
+        None, type=non_negative_float,
+        help="typical acceptance: entropy scale of the threshold (default 0.3)")
+    disable_logprobs_during_spec_decoding: bool | None = _arg(
+        None, action="optional_bool",
+        help="ignored: logprobs come with every verified token at no extra pass")
+    num_lookahead_slots: int = _arg(
+        0, type=non_negative_int,
+        help="KV slots per sequence and step for drafts (default: num_speculative_tokens)")
+    speculative_config: dict | None = _arg(  # noqa: RUF009 - as above
+        None, type=json_value,
+        help='speculative decoding as JSON: {"method": "ngram"|"draft_model", "model": ..., '
+             '"num_speculative_tokens": k, ...}')
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -242,6 +276,39 @@ class EngineArgs:
             raise ValueError("max_num_seqs must be at least 1")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
+        self.speculative_settings()
+
+    def speculative_settings(self) -> SpeculativeSettings | None:
+        """Speculative decoding as configured (None: off), from the flat flags or
+        speculative_config (not both). Raises ValueError naming what is wrong."""
+        flat = {
+            "model": self.speculative_model,
+            "num_speculative_tokens": self.num_speculative_tokens,
+            "max_model_len": self.speculative_max_model_len,
+            "draft_tensor_parallel_size": self.speculative_draft_tensor_parallel_size,
+            "disable_by_batch_size": self.speculative_disable_by_batch_size,
+            "prompt_lookup_max": self.ngram_prompt_lookup_max,
+            "prompt_lookup_min": self.ngram_prompt_lookup_min,
+            "posterior_threshold": self.typical_acceptance_sampler_posterior_threshold,
+            "posterior_alpha": self.typical_acceptance_sampler_posterior_alpha,
+        }
+        given = {k: v for k, v in flat.items() if v is not None}
+        if self.spec_decoding_acceptance_method != "rejection_sampler":
+            given["acceptance_method"] = self.spec_decoding_acceptance_method
+        if self.speculative_config is not None:
+            if given:
+                raise ValueError("give speculative decoding either as speculative_config or as "
+                                 "the separate flags, not both (set here: "
+                                 f"{', '.join(sorted(given))})")
+            if not isinstance(self.speculative_config, dict):
+                raise ValueError("speculative_config must be a JSON object")
+            given = dict(self.speculative_config)
+        if not given:
+            if self.num_lookahead_slots:
+                raise ValueError("num_lookahead_slots reserves slots for speculative decoding: "
+                                 "it needs speculative_model and num_speculative_tokens")
+            return None
+        return SpeculativeSettings.from_dict(given, self.num_lookahead_slots)
 
     def resolve_device(self) -> str:
         """"cpu" or "cuda". On "auto", torch is asked only when a GPU could exist (the extension
@@ -292,6 +359,130 @@ class EngineArgs:
         if gib <= 0:
             raise ValueError("the CPU KV cache space must be positive")
         return int(gib * (1 << 30))
+
+
+_SPEC_METHODS = ("ngram", "draft_model")
+_SPEC_KEYS = {"method", "model", "num_speculative_tokens", "max_model_len",
+              "draft_tensor_parallel_size", "disable_by_batch_size", "prompt_lookup_max",
+              "prompt_lookup_min", "acceptance_method", "posterior_threshold", "posterior_alpha",
+              "disable_logprobs", "adaptive"}
+
+
+@dataclass
+class SpeculativeSettings:
+    """Resolved speculative decoding (the engine's mechanics are in cpp/engine/.../
+    spec_decode.h): the proposer ("ngram" or "draft_model" with its model path), k, the n-gram
+    window, acceptance ("rejection_sampler" keeps the target's distribution exactly;
+    "typical_acceptance_sampler" accepts more), and when speculation stands aside."""
+
+    method: str
+    num_speculative_tokens: int
+    model: str | None = None
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+    acceptance_method: str = "rejection_sampler"
+    posterior_threshold: float = 0.09
+    posterior_alpha: float = 0.3
+    disable_by_batch_size: int | None = None
+    max_model_len: int | None = None
+    adaptive: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict, lookahead_slots: int = 0) -> SpeculativeSettings:
+        unknown = sorted(set(d) - _SPEC_KEYS)
+        if unknown:
+            raise ValueError(f"unknown speculative decoding setting(s): {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(_SPEC_KEYS))}")
+        model = d.get("model")
+        method = d.get("method")
+        if method is None:
+            if model is None:
+                raise ValueError("speculative decoding needs a proposer: speculative_model "
+                                 "'[ngram]' or a draft model path")
+            method = "ngram" if model == "[ngram]" else "draft_model"
+        if method not in _SPEC_METHODS:
+            raise ValueError(f"unknown speculative decoding method {method!r}; supported: "
+                             f"{', '.join(_SPEC_METHODS)}")
+        if method == "draft_model" and (model is None or model == "[ngram]"):
+            raise ValueError("a draft_model speculative method needs the draft model's path")
+        k = d.get("num_speculative_tokens")
+        if k is None:
+            raise ValueError("speculative decoding needs num_speculative_tokens")
+        k = _spec_int(k, "num_speculative_tokens", 1)
+        if k > 64:
+            raise ValueError(f"num_speculative_tokens must be at most 64, got {k}")
+        if lookahead_slots:
+            if lookahead_slots < k:
+                raise ValueError(f"num_lookahead_slots ({lookahead_slots}) must be at least "
+                                 f"num_speculative_tokens ({k})")
+        tp = d.get("draft_tensor_parallel_size")
+        if tp is not None and _spec_int(tp, "speculative_draft_tensor_parallel_size", 1) != 1:
+            raise ValueError("the draft model runs unsharded: draft tensor-parallel size must "
+                             "be 1")
+        lo, hi = d.get("prompt_lookup_min"), d.get("prompt_lookup_max")
+        if method != "ngram" and (lo is not None or hi is not None):
+            raise ValueError("ngram_prompt_lookup_min/max apply to the n-gram proposer only "
+                             "(speculative_model '[ngram]')")
+        hi = 4 if hi is None else _spec_int(hi, "ngram_prompt_lookup_max", 1)
+        lo = 1 if lo is None else _spec_int(lo, "ngram_prompt_lookup_min", 1)
+        if lo > hi:
+            raise ValueError(f"ngram_prompt_lookup_min ({lo}) must not exceed "
+                             f"ngram_prompt_lookup_max ({hi})")
+        acceptance = d.get("acceptance_method", "rejection_sampler")
+        if acceptance not in ("rejection_sampler", "typical_acceptance_sampler"):
+            raise ValueError(f"unknown acceptance method {acceptance!r}; supported: "
+                             "rejection_sampler, typical_acceptance_sampler")
+        threshold = float(d.get("posterior_threshold", 0.09) or 0.09)
+        alpha = float(d.get("posterior_alpha", 0.3) if d.get("posterior_alpha") is not None
+                      else 0.3)
+        if not 0.0 < threshold <= 1.0 or alpha < 0.0:
+            raise ValueError("typical acceptance needs a posterior threshold in (0, 1] and a "
+                             "non-negative alpha")
+        by_batch = d.get("disable_by_batch_size")
+        max_len = d.get("max_model_len")
+        return cls(
+            method=method, num_speculative_tokens=k,
+            model=model if method == "draft_model" else None,
+            prompt_lookup_min=lo, prompt_lookup_max=hi, acceptance_method=acceptance,
+            posterior_threshold=threshold, posterior_alpha=alpha,
+            disable_by_batch_size=(None if by_batch is None else
+                                   _spec_int(by_batch, "speculative_disable_by_batch_size", 1)),
+            max_model_len=(None if max_len is None else
+                           _spec_int(max_len, "speculative_max_model_len", 2)),
+            adaptive=bool(d.get("adaptive", True)))
+
+    def describe(self) -> str:
+        what = (f"n-gram lookup (n {self.prompt_lookup_min}..{self.prompt_lookup_max})"
+                if self.method == "ngram" else f"draft model {self.model}")
+        return (f"speculative decoding: {what}, up to {self.num_speculative_tokens} tokens, "
+                f"{self.acceptance_method}"
+                + (", adaptive draft length" if self.adaptive else "")
+                + (f", off at {self.disable_by_batch_size}+ sequences"
+                   if self.disable_by_batch_size else ""))
+
+    def to_native(self, block_size: int, draft_blocks: int = 0) -> _C.SpeculativeConfig:
+        c = _C.SpeculativeConfig()
+        c.method = (_C.SpecMethod.NGRAM if self.method == "ngram" else
+                    _C.SpecMethod.DRAFT_MODEL)
+        c.num_speculative_tokens = self.num_speculative_tokens
+        c.ngram_min, c.ngram_max = self.prompt_lookup_min, self.prompt_lookup_max
+        c.disable_by_batch_size = self.disable_by_batch_size or 0
+        c.acceptance = (_C.AcceptanceMethod.TYPICAL
+                        if self.acceptance_method == "typical_acceptance_sampler"
+                        else _C.AcceptanceMethod.REJECTION)
+        c.typical_threshold, c.typical_alpha = self.posterior_threshold, self.posterior_alpha
+        c.adaptive = self.adaptive
+        c.max_model_len = self.max_model_len or 0
+        c.draft_cache.block_size = block_size
+        c.draft_cache.num_gpu_blocks = draft_blocks
+        c.draft_cache.enable_prefix_caching = False
+        return c
+
+
+def _spec_int(value: Any, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
 
 
 def _gpu_device_nodes_present() -> bool:

@@ -121,4 +121,6 @@ class SamplingParams:
         if fan_out and self.num_samples > self.n and self.logprobs is None:
             p.logprobs = 0
         p.prompt_logprobs = -1 if self.prompt_logprobs is None else int(self.prompt_logprobs)
+        # A guided request's grammar advances token by token in the logits hook: no drafts.
+        p.speculate = self.guided_decoding is None
         return p

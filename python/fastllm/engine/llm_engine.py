@@ -140,14 +140,24 @@ class EngineCore:
         cfg.vocab_size = mc.vocab_size
         cfg.max_logprobs = args.max_logprobs
         cfg.seed = args.seed
+        self.speculative = args.speculative_settings()
+        draft_executor = None
+        if self.speculative is not None:
+            if self.speculative.method == "draft_model":
+                # The draft's cache gets as many blocks as the target's: a smaller model's
+                # blocks are smaller, and it never holds more sequences than the target.
+                draft_executor = self._build_draft_executor(torch_free, num_gpu_blocks)
+            cfg.speculative = self.speculative.to_native(self.block_size, num_gpu_blocks)
         self.engine_config = cfg
-        self.native = _C.Engine(cfg, self.executor)
+        self.native = _C.Engine(cfg, self.executor, draft_executor)
         self.num_gpu_blocks = num_gpu_blocks
         self.startup_seconds = time.perf_counter() - t0
         logger.info("fastllm engine ready in %.2f s: %s on %s (%s, %s executor), %d KV blocks of "
                     "%d tokens (%s)", self.startup_seconds, mc.architecture, self.device, dtype,
                     "torch-free" if cpu_model is not None else "torch", num_gpu_blocks - 1,
                     self.block_size, kv_dtype)
+        if self.speculative is not None:
+            logger.info("%s", self.speculative.describe())
 
     def build_guided_manager(self, default_backend: str | None = None) -> GuidedDecodingManager:
         """A guided-decoding manager for this model, its hook installed on the executor (which
@@ -175,28 +185,67 @@ class EngineCore:
                                       self.block_size, num_gpu_blocks, num_cpu_blocks)
         return num_gpu_blocks, num_cpu_blocks
 
-    def _load_model(self, quantized: bool, device):
+    def _load_model(self, quantized: bool, device, model_config: ModelConfig | None = None,
+                    source=None, dtype=None):
+        """The torch model of the target (by default) or of another source (the draft)."""
         import torch
 
         from fastllm.loader import iterate_weights
         from fastllm.models import get_model_class
         from fastllm.models.quant_loader import load_quantized_model
 
-        cls = get_model_class(self.model_config)
+        mc = model_config or self.model_config
+        source = source or self.source
+        dtype = dtype or self.dtype
+        cls = get_model_class(mc)
         if quantized:
-            return load_quantized_model(cls, self.model_config, self.source, device,
-                                        self.dtype).eval()
+            return load_quantized_model(cls, mc, source, device, dtype).eval()
         with torch.device("meta"):
-            model = cls(self.model_config)
-        model = model.to_empty(device=device).to(self.dtype)
+            model = cls(mc)
+        model = model.to_empty(device=device).to(dtype)
         model.init_buffers(device)
         if self.args.load_format == "dummy":
             for p in model.parameters():
                 torch.nn.init.normal_(p, std=0.02, generator=torch.Generator(
                     device=p.device).manual_seed(self.args.seed))
         else:
-            model.load_weights(iterate_weights(self.source, self.args.load_format, self.dtype))
+            model.load_weights(iterate_weights(source, self.args.load_format, dtype))
         return model.eval()
+
+    def _build_draft_executor(self, torch_free: bool, num_blocks: int):
+        """The draft model's executor for speculative decoding: loaded as the target is (the
+        torch-free CPU decoder for a quantized GGUF, else the torch model), with its own KV cache
+        of num_blocks blocks. Its vocabulary must be the target's."""
+        path = self.speculative.model
+        source = resolve_model(path, "auto")
+        mc = ModelConfig.from_dict(load_config(source))
+        if mc.vocab_size != self.model_config.vocab_size:
+            raise ValueError(f"the draft model {path} has a vocabulary of {mc.vocab_size} tokens, "
+                             f"the target {self.model_config.vocab_size}: speculative decoding "
+                             "needs a draft that shares the target's tokenizer")
+        probe = "Speculative decoding: the draft shares the tokenizer. 12345 ü 東京"
+        draft_tok = load_tokenizer(source)
+        if draft_tok.encode(probe, add_special_tokens=False) != self.tokenizer.encode(
+                probe, add_special_tokens=False):
+            raise ValueError(f"the draft model {path} tokenizes text differently from the "
+                             "target: speculative decoding needs a shared tokenizer")
+        args = self.args
+        quantized = args.use_quantized_weights(source.is_gguf, self.device)
+        dtype = args.resolve_dtype(mc.torch_dtype, self.device)
+        kv_dtype = args.resolve_kv_cache_dtype(dtype, quantized)
+        cpu_model = (load_cpu_model(mc, source, dtype, kv_dtype)
+                     if torch_free and quantized else None)
+        if cpu_model is not None:
+            self.draft_model = cpu_model
+            return build_cpu_executor(cpu_model, kv_dtype, self.block_size, num_blocks, 0)
+        import torch
+
+        from fastllm.worker.model_runner import ModelExecutor
+
+        device = torch.device(self.device)
+        self.draft_model = self._load_model(quantized, device, mc, source, getattr(torch, dtype))
+        return ModelExecutor(self.draft_model, mc, device, getattr(torch, kv_dtype),
+                             self.block_size, num_blocks, 0)
 
     def _plan_kv_cache(self, kv_dtype: str) -> tuple[int, int]:
         mc, args = self.model_config, self.args

@@ -56,8 +56,28 @@ class RequestState:
             self._add_prompt_logprobs(out)
         # The output's arrays are numpy views: converted once, never indexed element by element.
         new_ids = out.new_token_ids.tolist()
+        with_logprobs = len(out.new_logprobs) == len(new_ids)
+        stopped_by_string = False
+        if self.detokenizer is not None and new_ids:
+            if self._max_stop_len and len(new_ids) > 1:
+                # Several tokens at once (speculative decoding): check stop strings after each,
+                # as one token per output would, and keep none past the one that completed it.
+                for i, tok in enumerate(new_ids):
+                    new_text = self.detokenizer.step([tok])
+                    self.text += new_text
+                    if (len(self.token_ids) + i + 1 >= self.params.min_tokens
+                            and self._check_stop_strings(len(new_text))):
+                        stopped_by_string = True
+                        new_ids = new_ids[: i + 1]
+                        break
+            else:
+                new_text = self.detokenizer.step(new_ids)
+                self.text += new_text
+                if self._max_stop_len and len(self.token_ids) + len(new_ids) >= \
+                        self.params.min_tokens:
+                    stopped_by_string = self._check_stop_strings(len(new_text))
         self.token_ids.extend(new_ids)
-        if self.logprobs is not None and len(out.new_logprobs) == len(new_ids):
+        if self.logprobs is not None and with_logprobs:
             k = out.num_top_logprobs
             top_ids, top_values = out.top_token_ids.tolist(), out.top_logprobs.tolist()
             for i, (tok, lp) in enumerate(zip(new_ids, out.new_logprobs.tolist())):
@@ -69,12 +89,6 @@ class RequestState:
                         value.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
                 self.logprobs.append(entry)
                 self.cumulative_logprob += float(lp)
-        stopped_by_string = False
-        if self.detokenizer is not None and new_ids:
-            new_text = self.detokenizer.step(new_ids)
-            self.text += new_text
-            if self._max_stop_len and len(self.token_ids) >= self.params.min_tokens:
-                stopped_by_string = self._check_stop_strings(len(new_text))
         if stopped_by_string:
             self.finish_reason = "stop"
             return True

@@ -75,7 +75,6 @@ void paged_attention_cpu(const PagedAttentionParams& p) {
   const size_t c_size = dtype_size(p.cache_dtype);
   const int64_t cache_row = p.num_kv_heads * d;  // elements per slot
   const int64_t row_bytes = d * static_cast<int64_t>(c_size);
-  const float neg_inf = -std::numeric_limits<float>::infinity();
 
   auto run_item = [&](int64_t index) {
     const Item& item = items[index / p.num_kv_heads];
@@ -143,14 +142,18 @@ void paged_attention_cpu(const PagedAttentionParams& p) {
       float* s = scores + r * span;
       const int64_t lo = first_key(pos) - key_begin;
       const int64_t hi = pos - key_begin;  // inclusive
-      for (int64_t j = 0; j < lo; ++j) s[j] = neg_inf;
-      for (int64_t j = hi + 1; j < span; ++j) s[j] = neg_inf;
+      // Masked keys weigh exactly 0. The exponentials cover the row's own keys only, so the
+      // vector lanes they fall in (and hence their bits) do not depend on the tile: a token's
+      // output is the same whichever query rows share its step (speculative decoding verifies
+      // drafts as a multi-token query and must reproduce one-token decode exactly).
+      for (int64_t j = 0; j < lo; ++j) s[j] = 0.0f;
+      for (int64_t j = hi + 1; j < span; ++j) s[j] = 0.0f;
       if (p.softcap > 0.0f) {
         const float inv = 1.0f / p.softcap;
         for (int64_t j = lo; j <= hi; ++j) s[j] = p.softcap * std::tanh(s[j] * inv);
       }
       const float m = ops.max(s + lo, hi - lo + 1);
-      row_sum[r] = ops.exp_shift_sum(s, span, m);
+      row_sum[r] = ops.exp_shift_sum(s + lo, hi - lo + 1, m);
     }
     // Pass 2: weighted sum of V rows.
     std::fill(acc, acc + rows * d, 0.0f);

@@ -230,6 +230,10 @@ async def _log_stats(engine: AsyncLLM, interval: float = 10.0) -> None:
         logger.info("running: %d, waiting: %d, generation: %.1f tok/s, KV usage: %.1f%%, "
                     "prefix hit rate: %.1f%%, preemptions: %d", s.num_running, s.num_waiting,
                     rate, 100.0 * s.kv_usage, hit, s.num_preemptions)
+        if s.spec_verify_steps:
+            logger.info("speculative decoding: %.1f%% of drafts accepted, %.2f tokens per "
+                        "verify step", 100.0 * s.spec_accepted_tokens / max(s.spec_draft_tokens, 1),
+                        (s.spec_accepted_tokens + s.spec_verify_steps) / s.spec_verify_steps)
 
 
 def _listen_socket(host: str, port: int) -> socket.socket:

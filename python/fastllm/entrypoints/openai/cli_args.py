@@ -32,7 +32,6 @@ NOT_SUPPORTED = "not supported"
 ACTS, UNSUPPORTED, IGNORED = "acts", "unsupported", "ignored"
 
 _LORA = "LoRA adapters are not supported yet"
-_SPEC = "speculative decoding is not supported yet"
 _VISION = "vision inputs are not supported yet"
 _ADAPTERS = "prompt adapters are not supported yet"
 _HUB = "revisions select hub downloads; fastllm loads local paths only"
@@ -115,7 +114,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "disable_sliding_window": (
         UNSUPPORTED, "a sliding-window model always runs with its window"),
     "use_v2_block_manager": (IGNORED, "fastllm has one block manager"),
-    "num_lookahead_slots": (UNSUPPORTED, "lookahead slots are not supported"),
+    "num_lookahead_slots": (ACTS, ""),
     "seed": (ACTS, ""),
     "swap_space": (ACTS, ""),
     "cpu_offload_gb": (UNSUPPORTED, "offloading weights to the CPU is not supported"),
@@ -162,18 +161,21 @@ FLAGS: dict[str, tuple[str, str]] = {
     "image_processor_revision": (UNSUPPORTED, _VISION),
     "disable_image_processor": (UNSUPPORTED, _VISION),
     # speculative decoding
-    "speculative_model": (UNSUPPORTED, _SPEC),
-    "speculative_model_quantization": (UNSUPPORTED, _SPEC),
-    "num_speculative_tokens": (UNSUPPORTED, _SPEC),
-    "speculative_draft_tensor_parallel_size": (UNSUPPORTED, _SPEC),
-    "speculative_max_model_len": (UNSUPPORTED, _SPEC),
-    "speculative_disable_by_batch_size": (UNSUPPORTED, _SPEC),
-    "ngram_prompt_lookup_max": (UNSUPPORTED, _SPEC),
-    "ngram_prompt_lookup_min": (UNSUPPORTED, _SPEC),
-    "spec_decoding_acceptance_method": (UNSUPPORTED, _SPEC),
-    "typical_acceptance_sampler_posterior_threshold": (UNSUPPORTED, _SPEC),
-    "typical_acceptance_sampler_posterior_alpha": (UNSUPPORTED, _SPEC),
-    "disable_logprobs_during_spec_decoding": (UNSUPPORTED, _SPEC),
+    "speculative_model": (ACTS, ""),
+    "speculative_model_quantization": (
+        UNSUPPORTED, "a draft model's quantization is read from its file"),
+    "num_speculative_tokens": (ACTS, ""),
+    "speculative_draft_tensor_parallel_size": (ACTS, ""),
+    "speculative_max_model_len": (ACTS, ""),
+    "speculative_disable_by_batch_size": (ACTS, ""),
+    "ngram_prompt_lookup_max": (ACTS, ""),
+    "ngram_prompt_lookup_min": (ACTS, ""),
+    "spec_decoding_acceptance_method": (ACTS, ""),
+    "typical_acceptance_sampler_posterior_threshold": (ACTS, ""),
+    "typical_acceptance_sampler_posterior_alpha": (ACTS, ""),
+    "disable_logprobs_during_spec_decoding": (
+        IGNORED, "logprobs come with every verified token at no extra pass"),
+    "speculative_config": (ACTS, ""),
     # tracing
     "otlp_traces_endpoint": (UNSUPPORTED, _TRACES),
     "collect_detailed_traces": (UNSUPPORTED, _TRACES),
@@ -323,7 +325,6 @@ def make_parser() -> argparse.ArgumentParser:
     a("--ray-workers-use-nsight", action="store_true", default=False, help="unsupported")
     a("--disable-sliding-window", action="store_true", default=False, help="unsupported")
     a("--use-v2-block-manager", action="store_true", default=False, help="ignored")
-    a("--num-lookahead-slots", type=non_negative_int, default=0, help="unsupported unless 0")
     a("--cpu-offload-gb", type=non_negative_float, default=0.0, help="unsupported unless 0")
     a("--quantization", "-q", default=None, help="unsupported: GGUF quantization is read from "
                                                   "the file")
@@ -361,30 +362,8 @@ def make_parser() -> argparse.ArgumentParser:
       help="unsupported (vision)")
     a("--scheduler-delay-factor", type=non_negative_float, default=0.0,
       help="unsupported unless 0")
-    a("--speculative-model", default=None, help="unsupported (speculative decoding)")
     a("--speculative-model-quantization", default=None,
-      help="unsupported (speculative decoding)")
-    a("--num-speculative-tokens", type=positive_int, default=None,
-      help="unsupported (speculative decoding)")
-    a("--speculative-draft-tensor-parallel-size", "-spec-draft-tp", type=positive_int,
-      default=None, help="unsupported (speculative decoding)")
-    a("--speculative-max-model-len", type=positive_int, default=None,
-      help="unsupported (speculative decoding)")
-    a("--speculative-disable-by-batch-size", type=positive_int, default=None,
-      help="unsupported (speculative decoding)")
-    a("--ngram-prompt-lookup-max", type=positive_int, default=None,
-      help="unsupported (speculative decoding)")
-    a("--ngram-prompt-lookup-min", type=positive_int, default=None,
-      help="unsupported (speculative decoding)")
-    a("--spec-decoding-acceptance-method", default="rejection_sampler",
-      choices=["rejection_sampler", "typical_acceptance_sampler"],
-      help="unsupported (speculative decoding)")
-    a("--typical-acceptance-sampler-posterior-threshold", type=probability, default=None,
-      help="unsupported (speculative decoding)")
-    a("--typical-acceptance-sampler-posterior-alpha", type=non_negative_float, default=None,
-      help="unsupported (speculative decoding)")
-    a("--disable-logprobs-during-spec-decoding", action=_OptionalBool, default=None,
-      help="unsupported (speculative decoding)")
+      help="unsupported: a draft model's quantization is read from its file")
     a("--model-loader-extra-config", default=None, help="unsupported")
     a("--ignore-patterns", action="append", default=[], help="ignored")
     a("--otlp-traces-endpoint", default=None, help="unsupported (tracing)")

@@ -44,6 +44,22 @@ class ServerMetrics:
         self.requests_failed = Counter("fastllm:request_errors",
                                        "Requests the engine failed (answered with an error)",
                                        labels, registry=r)
+        # Speculative decoding (zero while it is off).
+        self.spec_draft_tokens = Gauge("fastllm:spec_decode_num_draft_tokens",
+                                       "Draft tokens the target verified", labels, registry=r)
+        self.spec_accepted_tokens = Gauge("fastllm:spec_decode_num_accepted_tokens",
+                                          "Draft tokens the target accepted", labels, registry=r)
+        self.spec_acceptance_rate = Gauge("fastllm:spec_decode_draft_acceptance_rate",
+                                          "Accepted / verified draft tokens", labels, registry=r)
+        self.spec_mean_accepted = Gauge(
+            "fastllm:spec_decode_mean_accepted_length",
+            "Tokens a sequence gains per verify step (accepted drafts + the target's own)", labels,
+            registry=r)
+        self.spec_draft_seconds = Gauge("fastllm:spec_decode_draft_time_seconds",
+                                        "Seconds spent proposing drafts", labels, registry=r)
+        self.spec_verify_seconds = Gauge("fastllm:spec_decode_verify_time_seconds",
+                                         "Seconds spent in steps that verified drafts", labels,
+                                         registry=r)
         self.ttft = Histogram("fastllm:time_to_first_token_seconds", "Time to first token",
                               labels, buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("fastllm:inter_token_latency_seconds", "Time between tokens",
@@ -83,6 +99,14 @@ class ServerMetrics:
         self.prefix_hit_rate.labels(m).set(rate)
         self.preemptions.labels(m).set(stats.num_preemptions)
         self.prompt_tokens_computed.labels(m).set(stats.num_prompt_tokens_computed)
+        drafts, accepted, verifies = (stats.spec_draft_tokens, stats.spec_accepted_tokens,
+                                      stats.spec_verify_steps)
+        self.spec_draft_tokens.labels(m).set(drafts)
+        self.spec_accepted_tokens.labels(m).set(accepted)
+        self.spec_acceptance_rate.labels(m).set(accepted / drafts if drafts else 0.0)
+        self.spec_mean_accepted.labels(m).set((accepted + verifies) / verifies if verifies else 0.0)
+        self.spec_draft_seconds.labels(m).set(stats.spec_draft_seconds)
+        self.spec_verify_seconds.labels(m).set(stats.spec_verify_seconds)
 
     def render(self, stats) -> bytes:
         self.refresh(stats)
