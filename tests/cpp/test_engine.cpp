@@ -663,13 +663,22 @@ TEST(Engine, LoopThreadWakesTheOutputFd) {
 // Many requests with shared prefixes, random aborts from another thread while the native loop
 // runs, a pool small enough to preempt: every request ends exactly once, unaborted ones with the
 // reference tokens, and no block leaks.
-void stress(PreemptionMode mode, uint32_t seed) {
+void stress(PreemptionMode mode, uint32_t seed, int32_t speculative_tokens = 0) {
   EngineConfig cfg = make_config(40, 16, 128);
   cfg.scheduler.max_num_seqs = 32;
   cfg.scheduler.preemption_mode = mode;
   cfg.cache.num_cpu_blocks = mode == PreemptionMode::kSwap ? 80 : 0;
+  std::shared_ptr<FakeExecutor> draft;
+  if (speculative_tokens > 0) {
+    // A draft model that is right most of the time, with a cache too small for every sequence.
+    cfg.speculative.method = SpecMethod::kDraftModel;
+    cfg.speculative.num_speculative_tokens = speculative_tokens;
+    cfg.speculative.draft_cache.num_gpu_blocks = 30;
+    cfg.speculative.draft_cache.block_size = 16;
+    draft = std::make_shared<FakeExecutor>(FakeExecutorConfig{30, 0, 16, kVocab, true, 4});
+  }
   auto exec = std::make_shared<CheckingExecutor>(cfg, /*verify_kv=*/true);
-  Engine engine(cfg, exec);
+  Engine engine(cfg, exec, draft);
   engine.start();
   std::mt19937 rng(seed);
   std::vector<std::vector<int32_t>> prefixes = {random_prompt(rng, 32), random_prompt(rng, 48), {}};
@@ -727,10 +736,20 @@ void stress(PreemptionMode mode, uint32_t seed) {
   EXPECT_EQ(s.num_running + s.num_waiting, 0);
   EXPECT_GT(s.num_preemptions, 0);
   EXPECT_GT(s.prefix_hits, 0);
+  if (speculative_tokens > 0) {
+    EXPECT_GT(s.spec_accepted_tokens, 0);
+    EXPECT_LT(s.spec_accepted_tokens, s.spec_draft_tokens);
+  }
 }
 
 TEST(EngineStress, ThousandRequestsWithAbortsRecompute) { stress(PreemptionMode::kRecompute, 21); }
 TEST(EngineStress, ThousandRequestsWithAbortsSwap) { stress(PreemptionMode::kSwap, 22); }
+TEST(EngineStress, ThousandSpeculativeRequestsWithAbortsRecompute) {
+  stress(PreemptionMode::kRecompute, 23, 4);
+}
+TEST(EngineStress, ThousandSpeculativeRequestsWithAbortsSwap) {
+  stress(PreemptionMode::kSwap, 24, 3);
+}
 
 TEST(Engine, PromptLogprobsCoverEveryPromptPositionAcrossChunks) {
   EngineConfig cfg = make_config(200, 16, /*budget=*/16);
