@@ -386,8 +386,8 @@ void bind_engine(nb::module_& m) {
           "__init__",
           [](FakeExecutor* self, int32_t num_gpu_blocks, int32_t num_cpu_blocks, int32_t block_size,
              int32_t vocab_size, bool verify_kv, int32_t disagree_every) {
-            new (self) FakeExecutor(
-                {num_gpu_blocks, num_cpu_blocks, block_size, vocab_size, verify_kv, disagree_every});
+            new (self) FakeExecutor({num_gpu_blocks, num_cpu_blocks, block_size, vocab_size,
+                                     verify_kv, disagree_every});
           },
           "num_gpu_blocks"_a, "num_cpu_blocks"_a = 0, "block_size"_a = 16, "vocab_size"_a = 1000,
           "verify_kv"_a = true, "disagree_every"_a = 0)

@@ -411,10 +411,9 @@ class SpeculativeSettings:
         k = _spec_int(k, "num_speculative_tokens", 1)
         if k > 64:
             raise ValueError(f"num_speculative_tokens must be at most 64, got {k}")
-        if lookahead_slots:
-            if lookahead_slots < k:
-                raise ValueError(f"num_lookahead_slots ({lookahead_slots}) must be at least "
-                                 f"num_speculative_tokens ({k})")
+        if lookahead_slots and lookahead_slots < k:
+            raise ValueError(f"num_lookahead_slots ({lookahead_slots}) must be at least "
+                             f"num_speculative_tokens ({k})")
         tp = d.get("draft_tensor_parallel_size")
         if tp is not None and _spec_int(tp, "speculative_draft_tensor_parallel_size", 1) != 1:
             raise ValueError("the draft model runs unsharded: draft tensor-parallel size must "

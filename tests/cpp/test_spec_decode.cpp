@@ -65,7 +65,8 @@ std::vector<Job> jobs(int n, uint32_t seed, bool repetitive = false) {
     if (repetitive) {
       // A phrase repeated: the n-gram lookup finds its continuation.
       const std::vector<int32_t> phrase(j.prompt.begin(), j.prompt.begin() + std::min(l, 6));
-      for (int rep = 0; rep < 3; ++rep) j.prompt.insert(j.prompt.end(), phrase.begin(), phrase.end());
+      for (int rep = 0; rep < 3; ++rep)
+        j.prompt.insert(j.prompt.end(), phrase.begin(), phrase.end());
     }
     j.params.max_tokens = out(rng);
     js.push_back(j);
@@ -74,9 +75,8 @@ std::vector<Job> jobs(int n, uint32_t seed, bool repetitive = false) {
 }
 
 SpecRun run(const EngineConfig& c, const std::vector<Job>& js, std::shared_ptr<Executor> draft) {
-  auto target = std::make_shared<FakeExecutor>(
-      FakeExecutorConfig{c.cache.num_gpu_blocks, c.cache.num_cpu_blocks, c.cache.block_size,
-                         kVocab, true, 0});
+  auto target = std::make_shared<FakeExecutor>(FakeExecutorConfig{
+      c.cache.num_gpu_blocks, c.cache.num_cpu_blocks, c.cache.block_size, kVocab, true, 0});
   Engine engine(c, target, std::move(draft));
   for (const Job& j : js) engine.add_request(j.id, j.prompt, j.params);
   SpecRun r;
@@ -167,8 +167,9 @@ TEST(SpecDecode, WrongDraftsNeverChangeTheTokensForAnyK) {
 TEST(SpecDecode, PreemptionChunkingAndPrefixHitsKeepTheTokens) {
   auto js = jobs(16, 3);
   // A shared prefix for prefix-cache hits.
-  for (auto& j : js) j.prompt.insert(j.prompt.begin(), {11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
-                                                         21, 22, 23, 24, 25, 26, 27, 28});
+  for (auto& j : js)
+    j.prompt.insert(j.prompt.begin(),
+                    {11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28});
   const SpecRun plain = run(make_config(600), js, nullptr);
   for (PreemptionMode mode : {PreemptionMode::kRecompute, PreemptionMode::kSwap}) {
     // 19 usable blocks and a 24-token budget: preemption, chunked prefill, drafts cut short.

@@ -307,10 +307,10 @@ def test_cors_served_names_and_response_role():
 
 def test_unsupported_flag_exits_with_its_name():
     r = subprocess.run([sys.executable, "-m", "fastllm.entrypoints.openai.api_server",
-                        "--speculative-model", "draft"], check=False, capture_output=True,
+                        "--cpu-offload-gb", "2"], check=False, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode != 0
-    assert "--speculative-model" in r.stderr and "not supported" in r.stderr
+    assert "--cpu-offload-gb" in r.stderr and "not supported" in r.stderr
 
 
 def test_kv_cache_dtype_flag():

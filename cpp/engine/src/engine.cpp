@@ -149,13 +149,14 @@ struct Engine::Impl {
     const SpeculativeConfig& spec = config.speculative;
     if (spec.method == SpecMethod::kDraftModel) {
       if (!draft) throw ConfigError("speculative decoding with a draft model needs its executor");
-      const int32_t limit = spec.max_model_len > 0 ? spec.max_model_len
-                                                   : config.scheduler.max_model_len;
+      const int32_t limit =
+          spec.max_model_len > 0 ? spec.max_model_len : config.scheduler.max_model_len;
       proposer = std::make_unique<DraftModelProposer>(std::move(draft), spec.draft_cache, limit,
                                                       config.vocab_size);
     } else if (draft) {
-      throw ConfigError("a draft executor was given, but the speculative method is not a draft "
-                        "model");
+      throw ConfigError(
+          "a draft executor was given, but the speculative method is not a draft "
+          "model");
     } else if (spec.method == SpecMethod::kNgram) {
       proposer = std::make_unique<NgramProposer>(spec.ngram_min, spec.ngram_max);
     }

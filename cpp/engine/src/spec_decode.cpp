@@ -168,8 +168,7 @@ void DraftModelProposer::propose(const std::vector<Request*>& seqs,
                       target.begin())
             .first -
         mine.begin());
-    sh.seq.num_computed_tokens =
-        std::min(sh.seq.num_computed_tokens, static_cast<int32_t>(common));
+    sh.seq.num_computed_tokens = std::min(sh.seq.num_computed_tokens, static_cast<int32_t>(common));
     sh.seq.token_ids = target;
     sh.seq.num_prompt_tokens = req->num_prompt_tokens;
     active.push_back({req, &sh, want});

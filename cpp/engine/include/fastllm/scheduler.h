@@ -4,9 +4,10 @@
 // One step:
 //   1. schedule_running: every running request, in order, gets its next tokens (1 for decode, a
 //      chunk for an unfinished prefill; 1 + its drafts under speculative decoding, the drafts
-//      dropped first when the budget or the blocks run short) while the token budget lasts. When blocks run out, the
-//      last running request (lowest priority under the priority policy) is preempted, by recompute
-//      (blocks freed, progress reset) or by swap (blocks copied to the CPU swap space).
+//      dropped first when the budget or the blocks run short) while the token budget lasts.
+//      When blocks run out, the last running request (lowest priority under the priority
+//      policy) is preempted, by recompute (blocks freed, progress reset) or by swap (blocks
+//      copied to the CPU swap space).
 //   2. schedule_waiting: only if nothing was preempted in this step, waiting requests are admitted
 //      in queue order (FCFS or (priority, arrival)) while budget, max_num_seqs and blocks allow.
 //      The queue head blocks the ones behind it: no overtaking. A request with n > 1 whose

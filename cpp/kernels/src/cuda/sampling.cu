@@ -202,27 +202,27 @@ __global__ void __launch_bounds__(kThreads)
         const float bar = fminf(p.typical_threshold, p.typical_alpha * expf(-entropy));
         token = p_draft > bar ? draft : argmax;
       } else {
-      // 9. Exponential race, four tokens per Philox call.
-      const SamplingStream stream =
-          SamplingStream::make(rp.seed, p.global_seed, rp.generator_offset, row);
-      const float floor = m - kRaceMargin;
-      ArgMax best{-INFINITY, -1};
-      const int64_t groups = (vocab + 3) / 4;
-      for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
-        bool any = false;
-        for (int e = 0; e < 4; ++e) {
-          const int64_t v = 4 * g + e;
-          any |= v < vocab && x[v] >= floor;
+        // 9. Exponential race, four tokens per Philox call.
+        const SamplingStream stream =
+            SamplingStream::make(rp.seed, p.global_seed, rp.generator_offset, row);
+        const float floor = m - kRaceMargin;
+        ArgMax best{-INFINITY, -1};
+        const int64_t groups = (vocab + 3) / 4;
+        for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
+          bool any = false;
+          for (int e = 0; e < 4; ++e) {
+            const int64_t v = 4 * g + e;
+            any |= v < vocab && x[v] >= floor;
+          }
+          if (!any) continue;
+          const Philox4 bits = stream.block(static_cast<uint32_t>(g));
+          for (int e = 0; e < 4; ++e) {
+            const int64_t v = 4 * g + e;
+            if (v < vocab && x[v] >= floor)
+              best = better(best, ArgMax{race_score(x[v], bits.v[e]), static_cast<int32_t>(v)});
+          }
         }
-        if (!any) continue;
-        const Philox4 bits = stream.block(static_cast<uint32_t>(g));
-        for (int e = 0; e < 4; ++e) {
-          const int64_t v = 4 * g + e;
-          if (v < vocab && x[v] >= floor)
-            best = better(best, ArgMax{race_score(x[v], bits.v[e]), static_cast<int32_t>(v)});
-        }
-      }
-      token = block_argmax(best, value_scratch, index_scratch).index;
+        token = block_argmax(best, value_scratch, index_scratch).index;
       }
     }
   }

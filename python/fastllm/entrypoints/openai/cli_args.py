@@ -24,7 +24,6 @@ from fastllm.config import (
     non_negative_int,
     port_number,
     positive_int,
-    probability,
 )
 
 NOT_SUPPORTED = "not supported"
