@@ -255,3 +255,19 @@ TEST(SpecDecode, BadConfigurationsAreConfigErrors) {
   EXPECT_THROW(Engine(d, fake(), draft), ConfigError);
   EXPECT_THROW(Engine(make_config(50), fake(), draft), ConfigError);  // a draft, no method
 }
+
+TEST(SpecDecode, NoDraftsPastTheSpeculativeLengthLimit) {
+  auto js = jobs(6, 7);
+  for (auto& j : js) j.prompt.resize(30, 11);  // every prompt 30 tokens
+  EngineConfig c = make_config(300);
+  c.speculative.max_model_len = 30;
+  auto draft = draft_model(c, 4, 300, 0);
+  const SpecRun spec = run(c, js, draft);
+  expect_reference(js, spec);
+  EXPECT_EQ(spec.stats.spec_draft_tokens, 0);
+  c.speculative.max_model_len = 40;  // room for drafts up to 40 tokens
+  auto draft2 = draft_model(c, 4, 300, 0);
+  const SpecRun some = run(c, js, draft2);
+  expect_reference(js, some);
+  EXPECT_GT(some.stats.spec_draft_tokens, 0);
+}

@@ -413,6 +413,8 @@ void Engine::Impl::propose_drafts() {
     if (req->params.max_tokens >= 0) {
       cap = std::min(cap, req->params.max_tokens - req->num_output_tokens() - 1);
     }
+    // Sequences past speculative_max_model_len decode without drafts.
+    if (spec.max_model_len > 0) cap = std::min(cap, spec.max_model_len - req->num_tokens());
     if (cap <= 0) continue;
     drafting.push_back(req);
     draft_caps.push_back(cap);

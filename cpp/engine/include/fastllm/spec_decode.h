@@ -53,7 +53,7 @@ struct SpeculativeConfig {
   // to one past the accepted count, pauses after repeated misses), so text that does not repeat
   // stops paying for verify rows. Off: always k drafts when the proposer has them.
   bool adaptive = true;
-  int32_t max_model_len = 0;  // draft model: no drafts past this many tokens (0 = the engine's)
+  int32_t max_model_len = 0;  // no drafts for sequences this long or longer (0 = no limit)
   KVCacheConfig draft_cache;  // draft model: its own KV cache (prefix caching unused)
 
   bool enabled() const { return method != SpecMethod::kNone && num_speculative_tokens > 0; }
