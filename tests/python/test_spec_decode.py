@@ -150,12 +150,15 @@ def test_guided_requests_run_without_drafts():
 
 def test_default_model_drafting_for_itself_is_always_accepted(greedy_reference,
                                                               default_gguf_path):
-    llm = LLM(max_model_len=512, speculative_config={
+    # A pool small enough to preempt, and a second round that hits the prefix cache.
+    llm = LLM(max_model_len=256, num_gpu_blocks_override=34, speculative_config={
         "model": default_gguf_path, "num_speculative_tokens": 4, "adaptive": False})
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=2)
-    same_outputs(outputs(llm, PROMPTS, params), greedy_reference)
+    for _ in range(2):
+        same_outputs(outputs(llm, PROMPTS, params), greedy_reference)
     s = stats(llm)
     assert s.spec_draft_tokens > 0 and s.spec_accepted_tokens == s.spec_draft_tokens
+    assert s.num_preemptions > 0 and s.prefix_hits > 0
 
 
 @pytest.fixture(scope="module")
