@@ -29,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import httpx
@@ -125,20 +127,40 @@ def tree_peak_rss_mb(pid: int) -> float:
     return total / 1024
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str,
-                      output_len: int) -> tuple[int, float | None, list[float]]:
-    body = {
-        "model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
-        "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True},
-    }
+@dataclass
+class Streamed:
+    """One streamed OpenAI response: completion tokens (usage, else the chunks that carried
+    text), time to first text and the gaps between later text chunks, the text itself, and
+    llama-server's `timings` object when it sends one."""
+
+    tokens: int
+    ttft: float | None
+    gaps: list[float]
+    text: str
+    prompt_tokens: int | None = None
+    timings: dict | None = None
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens after the first one per second of streaming them (prefill left out)."""
+        span = sum(self.gaps)
+        return (self.tokens - 1) / span if span > 0 and self.tokens > 1 else float("nan")
+
+
+async def stream_request(client: httpx.AsyncClient, url: str, body: dict) -> Streamed:
+    """POST `body` with streaming and usage on, to /v1/completions or /v1/chat/completions."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    first = None
+    first = last = None
     chunks = 0
-    usage = None
+    usage = timings = None
     gaps: list[float] = []
-    last = None
+    parts: list[str] = []
     async with client.stream("POST", url, json=body) as resp:
-        resp.raise_for_status()
+        if resp.status_code >= 400:
+            await resp.aread()
+            raise httpx.HTTPStatusError(f"HTTP {resp.status_code}: {resp.text[:300]}",
+                                        request=resp.request, response=resp)
         async for line in resp.aiter_lines():
             if not line.startswith("data:"):
                 continue
@@ -146,10 +168,12 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
             if data == "[DONE]":
                 break
             msg = json.loads(data)
-            if msg.get("usage"):
-                usage = msg["usage"]
+            usage = msg.get("usage") or usage
+            timings = msg.get("timings") or timings
             for choice in msg.get("choices") or []:
-                if choice.get("text"):
+                piece = choice.get("text") or (choice.get("delta") or {}).get("content")
+                if piece:
+                    parts.append(piece)
                     chunks += 1
                     now = time.perf_counter()
                     if first is None:
@@ -158,35 +182,48 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
                         gaps.append(now - last)
                     last = now
     tokens = int(usage["completion_tokens"]) if usage and usage.get("completion_tokens") else chunks
-    return tokens, first, gaps
+    prompt_tokens = int(usage["prompt_tokens"]) if usage and usage.get("prompt_tokens") else None
+    return Streamed(tokens, first, gaps, "".join(parts), prompt_tokens, timings)
+
+
+async def drive(clients: int, jobs: list, handle: Callable[[httpx.AsyncClient, object],
+                                                           Awaitable[None]]) -> float:
+    """Runs handle(client, job) for every job with `clients` of them in flight at a time, in
+    order; returns the wall seconds from the first request to the last response."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for job in jobs:
+        queue.put_nowait(job)
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while True:
+            try:
+                job = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            await handle(client, job)
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(clients)))
+        return time.perf_counter() - t0
 
 
 async def run_level(base: str, model: str, clients: int, requests: int,
                     output_len: int) -> Level:
     level = Level(clients, requests)
     url = f"{base}/v1/completions"
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(requests):
-        queue.put_nowait(i)
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
 
-    async def worker(client: httpx.AsyncClient) -> None:
-        while True:
-            try:
-                i = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            tokens, ttft, gaps = await one_request(client, url, model,
-                                                   PROMPTS[i % len(PROMPTS)], output_len)
-            level.tokens += tokens
-            level.itl.extend(gaps)
-            if ttft is not None:
-                level.ttft.append(ttft)
+    async def handle(client: httpx.AsyncClient, i: int) -> None:
+        body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": output_len,
+                "temperature": 0.0, "ignore_eos": True}
+        out = await stream_request(client, url, body)
+        level.tokens += out.tokens
+        level.itl.extend(out.gaps)
+        if out.ttft is not None:
+            level.ttft.append(out.ttft)
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(clients)))
-        level.seconds = time.perf_counter() - t0
+    level.seconds = await drive(clients, list(range(requests)), handle)
     return level
 
 
@@ -204,9 +241,34 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float) -> float:
     raise RuntimeError(f"server not ready after {timeout:.0f} s")
 
 
-def bench_server(name: str, cmd: list[str], port: int, model: str, args, env=None,
-                 clients_levels: list[int] | None = None) -> Result:
-    result = Result(name)
+@dataclass
+class Server:
+    name: str
+    base: str
+    proc: subprocess.Popen
+    log_path: str
+    ready_s: float
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (it was started in its own session), SIGKILL when
+    it has not exited 20 s later."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@contextmanager
+def running_server(name: str, cmd: list[str], port: int, ready_timeout: float,
+                   env: dict | None = None) -> Iterator[Server]:
+    """Starts `cmd` (a server listening on 127.0.0.1:port) with its output in a temporary log,
+    waits until /v1/models answers, and stops it on leaving. Raises RuntimeError when it exits
+    or is not ready in time."""
     base = f"http://127.0.0.1:{port}"
     fd, log_path = tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")
     print(f"\n== {name}: {' '.join(cmd)}  (log: {log_path})", flush=True)
@@ -214,28 +276,54 @@ def bench_server(name: str, cmd: list[str], port: int, model: str, args, env=Non
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
     try:
-        result.ready_s = wait_ready(base, proc, args.ready_timeout)
-        asyncio.run(run_level(base, model, 1, 1, 16))  # warm-up
-        for clients in clients_levels or args.clients:
-            requests = 8 if clients == 1 else (args.requests or 2 * clients)
-            level = asyncio.run(run_level(base, model, clients, requests, args.output_len))
-            result.levels[clients] = level
-            result.peak_rss_mb[clients] = tree_peak_rss_mb(proc.pid)
-            print(f"  {clients:>3} clients, {requests:>3} x {args.output_len}: "
-                  f"{level.tok_s:8.1f} tok/s, {level.summary()}, peak RSS "
-                  f"{result.peak_rss_mb[clients]:.0f} MB", flush=True)
+        ready_s = wait_ready(base, proc, ready_timeout)
+        yield Server(name, base, proc, log_path, ready_s)
+    finally:
+        stop_server(proc)
+
+
+def fastllm_command(model: str, port: int, model_name: str, max_model_len: int = 1024,
+                    extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    serve = shutil.which("fastllm-serve")
+    return ([serve] if serve else [sys.executable, "-m", "fastllm.entrypoints.cli"]) + [
+        "--model", model, "--host", "127.0.0.1", "--port", str(port),
+        "--max-model-len", str(max_model_len), "--served-model-name", model_name,
+        "--disable-log-stats", "--disable-log-requests", *extra]
+
+
+def fastllm_env(threads: int) -> dict[str, str]:
+    return dict(os.environ, FASTLLM_CPU_THREADS=str(threads))
+
+
+def llama_server_command(binary: str, model: str, port: int, model_name: str, threads: int,
+                         slots: int, ctx_per_slot: int,
+                         extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """llama-server with `slots` parallel sequences (-np) sharing a context of
+    slots x ctx_per_slot tokens."""
+    return [os.path.expanduser(binary), "-m", model, "-t", str(threads), "-np", str(slots),
+            "-c", str(slots * ctx_per_slot), "--host", "127.0.0.1", "--port", str(port),
+            "--alias", model_name, *extra]
+
+
+def bench_server(name: str, cmd: list[str], port: int, model: str, args, env=None,
+                 clients_levels: list[int] | None = None) -> Result:
+    result = Result(name)
+    try:
+        with running_server(name, cmd, port, args.ready_timeout, env) as server:
+            result.ready_s = server.ready_s
+            asyncio.run(run_level(server.base, model, 1, 1, 16))  # warm-up
+            for clients in clients_levels or args.clients:
+                requests = 8 if clients == 1 else (args.requests or 2 * clients)
+                level = asyncio.run(run_level(server.base, model, clients, requests,
+                                              args.output_len))
+                result.levels[clients] = level
+                result.peak_rss_mb[clients] = tree_peak_rss_mb(server.proc.pid)
+                print(f"  {clients:>3} clients, {requests:>3} x {args.output_len}: "
+                      f"{level.tok_s:8.1f} tok/s, {level.summary()}, peak RSS "
+                      f"{result.peak_rss_mb[clients]:.0f} MB", flush=True)
     except (RuntimeError, OSError, httpx.HTTPError) as e:  # reported, not fatal
         result.error = f"{type(e).__name__}: {e}"
         print(f"  failed: {result.error}", flush=True)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     return result
 
 
@@ -290,13 +378,9 @@ def main() -> None:
     results: list[Result] = []
 
     port = free_port()
-    serve = shutil.which("fastllm-serve")
-    cmd = ([serve] if serve else [sys.executable, "-m", "fastllm.entrypoints.cli"]) + [
-        "--model", args.model, "--host", "127.0.0.1", "--port", str(port),
-        "--max-model-len", "1024", "--served-model-name", model_name, "--disable-log-stats",
-        "--disable-log-requests", *args.fastllm_args.split()]
-    env = dict(os.environ, FASTLLM_CPU_THREADS=str(args.threads))
-    results.append(bench_server("fastllm", cmd, port, model_name, args, env))
+    cmd = fastllm_command(args.model, port, model_name, 1024, args.fastllm_args.split())
+    results.append(bench_server("fastllm", cmd, port, model_name, args,
+                                fastllm_env(args.threads)))
 
     if args.llama_server:
         # One server per level with as many slots (-np) as clients, as llama.cpp is deployed
@@ -304,10 +388,8 @@ def main() -> None:
         merged = Result("llama-server")
         for clients in args.clients:
             port = free_port()
-            cmd = [os.path.expanduser(args.llama_server), "-m", args.model, "-t",
-                   str(args.threads), "-np", str(clients), "-c",
-                   str(clients * args.ctx_per_slot), "--host", "127.0.0.1", "--port", str(port),
-                   "--alias", model_name]
+            cmd = llama_server_command(args.llama_server, args.model, port, model_name,
+                                       args.threads, clients, args.ctx_per_slot)
             merged.merge(bench_server("llama-server", cmd, port, model_name, args,
                                       clients_levels=[clients]))
         results.append(merged)

@@ -4,9 +4,12 @@ imports (transformers imports the PyPI package `kernels` when it finds one)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -14,8 +17,6 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 def test_no_benchmark_script_shadows_an_importable_module():
     stems = sorted(p.stem for p in BENCHMARKS.glob("*.py"))
     assert stems, "no benchmark scripts found"
-    import json
-
     probe = ("import importlib.util, sys, json; names = json.loads(sys.argv[1]); "
              "print(json.dumps([n for n in names if n in sys.stdlib_module_names "
              "or importlib.util.find_spec(n) is not None]))")
@@ -33,3 +34,115 @@ def test_offline_throughput_imports_transformers_from_its_own_directory():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=BENCHMARKS, timeout=120)
     subprocess.run([sys.executable, str(BENCHMARKS / "offline_throughput.py"), "--help"],
                    check=True, cwd=BENCHMARKS, capture_output=True, timeout=120)
+
+
+def _spec_decode_plan(*flags: str) -> dict:
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "spec_decode.py"), "--dry-run",
+                          *flags], check=True, cwd=BENCHMARKS, capture_output=True, text=True,
+                         timeout=120)
+    return {c["name"]: c for c in json.loads(out.stdout)["configs"]}
+
+
+def test_spec_decode_help_runs_from_its_directory():
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "spec_decode.py"), "--help"],
+                         check=True, cwd=BENCHMARKS, capture_output=True, text=True, timeout=120)
+    assert "--llama-server" in out.stdout and "--draft-model" in out.stdout
+
+
+def test_spec_decode_fastllm_commands_parse_to_the_speculation_asked_for():
+    """The flags the benchmark gives fastllm-serve are read by its own parser as the intended
+    speculative settings (a renamed flag or key would fail here, not in a long run)."""
+    from fastllm.config import EngineArgs
+    from fastllm.entrypoints.openai.cli_args import parse_args
+
+    plan = _spec_decode_plan("--k", "3", "--ngram-max", "5", "--ngram-min", "2",
+                             "--no-adaptive", "--draft-model", "/d/draft.gguf")
+    assert sorted(plan) == ["fastllm", "fastllm-draft", "fastllm-ngram"]  # no llama-server
+
+    def settings(name: str):
+        argv = plan[name]["commands"]["4"]
+        argv = argv[argv.index("--model"):]  # after the interpreter / entry point
+        return EngineArgs.from_namespace(parse_args(argv, environ={})).speculative_settings()
+
+    assert settings("fastllm") is None
+    ngram = settings("fastllm-ngram")
+    assert (ngram.method, ngram.num_speculative_tokens, ngram.prompt_lookup_min,
+            ngram.prompt_lookup_max, ngram.adaptive) == ("ngram", 3, 2, 5, False)
+    draft = settings("fastllm-draft")
+    assert (draft.method, draft.model, draft.num_speculative_tokens) == (
+        "draft_model", "/d/draft.gguf", 3)
+
+
+def test_spec_decode_llama_server_commands():
+    plan = _spec_decode_plan("--llama-server", "/opt/llama-server", "--k", "6",
+                             "--clients", "1", "4")
+    spec = plan["llama-server-ngram"]["commands"]
+    assert sorted(spec) == ["1", "4"]  # one server per concurrency
+    argv = spec["4"]
+
+    def value(flag: str) -> str:
+        return argv[argv.index(flag) + 1]
+
+    assert (value("-np"), value("--spec-type"), value("--spec-draft-n-max")) == (
+        "4", "ngram-simple", "6")
+    # ngram-simple drafts nothing unless size_n <= size_m: n = min(ngram-max 4, k), m = k.
+    assert (value("--spec-ngram-simple-size-n"), value("--spec-ngram-simple-size-m")) == (
+        "4", "6")
+    assert "--metrics" in argv and "--spec-type" not in plan["llama-server"]["commands"]["1"]
+    assert "llama-server-draft" not in plan
+
+
+@pytest.fixture
+def spec_decode(monkeypatch):
+    """benchmarks/spec_decode.py as a module (it imports serve and spec_prompts as siblings)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    for name in ("spec_decode", "serve", "spec_prompts"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    module = importlib.import_module("spec_decode")
+    yield module
+    for name in ("spec_decode", "serve", "spec_prompts"):
+        sys.modules.pop(name, None)
+
+
+def test_spec_decode_counts_from_fastllm_metrics(spec_decode):
+    """fastllm exports no verify-step count: the benchmark derives it from the mean accepted
+    length gauge, (accepted + steps) / steps."""
+    def exposition(drafts, accepted, steps):
+        mean = (accepted + steps) / steps if steps else 0.0
+        return "\n".join([
+            "# HELP fastllm:spec_decode_num_draft_tokens Draft tokens the target verified",
+            f'fastllm:spec_decode_num_draft_tokens{{model_name="bench"}} {float(drafts)}',
+            f'fastllm:spec_decode_num_accepted_tokens{{model_name="bench"}} {float(accepted)}',
+            f'fastllm:spec_decode_mean_accepted_length{{model_name="bench"}} {mean!r}',
+            'fastllm:spec_decode_draft_time_seconds{model_name="bench"} 0.25',
+            'fastllm:spec_decode_verify_time_seconds{model_name="bench"} 4.5'])
+
+    def counts(text):
+        return spec_decode.fastllm_spec_counts(spec_decode.parse_metrics(text))
+
+    before = counts(exposition(1000, 613, 257))
+    after = counts(exposition(1000 + 4321, 613 + 2999, 257 + 1237))
+    assert (before.steps, after.steps) == (257, 1494)
+    delta = after - before
+    assert (delta.drafts, delta.accepted, delta.steps) == (4321, 2999, 1237)
+    assert delta.mean_accepted_length == pytest.approx((2999 + 1237) / 1237)
+    assert delta.acceptance == pytest.approx(2999 / 4321)
+    assert (delta.draft_s, delta.verify_s) == (0.0, 0.0)
+    assert counts(exposition(0, 0, 0)).steps == 0
+    # Drafts verified, none accepted: the mean is 1 whatever the step count.
+    assert counts(exposition(40, 0, 9)).steps is None
+    assert (counts(exposition(50, 10, 20)) - counts(exposition(40, 0, 9))).steps is None
+
+
+def test_spec_decode_compares_outputs_prompt_by_prompt(spec_decode):
+    a, b = spec_decode.Measure(), spec_decode.Measure()
+    a.texts = {0: ["same"], 1: ["The quick brown fox"], 2: ["x", "y"]}
+    b.texts = {0: ["same"], 1: ["The quick brown cat"], 2: ["x", "x"]}
+    same, total, notes = spec_decode.compare_texts(a, b)
+    assert (same, total) == (1, 3)
+    assert notes[0].startswith("prompt 1: differ at char 16 of 19/19")
+    assert "not deterministic" in notes[1]
+    assert spec_decode.first_difference("abc", "abcd") == 3
+    assert spec_decode.first_difference("abc", "abc") == -1
