@@ -271,3 +271,45 @@ TEST(SpecDecode, NoDraftsPastTheSpeculativeLengthLimit) {
   expect_reference(js, some);
   EXPECT_GT(some.stats.spec_draft_tokens, 0);
 }
+
+TEST(DraftPlanner, TakesTheRowsThatPayOnTheMeasuredCostCurve) {
+  // A CPU-like curve: rows up to 4 cost little more than one, each row after that 1.2 ms.
+  DraftPlanner planner;
+  for (int32_t r = 1; r <= 16; ++r) {
+    const double ms = 5.0 + (r <= 4 ? 0.3 * (r - 1) : 0.9 + 1.2 * (r - 4));
+    planner.observe_step(r, ms / 1000.0);
+  }
+  // One stream at 80 % acceptance: three drafts fill the cheap rows; a fourth costs more than it
+  // brings (3.36 tokens in 7.1 ms against 2.95 in 5.9 ms).
+  EXPECT_EQ(planner.plan(1, {0.8}, {8}), (std::vector<int32_t>{3}));
+  // Eight streams already past the cheap rows: no draft pays at 60 %.
+  EXPECT_EQ(planner.plan(8, std::vector<double>(8, 0.6), std::vector<int32_t>(8, 4)),
+            std::vector<int32_t>(8, 0));
+  // Drafts go to the sequences that accept more, and never past a cap.
+  EXPECT_EQ(planner.plan(2, {0.95, 0.1}, {1, 4}), (std::vector<int32_t>{1, 0}));
+  // The draft model's own time counts against deeper drafts.
+  planner.observe_draft_step(0.004);
+  EXPECT_EQ(planner.plan(1, {0.8}, {8}), (std::vector<int32_t>{0}));
+}
+
+TEST(DraftPlanner, ExploresRowCountsItHasNotMeasured) {
+  DraftPlanner fresh;
+  EXPECT_EQ(fresh.plan(1, {0.5}, {4}), (std::vector<int32_t>{2}));
+  DraftPlanner one;
+  one.observe_step(1, 0.005);
+  // Beyond the last measurement the cost is extrapolated optimistically: drafts get tried.
+  EXPECT_GT(one.plan(1, {0.5}, {4})[0], 0);
+  EXPECT_NEAR(one.step_seconds(3), 0.005 * 1.2, 1e-12);
+  one.observe_step(3, 0.009);
+  EXPECT_NEAR(one.step_seconds(2), 0.007, 1e-12);  // between measurements: interpolated
+  // A row count once measured as expensive is tried again now and then.
+  DraftPlanner curve;
+  for (int32_t r = 1; r <= 8; ++r) curve.observe_step(r, r <= 3 ? 0.005 : 0.005 * r);
+  int explored = 0;
+  for (int64_t i = 0; i < 4 * DraftPlanner::kExploreEvery; ++i) {
+    const int32_t drafts = curve.plan(1, {0.8}, {6})[0];
+    EXPECT_TRUE(drafts == 2 || drafts == 3) << drafts;
+    explored += drafts == 3;
+  }
+  EXPECT_EQ(explored, 4);
+}

@@ -173,11 +173,14 @@ struct Engine::Impl {
   int64_t num_generated_tokens = 0;
   int64_t num_prompt_tokens_computed = 0;
   std::unique_ptr<Proposer> proposer;  // speculative decoding, when on
-  std::vector<Request*> drafting;      // this step's sequences with a proposal round
+  DraftPlanner draft_planner;
+  std::vector<Request*> drafting;  // this step's sequences with a proposal round
   std::vector<int32_t> draft_caps;
+  std::vector<double> draft_acceptance;
   int64_t spec_draft_tokens = 0;
   int64_t spec_accepted_tokens = 0;
   int64_t spec_verify_steps = 0;
+  int64_t spec_rejections = 0;  // verifications that rejected a draft
   double spec_draft_seconds = 0.0;
   double spec_verify_seconds = 0.0;
 
@@ -366,10 +369,10 @@ std::vector<RequestOutput> Engine::Impl::run_step() {
   StepResult result;
   const auto step_start = std::chrono::steady_clock::now();
   const std::string failure = execute(plan, result);
-  if (verifies) {
-    spec_verify_seconds +=
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
-  }
+  const double step_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
+  if (verifies) spec_verify_seconds += step_seconds;
+  if (proposer && failure.empty()) draft_planner.observe_step(plan.num_tokens, step_seconds);
   if (failure.empty()) {
     apply_result(sched, plan, result, out);
   } else if (sched.scheduled.size() > 1 && sched.block_ops.swap_out.empty()) {
@@ -403,13 +406,8 @@ void Engine::Impl::propose_drafts() {
         req->num_first_samples() != 1) {
       continue;
     }
-    if (req->spec_len < 0) req->spec_len = spec.num_speculative_tokens;
-    if (req->spec_pause > 0) {
-      --req->spec_pause;
-      continue;
-    }
     // a drafts accepted end in a + 1 new tokens: stay within max_tokens and max_model_len.
-    int32_t cap = std::min(req->spec_len, max_model_len - req->num_tokens() - 1);
+    int32_t cap = std::min(spec.num_speculative_tokens, max_model_len - req->num_tokens() - 1);
     if (req->params.max_tokens >= 0) {
       cap = std::min(cap, req->params.max_tokens - req->num_output_tokens() - 1);
     }
@@ -420,10 +418,27 @@ void Engine::Impl::propose_drafts() {
     draft_caps.push_back(cap);
   }
   if (drafting.empty()) return;
+  if (spec.adaptive) {
+    // Each sequence's acceptance, shrunk towards the engine-wide rate while it has few verdicts.
+    const double overall = static_cast<double>(spec_accepted_tokens + 1) /
+                           static_cast<double>(spec_accepted_tokens + spec_rejections + 2);
+    draft_acceptance.clear();
+    for (Request* req : drafting) {
+      const double a = (static_cast<double>(req->spec_accepted) + 2.0 * overall) /
+                       static_cast<double>(req->spec_accepted + req->spec_rejected + 2);
+      draft_acceptance.push_back(std::clamp(a, 0.01, 0.99));
+    }
+    draft_caps = draft_planner.plan(scheduler.num_running(), draft_acceptance, draft_caps);
+  }
   const auto start = std::chrono::steady_clock::now();
   proposer->propose(drafting, draft_caps);
-  spec_draft_seconds +=
+  const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  spec_draft_seconds += seconds;
+  if (spec.method == SpecMethod::kDraftModel) {
+    const int32_t steps = *std::max_element(draft_caps.begin(), draft_caps.end());
+    if (steps > 0) draft_planner.observe_draft_step(seconds / steps);
+  }
 }
 
 std::string Engine::Impl::execute(const BatchPlan& step, StepResult& result) {
@@ -608,7 +623,6 @@ void Engine::Impl::apply_result(const SchedulerOutput& sched, const BatchPlan& p
       if (extending == req) extending = nullptr;
     }
   }
-  const SpeculativeConfig& spec = config.speculative;
   for (int32_t seq = 0; seq < plan.num_seqs; ++seq) {
     const int32_t d = plan.num_draft_tokens[seq];
     if (d == 0) continue;
@@ -616,7 +630,11 @@ void Engine::Impl::apply_result(const SchedulerOutput& sched, const BatchPlan& p
     spec_draft_tokens += d;
     spec_accepted_tokens += accepted[seq];
     ++spec_verify_steps;
-    update_draft_len(*req, d, accepted[seq], spec.num_speculative_tokens, spec.adaptive);
+    req->spec_accepted += accepted[seq];
+    if (accepted[seq] < d) {
+      ++req->spec_rejected;
+      ++spec_rejections;
+    }
     req->draft_token_ids.clear();
     // Blocks that hold only rejected drafts go back (a finished request frees all below).
     if (!is_finished(req->status)) kv.free_tail(*req, req->num_tokens());

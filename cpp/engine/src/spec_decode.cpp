@@ -65,26 +65,89 @@ void NgramProposer::propose(const std::vector<Request*>& seqs, const std::vector
   }
 }
 
-void update_draft_len(Request& req, int32_t proposed, int32_t accepted, int32_t k_max,
-                      bool adaptive) {
-  if (!adaptive) {
-    req.spec_len = k_max;
-    return;
+DraftPlanner::DraftPlanner(int32_t max_rows)
+    : seconds_(static_cast<size_t>(std::max(max_rows, 2)) + 1, 0.0) {}
+
+void DraftPlanner::observe_step(int32_t rows, double seconds) {
+  if (rows < 1 || rows >= static_cast<int32_t>(seconds_.size()) || !(seconds > 0.0)) return;
+  double& t = seconds_[static_cast<size_t>(rows)];
+  t = t > 0.0 ? 0.75 * t + 0.25 * seconds : seconds;
+}
+
+void DraftPlanner::observe_draft_step(double seconds) {
+  if (!(seconds >= 0.0)) return;
+  draft_step_seconds_ =
+      draft_step_seconds_ > 0.0 ? 0.75 * draft_step_seconds_ + 0.25 * seconds : seconds;
+}
+
+double DraftPlanner::step_seconds(int32_t rows) const {
+  const auto size = static_cast<int32_t>(seconds_.size());
+  if (rows < 1) return 0.0;
+  if (rows < size && seconds_[static_cast<size_t>(rows)] > 0.0) {
+    return seconds_[static_cast<size_t>(rows)];
   }
-  if (proposed == 0) return;
-  if (accepted == proposed) {
-    // Repeated text comes in runs: ramp up quickly while whole drafts land.
-    req.spec_len = std::min(k_max, std::max(1, req.spec_len) * 2);
-    req.spec_misses = 0;
-    return;
+  int32_t lo = std::min(rows, size) - 1, hi = rows + 1;
+  while (lo >= 1 && !(seconds_[static_cast<size_t>(lo)] > 0.0)) --lo;
+  while (hi < size && !(seconds_[static_cast<size_t>(hi)] > 0.0)) ++hi;
+  const bool has_lo = lo >= 1, has_hi = hi < size;
+  if (has_lo && has_hi) {
+    const double tl = seconds_[static_cast<size_t>(lo)], th = seconds_[static_cast<size_t>(hi)];
+    return tl + (th - tl) * (rows - lo) / static_cast<double>(hi - lo);
   }
-  req.spec_len = std::max(1, accepted + 1);
-  if (accepted > 0) {
-    req.spec_misses = 0;
-    return;
+  // Past what was measured: optimistic, so the planner tries a longer step once and learns its
+  // real cost. Half the slope of the last two measurements, or a tenth of the average cost per
+  // row when there is only one.
+  if (has_lo) {
+    const double tl = seconds_[static_cast<size_t>(lo)];
+    int32_t below = lo - 1;
+    while (below >= 1 && !(seconds_[static_cast<size_t>(below)] > 0.0)) --below;
+    if (below >= 1) {
+      const double slope = (tl - seconds_[static_cast<size_t>(below)]) / (lo - below);
+      return tl + 0.5 * std::max(slope, 0.0) * (rows - lo);
+    }
+    return tl * (1.0 + 0.1 * (rows - lo) / lo);
   }
-  // Misses in a row: sit out a growing number of steps, then probe with one draft again.
-  if (++req.spec_misses >= 3) req.spec_pause = std::min(64, 4 << std::min(req.spec_misses - 3, 4));
+  if (has_hi) return seconds_[static_cast<size_t>(hi)] * rows / hi;
+  return 1.0 + 0.1 * (rows - 1);  // nothing measured yet: relative units
+}
+
+std::vector<int32_t> DraftPlanner::plan(int32_t base_rows, const std::vector<double>& acceptance,
+                                        const std::vector<int32_t>& caps) {
+  struct Candidate {
+    double value;
+    int32_t seq, depth;
+  };
+  std::vector<Candidate> candidates;
+  for (size_t i = 0; i < caps.size(); ++i) {
+    double value = 1.0;
+    for (int32_t j = 1; j <= caps[i]; ++j) {
+      value *= acceptance[i];
+      candidates.push_back({value, static_cast<int32_t>(i), j});
+    }
+  }
+  // Within a sequence values fall with depth, so the best d drafts are a prefix of each one's.
+  std::stable_sort(candidates.begin(), candidates.end(),
+                   [](const Candidate& a, const Candidate& b) { return a.value > b.value; });
+  const double base_tokens = std::max<double>(static_cast<double>(acceptance.size()), 1.0);
+  double tokens = base_tokens;
+  double best_rate = base_tokens / step_seconds(base_rows);
+  size_t best = 0;
+  int32_t deepest = 0;
+  for (size_t d = 1; d <= candidates.size(); ++d) {
+    tokens += candidates[d - 1].value;
+    deepest = std::max(deepest, candidates[d - 1].depth);
+    const double seconds = step_seconds(base_rows + static_cast<int32_t>(d)) +
+                           deepest * draft_step_seconds_;
+    const double rate = tokens / seconds;
+    if (rate > best_rate * (1.0 + 1e-9)) {
+      best_rate = rate;
+      best = d;
+    }
+  }
+  if (++num_plans_ % kExploreEvery == 0 && best < candidates.size()) ++best;
+  std::vector<int32_t> counts(caps.size(), 0);
+  for (size_t d = 0; d < best; ++d) ++counts[static_cast<size_t>(candidates[d].seq)];
+  return counts;
 }
 
 // ---- draft model ----

@@ -82,12 +82,12 @@ struct Request {
   std::vector<uint64_t> block_nodes;
 
   // Speculative decoding (spec_decode.h): this step's proposed tokens (not part of token_ids
-  // until accepted), how many the sequence may propose now (the adaptive policy; -1 = not set
-  // yet), and its misses in a row and the steps it still sits out after them.
+  // until accepted), and this sequence's drafts accepted and rejections so far (a verification
+  // rejects at most one draft; those after it are never judged), whose ratio steers how many it
+  // may propose.
   std::vector<int32_t> draft_token_ids;
-  int32_t spec_len = -1;
-  int32_t spec_misses = 0;
-  int32_t spec_pause = 0;
+  int64_t spec_accepted = 0;
+  int64_t spec_rejected = 0;
 
   int32_t num_tokens() const { return static_cast<int32_t>(token_ids.size()); }
   int32_t num_output_tokens() const { return num_tokens() - num_prompt_tokens; }

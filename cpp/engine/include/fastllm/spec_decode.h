@@ -49,9 +49,9 @@ struct SpeculativeConfig {
   AcceptanceMethod acceptance = AcceptanceMethod::kRejection;
   float typical_threshold = 0.09f;
   float typical_alpha = 0.3f;
-  // Each sequence's draft length follows its recent acceptance (grows on full acceptance, shrinks
-  // to one past the accepted count, pauses after repeated misses), so text that does not repeat
-  // stops paying for verify rows. Off: always k drafts when the proposer has them.
+  // Drafts per step are planned by expected gain over measured cost (DraftPlanner), so
+  // speculation takes the rows that pay on this machine and stands aside when none do. Off:
+  // always k drafts when the proposer has them.
   bool adaptive = true;
   int32_t max_model_len = 0;  // no drafts for sequences this long or longer (0 = no limit)
   KVCacheConfig draft_cache;  // draft model: its own KV cache (prefix caching unused)
@@ -111,8 +111,36 @@ class DraftModelProposer : public Proposer {
   int64_t num_steps_ = 0;
 };
 
-// The draft length policy of SpeculativeConfig::adaptive, applied after a verification.
-void update_draft_len(Request& req, int32_t proposed, int32_t accepted, int32_t k_max,
-                      bool adaptive);
+// How many drafts each sequence proposes in a step (SpeculativeConfig::adaptive). A draft at depth
+// j of a sequence with acceptance rate a is worth a^j tokens (it counts only if every draft before
+// it is accepted); a step of R token rows costs t(R), learned from the executor's measured step
+// times (an exponential average per row count; rows never seen are extrapolated optimistically,
+// so the planner tries them once and then knows). The plan takes the most valuable drafts, as
+// many as maximise tokens per second: (decoding rows + value of the drafts) / (t(rows + drafts) +
+// the draft model's time). On a CPU whose GEMMs turn compute-bound after a few rows this gives a
+// few drafts to a single stream and none to a large batch; on a GPU it gives many.
+class DraftPlanner {
+ public:
+  explicit DraftPlanner(int32_t max_rows = 256);
+  // A step of `rows` token rows took `seconds` in the target's executor.
+  void observe_step(int32_t rows, double seconds);
+  // The draft model took `seconds` for one draft step (0 for proposers that cost nothing).
+  void observe_draft_step(double seconds);
+  // The estimated seconds of a target step with `rows` token rows.
+  double step_seconds(int32_t rows) const;
+  // Drafts per sequence: caps[i] at most, given each sequence's acceptance rate, for a step whose
+  // other work is base_rows token rows. Every kExploreEvery-th plan takes one draft more than the
+  // best, so a row count whose one measurement was unlucky (another process took the core) is
+  // measured again rather than avoided for good.
+  std::vector<int32_t> plan(int32_t base_rows, const std::vector<double>& acceptance,
+                            const std::vector<int32_t>& caps);
+
+  static constexpr int64_t kExploreEvery = 32;
+
+ private:
+  std::vector<double> seconds_;  // by row count; 0 = never measured
+  double draft_step_seconds_ = 0.0;
+  int64_t num_plans_ = 0;
+};
 
 }  // namespace fastllm
