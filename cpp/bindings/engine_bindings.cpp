@@ -170,7 +170,8 @@ void bind_engine(nb::module_& m) {
       .def_rw("max_model_len", &SchedulerConfig::max_model_len)
       .def_rw("enable_chunked_prefill", &SchedulerConfig::enable_chunked_prefill)
       .def_rw("policy", &SchedulerConfig::policy)
-      .def_rw("preemption_mode", &SchedulerConfig::preemption_mode);
+      .def_rw("preemption_mode", &SchedulerConfig::preemption_mode)
+      .def_rw("max_loras", &SchedulerConfig::max_loras);
 
   nb::class_<SpeculativeConfig>(m, "SpeculativeConfig",
                                 "Speculative decoding (fastllm/spec_decode.h); off by default")
@@ -221,6 +222,9 @@ void bind_engine(nb::module_& m) {
       .def_ro("max_blocks_per_seq", &BatchPlan::max_blocks_per_seq)
       .def_ro("request_ids", &BatchPlan::request_ids)
       .def_ro("any_prompt_logprobs", &BatchPlan::any_prompt_logprobs)
+      .def_ro("any_lora", &BatchPlan::any_lora)
+      .def_prop_ro(
+          "lora_ids", [](const BatchPlan& p) { return view1d(p.lora_ids); }, ref)
       .def_ro("typical_acceptance", &BatchPlan::typical_acceptance)
       .def_ro("typical_threshold", &BatchPlan::typical_threshold)
       .def_ro("typical_alpha", &BatchPlan::typical_alpha)
@@ -393,7 +397,7 @@ void bind_engine(nb::module_& m) {
           "verify_kv"_a = true, "disagree_every"_a = 0)
       .def_static("reference_generate", &FakeExecutor::reference_generate, "prompt"_a,
                   "max_tokens"_a, "vocab_size"_a, "eos_token_ids"_a, "min_tokens"_a = 0,
-                  "seed"_a = -1, "child"_a = 0)
+                  "seed"_a = -1, "child"_a = 0, "lora_id"_a = 0)
       .def_prop_ro("num_steps", &FakeExecutor::num_steps);
 
   nb::class_<RequestOutput>(m, "RequestOutput")
@@ -460,7 +464,7 @@ void bind_engine(nb::module_& m) {
       .def(nb::init<const EngineConfig&, std::shared_ptr<Executor>, std::shared_ptr<Executor>>(),
            "config"_a, "executor"_a, "draft_executor"_a.none() = nb::none())
       .def("add_request", &Engine::add_request, "request_id"_a, "prompt_token_ids"_a, "params"_a,
-           "cache_salt"_a = 0, release())
+           "cache_salt"_a = 0, "lora_id"_a = 0, release())
       .def("abort", &Engine::abort, "request_id"_a, release())
       .def("step", &Engine::step, release())
       .def("has_unfinished_requests", &Engine::has_unfinished_requests)

@@ -16,6 +16,8 @@ void BatchPlan::clear() {
   num_computed_tokens.clear();
   block_tables.clear();
   request_ids.clear();
+  lora_ids.clear();
+  any_lora = false;
   num_prompt_tokens.clear();
   prompt_logprobs.clear();
   prompt_next_token.clear();
@@ -165,6 +167,8 @@ void build_batch_plan(const SchedulerOutput& out, int32_t block_size,
     std::copy(req.block_ids.begin(), req.block_ids.end(),
               plan.block_tables.begin() + static_cast<size_t>(seq) * max_blocks);
     plan.request_ids.push_back(req.id);
+    plan.lora_ids.push_back(req.lora_id);
+    plan.any_lora = plan.any_lora || req.lora_id != 0;
     const bool wants_prompt = req.params.prompt_logprobs >= 0 && start < req.num_prompt_tokens;
     plan.num_prompt_tokens.push_back(req.num_prompt_tokens);
     plan.prompt_logprobs.push_back(wants_prompt ? req.params.prompt_logprobs : -1);

@@ -20,6 +20,7 @@
 #endif
 
 #include "fastllm/batch_plan.h"
+#include "mix.h"
 
 namespace fastllm {
 
@@ -300,6 +301,7 @@ Request* Engine::Impl::sequence_for_row(Request* req, int32_t child) {
       seq->params.n = 1;
       if (seq->params.seed >= 0) seq->params.seed += c;
       seq->cache_salt = req->cache_salt;
+      seq->lora_id = req->lora_id;
       seq->num_prompt_tokens = req->num_prompt_tokens;
       seq->num_cached_tokens = req->num_cached_tokens;
       // req may already hold its own first token (its row comes first).
@@ -728,7 +730,7 @@ Engine::~Engine() { stop(); }
 const EngineConfig& Engine::config() const { return impl_->config; }
 
 void Engine::add_request(const std::string& request_id, std::vector<int32_t> prompt_token_ids,
-                         const SamplingParams& params, uint64_t cache_salt) {
+                         const SamplingParams& params, uint64_t cache_salt, int32_t lora_id) {
   const EngineConfig& c = impl_->config;
   if (request_id.empty()) throw InvalidRequestError("request_id must not be empty");
   if (prompt_token_ids.empty())
@@ -757,7 +759,11 @@ void Engine::add_request(const std::string& request_id, std::vector<int32_t> pro
   auto req = std::make_unique<Request>();
   req->id = request_id;
   req->params = params;
-  req->cache_salt = cache_salt;
+  if (lora_id < 0) throw InvalidRequestError("lora_id must be non-negative");
+  req->lora_id = lora_id;
+  // The adapter keys the prefix cache: its KV differs from the base model's for the same prompt.
+  req->cache_salt = lora_id == 0 ? cache_salt
+                                 : detail::mix64(cache_salt ^ (0x4c6f5241ull << 32 | lora_id));
   req->num_prompt_tokens = static_cast<int32_t>(n);
   req->token_ids = std::move(prompt_token_ids);
   req->token_ids.reserve(std::min<int64_t>(c.scheduler.max_model_len, n + 64));

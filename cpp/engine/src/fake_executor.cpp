@@ -20,10 +20,11 @@ FakeExecutor::FakeExecutor(const FakeExecutorConfig& config)
 
 int32_t FakeExecutor::next_token(const int32_t* context, int32_t length, int32_t vocab_size,
                                  int64_t seed, const int32_t* banned, int32_t num_banned,
-                                 int32_t child) {
+                                 int32_t child, int32_t lora_id) {
   uint64_t h = seed >= 0    ? mix64(static_cast<uint64_t>(seed) ^ 0xa0761d6478bd642full)
                : child == 0 ? 0x1234
                             : mix64(static_cast<uint64_t>(child) ^ 0xe7037ed1a0b428dbull);
+  if (lora_id != 0) h = mix64(h ^ (static_cast<uint64_t>(lora_id) << 20));  // another "model"
   for (int32_t i = 0; i < length; ++i) {
     h = mix64(h ^ static_cast<uint32_t>(context[i]) ^ (static_cast<uint64_t>(i) << 32));
   }
@@ -41,14 +42,14 @@ std::vector<int32_t> FakeExecutor::reference_generate(const std::vector<int32_t>
                                                       int32_t max_tokens, int32_t vocab_size,
                                                       const std::vector<int32_t>& eos_token_ids,
                                                       int32_t min_tokens, int64_t seed,
-                                                      int32_t child) {
+                                                      int32_t child, int32_t lora_id) {
   std::vector<int32_t> seq = prompt;
   for (int32_t out = 0; out < max_tokens; ++out) {
     const bool suppress = out < min_tokens;
     const int32_t token =
         next_token(seq.data(), static_cast<int32_t>(seq.size()), vocab_size, seed,
                    suppress ? eos_token_ids.data() : nullptr,
-                   suppress ? static_cast<int32_t>(eos_token_ids.size()) : 0, child);
+                   suppress ? static_cast<int32_t>(eos_token_ids.size()) : 0, child, lora_id);
     seq.push_back(token);
     if (std::find(eos_token_ids.begin(), eos_token_ids.end(), token) != eos_token_ids.end()) break;
   }
@@ -78,12 +79,15 @@ StepResult FakeExecutor::execute(const BatchPlan& plan) {
   copy_blocks(host_, device_, plan.block_ops.swap_in);
   copy_blocks(device_, device_, plan.block_ops.copy);
 
-  for (int32_t i = 0; i < plan.num_tokens; ++i) {
-    const int64_t slot = plan.slot_mapping[i];
-    if (slot < config_.block_size || slot >= static_cast<int64_t>(device_.size())) {
-      throw EngineError("FakeExecutor: slot " + std::to_string(slot) + " out of range");
+  for (int32_t s = 0; s < plan.num_seqs; ++s) {
+    const int32_t lora = plan.lora_ids.empty() ? 0 : plan.lora_ids[s];
+    for (int32_t i = plan.query_start_loc[s]; i < plan.query_start_loc[s + 1]; ++i) {
+      const int64_t slot = plan.slot_mapping[i];
+      if (slot < config_.block_size || slot >= static_cast<int64_t>(device_.size())) {
+        throw EngineError("FakeExecutor: slot " + std::to_string(slot) + " out of range");
+      }
+      device_[slot] = {plan.token_ids[i], plan.positions[i], lora};
     }
-    device_[slot] = {plan.token_ids[i], plan.positions[i]};
   }
 
   StepResult result;
@@ -91,6 +95,7 @@ StepResult FakeExecutor::execute(const BatchPlan& plan) {
   bool any_logprobs = false;
   for (int32_t r = 0; r < plan.num_samples; ++r) {
     const int32_t seq = plan.sample_seq_indices[r];
+    const int32_t lora = plan.lora_ids.empty() ? 0 : plan.lora_ids[seq];
     // The row's context ends at its token (a verify row of speculative decoding ends before the
     // sequence's last draft).
     const int32_t ctx = plan.positions[plan.sample_token_indices[r]] + 1;
@@ -117,14 +122,19 @@ StepResult FakeExecutor::execute(const BatchPlan& plan) {
                             ": position " + std::to_string(pos) + " holds position " +
                             std::to_string(s.position));
         }
+        if (s.lora != lora) {
+          throw EngineError("FakeExecutor: request " + plan.request_ids[seq] + " (adapter " +
+                            std::to_string(lora) + ") reads KV written under adapter " +
+                            std::to_string(s.lora) + " at position " + std::to_string(pos));
+        }
         context_.push_back(s.token);
       }
       token = next_token(context_.data(), ctx, config_.vocab_size, plan.seeds[r], banned,
-                         num_banned, plan.sample_child_indices[r]);
+                         num_banned, plan.sample_child_indices[r], lora);
     } else {
       const int32_t last[2] = {plan.token_ids[plan.sample_token_indices[r]], ctx};
       token = next_token(last, 2, config_.vocab_size, plan.seeds[r], banned, num_banned,
-                         plan.sample_child_indices[r]);
+                         plan.sample_child_indices[r], lora);
     }
     if (config_.disagree_every > 0 &&
         (static_cast<uint32_t>(ctx) * 2654435761u >> 7) % config_.disagree_every == 0) {

@@ -151,9 +151,26 @@ void Scheduler::schedule_running(int32_t& budget) {
   }
 }
 
+bool Scheduler::lora_fits(const Request* req) const {
+  if (config_.max_loras <= 0 || req->lora_id == 0) return true;
+  std::vector<int32_t> ids;
+  for (const Request* r : running_) {
+    if (r->lora_id == req->lora_id) return true;
+    if (r->lora_id != 0 && std::find(ids.begin(), ids.end(), r->lora_id) == ids.end()) {
+      ids.push_back(r->lora_id);
+    }
+  }
+  return static_cast<int32_t>(ids.size()) < config_.max_loras;
+}
+
 void Scheduler::schedule_waiting(int32_t& budget) {
-  while (!waiting_.empty() && budget > 0 && num_seqs_held() < config_.max_num_seqs) {
-    Request* req = waiting_.front();
+  size_t pos = 0;  // waiting_[0, pos) are passed over for their adapter this step
+  while (pos < waiting_.size() && budget > 0 && num_seqs_held() < config_.max_num_seqs) {
+    Request* req = waiting_[pos];
+    if (!lora_fits(req)) {
+      ++pos;
+      continue;
+    }
     if (num_seqs_held() + req->num_first_samples() > config_.max_num_seqs) break;
     bool admitted = req->status == RequestStatus::kSwapped ? admit_swapped(req, budget)
                                                            : admit_waiting(req, budget);
@@ -173,7 +190,7 @@ void Scheduler::schedule_waiting(int32_t& budget) {
       continue;
     }
     if (!admitted) break;
-    waiting_.pop_front();
+    waiting_.erase(waiting_.begin() + static_cast<std::ptrdiff_t>(pos));
     req->status = RequestStatus::kRunning;
     insert_running(req);
     num_reserved_seqs_ += req->num_pending_children();

@@ -40,6 +40,8 @@ struct BatchPlan {
   std::vector<int32_t> num_computed_tokens;  // tokens already in the cache before this step
   std::vector<int32_t> block_tables;         // [num_seqs * max_blocks_per_seq], padded with block 0
   std::vector<std::string> request_ids;
+  std::vector<int32_t> lora_ids;  // [num_seqs]: the sequence's LoRA adapter, 0 = none
+  bool any_lora = false;
   // Prompt logprobs: -1, or the top-N count of a sequence whose prompt rows in this step need
   // logprobs. Row t of such a sequence (position p < num_prompt_tokens - 1) scores the prompt
   // token at p + 1: the next row's token, or prompt_next_token for the chunk's last row.

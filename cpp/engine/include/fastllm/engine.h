@@ -121,8 +121,10 @@ class Engine {
 
   // Queues a request. Throws InvalidRequestError for an empty prompt, a prompt of max_model_len
   // tokens or more, token ids outside the vocabulary, bad sampling values or an id still in use.
+  // lora_id (> 0) runs it with that LoRA adapter (the executor knows the adapter by this id);
+  // it is part of the prefix-cache key, so two adapters never share KV.
   void add_request(const std::string& request_id, std::vector<int32_t> prompt_token_ids,
-                   const SamplingParams& params, uint64_t cache_salt = 0);
+                   const SamplingParams& params, uint64_t cache_salt = 0, int32_t lora_id = 0);
   // Aborts a live request: every unfinished sequence emits a final output with kAbort and all
   // their blocks are freed.
   // Returns false when no live request has this id.

@@ -34,17 +34,18 @@ class FakeExecutor : public Executor {
   // The token the fake model produces after `context` (what verify_kv mode computes); tokens in
   // `banned` (EOS/stop ids while below min_tokens) are skipped over. An unseeded row drawing for
   // child c > 0 of an n > 1 request gets a stream of its own (as a real sampler's unseeded rows
-  // differ), so unseeded children differ; seeded rows depend on the seed alone.
+  // differ), so unseeded children differ; seeded rows depend on the seed alone. A LoRA adapter
+  // (lora_id != 0) makes another model: other tokens, and KV that others must never read.
   static int32_t next_token(const int32_t* context, int32_t length, int32_t vocab_size,
                             int64_t seed, const int32_t* banned = nullptr, int32_t num_banned = 0,
-                            int32_t child = 0);
+                            int32_t child = 0, int32_t lora_id = 0);
   // Greedy reference generation without any engine: prompt followed by up to max_tokens tokens,
   // stopping after an eos token (when ignore_eos is false and min_tokens are done).
   static std::vector<int32_t> reference_generate(const std::vector<int32_t>& prompt,
                                                  int32_t max_tokens, int32_t vocab_size,
                                                  const std::vector<int32_t>& eos_token_ids,
                                                  int32_t min_tokens = 0, int64_t seed = -1,
-                                                 int32_t child = 0);
+                                                 int32_t child = 0, int32_t lora_id = 0);
 
   int64_t num_steps() const { return num_steps_; }
   int64_t num_tokens_processed() const { return num_tokens_processed_; }
@@ -54,6 +55,7 @@ class FakeExecutor : public Executor {
   struct Slot {
     int32_t token = -1;
     int32_t position = -1;
+    int32_t lora = 0;
   };
   void copy_blocks(std::vector<Slot>& from, std::vector<Slot>& to,
                    const std::vector<int32_t>& pairs);

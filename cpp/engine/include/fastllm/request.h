@@ -61,6 +61,7 @@ struct Request {
   uint64_t arrival_index = 0;    // engine-wide admission counter; FCFS and tie-break order
   SamplingParams params;
   uint64_t cache_salt = 0;  // extra prefix-cache key (LoRA id, tenant salt); 0 = none
+  int32_t lora_id = 0;      // the LoRA adapter it runs with; 0 = the base model
 
   std::vector<int32_t> token_ids;  // prompt followed by output tokens
   int32_t num_prompt_tokens = 0;

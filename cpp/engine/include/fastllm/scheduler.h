@@ -35,6 +35,9 @@ struct SchedulerConfig {
   bool enable_chunked_prefill = true;     // split long prompts across steps
   SchedulingPolicy policy = SchedulingPolicy::kFCFS;
   PreemptionMode preemption_mode = PreemptionMode::kRecompute;
+  // LoRA: distinct adapters among the running requests at most (0 = no limit). A waiting request
+  // whose adapter would exceed it is passed over (the ones behind it may run) until one frees.
+  int32_t max_loras = 0;
 };
 
 struct ScheduledRequest {
@@ -95,6 +98,8 @@ class Scheduler {
   SchedulerOutput output_;
   int64_t num_preemptions_ = 0;
   int32_t num_reserved_seqs_ = 0;  // sum of num_pending_children() over running_
+  // Whether a request with this adapter may join running_ under max_loras.
+  bool lora_fits(const Request* req) const;
 };
 
 }  // namespace fastllm
