@@ -11,7 +11,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from fastllm import _C
-from fastllm.torch_extra import TorchMissingError, require_torch
+from fastllm.torch_extra import INSTALL_HINT, TorchMissingError, require_torch
 
 logger = logging.getLogger(__name__)
 
@@ -256,9 +256,10 @@ class EngineArgs:
                 return "cpu"
             try:
                 torch = require_torch("the GPU")
-            except TorchMissingError as exc:
+            except TorchMissingError:
                 # The base install still serves GGUF models on the CPU; say what the GPU needs.
-                logger.warning("a GPU is present but %s; running on the CPU", exc)
+                logger.warning("a GPU is present but PyTorch is not installed: running on the "
+                               "CPU (%s for the GPU)", INSTALL_HINT)
                 return "cpu"
             return "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cuda":
