@@ -29,7 +29,7 @@ echo "[wheel] building the wheel"
 $PY -m pip wheel "${pip_quiet[@]}" --no-build-isolation --no-deps -w "$work/raw" .
 raw=$(ls "$work"/raw/fastllm-*.whl)
 
-echo "[wheel] auditwheel repair"
+echo "[wheel] auditwheel repair ($((SECONDS - start)) s in)"
 $PY -m auditwheel repair -w "$work/dist" "$raw" 2>&1 | tail -n 1
 wheel=$(ls "$work"/dist/fastllm-*.whl)
 name=$(basename "$wheel")
@@ -56,7 +56,7 @@ if [[ -z $version || $name != fastllm-"$version"-* ]]; then
 fi
 echo "[wheel] $name ($(du -k "$wheel" | cut -f1) KiB), auditwheel show: $tag"
 
-echo "[wheel] fresh venv without torch"
+echo "[wheel] fresh venv without torch ($((SECONDS - start)) s in)"
 empty=$work/venv-empty
 $PY -m venv "$empty"
 base=$work/venv-base
@@ -123,7 +123,7 @@ trap - EXIT
 grep -q "torch-free executor" "$work/server.log" || {
   echo "[wheel] the server did not run the torch-free executor" >&2; exit 1; }
 
-echo "[wheel] examples/cpp_embed against the wheel's CMake package"
+echo "[wheel] examples/cpp_embed against the wheel's CMake package ($((SECONDS - start)) s in)"
 embed=$(mktemp -d)
 cp -r examples/cpp_embed/. "$embed/src"
 cmake_dir=$("$base/bin/python" -m fastllm --cmake-dir)
@@ -138,7 +138,7 @@ cmake --build "$embed/build" >/dev/null
 "$embed/build/embed_generate"
 rm -rf "$embed"
 
-echo "[wheel] fresh venv with the torch extra"
+echo "[wheel] fresh venv with the torch extra ($((SECONDS - start)) s in)"
 venv_torch=$work/venv-torch
 mapfile -t transformers < <($PY scripts/build_requires.py --extra test transformers)
 $PY -m venv "$venv_torch"
