@@ -111,7 +111,8 @@ for wheel in "$out"/*.whl; do
     echo "$show" >&2
     status=1
   fi
-  if "$tools/bin/python" -m zipfile -l "$wheel" | grep -q '^fastllm\.libs/'; then
+  listing=$("$tools/bin/python" -m zipfile -l "$wheel")  # whole: grep -q would cut a pipe
+  if grep -q '^fastllm\.libs/' <<<"$listing"; then
     echo "[wheels] $name: auditwheel grafted libraries outside the policy into it" >&2
     status=1
   fi

@@ -45,7 +45,9 @@ if [[ $tag != manylinux_2_* || $name != *"$tag.whl" ]]; then
   exit 1
 fi
 # Only the policy's system libraries: anything else would have been grafted into fastllm.libs/.
-if $PY -m zipfile -l "$wheel" | grep -q '^fastllm\.libs/'; then
+# (The listing is read whole first: grep -q leaving a pipe early would fail it under pipefail.)
+listing=$($PY -m zipfile -l "$wheel")
+if grep -q '^fastllm\.libs/' <<<"$listing"; then
   echo "[wheel] auditwheel grafted external libraries into $name" >&2
   exit 1
 fi
