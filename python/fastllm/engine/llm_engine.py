@@ -29,6 +29,7 @@ from fastllm.models.cpu_model import load_cpu_model
 from fastllm.outputs import RequestOutput
 from fastllm.sampling_params import SamplingParams
 from fastllm.tokenizer import load_tokenizer
+from fastllm.torch_extra import require_torch
 from fastllm.worker.cpu_runner import build_cpu_executor
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class EngineCore:
             self.executor = build_cpu_executor(cpu_model, kv_dtype, self.block_size,
                                                num_gpu_blocks, num_cpu_blocks)
         else:
+            require_torch(self._torch_path_reason(quantized, torch_free))
             num_gpu_blocks, num_cpu_blocks = self._build_torch_executor(quantized, dtype,
                                                                         kv_dtype)
 
@@ -169,11 +171,26 @@ class EngineCore:
 
     # ---- construction ------------------------------------------------------------------------
 
+    def _torch_path_reason(self, quantized: bool, torch_free: bool) -> str:
+        """Why this model runs on the torch executor, for the error a missing torch gives."""
+        model = f"model {self.source_name!r}"
+        if self.device != "cpu":
+            return f"{model} on device {self.device!r}"
+        if self.source.load_format == "dummy":
+            return f"{model} with dummy weights"
+        if not self.source.is_gguf:
+            return f"{model} ({self.source.load_format} weights, not GGUF)"
+        if not quantized:
+            return f"{model} with float weights (--quantized-weights dequantize)"
+        if not torch_free:
+            return f"{model} with FASTLLM_TORCH_FREE=0"
+        return (f"{model} ({self.model_config.architecture}; the C++ CPU executor takes Llama-"
+                "family GGUF models with float32 activations and a float16 or float32 KV cache)")
+
     def _build_torch_executor(self, quantized: bool, dtype: str, kv_dtype: str
                               ) -> tuple[int, int]:
         """Loads the torch model and its executor; returns the KV blocks (device, host)."""
-        import torch
-
+        from fastllm.torch_extra import torch
         from fastllm.worker.model_runner import ModelExecutor
 
         device = torch.device(self.device)
@@ -188,11 +205,10 @@ class EngineCore:
     def _load_model(self, quantized: bool, device, model_config: ModelConfig | None = None,
                     source=None, dtype=None):
         """The torch model of the target (by default) or of another source (the draft)."""
-        import torch
-
         from fastllm.loader import iterate_weights
         from fastllm.models import get_model_class
         from fastllm.models.quant_loader import load_quantized_model
+        from fastllm.torch_extra import torch
 
         mc = model_config or self.model_config
         source = source or self.source
@@ -238,8 +254,7 @@ class EngineCore:
         if cpu_model is not None:
             self.draft_model = cpu_model
             return build_cpu_executor(cpu_model, kv_dtype, self.block_size, num_blocks, 0)
-        import torch
-
+        from fastllm.torch_extra import torch
         from fastllm.worker.model_runner import ModelExecutor
 
         device = torch.device(self.device)
@@ -255,7 +270,7 @@ class EngineCore:
         elif self.device == "cpu":
             blocks = args.cpu_kv_bytes() // per_block
         else:
-            import torch
+            from fastllm.torch_extra import torch
 
             free, total = torch.cuda.mem_get_info(torch.device(self.device))
             used_elsewhere = total - free

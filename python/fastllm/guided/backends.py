@@ -159,7 +159,7 @@ class _XGrammarMatcher(Matcher):
         self.failed = False
 
     def fill_bitmask(self, bitmask: np.ndarray, row: int) -> None:
-        import torch
+        from fastllm.torch_extra import torch
 
         view = torch.from_numpy(bitmask)
         self.m.fill_next_token_bitmask(view, row)

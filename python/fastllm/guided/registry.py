@@ -149,7 +149,7 @@ class GuidedRegistry:
 
 def _mask_tensor_rows(logits, index: np.ndarray, disallowed: np.ndarray) -> None:
     """-inf into the disallowed entries of rows ``index`` of a torch tensor (on its device)."""
-    import torch
+    from fastllm.torch_extra import torch
 
     index_t = torch.from_numpy(index).to(logits.device)
     sub = logits.index_select(0, index_t)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import torch
+from fastllm.torch_extra import torch
 
 DUMMY_SEED = 0
 

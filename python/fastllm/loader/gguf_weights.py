@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-import torch
+from fastllm.torch_extra import torch
 
 from .gguf_dequant import dequantize
 from .gguf_file import open_gguf

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+from fastllm.torch_extra import torch
 
 
 def cast_weight(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

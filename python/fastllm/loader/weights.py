@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import torch
+from fastllm.torch_extra import torch
 
 from .config import load_config
 from .dummy import iterate_dummy_weights

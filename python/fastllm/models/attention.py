@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from fastllm import ops
+from fastllm.torch_extra import torch
 
 _reshape_and_cache = ops.model_op(ops.reshape_and_cache)
 _paged_attention = ops.model_op(ops.paged_attention)

@@ -10,14 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
-import torch
-from torch import nn
-
 from fastllm import ops
 from fastllm.config import ModelConfig
 from fastllm.models.attention import AttentionMetadata, PagedAttention
 from fastllm.models.native_cpu import CACHE_DTYPES, CpuLayer, CpuLinear, new_cpu_decoder
 from fastllm.models.quant_linear import QuantLinear
+from fastllm.torch_extra import torch
+
+nn = torch.nn
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 

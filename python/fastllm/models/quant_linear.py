@@ -8,11 +8,11 @@ straddle rows, so fused projections (Q/K/V, gate/up) are the raw rows of their p
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from fastllm import kernels, ops
 from fastllm.models.native_cpu import prepare_cpu_linear
+from fastllm.torch_extra import torch
+
+nn = torch.nn
 
 _quant_linear_eager = ops.eager(ops.quant_linear)
 

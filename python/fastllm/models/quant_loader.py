@@ -18,8 +18,6 @@ import os
 from collections.abc import Callable
 
 import numpy as np
-import torch
-from torch import nn
 
 from fastllm.config import ModelConfig
 from fastllm.kernels import GGML_QUANT_TYPES, quant_rows_supported
@@ -27,6 +25,9 @@ from fastllm.loader import ModelSource, RawGGUFTensor, dequantize_raw, iterate_g
 from fastllm.loader.tensor_cast import cast_weight
 from fastllm.models.native_cpu import convert_rows
 from fastllm.models.quant_linear import QuantEmbedding, QuantLinear
+from fastllm.torch_extra import torch
+
+nn = torch.nn
 
 logger = logging.getLogger(__name__)
 

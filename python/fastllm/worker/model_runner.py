@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import torch
 
 from fastllm import _C, ops
 from fastllm.config import ModelConfig
 from fastllm.models.attention import AttentionMetadata
 from fastllm.models.llama import build_cpu_decoder
 from fastllm.models.native_cpu import native_decoder_enabled
+from fastllm.torch_extra import torch
 from fastllm.worker.step_inputs import (
     sampling_inputs,
     score_prompt_logprobs,

@@ -44,6 +44,7 @@ from fastllm.entrypoints.openai.protocol import (
 from fastllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from fastllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from fastllm.entrypoints.openai.serving_models import OpenAIServingModels
+from fastllm.torch_extra import TorchMissingError
 from fastllm.version import __version__
 
 logger = logging.getLogger("fastllm.server")
@@ -326,7 +327,7 @@ def run(ns: argparse.Namespace) -> int:
     try:
         engine = build_engine(ns)
         app = build_app(engine, ns)
-    except ValueError as e:
+    except (ValueError, TorchMissingError) as e:  # a bad flag or model, or a missing extra
         sock.close()
         print(f"fastllm-serve: {e}", file=sys.stderr)
         return 2
