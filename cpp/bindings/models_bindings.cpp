@@ -347,6 +347,40 @@ void bind_models(nb::module_& m) {
       .def("set_logits_hook", &fm::CpuExecutor::set_logits_hook, arg("hook"),
            "Installs the hook (once).")
       .def_prop_ro("has_logits_hook", &fm::CpuExecutor::has_logits_hook)
+      .def(
+          "add_lora",
+          [](fm::CpuExecutor& self, int32_t lora_id, nb::object adapter) {
+            // adapter: a fastllm.lora.LoraAdapter; its float32 arrays are read in place and must
+            // outlive remove_lora (the LoRA manager keeps the adapter until then).
+            const int64_t layers = self.decoder().num_layers();
+            nb::list table = nb::cast<nb::list>(adapter.attr("layer_modules")(layers));
+            std::vector<fm::CpuExecutor::LoraModule> modules;
+            for (nb::handle per_layer : table) {
+              for (nb::handle m : per_layer) {
+                fm::CpuExecutor::LoraModule ref;
+                if (!m.is_none()) {
+                  auto a = nb::cast<nb::ndarray<const float, nb::ndim<2>, nb::c_contig,
+                                                nb::device::cpu>>(m.attr("a"));
+                  auto b = nb::cast<nb::ndarray<const float, nb::ndim<2>, nb::c_contig,
+                                                nb::device::cpu>>(m.attr("b"));
+                  if (b.shape(1) != a.shape(0)) {
+                    throw nb::value_error("add_lora: lora_B's columns must equal lora_A's rows");
+                  }
+                  ref.a = a.data();
+                  ref.b = b.data();
+                  ref.rank = static_cast<int32_t>(a.shape(0));
+                  ref.scale = nb::cast<float>(m.attr("scale"));
+                }
+                modules.push_back(ref);
+              }
+            }
+            self.add_lora(lora_id, std::move(modules));
+          },
+          arg("lora_id"), arg("adapter"),
+          "Registers a LoRA adapter (fastllm.lora.LoraAdapter) under its id; its arrays are read "
+          "in place until remove_lora.")
+      .def("remove_lora", &fm::CpuExecutor::remove_lora, arg("lora_id"))
+      .def_prop_ro("num_loras", &fm::CpuExecutor::num_loras)
       .def_prop_ro("kv_cache_bytes", &fm::CpuExecutor::kv_cache_bytes)
       .def_prop_ro("num_layers", [](const fm::CpuExecutor& e) { return e.decoder().num_layers(); })
       .def("set_profiling", &fm::CpuExecutor::set_profiling, arg("on"),

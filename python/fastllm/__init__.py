@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastllm.cpp_package import cmake_dir as cmake_dir
 from fastllm.version import __version__ as __version__
 
-__all__ = ["LLM", "CompletionOutput", "EngineArgs", "RequestOutput", "SamplingParams", "cmake_dir"]
+__all__ = ["LLM", "CompletionOutput", "EngineArgs", "LoRARequest", "RequestOutput",
+           "SamplingParams", "cmake_dir"]
 
 
 def __getattr__(name: str):
@@ -26,6 +27,10 @@ def __getattr__(name: str):
         from fastllm.engine.beam_search import BeamSearchParams
 
         return BeamSearchParams
+    if name == "LoRARequest":
+        from fastllm.lora.request import LoRARequest
+
+        return LoRARequest
     if name == "EngineArgs":
         from fastllm.config import EngineArgs
 

@@ -223,6 +223,22 @@ class EngineArgs:
         None, type=json_value,
         help='speculative decoding as JSON: {"method": "ngram"|"draft_model", "model": ..., '
              '"num_speculative_tokens": k, ...}')
+    # LoRA adapters (fastllm.lora).
+    enable_lora: bool = _arg(False, action="store_true", help="serve LoRA adapters")
+    max_loras: int = _arg(1, type=positive_int, help="distinct LoRA adapters in one step at most")
+    max_lora_rank: int = _arg(16, type=positive_int, help="highest LoRA rank accepted")
+    max_cpu_loras: int | None = _arg(
+        None, type=positive_int,
+        help="LoRA adapters kept loaded in host memory (default: max_loras)")
+    lora_dtype: str = _arg("auto", choices=["auto", "float16", "bfloat16", "float32"],
+                           help="LoRA weights dtype (auto: float32, the kernels' own)")
+    lora_extra_vocab_size: int = _arg(
+        256, type=non_negative_int,
+        help="room for adapter-added tokens (adapters that add tokens are refused)")
+    long_lora_scaling_factors: str | None = _arg(
+        None, help="unsupported: long-context LoRA scaling")
+    fully_sharded_loras: bool = _arg(
+        False, action="store_true", help="ignored: adapters are not sharded on one device")
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -281,6 +297,17 @@ class EngineArgs:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
         self.speculative_settings()
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError("max_loras and max_lora_rank must be at least 1")
+        if self.max_lora_rank > 512:
+            raise ValueError(f"max_lora_rank must be at most 512, got {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras "
+                             f"({self.max_loras})")
+        if self.long_lora_scaling_factors is not None:
+            raise ValueError("long_lora_scaling_factors (long-context LoRA) is not supported")
+        if self.lora_dtype not in ("auto", "float16", "bfloat16", "float32"):
+            raise ValueError(f"unknown lora_dtype {self.lora_dtype!r}")
 
     def speculative_settings(self) -> SpeculativeSettings | None:
         """Speculative decoding as configured (None: off), from the flat flags or

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "fastllm/kernels/cache_ops.h"
+#include "fastllm/kernels/lora.h"
 #include "fastllm/kernels/quant_gemm.h"
 
 namespace fastllm::models {
@@ -203,7 +204,15 @@ StepResult CpuExecutor::execute(const BatchPlan& plan) {
     batch.num_seqs = plan.num_seqs;
     batch.max_blocks_per_seq = plan.max_blocks_per_seq;
     batch.max_context_len = plan.max_context_len;
+    DecoderLora lora;
+    std::unique_lock<std::mutex> lora_lock(lora_mu_, std::defer_lock);
+    if (plan.any_lora) {
+      lora_lock.lock();  // the adapters' arrays stay registered through the forward pass
+      build_lora(plan, lora);
+      batch.lora = &lora;
+    }
     decoder_->forward(batch);
+    if (lora_lock.owns_lock()) lora_lock.unlock();
     if (plan.any_prompt_logprobs) {
       timed(profiling_, &profile_.prompt_logprobs,
             [&] { score_prompt_logprobs(plan, hidden, result); });
@@ -295,6 +304,85 @@ void CpuExecutor::sample_rows(const BatchPlan& plan, float* logits, StepResult& 
     timed(profiling_, &profile_.logits_hook,
           [&] { hook->advance(plan, result.sampled_token_ids.data()); });
   }
+}
+
+void CpuExecutor::add_lora(int32_t lora_id, std::vector<LoraModule> modules) {
+  const auto layers = static_cast<int64_t>(weights_.layers.size());
+  check_arg(lora_id > 0, "CpuExecutor: LoRA ids must be positive");
+  check_arg(static_cast<int64_t>(modules.size()) == layers * kNumLoraTargets,
+            "CpuExecutor: a LoRA adapter needs " + std::to_string(kNumLoraTargets) +
+                " modules per layer");
+  for (const LoraModule& m : modules) {
+    check_arg(m.a == nullptr || (m.b != nullptr && m.rank > 0 && m.rank <= kernels::kMaxLoraRank),
+              "CpuExecutor: a LoRA module needs both matrices and a rank in [1, " +
+                  std::to_string(kernels::kMaxLoraRank) + "]");
+  }
+  std::lock_guard<std::mutex> lock(lora_mu_);
+  loras_[lora_id] = std::move(modules);
+}
+
+bool CpuExecutor::remove_lora(int32_t lora_id) {
+  std::lock_guard<std::mutex> lock(lora_mu_);
+  return loras_.erase(lora_id) > 0;
+}
+
+int32_t CpuExecutor::num_loras() const {
+  std::lock_guard<std::mutex> lock(lora_mu_);
+  return static_cast<int32_t>(loras_.size());
+}
+
+void CpuExecutor::build_lora(const BatchPlan& plan, DecoderLora& out) {
+  // Slots: the step's distinct adapters in order of first appearance (on the CPU every loaded
+  // adapter is already in host memory; the scheduler bounds how many one step has).
+  std::vector<int32_t> ids;
+  std::vector<int32_t> slot_of_seq(static_cast<size_t>(plan.num_seqs), -1);
+  for (int32_t s = 0; s < plan.num_seqs; ++s) {
+    const int32_t id = plan.lora_ids[s];
+    if (id == 0) continue;
+    auto it = std::find(ids.begin(), ids.end(), id);
+    if (it == ids.end()) {
+      if (loras_.count(id) == 0) {
+        throw std::runtime_error("CpuExecutor: LoRA adapter " + std::to_string(id) +
+                                 " is not loaded");
+      }
+      ids.push_back(id);
+      it = ids.end() - 1;
+    }
+    slot_of_seq[static_cast<size_t>(s)] = static_cast<int32_t>(it - ids.begin());
+  }
+  lora_token_slots_.assign(static_cast<size_t>(plan.num_tokens), -1);
+  for (int32_t s = 0; s < plan.num_seqs; ++s) {
+    std::fill(lora_token_slots_.begin() + plan.query_start_loc[s],
+              lora_token_slots_.begin() + plan.query_start_loc[s + 1],
+              slot_of_seq[static_cast<size_t>(s)]);
+  }
+  const auto slots = static_cast<int64_t>(ids.size());
+  const int64_t entries = static_cast<int64_t>(weights_.layers.size()) * kNumLoraTargets;
+  lora_a_.assign(static_cast<size_t>(entries * slots), nullptr);
+  lora_b_.assign(lora_a_.size(), nullptr);
+  lora_ranks_.assign(lora_a_.size(), 1);
+  lora_scales_.assign(lora_a_.size(), 0.0f);
+  int64_t max_rank = 1;
+  for (int64_t slot = 0; slot < slots; ++slot) {
+    const auto& modules = loras_.at(ids[static_cast<size_t>(slot)]);
+    for (int64_t e = 0; e < entries; ++e) {
+      const LoraModule& m = modules[static_cast<size_t>(e)];
+      if (m.a == nullptr) continue;
+      const auto at = static_cast<size_t>(e * slots + slot);
+      lora_a_[at] = m.a;
+      lora_b_[at] = m.b;
+      lora_ranks_[at] = m.rank;
+      lora_scales_[at] = m.scale;
+      max_rank = std::max<int64_t>(max_rank, m.rank);
+    }
+  }
+  out.token_slots = lora_token_slots_.data();
+  out.num_slots = slots;
+  out.max_rank = max_rank;
+  out.a = lora_a_.data();
+  out.b = lora_b_.data();
+  out.ranks = lora_ranks_.data();
+  out.scales = lora_scales_.data();
 }
 
 void CpuExecutor::score_prompt_logprobs(const BatchPlan& plan, const float* hidden,

@@ -9,6 +9,7 @@
 #include "fastllm/kernels/activation.h"
 #include "fastllm/kernels/attention.h"
 #include "fastllm/kernels/cache_ops.h"
+#include "fastllm/kernels/lora.h"
 #include "fastllm/kernels/norm.h"
 #include "fastllm/kernels/rotary.h"
 
@@ -190,6 +191,32 @@ void CpuDecoder::forward(const DecoderBatch& b) {
     fn();
     *part += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   };
+  // Adds the step's LoRA terms of (layer, target) to out (a column slice of a wider row).
+  const DecoderLora* lora = b.lora;
+  auto add_lora = [&](size_t l, int target, const float* x, int64_t x_stride, int64_t k,
+                      float* out, int64_t out_stride, int64_t n) {
+    if (lora == nullptr) return;
+    const int64_t at = (static_cast<int64_t>(l) * kNumLoraTargets + target) * lora->num_slots;
+    bool any = false;
+    for (int64_t s = 0; s < lora->num_slots; ++s) any = any || lora->a[at + s] != nullptr;
+    if (!any) return;
+    LoraParams p;
+    p.out = out;
+    p.out_stride = out_stride;
+    p.input = x;
+    p.input_stride = x_stride;
+    p.num_tokens = t;
+    p.in_features = k;
+    p.out_features = n;
+    p.token_slots = lora->token_slots;
+    p.num_slots = lora->num_slots;
+    p.lora_a = lora->a + at;
+    p.lora_b = lora->b + at;
+    p.ranks = lora->ranks + at;
+    p.scales = lora->scales + at;
+    p.max_rank = lora->max_rank;
+    lora_cpu(p);
+  };
   double* const gemm = &profile_.gemm;
   double* const attend = &profile_.attention;
   double* const other = &profile_.norms_rope_act;
@@ -206,7 +233,12 @@ void CpuDecoder::forward(const DecoderBatch& b) {
         fused_add_rms_norm_cpu(add_norm);
       }
     });
-    timed(gemm, [&] { linear(layer.qkv, hidden, h, qkv, t); });
+    timed(gemm, [&] {
+      linear(layer.qkv, hidden, h, qkv, t);
+      add_lora(l, 0, hidden, h, h, qkv, qkv_width, q_size_);
+      add_lora(l, 1, hidden, h, h, qkv + q_size_, qkv_width, kv_size_);
+      add_lora(l, 2, hidden, h, h, qkv + q_size_ + kv_size_, qkv_width, kv_size_);
+    });
     timed(other, [&] { rotary_embedding_cpu(rope); });
     timed(attend, [&] {
       cache.key_cache = layer.key_cache;
@@ -216,14 +248,24 @@ void CpuDecoder::forward(const DecoderBatch& b) {
       attention.value_cache = layer.value_cache;
       paged_attention_cpu(attention);
     });
-    timed(gemm, [&] { linear(layer.o_proj, attn, q_size_, hidden, t); });
+    timed(gemm, [&] {
+      linear(layer.o_proj, attn, q_size_, hidden, t);
+      add_lora(l, 3, attn, q_size_, q_size_, hidden, h, h);
+    });
     timed(other, [&] {
       add_norm.weight = layer.post_attention_norm;
       fused_add_rms_norm_cpu(add_norm);
     });
-    timed(gemm, [&] { linear(layer.gate_up, hidden, h, gate_up, t); });
+    timed(gemm, [&] {
+      linear(layer.gate_up, hidden, h, gate_up, t);
+      add_lora(l, 4, hidden, h, h, gate_up, 2 * s.intermediate, s.intermediate);
+      add_lora(l, 5, hidden, h, h, gate_up + s.intermediate, 2 * s.intermediate, s.intermediate);
+    });
     timed(other, [&] { act_and_mul_cpu(silu); });
-    timed(gemm, [&] { linear(layer.down, act, s.intermediate, hidden, t); });
+    timed(gemm, [&] {
+      linear(layer.down, act, s.intermediate, hidden, t);
+      add_lora(l, 6, act, s.intermediate, s.intermediate, hidden, h, h);
+    });
   }
   timed(other, [&] {
     if (layers_.empty()) {

@@ -151,7 +151,7 @@ class AsyncLLM:
     # ---- requests ----------------------------------------------------------------------------
 
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                 prompt: str | None = None) -> AsyncIterator[StreamChunk]:
+                 prompt: str | None = None, lora_request=None) -> AsyncIterator[StreamChunk]:
         """Yields chunks until the request finishes; each names its child (``index``): an n > 1
         request is one engine request whose children stream side by side. With best_of > n the
         kept n come as one whole chunk each once every candidate finished. Leaving the iteration
@@ -160,10 +160,13 @@ class AsyncLLM:
         The parameters are checked here, when called (ValueError names the problem), so a server
         can answer 400 before a response starts; the engine checks nothing twice."""
         params.validate(self.args.max_logprobs, self.model_info.vocab_size)
-        return self._generate(prompt_token_ids, params, request_id, prompt)
+        if lora_request is not None and self._core.lora is None:
+            raise ValueError("this engine serves no LoRA adapters (enable_lora)")
+        return self._generate(prompt_token_ids, params, request_id, prompt, lora_request)
 
     async def _generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                        request_id: str, prompt: str | None) -> AsyncIterator[StreamChunk]:
+                        request_id: str, prompt: str | None,
+                        lora_request=None) -> AsyncIterator[StreamChunk]:
         if self._loop is None:
             self.start()
         if request_id in self._streams or request_id in self._processor:
@@ -174,12 +177,16 @@ class AsyncLLM:
             guided = self._guided
             guided.register(request_id, await guided.compile_async(params.guided_decoding),
                             params.num_samples)
+        # Loading an adapter reads its files: off the event loop (a no-op once loaded).
+        lora_id = (await asyncio.to_thread(self._core.acquire_lora, lora_request)
+                   if lora_request is not None else 0)
         try:
             self._core.native.add_request(request_id, prompt_token_ids,
-                                          params.to_native(fan_out=True))
+                                          params.to_native(fan_out=True), lora_id=lora_id)
         except BaseException:
             if guided is not None:
                 guided.unregister(request_id)
+            self._core.release_lora(lora_id)
             raise
         group = self._processor.add_request(request_id, prompt, prompt_token_ids, params,
                                             streaming=True)
@@ -200,6 +207,7 @@ class AsyncLLM:
         finally:
             if guided is not None:
                 guided.unregister(request_id)
+            self._core.release_lora(lora_id)
             if not finished:
                 self._core.native.abort(request_id)
                 self._processor.remove(request_id)
@@ -207,8 +215,31 @@ class AsyncLLM:
                 if self._metrics is not None:
                     self._metrics.on_request_finished("abort", stream, 0)
 
+    # ---- LoRA adapters served by name -------------------------------------------------------
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self._core.lora is not None
+
+    def lora_adapters(self) -> dict:
+        """Served adapters: name -> LoRARequest (empty without enable_lora)."""
+        return {} if self._core.lora is None else self._core.lora.served()
+
+    def serve_lora(self, name: str, path: str, base_model_name: str | None = None):
+        """Loads an adapter under a name (ValueError naming what is wrong; nothing is loaded
+        then); returns its LoRARequest."""
+        if self._core.lora is None:
+            raise ValueError("this engine serves no LoRA adapters (enable_lora)")
+        return self._core.lora.serve(name, path, base_model_name)
+
+    def unserve_lora(self, name: str) -> None:
+        """Forgets a served adapter: KeyError when unknown, ValueError while requests use it."""
+        if self._core.lora is None:
+            raise KeyError(name)
+        self._core.lora.unserve(name)
+
     async def beam_search(self, prompt_token_ids: list[int], params: BeamSearchParams,
-                          request_id: str) -> list[Beam]:
+                          request_id: str, lora_request=None) -> list[Beam]:
         """Beam search for one prompt, best beam first (the offline API runs the same search,
         see fastllm.engine.beam_search). ValueError for a width the engine cannot serve."""
         check_beam_search(params, self.args.max_logprobs)
@@ -217,7 +248,8 @@ class AsyncLLM:
         async def score(seq: list[int], k: int) -> dict[int, float]:
             logprobs = []
             async for chunk in self.generate(seq, expansion_params(k),
-                                             f"{request_id}-b{next(counter)}"):
+                                             f"{request_id}-b{next(counter)}",
+                                             lora_request=lora_request):
                 logprobs += chunk.logprobs or []
             return top_logprobs_of(logprobs[0], k)
 

@@ -150,6 +150,13 @@ class EngineCore:
                 # blocks are smaller, and it never holds more sequences than the target.
                 draft_executor = self._build_draft_executor(torch_free, num_gpu_blocks)
             cfg.speculative = self.speculative.to_native(self.block_size, num_gpu_blocks)
+        self.lora = None
+        if args.enable_lora:
+            from fastllm.lora.manager import LoraManager
+
+            sched.max_loras = args.max_loras
+            self.lora = LoraManager(mc, self.executor, args.max_loras,
+                                    args.max_cpu_loras or args.max_loras, args.max_lora_rank)
         self.engine_config = cfg
         self.native = _C.Engine(cfg, self.executor, draft_executor)
         self.num_gpu_blocks = num_gpu_blocks
@@ -160,6 +167,19 @@ class EngineCore:
                     self.block_size, kv_dtype)
         if self.speculative is not None:
             logger.info("%s", self.speculative.describe())
+
+    def acquire_lora(self, lora_request) -> int:
+        """The adapter id a request runs with (0: none), its adapter loaded and held until
+        release_lora."""
+        if lora_request is None:
+            return 0
+        if self.lora is None:
+            raise ValueError("this engine serves no LoRA adapters (enable_lora)")
+        return self.lora.acquire(lora_request)
+
+    def release_lora(self, lora_id: int) -> None:
+        if lora_id and self.lora is not None:
+            self.lora.release(lora_id)
 
     def build_guided_manager(self, default_backend: str | None = None) -> GuidedDecodingManager:
         """A guided-decoding manager for this model, its hook installed on the executor (which
@@ -199,7 +219,8 @@ class EngineCore:
         release_free_memory()  # the loader's temporaries
         num_gpu_blocks, num_cpu_blocks = self._plan_kv_cache(kv_dtype)
         self.executor = ModelExecutor(self.model, self.model_config, device, self.kv_dtype,
-                                      self.block_size, num_gpu_blocks, num_cpu_blocks)
+                                      self.block_size, num_gpu_blocks, num_cpu_blocks,
+                                      self.args.max_loras if self.args.enable_lora else 0)
         return num_gpu_blocks, num_cpu_blocks
 
     def _load_model(self, quantized: bool, device, model_config: ModelConfig | None = None,
@@ -323,9 +344,11 @@ class LLMEngine:
         self.processor = OutputProcessor(self.tokenizer, self._abort_in_core)
         self._counter = 0
         self._backlog: list[RequestOutput] = []  # finished in a step that raised
+        self._lora_of: dict[str, int] = {}  # request id -> its adapter, held until it ends
 
     def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
-                    request_id: str | None = None, add_special_tokens: bool = True) -> str:
+                    request_id: str | None = None, add_special_tokens: bool = True,
+                    lora_request=None) -> str:
         params = params or SamplingParams()
         params.validate(self.args.max_logprobs, self.core.model_config.vocab_size)
         compiled = None
@@ -344,14 +367,19 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         # ONE engine request, also for n / best_of: the engine computes the prompt once and
         # forks the children copy-on-write.
+        lora_id = self.core.acquire_lora(lora_request)
         if compiled is not None:
             self.guided.register(request_id, compiled, params.num_samples)
         try:
-            self.core.native.add_request(request_id, ids, params.to_native(fan_out=True))
+            self.core.native.add_request(request_id, ids, params.to_native(fan_out=True),
+                                         lora_id=lora_id)
         except BaseException:
             self._unregister_guided(request_id)
+            self.core.release_lora(lora_id)
             raise
         self.processor.add_request(request_id, text, ids, params)
+        if lora_id:
+            self._lora_of[request_id] = lora_id
         return request_id
 
     def encode_prompt(self, prompt: PromptType, add_special_tokens: bool = True
@@ -362,6 +390,7 @@ class LLMEngine:
     def _unregister_guided(self, request_id: str) -> None:
         if self.guided is not None:
             self.guided.unregister(request_id)
+        self.core.release_lora(self._lora_of.pop(request_id, 0))
 
     def _abort_in_core(self, request_id: str) -> None:
         self._unregister_guided(request_id)

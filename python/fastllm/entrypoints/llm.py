@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from fastllm.config import EngineArgs
 from fastllm.engine.beam_search import BeamSearchParams
 from fastllm.engine.llm_engine import LLMEngine, PromptType
+from fastllm.lora.request import LoRARequest
 from fastllm.outputs import RequestOutput
 from fastllm.sampling_params import SamplingParams
 
@@ -54,9 +55,11 @@ class LLM:
         use_tqdm: bool = True,
         prompt_token_ids: list[list[int]] | None = None,
         priority: list[int] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generates for every prompt (strings, token id lists or prompt dicts) and returns the
-        outputs in the prompts' order."""
+        outputs in the prompts' order. lora_request: one adapter for every prompt, or one (or
+        None) per prompt (needs LLM(enable_lora=True))."""
         if prompt_token_ids is not None:
             if prompts is not None:
                 raise ValueError("pass prompts or prompt_token_ids, not both")
@@ -74,7 +77,13 @@ class LLM:
                 raise ValueError("priority needs one value per prompt")
             for p, prio in zip(params, priority):
                 p.priority = prio
-        return self._run(prompts, params, use_tqdm)
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"{len(loras)} LoRA requests for {len(prompts)} prompts")
+        return self._run(prompts, params, use_tqdm, loras)
 
     def chat(
         self,
@@ -132,12 +141,12 @@ class LLM:
             raise ValueError(f"{len(params)} sampling params for {n} prompts")
         return params
 
-    def _run(self, prompts: list, params: list[SamplingParams], use_tqdm: bool
-             ) -> list[RequestOutput]:
+    def _run(self, prompts: list, params: list[SamplingParams], use_tqdm: bool,
+             loras: list | None = None) -> list[RequestOutput]:
         engine = self.llm_engine
         ids = []
-        for prompt, p in zip(prompts, params):
-            ids.append(engine.add_request(prompt, p))
+        for prompt, p, lora in zip(prompts, params, loras or [None] * len(prompts)):
+            ids.append(engine.add_request(prompt, p, lora_request=lora))
         results: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Processed prompts", unit="req", disable=not use_tqdm,
                    dynamic_ncols=True)

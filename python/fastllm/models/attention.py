@@ -20,6 +20,9 @@ class AttentionMetadata:
     context_lens: torch.Tensor  # int32 [num_seqs]
     block_tables: torch.Tensor  # int32 [num_seqs, max_blocks]
     max_context_len: int
+    # The step's LoRA adapters (fastllm.lora.slots.LoraBatch), read by the projections; None
+    # when no sequence of the step has one.
+    lora: object | None = None
 
 
 class PagedAttention(torch.nn.Module):

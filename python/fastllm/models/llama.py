@@ -52,6 +52,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
                                    self.head_dim ** -0.5, config.attention_window())
+        self.layer_idx = 0  # set by LlamaModel (LoRA tables are per layer)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, rope_cache: torch.Tensor) -> torch.Tensor:
@@ -59,8 +60,16 @@ class LlamaAttention(nn.Module):
         # Views into qkv: the kernels take rows with a stride, so no copies; RoPE rotates q and k
         # in place inside qkv.
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        lora = meta.lora
+        if lora is not None:  # LoRA deltas go into the fused output's slices (targets 0, 1, 2)
+            for target, part in enumerate((q, k, v)):
+                lora.apply(self.layer_idx, target, hidden, part)
         _rotary_embedding(positions, q, k, rope_cache, self.head_dim, True)
-        return self.o_proj(self.attn(q, k, v, kv_cache, meta))
+        attn = self.attn(q, k, v, kv_cache, meta)
+        out = self.o_proj(attn)
+        if lora is not None:
+            lora.apply(self.layer_idx, 3, attn, out)
+        return out
 
 
 class LlamaMLP(nn.Module):
@@ -68,9 +77,19 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.intermediate = config.intermediate_size
+        self.layer_idx = 0  # set by LlamaModel
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(_silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        if lora is None:
+            return self.down_proj(_silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        lora.apply(self.layer_idx, 4, x, gate_up[:, :self.intermediate])
+        lora.apply(self.layer_idx, 5, x, gate_up[:, self.intermediate:])
+        act = _silu_and_mul(gate_up)
+        out = self.down_proj(act)
+        lora.apply(self.layer_idx, 6, act, out)
+        return out
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -89,7 +108,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden, kv_cache, meta, rope_cache)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.mlp(hidden, meta.lora), residual
 
 
 class LlamaModel(nn.Module):
@@ -107,6 +126,8 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(config, qkv_bias)
             for _ in range(config.num_hidden_layers)
         )
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.layer_idx = layer.mlp.layer_idx = i
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata):

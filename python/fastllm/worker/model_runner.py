@@ -36,7 +36,8 @@ class ModelExecutor(_C.Executor):
     """Implements the engine's Executor with a torch model and fastllm kernels."""
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, device: torch.device,
-                 kv_dtype: torch.dtype, block_size: int, num_gpu_blocks: int, num_cpu_blocks: int):
+                 kv_dtype: torch.dtype, block_size: int, num_gpu_blocks: int, num_cpu_blocks: int,
+                 max_loras: int = 0):
         super().__init__()
         self.model = model
         self.config = config
@@ -65,6 +66,22 @@ class ModelExecutor(_C.Executor):
         if device.type == "cpu" and native_decoder_enabled():
             self.cpu_decoder = build_cpu_decoder(model, self.kv_caches, block_size)
         self._logits_hook = None
+        self.lora_slots = None
+        if max_loras > 0:
+            from fastllm.lora.slots import LoraSlots
+
+            self.lora_slots = LoraSlots(config.num_hidden_layers, max_loras, device)
+
+    # ---- LoRA (fastllm.lora.manager calls these) --------------------------------------------
+
+    def add_lora(self, lora_id: int, adapter) -> None:
+        if self.lora_slots is None:
+            raise ValueError("LoRA is not enabled for this engine (enable_lora)")
+        self.lora_slots.add(lora_id, adapter)
+
+    def remove_lora(self, lora_id: int) -> None:
+        if self.lora_slots is not None:
+            self.lora_slots.remove(lora_id)
 
     def set_logits_hook(self, hook) -> None:
         """Installs a ``_C.models.LogitsHook`` (guided decoding), as on the C++ executor: it
@@ -112,7 +129,8 @@ class ModelExecutor(_C.Executor):
         if plan.num_tokens == 0:
             return _C.StepResult(np.empty(0, dtype=np.int32))
         input_ids = self._tensor(plan.token_ids)
-        if self.cpu_decoder is not None:
+        # The C++ layer loop has no LoRA of its own here: steps with adapters take the Python one.
+        if self.cpu_decoder is not None and not plan.any_lora:
             hidden = self.model.model.embed_tokens(input_ids)
             self.cpu_decoder.forward(hidden.numpy(), plan.positions, plan.slot_mapping,
                                      plan.query_start_loc, plan.context_lens, plan.block_tables,
@@ -149,6 +167,7 @@ class ModelExecutor(_C.Executor):
             context_lens=self._tensor(plan.context_lens),
             block_tables=self._tensor(plan.block_tables),
             max_context_len=int(plan.max_context_len),
+            lora=self.lora_slots.batch(plan) if self.lora_slots is not None else None,
         )
         return self.model(input_ids, positions, self.kv_caches, meta)
 

@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import importlib
 import inspect
+import json
 import logging
 import os
 import socket
@@ -22,7 +23,13 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fastllm.config import EngineArgs
@@ -39,7 +46,9 @@ from fastllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    LoadLoRAAdapterRequest,
     TokenizeRequest,
+    UnloadLoRAAdapterRequest,
 )
 from fastllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from fastllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
@@ -77,9 +86,40 @@ def build_engine(ns: argparse.Namespace) -> AsyncLLM:
     """The server's engine, with its collaborators: the metrics it reports to (labelled with the
     first served name) and the default guided-decoding backend."""
     args = engine_args_from(ns)
+    modules = parse_lora_modules(getattr(ns, "lora_modules", None))
+    if modules and not args.enable_lora:
+        raise ValueError("--lora-modules needs --enable-lora")
     metrics = ServerMetrics(served_model_names(args)[0])
-    return AsyncLLM(args, metrics=metrics,
-                    guided_decoding_backend=getattr(ns, "guided_decoding_backend", None))
+    engine = AsyncLLM(args, metrics=metrics,
+                      guided_decoding_backend=getattr(ns, "guided_decoding_backend", None))
+    for name, path, base in modules:
+        engine.serve_lora(name, path, base)
+        logger.info("serving LoRA adapter %s from %s", name, path)
+    return engine
+
+
+def parse_lora_modules(specs: list[str] | None) -> list[tuple[str, str, str | None]]:
+    """--lora-modules entries: name=path, or a JSON object with name, path and optionally
+    base_model_name."""
+    out = []
+    for spec in specs or []:
+        if spec.lstrip().startswith("{"):
+            try:
+                d = json.loads(spec)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--lora-modules {spec!r}: invalid JSON ({e})") from None
+            if not isinstance(d, dict) or not d.get("name") or not d.get("path"):
+                raise ValueError(f"--lora-modules {spec!r}: the JSON form needs name and path")
+            out.append((str(d["name"]), str(d["path"]), d.get("base_model_name")))
+            continue
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules {spec!r}: expected name=path")
+        out.append((name, path, None))
+    names = [n for n, _, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError("--lora-modules names must be distinct")
+    return out
 
 
 def build_app(engine: AsyncLLM, ns: argparse.Namespace) -> FastAPI:
@@ -190,6 +230,19 @@ def build_app(engine: AsyncLLM, ns: argparse.Namespace) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return models_serving.models()
+
+    if os.environ.get("FASTLLM_ALLOW_RUNTIME_LORA_UPDATING", "").strip().lower() in (
+            "1", "true", "yes", "on"):
+        # Adapters load and unload while serving (the specification's opt-in: anyone who can
+        # reach the API can make the server read a path).
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(request: LoadLoRAAdapterRequest):
+            message = await asyncio.to_thread(models_serving.load_lora_adapter, request)
+            return PlainTextResponse(message)
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(request: UnloadLoRAAdapterRequest):
+            return PlainTextResponse(models_serving.unload_lora_adapter(request))
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest):

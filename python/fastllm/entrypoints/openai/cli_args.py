@@ -30,7 +30,6 @@ NOT_SUPPORTED = "not supported"
 
 ACTS, UNSUPPORTED, IGNORED = "acts", "unsupported", "ignored"
 
-_LORA = "LoRA adapters are not supported yet"
 _VISION = "vision inputs are not supported yet"
 _ADAPTERS = "prompt adapters are not supported yet"
 _HUB = "revisions select hub downloads; fastllm loads local paths only"
@@ -55,7 +54,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "allowed_headers": (ACTS, ""),
     "api_key": (ACTS, ""),
     "served_model_name": (ACTS, ""),
-    "lora_modules": (UNSUPPORTED, _LORA),
+    "lora_modules": (ACTS, ""),
     "prompt_adapters": (UNSUPPORTED, _ADAPTERS),
     "chat_template": (ACTS, ""),
     "response_role": (ACTS, ""),
@@ -139,15 +138,15 @@ FLAGS: dict[str, tuple[str, str]] = {
     "disable_async_output_proc": (
         IGNORED, "outputs are always processed on the server's event loop"),
     # LoRA and prompt adapters
-    "enable_lora": (UNSUPPORTED, _LORA),
-    "max_loras": (UNSUPPORTED, _LORA),
-    "max_lora_rank": (UNSUPPORTED, _LORA),
-    "lora_extra_vocab_size": (UNSUPPORTED, _LORA),
-    "lora_dtype": (UNSUPPORTED, _LORA),
-    "long_lora_scaling_factors": (UNSUPPORTED, _LORA),
-    "max_cpu_loras": (UNSUPPORTED, _LORA),
-    "fully_sharded_loras": (UNSUPPORTED, _LORA),
-    "qlora_adapter_name_or_path": (UNSUPPORTED, _LORA),
+    "enable_lora": (ACTS, ""),
+    "max_loras": (ACTS, ""),
+    "max_lora_rank": (ACTS, ""),
+    "lora_extra_vocab_size": (ACTS, ""),
+    "lora_dtype": (ACTS, ""),
+    "long_lora_scaling_factors": (UNSUPPORTED, "long-context LoRA scaling is not supported"),
+    "max_cpu_loras": (ACTS, ""),
+    "fully_sharded_loras": (IGNORED, "one device: adapters are never sharded"),
+    "qlora_adapter_name_or_path": (UNSUPPORTED, "QLoRA (bitsandbytes) bases are not supported"),
     "enable_prompt_adapter": (UNSUPPORTED, _ADAPTERS),
     "max_prompt_adapters": (UNSUPPORTED, _ADAPTERS),
     "max_prompt_adapter_token": (UNSUPPORTED, _ADAPTERS),
@@ -274,7 +273,8 @@ def make_parser() -> argparse.ArgumentParser:
     a("--allowed-methods", type=json.loads, default=["*"], help="CORS: allowed methods (JSON)")
     a("--allowed-headers", type=json.loads, default=["*"], help="CORS: allowed headers (JSON)")
     a("--api-key", default=None, help="require this key in the Authorization header")
-    a("--lora-modules", nargs="+", default=None, help="LoRA adapters as name=path (unsupported)")
+    a("--lora-modules", nargs="+", default=None,
+      help="LoRA adapters to serve: name=path or JSON {\"name\", \"path\", \"base_model_name\"}")
     a("--prompt-adapters", nargs="+", default=None,
       help="prompt adapters as name=path (unsupported)")
     a("--chat-template", default=None, help="file path or inline jinja template")
@@ -336,15 +336,6 @@ def make_parser() -> argparse.ArgumentParser:
     a("--tokenizer-pool-type", default="ray", help="ignored")
     a("--tokenizer-pool-extra-config", default=None, help="ignored")
     a("--limit-mm-per-prompt", default=None, help="unsupported: no multimodal inputs")
-    a("--enable-lora", action="store_true", default=False, help="unsupported")
-    a("--max-loras", type=positive_int, default=1, help="unsupported (LoRA)")
-    a("--max-lora-rank", type=positive_int, default=16, help="unsupported (LoRA)")
-    a("--lora-extra-vocab-size", type=non_negative_int, default=256, help="unsupported (LoRA)")
-    a("--lora-dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
-      help="unsupported (LoRA)")
-    a("--long-lora-scaling-factors", default=None, help="unsupported (LoRA)")
-    a("--max-cpu-loras", type=positive_int, default=None, help="unsupported (LoRA)")
-    a("--fully-sharded-loras", action="store_true", default=False, help="unsupported (LoRA)")
     a("--qlora-adapter-name-or-path", default=None, help="unsupported (LoRA)")
     a("--enable-prompt-adapter", action="store_true", default=False, help="unsupported")
     a("--max-prompt-adapters", type=positive_int, default=1, help="unsupported")

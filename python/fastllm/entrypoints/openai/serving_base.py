@@ -88,8 +88,16 @@ class OpenAIServingBase:
     def model_name(self, requested: str | None) -> str:
         if requested is None or requested in self.served_model_names:
             return self.served_model_names[0] if requested is None else requested
+        adapters = self.engine.lora_adapters()
+        if requested in adapters:
+            return requested
+        names = ", ".join([*self.served_model_names, *adapters])
         raise APIError(f"The model `{requested}` does not exist; this server serves "
-                       f"{', '.join(self.served_model_names)}.", status=404, param="model")
+                       f"{names}.", status=404, param="model")
+
+    def lora_for(self, model: str | None):
+        """The LoRARequest of a served adapter name, None for the base model."""
+        return None if model is None else self.engine.lora_adapters().get(model)
 
     def check_fields(self, request: SamplingFields) -> None:
         bad = request.unsupported()
@@ -180,13 +188,14 @@ class OpenAIServingBase:
         return acc
 
     def make_job(self, base_id: str, prompt_index: int, text: str | None, ids: list[int],
-                 params, stream: bool) -> Job:
+                 params, stream: bool, lora_request=None) -> Job:
         """One engine request per prompt; the engine fans it out into n (or best_of)
         children."""
         request_id = f"{base_id}-{prompt_index}"
         try:
             # The engine checks the parameters when the stream is created, before any response.
-            chunks = self.engine.generate(ids, params, request_id, text)
+            chunks = self.engine.generate(ids, params, request_id, text,
+                                          lora_request=lora_request)
         except ValueError as e:
             raise APIError(str(e)) from e
         if stream and params.num_samples > params.n:
@@ -255,7 +264,7 @@ class OpenAIServingBase:
                 for e in entries]
 
     async def beam_search(self, ids: list[int], request: SamplingFields, max_tokens: int,
-                          request_id: str) -> list[Beam]:
+                          request_id: str, lora_request=None) -> list[Beam]:
         """use_beam_search: the n best of best_of (or n) beams, best first."""
         if request.stream:
             raise APIError("beam search cannot be streamed", param="stream")
@@ -266,7 +275,7 @@ class OpenAIServingBase:
                                   length_penalty=request.length_penalty or 1.0,
                                   early_stopping=early if early is not None else False)
         try:
-            beams = await self.engine.beam_search(ids, params, request_id)
+            beams = await self.engine.beam_search(ids, params, request_id, lora_request)
         except ValueError as e:
             raise APIError(str(e), param="best_of") from e
         return beams[: request.n or 1]

@@ -62,7 +62,8 @@ class OpenAIServingChat(OpenAIServingBase):
         rid = request.request_id or random_id("chatcmpl")
         if request.use_beam_search:
             beams = await self.run_guarded(raw_request,
-                                           self.beam_search(ids, request, max_tokens, rid))
+                                           self.beam_search(ids, request, max_tokens, rid,
+                                                            self.lora_for(model)))
             role = self.response_role if request.add_generation_prompt \
                 else request.messages[-1].role
             completion_tokens = sum(len(b.tokens) for b in beams)
@@ -75,7 +76,8 @@ class OpenAIServingChat(OpenAIServingBase):
                         for k, b in enumerate(beams)],
                     "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
                               "total_tokens": len(ids) + completion_tokens}}
-        jobs = [self.make_job(rid, 0, prompt, ids, params, bool(request.stream))]
+        jobs = [self.make_job(rid, 0, prompt, ids, params, bool(request.stream),
+                              self.lora_for(model))]
         await self.prepare_guided(params)
         tools_on = tool_plan.mode != "none"
         created = int(time.time())

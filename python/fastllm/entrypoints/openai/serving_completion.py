@@ -26,7 +26,8 @@ class OpenAIServingCompletion(OpenAIServingBase):
             for i, (text, ids) in enumerate(prompts):
                 max_tokens = self.check_length(ids, requested)
                 beams = await self.run_guarded(
-                    raw_request, self.beam_search(ids, request, max_tokens, f"{base_id}-{i}"))
+                    raw_request, self.beam_search(ids, request, max_tokens, f"{base_id}-{i}",
+                                                  self.lora_for(model)))
                 usage.prompt_tokens += len(ids)
                 for k, beam in enumerate(beams):
                     choices.append({"index": i * (request.n or 1) + k,
@@ -43,7 +44,8 @@ class OpenAIServingCompletion(OpenAIServingBase):
             if request.echo and request.logprobs is not None:
                 # The echoed prompt carries its own logprobs.
                 params.prompt_logprobs = max(params.prompt_logprobs or 0, request.logprobs)
-            jobs.append(self.make_job(base_id, i, text, ids, params, bool(request.stream)))
+            jobs.append(self.make_job(base_id, i, text, ids, params, bool(request.stream),
+                                      self.lora_for(model)))
         if jobs:
             await self.prepare_guided(jobs[0].params)
         created = int(time.time())

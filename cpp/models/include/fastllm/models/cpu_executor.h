@@ -23,6 +23,8 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #include "fastllm/executor.h"
@@ -85,6 +87,20 @@ class CpuExecutor : public Executor {
   const Profile& profile() const { return profile_; }
   const CpuDecoder& decoder() const { return *decoder_; }
 
+  // LoRA adapters (kernels/lora.h), by the id the engine's requests name (BatchPlan::lora_ids).
+  // modules: [layer][target] (kNumLoraTargets targets per layer), a null a = not targeted; the
+  // arrays must stay valid until remove_lora. Thread-safe against execute(); an adapter that a
+  // step names but that is not registered fails that step's requests.
+  struct LoraModule {
+    const float* a = nullptr;  // [rank][in_features]
+    const float* b = nullptr;  // [out_features][rank]
+    int32_t rank = 0;
+    float scale = 0.0f;
+  };
+  void add_lora(int32_t lora_id, std::vector<LoraModule> modules);
+  bool remove_lora(int32_t lora_id);
+  int32_t num_loras() const;
+
   const CpuExecutorConfig& config() const { return config_; }
   // Bytes reserved for the KV caches (device and swap), resident only where written.
   int64_t kv_cache_bytes() const;
@@ -96,6 +112,8 @@ class CpuExecutor : public Executor {
   void output_projection(const float* hidden, const int32_t* rows, int64_t num_rows, float* out);
   void sample_rows(const BatchPlan& plan, float* logits, StepResult& result);
   void score_prompt_logprobs(const BatchPlan& plan, const float* hidden, StepResult& result);
+  // The step's DecoderLora (slots in order of first appearance), filling the lora_* buffers.
+  void build_lora(const BatchPlan& plan, DecoderLora& out);
 
   CpuModelWeights weights_;
   CpuExecutorConfig config_;
@@ -107,6 +125,12 @@ class CpuExecutor : public Executor {
   std::atomic<LogitsHook*> hook_{nullptr};
   bool profiling_ = false;
   Profile profile_;
+  mutable std::mutex lora_mu_;
+  std::unordered_map<int32_t, std::vector<LoraModule>> loras_;
+  std::vector<int32_t> lora_token_slots_;
+  std::vector<const float*> lora_a_, lora_b_;
+  std::vector<int32_t> lora_ranks_;
+  std::vector<float> lora_scales_;
   // Step buffers, grown to the largest step seen.
   std::vector<float> hidden_;
   std::vector<float> rows_;

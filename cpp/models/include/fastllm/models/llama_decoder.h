@@ -68,6 +68,19 @@ struct DecoderShape {
 };
 
 // One step's batch, laid out as the engine's BatchPlan (see attention.h for the metadata).
+// LoRA adapters of one step (kernels/lora.h): per (layer, target) the slots' A/B pointers, ranks
+// and scales, laid out [layer][target][slot], targets in kLoraTargets order.
+inline constexpr int kNumLoraTargets = 7;  // q, k, v, o, gate, up, down
+struct DecoderLora {
+  const int32_t* token_slots = nullptr;  // [num_tokens], < 0 = no adapter
+  int64_t num_slots = 0;
+  int64_t max_rank = 0;
+  const float* const* a = nullptr;
+  const float* const* b = nullptr;
+  const int32_t* ranks = nullptr;
+  const float* scales = nullptr;
+};
+
 struct DecoderBatch {
   float* hidden = nullptr;  // [num_tokens][hidden]: the embeddings in, the final-normed states out
   const int32_t* positions = nullptr;        // [num_tokens]
@@ -79,6 +92,7 @@ struct DecoderBatch {
   int64_t num_seqs = 0;
   int64_t max_blocks_per_seq = 0;
   int64_t max_context_len = 0;
+  const DecoderLora* lora = nullptr;  // the step's adapters, or null
 };
 
 class CpuDecoder {
