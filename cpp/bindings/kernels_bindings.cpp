@@ -15,6 +15,7 @@
 #include "fastllm/kernels/attention.h"
 #include "fastllm/kernels/cache_ops.h"
 #include "fastllm/kernels/common.h"
+#include "fastllm/kernels/lora.h"
 #include "fastllm/kernels/norm.h"
 #include "fastllm/kernels/quant_gemm.h"
 #include "fastllm/kernels/rotary.h"
@@ -597,6 +598,65 @@ void quant_convert(const Array& out, const SourceRows& weight, int32_t type, int
   k::quant_convert_rows(from, src, n, in_features, to, dst);
 }
 
+// ---- LoRA ------------------------------------------------------------------------------------
+
+// A 1-D array of raw addresses (uint64 or int64: torch has no uint64 tensors), one per slot.
+const float* const* pointer_array(const Array& a, bool cuda, int64_t num_slots, const char* name) {
+  const char* op = "lora_apply";
+  static_assert(sizeof(const float*) == sizeof(uint64_t), "pointer arrays hold 64-bit addresses");
+  check_arg(a.ndim() == 1 && static_cast<int64_t>(a.shape(0)) == num_slots,
+            where(op, name) + " must be 1-D [num_slots] like ranks and scales");
+  check_arg(
+      a.dtype() == nb::dtype<uint64_t>() || a.dtype() == nb::dtype<int64_t>(),
+      where(op, name) + " must be uint64 or int64 (data_ptr() of each slot's matrix, 0 = none)");
+  check_device(a, cuda, op, name);
+  check_contiguous(a, op, name);
+  return static_cast<const float* const*>(a.data());
+}
+
+void lora_apply(const Array& out, const Array& input, const Array& token_slots,
+                const Array& lora_a_ptrs, const Array& lora_b_ptrs, const Array& ranks,
+                const Array& scales, uintptr_t stream, int64_t max_rank, const Array& workspace) {
+  const char* op = "lora_apply";
+  const bool cuda = cuda_device(input, op);
+  check_device(out, cuda, op, "out");
+  check_arg(out.ndim() == 2 && input.ndim() == 2,
+            where(op, "out and input must be 2-D [num_tokens, features]"));
+  check_arg(out.dtype() == nb::dtype<float>() && input.dtype() == nb::dtype<float>(),
+            where(op, "out and input must be float32"));
+  // Rows may be strided (out can be a column slice of a fused qkv output), columns dense.
+  check_dense_from(out, 1, op, "out");
+  check_dense_from(input, 1, op, "input");
+  k::LoraParams p;
+  p.num_tokens = input.shape(0);
+  p.in_features = input.shape(1);
+  p.out_features = out.shape(1);
+  check_arg(static_cast<int64_t>(out.shape(0)) == p.num_tokens,
+            where(op, "out and input must have the same number of rows"));
+  p.input_stride = p.num_tokens > 1 ? input.stride(0) : p.in_features;
+  p.out_stride = p.num_tokens > 1 ? out.stride(0) : p.out_features;
+  check_arg(token_slots.ndim() == 1 && static_cast<int64_t>(token_slots.shape(0)) == p.num_tokens,
+            where(op, "token_slots must be 1-D [num_tokens]"));
+  p.token_slots = typed<int32_t>(token_slots, cuda, op, "token_slots (int32)");
+  check_arg(ranks.ndim() == 1 && scales.ndim() == 1 && ranks.shape(0) == scales.shape(0),
+            where(op, "ranks and scales must be 1-D [num_slots]"));
+  p.num_slots = ranks.shape(0);
+  p.ranks = typed<int32_t>(ranks, cuda, op, "ranks (int32)");
+  p.scales = typed<float>(scales, cuda, op, "scales (float32)");
+  p.lora_a = pointer_array(lora_a_ptrs, cuda, p.num_slots, "lora_a_ptrs");
+  p.lora_b = pointer_array(lora_b_ptrs, cuda, p.num_slots, "lora_b_ptrs");
+  p.out = static_cast<float*>(out.data());
+  p.input = static_cast<const float*>(input.data());
+  p.max_rank = max_rank;
+  if (workspace.is_valid()) {
+    check_device(workspace, cuda, op, "workspace");
+    check_contiguous(workspace, op, "workspace");
+    p.workspace = workspace.data();
+    p.workspace_bytes = workspace.nbytes();
+  }
+  FASTLLM_RUN_OP(lora, cuda, p, stream);
+}
+
 }  // namespace
 
 void bind_kernels(nb::module_& m) {
@@ -724,6 +784,23 @@ void bind_kernels(nb::module_& m) {
       "quant_gemm_cpu_isa", [] { return std::string(k::quant_gemm_cpu_isa()); },
       "The CPU code path quant_gemm takes for Q8_0/Q4_0/Q4_1: 'avx512_vnni', 'avx_vnni', 'avx2' or "
       "'scalar' (env FASTLLM_CPU_ISA caps it).");
+  m.def("lora_apply", &lora_apply, arg("out"), arg("input"), arg("token_slots"), arg("lora_a_ptrs"),
+        arg("lora_b_ptrs"), arg("ranks"), arg("scales"), arg("stream") = 0, arg("max_rank") = 0,
+        arg("workspace").none() = nb::none(),
+        "In place, for every token t with slot s = token_slots[t] >= 0 and lora_a_ptrs[s] != 0: "
+        "out[t] += scales[s] * (input[t] @ A_s.T) @ B_s.T, where A_s is float32 [ranks[s], k] at "
+        "address lora_a_ptrs[s] and B_s float32 [n, ranks[s]] at lora_b_ptrs[s] (contiguous). out "
+        "[T, n] and input [T, k] are float32 with dense rows (out may be a column slice of a "
+        "wider array); token_slots int32 [T]; the address arrays (uint64 or int64), ranks (int32) "
+        "and scales (float32) are [num_slots], all on the tensors' device. max_rank bounds ranks "
+        "(0 = 512); CUDA sizes its scratch by it and takes it from workspace (uint8, "
+        "lora_workspace_bytes) when given. See fastllm/kernels/lora.h.");
+  m.def("lora_workspace_bytes", &k::lora_workspace_bytes, arg("num_tokens"), arg("max_rank") = 0,
+        "Bytes of CUDA scratch lora_apply needs for num_tokens tokens and ranks <= max_rank.");
+  m.def(
+      "lora_cpu_isa", [] { return std::string(k::lora_cpu_isa()); },
+      "The CPU code path of lora_apply: 'avx512', 'avx2' or 'scalar' (env FASTLLM_CPU_ISA caps "
+      "it).");
   m.def(
       "quant_block_info",
       [](int32_t type) {

@@ -32,6 +32,8 @@ __all__ = [
     "eager",
     "fused_add_rms_norm",
     "gelu_and_mul",
+    "lora_apply",
+    "lora_slot_pointers",
     "model_op",
     "paged_attention",
     "quant_block_info",
@@ -355,6 +357,66 @@ def quant_linear(
 @quant_linear.register_fake
 def _(x, weight, quant_type, out_features, bias=None):
     return x.new_empty((*x.shape[:-1], out_features), dtype=torch.float32)
+
+
+# ---- LoRA ------------------------------------------------------------------------------------------
+
+
+def lora_slot_pointers(
+    matrices: Sequence[torch.Tensor | None], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """int64 ``[len(matrices)]`` of each matrix's ``data_ptr()`` (0 for None), on ``device``: the
+    ``lora_a_ptrs`` / ``lora_b_ptrs`` of :func:`lora_apply`. The matrices must stay alive (and
+    unmoved) while the pointers are used; each must be float32 and contiguous, since the kernel
+    reads it as a dense row-major matrix."""
+    addresses = []
+    for i, m in enumerate(matrices):
+        if m is None:
+            addresses.append(0)
+            continue
+        if m.dtype != torch.float32 or m.dim() != 2 or not m.is_contiguous():
+            raise ValueError(f"lora_slot_pointers: matrix {i} must be a contiguous 2-D float32 "
+                             f"tensor, not {m.dtype} {tuple(m.shape)}")
+        addresses.append(m.data_ptr())
+    return torch.tensor(addresses, dtype=torch.int64, device=device)
+
+
+@torch.library.custom_op("fastllm::lora_apply", mutates_args=("out",))
+def lora_apply(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    token_slots: torch.Tensor,
+    lora_a_ptrs: torch.Tensor,
+    lora_b_ptrs: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    max_rank: int = 0,
+) -> None:
+    """In place, for every token ``t`` whose slot ``s = token_slots[t]`` is >= 0 and has an A:
+    ``out[t] += scales[s] * (x[t] @ A_s.T) @ B_s.T``, all adapters of the step in one call.
+
+    ``out`` float32 ``[T, n]`` (may be a column slice of a wider output, e.g. the q part of a
+    fused qkv), ``x`` float32 ``[T, k]``, ``token_slots`` int32 ``[T]`` (-1 = base model). Per slot
+    (``[num_slots]``, on ``x``'s device): ``lora_a_ptrs`` / ``lora_b_ptrs`` int64 addresses of A_s
+    float32 ``[rank_s, k]`` and B_s float32 ``[n, rank_s]`` (:func:`lora_slot_pointers`; 0 = the
+    slot has no adapter on this module), ``ranks`` int32, ``scales`` float32. ``max_rank`` bounds
+    the ranks (0 = 512); CUDA sizes its scratch by it. A token's result does not depend on the rest
+    of the batch (bit for bit)."""
+    if _numpy_ok(out, x):
+        _ops.lora_apply(out.numpy(), x.numpy(), token_slots.numpy(), lora_a_ptrs.numpy(),
+                        lora_b_ptrs.numpy(), ranks.numpy(), scales.numpy(), 0, max_rank, None)
+        return
+    workspace = None
+    if x.is_cuda:
+        workspace = torch.empty(_ops.lora_workspace_bytes(x.shape[0], max_rank),
+                                dtype=torch.uint8, device=x.device)
+    _ops.lora_apply(out, x, token_slots, lora_a_ptrs, lora_b_ptrs, ranks, scales, _stream(x),
+                    max_rank, workspace)
+
+
+@lora_apply.register_fake
+def _(out, x, token_slots, lora_a_ptrs, lora_b_ptrs, ranks, scales, max_rank=0):
+    return None
 
 
 # ---- sampling -------------------------------------------------------------------------------------

@@ -1,0 +1,262 @@
+// CPU batched LoRA: tokens grouped by slot (segments), then a shrink pass and an expand pass, each
+// split into tasks over (segment, token block, rank rows / output columns) on the CPU pool. The
+// micro-kernels (lora_simd.h) are picked once per process by instruction set.
+#include "fastllm/kernels/lora.h"
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "lora_impl.h"
+#include "parallel.h"
+#include "vec.h"
+
+namespace fastllm::kernels {
+namespace cpu {
+namespace {
+
+// Plain C++ (one float per "vector"): the fallback for CPUs without AVX2 and
+// FASTLLM_CPU_ISA=scalar.
+struct Scalar {
+  using Reg = float;
+  static constexpr int64_t kWidth = 1;
+  static Reg zero() { return 0.0f; }
+  static Reg set1(float v) { return v; }
+  static Reg load(const float* p) { return *p; }
+  static Reg load_partial(const float* p, int) { return *p; }  // never called: kWidth is 1
+  static void store(float* p, Reg v) { *p = v; }
+  static Reg fma(Reg a, Reg b, Reg c) { return a * b + c; }
+  static float fma1(float a, float b, float c) { return a * b + c; }
+  static float sum(Reg v) { return v; }
+};
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastllm::kernels
+
+#include "lora_simd.h"
+
+namespace fastllm::kernels {
+namespace cpu {
+namespace {
+
+const LoraKernels kScalarLora = make_lora_kernels<Scalar>("scalar");
+
+const LoraKernels& pick_lora_kernels() {
+  static const LoraKernels* picked = [] {
+    const IsaLevel cap = isa_cap();  // FASTLLM_CPU_ISA: tests run every path on one machine
+    const LoraKernels* kernels = &kScalarLora;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    if (cap >= IsaLevel::kAvx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        avx2_lora_kernels() != nullptr)
+      kernels = avx2_lora_kernels();
+    if (cap >= IsaLevel::kAvx512 && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("fma") && avx512_lora_kernels() != nullptr)
+      kernels = avx512_lora_kernels();
+#else
+    (void)cap;
+#endif
+    return kernels;
+  }();
+  return *picked;
+}
+
+// The tokens of one slot, at order[begin, begin + count) and h rows [begin, begin + count).
+struct Segment {
+  int64_t begin = 0;
+  int64_t count = 0;
+  const float* a = nullptr;
+  const float* b = nullptr;
+  int64_t rank = 0;
+  float scale = 0.0f;
+};
+
+// One task of a pass: tokens [t0, t1) of a segment, and rank rows (shrink) or output columns
+// (expand) [c0, c1).
+struct Task {
+  int32_t segment;
+  int64_t t0, t1, c0, c1;
+};
+
+// Fused multiply-adds a task aims at: big enough to pay for claiming it, small enough that a
+// decode step (one token per adapter) still spreads over the pool.
+constexpr int64_t kMinTaskWork = int64_t{1} << 14;
+constexpr int64_t kMaxTaskWork = int64_t{1} << 20;
+// Below this much work in a call, the pool costs more than it saves.
+constexpr int64_t kSerialWork = int64_t{1} << 15;
+// Token blocks: a shrink block shares each row of A, an expand block each transposed tile of B.
+constexpr int64_t kShrinkTokens = 32;
+constexpr int64_t kExpandTokens = 64;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+void run_tasks(const std::vector<Task>& tasks, bool serial,
+               const std::function<void(const Task&)>& run) {
+  if (serial) {
+    for (const Task& task : tasks) run(task);
+  } else {
+    parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t i) { run(tasks[i]); });
+  }
+}
+
+// This thread's float buffer `which` of at least n floats. Kept apart from cpu::scratch so a
+// LoRA call never shares a buffer with the kernel that produced its input.
+float* lora_scratch(int which, int64_t n) {
+  thread_local std::vector<float> buffers[2];
+  auto& buffer = buffers[which];
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(static_cast<size_t>(n));
+  return buffer.data();
+}
+
+}  // namespace
+
+const LoraKernels& scalar_lora_kernels() { return kScalarLora; }
+
+#ifndef FASTLLM_HAVE_LORA_AVX2_FILE
+const LoraKernels* avx2_lora_kernels() { return nullptr; }
+#endif
+#ifndef FASTLLM_HAVE_LORA_AVX512_FILE
+const LoraKernels* avx512_lora_kernels() { return nullptr; }
+#endif
+
+}  // namespace cpu
+
+int64_t lora_workspace_bytes(int64_t num_tokens, int64_t max_rank) {
+  check_arg(num_tokens >= 0 && max_rank >= 0 && max_rank <= kMaxLoraRank,
+            "lora_workspace_bytes: num_tokens must be >= 0 and max_rank in [0, " +
+                std::to_string(kMaxLoraRank) + "]");
+  return num_tokens * (max_rank > 0 ? max_rank : kMaxLoraRank) *
+         static_cast<int64_t>(sizeof(float));
+}
+
+void check_lora_shapes(const LoraParams& p) {
+  check_arg(p.num_tokens >= 0, "lora: num_tokens must be >= 0");
+  check_arg(p.in_features > 0 && p.out_features > 0,
+            "lora: in_features and out_features must be positive");
+  check_arg(p.num_slots >= 0, "lora: num_slots must be >= 0");
+  check_arg(p.max_rank >= 0 && p.max_rank <= kMaxLoraRank,
+            "lora: max_rank must be in [0, " + std::to_string(kMaxLoraRank) +
+                "] (0 = " + std::to_string(kMaxLoraRank) + ")");
+  if (p.num_tokens > 0) {
+    check_arg(p.out != nullptr && p.input != nullptr && p.token_slots != nullptr,
+              "lora: out, input and token_slots must not be null");
+    // Rows of out must not overlap, since each is written by one task; out may be a slice of a
+    // wider row, so out_stride can be anything from n up.
+    check_arg(p.input_stride >= p.in_features, "lora: input_stride must be >= in_features");
+    check_arg(p.out_stride >= p.out_features, "lora: out_stride must be >= out_features");
+  }
+  if (p.num_slots > 0) {
+    check_arg(
+        p.lora_a != nullptr && p.lora_b != nullptr && p.ranks != nullptr && p.scales != nullptr,
+        "lora: lora_a, lora_b, ranks and scales must not be null when num_slots > 0");
+  }
+}
+
+void check_lora_params(const LoraParams& p) {
+  check_lora_shapes(p);
+  for (int64_t t = 0; t < p.num_tokens; ++t) {
+    check_arg(p.token_slots[t] < p.num_slots,
+              "lora: token " + std::to_string(t) + " has slot " + std::to_string(p.token_slots[t]) +
+                  ", but there are " + std::to_string(p.num_slots) + " slots");
+  }
+  const int64_t bound = lora_max_rank(p);
+  for (int64_t s = 0; s < p.num_slots; ++s) {
+    if (p.lora_a[s] == nullptr) continue;
+    check_arg(p.lora_b[s] != nullptr,
+              "lora: slot " + std::to_string(s) + " has an A matrix but no B matrix");
+    check_arg(p.ranks[s] >= 1 && p.ranks[s] <= bound,
+              "lora: slot " + std::to_string(s) + " has rank " + std::to_string(p.ranks[s]) +
+                  ", outside [1, " + std::to_string(bound) + "]");
+  }
+}
+
+const char* lora_cpu_isa() { return cpu::pick_lora_kernels().name; }
+
+void lora_cpu(const LoraParams& p) {
+  using cpu::Segment;
+  using cpu::Task;
+  check_lora_params(p);
+  if (p.num_tokens == 0 || p.num_slots == 0) return;
+  const cpu::LoraKernels& kernels = cpu::pick_lora_kernels();
+  const int64_t k = p.in_features, n = p.out_features;
+
+  // Group the tokens of each slot (a stable counting sort): order[] lists the tokens segment by
+  // segment, and h row i belongs to token order[i].
+  thread_local std::vector<int64_t> first, order;
+  thread_local std::vector<Segment> segments;
+  thread_local std::vector<Task> tasks;
+  first.assign(static_cast<size_t>(p.num_slots) + 1, 0);
+  auto active = [&](int32_t slot) { return slot >= 0 && p.lora_a[slot] != nullptr; };
+  for (int64_t t = 0; t < p.num_tokens; ++t)
+    if (active(p.token_slots[t])) ++first[p.token_slots[t] + 1];
+  for (int64_t s = 0; s < p.num_slots; ++s) first[s + 1] += first[s];
+  const int64_t num_active = first[p.num_slots];
+  if (num_active == 0) return;
+  order.resize(static_cast<size_t>(num_active));
+  {
+    std::vector<int64_t> next(first.begin(), first.end() - 1);
+    for (int64_t t = 0; t < p.num_tokens; ++t)
+      if (active(p.token_slots[t])) order[next[p.token_slots[t]]++] = t;
+  }
+  segments.clear();
+  int64_t h_stride = 0, work = 0;
+  for (int64_t s = 0; s < p.num_slots; ++s) {
+    const int64_t count = first[s + 1] - first[s];
+    if (count == 0) continue;
+    segments.push_back({first[s], count, p.lora_a[s], p.lora_b[s], p.ranks[s], p.scales[s]});
+    h_stride = std::max<int64_t>(h_stride, p.ranks[s]);
+    work += count * p.ranks[s] * (k + n);
+  }
+  float* h = cpu::lora_scratch(0, num_active * h_stride);
+  // The tasks run on pool threads, where the names above are other (empty) thread_locals: they
+  // reach this call's buffers through these pointers only.
+  const int64_t* tokens = order.data();
+  const Segment* segs = segments.data();
+  const bool serial = work < cpu::kSerialWork || cpu::pool_size() == 1;
+  // Aim for a few tasks per thread, within the bounds on a task's size. Task boundaries never
+  // change a result (see lora_simd.h), so this may depend on the whole batch.
+  const int64_t task_work = std::clamp<int64_t>(work / (4 * static_cast<int64_t>(cpu::pool_size())),
+                                                cpu::kMinTaskWork, cpu::kMaxTaskWork);
+
+  // Shrink: h = x @ A^T, tasks over (segment, token block, rows of A).
+  tasks.clear();
+  for (int32_t g = 0; g < static_cast<int32_t>(segments.size()); ++g) {
+    const Segment& seg = segments[g];
+    for (int64_t t0 = 0; t0 < seg.count; t0 += cpu::kShrinkTokens) {
+      const int64_t t1 = std::min(seg.count, t0 + cpu::kShrinkTokens);
+      const int64_t rows =
+          std::clamp<int64_t>(task_work / ((t1 - t0) * k) / 2 * 2, 2, 16);  // even: row pairs
+      for (int64_t r0 = 0; r0 < seg.rank; r0 += rows)
+        tasks.push_back({g, t0, t1, r0, std::min(seg.rank, r0 + rows)});
+    }
+  }
+  cpu::run_tasks(tasks, serial, [&](const Task& task) {
+    const Segment& seg = segs[task.segment];
+    kernels.shrink(p.input, p.input_stride, tokens + seg.begin + task.t0, task.t1 - task.t0, seg.a,
+                   k, task.c0, task.c1, h + (seg.begin + task.t0) * h_stride, h_stride);
+  });
+
+  // Expand: out += scale * h @ B^T, tasks over (segment, token block, columns of out).
+  tasks.clear();
+  for (int32_t g = 0; g < static_cast<int32_t>(segments.size()); ++g) {
+    const Segment& seg = segments[g];
+    for (int64_t t0 = 0; t0 < seg.count; t0 += cpu::kExpandTokens) {
+      const int64_t t1 = std::min(seg.count, t0 + cpu::kExpandTokens);
+      const int64_t tiles =
+          std::max<int64_t>(1, task_work / ((t1 - t0) * seg.rank * cpu::kLoraColumnTile));
+      const int64_t cols = tiles * cpu::kLoraColumnTile;
+      for (int64_t c0 = 0; c0 < n; c0 += cols)
+        tasks.push_back({g, t0, t1, c0, std::min(n, c0 + cols)});
+    }
+  }
+  cpu::run_tasks(tasks, serial, [&](const Task& task) {
+    const Segment& seg = segs[task.segment];
+    float* bt = cpu::lora_scratch(1, seg.rank * cpu::kLoraColumnTile);
+    kernels.expand(p.out, p.out_stride, tokens + seg.begin + task.t0, task.t1 - task.t0,
+                   h + (seg.begin + task.t0) * h_stride, h_stride, seg.b, seg.rank, task.c0,
+                   task.c1, seg.scale, bt);
+  });
+}
+
+}  // namespace fastllm::kernels
