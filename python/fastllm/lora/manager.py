@@ -87,8 +87,10 @@ class LoraManager:
             left = self._in_flight.get(lora_id, 0) - 1
             if left > 0:
                 self._in_flight[lora_id] = left
-            else:
-                self._in_flight.pop(lora_id, None)
+                return
+            self._in_flight.pop(lora_id, None)
+            # Adapters beyond max_cpu_loras were held by requests in flight: now idle, they go.
+            self._trim(self.max_cpu_loras)
 
     def num_loaded(self) -> int:
         with self._lock:
@@ -100,14 +102,17 @@ class LoraManager:
         adapter = load_adapter(request.lora_name, request.lora_int_id, request.lora_path,
                                self.config, self.max_rank)
         adapter.base_model_name = request.base_model_name or adapter.base_model_name
-        self._evict_for_one_more()
+        self._trim(self.max_cpu_loras - 1)
         self.executor.add_lora(adapter.lora_id, adapter)
         self._loaded[adapter.lora_id] = adapter
 
-    def _evict_for_one_more(self) -> None:
+    def _trim(self, limit: int) -> None:
+        """Unloads least recently used adapters until at most limit are loaded, sparing those
+        that requests in flight or served names hold (more than max_cpu_loras stay loaded while
+        that many are in use)."""
         pinned = {r.lora_int_id for r in self._served.values()}
         for lora_id in list(self._loaded):
-            if len(self._loaded) < self.max_cpu_loras:
+            if len(self._loaded) <= limit:
                 return
             if self._in_flight.get(lora_id) or lora_id in pinned:
                 continue

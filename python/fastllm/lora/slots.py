@@ -4,6 +4,7 @@ per-step LoraBatch that the model's projections read."""
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -52,18 +53,22 @@ class LoraSlots:
         self._host: dict[int, list[list[tuple | None]]] = {}  # lora id -> [layer][target]
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # lora id -> slot, LRU order
         self._slot_modules: list[list[list[tuple | None]] | None] = [None] * num_slots
+        # add/remove come from the front end while the engine thread builds a step's batch.
+        self._lock = threading.Lock()
 
     def add(self, lora_id: int, adapter: LoraAdapter) -> None:
         modules = []
         for per_layer in adapter.layer_modules(self.num_layers):
             modules.append([None if m is None else (torch.from_numpy(m.a), torch.from_numpy(m.b),
                                                    float(m.scale)) for m in per_layer])
-        self._host[lora_id] = modules
-        self._free_slot_of(lora_id)  # a reloaded id gets fresh weights
+        with self._lock:
+            self._host[lora_id] = modules
+            self._free_slot_of(lora_id)  # a reloaded id gets fresh weights
 
     def remove(self, lora_id: int) -> None:
-        self._host.pop(lora_id, None)
-        self._free_slot_of(lora_id)
+        with self._lock:
+            self._host.pop(lora_id, None)
+            self._free_slot_of(lora_id)
 
     def _free_slot_of(self, lora_id: int) -> None:
         slot = self._slot_of.pop(lora_id, None)
@@ -94,6 +99,10 @@ class LoraSlots:
         """The step's LoraBatch, filling slots for its adapters; None when it has none."""
         if not plan.any_lora:
             return None
+        with self._lock:
+            return self._batch(plan)
+
+    def _batch(self, plan) -> LoraBatch:
         lora_ids = plan.lora_ids
         starts = plan.query_start_loc
         in_step = {int(i) for i in lora_ids if i != 0}
