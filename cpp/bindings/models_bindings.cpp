@@ -359,10 +359,12 @@ void bind_models(nb::module_& m) {
               for (nb::handle m : per_layer) {
                 fm::CpuExecutor::LoraModule ref;
                 if (!m.is_none()) {
-                  auto a = nb::cast<nb::ndarray<const float, nb::ndim<2>, nb::c_contig,
-                                                nb::device::cpu>>(m.attr("a"));
-                  auto b = nb::cast<nb::ndarray<const float, nb::ndim<2>, nb::c_contig,
-                                                nb::device::cpu>>(m.attr("b"));
+                  auto a = nb::cast<
+                      nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>>(
+                      m.attr("a"));
+                  auto b = nb::cast<
+                      nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>>(
+                      m.attr("b"));
                   if (b.shape(1) != a.shape(0)) {
                     throw nb::value_error("add_lora: lora_B's columns must equal lora_A's rows");
                   }

@@ -163,8 +163,9 @@ def test_bad_adapters_are_clear_errors(tiny_llama_dir, tiny_base, tiny_adapters,
 
 def test_adapter_for_another_base_model_is_refused(tiny_llama_dir, tmp_path):
     import torch
-    from model_fixtures import TINY_LLAMA_CONFIG
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from model_fixtures import TINY_LLAMA_CONFIG
 
     other = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA_CONFIG, "hidden_size": 96,
                                             "num_hidden_layers": 1}))
@@ -219,7 +220,8 @@ def write_gguf_adapter(peft_path: str, out_path: str, num_heads: int, num_kv_hea
     import gguf
     from safetensors.numpy import load_file
 
-    cfg = json.load(open(os.path.join(peft_path, "adapter_config.json")))
+    with open(os.path.join(peft_path, "adapter_config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
     names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
     writer = gguf.GGUFWriter(out_path, "llama")

@@ -762,8 +762,8 @@ void Engine::add_request(const std::string& request_id, std::vector<int32_t> pro
   if (lora_id < 0) throw InvalidRequestError("lora_id must be non-negative");
   req->lora_id = lora_id;
   // The adapter keys the prefix cache: its KV differs from the base model's for the same prompt.
-  req->cache_salt = lora_id == 0 ? cache_salt
-                                 : detail::mix64(cache_salt ^ (0x4c6f5241ull << 32 | lora_id));
+  req->cache_salt =
+      lora_id == 0 ? cache_salt : detail::mix64(cache_salt ^ (0x4c6f5241ull << 32 | lora_id));
   req->num_prompt_tokens = static_cast<int32_t>(n);
   req->token_ids = std::move(prompt_token_ids);
   req->token_ids.reserve(std::min<int64_t>(c.scheduler.max_model_len, n + 64));

@@ -136,8 +136,8 @@ std::vector<int32_t> DraftPlanner::plan(int32_t base_rows, const std::vector<dou
   for (size_t d = 1; d <= candidates.size(); ++d) {
     tokens += candidates[d - 1].value;
     deepest = std::max(deepest, candidates[d - 1].depth);
-    const double seconds = step_seconds(base_rows + static_cast<int32_t>(d)) +
-                           deepest * draft_step_seconds_;
+    const double seconds =
+        step_seconds(base_rows + static_cast<int32_t>(d)) + deepest * draft_step_seconds_;
     const double rate = tokens / seconds;
     if (rate > best_rate * (1.0 + 1e-9)) {
       best_rate = rate;

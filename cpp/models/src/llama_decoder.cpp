@@ -193,8 +193,8 @@ void CpuDecoder::forward(const DecoderBatch& b) {
   };
   // Adds the step's LoRA terms of (layer, target) to out (a column slice of a wider row).
   const DecoderLora* lora = b.lora;
-  auto add_lora = [&](size_t l, int target, const float* x, int64_t x_stride, int64_t k,
-                      float* out, int64_t out_stride, int64_t n) {
+  auto add_lora = [&](size_t l, int target, const float* x, int64_t x_stride, int64_t k, float* out,
+                      int64_t out_stride, int64_t n) {
     if (lora == nullptr) return;
     const int64_t at = (static_cast<int64_t>(l) * kNumLoraTargets + target) * lora->num_slots;
     bool any = false;
