@@ -302,6 +302,16 @@ def test_server_serves_adapters_by_name(smollm_adapter, tmp_path):
         assert r.status_code == 200
         assert complete("late").json()["choices"][0]["text"] == lora_text
         assert "bad" not in {m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]}
+        # Unloading while a request uses the adapter is refused; that request is unharmed.
+        with httpx.stream("POST", f"{base}/v1/completions", json={
+                "model": "late", "prompt": "The capital of France is", "max_tokens": 300,
+                "ignore_eos": True, "temperature": 0, "stream": True}, timeout=60) as stream:
+            lines = stream.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            busy = httpx.post(f"{base}/v1/unload_lora_adapter", json={"lora_name": "late"})
+            assert busy.status_code == 400 and "in flight" in busy.json()["error"]["message"]
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
         assert httpx.post(f"{base}/v1/unload_lora_adapter",
                           json={"lora_name": "late"}).status_code == 200
         assert complete("late").status_code == 404
