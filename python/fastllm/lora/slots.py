@@ -125,8 +125,10 @@ class LoraSlots:
                         a_ptrs[s], b_ptrs[s] = m[0].data_ptr(), m[1].data_ptr()
                         ranks[s], scales[s] = m[0].shape[0], m[2]
                         any_slot = True
+                # The kernel's rank bound sizes its CUDA grid and scratch: the step's largest.
                 row.append((self._to_device(a_ptrs), self._to_device(b_ptrs),
-                            self._to_device(ranks), self._to_device(scales)) if any_slot else None)
+                            self._to_device(ranks), self._to_device(scales), int(ranks.max()))
+                           if any_slot else None)
             tables.append(row)
         slots_t = self._to_device(token_slots.astype(np.int32))
         fallback = {s: (torch.from_numpy(np.flatnonzero(token_slots == s)).to(self.device),
