@@ -21,13 +21,15 @@ PACKAGE = Path(__file__).resolve().parents[2] / "python" / "fastllm"
 # `python -m fastllm`), torch_extra the one place torch is imported from; _C is the extension.
 ALLOWED: dict[str, set[str]] = {
     "fastllm": {"entrypoints", "engine", "config", "sampling_params", "outputs", "cpp_package",
-                "version", "_C"},
+                "version", "lora", "_C"},
     "__main__": {"cpp_package", "version"},
     "entrypoints": {"engine", "guided", "tokenizer", "config", "sampling_params", "outputs",
-                    "torch_extra", "version", "_C"},
+                    "lora", "torch_extra", "version", "_C"},
     "engine": {"worker", "guided", "tokenizer", "models", "loader", "config", "sampling_params",
-               "outputs", "torch_extra", "_C"},
-    "worker": {"models", "ops", "config", "torch_extra", "_C"},
+               "outputs", "lora", "torch_extra", "_C"},
+    "worker": {"models", "ops", "config", "lora", "torch_extra", "_C"},
+    # LoRA adapters: reading them (loader, config), the torch executor's slots (ops).
+    "lora": {"loader", "ops", "config", "torch_extra"},
     "guided": {"torch_extra", "_C"},
     "tokenizer": {"loader"},
     "models": {"loader", "ops", "kernels", "config", "torch_extra", "_C"},
