@@ -13,13 +13,36 @@ first token, TTFT and inter-token latency p50/p99 (`--requests N` sets the reque
 level above one client), the server's peak RSS (VmHWM of the process tree) after each level and
 its time to ready, and fastllm's ratios to each peer (throughput, TTFT, peak RSS at 16 clients).
 llama-server runs once per level with as many slots (-np) as clients. Asserts nothing; never run
-by CI.
+by CI (`--dry-run` prints the servers, their commands and workloads as JSON and starts nothing).
+
+    python benchmarks/serve.py --lora [N] [--llama-server PATH] [--clients 16]
+
+measures what serving LoRA adapters costs (N = 4 by default; --clients defaults to 16 here). It
+first makes N adapters of the model in a temporary directory, offline, the way the tests do
+(tests/python/model_fixtures.py: transformers' fp32 load of the GGUF, PEFT with random A and B
+of std 0.05, rank 16, alpha 16, on q/k/v/o/gate/up/down, seeds 0..N-1) and writes adapter 0
+also as a GGUF LoRA file. Then, one server at a time:
+  fastllm base           fastllm-serve without LoRA;
+  fastllm N adapters     fastllm-serve --enable-lora --max-loras N with the N PEFT adapters and
+                         the GGUF one: requests round-robin over the N PEFT adapters;
+  fastllm 1 adapter      the same server, every request on the GGUF adapter;
+  fastllm lora-srv base  the same server, every request on the base model;
+  llama-server base      and llama-server --lora GGUF (llama.cpp applies its adapters to every
+  llama-server 1 adapter request of the server), -np clients.
+It prints the same table, then fastllm 1 adapter / llama-server 1 adapter (the issue's target:
+2x or more at 16 clients) and the throughput cost of N adapters against fastllm base (target:
+25 % or less). After its timed levels each workload also sends every prompt to each of its
+models once more as a chat message (greedy, 32 tokens, stopping at EOS) and the report
+compares those texts: every adapter changes them, the GGUF and PEFT forms of adapter 0 agree,
+the LoRA server's base texts equal those of the server without LoRA, and how far fastllm agrees
+with llama-server, with and without the adapter.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
@@ -32,6 +55,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 
 import httpx
 
@@ -84,11 +109,14 @@ class Result:
     levels: dict[int, Level] = field(default_factory=dict)
     # Peak RSS (VmHWM of the process tree) read right after each level.
     peak_rss_mb: dict[int, float] = field(default_factory=dict)
+    # (model name, prompt index) -> greedy text, from probe_texts.
+    texts: dict[tuple[str, int], str] = field(default_factory=dict)
     error: str | None = None
 
     def merge(self, other: Result) -> None:
         self.levels.update(other.levels)
         self.peak_rss_mb.update(other.peak_rss_mb)
+        self.texts.update(other.texts)
         if self.ready_s != self.ready_s:  # nan
             self.ready_s = other.ready_s
         self.error = self.error or other.error
@@ -209,13 +237,17 @@ async def drive(clients: int, jobs: list, handle: Callable[[httpx.AsyncClient, o
         return time.perf_counter() - t0
 
 
-async def run_level(base: str, model: str, clients: int, requests: int,
+async def run_level(base: str, model: str | list[str], clients: int, requests: int,
                     output_len: int) -> Level:
+    """`requests` greedy completions, `clients` at a time; request i asks for model i mod the
+    models given (round-robin over adapters) with prompt i mod len(PROMPTS)."""
+    models = [model] if isinstance(model, str) else model
     level = Level(clients, requests)
     url = f"{base}/v1/completions"
 
     async def handle(client: httpx.AsyncClient, i: int) -> None:
-        body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": output_len,
+        name, k = models[i % len(models)], i % len(PROMPTS)
+        body = {"model": name, "prompt": PROMPTS[k], "max_tokens": output_len,
                 "temperature": 0.0, "ignore_eos": True}
         out = await stream_request(client, url, body)
         level.tokens += out.tokens
@@ -225,6 +257,25 @@ async def run_level(base: str, model: str, clients: int, requests: int,
 
     level.seconds = await drive(clients, list(range(requests)), handle)
     return level
+
+
+async def probe_texts(base: str, models: list[str], clients: int,
+                      max_tokens: int) -> dict[tuple[str, int], str]:
+    """Every prompt on every model as a chat message, greedy, up to max_tokens and stopping at
+    EOS: texts two servers should agree on. (The timed requests give no such texts: with
+    ignore_eos fastllm, like vLLM, goes on past an EOS it sampled, and llama-server never samples
+    one; and as raw completions several of these prompts end at once.)"""
+    texts: dict[tuple[str, int], str] = {}
+    url = f"{base}/v1/chat/completions"
+
+    async def handle(client: httpx.AsyncClient, job: tuple[str, int]) -> None:
+        name, k = job
+        body = {"model": name, "messages": [{"role": "user", "content": PROMPTS[k]}],
+                "max_tokens": max_tokens, "temperature": 0.0}
+        texts[job] = (await stream_request(client, url, body)).text
+
+    await drive(clients, [(m, k) for m in models for k in range(len(PROMPTS))], handle)
+    return texts
 
 
 def wait_ready(base: str, proc: subprocess.Popen, timeout: float) -> float:
@@ -305,29 +356,87 @@ def llama_server_command(binary: str, model: str, port: int, model_name: str, th
             "--alias", model_name, *extra]
 
 
-def bench_server(name: str, cmd: list[str], port: int, model: str, args, env=None,
-                 clients_levels: list[int] | None = None) -> Result:
-    result = Result(name)
+@dataclass
+class Workload:
+    """What one result measures on a running server: requests round-robin over `models`."""
+
+    name: str
+    models: list[str]
+
+
+@dataclass
+class ServerRun:
+    """One server of the plan and the workloads measured on it, in order. A per-level server
+    (llama-server) is started once per clients level with that many slots; the others once
+    for all levels."""
+
+    name: str
+    command: Callable[[int, int], list[str]]  # (port, clients) -> argv
+    workloads: list[Workload]
+    per_level: bool = False
+    env: dict[str, str] | None = None
+    probe_tokens: int = 0  # > 0: probe_texts after the levels, at the highest one
+
+    def level_groups(self, clients: list[int]) -> list[list[int]]:
+        return [[c] for c in clients] if self.per_level else [clients]
+
+
+def bench_server(name: str, cmd: list[str], port: int, workloads: list[Workload], args,
+                 env=None, clients_levels: list[int] | None = None,
+                 probe_tokens: int = 0) -> list[Result]:
+    """Starts one server and measures each workload at each clients level on it (then, with
+    probe_tokens, collects its texts); one Result per workload. A server that fails is reported
+    in every Result, not raised."""
+    results = [Result(w.name) for w in workloads]
     try:
         with running_server(name, cmd, port, args.ready_timeout, env) as server:
-            result.ready_s = server.ready_s
-            asyncio.run(run_level(server.base, model, 1, 1, 16))  # warm-up
-            for clients in clients_levels or args.clients:
-                requests = 8 if clients == 1 else (args.requests or 2 * clients)
-                level = asyncio.run(run_level(server.base, model, clients, requests,
-                                              args.output_len))
-                result.levels[clients] = level
-                result.peak_rss_mb[clients] = tree_peak_rss_mb(server.proc.pid)
-                print(f"  {clients:>3} clients, {requests:>3} x {args.output_len}: "
-                      f"{level.tok_s:8.1f} tok/s, {level.summary()}, peak RSS "
-                      f"{result.peak_rss_mb[clients]:.0f} MB", flush=True)
+            for w, result in zip(workloads, results):
+                result.ready_s = server.ready_s
+                # Warm-up, one request per model: adapters are loaded before the clock starts.
+                for model in w.models:
+                    asyncio.run(run_level(server.base, model, 1, 1, 16))
+                for clients in clients_levels or args.clients:
+                    requests = 8 if clients == 1 else (args.requests or 2 * clients)
+                    level = asyncio.run(run_level(server.base, w.models, clients, requests,
+                                                  args.output_len))
+                    result.levels[clients] = level
+                    result.peak_rss_mb[clients] = tree_peak_rss_mb(server.proc.pid)
+                    print(f"  {w.name}: {clients:>3} clients, {requests:>3} x "
+                          f"{args.output_len}: {level.tok_s:8.1f} tok/s, {level.summary()}, "
+                          f"peak RSS {result.peak_rss_mb[clients]:.0f} MB", flush=True)
+                if probe_tokens:
+                    result.texts = asyncio.run(probe_texts(
+                        server.base, w.models, max(clients_levels or args.clients),
+                        probe_tokens))
     except (RuntimeError, OSError, httpx.HTTPError) as e:  # reported, not fatal
-        result.error = f"{type(e).__name__}: {e}"
-        print(f"  failed: {result.error}", flush=True)
-    return result
+        error = f"{type(e).__name__}: {e}"
+        print(f"  failed: {error}", flush=True)
+        for result in results:
+            result.error = result.error or error
+    return results
 
 
-def report(results: list[Result], clients: list[int]) -> None:
+def run_plan(runs: list[ServerRun], args) -> dict[str, Result]:
+    """Every server of the plan, one at a time; the Results by workload name."""
+    results: dict[str, Result] = {}
+    for run in runs:
+        for levels in run.level_groups(args.clients):
+            port = free_port()
+            for r in bench_server(run.name, run.command(port, max(levels)), port, run.workloads,
+                                  args, run.env, levels,
+                                  run.probe_tokens if max(levels) == max(args.clients) else 0):
+                results.setdefault(r.name, Result(r.name)).merge(r)
+    return results
+
+
+def plan_json(runs: list[ServerRun], args) -> dict:
+    return {"clients": args.clients, "servers": [
+        {"name": run.name, "workloads": {w.name: w.models for w in run.workloads},
+         "commands": {str(max(levels)): run.command(8000, max(levels))
+                      for levels in run.level_groups(args.clients)}} for run in runs]}
+
+
+def print_table(results: list[Result], clients: list[int]) -> None:
     rss_level = 16 if 16 in clients else clients[-1]
     print("\n| server | " + " | ".join(f"{c} cl tok/s | {c} cl TTFT p50 ms" for c in clients)
           + f" | peak RSS MB ({rss_level} cl) | ready s |")
@@ -339,6 +448,11 @@ def report(results: list[Result], clients: list[int]) -> None:
             cells += [f"{lv.tok_s:.1f}", f"{lv.ttft_p50_ms:.0f}"] if lv else ["-", "-"]
         print(f"| {r.name} | " + " | ".join(cells) +
               f" | {r.rss_at(rss_level):.0f} | {r.ready_s:.1f} |")
+
+
+def report(results: list[Result], clients: list[int]) -> None:
+    print_table(results, clients)
+    rss_level = 16 if 16 in clients else clients[-1]
     ours = results[0]
     for peer in results[1:]:
         if peer.error:
@@ -354,13 +468,164 @@ def report(results: list[Result], clients: list[int]) -> None:
               "; TTFT p50 " + ", ".join(ttfts) + f"; peak RSS at {rss_level} clients {rss:.2f}x")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+# ---- --lora -------------------------------------------------------------------------------
+
+# The adapters --lora makes: PEFT rank 16 on every supported projection, scaling alpha / rank
+# = 1, A and B ~ N(0, 0.05): large enough to change the text, small enough to keep it text.
+LORA_RANK, LORA_ALPHA, LORA_STD = 16, 16, 0.05
+GGUF_ADAPTER = "lora0-gguf"  # the served name of adapter 0's GGUF form
+PROBE_TOKENS = 32  # length of the texts compared across servers
+MODEL_FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "python" / "model_fixtures.py"
+
+
+def load_model_fixtures() -> ModuleType:
+    """tests/python/model_fixtures.py, which builds the tests' adapters, imported by path."""
+    spec = importlib.util.spec_from_file_location("model_fixtures", MODEL_FIXTURES)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_lora_adapters(model: str, directory: str, n: int) -> tuple[list[str], str]:
+    """N PEFT adapters of the GGUF `model` under `directory` and adapter 0 as a GGUF LoRA file
+    (about 20 s, most of it transformers dequantizing the GGUF); their paths."""
+    fixtures = load_model_fixtures()
+    reference = fixtures.load_hf_reference(model).model
+    paths = [os.path.join(directory, f"lora{i}") for i in range(n)]
+    for seed, path in enumerate(paths):
+        fixtures.make_peft_adapter(reference, path, LORA_RANK, LORA_ALPHA, fixtures.LORA_TARGETS,
+                                   seed=seed, std=LORA_STD)
+    gguf_path = os.path.join(directory, "lora0.gguf")
+    cfg = reference.config
+    fixtures.write_gguf_adapter(paths[0], gguf_path, cfg.num_attention_heads,
+                                cfg.num_key_value_heads)
+    return paths, gguf_path
+
+
+def lora_plan(args, model_name: str, peft_paths: list[str], gguf_path: str) -> list[ServerRun]:
+    n = len(peft_paths)
+    adapters = [f"lora{i}" for i in range(n)]
+    extra = args.fastllm_args.split()
+    lora_flags = ["--enable-lora", "--max-loras", str(n), "--max-lora-rank", str(LORA_RANK),
+                  "--lora-modules", *(f"{a}={p}" for a, p in zip(adapters, peft_paths)),
+                  f"{GGUF_ADAPTER}={gguf_path}"]
+    env = fastllm_env(args.threads)
+    runs = [
+        ServerRun("fastllm", lambda port, _: fastllm_command(args.model, port, model_name, 1024,
+                                                             extra),
+                  [Workload("fastllm base", [model_name])], env=env, probe_tokens=PROBE_TOKENS),
+        ServerRun("fastllm-lora",
+                  lambda port, _: fastllm_command(args.model, port, model_name, 1024,
+                                                  [*lora_flags, *extra]),
+                  [Workload(f"fastllm {n} adapters", adapters),
+                   Workload("fastllm 1 adapter", [GGUF_ADAPTER]),
+                   Workload("fastllm lora-srv base", [model_name])], env=env,
+                  probe_tokens=PROBE_TOKENS)]
+    if args.llama_server:
+        def llama(lora: list[str]) -> Callable[[int, int], list[str]]:
+            return lambda port, clients: llama_server_command(
+                args.llama_server, args.model, port, model_name, args.threads, clients,
+                args.ctx_per_slot, lora)
+
+        runs += [ServerRun("llama-server", llama([]),
+                           [Workload("llama-server base", [model_name])], per_level=True,
+                           probe_tokens=PROBE_TOKENS),
+                 ServerRun("llama-server-lora", llama(["--lora", gguf_path]),
+                           [Workload("llama-server 1 adapter", [model_name])], per_level=True,
+                           probe_tokens=PROBE_TOKENS)]
+    return runs
+
+
+def compare_texts(a: dict[tuple[str, int], str], b: dict[tuple[str, int], str], model_a: str,
+                  model_b: str) -> tuple[int, int, int]:
+    """(identical, compared, median common prefix in characters) of model_a's texts in a and
+    model_b's in b, prompt by prompt."""
+    same = total = 0
+    prefixes = []
+    for (model, k), text in sorted(a.items()):
+        other = b.get((model_b, k))
+        if model != model_a or other is None:
+            continue
+        total += 1
+        same += text == other
+        prefixes.append(len(os.path.commonprefix([text, other])))
+    return same, total, int(percentile(prefixes, 50)) if prefixes else 0
+
+
+def report_lora(results: dict[str, Result], clients: list[int], n: int,
+                model_name: str) -> None:
+    print_table(list(results.values()), clients)
+
+    def ratio(num: str, den: str, c: int) -> float | None:
+        a, b = (results[x].levels.get(c) if x in results else None for x in (num, den))
+        return a.tok_s / b.tok_s if a and b and a.tok_s and b.tok_s else None
+
+    print()
+    for c in clients:
+        # (numerator, denominator, target): within one engine a ratio below 1 is also a cost.
+        checks = [
+            ("fastllm 1 adapter", "llama-server 1 adapter", "target >= 2x"),
+            (f"fastllm {n} adapters", "fastllm base", "target: cost <= 25 %"),
+            ("fastllm 1 adapter", "fastllm base", ""),
+            ("fastllm lora-srv base", "fastllm base", ""),
+            ("fastllm base", "llama-server base", ""),
+            ("llama-server 1 adapter", "llama-server base", ""),
+        ]
+        for num, den, target in checks:
+            r = ratio(num, den, c)
+            if r is None:
+                continue
+            same_engine = num.split()[0] == den.split()[0]
+            cost = f" (cost {100 * (1 - r):.1f} %)" if same_engine and r <= 1 else ""
+            note = f"  [{target}]" if target else ""
+            print(f"{c} clients: {num} / {den}: {r:.2f}x{cost}{note}")
+
+    # Greedy texts (probe_texts): every adapter must change them; the two forms of adapter 0,
+    # and the base with and without LoRA on, must give the same texts. llama-server's agreement
+    # is informational (another engine's rounding): its base pair is the control for its
+    # adapter pair.
+    def texts(name: str) -> dict[tuple[str, int], str]:
+        return results[name].texts if name in results else {}
+
+    print(f"\ngreedy texts of the {len(PROMPTS)} prompts, {PROBE_TOKENS} tokens at most, "
+          f"{max(clients)} clients:")
+    base, mixed, gguf = texts("fastllm base"), texts(f"fastllm {n} adapters"), \
+        texts("fastllm 1 adapter")
+    for i in range(n):
+        same, total, _ = compare_texts(mixed, base, f"lora{i}", model_name)
+        if total:
+            print(f"  lora{i} vs fastllm base: {total - same}/{total} changed by the adapter")
+    pairs = [
+        ("fastllm 1 adapter (GGUF) vs lora0 (PEFT)", gguf, mixed, GGUF_ADAPTER, "lora0"),
+        ("fastllm lora-srv base vs fastllm base", texts("fastllm lora-srv base"), base,
+         model_name, model_name),
+        ("fastllm base vs llama-server base", base, texts("llama-server base"), model_name,
+         model_name),
+        ("fastllm 1 adapter vs llama-server 1 adapter", gguf, texts("llama-server 1 adapter"),
+         GGUF_ADAPTER, model_name),
+    ]
+    for label, a, b, model_a, model_b in pairs:
+        same, total, prefix = compare_texts(a, b, model_a, model_b)
+        if total:
+            print(f"  {label}: {same}/{total} identical, median common prefix {prefix} chars")
+
+
+# ---- main ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n", 2)[2])
     ap.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2)")
     ap.add_argument("--llama-server", default=None, help="path of llama.cpp's llama-server")
     ap.add_argument("--llama-cpp-python", default=None,
                     help="python interpreter that has llama-cpp-python[server] installed")
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 16, 32])
+    ap.add_argument("--lora", type=int, nargs="?", const=4, default=0, metavar="N",
+                    help="the LoRA benchmark with N adapters (default 4)")
+    ap.add_argument("--clients", type=int, nargs="+", default=None,
+                    help="concurrency levels (default: 1 16 32; 16 with --lora)")
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--requests", type=int, default=0,
                     help="requests per level above one client (default: 2 x clients)")
@@ -368,41 +633,77 @@ def main() -> None:
     ap.add_argument("--ctx-per-slot", type=int, default=512)
     ap.add_argument("--ready-timeout", type=float, default=300.0)
     ap.add_argument("--fastllm-args", default="", help="extra fastllm-serve flags")
-    args = ap.parse_args()
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the servers, commands and workloads as JSON; start nothing")
+    args = ap.parse_args(argv)
+    if args.lora < 0:
+        ap.error("--lora N needs N >= 1")
+    if args.lora and args.llama_cpp_python:
+        ap.error("--lora compares against llama-server only (no --llama-cpp-python)")
+    if args.clients is None:
+        args.clients = [16] if args.lora else [1, 16, 32]
+    if min(args.clients) < 1 or args.output_len < 1 or args.requests < 0:
+        ap.error("--clients and --output-len must be positive")
+    return args
 
-    if args.model is None:
-        from fastllm.loader import default_gguf_path
 
-        args.model = default_gguf_path()
-    model_name = "bench"
-    results: list[Result] = []
-
-    port = free_port()
-    cmd = fastllm_command(args.model, port, model_name, 1024, args.fastllm_args.split())
-    results.append(bench_server("fastllm", cmd, port, model_name, args,
-                                fastllm_env(args.threads)))
-
+def plain_plan(args, model_name: str) -> list[ServerRun]:
+    runs = [ServerRun("fastllm", lambda port, _: fastllm_command(
+        args.model, port, model_name, 1024, args.fastllm_args.split()),
+        [Workload("fastllm", [model_name])], env=fastllm_env(args.threads))]
     if args.llama_server:
         # One server per level with as many slots (-np) as clients, as llama.cpp is deployed
         # for that load; its peak RSS at 16 clients is that of the 16-slot server.
-        merged = Result("llama-server")
-        for clients in args.clients:
-            port = free_port()
-            cmd = llama_server_command(args.llama_server, args.model, port, model_name,
-                                       args.threads, clients, args.ctx_per_slot)
-            merged.merge(bench_server("llama-server", cmd, port, model_name, args,
-                                      clients_levels=[clients]))
-        results.append(merged)
+        runs.append(ServerRun("llama-server", lambda port, clients: llama_server_command(
+            args.llama_server, args.model, port, model_name, args.threads, clients,
+            args.ctx_per_slot), [Workload("llama-server", [model_name])], per_level=True))
     if args.llama_cpp_python:
-        port = free_port()
-        cmd = [args.llama_cpp_python, "-m", "llama_cpp.server", "--model", args.model,
-               "--n_threads", str(args.threads), "--n_ctx", "2048", "--host", "127.0.0.1",
-               "--port", str(port), "--model_alias", model_name,
-               # By default its server cancels the running request when a new one arrives;
-               # queueing them is how it serves concurrent clients.
-               "--interrupt_requests", "False"]
-        results.append(bench_server("llama-cpp-python", cmd, port, model_name, args))
-    report(results, args.clients)
+        runs.append(ServerRun("llama-cpp-python", lambda port, _: [
+            args.llama_cpp_python, "-m", "llama_cpp.server", "--model", args.model,
+            "--n_threads", str(args.threads), "--n_ctx", "2048", "--host", "127.0.0.1",
+            "--port", str(port), "--model_alias", model_name,
+            # By default its server cancels the running request when a new one arrives;
+            # queueing them is how it serves concurrent clients.
+            "--interrupt_requests", "False"], [Workload("llama-cpp-python", [model_name])]))
+    return runs
+
+
+def resolve_model(args: argparse.Namespace) -> None:
+    """--model defaults to the embedded SmolLM2 GGUF (a placeholder in a dry run, which loads
+    nothing)."""
+    if args.model is None:
+        if args.dry_run:
+            args.model = "MODEL.gguf"
+        else:
+            from fastllm.loader import default_gguf_path
+
+            args.model = default_gguf_path()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    resolve_model(args)
+    model_name = "bench"
+    if args.dry_run:
+        runs = (lora_plan(args, model_name, [f"ADAPTERS/lora{i}" for i in range(args.lora)],
+                          "ADAPTERS/lora0.gguf") if args.lora else plain_plan(args, model_name))
+        json.dump(plan_json(runs, args), sys.stdout, indent=1)
+        print()
+        return
+    if not args.lora:
+        runs = plain_plan(args, model_name)
+        results = run_plan(runs, args)
+        report([results[w.name] for run in runs for w in run.workloads], args.clients)
+        return
+    with tempfile.TemporaryDirectory(prefix="fastllm-lora-bench-") as directory:
+        t0 = time.perf_counter()
+        peft_paths, gguf_path = make_lora_adapters(args.model, directory, args.lora)
+        print(f"made {args.lora} PEFT adapters (rank {LORA_RANK}, alpha {LORA_ALPHA}, std "
+              f"{LORA_STD}) and {os.path.basename(gguf_path)} in {directory} in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+        runs = lora_plan(args, model_name, peft_paths, gguf_path)
+        results = run_plan(runs, args)
+    report_lora(results, args.clients, args.lora, model_name)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from serve import (
     free_port,
     llama_server_command,
     percentile,
+    resolve_model,
     running_server,
     stream_request,
 )
@@ -453,13 +454,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.model is None:
-        if args.dry_run:
-            args.model = "MODEL.gguf"
-        else:
-            from fastllm.loader import default_gguf_path
-
-            args.model = default_gguf_path()
+    resolve_model(args)
     cfgs = configs(args)
     if args.dry_run:
         plan = [{"name": c.name, "engine": c.engine, "spec": c.spec,

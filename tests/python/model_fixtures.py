@@ -1,11 +1,14 @@
 """Builders for the model fixtures in conftest.py: the default GGUF, an HF fp32 reference of it,
-and a tiny random Llama (GQA) saved as safetensors, sharded safetensors and a .bin.
+a tiny random Llama (GQA) saved as safetensors, sharded safetensors and a .bin, and LoRA adapters
+(PEFT directories and GGUF files) of any of them. benchmarks/serve.py --lora loads this file by
+path to make its adapters the same way.
 
 Everything is local; HF_HUB_OFFLINE is set so nothing reaches the hub.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -122,3 +125,63 @@ def build_tiny_llama(root: str, gguf_path: str) -> TinyLlama:
     for directory in (single, sharded, as_bin):
         write_smollm2_tokenizer_files(directory, gguf_path)
     return TinyLlama(single, sharded, as_bin, state)
+
+
+# Every projection fastllm's LoRA support targets, by their PEFT (transformers) module names.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_peft_adapter(base_model, path: str, rank: int, alpha: int, targets: list[str],
+                      rslora: bool = False, seed: int = 0, std: float = 0.3) -> None:
+    """Saves a PEFT LoRA adapter of base_model (left untouched) with random, non-zero A and B
+    drawn from N(0, std): 0.3 changes greedy tokens of the tiny models; a real model still
+    writes text with about 0.05."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(base_model), LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora,
+        init_lora_weights=False, lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, std)
+    model.save_pretrained(path)
+
+
+def write_gguf_adapter(peft_path: str, out_path: str, num_heads: int, num_kv_heads: int) -> None:
+    """The adapter as llama.cpp's converter writes it: general.type adapter, adapter.lora.alpha,
+    blk.N.<tensor>.weight.lora_a / lora_b in F32, q/k lora_b rows in llama.cpp's rotary order."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(peft_path, "adapter_config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    writer = gguf.GGUFWriter(out_path, "llama")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(cfg["lora_alpha"]))
+
+    def permute(w: np.ndarray, heads: int) -> np.ndarray:
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2) \
+            .reshape(w.shape)
+
+    for key, value in sorted(load_file(os.path.join(peft_path, "adapter_model.safetensors"))
+                             .items()):
+        parts = key.split(".")
+        layer = int(parts[parts.index("layers") + 1])
+        proj = next(p for p in parts if p in names)
+        which = "a" if ".lora_A." in key else "b"
+        value = value.astype(np.float32)
+        if which == "b" and proj in ("q_proj", "k_proj"):
+            value = permute(value, num_heads if proj == "q_proj" else num_kv_heads)
+        writer.add_tensor(f"blk.{layer}.{names[proj]}.weight.lora_{which}",
+                          np.ascontiguousarray(value))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -146,3 +146,135 @@ def test_spec_decode_compares_outputs_prompt_by_prompt(spec_decode):
     assert "not deterministic" in notes[1]
     assert spec_decode.first_difference("abc", "abcd") == 3
     assert spec_decode.first_difference("abc", "abc") == -1
+
+
+# ---- serve.py --lora --------------------------------------------------------------------------
+
+
+def _serve_plan(*flags: str) -> dict:
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "serve.py"), "--dry-run", *flags],
+                         check=True, cwd=BENCHMARKS, capture_output=True, text=True, timeout=120)
+    plan = json.loads(out.stdout)
+    return {"clients": plan["clients"], **{s["name"]: s for s in plan["servers"]}}
+
+
+def test_serve_help_runs_from_its_directory():
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "serve.py"), "--help"], check=True,
+                         cwd=BENCHMARKS, capture_output=True, text=True, timeout=120)
+    assert "--lora" in out.stdout and "--dry-run" in out.stdout
+
+
+def test_serve_lora_fastllm_commands_serve_every_adapter_the_clients_ask_for():
+    """The LoRA server's flags parse (fastllm's own parser) to LoRA on, max_loras = N and the
+    N PEFT adapters plus adapter 0's GGUF form; each workload asks only for names it serves;
+    the base-only server has LoRA off."""
+    from fastllm.config import EngineArgs
+    from fastllm.entrypoints.openai.api_server import parse_lora_modules
+    from fastllm.entrypoints.openai.cli_args import parse_args
+
+    plan = _serve_plan("--lora", "3")
+    assert plan["clients"] == [16]
+    assert sorted(plan) == ["clients", "fastllm", "fastllm-lora"]  # no llama-server given
+
+    def parsed(name: str):
+        argv = plan[name]["commands"]["16"]
+        ns = parse_args(argv[argv.index("--model"):], environ={})
+        return ns, EngineArgs.from_namespace(ns)
+
+    ns, args = parsed("fastllm-lora")
+    assert (args.enable_lora, args.max_loras, args.max_lora_rank) == (True, 3, 16)
+    modules = parse_lora_modules(ns.lora_modules)
+    assert modules == [("lora0", "ADAPTERS/lora0", None), ("lora1", "ADAPTERS/lora1", None),
+                       ("lora2", "ADAPTERS/lora2", None),
+                       ("lora0-gguf", "ADAPTERS/lora0.gguf", None)]
+    assert plan["fastllm-lora"]["workloads"] == {"fastllm 3 adapters": ["lora0", "lora1", "lora2"],
+                                                 "fastllm 1 adapter": ["lora0-gguf"],
+                                                 "fastllm lora-srv base": ["bench"]}
+    assert args.served_model_name == ["bench"]
+    base_ns, base_args = parsed("fastllm")
+    assert not base_args.enable_lora and base_ns.lora_modules is None
+    assert plan["fastllm"]["workloads"] == {"fastllm base": ["bench"]}
+    assert _serve_plan("--lora")["fastllm-lora"]["workloads"]["fastllm 4 adapters"] == [
+        "lora0", "lora1", "lora2", "lora3"]  # N defaults to 4
+
+
+def test_serve_lora_llama_server_commands():
+    plan = _serve_plan("--lora", "--llama-server", "/opt/llama-server", "--clients", "4", "16",
+                       "--threads", "3")
+    for name in ("llama-server", "llama-server-lora"):
+        assert sorted(plan[name]["commands"]) == ["16", "4"]  # one server per concurrency
+    argv = plan["llama-server-lora"]["commands"]["16"]
+
+    def value(flag: str) -> str:
+        return argv[argv.index(flag) + 1]
+
+    assert argv[0] == "/opt/llama-server"
+    assert (value("-np"), value("-t"), value("--lora")) == ("16", "3", "ADAPTERS/lora0.gguf")
+    assert "--lora" not in plan["llama-server"]["commands"]["16"]
+    assert plan["fastllm"]["commands"].keys() == {"16"}  # one fastllm server for both levels
+    assert plan["llama-server-lora"]["workloads"] == {"llama-server 1 adapter": ["bench"]}
+
+
+def test_serve_plain_plan_is_unchanged_by_lora():
+    plan = _serve_plan("--llama-server", "/opt/llama-server")
+    assert plan["clients"] == [1, 16, 32]
+    assert sorted(plan) == ["clients", "fastllm", "llama-server"]
+    assert "--enable-lora" not in plan["fastllm"]["commands"]["32"]
+    assert sorted(plan["llama-server"]["commands"]) == ["1", "16", "32"]
+
+
+@pytest.fixture
+def serve(monkeypatch):
+    """benchmarks/serve.py as a module."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.delitem(sys.modules, "serve", raising=False)
+    yield importlib.import_module("serve")
+    sys.modules.pop("serve", None)
+
+
+def test_serve_lora_loads_the_tests_adapter_builders(serve, monkeypatch):
+    """--lora makes its adapters with the tests' own builders, found by path."""
+    monkeypatch.delitem(sys.modules, "model_fixtures", raising=False)
+    fixtures = serve.load_model_fixtures()
+    assert fixtures.__file__ == str(Path(__file__).with_name("model_fixtures.py"))
+    for name in ("load_hf_reference", "make_peft_adapter", "write_gguf_adapter"):
+        assert callable(getattr(fixtures, name))
+    assert len(fixtures.LORA_TARGETS) == 7
+
+
+def test_serve_compares_texts_per_model_and_prompt(serve):
+    a = {("lora0", 0): "abcdef", ("lora0", 1): "same", ("lora1", 0): "zzz",
+         ("lora0", 2): "only here"}
+    b = {("bench", 0): "abcxyz", ("bench", 1): "same", ("lora1", 0): "zzz"}
+    assert serve.compare_texts(a, b, "lora0", "bench") == (1, 2, 3)  # prefixes 3 and 4: lower
+    assert serve.compare_texts(a, b, "lora1", "lora1") == (1, 1, 3)
+    assert serve.compare_texts(a, {}, "lora0", "bench") == (0, 0, 0)
+
+
+def test_serve_lora_report_names_the_issue_ratios(serve, capsys):
+    def result(name: str, tok_s: float, texts: dict) -> object:
+        r = serve.Result(name, ready_s=1.0)
+        r.levels[16] = serve.Level(16, 32, tokens=int(tok_s * 10), seconds=10.0)
+        r.texts = texts
+        return r
+
+    base_texts = {("bench", k): f"base {k}" for k in range(8)}
+    results = {r.name: r for r in [
+        result("fastllm base", 400.0, base_texts),
+        result("fastllm 2 adapters", 320.0, {("lora0", 0): "a", ("lora1", 1): "base 1"}),
+        result("fastllm 1 adapter", 300.0, {(serve.GGUF_ADAPTER, 0): "a"}),
+        result("llama-server 1 adapter", 120.0, {("bench", 0): "ab"}),
+    ]}
+    serve.report_lora(results, [16], 2, "bench")
+    out = capsys.readouterr().out
+    assert "16 clients: fastllm 1 adapter / llama-server 1 adapter: 2.50x  [target >= 2x]" in out
+    assert "16 clients: fastllm 2 adapters / fastllm base: 0.80x (cost 20.0 %)  [target: cost" in out
+    assert "fastllm 1 adapter / fastllm base: 0.75x (cost 25.0 %)\n" in out
+    assert "llama-server base" not in out  # not measured: no row, no ratio
+    assert "lora0 vs fastllm base: 1/1 changed" in out
+    assert "lora1 vs fastllm base: 0/1 changed" in out
+    assert "fastllm 1 adapter (GGUF) vs lora0 (PEFT): 1/1 identical" in out
+    assert "fastllm 1 adapter vs llama-server 1 adapter: 0/1 identical, median common prefix 1" \
+        in out

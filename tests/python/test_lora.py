@@ -5,42 +5,22 @@ slots, across the prefix cache, on the torch path and the native CPU path, and o
 from __future__ import annotations
 
 import copy
-import os
 
 import httpx
-import numpy as np
 import pytest
 
 from fastllm import LLM, LoRARequest, SamplingParams
+from model_fixtures import LORA_TARGETS, make_peft_adapter, write_gguf_adapter
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 PROMPTS = [[1, 5, 9, 13, 17, 21, 25, 29], [1, 100, 200, 300, 400], [1] + list(range(500, 530))]
 
 # name -> (rank, alpha, targets, rslora)
 ADAPTERS = {
-    "all": (8, 16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-            False),
+    "all": (8, 16, LORA_TARGETS, False),
     "qv": (4, 8, ["q_proj", "v_proj"], False),
     "mlp": (16, 32, ["gate_proj", "up_proj", "down_proj"], True),
 }
-
-
-def make_peft_adapter(base_model, path: str, rank: int, alpha: int, targets: list[str],
-                      rslora: bool = False, seed: int = 0) -> None:
-    """Saves a PEFT LoRA adapter of base_model (left untouched) with random, non-zero A and B
-    large enough to change greedy tokens."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(base_model), LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora,
-        init_lora_weights=False, lora_dropout=0.0))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0.0, 0.3)
-    model.save_pretrained(path)
 
 
 def hf_peft_greedy(base_model, adapter_path: str | None, prompt: list[int], n: int) -> list[int]:
@@ -183,9 +163,7 @@ def test_adapter_for_another_base_model_is_refused(tiny_llama_dir, tmp_path):
 @pytest.fixture(scope="module")
 def smollm_adapter(hf_reference_model, tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("smollm_lora") / "adapter")
-    make_peft_adapter(hf_reference_model.model, path, 8, 16,
-                      ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                       "down_proj"], seed=5)
+    make_peft_adapter(hf_reference_model.model, path, 8, 16, LORA_TARGETS, seed=5)
     return path
 
 
@@ -210,44 +188,6 @@ def test_default_model_adapter_on_every_path(hf_reference_model, smollm_adapter)
     torch_path.engine_args = native.engine_args
     torch_path.llm_engine = LLMEngine(native.engine_args, torch_free=False)
     assert tokens(torch_path.generate(ids, GREEDY, use_tqdm=False, lora_request=request)) == got
-
-
-def write_gguf_adapter(peft_path: str, out_path: str, num_heads: int, num_kv_heads: int) -> None:
-    """The adapter as llama.cpp's converter writes it: general.type adapter, adapter.lora.alpha,
-    blk.N.<tensor>.weight.lora_a / lora_b in F32, q/k lora_b rows in llama.cpp's rotary order."""
-    import json
-
-    import gguf
-    from safetensors.numpy import load_file
-
-    with open(os.path.join(peft_path, "adapter_config.json"), encoding="utf-8") as f:
-        cfg = json.load(f)
-    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
-    writer = gguf.GGUFWriter(out_path, "llama")
-    writer.add_type(gguf.GGUFType.ADAPTER)
-    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(cfg["lora_alpha"]))
-
-    def permute(w: np.ndarray, heads: int) -> np.ndarray:
-        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2) \
-            .reshape(w.shape)
-
-    for key, value in sorted(load_file(os.path.join(peft_path, "adapter_model.safetensors"))
-                             .items()):
-        parts = key.split(".")
-        layer = int(parts[parts.index("layers") + 1])
-        proj = next(p for p in parts if p in names)
-        which = "a" if ".lora_A." in key else "b"
-        value = value.astype(np.float32)
-        if which == "b" and proj in ("q_proj", "k_proj"):
-            value = permute(value, num_heads if proj == "q_proj" else num_kv_heads)
-        writer.add_tensor(f"blk.{layer}.{names[proj]}.weight.lora_{which}",
-                          np.ascontiguousarray(value))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 def test_gguf_adapter_equals_its_peft_source(smollm_adapter, tmp_path, hf_reference_model):
