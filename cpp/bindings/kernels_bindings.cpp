@@ -616,7 +616,8 @@ const float* const* pointer_array(const Array& a, bool cuda, int64_t num_slots, 
 
 void lora_apply(const Array& out, const Array& input, const Array& token_slots,
                 const Array& lora_a_ptrs, const Array& lora_b_ptrs, const Array& ranks,
-                const Array& scales, uintptr_t stream, int64_t max_rank, const Array& workspace) {
+                const Array& scales, uintptr_t stream, int64_t max_rank, const Array& workspace,
+                bool b_transposed) {
   const char* op = "lora_apply";
   const bool cuda = cuda_device(input, op);
   check_device(out, cuda, op, "out");
@@ -648,6 +649,7 @@ void lora_apply(const Array& out, const Array& input, const Array& token_slots,
   p.out = static_cast<float*>(out.data());
   p.input = static_cast<const float*>(input.data());
   p.max_rank = max_rank;
+  p.b_transposed = b_transposed;
   if (workspace.is_valid()) {
     check_device(workspace, cuda, op, "workspace");
     check_contiguous(workspace, op, "workspace");
@@ -786,7 +788,7 @@ void bind_kernels(nb::module_& m) {
       "'scalar' (env FASTLLM_CPU_ISA caps it).");
   m.def("lora_apply", &lora_apply, arg("out"), arg("input"), arg("token_slots"), arg("lora_a_ptrs"),
         arg("lora_b_ptrs"), arg("ranks"), arg("scales"), arg("stream") = 0, arg("max_rank") = 0,
-        arg("workspace").none() = nb::none(),
+        arg("workspace").none() = nb::none(), arg("b_transposed") = false,
         "In place, for every token t with slot s = token_slots[t] >= 0 and lora_a_ptrs[s] != 0: "
         "out[t] += scales[s] * (input[t] @ A_s.T) @ B_s.T, where A_s is float32 [ranks[s], k] at "
         "address lora_a_ptrs[s] and B_s float32 [n, ranks[s]] at lora_b_ptrs[s] (contiguous). out "

@@ -362,10 +362,11 @@ void bind_models(nb::module_& m) {
                   auto a = nb::cast<
                       nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>>(
                       m.attr("a"));
+                  // B transposed ([rank, out]): what the kernel reads without a transposition.
                   auto b = nb::cast<
                       nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>>(
-                      m.attr("b"));
-                  if (b.shape(1) != a.shape(0)) {
+                      m.attr("bt"));
+                  if (b.shape(0) != a.shape(0)) {
                     throw nb::value_error("add_lora: lora_B's columns must equal lora_A's rows");
                   }
                   ref.a = a.data();

@@ -106,6 +106,25 @@ def test_mixed_batch_matches_reference(k, n):
     assert not np.array_equal(wide[~untouched], before[~untouched])
 
 
+@pytest.mark.parametrize("k, n", [(67, 45), (300, 520), (129, 17)])
+def test_transposed_b_gives_the_same_bits(k, n):
+    """B kept transposed ([rank, n], the executors' layout) reads the same values: the result
+    is bit-identical to PEFT's [n, rank] layout."""
+    rng = np.random.default_rng(k + 7 * n)
+    ad = make_adapters(rng, k, n, RANKS)
+    bt = [None if b is None else np.ascontiguousarray(b.T) for b in ad.b]
+    bt_ptrs = np.array([0 if m is None else m.ctypes.data for m in bt], np.uint64)
+    slots = mixed_slots(rng, 37)
+    x = rng.standard_normal((37, k)).astype(np.float32)
+    start = rng.standard_normal((37, n)).astype(np.float32)
+    plain, transposed = start.copy(), start.copy()
+    apply(plain, x, slots, ad)
+    _C.ops.lora_apply(transposed, x, slots, ad.a_ptrs, bt_ptrs, ad.ranks, ad.scales,
+                      b_transposed=True)
+    assert np.array_equal(plain, transposed)
+    np.testing.assert_allclose(transposed, reference(start, x, slots, ad), rtol=2e-5, atol=2e-5)
+
+
 def test_long_prefill_of_one_adapter_beside_decodes():
     # Many tokens of one slot: several token blocks and column tasks of the CPU kernel.
     rng = np.random.default_rng(7)

@@ -215,6 +215,7 @@ void CpuDecoder::forward(const DecoderBatch& b) {
     p.ranks = lora->ranks + at;
     p.scales = lora->scales + at;
     p.max_rank = lora->max_rank;
+    p.b_transposed = true;  // the executor keeps B as [rank][n]
     lora_cpu(p);
   };
   double* const gemm = &profile_.gemm;

@@ -8,6 +8,7 @@ problem is a ValueError naming it."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -38,6 +39,12 @@ class LoraModule:
     def rank(self) -> int:
         return int(self.a.shape[0])
 
+    @functools.cached_property
+    def bt(self) -> np.ndarray:
+        """B transposed, [rank, out_features] C-contiguous: the layout the kernels read (each
+        rank step over contiguous output columns), made once per adapter."""
+        return np.ascontiguousarray(self.b.T)
+
 
 @dataclass
 class LoraAdapter:
@@ -54,6 +61,11 @@ class LoraAdapter:
     @property
     def nbytes(self) -> int:
         return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
+
+    def prepare(self) -> None:
+        """Makes every module's transposed B (before the executor reads it, not during a step)."""
+        for m in self.modules.values():
+            _ = m.bt
 
     def layer_modules(self, num_layers: int) -> list[list[LoraModule | None]]:
         """[layer][target index] -> module or None, targets in LORA_TARGETS order."""

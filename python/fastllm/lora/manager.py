@@ -102,6 +102,7 @@ class LoraManager:
         adapter = load_adapter(request.lora_name, request.lora_int_id, request.lora_path,
                                self.config, self.max_rank)
         adapter.base_model_name = request.base_model_name or adapter.base_model_name
+        adapter.prepare()
         self._trim(self.max_cpu_loras - 1)
         self.executor.add_lora(adapter.lora_id, adapter)
         self._loaded[adapter.lora_id] = adapter

@@ -15,6 +15,7 @@ from fastllm.lora.adapter import LORA_TARGETS, LoraAdapter
 from fastllm.torch_extra import torch
 
 _lora_apply = ops.eager(ops.lora_apply)
+# Slots keep B transposed ([rank, n], LoraModule.bt): the kernel then reads it as is.
 
 
 @dataclass
@@ -35,13 +36,13 @@ class LoraBatch:
         if entry is None:
             return
         if x.dtype == torch.float32 and out.dtype == torch.float32:
-            _lora_apply(out, x, self.token_slots, *entry)
+            _lora_apply(out, x, self.token_slots, *entry, b_transposed=True)
             return
         for rows, modules in self.fallback.values():
             m = modules[layer][target]
             if m is not None:
-                a, b, scale = m
-                delta = (x[rows].float() @ a.t()) @ b.t()
+                a, bt, scale = m
+                delta = (x[rows].float() @ a.t()) @ bt
                 out[rows] += (delta * scale).to(out.dtype)
 
 
@@ -59,7 +60,7 @@ class LoraSlots:
     def add(self, lora_id: int, adapter: LoraAdapter) -> None:
         modules = []
         for per_layer in adapter.layer_modules(self.num_layers):
-            modules.append([None if m is None else (torch.from_numpy(m.a), torch.from_numpy(m.b),
+            modules.append([None if m is None else (torch.from_numpy(m.a), torch.from_numpy(m.bt),
                                                    float(m.scale)) for m in per_layer])
         with self._lock:
             self._host[lora_id] = modules

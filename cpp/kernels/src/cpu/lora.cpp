@@ -252,10 +252,10 @@ void lora_cpu(const LoraParams& p) {
   }
   cpu::run_tasks(tasks, serial, [&](const Task& task) {
     const Segment& seg = segs[task.segment];
-    float* bt = cpu::lora_scratch(1, seg.rank * cpu::kLoraColumnTile);
+    float* bt = p.b_transposed ? nullptr : cpu::lora_scratch(1, seg.rank * cpu::kLoraColumnTile);
     kernels.expand(p.out, p.out_stride, tokens + seg.begin + task.t0, task.t1 - task.t0,
                    h + (seg.begin + task.t0) * h_stride, h_stride, seg.b, seg.rank, task.c0,
-                   task.c1, seg.scale, bt);
+                   task.c1, seg.scale, bt, p.b_transposed ? n : 0);
   });
 }
 

@@ -15,10 +15,11 @@ struct LoraKernels {
                  const float* a, int64_t k, int64_t r0, int64_t r1, float* h, int64_t h_stride);
   // out_i[j] += scale * (h_i . b[j]) for i < count and j in [c0, c1), where out_i is the row
   // out + tokens[i] * out_stride, h_i the rank values at h + i * h_stride and b[j] the row
-  // b + j * rank. bt is scratch of rank * kLoraColumnTile floats.
+  // b + j * rank; or, with b_t_stride > 0, b already transposed: b[j][r] at b + r * b_t_stride
+  // + j. bt is scratch of rank * kLoraColumnTile floats (unused when b comes transposed).
   void (*expand)(float* out, int64_t out_stride, const int64_t* tokens, int64_t count,
                  const float* h, int64_t h_stride, const float* b, int64_t rank, int64_t c0,
-                 int64_t c1, float scale, float* bt);
+                 int64_t c1, float scale, float* bt, int64_t b_t_stride);
 };
 
 // Columns of B transposed at a time by expand (a multiple of every vector width).

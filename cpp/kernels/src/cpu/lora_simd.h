@@ -116,29 +116,35 @@ inline void expand_vectors(const float* h, int64_t rank, const float* bt, int64_
 template <class V>
 void expand(float* out, int64_t out_stride, const int64_t* tokens, int64_t count, const float* h,
             int64_t h_stride, const float* b, int64_t rank, int64_t c0, int64_t c1, float scale,
-            float* bt) {
+            float* bt, int64_t b_t_stride) {
   constexpr int kVectors = 8;  // accumulators in flight per token
   constexpr int64_t kBlock = kVectors * V::kWidth;
   for (int64_t tile = c0; tile < c1; tile += kLoraColumnTile) {
     const int64_t cols = std::min(kLoraColumnTile, c1 - tile);
-    // B is [n][rank]: transposed per tile so each rank step reads contiguous columns, once for
-    // all the tokens of the segment.
-    for (int64_t c = 0; c < cols; ++c) {
-      const float* row = b + (tile + c) * rank;
-      for (int64_t r = 0; r < rank; ++r) bt[r * cols + c] = row[r];
+    // Each rank step reads contiguous columns: B as the executors keep it (transposed), or a
+    // tile of PEFT's [n][rank] B transposed here once for all the tokens of the segment.
+    const float* src = b + tile;
+    int64_t ld = b_t_stride;
+    if (b_t_stride <= 0) {
+      for (int64_t c = 0; c < cols; ++c) {
+        const float* row = b + (tile + c) * rank;
+        for (int64_t r = 0; r < rank; ++r) bt[r * cols + c] = row[r];
+      }
+      src = bt;
+      ld = cols;
     }
     for (int64_t i = 0; i < count; ++i) {
       float* o = out + tokens[i] * out_stride + tile;
       const float* hi = h + i * h_stride;
       int64_t c = 0;
       for (; c + kBlock <= cols; c += kBlock)
-        expand_vectors<V, kVectors>(hi, rank, bt + c, cols, scale, o + c);
+        expand_vectors<V, kVectors>(hi, rank, src + c, ld, scale, o + c);
       for (; c + V::kWidth <= cols; c += V::kWidth)
-        expand_vectors<V, 1>(hi, rank, bt + c, cols, scale, o + c);
+        expand_vectors<V, 1>(hi, rank, src + c, ld, scale, o + c);
       // Columns past the last vector: the same fma chain as a lane, so the same bits.
       for (; c < cols; ++c) {
         float acc = 0.0f;
-        for (int64_t r = 0; r < rank; ++r) acc = V::fma1(hi[r], bt[r * cols + c], acc);
+        for (int64_t r = 0; r < rank; ++r) acc = V::fma1(hi[r], src[r * ld + c], acc);
         o[c] = V::fma1(scale, acc, o[c]);
       }
     }

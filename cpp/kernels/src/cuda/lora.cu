@@ -51,7 +51,7 @@ __global__ void lora_expand_kernel(float* __restrict__ out, int64_t out_stride, 
                                    const float* const* __restrict__ lora_b,
                                    const int32_t* __restrict__ ranks,
                                    const float* __restrict__ scales, int64_t max_rank,
-                                   const float* __restrict__ h) {
+                                   bool b_transposed, const float* __restrict__ h) {
   extern __shared__ float h_row[];  // the token's rank values, read by every column
   const int64_t t = blockIdx.x;
   const int slot = active_slot(token_slots, num_slots, lora_a, ranks, max_rank, t);
@@ -61,9 +61,11 @@ __global__ void lora_expand_kernel(float* __restrict__ out, int64_t out_stride, 
   __syncthreads();
   const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (j >= n) return;
-  const float* b = lora_b[slot] + j * rank;
+  // B^T [rank][n]: neighbouring threads read neighbouring columns; B [n][rank]: one row each.
+  const float* b = b_transposed ? lora_b[slot] + j : lora_b[slot] + j * rank;
+  const int64_t step = b_transposed ? n : 1;
   float acc = 0.0f;
-  for (int r = 0; r < rank; ++r) acc = fmaf(h_row[r], b[r], acc);
+  for (int r = 0; r < rank; ++r) acc = fmaf(h_row[r], b[r * step], acc);
   float* o = out + t * out_stride + j;
   *o = fmaf(scales[slot], acc, *o);
 }
@@ -99,7 +101,7 @@ void lora_cuda(const LoraParams& p, void* stream_handle) {
         static_cast<unsigned>((p.out_features + kExpandThreads - 1) / kExpandThreads));
     lora_expand_kernel<<<expand_grid, kExpandThreads, max_rank * sizeof(float), stream>>>(
         p.out, p.out_stride, p.out_features, p.token_slots, p.num_slots, p.lora_a, p.lora_b,
-        p.ranks, p.scales, max_rank, h);
+        p.ranks, p.scales, max_rank, p.b_transposed, h);
     error = cudaGetLastError();
   }
   // Freed on the stream after the kernels, also when a launch failed.

@@ -41,6 +41,9 @@ struct LoraParams {
   int64_t num_slots = 0;
   const float* const* lora_a = nullptr;  // [num_slots]; null = slot unused for this module
   const float* const* lora_b = nullptr;  // [num_slots]; non-null wherever lora_a is
+  // lora_b holds B transposed, [rank_s][n] row-major: the layout the executors keep (made once
+  // when an adapter loads), so no call transposes B; false: PEFT's [n][rank_s].
+  bool b_transposed = false;
   const int32_t* ranks = nullptr;        // [num_slots], 1..max_rank where lora_a is non-null
   const float* scales = nullptr;         // [num_slots]
   // Bound on ranks (0 = kMaxLoraRank). CUDA sizes its grid and scratch by it, since it cannot read

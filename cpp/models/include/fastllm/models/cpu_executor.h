@@ -93,7 +93,7 @@ class CpuExecutor : public Executor {
   // step names but that is not registered fails that step's requests.
   struct LoraModule {
     const float* a = nullptr;  // [rank][in_features]
-    const float* b = nullptr;  // [out_features][rank]
+    const float* b = nullptr;  // B transposed: [rank][out_features]
     int32_t rank = 0;
     float scale = 0.0f;
   };

@@ -68,8 +68,9 @@ struct DecoderShape {
 };
 
 // One step's batch, laid out as the engine's BatchPlan (see attention.h for the metadata).
-// LoRA adapters of one step (kernels/lora.h): per (layer, target) the slots' A/B pointers, ranks
-// and scales, laid out [layer][target][slot], targets in kLoraTargets order.
+// LoRA adapters of one step (kernels/lora.h): per (layer, target) the slots' A and transposed B
+// ([rank][n]) pointers, ranks and scales, laid out [layer][target][slot], targets in the order
+// below.
 inline constexpr int kNumLoraTargets = 7;  // q, k, v, o, gate, up, down
 struct DecoderLora {
   const int32_t* token_slots = nullptr;  // [num_tokens], < 0 = no adapter
