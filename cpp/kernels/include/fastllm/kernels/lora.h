@@ -44,8 +44,8 @@ struct LoraParams {
   // lora_b holds B transposed, [rank_s][n] row-major: the layout the executors keep (made once
   // when an adapter loads), so no call transposes B; false: PEFT's [n][rank_s].
   bool b_transposed = false;
-  const int32_t* ranks = nullptr;        // [num_slots], 1..max_rank where lora_a is non-null
-  const float* scales = nullptr;         // [num_slots]
+  const int32_t* ranks = nullptr;  // [num_slots], 1..max_rank where lora_a is non-null
+  const float* scales = nullptr;   // [num_slots]
   // Bound on ranks (0 = kMaxLoraRank). CUDA sizes its grid and scratch by it, since it cannot read
   // the device ranks: pass the engine's --max-lora-rank to keep the scratch small.
   int64_t max_rank = 0;
