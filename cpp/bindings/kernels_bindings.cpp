@@ -601,9 +601,9 @@ void quant_convert(const Array& out, const SourceRows& weight, int32_t type, int
 // ---- LoRA ------------------------------------------------------------------------------------
 
 // A 1-D array of raw addresses (uint64 or int64: torch has no uint64 tensors), one per slot.
-const float* const* pointer_array(const Array& a, bool cuda, int64_t num_slots, const char* name) {
+const void* const* pointer_array(const Array& a, bool cuda, int64_t num_slots, const char* name) {
   const char* op = "lora_apply";
-  static_assert(sizeof(const float*) == sizeof(uint64_t), "pointer arrays hold 64-bit addresses");
+  static_assert(sizeof(const void*) == sizeof(uint64_t), "pointer arrays hold 64-bit addresses");
   check_arg(a.ndim() == 1 && static_cast<int64_t>(a.shape(0)) == num_slots,
             where(op, name) + " must be 1-D [num_slots] like ranks and scales");
   check_arg(
@@ -611,13 +611,13 @@ const float* const* pointer_array(const Array& a, bool cuda, int64_t num_slots, 
       where(op, name) + " must be uint64 or int64 (data_ptr() of each slot's matrix, 0 = none)");
   check_device(a, cuda, op, name);
   check_contiguous(a, op, name);
-  return static_cast<const float* const*>(a.data());
+  return static_cast<const void* const*>(a.data());
 }
 
 void lora_apply(const Array& out, const Array& input, const Array& token_slots,
                 const Array& lora_a_ptrs, const Array& lora_b_ptrs, const Array& ranks,
                 const Array& scales, uintptr_t stream, int64_t max_rank, const Array& workspace,
-                bool b_transposed) {
+                bool b_transposed, const std::string& weight_dtype) {
   const char* op = "lora_apply";
   const bool cuda = cuda_device(input, op);
   check_device(out, cuda, op, "out");
@@ -650,6 +650,9 @@ void lora_apply(const Array& out, const Array& input, const Array& token_slots,
   p.input = static_cast<const float*>(input.data());
   p.max_rank = max_rank;
   p.b_transposed = b_transposed;
+  check_arg(weight_dtype == "float32" || weight_dtype == "float16",
+            where(op, "weight_dtype must be 'float32' or 'float16'"));
+  p.weight_dtype = weight_dtype == "float16" ? k::DType::kFloat16 : k::DType::kFloat32;
   if (workspace.is_valid()) {
     check_device(workspace, cuda, op, "workspace");
     check_contiguous(workspace, op, "workspace");
@@ -789,6 +792,7 @@ void bind_kernels(nb::module_& m) {
   m.def("lora_apply", &lora_apply, arg("out"), arg("input"), arg("token_slots"), arg("lora_a_ptrs"),
         arg("lora_b_ptrs"), arg("ranks"), arg("scales"), arg("stream") = 0, arg("max_rank") = 0,
         arg("workspace").none() = nb::none(), arg("b_transposed") = false,
+        arg("weight_dtype") = "float32",
         "In place, for every token t with slot s = token_slots[t] >= 0 and lora_a_ptrs[s] != 0: "
         "out[t] += scales[s] * (input[t] @ A_s.T) @ B_s.T, where A_s is float32 [ranks[s], k] at "
         "address lora_a_ptrs[s] and B_s float32 [n, ranks[s]] at lora_b_ptrs[s] (contiguous). out "

@@ -350,25 +350,35 @@ void bind_models(nb::module_& m) {
       .def(
           "add_lora",
           [](fm::CpuExecutor& self, int32_t lora_id, nb::object adapter) {
-            // adapter: a fastllm.lora.LoraAdapter; its float32 arrays are read in place and must
-            // outlive remove_lora (the LoRA manager keeps the adapter until then).
+            // adapter: a fastllm.lora.LoraAdapter; its arrays (float32 or float16, A and B
+            // transposed) are read in place and must outlive remove_lora (the LoRA manager keeps
+            // the adapter until then).
+            using Matrix = nb::ndarray<nb::ndim<2>, nb::c_contig, nb::device::cpu>;
             const int64_t layers = self.decoder().num_layers();
             nb::list table = nb::cast<nb::list>(adapter.attr("layer_modules")(layers));
             std::vector<fm::CpuExecutor::LoraModule> modules;
+            bool any = false, f16 = false;
             for (nb::handle per_layer : table) {
               for (nb::handle m : per_layer) {
                 fm::CpuExecutor::LoraModule ref;
                 if (!m.is_none()) {
-                  auto a = nb::cast<
-                      nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>>(
-                      m.attr("a"));
+                  auto a = nb::cast<Matrix>(m.attr("a"));
                   // B transposed ([rank, out]): what the kernel reads without a transposition.
-                  auto b = nb::cast<
-                      nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>>(
-                      m.attr("bt"));
+                  auto b = nb::cast<Matrix>(m.attr("bt"));
+                  const auto is_float = [](const Matrix& x, int bits) {
+                    return x.dtype().code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) &&
+                           x.dtype().bits == bits;
+                  };
+                  const bool a16 = is_float(a, 16), b16 = is_float(b, 16);
+                  const bool a32 = is_float(a, 32), b32 = is_float(b, 32);
+                  if (!((a16 && b16) || (a32 && b32)) || (any && a16 != f16)) {
+                    throw nb::value_error("add_lora: A and B must be float32 or float16, alike");
+                  }
                   if (b.shape(0) != a.shape(0)) {
                     throw nb::value_error("add_lora: lora_B's columns must equal lora_A's rows");
                   }
+                  any = true;
+                  f16 = a16;
                   ref.a = a.data();
                   ref.b = b.data();
                   ref.rank = static_cast<int32_t>(a.shape(0));
@@ -377,7 +387,9 @@ void bind_models(nb::module_& m) {
                 modules.push_back(ref);
               }
             }
-            self.add_lora(lora_id, std::move(modules));
+            self.add_lora(
+                lora_id, std::move(modules),
+                f16 ? fastllm::kernels::DType::kFloat16 : fastllm::kernels::DType::kFloat32);
           },
           arg("lora_id"), arg("adapter"),
           "Registers a LoRA adapter (fastllm.lora.LoraAdapter) under its id; its arrays are read "

@@ -230,8 +230,10 @@ class EngineArgs:
     max_cpu_loras: int | None = _arg(
         None, type=positive_int,
         help="LoRA adapters kept loaded in host memory (default: max_loras)")
-    lora_dtype: str = _arg("auto", choices=["auto", "float16", "bfloat16", "float32"],
-                           help="LoRA weights dtype (auto: float32, the kernels' own)")
+    lora_dtype: str = _arg(
+        "auto", choices=["auto", "float16", "bfloat16", "float32"],
+        help="LoRA weights as kept: auto (float16 on the CPU's quantized path, else float32), "
+             "float32, or 16-bit (float16 storage)")
     lora_extra_vocab_size: int = _arg(
         256, type=non_negative_int,
         help="room for adapter-added tokens (adapters that add tokens are refused)")
@@ -308,6 +310,15 @@ class EngineArgs:
             raise ValueError("long_lora_scaling_factors (long-context LoRA) is not supported")
         if self.lora_dtype not in ("auto", "float16", "bfloat16", "float32"):
             raise ValueError(f"unknown lora_dtype {self.lora_dtype!r}")
+
+    def resolve_lora_dtype(self, quantized_cpu: bool) -> str:
+        """The dtype LoRA weights are kept in: 16-bit halves what a step reads for its adapters
+        (on the quantized CPU path the weights already are ~4-bit, so fp32 adapters would cost
+        as much to read as a third of the model); bfloat16 adapters are kept as float16 (exact
+        within float16's range, which LoRA weights stay far inside)."""
+        if self.lora_dtype == "auto":
+            return "float16" if quantized_cpu else "float32"
+        return "float32" if self.lora_dtype == "float32" else "float16"
 
     def speculative_settings(self) -> SpeculativeSettings | None:
         """Speculative decoding as configured (None: off), from the flat flags or

@@ -392,6 +392,7 @@ def lora_apply(
     scales: torch.Tensor,
     max_rank: int = 0,
     b_transposed: bool = False,
+    weight_dtype: str = "float32",
 ) -> None:
     """In place, for every token ``t`` whose slot ``s = token_slots[t]`` is >= 0 and has an A:
     ``out[t] += scales[s] * (x[t] @ A_s.T) @ B_s.T``, all adapters of the step in one call.
@@ -402,24 +403,25 @@ def lora_apply(
     float32 ``[rank_s, k]`` and B_s float32 ``[n, rank_s]`` (:func:`lora_slot_pointers`; 0 = the
     slot has no adapter on this module), ``ranks`` int32, ``scales`` float32. ``max_rank`` bounds
     the ranks (0 = 512); CUDA sizes its scratch by it. ``b_transposed``: the B addresses hold
-    B_s transposed, ``[rank_s, n]`` (the executors' layout: no transposition per call). A token's result does not depend on the rest
+    B_s transposed, ``[rank_s, n]`` (the executors' layout: no transposition per call).
+    ``weight_dtype``: A and B are "float32" or "float16" (converted exactly as read). A token's result does not depend on the rest
     of the batch (bit for bit)."""
     if _numpy_ok(out, x):
         _ops.lora_apply(out.numpy(), x.numpy(), token_slots.numpy(), lora_a_ptrs.numpy(),
                         lora_b_ptrs.numpy(), ranks.numpy(), scales.numpy(), 0, max_rank, None,
-                        b_transposed)
+                        b_transposed, weight_dtype)
         return
     workspace = None
     if x.is_cuda:
         workspace = torch.empty(_ops.lora_workspace_bytes(x.shape[0], max_rank),
                                 dtype=torch.uint8, device=x.device)
     _ops.lora_apply(out, x, token_slots, lora_a_ptrs, lora_b_ptrs, ranks, scales, _stream(x),
-                    max_rank, workspace, b_transposed)
+                    max_rank, workspace, b_transposed, weight_dtype)
 
 
 @lora_apply.register_fake
 def _(out, x, token_slots, lora_a_ptrs, lora_b_ptrs, ranks, scales, max_rank=0,
-      b_transposed=False):
+      b_transposed=False, weight_dtype="float32"):
     return None
 
 

@@ -125,6 +125,37 @@ def test_transposed_b_gives_the_same_bits(k, n):
     np.testing.assert_allclose(transposed, reference(start, x, slots, ad), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_float16_weights_read_exactly(transposed):
+    """float16 A and B are converted exactly as they are read: the result has the bits of the
+    float32 kernel on the same (float16-rounded) values."""
+    rng = np.random.default_rng(23)
+    k, n = 131, 77
+    ad = make_adapters(rng, k, n, RANKS)
+    a16 = [None if m is None else m.astype(np.float16) for m in ad.a]
+    b16 = [None if m is None else np.ascontiguousarray((m.T if transposed else m).astype(np.float16))
+           for m in ad.b]
+    a32 = [None if m is None else m.astype(np.float32) for m in a16]
+    b32 = [None if m is None else m.astype(np.float32) for m in b16]
+
+    def ptrs(ms):
+        return np.array([0 if m is None else m.ctypes.data for m in ms], np.uint64)
+
+    slots = mixed_slots(rng, 29)
+    x = rng.standard_normal((29, k)).astype(np.float32)
+    start = rng.standard_normal((29, n)).astype(np.float32)
+    half, single = start.copy(), start.copy()
+    _C.ops.lora_apply(half, x, slots, ptrs(a16), ptrs(b16), ad.ranks, ad.scales,
+                      b_transposed=transposed, weight_dtype="float16")
+    _C.ops.lora_apply(single, x, slots, ptrs(a32), ptrs(b32), ad.ranks, ad.scales,
+                      b_transposed=transposed)
+    assert np.array_equal(half, single)
+    assert not np.array_equal(half, start)
+    with pytest.raises(ValueError, match="weight_dtype"):
+        _C.ops.lora_apply(half, x, slots, ptrs(a16), ptrs(b16), ad.ranks, ad.scales,
+                          weight_dtype="bfloat16")
+
+
 def test_long_prefill_of_one_adapter_beside_decodes():
     # Many tokens of one slot: several token blocks and column tasks of the CPU kernel.
     rng = np.random.default_rng(7)

@@ -306,7 +306,7 @@ void CpuExecutor::sample_rows(const BatchPlan& plan, float* logits, StepResult& 
   }
 }
 
-void CpuExecutor::add_lora(int32_t lora_id, std::vector<LoraModule> modules) {
+void CpuExecutor::add_lora(int32_t lora_id, std::vector<LoraModule> modules, DType weight_dtype) {
   const auto layers = static_cast<int64_t>(weights_.layers.size());
   check_arg(lora_id > 0, "CpuExecutor: LoRA ids must be positive");
   check_arg(static_cast<int64_t>(modules.size()) == layers * kNumLoraTargets,
@@ -317,7 +317,13 @@ void CpuExecutor::add_lora(int32_t lora_id, std::vector<LoraModule> modules) {
               "CpuExecutor: a LoRA module needs both matrices and a rank in [1, " +
                   std::to_string(kernels::kMaxLoraRank) + "]");
   }
+  check_arg(weight_dtype == DType::kFloat32 || weight_dtype == DType::kFloat16,
+            "CpuExecutor: LoRA weights must be float32 or float16");
   std::lock_guard<std::mutex> lock(lora_mu_);
+  // One kernel call covers every adapter of a step, so they share one storage type.
+  check_arg(loras_.empty() || weight_dtype == lora_dtype_,
+            "CpuExecutor: every LoRA adapter must have the same weight dtype");
+  lora_dtype_ = weight_dtype;
   loras_[lora_id] = std::move(modules);
 }
 
@@ -379,6 +385,7 @@ void CpuExecutor::build_lora(const BatchPlan& plan, DecoderLora& out) {
   out.token_slots = lora_token_slots_.data();
   out.num_slots = slots;
   out.max_rank = max_rank;
+  out.weight_dtype = lora_dtype_;
   out.a = lora_a_.data();
   out.b = lora_b_.data();
   out.ranks = lora_ranks_.data();

@@ -216,6 +216,7 @@ void CpuDecoder::forward(const DecoderBatch& b) {
     p.scales = lora->scales + at;
     p.max_rank = lora->max_rank;
     p.b_transposed = true;  // the executor keeps B as [rank][n]
+    p.weight_dtype = lora->weight_dtype;
     lora_cpu(p);
   };
   double* const gemm = &profile_.gemm;

@@ -156,7 +156,8 @@ class EngineCore:
 
             sched.max_loras = args.max_loras
             self.lora = LoraManager(mc, self.executor, args.max_loras,
-                                    args.max_cpu_loras or args.max_loras, args.max_lora_rank)
+                                    args.max_cpu_loras or args.max_loras, args.max_lora_rank,
+                                    args.resolve_lora_dtype(quantized))
         self.engine_config = cfg
         self.native = _C.Engine(cfg, self.executor, draft_executor)
         self.num_gpu_blocks = num_gpu_blocks

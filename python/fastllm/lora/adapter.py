@@ -45,6 +45,12 @@ class LoraModule:
         rank step over contiguous output columns), made once per adapter."""
         return np.ascontiguousarray(self.b.T)
 
+    def to(self, dtype: str) -> None:
+        """Keeps A and B^T in dtype ("float32" or "float16", what the executors read)."""
+        np_dtype = np.dtype(dtype)
+        self.a = np.ascontiguousarray(self.a.astype(np_dtype, copy=False))
+        self.__dict__["bt"] = np.ascontiguousarray(self.bt.astype(np_dtype, copy=False))
+
 
 @dataclass
 class LoraAdapter:
@@ -53,6 +59,7 @@ class LoraAdapter:
     path: str
     modules: dict[tuple[int, str], LoraModule] = field(default_factory=dict)
     base_model_name: str | None = None
+    dtype: str = "float32"  # of A and B^T once prepared
 
     @property
     def rank(self) -> int:
@@ -62,10 +69,12 @@ class LoraAdapter:
     def nbytes(self) -> int:
         return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
 
-    def prepare(self) -> None:
-        """Makes every module's transposed B (before the executor reads it, not during a step)."""
+    def prepare(self, dtype: str = "float32") -> None:
+        """Readies every module for the executors before they read it: B transposed, A and B^T
+        in dtype (float16 halves the bytes a step reads for its adapters)."""
+        self.dtype = dtype
         for m in self.modules.values():
-            _ = m.bt
+            m.to(dtype)
 
     def layer_modules(self, num_layers: int) -> list[list[LoraModule | None]]:
         """[layer][target index] -> module or None, targets in LORA_TARGETS order."""

@@ -19,12 +19,13 @@ from fastllm.lora.request import LoRARequest
 
 class LoraManager:
     def __init__(self, config: ModelConfig, executor, max_loras: int, max_cpu_loras: int,
-                 max_rank: int):
+                 max_rank: int, dtype: str = "float32"):
         self.config = config
         self.executor = executor
         self.max_loras = max_loras
         self.max_cpu_loras = max(max_cpu_loras, max_loras)
         self.max_rank = max_rank
+        self.dtype = dtype  # of the adapters' weights as the executor reads them
         self._lock = threading.Lock()
         self._loaded: OrderedDict[int, LoraAdapter] = OrderedDict()  # LRU order
         self._in_flight: dict[int, int] = {}
@@ -102,7 +103,7 @@ class LoraManager:
         adapter = load_adapter(request.lora_name, request.lora_int_id, request.lora_path,
                                self.config, self.max_rank)
         adapter.base_model_name = request.base_model_name or adapter.base_model_name
-        adapter.prepare()
+        adapter.prepare(self.dtype)
         self._trim(self.max_cpu_loras - 1)
         self.executor.add_lora(adapter.lora_id, adapter)
         self._loaded[adapter.lora_id] = adapter

@@ -25,6 +25,7 @@ class LoraBatch:
 
     token_slots: torch.Tensor  # int32 [num_tokens] on the model's device
     tables: list[list[tuple | None]]
+    weight_dtype: str  # "float32" or "float16": the slots' A and B^T
     # Slot -> (token indices, per (layer, target) (A, B, scale) or None): the exact fallback for
     # non-float32 activations, which the float32 kernel does not take.
     fallback: dict[int, tuple[torch.Tensor, list[list[tuple | None]]]]
@@ -36,13 +37,14 @@ class LoraBatch:
         if entry is None:
             return
         if x.dtype == torch.float32 and out.dtype == torch.float32:
-            _lora_apply(out, x, self.token_slots, *entry, b_transposed=True)
+            _lora_apply(out, x, self.token_slots, *entry, b_transposed=True,
+                        weight_dtype=self.weight_dtype)
             return
         for rows, modules in self.fallback.values():
             m = modules[layer][target]
             if m is not None:
                 a, bt, scale = m
-                delta = (x[rows].float() @ a.t()) @ bt
+                delta = (x[rows].float() @ a.float().t()) @ bt.float()
                 out[rows] += (delta * scale).to(out.dtype)
 
 
@@ -54,6 +56,7 @@ class LoraSlots:
         self._host: dict[int, list[list[tuple | None]]] = {}  # lora id -> [layer][target]
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # lora id -> slot, LRU order
         self._slot_modules: list[list[list[tuple | None]] | None] = [None] * num_slots
+        self._weight_dtype = "float32"
         # add/remove come from the front end while the engine thread builds a step's batch.
         self._lock = threading.Lock()
 
@@ -63,6 +66,7 @@ class LoraSlots:
             modules.append([None if m is None else (torch.from_numpy(m.a), torch.from_numpy(m.bt),
                                                    float(m.scale)) for m in per_layer])
         with self._lock:
+            self._weight_dtype = adapter.dtype
             self._host[lora_id] = modules
             self._free_slot_of(lora_id)  # a reloaded id gets fresh weights
 
@@ -134,7 +138,7 @@ class LoraSlots:
         slots_t = self._to_device(token_slots.astype(np.int32))
         fallback = {s: (torch.from_numpy(np.flatnonzero(token_slots == s)).to(self.device),
                         self._slot_modules[s]) for s in used}
-        return LoraBatch(slots_t, tables, fallback)
+        return LoraBatch(slots_t, tables, self._weight_dtype, fallback)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(array))

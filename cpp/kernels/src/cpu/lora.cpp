@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "fastllm/kernels/dtype_convert.h"
 #include "lora_impl.h"
 #include "parallel.h"
 #include "vec.h"
@@ -24,6 +25,9 @@ struct Scalar {
   static Reg set1(float v) { return v; }
   static Reg load(const float* p) { return *p; }
   static Reg load_partial(const float* p, int) { return *p; }  // never called: kWidth is 1
+  static Reg load(const uint16_t* p) { return half_to_float(*p); }
+  static float to_float(uint16_t h) { return half_to_float(h); }
+  static Reg load_partial(const uint16_t* p, int) { return half_to_float(*p); }
   static void store(float* p, Reg v) { *p = v; }
   static Reg fma(Reg a, Reg b, Reg c) { return a * b + c; }
   static float fma1(float a, float b, float c) { return a * b + c; }
@@ -49,7 +53,7 @@ const LoraKernels& pick_lora_kernels() {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
     if (cap >= IsaLevel::kAvx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        avx2_lora_kernels() != nullptr)
+        __builtin_cpu_supports("f16c") && avx2_lora_kernels() != nullptr)
       kernels = avx2_lora_kernels();
     if (cap >= IsaLevel::kAvx512 && __builtin_cpu_supports("avx512f") &&
         __builtin_cpu_supports("fma") && avx512_lora_kernels() != nullptr)
@@ -66,8 +70,8 @@ const LoraKernels& pick_lora_kernels() {
 struct Segment {
   int64_t begin = 0;
   int64_t count = 0;
-  const float* a = nullptr;
-  const float* b = nullptr;
+  const void* a = nullptr;  // float or float16 (LoraParams::weight_dtype)
+  const void* b = nullptr;
   int64_t rank = 0;
   float scale = 0.0f;
 };
@@ -137,6 +141,8 @@ void check_lora_shapes(const LoraParams& p) {
   check_arg(p.in_features > 0 && p.out_features > 0,
             "lora: in_features and out_features must be positive");
   check_arg(p.num_slots >= 0, "lora: num_slots must be >= 0");
+  check_arg(p.weight_dtype == DType::kFloat32 || p.weight_dtype == DType::kFloat16,
+            "lora: weights must be float32 or float16");
   check_arg(p.max_rank >= 0 && p.max_rank <= kMaxLoraRank,
             "lora: max_rank must be in [0, " + std::to_string(kMaxLoraRank) +
                 "] (0 = " + std::to_string(kMaxLoraRank) + ")");
@@ -181,6 +187,9 @@ void lora_cpu(const LoraParams& p) {
   check_lora_params(p);
   if (p.num_tokens == 0 || p.num_slots == 0) return;
   const cpu::LoraKernels& kernels = cpu::pick_lora_kernels();
+  const bool f16 = p.weight_dtype == DType::kFloat16;
+  const auto shrink = f16 ? kernels.shrink_f16 : kernels.shrink;
+  const auto expand = f16 ? kernels.expand_f16 : kernels.expand;
   const int64_t k = p.in_features, n = p.out_features;
 
   // Group the tokens of each slot (a stable counting sort): order[] lists the tokens segment by
@@ -235,8 +244,8 @@ void lora_cpu(const LoraParams& p) {
   }
   cpu::run_tasks(tasks, serial, [&](const Task& task) {
     const Segment& seg = segs[task.segment];
-    kernels.shrink(p.input, p.input_stride, tokens + seg.begin + task.t0, task.t1 - task.t0, seg.a,
-                   k, task.c0, task.c1, h + (seg.begin + task.t0) * h_stride, h_stride);
+    shrink(p.input, p.input_stride, tokens + seg.begin + task.t0, task.t1 - task.t0, seg.a, k,
+           task.c0, task.c1, h + (seg.begin + task.t0) * h_stride, h_stride);
   });
 
   // Expand: out += scale * h @ B^T, tasks over (segment, token block, columns of out).
@@ -255,9 +264,9 @@ void lora_cpu(const LoraParams& p) {
   cpu::run_tasks(tasks, serial, [&](const Task& task) {
     const Segment& seg = segs[task.segment];
     float* bt = p.b_transposed ? nullptr : cpu::lora_scratch(1, seg.rank * cpu::kLoraColumnTile);
-    kernels.expand(p.out, p.out_stride, tokens + seg.begin + task.t0, task.t1 - task.t0,
-                   h + (seg.begin + task.t0) * h_stride, h_stride, seg.b, seg.rank, task.c0,
-                   task.c1, seg.scale, bt, p.b_transposed ? n : 0);
+    expand(p.out, p.out_stride, tokens + seg.begin + task.t0, task.t1 - task.t0,
+           h + (seg.begin + task.t0) * h_stride, h_stride, seg.b, seg.rank, task.c0, task.c1,
+           seg.scale, bt, p.b_transposed ? n : 0);
   });
 }
 

@@ -20,6 +20,15 @@ struct Avx2 {
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes));
   }
+  static float to_float(uint16_t h) { return _cvtsh_ss(h); }
+  static Reg load(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static Reg load_partial(const uint16_t* p, int n) {
+    alignas(16) uint16_t tmp[8] = {};
+    for (int i = 0; i < n; ++i) tmp[i] = p[i];
+    return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
+  }
   static void store(float* p, Reg v) { _mm256_storeu_ps(p, v); }
   static Reg fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
   static float fma1(float a, float b, float c) { return std::fma(a, b, c); }

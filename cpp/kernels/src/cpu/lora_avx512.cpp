@@ -19,6 +19,15 @@ struct Avx512 {
     // Masked-off lanes read as 0 and are never touched, so the tail of a row can end a page.
     return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p);
   }
+  static float to_float(uint16_t h) { return _cvtsh_ss(h); }
+  static Reg load(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static Reg load_partial(const uint16_t* p, int n) {
+    alignas(32) uint16_t tmp[16] = {};
+    for (int i = 0; i < n; ++i) tmp[i] = p[i];
+    return _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(tmp)));
+  }
   static void store(float* p, Reg v) { _mm512_storeu_ps(p, v); }
   static Reg fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
   static float fma1(float a, float b, float c) { return std::fma(a, b, c); }

@@ -4,9 +4,10 @@
 // own flags (no inline function is shared between files compiled for different CPUs).
 //
 // V provides: Reg, kWidth (floats per Reg), zero(), set1(f), load(p), load_partial(p, n) (the
-// first n < kWidth floats, zeros after; reads nothing past p + n), store(p, v), fma(a, b, c) =
-// a * b + c per lane, fma1(a, b, c) the same on one float with the same rounding as a lane of
-// fma, and sum(v) (a fixed reduction order).
+// first n < kWidth floats, zeros after; reads nothing past p + n) for float and float16 (uint16_t
+// bits) pointers, to_float(h) for one float16, store(p, v), fma(a, b, c) = a * b + c per lane,
+// fma1(a, b, c) the same on one float with the same rounding as a lane of fma, and sum(v) (a fixed
+// reduction order). The weights (A, B) are float or float16 (W); activations are float.
 //
 // Batch invariance: every h[t][r] is one accumulator over k in chunks of kWidth from 0, then
 // sum(); every out[t][j] is one accumulator over r from 0, then out += scale * acc in one fma.
@@ -25,8 +26,17 @@ namespace {
 // TT tokens x TR rank rows of the shrink: h[t][q] = x[t] . a[q], the rows of a k apart. Every
 // pair keeps its own accumulator (TT * TR of them hide the FMA latency); x and a are loaded once
 // per chunk for the whole tile.
-template <class V, int TT, int TR>
-inline void shrink_tile(const float* const* x, const float* a, int64_t k, float* const* h) {
+template <class V>
+inline float as_float(float x) {
+  return x;
+}
+template <class V>
+inline float as_float(uint16_t h) {
+  return V::to_float(h);
+}
+
+template <class V, class W, int TT, int TR>
+inline void shrink_tile(const float* const* x, const W* a, int64_t k, float* const* h) {
   using Reg = typename V::Reg;
   Reg acc[TT][TR];
   for (int t = 0; t < TT; ++t)
@@ -54,8 +64,8 @@ inline void shrink_tile(const float* const* x, const float* a, int64_t k, float*
 }
 
 // Rank rows [r0, r1) for TT tokens whose input rows are x and h rows are h.
-template <class V, int TT>
-inline void shrink_rows(const float* const* x, const float* a, int64_t k, int64_t r0, int64_t r1,
+template <class V, class W, int TT>
+inline void shrink_rows(const float* const* x, const W* a, int64_t k, int64_t r0, int64_t r1,
                         float* const* h) {
   // One token (decode) needs more rows per tile to keep enough accumulators in flight.
   constexpr int kRows = TT == 1 ? 8 : 2;
@@ -65,16 +75,17 @@ inline void shrink_rows(const float* const* x, const float* a, int64_t k, int64_
     return a + r * k;
   };
   int64_t r = r0;
-  for (; r + kRows <= r1; r += kRows) shrink_tile<V, TT, kRows>(x, at(r), k, hr);
+  for (; r + kRows <= r1; r += kRows) shrink_tile<V, W, TT, kRows>(x, at(r), k, hr);
   if constexpr (kRows > 2) {
-    for (; r + 2 <= r1; r += 2) shrink_tile<V, TT, 2>(x, at(r), k, hr);
+    for (; r + 2 <= r1; r += 2) shrink_tile<V, W, TT, 2>(x, at(r), k, hr);
   }
-  for (; r < r1; ++r) shrink_tile<V, TT, 1>(x, at(r), k, hr);
+  for (; r < r1; ++r) shrink_tile<V, W, TT, 1>(x, at(r), k, hr);
 }
 
-template <class V>
+template <class V, class W>
 void shrink(const float* input, int64_t input_stride, const int64_t* tokens, int64_t count,
-            const float* a, int64_t k, int64_t r0, int64_t r1, float* h, int64_t h_stride) {
+            const void* weights, int64_t k, int64_t r0, int64_t r1, float* h, int64_t h_stride) {
+  const W* a = static_cast<const W*>(weights);
   constexpr int kTokens = 4;
   int64_t i = 0;
   for (; i + kTokens <= count; i += kTokens) {
@@ -84,26 +95,26 @@ void shrink(const float* input, int64_t input_stride, const int64_t* tokens, int
       x[t] = input + tokens[i + t] * input_stride;
       hp[t] = h + (i + t) * h_stride;
     }
-    shrink_rows<V, kTokens>(x, a, k, r0, r1, hp);
+    shrink_rows<V, W, kTokens>(x, a, k, r0, r1, hp);
   }
   for (; i < count; ++i) {
     const float* x[1] = {input + tokens[i] * input_stride};
     float* hp[1] = {h + i * h_stride};
-    shrink_rows<V, 1>(x, a, k, r0, r1, hp);
+    shrink_rows<V, W, 1>(x, a, k, r0, r1, hp);
   }
 }
 
 // NV vectors of columns of one token: out[c] += scale * sum_r h[r] * bt[r][c], the rows of bt ldb
 // floats apart.
-template <class V, int NV>
-inline void expand_vectors(const float* h, int64_t rank, const float* bt, int64_t ldb, float scale,
+template <class V, class W, int NV>
+inline void expand_vectors(const float* h, int64_t rank, const W* bt, int64_t ldb, float scale,
                            float* out) {
   using Reg = typename V::Reg;
   Reg acc[NV];
   for (int v = 0; v < NV; ++v) acc[v] = V::zero();
   for (int64_t r = 0; r < rank; ++r) {
     const Reg hv = V::set1(h[r]);
-    const float* row = bt + r * ldb;
+    const W* row = bt + r * ldb;
     for (int v = 0; v < NV; ++v) acc[v] = V::fma(hv, V::load(row + v * V::kWidth), acc[v]);
   }
   const Reg s = V::set1(scale);
@@ -113,47 +124,58 @@ inline void expand_vectors(const float* h, int64_t rank, const float* bt, int64_
   }
 }
 
-template <class V>
-void expand(float* out, int64_t out_stride, const int64_t* tokens, int64_t count, const float* h,
-            int64_t h_stride, const float* b, int64_t rank, int64_t c0, int64_t c1, float scale,
-            float* bt, int64_t b_t_stride) {
+// One token block over columns [0, cols) of a tile: src[r * ld + c] is B[c][r] (W values).
+template <class V, class W>
+void expand_tile(float* out, int64_t out_stride, const int64_t* tokens, int64_t count,
+                 const float* h, int64_t h_stride, const W* src, int64_t ld, int64_t rank,
+                 int64_t tile, int64_t cols, float scale) {
   constexpr int kVectors = 8;  // accumulators in flight per token
   constexpr int64_t kBlock = kVectors * V::kWidth;
+  for (int64_t i = 0; i < count; ++i) {
+    float* o = out + tokens[i] * out_stride + tile;
+    const float* hi = h + i * h_stride;
+    int64_t c = 0;
+    for (; c + kBlock <= cols; c += kBlock)
+      expand_vectors<V, W, kVectors>(hi, rank, src + c, ld, scale, o + c);
+    for (; c + V::kWidth <= cols; c += V::kWidth)
+      expand_vectors<V, W, 1>(hi, rank, src + c, ld, scale, o + c);
+    // Columns past the last vector: the same fma chain as a lane, so the same bits.
+    for (; c < cols; ++c) {
+      float acc = 0.0f;
+      for (int64_t r = 0; r < rank; ++r) acc = V::fma1(hi[r], as_float<V>(src[r * ld + c]), acc);
+      o[c] = V::fma1(scale, acc, o[c]);
+    }
+  }
+}
+
+template <class V, class W>
+void expand(float* out, int64_t out_stride, const int64_t* tokens, int64_t count, const float* h,
+            int64_t h_stride, const void* weights, int64_t rank, int64_t c0, int64_t c1,
+            float scale, float* bt, int64_t b_t_stride) {
+  const W* b = static_cast<const W*>(weights);
   for (int64_t tile = c0; tile < c1; tile += kLoraColumnTile) {
     const int64_t cols = std::min(kLoraColumnTile, c1 - tile);
     // Each rank step reads contiguous columns: B as the executors keep it (transposed), or a
-    // tile of PEFT's [n][rank] B transposed here once for all the tokens of the segment.
-    const float* src = b + tile;
-    int64_t ld = b_t_stride;
-    if (b_t_stride <= 0) {
-      for (int64_t c = 0; c < cols; ++c) {
-        const float* row = b + (tile + c) * rank;
-        for (int64_t r = 0; r < rank; ++r) bt[r * cols + c] = row[r];
-      }
-      src = bt;
-      ld = cols;
+    // tile of PEFT's [n][rank] B transposed (to float) here once for all the tokens of the
+    // segment. Either way a product reads the same value, so the bits agree.
+    if (b_t_stride > 0) {
+      expand_tile<V, W>(out, out_stride, tokens, count, h, h_stride, b + tile, b_t_stride, rank,
+                        tile, cols, scale);
+      continue;
     }
-    for (int64_t i = 0; i < count; ++i) {
-      float* o = out + tokens[i] * out_stride + tile;
-      const float* hi = h + i * h_stride;
-      int64_t c = 0;
-      for (; c + kBlock <= cols; c += kBlock)
-        expand_vectors<V, kVectors>(hi, rank, src + c, ld, scale, o + c);
-      for (; c + V::kWidth <= cols; c += V::kWidth)
-        expand_vectors<V, 1>(hi, rank, src + c, ld, scale, o + c);
-      // Columns past the last vector: the same fma chain as a lane, so the same bits.
-      for (; c < cols; ++c) {
-        float acc = 0.0f;
-        for (int64_t r = 0; r < rank; ++r) acc = V::fma1(hi[r], src[r * ld + c], acc);
-        o[c] = V::fma1(scale, acc, o[c]);
-      }
+    for (int64_t c = 0; c < cols; ++c) {
+      const W* row = b + (tile + c) * rank;
+      for (int64_t r = 0; r < rank; ++r) bt[r * cols + c] = as_float<V>(row[r]);
     }
+    expand_tile<V, float>(out, out_stride, tokens, count, h, h_stride, bt, cols, rank, tile, cols,
+                          scale);
   }
 }
 
 template <class V>
 constexpr LoraKernels make_lora_kernels(const char* name) {
-  return LoraKernels{name, shrink<V>, expand<V>};
+  return LoraKernels{name, shrink<V, float>, expand<V, float>, shrink<V, uint16_t>,
+                     expand<V, uint16_t>};
 }
 
 }  // namespace

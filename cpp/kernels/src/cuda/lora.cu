@@ -18,7 +18,7 @@ constexpr int kExpandThreads = 256;
 // The token's slot when it has an adapter the kernels can apply, else -1. Device arrays cannot
 // be checked on the host, so a slot or rank out of range leaves the token untouched here.
 __device__ __forceinline__ int active_slot(const int32_t* token_slots, int64_t num_slots,
-                                           const float* const* lora_a, const int32_t* ranks,
+                                           const void* const* lora_a, const int32_t* ranks,
                                            int64_t max_rank, int64_t t) {
   const int slot = token_slots[t];
   if (slot < 0 || slot >= num_slots || lora_a[slot] == nullptr) return -1;
@@ -26,10 +26,15 @@ __device__ __forceinline__ int active_slot(const int32_t* token_slots, int64_t n
   return rank >= 1 && rank <= max_rank ? slot : -1;
 }
 
+// Element i of a float32 or float16 weight array.
+__device__ __forceinline__ float weight_at(const void* w, int64_t i, bool f16) {
+  return f16 ? to_float(static_cast<const half_t*>(w)[i]) : static_cast<const float*>(w)[i];
+}
+
 __global__ void lora_shrink_kernel(const float* __restrict__ input, int64_t input_stride, int64_t k,
                                    const int32_t* __restrict__ token_slots, int64_t num_slots,
-                                   const float* const* __restrict__ lora_a,
-                                   const int32_t* __restrict__ ranks, int64_t max_rank,
+                                   const void* const* __restrict__ lora_a,
+                                   const int32_t* __restrict__ ranks, int64_t max_rank, bool f16,
                                    float* __restrict__ h) {
   const int64_t t = blockIdx.x;
   const int slot = active_slot(token_slots, num_slots, lora_a, ranks, max_rank, t);
@@ -38,20 +43,21 @@ __global__ void lora_shrink_kernel(const float* __restrict__ input, int64_t inpu
   const int r = blockIdx.y * kShrinkWarps + threadIdx.x / kWarpSize;
   if (r >= ranks[slot]) return;  // the whole warp leaves: warp_sum below needs all 32 lanes
   const float* x = input + t * input_stride;
-  const float* a = lora_a[slot] + static_cast<int64_t>(r) * k;
+  const void* a = lora_a[slot];
+  const int64_t row = static_cast<int64_t>(r) * k;
   float acc = 0.0f;
-  for (int64_t i = lane; i < k; i += kWarpSize) acc = fmaf(x[i], a[i], acc);
+  for (int64_t i = lane; i < k; i += kWarpSize) acc = fmaf(x[i], weight_at(a, row + i, f16), acc);
   acc = warp_sum(acc);
   if (lane == 0) h[t * max_rank + r] = acc;
 }
 
 __global__ void lora_expand_kernel(float* __restrict__ out, int64_t out_stride, int64_t n,
                                    const int32_t* __restrict__ token_slots, int64_t num_slots,
-                                   const float* const* __restrict__ lora_a,
-                                   const float* const* __restrict__ lora_b,
+                                   const void* const* __restrict__ lora_a,
+                                   const void* const* __restrict__ lora_b,
                                    const int32_t* __restrict__ ranks,
                                    const float* __restrict__ scales, int64_t max_rank,
-                                   bool b_transposed, const float* __restrict__ h) {
+                                   bool b_transposed, bool f16, const float* __restrict__ h) {
   extern __shared__ float h_row[];  // the token's rank values, read by every column
   const int64_t t = blockIdx.x;
   const int slot = active_slot(token_slots, num_slots, lora_a, ranks, max_rank, t);
@@ -62,10 +68,11 @@ __global__ void lora_expand_kernel(float* __restrict__ out, int64_t out_stride, 
   const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (j >= n) return;
   // B^T [rank][n]: neighbouring threads read neighbouring columns; B [n][rank]: one row each.
-  const float* b = b_transposed ? lora_b[slot] + j : lora_b[slot] + j * rank;
+  const int64_t first = b_transposed ? j : j * rank;
   const int64_t step = b_transposed ? n : 1;
   float acc = 0.0f;
-  for (int r = 0; r < rank; ++r) acc = fmaf(h_row[r], b[r * step], acc);
+  for (int r = 0; r < rank; ++r)
+    acc = fmaf(h_row[r], weight_at(lora_b[slot], first + r * step, f16), acc);
   float* o = out + t * out_stride + j;
   *o = fmaf(scales[slot], acc, *o);
 }
@@ -93,7 +100,7 @@ void lora_cuda(const LoraParams& p, void* stream_handle) {
                          static_cast<unsigned>((max_rank + kShrinkWarps - 1) / kShrinkWarps));
   lora_shrink_kernel<<<shrink_grid, kShrinkWarps * kWarpSize, 0, stream>>>(
       p.input, p.input_stride, p.in_features, p.token_slots, p.num_slots, p.lora_a, p.ranks,
-      max_rank, h);
+      max_rank, p.weight_dtype == DType::kFloat16, h);
   cudaError_t error = cudaGetLastError();
   if (error == cudaSuccess) {
     const dim3 expand_grid(
@@ -101,7 +108,7 @@ void lora_cuda(const LoraParams& p, void* stream_handle) {
         static_cast<unsigned>((p.out_features + kExpandThreads - 1) / kExpandThreads));
     lora_expand_kernel<<<expand_grid, kExpandThreads, max_rank * sizeof(float), stream>>>(
         p.out, p.out_stride, p.out_features, p.token_slots, p.num_slots, p.lora_a, p.lora_b,
-        p.ranks, p.scales, max_rank, p.b_transposed, h);
+        p.ranks, p.scales, max_rank, p.b_transposed, p.weight_dtype == DType::kFloat16, h);
     error = cudaGetLastError();
   }
   // Freed on the stream after the kernels, also when a launch failed.

@@ -39,8 +39,11 @@ struct LoraParams {
   int64_t out_features = 0;              // n
   const int32_t* token_slots = nullptr;  // [num_tokens]; < 0 = no adapter
   int64_t num_slots = 0;
-  const float* const* lora_a = nullptr;  // [num_slots]; null = slot unused for this module
-  const float* const* lora_b = nullptr;  // [num_slots]; non-null wherever lora_a is
+  // A and B of each slot, float32 or float16 (weight_dtype): float16 halves what a step reads
+  // for its adapters (they are converted exactly as they are read; the products are float).
+  const void* const* lora_a = nullptr;   // [num_slots]; null = slot unused for this module
+  const void* const* lora_b = nullptr;   // [num_slots]; non-null wherever lora_a is
+  DType weight_dtype = DType::kFloat32;  // kFloat32 or kFloat16
   // lora_b holds B transposed, [rank_s][n] row-major: the layout the executors keep (made once
   // when an adapter loads), so no call transposes B; false: PEFT's [n][rank_s].
   bool b_transposed = false;

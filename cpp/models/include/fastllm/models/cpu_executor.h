@@ -92,12 +92,14 @@ class CpuExecutor : public Executor {
   // arrays must stay valid until remove_lora. Thread-safe against execute(); an adapter that a
   // step names but that is not registered fails that step's requests.
   struct LoraModule {
-    const float* a = nullptr;  // [rank][in_features]
-    const float* b = nullptr;  // B transposed: [rank][out_features]
+    const void* a = nullptr;  // [rank][in_features]
+    const void* b = nullptr;  // B transposed: [rank][out_features]
     int32_t rank = 0;
     float scale = 0.0f;
   };
-  void add_lora(int32_t lora_id, std::vector<LoraModule> modules);
+  // weight_dtype: the modules' A and B, float32 or float16 (the same for every adapter).
+  void add_lora(int32_t lora_id, std::vector<LoraModule> modules,
+                DType weight_dtype = DType::kFloat32);
   bool remove_lora(int32_t lora_id);
   int32_t num_loras() const;
 
@@ -128,7 +130,8 @@ class CpuExecutor : public Executor {
   mutable std::mutex lora_mu_;
   std::unordered_map<int32_t, std::vector<LoraModule>> loras_;
   std::vector<int32_t> lora_token_slots_;
-  std::vector<const float*> lora_a_, lora_b_;
+  std::vector<const void*> lora_a_, lora_b_;
+  DType lora_dtype_ = DType::kFloat32;
   std::vector<int32_t> lora_ranks_;
   std::vector<float> lora_scales_;
   // Step buffers, grown to the largest step seen.

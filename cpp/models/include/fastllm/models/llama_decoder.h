@@ -76,8 +76,9 @@ struct DecoderLora {
   const int32_t* token_slots = nullptr;  // [num_tokens], < 0 = no adapter
   int64_t num_slots = 0;
   int64_t max_rank = 0;
-  const float* const* a = nullptr;
-  const float* const* b = nullptr;
+  const void* const* a = nullptr;
+  const void* const* b = nullptr;
+  kernels::DType weight_dtype = kernels::DType::kFloat32;
   const int32_t* ranks = nullptr;
   const float* scales = nullptr;
 };
