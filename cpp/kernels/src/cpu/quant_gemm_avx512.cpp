@@ -256,13 +256,18 @@ void quantize_row_u7_avx512(const float* x, int64_t k, Q8ActBlock* out) {
   narrow_kernels()->quantize_row_u7(x, k, out);
 }
 
+void quantize_row_q8_0x8_avx512(const float* x, int64_t k, Q8ActBlock* out) {
+  narrow_kernels()->quantize_row_q8_0x8(x, k, out);
+}
+
 void tile_x8_avx512(QuantType type, const uint8_t* weight, int64_t groups, const Q8ActBlock* x,
                     int64_t blocks, int64_t m_rows, float* out, int64_t out_stride) {
   narrow_kernels()->tile_x8(type, weight, groups, x, blocks, m_rows, out, out_stride);
 }
 
-const QuantGemmKernels kKernels = {"avx512_vnni", quantize_row_avx512, tile_avx512,
-                                   false,         tile_x8_avx512,      quantize_row_u7_avx512};
+const QuantGemmKernels kKernels = {
+    "avx512_vnni",          quantize_row_avx512,       tile_avx512, false, tile_x8_avx512,
+    quantize_row_u7_avx512, quantize_row_q8_0x8_avx512};
 
 }  // namespace
 

@@ -44,6 +44,9 @@ struct CpuModelWeights {
   QuantType embed_type = QuantType::kQ8_0;
   int64_t vocab = 0;       // rows of embed_table
   QuantLinearRef lm_head;  // [vocab][hidden] output projection
+  // Logits per row that refine_top_logits_cpu recomputes after the output projection's GEMM
+  // (0: none).
+  int64_t lm_head_refine = 0;
 };
 
 struct CpuExecutorConfig {
