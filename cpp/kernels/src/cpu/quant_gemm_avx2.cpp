@@ -3,6 +3,9 @@
 // per block pair. Built with -mavx2 -mfma -mf16c; runs only when the CPU has them.
 // quant_gemm_avxvnni.cpp compiles this file again with FASTLLM_QUANT_GEMM_VNNI (and -mavxvnni):
 // then one _mm256_dpbusd_avx_epi32 replaces each maddubs + madd pair, with identical results.
+// quant_gemm_avx512vl.cpp does the same with AVX-512 VL + VNNI (FASTLLM_QUANT_GEMM_VNNI=2): the
+// EVEX form of the 256-bit instruction, for CPUs with AVX-512 VNNI but no AVX-VNNI (Ice Lake,
+// Zen 4), whose AVX-512 kernels hand small tiles and the x8 layouts to these.
 #include <immintrin.h>
 
 #include <cstring>
@@ -31,8 +34,16 @@ inline int hsum_epi32(__m256i v) {
 // Sums of 4 adjacent u8 x s8 products as int32 lanes (no saturation can occur for our operands:
 // |u| <= 128 and |s| <= 127, so a maddubs pair stays below 32767).
 #ifdef FASTLLM_QUANT_GEMM_VNNI
+inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+#if FASTLLM_QUANT_GEMM_VNNI == 2
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#endif
+}
+
 inline __m256i dot_u8s8(__m256i u, __m256i s, __m256i /*ones*/) {
-  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+  return dpbusd(_mm256_setzero_si256(), u, s);
 }
 #else
 inline __m256i dot_u8s8(__m256i u, __m256i s, __m256i ones) {
@@ -424,7 +435,7 @@ inline __m256i x8_block_dot(const __m256i* w, const int8_t* xq) {
   };
 #ifdef FASTLLM_QUANT_GEMM_VNNI
   __m256i acc = _mm256_setzero_si256();
-  for (int g = 0; g < 8; ++g) acc = _mm256_dpbusd_avx_epi32(acc, w[g], bcast(g));
+  for (int g = 0; g < 8; ++g) acc = dpbusd(acc, w[g], bcast(g));
   return acc;
 #else
   // int16 sums of the 8 maddubs stay below 8 * 2 * 15 * 127 = 30480 (no saturation).
@@ -510,7 +521,7 @@ void q8_rows8_group(const uint8_t* group, const Q8ActBlock* x, int64_t blocks, f
       __m256i isum;
 #ifdef FASTLLM_QUANT_GEMM_VNNI
       isum = _mm256_setzero_si256();
-      for (int c = 0; c < 8; ++c) isum = _mm256_dpbusd_avx_epi32(isum, bcast(c), q[c]);
+      for (int c = 0; c < 8; ++c) isum = dpbusd(isum, bcast(c), q[c]);
       isum = _mm256_sub_epi32(isum, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16)));
 #else
       const __m256i ones = _mm256_set1_epi16(1);
@@ -585,7 +596,9 @@ const QuantGemmKernels kKernels = {kVnni ? "avx_vnni" : "avx2",
 
 }  // namespace
 
-#ifdef FASTLLM_QUANT_GEMM_VNNI
+#if FASTLLM_QUANT_GEMM_VNNI == 2
+const QuantGemmKernels* avx512vl_quant_gemm_kernels() { return &kKernels; }
+#elif defined(FASTLLM_QUANT_GEMM_VNNI)
 const QuantGemmKernels* avxvnni_quant_gemm_kernels() { return &kKernels; }
 #else
 const QuantGemmKernels* avx2_quant_gemm_kernels() { return &kKernels; }

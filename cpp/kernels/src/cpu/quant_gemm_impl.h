@@ -65,5 +65,7 @@ const QuantGemmKernels* avx2_quant_gemm_kernels();
 const QuantGemmKernels* avxvnni_quant_gemm_kernels();
 // Null when the compiler had no -mavx512vnni.
 const QuantGemmKernels* avx512_quant_gemm_kernels();
+// The AVX2 kernels with the EVEX vpdpbusd; built (and used by the AVX-512 kernels) with them.
+const QuantGemmKernels* avx512vl_quant_gemm_kernels();
 
 }  // namespace fastllm::kernels::cpu
