@@ -21,8 +21,10 @@ log-probabilities go into llama-perplexity's base-file format (uint16 per entry,
 --workdir); llama.cpp reads that file (its tokens included) and fastllm's paths are scored against
 its decoded values with llama.cpp's formulas, so both engines meet one reference and one scoring.
 
-Paths: fastllm's default CPU path (the C++ decoder and output projection the server runs, with
-its KV cache dtype) and its former default (7-bit output projection, no refinement); with
+Paths: fastllm's default CPU path as it loads on this CPU (the C++ decoder and output
+projection the server runs, with its KV cache dtype; the output projection's layout depends on
+VNNI, see FASTLLM_CPU_Q7_LM_HEAD) and its former default (7-bit output projection, no
+refinement); with
 --llama-perplexity, llama.cpp's Q4_1 run with its defaults, and its F32 run of the same weights
 (the F32 file is made once with llama-quantize --allow-requantize from beside the binary) which
 shows how near llama.cpp's own fp32 arithmetic is to the reference. --ablation switches the
@@ -287,7 +289,9 @@ def ablation_variants() -> list[Variant]:
     the new default."""
     from fastllm.models.fidelity import LAYER_LINEARS
 
-    unrefined = {"FASTLLM_CPU_LM_HEAD_REFINE": "0"}
+    unrefined = {"FASTLLM_CPU_Q7_LM_HEAD": "0", "FASTLLM_CPU_LM_HEAD_REFINE": "0"}
+    eight_bit = {"FASTLLM_CPU_Q7_LM_HEAD": "0"}
+    seven_bit = {"FASTLLM_CPU_Q7_LM_HEAD": "1"}
     rows = [
         Variant("former default: Q7_0x8 head, int8 activations, fp16 KV", FORMER),
         Variant("  8-bit head (Q8_0x8: the file's values, int8 activations)", unrefined),
@@ -302,23 +306,48 @@ def ablation_variants() -> list[Variant]:
                 float_layers=LAYER_LINEARS),
         Variant("  all off (F32 everywhere, fp32 KV): fastllm's arithmetic only", unrefined,
                 kv_dtype="float32", float_layers=LAYER_LINEARS, float_head=True),
-        Variant("8-bit head + refine 8", {"FASTLLM_CPU_LM_HEAD_REFINE": "8"}),
-        Variant("8-bit head + refine 32 (default)"),
-        Variant("8-bit head + refine 128", {"FASTLLM_CPU_LM_HEAD_REFINE": "128"}),
-        Variant("7-bit head + refine 32", {"FASTLLM_CPU_Q7_LM_HEAD": "1"}),
-        Variant("default + fp32 KV cache", kv_dtype="float32"),
+        Variant("8-bit head, 8 logits refined", {**eight_bit, "FASTLLM_CPU_LM_HEAD_REFINE": "8"}),
+        Variant("8-bit head, 32 refined (the default with VNNI)", eight_bit),
+        Variant("8-bit head, 128 refined", {**eight_bit, "FASTLLM_CPU_LM_HEAD_REFINE": "128"}),
+        Variant("7-bit head, 32 refined from the Q8_0 table",
+                {**seven_bit, "FASTLLM_CPU_LM_HEAD_REFINE": "32"}),
+        Variant("7-bit head, 128 refined from the Q8_0 table (the default without VNNI)",
+                seven_bit),
+        Variant("8-bit head, 32 refined, fp32 KV cache", eight_bit, kv_dtype="float32"),
     ]
     return rows
 
 
-def fastllm_logits_of(variant: Variant, config, source) -> Callable[[np.ndarray], np.ndarray]:
-    from fastllm.models import fidelity
+def load_model(variant: Variant, config, source):
     from fastllm.models.cpu_model import load_cpu_model
 
     with environment(**variant.env):
         model = load_cpu_model(config, source, "float32", variant.kv_dtype)
     if model is None:
         raise RuntimeError("the native CPU decoder does not run this model")
+    return model
+
+
+def describe(model, kv_dtype: str) -> str:
+    """The output projection and KV cache of a loaded CpuModel, for the table."""
+    from fastllm.kernels import quant_gemm_cpu_isa
+    from fastllm.models.native_cpu import Q7_0X8
+
+    head = "Q7_0x8" if model.lm_head[1] == Q7_0X8 else "Q8_0x8"
+    refined = "no refinement"
+    if model.lm_head_refine:
+        source = " from the Q8_0 table" if model.refine_rows is not None else ""
+        refined = f"{model.lm_head_refine} logits refined{source}"
+    return (f"{head} head, {refined}, {'fp16' if kv_dtype == 'float16' else 'fp32'} KV; "
+            f"{quant_gemm_cpu_isa()}")
+
+
+def fastllm_logits_of(variant: Variant, config, source, model=None
+                      ) -> Callable[[np.ndarray], np.ndarray]:
+    from fastllm.models import fidelity
+
+    if model is None:
+        model = load_model(variant, config, source)
     if variant.float_layers or variant.float_head:
         model = fidelity.float_linears(model, variant.float_layers, lm_head=variant.float_head)
     rows = slice(FIRST, N_CTX - 1)
@@ -493,12 +522,14 @@ def main() -> None:
     base = BaseFile(reference_base(args, source, config, tokens))
     rows: list[tuple[str, list[str]]] = []
     reference_ppl = None
-    for variant in (Variant("fastllm default (Q8_0x8 head, 32 logits refined, fp16 KV)"),
-                    Variant("fastllm former default (Q7_0x8 head, fp16 KV)", FORMER)):
+    for name, variant in (("fastllm default", Variant("default")),
+                          ("fastllm former default", Variant("former", FORMER))):
         t0 = time.perf_counter()
-        stats = score(base, args.chunks, fastllm_logits_of(variant, config, source))
-        print(f"{variant.name}: {time.perf_counter() - t0:.0f} s", flush=True)
-        rows.append((variant.name, stats.cells()))
+        model = load_model(variant, config, source)
+        name = f"{name} ({describe(model, variant.kv_dtype)})"
+        stats = score(base, args.chunks, fastllm_logits_of(variant, config, source, model))
+        print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+        rows.append((name, stats.cells()))
         reference_ppl = stats.ppl_base
     llama_q4_row = None
     if args.llama_perplexity:

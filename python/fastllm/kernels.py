@@ -34,6 +34,7 @@ paged_attention_workspace_bytes = _ops.paged_attention_workspace_bytes
 quant_convert = _ops.quant_convert
 quant_dequantize_rows = _ops.quant_dequantize_rows
 quant_gemm = _ops.quant_gemm
+quant_gemm_cpu_isa = _ops.quant_gemm_cpu_isa
 quant_pack_q7_0x8 = _ops.quant_pack_q7_0x8
 quant_pack_q8_0x8 = _ops.quant_pack_q8_0x8
 quant_repack = _ops.quant_repack

@@ -18,8 +18,9 @@ from fastllm.loader import dequantize, load_config, resolve_model
 from fastllm.models import cpu_model, fidelity
 from fastllm.models.cpu_model import CpuModel
 from fastllm.models.native_cpu import (
-    DEFAULT_LM_HEAD_REFINE,
     F32,
+    LM_HEAD_REFINE,
+    LM_HEAD_REFINE_Q7,
     Q7_0X8,
     Q8_0X8,
     convert_rows,
@@ -525,15 +526,26 @@ def test_prepare_cpu_linear_gives_output_projections_their_layout(monkeypatch, q
     torch.testing.assert_close(lin(x), torch.from_numpy(_gemm(x.numpy(), weight, layout, 16)))
 
 
-def test_output_projection_switches_refuse_bad_values(monkeypatch):
+def default_head_layout() -> int:
+    """The output projection layout FASTLLM_CPU_Q7_LM_HEAD=auto picks: 7-bit where the GEMM runs
+    without VNNI."""
+    return Q7_0X8 if _C.ops.quant_gemm_cpu_isa() == "avx2" else Q8_0X8
+
+
+def test_output_projection_switches(monkeypatch):
+    """The 7-bit layout: auto (the default) only without VNNI; the refinement: 32 logits per row
+    behind the 8-bit layout, 128 behind the 7-bit one, or the env's count. Bad values refused."""
+    assert q7_output_enabled() == (default_head_layout() == Q7_0X8)
+    assert lm_head_refine_count(Q8_0X8) == LM_HEAD_REFINE == 32
+    assert lm_head_refine_count(Q7_0X8) == LM_HEAD_REFINE_Q7 == 128
     monkeypatch.setenv("FASTLLM_CPU_Q7_LM_HEAD", "yes")
     with pytest.raises(ValueError, match="FASTLLM_CPU_Q7_LM_HEAD"):
         q7_output_enabled()
     monkeypatch.setenv("FASTLLM_CPU_LM_HEAD_REFINE", "-1")
     with pytest.raises(ValueError, match="FASTLLM_CPU_LM_HEAD_REFINE"):
-        lm_head_refine_count()
+        lm_head_refine_count(Q8_0X8)
     monkeypatch.setenv("FASTLLM_CPU_LM_HEAD_REFINE", "8")
-    assert lm_head_refine_count() == 8
+    assert lm_head_refine_count(Q8_0X8) == lm_head_refine_count(Q7_0X8) == 8
 
 
 # ---- K-quants onto the integer kernels ----------------------------------------------------------
@@ -580,7 +592,7 @@ def test_prepare_cpu_linear_moves_kquants_to_integer_kernels(monkeypatch):
         y = _gemm(x, weight, type_id, n)
         assert np.linalg.norm(y - exact) / np.linalg.norm(exact) < 0.01
     _, head_type = prepare_cpu_linear(raw.copy(), ops.GGML_QUANT_TYPES["Q6_K"], output=True)
-    assert head_type == Q8_0X8
+    assert head_type == default_head_layout()
     monkeypatch.setenv("FASTLLM_CPU_CONVERT_KQUANTS", "0")
     weight, type_id = prepare_cpu_linear(raw, ops.GGML_QUANT_TYPES["Q6_K"])
     assert weight is raw and type_id == ops.GGML_QUANT_TYPES["Q6_K"]
@@ -696,8 +708,9 @@ def _perplexity(llm: LLM, ids: list[int]) -> float:
 
 def test_default_model_keeps_gguf_quantization(llm_pair):
     """The default LLM() runs the torch-free executor: Q4_1 layers in their repacked layout, the
-    tied Q8_0 table as Q8_0x8 for both the output projection and the embedding, and the output
-    projection's leading logits refined."""
+    tied Q8_0 table as Q8_0x8 for both the output projection and the embedding (without VNNI: a
+    7-bit copy for the output projection, the table for the embedding and the refinement), and
+    the output projection's leading logits refined."""
     model = llm_pair[0].llm_engine.core.model
     assert isinstance(model, CpuModel)
     assert len(model.layers) == model.config.num_hidden_layers
@@ -705,9 +718,15 @@ def test_default_model_keeps_gguf_quantization(llm_pair):
     for layer in model.layers:
         assert {lin[1] for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)} == {q4_1x8}
     head, head_type = model.lm_head
-    assert head_type == Q8_0X8 and head.shape == (model.config.vocab_size, 576 // 32 * 38)
-    assert model.embed_table is head and model.embed_type == Q8_0X8
-    assert model.lm_head_refine == DEFAULT_LM_HEAD_REFINE > 0
+    assert head_type == default_head_layout()
+    assert head.shape == (model.config.vocab_size, 576 // 32 * 38)
+    if head_type == Q8_0X8:
+        assert model.embed_table is head and model.embed_type == Q8_0X8
+        assert model.lm_head_refine == LM_HEAD_REFINE and model.refine_rows is None
+    else:
+        assert model.embed_type == ops.GGML_QUANT_TYPES["Q8_0"]
+        assert model.lm_head_refine == LM_HEAD_REFINE_Q7
+        assert model.refine_rows[0] is model.embed_table
 
 
 def test_torch_model_keeps_gguf_quantization(monkeypatch):
@@ -717,23 +736,34 @@ def test_torch_model_keeps_gguf_quantization(monkeypatch):
     # qkv, o, gate_up, down per layer + the tied output projection
     assert len(layers) == 4 * model.config.num_hidden_layers + 1
     assert {m.quant_type for m in layers} == {"Q4_1", "Q8_0"}
-    assert {m.type_id for m in layers} == {1000 + ops.GGML_QUANT_TYPES["Q4_1"], Q8_0X8}
+    layout = default_head_layout()
+    assert {m.type_id for m in layers} == {1000 + ops.GGML_QUANT_TYPES["Q4_1"], layout}
     head = model.quant_lm_head
-    assert head.type_id == Q8_0X8 and head.refine_top == DEFAULT_LM_HEAD_REFINE
     embed = model.model.embed_tokens
-    assert isinstance(embed, QuantEmbedding) and embed.type_id == Q8_0X8
-    assert embed.qweight is head.qweight
+    assert isinstance(embed, QuantEmbedding) and head.type_id == layout
+    if layout == Q8_0X8:
+        assert head.refine_top == LM_HEAD_REFINE and head.refine_rows is None
+        assert embed.type_id == Q8_0X8 and embed.qweight is head.qweight
+    else:
+        assert head.refine_top == LM_HEAD_REFINE_Q7
+        assert embed.type_id == ops.GGML_QUANT_TYPES["Q8_0"]
+        assert head.refine_rows[0] is embed.qweight
 
 
-def test_q7_output_projection_and_refinement_are_switches(monkeypatch):
-    """FASTLLM_CPU_Q7_LM_HEAD=1: a 7-bit copy for the output projection, the Q8_0 table for the
-    embedding; FASTLLM_CPU_LM_HEAD_REFINE sets the refined logits per row."""
-    monkeypatch.setenv("FASTLLM_CPU_Q7_LM_HEAD", "1")
+@pytest.mark.parametrize("q7", ["0", "1"])
+def test_output_projection_layout_and_refinement_are_switches(monkeypatch, q7):
+    """FASTLLM_CPU_Q7_LM_HEAD=0: one Q8_0x8 table for the output projection and the embedding;
+    =1: a 7-bit copy for the output projection, the Q8_0 table for the embedding.
+    FASTLLM_CPU_LM_HEAD_REFINE sets the refined logits per row."""
+    monkeypatch.setenv("FASTLLM_CPU_Q7_LM_HEAD", q7)
     monkeypatch.setenv("FASTLLM_CPU_LM_HEAD_REFINE", "0")
     model = LLM(max_model_len=128).llm_engine.core.model
-    assert model.lm_head[1] == Q7_0X8 and model.lm_head_refine == 0
-    assert model.embed_type == ops.GGML_QUANT_TYPES["Q8_0"]
-    assert model.embed_table.shape == (model.config.vocab_size, 576 // 32 * 34)
+    assert model.lm_head[1] == (Q7_0X8 if q7 == "1" else Q8_0X8) and model.lm_head_refine == 0
+    if q7 == "1":
+        assert model.embed_type == ops.GGML_QUANT_TYPES["Q8_0"]
+        assert model.embed_table.shape == (model.config.vocab_size, 576 // 32 * 34)
+    else:
+        assert model.embed_table is model.lm_head[0] and model.embed_type == Q8_0X8
 
 
 def test_greedy_output_does_not_depend_on_batch_or_prefix_cache(llm_pair):
@@ -771,29 +801,35 @@ def _load_default_cpu_model():
     return cpu_model.load_cpu_model(config, source, "float32", "float16")
 
 
-def test_default_path_is_closer_to_fp32_than_the_7_bit_head(monkeypatch):
+def test_default_paths_are_closer_to_fp32_than_the_former_one(monkeypatch):
     """On TEXT, KL(float twin || quantized) per token (the twin: the same weights through float
-    dot products and a float32 KV cache): the default (Q8_0x8 output projection, 32 logits per
-    row refined) measured 0.0023 mean and 95.1 % top-1 agreement; the former default (7-bit
-    output projection, no refinement) 0.0061 and 94.4 %. Layers in F32 leave only the output
-    projection's weights (and the fp16 KV cache): KL 0.00013."""
-    model = _load_default_cpu_model()
+    dot products and a float32 KV cache). Measured: the default with VNNI (Q8_0x8 output
+    projection, 32 logits per row refined) 0.0023 mean and 95.1 % top-1 agreement; the default
+    without VNNI (7-bit output projection, 128 logits refined from the Q8_0 table) 0.0026 and
+    95.1 %; the former default (7-bit, no refinement) 0.0061 and 94.4 %. Layers in F32 leave only
+    the fp16 KV cache and the refinement's tail: 0.00013."""
     ids = np.array(model_tokenizer().encode(TEXT, add_special_tokens=False), np.int32)
-    twin = fidelity.float_linears(model, lm_head=True)
-    reference = fidelity.sequence_logits(twin, ids, "float32")
-    monkeypatch.setenv("FASTLLM_CPU_Q7_LM_HEAD", "1")
-    monkeypatch.setenv("FASTLLM_CPU_LM_HEAD_REFINE", "0")
-    former = _load_default_cpu_model()
+    models = {}
+    for name, q7, refine in (("8-bit", "0", None), ("7-bit", "1", None), ("former", "1", "0")):
+        monkeypatch.setenv("FASTLLM_CPU_Q7_LM_HEAD", q7)
+        if refine is not None:
+            monkeypatch.setenv("FASTLLM_CPU_LM_HEAD_REFINE", refine)
+        models[name] = _load_default_cpu_model()
+    assert models["7-bit"].refine_rows is not None  # the refinement reads the Q8_0 table
+    reference = fidelity.sequence_logits(fidelity.float_linears(models["8-bit"], lm_head=True),
+                                         ids, "float32")
+    models["float layers"] = fidelity.float_linears(models["8-bit"])
     measured = {}
-    for name, m in (("default", model), ("former", former),
-                    ("float layers", fidelity.float_linears(model))):
+    for name, m in models.items():
         logits = fidelity.sequence_logits(m, ids)
         kl = fidelity.kl_divergence(reference, logits)
-        top1 = float(np.mean(reference.argmax(-1) == logits.argmax(-1)))
-        measured[name] = (float(kl.mean()), top1)
+        measured[name] = (float(kl.mean()), float(np.mean(reference.argmax(-1) ==
+                                                           logits.argmax(-1))))
     print(measured)
-    assert measured["default"][0] < 0.003 and measured["former"][0] > 2 * measured["default"][0]
-    assert measured["default"][1] >= measured["former"][1]
+    former_kl, former_top1 = measured["former"]
+    for name in ("8-bit", "7-bit"):
+        kl, top1 = measured[name]
+        assert kl < 0.003 and former_kl > 2 * kl and top1 >= former_top1, (name, measured)
     assert measured["float layers"][0] < 3e-4
 
 

@@ -187,14 +187,14 @@ void CpuExecutor::output_projection(const float* hidden, const int32_t* rows, in
   kernels::RefineLogitsParams r;
   r.logits = out;
   r.input = gathered;
-  r.weight = p.weight;
+  r.weight = weights_.refine_rows != nullptr ? weights_.refine_rows : p.weight;
+  r.type = weights_.refine_rows != nullptr ? weights_.refine_type : p.type;
   r.bias = p.bias;
   r.m = num_rows;
   r.n = p.n;
   r.k = dim;
   r.logits_stride = p.n;
   r.input_stride = dim;
-  r.type = p.type;
   r.count = weights_.lm_head_refine;
   kernels::refine_top_logits_cpu(r);
 }

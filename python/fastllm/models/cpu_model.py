@@ -68,8 +68,11 @@ class CpuModel:
     final_norm: np.ndarray
     rope_cache: np.ndarray
     layers: list[CpuLayer]
-    # logits per row recomputed without activation rounding (native_cpu.lm_head_refine_count)
+    # logits per row recomputed without activation rounding (native_cpu.lm_head_refine_count),
+    # from refine_rows: the tied token table beside a 7-bit output projection (its values are
+    # the model's), else None (the output projection's rows)
     lm_head_refine: int = 0
+    refine_rows: tuple[np.ndarray, int] | None = None
 
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         """float32 [tokens, hidden] embeddings of int32 token ids (a new, writable array)."""
@@ -85,7 +88,8 @@ class CpuModel:
         out = np.empty((hidden.shape[0], weight.shape[0]), dtype=np.float32)
         kernels.quant_gemm(out, hidden, weight, type_id, None, True, 0)
         if self.lm_head_refine:
-            kernels.refine_top_logits(out, hidden, weight, type_id, None, self.lm_head_refine)
+            rows, rows_type = self.refine_rows or self.lm_head
+            kernels.refine_top_logits(out, hidden, rows, rows_type, None, self.lm_head_refine)
         return out
 
     def weights(self) -> _C.models.CpuModelWeights:
@@ -98,7 +102,8 @@ class CpuModel:
             final_norm=self.final_norm, rope_cache=self.rope_cache, rope_neox=True,
             attn_scale=c.head_dim ** -0.5, sliding_window=c.attention_window(),
             embed_table=self.embed_table, embed_type=self.embed_type,
-            lm_head=(*self.lm_head, None), lm_head_refine=self.lm_head_refine)
+            lm_head=(*self.lm_head, None), lm_head_refine=self.lm_head_refine,
+            refine_rows=self.refine_rows)
         for layer in self.layers:
             weights.add_layer(layer.input_norm, layer.post_attention_norm, layer.qkv,
                               layer.o_proj, layer.gate_up, layer.down)
@@ -119,6 +124,7 @@ def load_cpu_model(config: ModelConfig, source: ModelSource, dtype: str, kv_dtyp
     # As in quant_loader: each tensor's file pages leave the resident set once copied.
     gguf = open_gguf(source.gguf_path)
     embed, head, layers = plan
+    refine_rows = None
     if embed.ggml_type in _EMBED_TYPES and config.hidden_size % 32 == 0:
         embed_table, embed_type = _copy(embed, gguf), GGML_QUANT_TYPES[embed.ggml_type]
     else:
@@ -130,12 +136,14 @@ def load_cpu_model(config: ModelConfig, source: ModelSource, dtype: str, kv_dtyp
         lm_head = prepare_cpu_linear(embed_table, embed_type, output=True)
         if lm_head[0] is embed_table or lm_head[1] == Q8_0X8:
             embed_table, embed_type = lm_head
+        else:
+            refine_rows = (embed_table, embed_type)
     else:
         lm_head = prepare_cpu_linear(_copy(head, gguf), GGML_QUANT_TYPES[head.ggml_type],
                                      output=True)
     model = CpuModel(
         config=config, embed_table=embed_table, embed_type=embed_type, lm_head=lm_head,
-        lm_head_refine=lm_head_refine_count(),
+        lm_head_refine=lm_head_refine_count(lm_head[1]), refine_rows=refine_rows,
         final_norm=dequantize_raw(raw["model.norm.weight"]),
         rope_cache=rope_cos_sin_cache(config.head_dim, config.max_position_embeddings,
                                       config.rope_theta, config.rope_scaling),

@@ -35,11 +35,12 @@ KVArrays = tuple[np.ndarray, np.ndarray]
 
 F32, Q4_1, Q8_0, Q4_K, Q6_K = 0, 3, 8, 12, 14  # ggml type ids
 # The CPU layouts of Q8_0 output projections (quant_gemm.h): 8-row groups of the rows' own
-# values, or of the values requantized to 7 bits (FASTLLM_CPU_Q7_LM_HEAD=1).
+# values, or of the values requantized to 7 bits (q7_output_enabled).
 Q8_0X8, Q7_0X8 = 2008, 1008
 # Logits per row recomputed without activation rounding after the output projection, unless
-# FASTLLM_CPU_LM_HEAD_REFINE says otherwise (README "Fidelity" has the measurements behind it).
-DEFAULT_LM_HEAD_REFINE = 32
+# FASTLLM_CPU_LM_HEAD_REFINE says otherwise: more behind a 7-bit one, whose other logits are
+# further off (README "Fidelity" has the measurements behind both counts).
+LM_HEAD_REFINE, LM_HEAD_REFINE_Q7 = 32, 128
 # What K-quant rows become for the CPU's integer GEMM kernels (prepare_cpu_linear).
 KQUANT_TARGETS = {Q4_K: Q4_1, Q6_K: Q8_0}
 
@@ -62,19 +63,25 @@ def native_decoder_enabled() -> bool:
 
 
 def q7_output_enabled() -> bool:
-    """FASTLLM_CPU_Q7_LM_HEAD=1 requantizes a Q8_0 output projection to 7 bits (Q7_0x8): its
-    GEMM is faster on AVX2 CPUs without VNNI, and its logits further from the float model's."""
-    value = os.environ.get("FASTLLM_CPU_Q7_LM_HEAD", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"FASTLLM_CPU_Q7_LM_HEAD must be 0 or 1, got {value!r}")
+    """Whether a Q8_0 output projection is requantized to 7 bits (Q7_0x8) rather than kept in
+    8 (Q8_0x8). FASTLLM_CPU_Q7_LM_HEAD=1 / 0 decides; unset or "auto", 7 bits only where the
+    GEMM runs without VNNI ("avx2"): there the 8-bit one costs ~1.5x the time (~10 % of a decode
+    step at 16 clients), with VNNI nothing."""
+    value = os.environ.get("FASTLLM_CPU_Q7_LM_HEAD", "auto")
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"FASTLLM_CPU_Q7_LM_HEAD must be auto, 0 or 1, got {value!r}")
+    if value == "auto":
+        return kernels.quant_gemm_cpu_isa() == "avx2"
     return value == "1"
 
 
-def lm_head_refine_count() -> int:
-    """Logits per row that the CPU output projection recomputes as float dot products after its
-    int8 GEMM (``kernels.refine_top_logits``): env FASTLLM_CPU_LM_HEAD_REFINE, default
-    DEFAULT_LM_HEAD_REFINE; 0 turns it off."""
-    value = os.environ.get("FASTLLM_CPU_LM_HEAD_REFINE", str(DEFAULT_LM_HEAD_REFINE))
+def lm_head_refine_count(type_id: int) -> int:
+    """Logits per row that a CPU output projection in layout ``type_id`` recomputes as float dot
+    products after its int8 GEMM (``kernels.refine_top_logits``): env
+    FASTLLM_CPU_LM_HEAD_REFINE, default LM_HEAD_REFINE (LM_HEAD_REFINE_Q7 for Q7_0x8); 0 turns
+    it off."""
+    default = LM_HEAD_REFINE_Q7 if type_id == Q7_0X8 else LM_HEAD_REFINE
+    value = os.environ.get("FASTLLM_CPU_LM_HEAD_REFINE", str(default))
     try:
         count = int(value)
     except ValueError:

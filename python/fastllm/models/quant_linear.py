@@ -42,9 +42,11 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False)
         else:
             self.bias = None
-        # Output projections on the CPU: outputs per row recomputed without activation rounding
-        # (kernels.refine_top_logits); set by the loader.
+        # Output projections on the CPU (eager): outputs per row recomputed without activation
+        # rounding (kernels.refine_top_logits) from refine_rows ((uint8 rows, type id); None:
+        # qweight); set by the loader.
         self.refine_top = 0
+        self.refine_rows: tuple[torch.Tensor, int] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -59,7 +61,9 @@ class QuantLinear(nn.Module):
             qweight, bias = self._numpy_weights()
             kernels.quant_gemm(y.numpy(), x.numpy(), qweight, self.type_id, bias, True, 0)
             if self.refine_top:
-                kernels.refine_top_logits(y.numpy(), x.numpy(), qweight, self.type_id, bias,
+                rows, rows_type = ((self.refine_rows[0].numpy(), self.refine_rows[1])
+                                   if self.refine_rows else (qweight, self.type_id))
+                kernels.refine_top_logits(y.numpy(), x.numpy(), rows, rows_type, bias,
                                           self.refine_top)
         else:
             y = _quant_linear_eager(x, self.qweight, self.type_id, self.out_features, self.bias)
