@@ -559,8 +559,9 @@ const uint8_t* source_rows(const SourceRows& w, const char* op) {
   return static_cast<const uint8_t*>(w.data());
 }
 
-void quant_pack_q7_0x8(const Array& out, const SourceRows& weight, int64_t in_features) {
-  const char* op = "quant_pack_q7_0x8";
+// Q8_0 rows into an 8-row layout of 38-byte blocks (Q7_0x8 or Q8_0x8).
+void quant_pack_q8_rows8(const char* op, const Array& out, const SourceRows& weight,
+                         int64_t in_features, bool seven_bit) {
   check_arg(weight.ndim() == 2 && in_features > 0 && in_features % 32 == 0 &&
                 static_cast<int64_t>(weight.shape(1)) == in_features / 32 * 34,
             where(op, "weight must be Q8_0 rows [out_features, in_features / 32 * 34]"));
@@ -572,7 +573,63 @@ void quant_pack_q7_0x8(const Array& out, const SourceRows& weight, int64_t in_fe
   const uint8_t* src = source_rows(weight, op);
   auto* dst = typed<uint8_t>(out, false, op, "out");
   nb::gil_scoped_release release_gil;
-  k::quant_pack_q7_0x8(src, n, in_features, dst);
+  if (seven_bit)
+    k::quant_pack_q7_0x8(src, n, in_features, dst);
+  else
+    k::quant_pack_q8_0x8(src, n, in_features, dst);
+}
+
+void quant_dequantize_rows(const Array& out, const SourceRows& weight, int32_t type) {
+  const char* op = "quant_dequantize_rows";
+  const auto qtype = static_cast<k::QuantType>(type);
+  const int64_t values = k::quant_block_values(qtype);
+  check_arg(values > 0, where(op, "unknown quantization type ") + std::to_string(type));
+  check_arg(out.ndim() == 2 && out.dtype() == nb::dtype<float>(),
+            where(op, "out must be float32 [out_features, in_features]"));
+  check_contiguous(out, op, "out");
+  const int64_t n = out.shape(0), in_features = out.shape(1);
+  check_arg(in_features % values == 0 && static_cast<int64_t>(weight.shape(0)) == n &&
+                static_cast<int64_t>(weight.shape(1)) ==
+                    in_features / values * k::quant_block_bytes(qtype),
+            where(op, "weight must hold out's rows in type"));
+  check_arg(n % k::quant_row_group(qtype) == 0,
+            where(op, "a repacked layout needs whole groups of 8 rows"));
+  const uint8_t* src = source_rows(weight, op);
+  auto* dst = typed<float>(out, false, op, "out");
+  nb::gil_scoped_release release_gil;
+  k::quant_dequantize_rows(qtype, src, n, in_features, dst);
+}
+
+void refine_top_logits(const Array& logits, const Array& input, const Array& weight, int32_t type,
+                       const Array& bias, int64_t count) {
+  const char* op = "refine_top_logits";
+  k::RefineLogitsParams p;
+  p.type = static_cast<k::QuantType>(type);
+  const int64_t values = k::quant_block_values(p.type);
+  check_arg(values > 0, where(op, "unknown quantization type ") + std::to_string(type));
+  check_arg(input.dtype() == nb::dtype<float>() && logits.dtype() == nb::dtype<float>(),
+            where(op, "input and logits must be float32"));
+  auto [rows, in_stride] = rows_of(input, op, "input");
+  auto [logit_rows, logits_stride] = rows_of(logits, op, "logits");
+  p.k = input.shape(input.ndim() - 1);
+  p.n = logits.shape(logits.ndim() - 1);
+  check_arg(logit_rows == rows, where(op, "logits must have input's rows"));
+  check_arg(p.k % values == 0, where(op, "in_features must be a multiple of the block size"));
+  const auto* w = typed<uint8_t>(weight, false, op, "weight");
+  check_arg(numel(weight) == p.n * (p.k / values) * k::quant_block_bytes(p.type),
+            where(op, "weight must hold out_features rows of in_features / block_values blocks"));
+  p.bias = bias.is_valid() ? typed<float>(bias, false, op, "bias") : nullptr;
+  check_arg(p.bias == nullptr || numel(bias) == p.n, where(op, "bias must be [out_features]"));
+  check_arg(count >= 0, where(op, "count must be >= 0"));
+  p.m = rows;
+  p.input_stride = in_stride;
+  p.logits_stride = logits_stride;
+  p.input = typed<float>(input, false, op, "input");
+  p.logits = typed<float>(logits, false, op, "logits");
+  p.weight = w;
+  p.count = count;
+  nb::gil_scoped_release release_gil;
+  k::refine_top_logits_cpu(p);
 }
 
 void quant_convert(const Array& out, const SourceRows& weight, int32_t type, int64_t in_features,
@@ -768,7 +825,8 @@ void bind_kernels(nb::module_& m) {
         "out[m, n] = input[m, k] @ W.T (+ bias) for W [n, k] in a GGUF block type (ggml type id: "
         "2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 14 Q6_K) stored as uint8 rows, or on the CPU in a "
         "repacked layout (1002 Q4_0x8, 1003 Q4_1x8: quant_repack; 1008 Q7_0x8: "
-        "quant_pack_q7_0x8).");
+        "quant_pack_q7_0x8; 2008 Q8_0x8: quant_pack_q8_0x8) or as float32 rows (0 F32, a "
+        "uint8 view: float dot products).");
   m.def(
       "quant_repack", &quant_repack, arg("weight"), arg("type"), arg("in_features"),
       "Rewrite a CPU uint8 [out_features, row_bytes] Q4_0 / Q4_1 weight in place into its "
@@ -780,11 +838,34 @@ void bind_kernels(nb::module_& m) {
         "Write CPU weight rows of a GGUF type as target rows into out: Q4_K -> Q4_1 (3; scales "
         "rounded to fp16, nibbles kept) or any type -> Q8_0 (8; through float), so the integer "
         "GEMM kernels read them.");
-  m.def("quant_pack_q7_0x8", &quant_pack_q7_0x8, arg("out"), arg("weight"), arg("in_features"),
-        "Write CPU Q8_0 rows (out_features a multiple of 8) requantized to 7 bits into out, uint8 "
-        "[out_features, in_features / 32 * 38], in the Q7_0x8 layout (type id 1008) that "
-        "quant_gemm reads for output projections: its 7-bit activations halve the widening "
-        "multiplies of Q8_0 on AVX2.");
+  m.def(
+      "quant_pack_q7_0x8",
+      [](const Array& out, const SourceRows& weight, int64_t in_features) {
+        quant_pack_q8_rows8("quant_pack_q7_0x8", out, weight, in_features, true);
+      },
+      arg("out"), arg("weight"), arg("in_features"),
+      "Write CPU Q8_0 rows (out_features a multiple of 8) requantized to 7 bits into out, uint8 "
+      "[out_features, in_features / 32 * 38], in the Q7_0x8 layout (type id 1008) that "
+      "quant_gemm reads for output projections: its 7-bit activations halve the widening "
+      "multiplies of Q8_0 on AVX2.");
+  m.def(
+      "quant_pack_q8_0x8",
+      [](const Array& out, const SourceRows& weight, int64_t in_features) {
+        quant_pack_q8_rows8("quant_pack_q8_0x8", out, weight, in_features, false);
+      },
+      arg("out"), arg("weight"), arg("in_features"),
+      "Write CPU Q8_0 rows (out_features a multiple of 8) into out, uint8 [out_features, "
+      "in_features / 32 * 38], in the Q8_0x8 layout (type id 2008; the same values) that "
+      "quant_gemm reads for output projections and embed_quant_rows for a tied embedding.");
+  m.def("quant_dequantize_rows", &quant_dequantize_rows, arg("out"), arg("weight"), arg("type"),
+        "out (float32 [out_features, in_features]) = the CPU weight rows of any type or layout "
+        "quant_gemm reads, dequantized as the GGUF loader does.");
+  m.def("refine_top_logits", &refine_top_logits, arg("logits"), arg("input"), arg("weight"),
+        arg("type"), arg("bias").none() = nb::none(), arg("count") = 0,
+        "On the CPU, recompute in each row of logits = input @ W.T (+ bias), as quant_gemm "
+        "wrote it, the count largest entries within 16 of the row's maximum as float dot "
+        "products with W's dequantized rows (no activation rounding). F32 and K-quant weights "
+        "are left as they are.");
   m.def(
       "quant_gemm_cpu_isa", [] { return std::string(k::quant_gemm_cpu_isa()); },
       "The CPU code path quant_gemm takes for Q8_0/Q4_0/Q4_1: 'avx512_vnni', 'avx_vnni', 'avx2' or "

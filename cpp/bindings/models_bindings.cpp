@@ -214,7 +214,8 @@ struct PyCpuModelWeights {
 void init_weights(PyCpuModelWeights* self, int64_t hidden, int64_t num_heads, int64_t num_kv_heads,
                   int64_t head_dim, int64_t intermediate, float rms_eps, const Array& final_norm,
                   const Array& rope_cache, bool rope_neox, float attn_scale, int32_t sliding_window,
-                  const Array& embed_table, nb::object embed_type, const nb::tuple& lm_head) {
+                  const Array& embed_table, nb::object embed_type, const nb::tuple& lm_head,
+                  int64_t lm_head_refine, nb::object refine_rows) {
   new (self) PyCpuModelWeights();
   fm::CpuModelWeights& w = self->weights;
   w.shape = decoder_shape(kWeights, hidden, num_heads, num_kv_heads, head_dim, intermediate,
@@ -238,6 +239,22 @@ void init_weights(PyCpuModelWeights* self, int64_t hidden, int64_t num_heads, in
     w.embed_table = cpu_array<uint8_t>(embed_table, kWeights, "embed_table");
   }
   w.lm_head = linear(lm_head, kWeights, "lm_head", self->keep);
+  check_arg(lm_head_refine >= 0, where(kWeights, "lm_head_refine must be >= 0"));
+  w.lm_head_refine = lm_head_refine;
+  if (!refine_rows.is_none()) {
+    const auto spec = nb::cast<nb::tuple>(refine_rows);
+    check_arg(nb::len(spec) == 2, where(kWeights, "refine_rows must be (rows, type)"));
+    const auto rows = nb::cast<Array>(spec[0]);
+    w.refine_type = static_cast<k::QuantType>(nb::cast<int32_t>(spec[1]));
+    const int64_t values = k::quant_block_values(w.refine_type);
+    check_arg(values > 0 && hidden % values == 0 && rows.ndim() == 2 &&
+                  static_cast<int64_t>(rows.shape(0)) == w.lm_head.n &&
+                  static_cast<int64_t>(rows.shape(1)) ==
+                      hidden / values * k::quant_block_bytes(w.refine_type),
+              where(kWeights, "refine_rows must be the output projection's rows in their type"));
+    w.refine_rows = cpu_array<uint8_t>(rows, kWeights, "refine_rows");
+    self->keep.push_back(rows);
+  }
   self->keep.insert(self->keep.end(), {final_norm, rope_cache, embed_table});
 }
 
@@ -314,9 +331,12 @@ void bind_models(nb::module_& m) {
            arg("num_kv_heads"), arg("head_dim"), arg("intermediate_size"), arg("rms_eps"),
            arg("final_norm"), arg("rope_cache"), arg("rope_neox"), arg("attn_scale"),
            arg("sliding_window"), arg("embed_table"), arg("embed_type").none(), arg("lm_head"),
+           arg("lm_head_refine") = 0, arg("refine_rows").none() = nb::none(),
            "embed_table: uint8 rows of a Q8_0/Q4_0/Q4_1 table (embed_type: its ggml type id) or "
            "float32 [vocab, hidden] (embed_type None); lm_head: (uint8 rows, type id, bias or "
-           "None).")
+           "None); lm_head_refine: logits per row recomputed without activation rounding after "
+           "the output projection (refine_top_logits), from refine_rows ((uint8 rows, type id): "
+           "the output weights' own values; None: lm_head's rows).")
       .def("add_layer", &PyCpuModelWeights::add_layer, arg("input_norm"),
            arg("post_attention_norm"), arg("qkv"), arg("o_proj"), arg("gate_up"), arg("down"),
            "Appends a layer; each linear is (uint8 weight rows, ggml type id, float32 bias or "

@@ -21,7 +21,7 @@ from fastllm.engine.llm_engine import LLMEngine
 from fastllm.guided import GuidedDecodingParams
 from fastllm.loader import dequantize_raw, iterate_gguf_raw, resolve_model
 from fastllm.models.cpu_model import load_cpu_model
-from fastllm.models.native_cpu import Q7_0X8, prepare_cpu_linear
+from fastllm.models.native_cpu import Q7_0X8, Q8_0X8, prepare_cpu_linear
 from fastllm.sampling_params import SamplingParams
 from fastllm.worker.cpu_runner import CpuExecutor
 from test_server import MODEL, start_server, stop_server
@@ -128,10 +128,17 @@ def test_cpu_model_holds_the_torch_models_weights():
                                                          module.type_id)
             assert np.array_equal(expected, weight) and expected_type == type_id
             assert module.bias is None and bias is None
-    # Tied output projection: the Q8_0 table for the embedding, its Q7_0x8 copy for the GEMM.
+    # Tied output projection: one Q8_0x8 copy of the Q8_0 table serves the embedding and the
+    # GEMM (without VNNI: a 7-bit copy for the GEMM, the table for the embedding and the
+    # refinement); both paths refine the leading logits alike.
+    head = torch_model.quant_lm_head
     assert np.array_equal(inner.embed_tokens.qweight.numpy(), cpu_model.embed_table)
-    assert np.array_equal(torch_model.quant_lm_head.qweight.numpy(), cpu_model.lm_head[0])
-    assert torch_model.quant_lm_head.type_id == cpu_model.lm_head[1] == Q7_0X8
+    assert np.array_equal(head.qweight.numpy(), cpu_model.lm_head[0])
+    assert head.type_id == cpu_model.lm_head[1] == (
+        Q7_0X8 if _C.ops.quant_gemm_cpu_isa() == "avx2" else Q8_0X8)
+    assert inner.embed_tokens.type_id == cpu_model.embed_type
+    assert head.refine_top == cpu_model.lm_head_refine > 0
+    assert (head.refine_rows is None) == (cpu_model.refine_rows is None)
     ids = np.array([0, 1, 7042, 49151], dtype=np.int32)
     assert np.array_equal(inner.embed_tokens(torch.from_numpy(ids)).numpy(),
                           cpu_model.embed(ids))
@@ -258,7 +265,8 @@ def _write_kquant_llama(path: str, source_gguf: str) -> None:
 def test_kquant_model_runs_on_the_integer_kernels(tmp_path, default_gguf_path):
     """A Q4_K_M-style file keeps the torch-free path: Q4_K layers as repacked Q4_1, the mixed
     Q4_K/Q6_K Q/K/V stacked as Q8_0, Q6_K down projections as Q8_0, the Q6_K output projection as
-    Q7_0x8; the torch executor loads the same rows and gives the same tokens and logprobs."""
+    Q8_0x8 (Q7_0x8 without VNNI); the torch executor loads the same rows and gives the same tokens
+    and logprobs."""
     path = str(tmp_path / "tiny-q4_k_m.gguf")
     _write_kquant_llama(path, default_gguf_path)
     requests = [(prompt, SamplingParams(max_tokens=8, temperature=0.0, logprobs=2))
@@ -272,7 +280,8 @@ def test_kquant_model_runs_on_the_integer_kernels(tmp_path, default_gguf_path):
             layer = model.layers[0]
             assert [lin[1] for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)] == [
                 8, 1003, 1003, 8]
-            assert model.lm_head[1] == Q7_0X8 and model.embed_type is None
+            assert model.lm_head[1] == (Q7_0X8 if _C.ops.quant_gemm_cpu_isa() == "avx2"
+                                        else Q8_0X8) and model.embed_type is None
     assert results[True] == results[False]
     assert all(len(r[2][0][0]) == 8 for r in results[True])
 

@@ -76,6 +76,7 @@ CpuExecutor::CpuExecutor(const CpuModelWeights& weights, const CpuExecutorConfig
   check_arg(kernels::quant_block_values(weights.lm_head.type) > 0,
             "CpuExecutor: the output projection has an unknown quantization type");
   check_arg(!weights.layers.empty(), "CpuExecutor: the model has no layers");
+  check_arg(weights.lm_head_refine >= 0, "CpuExecutor: lm_head_refine must be >= 0");
 
   DecoderShape shape = s;
   shape.block_size = config.block_size;
@@ -183,6 +184,20 @@ void CpuExecutor::output_projection(const float* hidden, const int32_t* rows, in
   p.out_stride = p.n;
   p.type = weights_.lm_head.type;
   kernels::quant_gemm_cpu(p);
+  if (weights_.lm_head_refine == 0) return;
+  kernels::RefineLogitsParams r;
+  r.logits = out;
+  r.input = gathered;
+  r.weight = weights_.refine_rows != nullptr ? weights_.refine_rows : p.weight;
+  r.type = weights_.refine_rows != nullptr ? weights_.refine_type : p.type;
+  r.bias = p.bias;
+  r.m = num_rows;
+  r.n = p.n;
+  r.k = dim;
+  r.logits_stride = p.n;
+  r.input_stride = dim;
+  r.count = weights_.lm_head_refine;
+  kernels::refine_top_logits_cpu(r);
 }
 
 StepResult CpuExecutor::execute(const BatchPlan& plan) {

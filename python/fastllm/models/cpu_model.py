@@ -40,9 +40,11 @@ from fastllm.models.native_cpu import (
     CACHE_DTYPES,
     Q7_0X8,
     Q8_0,
+    Q8_0X8,
     CpuLayer,
     CpuLinear,
     convert_rows,
+    lm_head_refine_count,
     native_decoder_enabled,
     prepare_cpu_linear,
 )
@@ -60,11 +62,17 @@ class CpuModel:
     # the output projection) or float32 [vocab, hidden]
     embed_table: np.ndarray
     embed_type: int | None
-    # (weight rows, type id); tied: embed_table's rows, or a Q7_0x8 copy of a Q8_0 table
+    # (weight rows, type id); tied: embed_table's rows (a Q8_0 table as Q8_0x8), or a Q7_0x8
+    # copy of a Q8_0 table
     lm_head: tuple[np.ndarray, int]
     final_norm: np.ndarray
     rope_cache: np.ndarray
     layers: list[CpuLayer]
+    # logits per row recomputed without activation rounding (native_cpu.lm_head_refine_count),
+    # from refine_rows: the tied token table beside a 7-bit output projection (its values are
+    # the model's), else None (the output projection's rows)
+    lm_head_refine: int = 0
+    refine_rows: tuple[np.ndarray, int] | None = None
 
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         """float32 [tokens, hidden] embeddings of int32 token ids (a new, writable array)."""
@@ -79,6 +87,9 @@ class CpuModel:
         weight, type_id = self.lm_head
         out = np.empty((hidden.shape[0], weight.shape[0]), dtype=np.float32)
         kernels.quant_gemm(out, hidden, weight, type_id, None, True, 0)
+        if self.lm_head_refine:
+            rows, rows_type = self.refine_rows or self.lm_head
+            kernels.refine_top_logits(out, hidden, rows, rows_type, None, self.lm_head_refine)
         return out
 
     def weights(self) -> _C.models.CpuModelWeights:
@@ -91,7 +102,8 @@ class CpuModel:
             final_norm=self.final_norm, rope_cache=self.rope_cache, rope_neox=True,
             attn_scale=c.head_dim ** -0.5, sliding_window=c.attention_window(),
             embed_table=self.embed_table, embed_type=self.embed_type,
-            lm_head=(*self.lm_head, None))
+            lm_head=(*self.lm_head, None), lm_head_refine=self.lm_head_refine,
+            refine_rows=self.refine_rows)
         for layer in self.layers:
             weights.add_layer(layer.input_norm, layer.post_attention_norm, layer.qkv,
                               layer.o_proj, layer.gate_up, layer.down)
@@ -112,21 +124,26 @@ def load_cpu_model(config: ModelConfig, source: ModelSource, dtype: str, kv_dtyp
     # As in quant_loader: each tensor's file pages leave the resident set once copied.
     gguf = open_gguf(source.gguf_path)
     embed, head, layers = plan
+    refine_rows = None
     if embed.ggml_type in _EMBED_TYPES and config.hidden_size % 32 == 0:
         embed_table, embed_type = _copy(embed, gguf), GGML_QUANT_TYPES[embed.ggml_type]
     else:
         embed_table, embed_type = dequantize_raw(embed), None
     if head is embed and embed_type is not None:
         # One copy of the table serves both, in the layout the GEMM prefers (embed_quant_rows
-        # reads it too), unless the output projection gets a copy of its own (Q7_0x8).
+        # reads it too: a Q8_0x8 copy holds the table's values), unless the output projection's
+        # copy changed them (Q7_0x8).
         lm_head = prepare_cpu_linear(embed_table, embed_type, output=True)
-        if lm_head[0] is embed_table:
-            embed_type = lm_head[1]
+        if lm_head[0] is embed_table or lm_head[1] == Q8_0X8:
+            embed_table, embed_type = lm_head
+        else:
+            refine_rows = (embed_table, embed_type)
     else:
         lm_head = prepare_cpu_linear(_copy(head, gguf), GGML_QUANT_TYPES[head.ggml_type],
                                      output=True)
     model = CpuModel(
         config=config, embed_table=embed_table, embed_type=embed_type, lm_head=lm_head,
+        lm_head_refine=lm_head_refine_count(lm_head[1]), refine_rows=refine_rows,
         final_norm=dequantize_raw(raw["model.norm.weight"]),
         rope_cache=rope_cos_sin_cache(config.head_dim, config.max_position_embeddings,
                                       config.rope_theta, config.rope_scaling),
@@ -134,10 +151,10 @@ def load_cpu_model(config: ModelConfig, source: ModelSource, dtype: str, kv_dtyp
                          *(_stack(parts, bias, gguf) for parts, bias in linears))
                 for norms, linears in layers])
     gguf.release_pages()
-    logger.info("torch-free CPU model: %d layers, output projection %s, embedding %s",
-                len(model.layers),
+    logger.info("torch-free CPU model: %d layers, output projection %s (%d logits per row "
+                "refined), embedding %s", len(model.layers),
                 "Q7_0x8 (7-bit)" if lm_head[1] == Q7_0X8 else head.ggml_type,
-                embed.ggml_type if embed_type is not None else "float32")
+                model.lm_head_refine, embed.ggml_type if embed_type is not None else "float32")
     return model
 
 

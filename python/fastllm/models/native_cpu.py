@@ -33,8 +33,14 @@ CACHE_DTYPES = ("float32", "float16")
 CpuLinear = tuple[np.ndarray, int, np.ndarray | None]
 KVArrays = tuple[np.ndarray, np.ndarray]
 
-Q4_1, Q8_0, Q4_K, Q6_K = 3, 8, 12, 14  # ggml type ids
-Q7_0X8 = 1008  # the CPU layout of 7-bit output projections (quant_gemm.h)
+F32, Q4_1, Q8_0, Q4_K, Q6_K = 0, 3, 8, 12, 14  # ggml type ids
+# The CPU layouts of Q8_0 output projections (quant_gemm.h): 8-row groups of the rows' own
+# values, or of the values requantized to 7 bits (q7_output_enabled).
+Q8_0X8, Q7_0X8 = 2008, 1008
+# Logits per row recomputed without activation rounding after the output projection, unless
+# FASTLLM_CPU_LM_HEAD_REFINE says otherwise: more behind a 7-bit one, whose other logits are
+# further off (README "Fidelity" has the measurements behind both counts).
+LM_HEAD_REFINE, LM_HEAD_REFINE_Q7 = 32, 128
 # What K-quant rows become for the CPU's integer GEMM kernels (prepare_cpu_linear).
 KQUANT_TARGETS = {Q4_K: Q4_1, Q6_K: Q8_0}
 
@@ -57,8 +63,32 @@ def native_decoder_enabled() -> bool:
 
 
 def q7_output_enabled() -> bool:
-    """FASTLLM_CPU_Q7_LM_HEAD=0 keeps a Q8_0 output projection in its 8-bit rows."""
-    return os.environ.get("FASTLLM_CPU_Q7_LM_HEAD", "1") != "0"
+    """Whether a Q8_0 output projection is requantized to 7 bits (Q7_0x8) rather than kept in
+    8 (Q8_0x8). FASTLLM_CPU_Q7_LM_HEAD=1 / 0 decides; unset or "auto", 7 bits only where the
+    GEMM runs without VNNI ("avx2"): there the 8-bit one costs ~1.5x the time (~10 % of a decode
+    step at 16 clients), with VNNI nothing."""
+    value = os.environ.get("FASTLLM_CPU_Q7_LM_HEAD", "auto")
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"FASTLLM_CPU_Q7_LM_HEAD must be auto, 0 or 1, got {value!r}")
+    if value == "auto":
+        return kernels.quant_gemm_cpu_isa() == "avx2"
+    return value == "1"
+
+
+def lm_head_refine_count(type_id: int) -> int:
+    """Logits per row that a CPU output projection in layout ``type_id`` recomputes as float dot
+    products after its int8 GEMM (``kernels.refine_top_logits``): env
+    FASTLLM_CPU_LM_HEAD_REFINE, default LM_HEAD_REFINE (LM_HEAD_REFINE_Q7 for Q7_0x8); 0 turns
+    it off."""
+    default = LM_HEAD_REFINE_Q7 if type_id == Q7_0X8 else LM_HEAD_REFINE
+    value = os.environ.get("FASTLLM_CPU_LM_HEAD_REFINE", str(default))
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise ValueError(f"FASTLLM_CPU_LM_HEAD_REFINE must be a count >= 0, got {value!r}")
+    return count
 
 
 def kquant_conversion_enabled() -> bool:
@@ -88,18 +118,22 @@ def prepare_cpu_linear(weight: np.ndarray, type_id: int, output: bool = False
     K-quants move onto the integer kernels first (new rows): Q4_K rows become Q4_1 (each 32-value
     sub-block already is one; scales rounded to fp16) and Q6_K rows Q8_0.
 
-    ``output``: the output projection. Q8_0 rows there become a new Q7_0x8 copy (type 1008, 7-bit
-    values and activations: ~1.6x faster at batch 8-32 on AVX2, perplexity within 0.2 %); the
-    caller keeps the Q8_0 rows for a tied embedding."""
+    ``output``: the output projection. Q8_0 rows there become a new copy in 8-row groups:
+    Q8_0x8 (type 2008, the same values; a tied embedding reads it too) or, with
+    FASTLLM_CPU_Q7_LM_HEAD=1, Q7_0x8 (type 1008, requantized to 7 bits, with 7-bit activations:
+    faster on AVX2 without VNNI; the caller keeps the Q8_0 rows for a tied embedding)."""
     if type_id in KQUANT_TARGETS and kquant_conversion_enabled():
         target = KQUANT_TARGETS[type_id]
         weight, type_id = convert_rows(weight, type_id, target), target
     values, nbytes = kernels.quant_block_info(type_id)
     in_features = weight.shape[1] // nbytes * values
-    if (output and type_id == Q8_0 and weight.shape[0] % 8 == 0 and q7_output_enabled()):
+    if output and type_id == Q8_0 and weight.shape[0] % 8 == 0:
         packed = np.empty((weight.shape[0], in_features // 32 * 38), dtype=np.uint8)
-        kernels.quant_pack_q7_0x8(packed, weight, in_features)
-        return packed, Q7_0X8
+        if q7_output_enabled():
+            kernels.quant_pack_q7_0x8(packed, weight, in_features)
+            return packed, Q7_0X8
+        kernels.quant_pack_q8_0x8(packed, weight, in_features)
+        return packed, Q8_0X8
     return weight, kernels.quant_repack(weight, type_id, in_features)
 
 

@@ -42,6 +42,11 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False)
         else:
             self.bias = None
+        # Output projections on the CPU (eager): outputs per row recomputed without activation
+        # rounding (kernels.refine_top_logits) from refine_rows ((uint8 rows, type id); None:
+        # qweight); set by the loader.
+        self.refine_top = 0
+        self.refine_rows: tuple[torch.Tensor, int] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -55,6 +60,11 @@ class QuantLinear(nn.Module):
             y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)
             qweight, bias = self._numpy_weights()
             kernels.quant_gemm(y.numpy(), x.numpy(), qweight, self.type_id, bias, True, 0)
+            if self.refine_top:
+                rows, rows_type = ((self.refine_rows[0].numpy(), self.refine_rows[1])
+                                   if self.refine_rows else (qweight, self.type_id))
+                kernels.refine_top_logits(y.numpy(), x.numpy(), rows, rows_type, bias,
+                                          self.refine_top)
         else:
             y = _quant_linear_eager(x, self.qweight, self.type_id, self.out_features, self.bias)
         return y if dtype == torch.float32 else y.to(dtype)
@@ -63,8 +73,8 @@ class QuantLinear(nn.Module):
         """Rewrites a CPU Q4_0/Q4_1 weight in place into the 8-row interleaved layout that the CPU
         GEMM reads fastest and computes batch-invariantly (``native_cpu.prepare_cpu_linear``, as
         the torch-free path does; same bytes). ``output`` (the output projection): Q8_0 rows are
-        replaced by a 7-bit Q7_0x8 copy, as on the torch-free path. Other types, devices, or a
-        second call leave it as it is."""
+        replaced by a Q8_0x8 copy (or a 7-bit Q7_0x8 one), as on the torch-free path. Other
+        types, devices, or a second call leave it as it is."""
         if self.qweight.device.type == "cpu":
             weight, self.type_id = prepare_cpu_linear(self.qweight.numpy(), self.type_id, output)
             if weight.shape != self.qweight.shape:

@@ -23,7 +23,7 @@ from fastllm.config import ModelConfig
 from fastllm.kernels import GGML_QUANT_TYPES, quant_rows_supported
 from fastllm.loader import ModelSource, RawGGUFTensor, dequantize_raw, iterate_gguf_raw, open_gguf
 from fastllm.loader.tensor_cast import cast_weight
-from fastllm.models.native_cpu import convert_rows
+from fastllm.models.native_cpu import Q8_0X8, convert_rows, lm_head_refine_count
 from fastllm.models.quant_linear import QuantEmbedding, QuantLinear
 from fastllm.torch_extra import torch
 
@@ -141,16 +141,24 @@ def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> 
 
 
 def _repack_for_cpu(model: nn.Module) -> None:
-    """Every CPU QuantLinear in its fastest layout; a tied embedding follows its table unless the
-    output projection took a copy of its own (Q7_0x8)."""
+    """Every CPU QuantLinear in its fastest layout; a tied embedding follows its table (to the
+    output projection's Q8_0x8 copy, which holds the same values) unless the output projection's
+    copy changed them (Q7_0x8). The output projection refines its leading logits as the
+    torch-free path does (native_cpu.lm_head_refine_count), from the tied table beside a 7-bit
+    copy."""
     head = getattr(model, "quant_lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    shares_table = isinstance(embed, QuantEmbedding) and isinstance(head, QuantLinear) and \
+        embed.qweight is head.qweight
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.repack_for_cpu(output=module is head)
-    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    if isinstance(embed, QuantEmbedding) and isinstance(head, QuantLinear) and \
-            embed.qweight is head.qweight:
-        embed.type_id = head.type_id
+    if isinstance(head, QuantLinear):
+        head.refine_top = lm_head_refine_count(head.type_id)
+    if shares_table and (embed.qweight is head.qweight or head.type_id == Q8_0X8):
+        embed.qweight, embed.type_id = head.qweight, head.type_id
+    elif shares_table:  # a 7-bit copy: the table keeps the model's values for the refinement
+        head.refine_rows = (embed.qweight, embed.type_id)
 
 
 @torch.no_grad()

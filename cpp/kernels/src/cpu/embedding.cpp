@@ -2,6 +2,7 @@
 #include <string>
 
 #include "fastllm/kernels/quant_gemm.h"
+#include "quant_gemm_impl.h"
 
 namespace fastllm::kernels {
 
@@ -11,15 +12,10 @@ void embed_quant_rows_cpu(const void* table, QuantType type, int64_t num_rows, i
   check_arg(base == QuantType::kQ8_0 || base == QuantType::kQ4_0 || base == QuantType::kQ4_1,
             std::string("embed_quant_rows: cannot read ") + quant_type_name(type) + " rows");
   check_arg(dim > 0 && dim % 32 == 0, "embed_quant_rows: dim must be a multiple of 32");
-  uint8_t w[34];  // one block in the base type's layout
   for (int64_t i = 0; i < num_ids; ++i) {
     check_arg(ids[i] >= 0 && ids[i] < num_rows,
               "embed_quant_rows: token id " + std::to_string(ids[i]) + " out of range");
-    float* y = out + i * dim;
-    for (int64_t blk = 0; blk < dim / 32; ++blk, y += 32) {
-      quant_read_block(type, table, dim, ids[i], blk, w);
-      quant_dequantize_block(base, w, y);
-    }
+    cpu::dequantize_weight_row(type, table, dim, ids[i], out + i * dim);
   }
 }
 

@@ -23,6 +23,7 @@ QuantType quant_base_type(QuantType type) {
     case QuantType::kQ4_1x8:
       return QuantType::kQ4_1;
     case QuantType::kQ7_0x8:
+    case QuantType::kQ8_0x8:
       return QuantType::kQ8_0;
     default:
       return type;
@@ -33,6 +34,8 @@ int64_t quant_row_group(QuantType type) { return quant_base_type(type) == type ?
 
 int64_t quant_block_values(QuantType type) {
   switch (quant_base_type(type)) {
+    case QuantType::kF32:
+      return 1;
     case QuantType::kQ8_0:
     case QuantType::kQ4_0:
     case QuantType::kQ4_1:
@@ -45,8 +48,11 @@ int64_t quant_block_values(QuantType type) {
 }
 
 int64_t quant_block_bytes(QuantType type) {
-  if (type == QuantType::kQ7_0x8) return 38;  // 8 rows: 8 scales, 8 offset sums, 256 quants
+  // 8 rows: 8 scales, 8 offset sums, 256 quants
+  if (type == QuantType::kQ7_0x8 || type == QuantType::kQ8_0x8) return 38;
   switch (quant_base_type(type)) {
+    case QuantType::kF32:
+      return 4;
     case QuantType::kQ8_0:
       return 34;
     case QuantType::kQ4_0:
@@ -63,6 +69,8 @@ int64_t quant_block_bytes(QuantType type) {
 
 const char* quant_type_name(QuantType type) {
   switch (type) {
+    case QuantType::kF32:
+      return "F32";
     case QuantType::kQ8_0:
       return "Q8_0";
     case QuantType::kQ4_0:
@@ -79,16 +87,22 @@ const char* quant_type_name(QuantType type) {
       return "Q4_1x8";
     case QuantType::kQ7_0x8:
       return "Q7_0x8";
+    case QuantType::kQ8_0x8:
+      return "Q8_0x8";
   }
   return "unknown";
 }
 
 namespace {
 
+// The 8-row layouts of Q8_0 values (8 or 7 bits): 8 chunks of quants after 8 scales and 8
+// offset sums.
+bool q8_rows8(QuantType type) { return type == QuantType::kQ7_0x8 || type == QuantType::kQ8_0x8; }
+
 // Bytes before the quants in one block of an x8 group: the 8 scales (and 8 mins, or 8 offset
 // sums).
 int64_t x8_header_bytes(QuantType type) {
-  return type == QuantType::kQ7_0x8 ? 48 : type == QuantType::kQ4_1x8 ? 32 : 16;
+  return q8_rows8(type) ? 48 : type == QuantType::kQ4_1x8 ? 32 : 16;
 }
 
 inline float half_at(const uint8_t* p) {
@@ -136,9 +150,14 @@ QuantType quant_repack_rows8(QuantType type, void* weight, int64_t n, int64_t k)
   return packed;
 }
 
-void quant_pack_q7_0x8(const void* q8_0_rows, int64_t n, int64_t k, void* out) {
+namespace {
+
+// Q8_0 rows into Q7_0x8 (seven_bit) or Q8_0x8 (quant_gemm.h).
+void pack_q8_rows8(const void* q8_0_rows, int64_t n, int64_t k, void* out, bool seven_bit) {
   check_arg(n >= 0 && n % 8 == 0 && k > 0 && k % 32 == 0,
-            "quant_pack_q7_0x8: needs rows in multiples of 8 and whole blocks of 32");
+            std::string(seven_bit ? "quant_pack_q7_0x8" : "quant_pack_q8_0x8") +
+                ": needs rows in multiples of 8 and whole blocks of 32");
+  const int32_t offset = seven_bit ? 64 : 128;
   const int64_t blocks = k / 32, src_row = blocks * 34;
   const auto* src = static_cast<const uint8_t*>(q8_0_rows);
   auto* dst = static_cast<uint8_t*>(out);
@@ -151,9 +170,9 @@ void quant_pack_q7_0x8(const void* q8_0_rows, int64_t n, int64_t k, void* out) {
         for (int i = 0; i < 32; ++i) amax = std::max(amax, std::abs(static_cast<int>(q8[i])));
         uint16_t d = 0;
         std::memcpy(&d, blk, 2);
-        int8_t q7[32];
-        if (amax <= 63) {
-          std::memcpy(q7, q8, 32);  // already 7-bit: kept exactly
+        int8_t values[32];
+        if (!seven_bit || amax <= 63) {
+          std::memcpy(values, q8, 32);  // 8-bit layout, or already 7-bit: kept exactly
         } else {
           // The new scale spans the block's largest value with 63 steps; values are rounded
           // against the scale as stored (fp16).
@@ -162,16 +181,27 @@ void quant_pack_q7_0x8(const void* q8_0_rows, int64_t n, int64_t k, void* out) {
           const float d7 = half_to_float(d);
           const float inv = d7 != 0.0f ? 1.0f / d7 : 0.0f;
           for (int i = 0; i < 32; ++i)
-            q7[i] = static_cast<int8_t>(clamp_round(static_cast<float>(q8[i]) * d8 * inv, 63.0f));
+            values[i] =
+                static_cast<int8_t>(clamp_round(static_cast<float>(q8[i]) * d8 * inv, 63.0f));
         }
         int32_t offset_sum = 0;
-        for (int i = 0; i < 32; ++i) offset_sum += 64 * q7[i];
+        for (int i = 0; i < 32; ++i) offset_sum += offset * values[i];
         std::memcpy(dst + 2 * r, &d, 2);
         std::memcpy(dst + 16 + 4 * r, &offset_sum, 4);
-        for (int c = 0; c < 8; ++c) std::memcpy(dst + 48 + 32 * c + 4 * r, q7 + 4 * c, 4);
+        for (int c = 0; c < 8; ++c) std::memcpy(dst + 48 + 32 * c + 4 * r, values + 4 * c, 4);
       }
     }
   }
+}
+
+}  // namespace
+
+void quant_pack_q7_0x8(const void* q8_0_rows, int64_t n, int64_t k, void* out) {
+  pack_q8_rows8(q8_0_rows, n, k, out, true);
+}
+
+void quant_pack_q8_0x8(const void* q8_0_rows, int64_t n, int64_t k, void* out) {
+  pack_q8_rows8(q8_0_rows, n, k, out, false);
 }
 
 void quant_dequantize_block(QuantType type, const uint8_t* block, float* out) {
@@ -209,7 +239,7 @@ void quant_read_block(QuantType type, const void* weight, int64_t k, int64_t row
   const uint8_t* blk = base + (row / 8) * 8 * row_bytes + block * 8 * block_bytes;
   const int64_t r = row % 8, header = x8_header_bytes(type), quant_offset = block_bytes - 16;
   std::memcpy(out, blk + 2 * r, 2);
-  if (type == QuantType::kQ7_0x8) {  // as a Q8_0 block: d, then the 32 values
+  if (q8_rows8(type)) {  // as a Q8_0 block: d, then the 32 values
     for (int c = 0; c < 8; ++c) std::memcpy(out + 2 + 4 * c, blk + header + 32 * c + 4 * r, 4);
     return;
   }
@@ -221,7 +251,8 @@ void quant_read_block(QuantType type, const void* weight, int64_t k, int64_t row
 namespace cpu {
 namespace {
 
-// kMax 127: the int8 blocks; kMax 63, kOffset 64: the 7-bit blocks the Q7_0x8 kernels read.
+// kMax 127: the int8 blocks; kMax 63, kOffset 64: the 7-bit blocks the Q7_0x8 kernels read
+// (kOffset 128: Q8_0x8's for the VNNI kernels).
 template <int kMax, int kOffset>
 void quantize_row_scalar(const float* x, int64_t k, Q8ActBlock* out) {
   for (int64_t b = 0; b < k / 32; ++b) {
@@ -289,10 +320,11 @@ void tile_x8_scalar(QuantType type, const uint8_t* weight, int64_t groups, const
       for (int64_t b = 0; b < blocks; ++b) {
         quant_read_block(type, weight, blocks * 32, j, b, blk);
         const float dw = half_at(blk);
-        if (type == QuantType::kQ7_0x8) {  // 7-bit activations stored offset by 64
+        if (q8_rows8(type)) {  // Q7_0x8's activations are stored offset by 64
+          const int offset = type == QuantType::kQ7_0x8 ? 64 : 0;
           const auto* wq = reinterpret_cast<const int8_t*>(blk + 2);
           int isum = 0;
-          for (int i = 0; i < 32; ++i) isum += wq[i] * (xr[b].q[i] - 64);
+          for (int i = 0; i < 32; ++i) isum += wq[i] * (xr[b].q[i] - offset);
           acc += static_cast<float>(isum) * (dw * xr[b].d);
           continue;
         }
@@ -305,9 +337,13 @@ void tile_x8_scalar(QuantType type, const uint8_t* weight, int64_t groups, const
   }
 }
 
-const QuantGemmKernels kScalarKernels = {"scalar",       quantize_row_scalar<127, 0>,
-                                         tile_scalar,    false,
-                                         tile_x8_scalar, quantize_row_scalar<63, 64>};
+const QuantGemmKernels kScalarKernels = {"scalar",
+                                         quantize_row_scalar<127, 0>,
+                                         tile_scalar,
+                                         false,
+                                         tile_x8_scalar,
+                                         quantize_row_scalar<63, 64>,
+                                         quantize_row_scalar<127, 0>};
 
 // ---- K-quants: dequantize a weight row, then float dot products -------------------------------
 
@@ -370,6 +406,10 @@ void dequantize_q6_k_row(const uint8_t* row, int64_t blocks, float* y) {
 
 // One row of k values of a row-major type as floats (the loader's arithmetic).
 void dequantize_row(QuantType type, const uint8_t* row, int64_t k, float* y) {
+  if (type == QuantType::kF32) {
+    std::memcpy(y, row, static_cast<size_t>(k) * sizeof(float));
+    return;
+  }
   if (type == QuantType::kQ4_K) return dequantize_q4_k_row(row, k / 256, y);
   if (type == QuantType::kQ6_K) return dequantize_q6_k_row(row, k / 256, y);
   const int64_t block_bytes = quant_block_bytes(type);
@@ -390,6 +430,20 @@ void add_bias(const QuantGemmParams& p, int64_t n0, int64_t n1) {
     float* o = p.out + r * p.out_stride;
     for (int64_t j = n0; j < n1; ++j) o[j] += p.bias[j];
   }
+}
+
+// F32 rows: float dot products over the rows as stored.
+void float_gemm(const QuantGemmParams& p) {
+  const VecOps& ops = p.allow_simd ? vec_ops() : scalar_vec_ops();
+  const int64_t per = slice_rows(p.n);
+  const auto* weight = static_cast<const float*>(p.weight);
+  parallel_for((p.n + per - 1) / per, [&](int64_t task) {
+    const int64_t n0 = task * per, n1 = std::min(p.n, n0 + per);
+    for (int64_t j = n0; j < n1; ++j)
+      for (int64_t r = 0; r < p.m; ++r)
+        p.out[r * p.out_stride + j] = ops.dot(p.input + r * p.input_stride, weight + j * p.k, p.k);
+    add_bias(p, n0, n1);
+  });
 }
 
 void k_quant_gemm(const QuantGemmParams& p) {
@@ -467,8 +521,9 @@ void quant_gemm_x8(const QuantGemmParams& p) {
   const int64_t blocks = p.k / 32;
   const int64_t row_bytes = blocks * quant_block_bytes(p.type);
   Q8ActBlock* xq = activation_blocks(p.m * blocks);
-  const auto quantize_row =
-      p.type == QuantType::kQ7_0x8 ? kernels.quantize_row_u7 : kernels.quantize_row;
+  const auto quantize_row = p.type == QuantType::kQ7_0x8   ? kernels.quantize_row_u7
+                            : p.type == QuantType::kQ8_0x8 ? kernels.quantize_row_q8_0x8
+                                                           : kernels.quantize_row;
   for_each_input_row(
       p, [&](int64_t r) { quantize_row(p.input + r * p.input_stride, p.k, xq + r * blocks); });
   const int64_t per = (slice_rows(p.n) + 7) / 8 * 8;
@@ -484,6 +539,45 @@ void quant_gemm_x8(const QuantGemmParams& p) {
 }  // namespace
 
 const QuantGemmKernels& scalar_quant_gemm_kernels() { return kScalarKernels; }
+
+void dequantize_weight_row(QuantType type, const void* weight, int64_t k, int64_t row, float* y) {
+  const auto* base = static_cast<const uint8_t*>(weight);
+  if (quant_row_group(type) == 1) {
+    const int64_t row_bytes = k / quant_block_values(type) * quant_block_bytes(type);
+    return dequantize_row(type, base + row * row_bytes, k, y);
+  }
+  // The row's bytes read in place from its group (the arithmetic of quant_dequantize_block):
+  // through quant_read_block's copies this cost 30x a row-major row, and the token embedding
+  // reads a tied table this way every step.
+  const int64_t blocks = k / 32, group_block = 8 * quant_block_bytes(type);
+  const int64_t header = x8_header_bytes(type), r = row % 8;
+  const uint8_t* blk = base + (row / 8) * blocks * group_block;
+  for (int64_t b = 0; b < blocks; ++b, blk += group_block, y += 32) {
+    const float d = half_at(blk + 2 * r);
+    if (q8_rows8(type)) {
+      for (int c = 0; c < 8; ++c) {
+        const auto* q = reinterpret_cast<const int8_t*>(blk + header + 32 * c + 4 * r);
+        for (int i = 0; i < 4; ++i) y[4 * c + i] = static_cast<float>(q[i]) * d;
+      }
+      continue;
+    }
+    // Chunk c holds source bytes 4c..4c+3: values 4c + i (low nibbles) and 16 + 4c + i (high).
+    const bool q4_1 = type == QuantType::kQ4_1x8;
+    const float m = q4_1 ? half_at(blk + 16 + 2 * r) : 0.0f;
+    for (int c = 0; c < 4; ++c) {
+      const uint8_t* q = blk + header + 32 * c + 4 * r;
+      for (int i = 0; i < 4; ++i) {
+        if (q4_1) {
+          y[4 * c + i] = static_cast<float>(q[i] & 0x0F) * d + m;
+          y[16 + 4 * c + i] = static_cast<float>(q[i] >> 4) * d + m;
+        } else {
+          y[4 * c + i] = (static_cast<float>(q[i] & 0x0F) - 8.0f) * d;
+          y[16 + 4 * c + i] = (static_cast<float>(q[i] >> 4) - 8.0f) * d;
+        }
+      }
+    }
+  }
+}
 
 #ifndef FASTLLM_HAVE_AVX2_FILE
 const QuantGemmKernels* avx2_quant_gemm_kernels() { return nullptr; }
@@ -550,6 +644,15 @@ void quant_convert_rows(QuantType type, const void* src, int64_t n, int64_t k, Q
   }
 }
 
+void quant_dequantize_rows(QuantType type, const void* weight, int64_t n, int64_t k, float* out) {
+  const int64_t values = quant_block_values(type);
+  check_arg(values > 0, "quant_dequantize_rows: unknown quantization type");
+  check_arg(n >= 0 && k > 0 && k % values == 0 && n % quant_row_group(type) == 0,
+            "quant_dequantize_rows: bad sizes");
+  cpu::parallel_for(
+      n, [&](int64_t r) { cpu::dequantize_weight_row(type, weight, k, r, out + r * k); });
+}
+
 void quant_gemm_cpu(const QuantGemmParams& p) {
   const int64_t values = quant_block_values(p.type);
   check_arg(values > 0, "quant_gemm: unknown quantization type");
@@ -558,6 +661,7 @@ void quant_gemm_cpu(const QuantGemmParams& p) {
                                    std::to_string(values) + " for " + quant_type_name(p.type));
   check_arg(p.input_stride >= p.k && p.out_stride >= p.n, "quant_gemm: bad strides");
   if (p.m == 0 || p.n == 0) return;
+  if (p.type == QuantType::kF32) return cpu::float_gemm(p);
   if (values == 256) return cpu::k_quant_gemm(p);
   if (quant_row_group(p.type) == 8) return cpu::quant_gemm_x8(p);
 

@@ -3,6 +3,9 @@
 // per block pair. Built with -mavx2 -mfma -mf16c; runs only when the CPU has them.
 // quant_gemm_avxvnni.cpp compiles this file again with FASTLLM_QUANT_GEMM_VNNI (and -mavxvnni):
 // then one _mm256_dpbusd_avx_epi32 replaces each maddubs + madd pair, with identical results.
+// quant_gemm_avx512vl.cpp does the same with AVX-512 VL + VNNI (FASTLLM_QUANT_GEMM_VNNI=2): the
+// EVEX form of the 256-bit instruction, for CPUs with AVX-512 VNNI but no AVX-VNNI (Ice Lake,
+// Zen 4), whose AVX-512 kernels hand small tiles and the x8 layouts to these.
 #include <immintrin.h>
 
 #include <cstring>
@@ -31,8 +34,16 @@ inline int hsum_epi32(__m256i v) {
 // Sums of 4 adjacent u8 x s8 products as int32 lanes (no saturation can occur for our operands:
 // |u| <= 128 and |s| <= 127, so a maddubs pair stays below 32767).
 #ifdef FASTLLM_QUANT_GEMM_VNNI
+inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+#if FASTLLM_QUANT_GEMM_VNNI == 2
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#endif
+}
+
 inline __m256i dot_u8s8(__m256i u, __m256i s, __m256i /*ones*/) {
-  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+  return dpbusd(_mm256_setzero_si256(), u, s);
 }
 #else
 inline __m256i dot_u8s8(__m256i u, __m256i s, __m256i ones) {
@@ -73,7 +84,8 @@ void quantize_row_avx2(const float* x, int64_t k, Q8ActBlock* out) {
         hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
     __m256i packed = _mm256_permutevar8x32_epi32(
         _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3)), order);
-    if constexpr (kOffset != 0) packed = _mm256_add_epi8(packed, _mm256_set1_epi8(kOffset));
+    if constexpr (kOffset != 0)
+      packed = _mm256_add_epi8(packed, _mm256_set1_epi8(static_cast<char>(kOffset)));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[b].q), packed);
     out[b].d = d;
     out[b].s = d * static_cast<float>(sum);
@@ -88,6 +100,12 @@ inline __m256i unpack_nibbles(const uint8_t* p) {
 }
 
 constexpr int64_t kPrefetchRows = 8;
+
+#ifdef FASTLLM_QUANT_GEMM_VNNI
+constexpr bool kVnni = true;
+#else
+constexpr bool kVnni = false;
+#endif
 
 template <QuantType kType>
 constexpr int64_t kBlockBytes = kType == QuantType::kQ8_0   ? 34
@@ -417,7 +435,7 @@ inline __m256i x8_block_dot(const __m256i* w, const int8_t* xq) {
   };
 #ifdef FASTLLM_QUANT_GEMM_VNNI
   __m256i acc = _mm256_setzero_si256();
-  for (int g = 0; g < 8; ++g) acc = _mm256_dpbusd_avx_epi32(acc, w[g], bcast(g));
+  for (int g = 0; g < 8; ++g) acc = dpbusd(acc, w[g], bcast(g));
   return acc;
 #else
   // int16 sums of the 8 maddubs stay below 8 * 2 * 15 * 127 = 30480 (no saturation).
@@ -470,23 +488,29 @@ void x8_group(const uint8_t* group, const Q8ActBlock* x, int64_t blocks, float* 
   for (int r = 0; r < kRows; ++r) _mm256_storeu_ps(out + r * out_stride, acc[r]);
 }
 
-// Q7_0x8: kRows (<= 8) rows of 7-bit activations (offset by 64, unsigned) against one group.
-// A vpmaddubsw pair is at most 2 * 127 * 63 = 16002 in magnitude, so two sum in 16 bits before
-// widening; minus the block's 64 * sum(q) term that is the exact integer dot product. Per block
-// and row: acc += isum * (d_w * d_x), in that order for every kRows.
-template <int kRows>
-void q7_group(const uint8_t* group, const Q8ActBlock* x, int64_t blocks, float* out,
-              int64_t out_stride) {
+// Q7_0x8 / Q8_0x8: kRows (<= 8) rows of activations against one group of 8-bit or 7-bit
+// weights. With VNNI both read the activations offset into unsigned bytes (Q7_0x8 by 64, Q8_0x8
+// by 128) and subtract the block's offset * sum(q) term, which leaves the exact integer dot
+// product. Without VNNI, Q7_0x8's vpmaddubsw pairs are at most 2 * 127 * 63 = 16002 in magnitude,
+// so two sum in 16 bits before widening; Q8_0x8 reads signed activations, moves each weight's sign
+// onto them (vpsignb) against |q| and widens every vpmaddubsw (pairs up to 2 * 128 * 127 = 32512,
+// no room for a second). Per block and row: acc += isum * (d_w * d_x), in that order for every
+// kRows, so results do not depend on how rows are batched.
+template <QuantType kType, int kRows>
+void q8_rows8_group(const uint8_t* group, const Q8ActBlock* x, int64_t blocks, float* out,
+                    int64_t out_stride) {
   constexpr int64_t group_block = 8 * 38, header = 48;
+  constexpr bool kSignedActivations = kType == QuantType::kQ8_0x8 && !kVnni;
   __m256 acc[kRows];
   for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* w = group + b * group_block;
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-    const __m256i offset_sum = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16));
-    __m256i q[8];
-    for (int c = 0; c < 8; ++c)
+    __m256i q[8], q_abs[8];
+    for (int c = 0; c < 8; ++c) {
       q[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + header + 32 * c));
+      if constexpr (kSignedActivations) q_abs[c] = _mm256_abs_epi8(q[c]);
+    }
     for (int r = 0; r < kRows; ++r) {
       const Q8ActBlock& xb = x[r * blocks + b];
       auto bcast = [&xb](int c) {
@@ -494,21 +518,34 @@ void q7_group(const uint8_t* group, const Q8ActBlock* x, int64_t blocks, float* 
         std::memcpy(&v, xb.q + 4 * c, 4);
         return _mm256_set1_epi32(v);
       };
+      __m256i isum;
 #ifdef FASTLLM_QUANT_GEMM_VNNI
-      __m256i isum = _mm256_setzero_si256();
-      for (int c = 0; c < 8; ++c) isum = _mm256_dpbusd_avx_epi32(isum, bcast(c), q[c]);
+      isum = _mm256_setzero_si256();
+      for (int c = 0; c < 8; ++c) isum = dpbusd(isum, bcast(c), q[c]);
+      isum = _mm256_sub_epi32(isum, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16)));
 #else
       const __m256i ones = _mm256_set1_epi16(1);
-      auto pair = [&](int c) {
-        return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(bcast(c), q[c]),
-                                                  _mm256_maddubs_epi16(bcast(c + 1), q[c + 1])),
-                                 ones);
-      };
-      const __m256i isum =
-          _mm256_add_epi32(_mm256_add_epi32(pair(0), pair(2)), _mm256_add_epi32(pair(4), pair(6)));
+      if constexpr (kSignedActivations) {
+        auto dot = [&](int c) {
+          return _mm256_madd_epi16(_mm256_maddubs_epi16(q_abs[c], _mm256_sign_epi8(bcast(c), q[c])),
+                                   ones);
+        };
+        isum = _mm256_add_epi32(
+            _mm256_add_epi32(_mm256_add_epi32(dot(0), dot(1)), _mm256_add_epi32(dot(2), dot(3))),
+            _mm256_add_epi32(_mm256_add_epi32(dot(4), dot(5)), _mm256_add_epi32(dot(6), dot(7))));
+      } else {
+        auto pair = [&](int c) {
+          return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(bcast(c), q[c]),
+                                                    _mm256_maddubs_epi16(bcast(c + 1), q[c + 1])),
+                                   ones);
+        };
+        isum = _mm256_add_epi32(_mm256_add_epi32(pair(0), pair(2)),
+                                _mm256_add_epi32(pair(4), pair(6)));
+        isum = _mm256_sub_epi32(isum, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16)));
+      }
 #endif
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(isum, offset_sum)),
-                               _mm256_mul_ps(dw, _mm256_set1_ps(xb.d)), acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, _mm256_set1_ps(xb.d)),
+                               acc[r]);
     }
   }
   for (int r = 0; r < kRows; ++r) _mm256_storeu_ps(out + r * out_stride, acc[r]);
@@ -525,9 +562,9 @@ void tile_x8_type(const uint8_t* weight, int64_t groups, const Q8ActBlock* x, in
         _mm_prefetch(reinterpret_cast<const char*>(group + group_bytes + off), _MM_HINT_T0);
     for (int64_t r = 0; r < m_rows; r += 8) {
       with_rows(m_rows - r, [&](auto rows) {
-        if constexpr (kType == QuantType::kQ7_0x8) {
-          q7_group<decltype(rows)::value>(group, x + r * blocks, blocks,
-                                          out + r * out_stride + 8 * g, out_stride);
+        if constexpr (kType == QuantType::kQ7_0x8 || kType == QuantType::kQ8_0x8) {
+          q8_rows8_group<kType, decltype(rows)::value>(group, x + r * blocks, blocks,
+                                                       out + r * out_stride + 8 * g, out_stride);
         } else {
           x8_group<kType, decltype(rows)::value>(group, x + r * blocks, blocks,
                                                  out + r * out_stride + 8 * g, out_stride);
@@ -543,20 +580,25 @@ void tile_x8_avx2(QuantType type, const uint8_t* weight, int64_t groups, const Q
     return tile_x8_type<QuantType::kQ4_1x8>(weight, groups, x, blocks, m_rows, out, out_stride);
   if (type == QuantType::kQ7_0x8)
     return tile_x8_type<QuantType::kQ7_0x8>(weight, groups, x, blocks, m_rows, out, out_stride);
+  if (type == QuantType::kQ8_0x8)
+    return tile_x8_type<QuantType::kQ8_0x8>(weight, groups, x, blocks, m_rows, out, out_stride);
   tile_x8_type<QuantType::kQ4_0x8>(weight, groups, x, blocks, m_rows, out, out_stride);
 }
 
-#ifdef FASTLLM_QUANT_GEMM_VNNI
-const QuantGemmKernels kKernels = {"avx_vnni",   quantize_row_avx2<127, 0>, tile_avx2, true,
-                                   tile_x8_avx2, quantize_row_avx2<63, 64>};
-#else
-const QuantGemmKernels kKernels = {"avx2",       quantize_row_avx2<127, 0>, tile_avx2, true,
-                                   tile_x8_avx2, quantize_row_avx2<63, 64>};
-#endif
+// Q8_0x8's activations: unsigned (offset by 128) for vpdpbusd, signed for vpsignb.
+const QuantGemmKernels kKernels = {kVnni ? "avx_vnni" : "avx2",
+                                   quantize_row_avx2<127, 0>,
+                                   tile_avx2,
+                                   true,
+                                   tile_x8_avx2,
+                                   quantize_row_avx2<63, 64>,
+                                   quantize_row_avx2<127, kVnni ? 128 : 0>};
 
 }  // namespace
 
-#ifdef FASTLLM_QUANT_GEMM_VNNI
+#if FASTLLM_QUANT_GEMM_VNNI == 2
+const QuantGemmKernels* avx512vl_quant_gemm_kernels() { return &kKernels; }
+#elif defined(FASTLLM_QUANT_GEMM_VNNI)
 const QuantGemmKernels* avxvnni_quant_gemm_kernels() { return &kKernels; }
 #else
 const QuantGemmKernels* avx2_quant_gemm_kernels() { return &kKernels; }

@@ -2,7 +2,8 @@
 // decode): each 512-bit dot product covers two weight blocks (two consecutive blocks of a 4-bit
 // row; the same block of two Q8_0 rows), and one reduction tree turns the 8 rows x 2 blocks of
 // int32 partial sums into a single vector, so the per-block float work is shared by 16 pairs.
-// 1-2 rows and the activation quantization use the AVX-VNNI / AVX2 kernels. Built with -mavx512f
+// 1-2 rows, the x8 layouts and the activation quantization use the 256-bit kernels with the EVEX
+// vpdpbusd (quant_gemm_avx512vl.cpp). Built with -mavx512f
 // -mavx512bw -mavx512vl -mavx512vnni; picked at run time only on CPUs that have them.
 #include <immintrin.h>
 
@@ -207,14 +208,9 @@ void tile_type(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64
   }
 }
 
-// AVX-512 VNNI does not imply AVX-VNNI (Ice Lake, Zen 4 lack the VEX form): ask the CPU.
-const QuantGemmKernels* narrow_kernels() {
-  static const QuantGemmKernels* k =
-      avxvnni_quant_gemm_kernels() != nullptr && __builtin_cpu_supports("avxvnni")
-          ? avxvnni_quant_gemm_kernels()
-          : avx2_quant_gemm_kernels();
-  return k;
-}
+// The 256-bit kernels with the EVEX vpdpbusd (quant_gemm_avx512vl.cpp): AVX-512 VNNI does not
+// imply AVX-VNNI (Ice Lake, Zen 4 lack the VEX form), and these need only what this file does.
+const QuantGemmKernels* narrow_kernels() { return avx512vl_quant_gemm_kernels(); }
 
 void tile_avx512(QuantType type, const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x,
                  int64_t blocks, const float* xd, const float* xs, const int8_t* xi, int64_t m_rows,
@@ -256,13 +252,18 @@ void quantize_row_u7_avx512(const float* x, int64_t k, Q8ActBlock* out) {
   narrow_kernels()->quantize_row_u7(x, k, out);
 }
 
+void quantize_row_q8_0x8_avx512(const float* x, int64_t k, Q8ActBlock* out) {
+  narrow_kernels()->quantize_row_q8_0x8(x, k, out);
+}
+
 void tile_x8_avx512(QuantType type, const uint8_t* weight, int64_t groups, const Q8ActBlock* x,
                     int64_t blocks, int64_t m_rows, float* out, int64_t out_stride) {
   narrow_kernels()->tile_x8(type, weight, groups, x, blocks, m_rows, out, out_stride);
 }
 
-const QuantGemmKernels kKernels = {"avx512_vnni", quantize_row_avx512, tile_avx512,
-                                   false,         tile_x8_avx512,      quantize_row_u7_avx512};
+const QuantGemmKernels kKernels = {
+    "avx512_vnni",          quantize_row_avx512,       tile_avx512, false, tile_x8_avx512,
+    quantize_row_u7_avx512, quantize_row_q8_0x8_avx512};
 
 }  // namespace
 

@@ -43,20 +43,29 @@ struct QuantGemmKernels {
   // number) and g < groups, W the groups at weight. Each output is computed by the same
   // operations in the same order whatever m_rows is, so a row's result does not depend on the
   // batch it came in.
-  // (Q7_0x8 reads blocks of quantize_row_u7.)
+  // (Q7_0x8 reads blocks of quantize_row_u7, Q8_0x8 those of quantize_row_q8_0x8.)
   void (*tile_x8)(QuantType type, const uint8_t* weight, int64_t groups, const Q8ActBlock* x,
                   int64_t blocks, int64_t m_rows, float* out, int64_t out_stride) = nullptr;
   // As quantize_row with d = max|x| / 63 and q stored as round(x / d) + 64 (1..127); s = d *
   // sum(round(x / d)).
   void (*quantize_row_u7)(const float* x, int64_t k, Q8ActBlock* out) = nullptr;
+  // The activations tile_x8 reads for Q8_0x8: quantize_row's, with q stored + 128 (1..255,
+  // unsigned for vpdpbusd) by the VNNI kernels and as they are by the others.
+  void (*quantize_row_q8_0x8)(const float* x, int64_t k, Q8ActBlock* out) = nullptr;
 };
 
 const QuantGemmKernels& scalar_quant_gemm_kernels();
+
+// Row `row` of a weight in any layout quant_gemm_cpu reads (rows of k values) as k floats, with
+// the GGUF loader's arithmetic.
+void dequantize_weight_row(QuantType type, const void* weight, int64_t k, int64_t row, float* y);
 // Null when the library was built without the AVX2 file (non-x86 targets).
 const QuantGemmKernels* avx2_quant_gemm_kernels();
 // Null when the compiler had no -mavxvnni.
 const QuantGemmKernels* avxvnni_quant_gemm_kernels();
 // Null when the compiler had no -mavx512vnni.
 const QuantGemmKernels* avx512_quant_gemm_kernels();
+// The AVX2 kernels with the EVEX vpdpbusd; built (and used by the AVX-512 kernels) with them.
+const QuantGemmKernels* avx512vl_quant_gemm_kernels();
 
 }  // namespace fastllm::kernels::cpu

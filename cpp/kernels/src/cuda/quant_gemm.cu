@@ -126,7 +126,7 @@ void quant_gemm_cuda(const QuantGemmParams& p, void* stream_handle) {
   check_arg(values > 0, "quant_gemm: unknown quantization type");
   check_arg(p.m >= 0 && p.n >= 0 && p.k > 0 && p.k % values == 0, "quant_gemm: bad sizes");
   check_arg(p.m <= 65535, "quant_gemm: at most 65535 rows of x per call on CUDA");
-  check_arg(quant_row_group(p.type) == 1,
+  check_arg(quant_row_group(p.type) == 1 && p.type != QuantType::kF32,
             std::string("quant_gemm: ") + quant_type_name(p.type) + " is a CPU layout");
   if (p.m == 0 || p.n == 0) return;
   auto stream = static_cast<cudaStream_t>(stream_handle);

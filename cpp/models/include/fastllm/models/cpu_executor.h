@@ -46,6 +46,13 @@ struct CpuModelWeights {
   QuantType embed_type = QuantType::kQ8_0;
   int64_t vocab = 0;       // rows of embed_table
   QuantLinearRef lm_head;  // [vocab][hidden] output projection
+  // Logits per row that refine_top_logits_cpu recomputes after the output projection's GEMM
+  // (0: none), from refine_rows [vocab] rows of refine_type: the output weights' own values
+  // when lm_head's layout rounded them (a tied token table beside a 7-bit copy); null:
+  // lm_head's rows.
+  int64_t lm_head_refine = 0;
+  const void* refine_rows = nullptr;
+  QuantType refine_type = QuantType::kQ8_0;
 };
 
 struct CpuExecutorConfig {
