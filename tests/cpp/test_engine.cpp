@@ -675,6 +675,7 @@ void stress(PreemptionMode mode, uint32_t seed, int32_t speculative_tokens = 0) 
     cfg.speculative.num_speculative_tokens = speculative_tokens;
     cfg.speculative.draft_cache.num_gpu_blocks = 30;
     cfg.speculative.draft_cache.block_size = 16;
+    cfg.speculative.adaptive = false;  // fixed k: the counts below must not follow timings
     draft = std::make_shared<FakeExecutor>(FakeExecutorConfig{30, 0, 16, kVocab, true, 4});
   }
   auto exec = std::make_shared<CheckingExecutor>(cfg, /*verify_kv=*/true);
