@@ -8,6 +8,7 @@
 // products removes most of it for ~30 dot products of `hidden` values per row, against the
 // GEMM's `vocab`.
 #include <algorithm>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -20,55 +21,67 @@ namespace fastllm::kernels {
 
 namespace {
 
-// Entries scanned per maximum test: a span whose largest entry is below the current floor (all
-// but a few spans of a row) costs one SIMD max and no per-entry branch.
+// Entries per span: the selection looks at a span's entries only when its maximum could be
+// among the row's `count` largest.
 constexpr int64_t kSpan = 64;
 
-// The indices of the `count` largest entries of logits[0, n) at or above floor, largest first
-// and the lower index first among equals: one pass that keeps a min-heap of the best so far and
-// raises the floor to its smallest entry once full.
-void top_entries(const float* logits, int64_t n, int64_t count, float floor,
-                 std::vector<int32_t>& heap) {
-  // better(a, b): a ranks before b. As std's heap comparator it keeps the worst kept entry on top.
-  auto better = [logits](int32_t a, int32_t b) {
-    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
-  };
-  heap.clear();
+// The indices of the `count` largest entries of logits[0, n) within kRefineMargin of the
+// largest (the lower index first among equals). The spans' maxima are distinct entries, so the
+// count-th largest of them is a floor for the `count` largest entries: only the spans that reach
+// it (about `count` of them) are gathered, and one partial selection picks among those.
+void top_entries(const float* logits, int64_t n, int64_t count, std::vector<float>& span_max,
+                 std::vector<float>& scratch, std::vector<int32_t>& out) {
   const auto& ops = cpu::vec_ops();
-  for (int64_t start = 0; start < n; start += kSpan) {
-    const int64_t end = std::min(n, start + kSpan);
-    if (ops.max(logits + start, end - start) < floor) continue;
-    for (int64_t j = start; j < end; ++j) {
-      // Indices rise, so an entry equal to the worst kept one ranks after it: skip it.
-      if (logits[j] < floor ||
-          (static_cast<int64_t>(heap.size()) == count && !(logits[j] > logits[heap.front()])))
-        continue;
-      if (static_cast<int64_t>(heap.size()) == count) {
-        std::pop_heap(heap.begin(), heap.end(), better);
-        heap.back() = static_cast<int32_t>(j);
-      } else {
-        heap.push_back(static_cast<int32_t>(j));
-      }
-      std::push_heap(heap.begin(), heap.end(), better);
-      if (static_cast<int64_t>(heap.size()) == count) floor = logits[heap.front()];
-    }
+  const int64_t spans = (n + kSpan - 1) / kSpan;
+  span_max.resize(static_cast<size_t>(spans));
+  for (int64_t s = 0; s < spans; ++s)
+    span_max[s] = ops.max(logits + s * kSpan, std::min(kSpan, n - s * kSpan));
+  float floor = *std::max_element(span_max.begin(), span_max.end()) - kRefineMargin;
+  if (count <= spans) {
+    scratch.assign(span_max.begin(), span_max.end());
+    std::nth_element(scratch.begin(), scratch.begin() + (count - 1), scratch.end(),
+                     std::greater<float>());
+    floor = std::max(floor, scratch[count - 1]);
+  }
+  out.clear();
+  for (int64_t s = 0; s < spans; ++s) {
+    if (span_max[s] < floor) continue;
+    for (int64_t j = s * kSpan; j < std::min(n, (s + 1) * kSpan); ++j)
+      if (logits[j] >= floor) out.push_back(static_cast<int32_t>(j));
+  }
+  if (static_cast<int64_t>(out.size()) > count) {
+    auto better = [logits](int32_t a, int32_t b) {
+      return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+    };
+    std::nth_element(out.begin(), out.begin() + count, out.end(), better);
+    out.resize(static_cast<size_t>(count));
   }
 }
 
-void refine_row(const RefineLogitsParams& p, int64_t r, std::vector<int32_t>& candidates,
-                std::vector<float>& row) {
+// Scratch of one pool thread.
+struct RefineScratch {
+  std::vector<float> span_max, spans, row;
+  std::vector<int32_t> candidates;
+};
+
+void refine_row(const RefineLogitsParams& p, int64_t r, RefineScratch& scratch) {
   float* logits = p.logits + r * p.logits_stride;
   const float* x = p.input + r * p.input_stride;
-  top_entries(logits, p.n, p.count, cpu::vec_ops().max(logits, p.n) - kRefineMargin, candidates);
-  for (const int32_t j : candidates) {
-    cpu::dequantize_weight_row(p.type, p.weight, p.k, j, row.data());
-    // Four chains, summed in a fixed order: the same bits for a row in any batch.
-    double sum[4] = {0.0, 0.0, 0.0, 0.0};
-    int64_t i = 0;
-    for (; i + 4 <= p.k; i += 4)
-      for (int c = 0; c < 4; ++c) sum[c] += static_cast<double>(x[i + c]) * row[i + c];
-    for (; i < p.k; ++i) sum[0] += static_cast<double>(x[i]) * row[i];
-    double total = (sum[0] + sum[1]) + (sum[2] + sum[3]);
+  top_entries(logits, p.n, p.count, scratch.span_max, scratch.spans, scratch.candidates);
+  float* row = scratch.row.data();
+  for (const int32_t j : scratch.candidates) {
+    cpu::dequantize_weight_row(p.type, p.weight, p.k, j, row);
+    // Per 32-value block (k is whole blocks here) eight float lanes, which the compiler keeps
+    // in one vector, summed in a fixed order into a double: a row's bits do not depend on its
+    // batch, and float's 2^-24 per block is far below the int8 rounding this removes.
+    double total = 0.0;
+    for (int64_t b = 0; b < p.k; b += 32) {
+      float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int64_t i = b; i < b + 32; i += 8)
+        for (int l = 0; l < 8; ++l) lane[l] += x[i + l] * row[i + l];
+      total += static_cast<double>(((lane[0] + lane[1]) + (lane[2] + lane[3])) +
+                                   ((lane[4] + lane[5]) + (lane[6] + lane[7])));
+    }
     if (p.bias != nullptr) total += p.bias[j];
     logits[j] = static_cast<float>(total);
   }
@@ -88,10 +101,10 @@ void refine_top_logits_cpu(const RefineLogitsParams& p) {
             std::string("refine_top_logits: ") + quant_type_name(p.type) +
                 " weights need out_features to be a multiple of 8");
   cpu::parallel_for(p.m, [&](int64_t r) {
-    thread_local std::vector<int32_t> candidates;
-    thread_local std::vector<float> row;
-    if (static_cast<int64_t>(row.size()) < p.k) row.resize(static_cast<size_t>(p.k));
-    refine_row(p, r, candidates, row);
+    thread_local RefineScratch scratch;
+    if (static_cast<int64_t>(scratch.row.size()) < p.k)
+      scratch.row.resize(static_cast<size_t>(p.k));
+    refine_row(p, r, scratch);
   });
 }
 

@@ -158,10 +158,10 @@ struct RefineLogitsParams {
 };
 
 // In each row, recomputes the `count` largest logits among those within kRefineMargin of the
-// row's maximum (ties: the lower index) as x . dequantize(W_j) (+ bias) accumulated in double:
-// the float model's logits on the weights' own values, free of the activations' int8 rounding.
-// Every row is computed alone (its result does not depend on the batch). F32 and the K-quants
-// (float GEMMs already) are left as they are.
+// row's maximum (ties: the lower index) as x . dequantize(W_j) (+ bias), in float within each
+// 32-value block and in double across blocks: the float model's logits on the weights' own values,
+// free of the activations' int8 rounding. Every row is computed alone (its result does not depend
+// on the batch). F32 and the K-quants (float GEMMs already) are left as they are.
 void refine_top_logits_cpu(const RefineLogitsParams& params);
 
 // Name of the code path quant_gemm_cpu takes for the 32-value types: "avx512_vnni" (3+ rows of x
