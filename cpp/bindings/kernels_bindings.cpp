@@ -497,34 +497,58 @@ void embed_quant_rows(const Array& out, const Array& table, int32_t type, const 
                           out_data);
 }
 
+// The arguments a quantized linear's kernels share (quant_gemm, refine_top_logits): float32 input
+// [..., k] and output [..., n] rows, weight rows of n * k / block_values blocks, optional bias [n].
+struct QuantLinearArgs {
+  k::QuantType type;
+  int64_t m, n, k, input_stride, out_stride;
+  const uint8_t* weight;
+  const float* bias;
+};
+
+QuantLinearArgs check_quant_linear(const char* op, bool cuda, const Array& out,
+                                   const char* out_name, const Array& input, const Array& weight,
+                                   int32_t type, const Array& bias) {
+  QuantLinearArgs a;
+  a.type = static_cast<k::QuantType>(type);
+  const int64_t values = k::quant_block_values(a.type);
+  check_arg(values > 0, where(op, "unknown quantization type ") + std::to_string(type));
+  check_arg(input.dtype() == nb::dtype<float>() && out.dtype() == nb::dtype<float>(),
+            where(op, "input and ") + out_name + " must be float32");
+  auto [rows, in_stride] = rows_of(input, op, "input");
+  auto [out_rows, out_stride] = rows_of(out, op, out_name);
+  a.k = input.shape(input.ndim() - 1);
+  a.n = out.shape(out.ndim() - 1);
+  check_arg(out_rows == rows, where(op, out_name) + " must have input's rows");
+  check_arg(a.k % values == 0, where(op, "in_features must be a multiple of the block size"));
+  a.weight = typed<uint8_t>(weight, cuda, op, "weight");
+  check_arg(numel(weight) == a.n * (a.k / values) * k::quant_block_bytes(a.type),
+            where(op, "weight must hold out_features rows of in_features / block_values blocks"));
+  a.bias = bias.is_valid() ? typed<float>(bias, cuda, op, "bias") : nullptr;
+  check_arg(a.bias == nullptr || numel(bias) == a.n, where(op, "bias must be [out_features]"));
+  a.m = rows;
+  a.input_stride = in_stride;
+  a.out_stride = out_stride;
+  return a;
+}
+
 void quant_gemm(const Array& out, const Array& input, const Array& weight, int32_t type,
                 const Array& bias, bool allow_simd, uintptr_t stream) {
   const char* op = "quant_gemm";
   const bool cuda = cuda_device(input, op);
   check_device(out, cuda, op, "out");
+  const QuantLinearArgs a = check_quant_linear(op, cuda, out, "out", input, weight, type, bias);
   k::QuantGemmParams p;
-  p.type = static_cast<k::QuantType>(type);
-  const int64_t values = k::quant_block_values(p.type);
-  check_arg(values > 0, where(op, "unknown quantization type ") + std::to_string(type));
-  check_arg(input.dtype() == nb::dtype<float>() && out.dtype() == nb::dtype<float>(),
-            where(op, "input and out must be float32"));
-  auto [rows, in_stride] = rows_of(input, op, "input");
-  auto [out_rows, out_stride] = rows_of(out, op, "out");
-  p.k = input.shape(input.ndim() - 1);
-  p.n = out.shape(out.ndim() - 1);
-  check_arg(out_rows == rows, where(op, "out must have input's rows"));
-  check_arg(p.k % values == 0, where(op, "in_features must be a multiple of the block size"));
-  const auto* w = typed<uint8_t>(weight, cuda, op, "weight");
-  check_arg(numel(weight) == p.n * (p.k / values) * k::quant_block_bytes(p.type),
-            where(op, "weight must hold out_features rows of in_features / block_values blocks"));
-  p.bias = bias.is_valid() ? typed<float>(bias, cuda, op, "bias") : nullptr;
-  check_arg(p.bias == nullptr || numel(bias) == p.n, where(op, "bias must be [out_features]"));
-  p.m = rows;
-  p.input_stride = in_stride;
-  p.out_stride = out_stride;
+  p.type = a.type;
+  p.k = a.k;
+  p.n = a.n;
+  p.bias = a.bias;
+  p.m = a.m;
+  p.input_stride = a.input_stride;
+  p.out_stride = a.out_stride;
   p.input = static_cast<const float*>(input.data());
   p.out = static_cast<float*>(out.data());
-  p.weight = w;
+  p.weight = a.weight;
   p.allow_simd = allow_simd;
   FASTLLM_RUN_OP(quant_gemm, cuda, p, stream);
 }
@@ -603,30 +627,20 @@ void quant_dequantize_rows(const Array& out, const SourceRows& weight, int32_t t
 void refine_top_logits(const Array& logits, const Array& input, const Array& weight, int32_t type,
                        const Array& bias, int64_t count) {
   const char* op = "refine_top_logits";
+  const QuantLinearArgs a =
+      check_quant_linear(op, false, logits, "logits", input, weight, type, bias);
   k::RefineLogitsParams p;
-  p.type = static_cast<k::QuantType>(type);
-  const int64_t values = k::quant_block_values(p.type);
-  check_arg(values > 0, where(op, "unknown quantization type ") + std::to_string(type));
-  check_arg(input.dtype() == nb::dtype<float>() && logits.dtype() == nb::dtype<float>(),
-            where(op, "input and logits must be float32"));
-  auto [rows, in_stride] = rows_of(input, op, "input");
-  auto [logit_rows, logits_stride] = rows_of(logits, op, "logits");
-  p.k = input.shape(input.ndim() - 1);
-  p.n = logits.shape(logits.ndim() - 1);
-  check_arg(logit_rows == rows, where(op, "logits must have input's rows"));
-  check_arg(p.k % values == 0, where(op, "in_features must be a multiple of the block size"));
-  const auto* w = typed<uint8_t>(weight, false, op, "weight");
-  check_arg(numel(weight) == p.n * (p.k / values) * k::quant_block_bytes(p.type),
-            where(op, "weight must hold out_features rows of in_features / block_values blocks"));
-  p.bias = bias.is_valid() ? typed<float>(bias, false, op, "bias") : nullptr;
-  check_arg(p.bias == nullptr || numel(bias) == p.n, where(op, "bias must be [out_features]"));
+  p.type = a.type;
+  p.k = a.k;
+  p.n = a.n;
+  p.bias = a.bias;
   check_arg(count >= 0, where(op, "count must be >= 0"));
-  p.m = rows;
-  p.input_stride = in_stride;
-  p.logits_stride = logits_stride;
+  p.m = a.m;
+  p.input_stride = a.input_stride;
+  p.logits_stride = a.out_stride;
   p.input = typed<float>(input, false, op, "input");
   p.logits = typed<float>(logits, false, op, "logits");
-  p.weight = w;
+  p.weight = a.weight;
   p.count = count;
   nb::gil_scoped_release release_gil;
   k::refine_top_logits_cpu(p);
