@@ -4,6 +4,7 @@ per-step LoraBatch that the model's projections read."""
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,15 +21,22 @@ _lora_apply = ops.eager(ops.lora_apply)
 
 @dataclass
 class LoraBatch:
-    """One step's adapters: each token's slot, and per (layer, target) the slots' A/B pointers,
-    ranks and scales as the LoRA kernel takes them (None: no slot of the step targets it)."""
+    """One step's adapters: each token's slot, and per (layer, target) the filled slots' A/B
+    pointers, ranks and scales as the LoRA kernel takes them (None: no filled slot targets it)."""
 
     token_slots: torch.Tensor  # int32 [num_tokens] on the model's device
     tables: list[list[tuple | None]]
     weight_dtype: str  # "float32" or "float16": the slots' A and B^T
-    # Slot -> (token indices, per (layer, target) (A, B, scale) or None): the exact fallback for
-    # non-float32 activations, which the float32 kernel does not take.
-    fallback: dict[int, tuple[torch.Tensor, list[list[tuple | None]]]]
+    slot_of_token: np.ndarray  # the same slots on the host
+    slot_modules: list  # slot -> per (layer, target) (A, B^T, scale) or None
+
+    @functools.cached_property
+    def _rows(self) -> dict[int, torch.Tensor]:
+        """Slot -> its tokens: only the exact fallback for non-float32 activations (which the
+        float32 kernel does not take) needs them, so they are found on first use."""
+        device = self.token_slots.device
+        return {int(s): torch.from_numpy(np.flatnonzero(self.slot_of_token == s)).to(device)
+                for s in np.unique(self.slot_of_token) if s >= 0}
 
     def apply(self, layer: int, target: int, x: torch.Tensor, out: torch.Tensor) -> None:
         """out += the step's LoRA deltas of projection `target` (an index into LORA_TARGETS);
@@ -40,8 +48,8 @@ class LoraBatch:
             _lora_apply(out, x, self.token_slots, *entry, b_transposed=True,
                         weight_dtype=self.weight_dtype)
             return
-        for rows, modules in self.fallback.values():
-            m = modules[layer][target]
+        for slot, rows in self._rows.items():
+            m = self.slot_modules[slot][layer][target]
             if m is not None:
                 a, bt, scale = m
                 delta = (x[rows].float() @ a.float().t()) @ bt.float()
@@ -57,6 +65,10 @@ class LoraSlots:
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # lora id -> slot, LRU order
         self._slot_modules: list[list[list[tuple | None]] | None] = [None] * num_slots
         self._weight_dtype = "float32"
+        # The kernel's pointer tables over the filled slots, rebuilt only when a slot changes
+        # (not every step): tokens name only their own step's slots, so other filled slots in
+        # the tables are never read.
+        self._tables: list[list[tuple | None]] | None = None
         # add/remove come from the front end while the engine thread builds a step's batch.
         self._lock = threading.Lock()
 
@@ -79,6 +91,7 @@ class LoraSlots:
         slot = self._slot_of.pop(lora_id, None)
         if slot is not None:
             self._slot_modules[slot] = None
+            self._tables = None
 
     def _slot_for(self, lora_id: int, in_step: set[int]) -> int:
         if lora_id in self._slot_of:
@@ -98,6 +111,7 @@ class LoraSlots:
                       for m in per_layer] for per_layer in self._host[lora_id]]
         self._slot_modules[slot] = on_device
         self._slot_of[lora_id] = slot
+        self._tables = None
         return slot
 
     def batch(self, plan) -> LoraBatch | None:
@@ -109,12 +123,17 @@ class LoraSlots:
 
     def _batch(self, plan) -> LoraBatch:
         lora_ids = plan.lora_ids
-        starts = plan.query_start_loc
         in_step = {int(i) for i in lora_ids if i != 0}
         slot_of_seq = np.array([self._slot_for(int(i), in_step) if i != 0 else -1
                                 for i in lora_ids], dtype=np.int32)
-        token_slots = np.repeat(slot_of_seq, np.diff(starts))
-        used = sorted({int(s) for s in slot_of_seq if s >= 0})
+        token_slots = np.repeat(slot_of_seq, np.diff(plan.query_start_loc))
+        if self._tables is None:
+            self._tables = self._build_tables()
+        return LoraBatch(self._to_device(token_slots), self._tables, self._weight_dtype,
+                         token_slots, list(self._slot_modules))
+
+    def _build_tables(self) -> list[list[tuple | None]]:
+        filled = [s for s in range(self.num_slots) if self._slot_modules[s] is not None]
         tables: list[list[tuple | None]] = []
         for layer in range(self.num_layers):
             row = []
@@ -124,21 +143,18 @@ class LoraSlots:
                 ranks = np.ones(self.num_slots, np.int32)
                 scales = np.zeros(self.num_slots, np.float32)
                 any_slot = False
-                for s in used:
+                for s in filled:
                     m = self._slot_modules[s][layer][target]
                     if m is not None:
                         a_ptrs[s], b_ptrs[s] = m[0].data_ptr(), m[1].data_ptr()
                         ranks[s], scales[s] = m[0].shape[0], m[2]
                         any_slot = True
-                # The kernel's rank bound sizes its CUDA grid and scratch: the step's largest.
+                # The kernel's rank bound sizes its CUDA grid and scratch: the slots' largest.
                 row.append((self._to_device(a_ptrs), self._to_device(b_ptrs),
                             self._to_device(ranks), self._to_device(scales), int(ranks.max()))
                            if any_slot else None)
             tables.append(row)
-        slots_t = self._to_device(token_slots.astype(np.int32))
-        fallback = {s: (torch.from_numpy(np.flatnonzero(token_slots == s)).to(self.device),
-                        self._slot_modules[s]) for s in used}
-        return LoraBatch(slots_t, tables, self._weight_dtype, fallback)
+        return tables
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(array))
