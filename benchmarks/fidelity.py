@@ -1,5 +1,7 @@
-"""Fidelity benchmark: how far the quantized CPU path's next-token distribution is from the fp32
-model's, for fastllm and llama.cpp on the same GGUF, scored alike in one run.
+"""Fidelity benchmark: fastllm's and llama.cpp's quantized CPU paths against the fp32 model.
+
+How far each path's next-token distribution is from the fp32 model's, for both engines on the
+same GGUF, scored alike in one run.
 
     python benchmarks/fidelity.py [--llama-perplexity PATH] [--llama-server PATH]
                                   [--model GGUF] [--chunks 48] [--ablation] [--greedy 64]

@@ -40,11 +40,11 @@ def repeats(tokens: list[int]) -> int:
 
 
 def test_penalties_reduce_repetition(llm):
-    prompt = "1 1 1 1 1 1 1 1"
+    prompt = "1 1 1 1 1 1"
     plain = gen(llm, prompt, temperature=0.0, max_tokens=24, ignore_eos=True)
-    # The greedy " 1" leads its runner-up by 1.7-1.9 logits here, so a presence penalty must
-    # reach 2.0 to change it (1.5 used to "pass" only because penalised requests failed with no
-    # tokens).
+    # The greedy " 1" leads its runner-up by 1.4 logits at the third token and by 1.6 at the fifth
+    # (by 2.0 after twelve 1s, where the maximum presence penalty, 2.0, sat on the edge: 1.5
+    # used to "pass" only because penalised requests failed with no tokens).
     for kw in ({"repetition_penalty": 1.8}, {"frequency_penalty": 1.5},
                {"presence_penalty": 2.0}):
         penalised = gen(llm, prompt, temperature=0.0, max_tokens=24, ignore_eos=True, **kw)

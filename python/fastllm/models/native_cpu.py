@@ -119,9 +119,10 @@ def prepare_cpu_linear(weight: np.ndarray, type_id: int, output: bool = False
     sub-block already is one; scales rounded to fp16) and Q6_K rows Q8_0.
 
     ``output``: the output projection. Q8_0 rows there become a new copy in 8-row groups:
-    Q8_0x8 (type 2008, the same values; a tied embedding reads it too) or, with
-    FASTLLM_CPU_Q7_LM_HEAD=1, Q7_0x8 (type 1008, requantized to 7 bits, with 7-bit activations:
-    faster on AVX2 without VNNI; the caller keeps the Q8_0 rows for a tied embedding)."""
+    Q8_0x8 (type 2008, the same values; a tied embedding reads it too) or, where
+    q7_output_enabled() (by default: AVX2 without VNNI), Q7_0x8 (type 1008, requantized to 7
+    bits, with 7-bit activations: faster there; the caller keeps the Q8_0 rows for a tied
+    embedding and the refinement)."""
     if type_id in KQUANT_TARGETS and kquant_conversion_enabled():
         target = KQUANT_TARGETS[type_id]
         weight, type_id = convert_rows(weight, type_id, target), target
