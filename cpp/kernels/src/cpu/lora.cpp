@@ -1,5 +1,5 @@
-// CPU batched LoRA: tokens grouped by slot (segments), then a shrink pass and an expand pass, each
-// split into tasks over (segment, token block, rank rows / output columns) on the CPU pool. The
+// CPU batched LoRA: tokens grouped by slot (segments); each task takes a block of a segment's
+// tokens through the shrink and then the expand, so a call is one fork-join on the CPU pool. The
 // micro-kernels (lora_simd.h) are picked once per process by instruction set.
 #include "fastllm/kernels/lora.h"
 
@@ -21,6 +21,7 @@ namespace {
 struct Scalar {
   using Reg = float;
   static constexpr int64_t kWidth = 1;
+  static constexpr int kRegs = 16;
   static Reg zero() { return 0.0f; }
   static Reg set1(float v) { return v; }
   static Reg load(const float* p) { return *p; }
@@ -76,35 +77,26 @@ struct Segment {
   float scale = 0.0f;
 };
 
-// One task of a pass: tokens [t0, t1) of a segment, and rank rows (shrink) or output columns
-// (expand) [c0, c1).
+// One task: tokens [t0, t1) of a segment, shrunk to their rank values and expanded into every
+// output column. Tasks share nothing, so a call is one fork-join on the pool.
 struct Task {
   int32_t segment;
-  int64_t t0, t1, c0, c1;
+  int64_t t0, t1;
 };
 
-// Fused multiply-adds a task aims at: big enough to pay for claiming it, small enough that a
-// decode step (one token per adapter) still spreads over the pool.
-constexpr int64_t kMinTaskWork = int64_t{1} << 14;
+// Multiply-adds a task aims at: big enough to pay for claiming it, small enough that a decode step
+// (a few tokens per adapter) still spreads over the pool.
+constexpr int64_t kMinTaskWork = int64_t{1} << 15;
 constexpr int64_t kMaxTaskWork = int64_t{1} << 20;
-// Below this much work in a call, the pool costs more than it saves: waking it costs ~10 us,
-// and a decode step's call (16 tokens, rank 16, 576 x 1536: ~0.5 M multiply-adds) measured 2x
-// faster on one thread than on two (24 vs 31 us with four adapters; 10 vs 20 us with one).
-constexpr int64_t kSerialWork = int64_t{1} << 21;
-// Token blocks: a shrink block shares each row of A, an expand block each transposed tile of B.
-constexpr int64_t kShrinkTokens = 32;
-constexpr int64_t kExpandTokens = 64;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-void run_tasks(const std::vector<Task>& tasks, bool serial,
-               const std::function<void(const Task&)>& run) {
-  if (serial) {
-    for (const Task& task : tasks) run(task);
-  } else {
-    parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t i) { run(tasks[i]); });
-  }
-}
+// Below this much work in a call, one thread does it all: a call with one task (a single decode
+// token: ~20-35 k multiply-adds at rank 16) only pays the pool's hand-over. Above it, both passes
+// of a task run in one fork-join, which the layer's other kernels keep warm (the workers spin
+// between back-to-back calls): measured on the default model's decode shapes (benchmarks/
+// lora_step.cpp), 16 tokens over 4 adapters ran ~1.7x faster on two threads than on one, since
+// the adapters' weights then stream through two cores.
+constexpr int64_t kSerialWork = int64_t{1} << 16;
+// Tokens of a task are tiled by 4 in the shrink (lora_simd.h): blocks are multiples of it.
+constexpr int64_t kTokenTile = 4;
 
 // This thread's float buffer `which` of at least n floats. Kept apart from cpu::scratch so a
 // LoRA call never shares a buffer with the kernel that produced its input.
@@ -193,7 +185,7 @@ void lora_cpu(const LoraParams& p) {
   const int64_t k = p.in_features, n = p.out_features;
 
   // Group the tokens of each slot (a stable counting sort): order[] lists the tokens segment by
-  // segment, and h row i belongs to token order[i].
+  // segment.
   thread_local std::vector<int64_t> first, order;
   thread_local std::vector<Segment> segments;
   thread_local std::vector<Task> tasks;
@@ -211,63 +203,52 @@ void lora_cpu(const LoraParams& p) {
       if (active(p.token_slots[t])) order[next[p.token_slots[t]]++] = t;
   }
   segments.clear();
-  int64_t h_stride = 0, work = 0;
+  int64_t work = 0, max_rank = 0;
   for (int64_t s = 0; s < p.num_slots; ++s) {
     const int64_t count = first[s + 1] - first[s];
     if (count == 0) continue;
     segments.push_back({first[s], count, p.lora_a[s], p.lora_b[s], p.ranks[s], p.scales[s]});
-    h_stride = std::max<int64_t>(h_stride, p.ranks[s]);
+    max_rank = std::max<int64_t>(max_rank, p.ranks[s]);
     work += count * p.ranks[s] * (k + n);
   }
-  float* h = cpu::lora_scratch(0, num_active * h_stride);
-  // The tasks run on pool threads, where the names above are other (empty) thread_locals: they
-  // reach this call's buffers through these pointers only.
-  const int64_t* tokens = order.data();
-  const Segment* segs = segments.data();
   const bool serial = work < cpu::kSerialWork || cpu::pool_size() == 1;
-  // Aim for a few tasks per thread, within the bounds on a task's size. Task boundaries never
-  // change a result (see lora_simd.h), so this may depend on the whole batch.
+  // Aim for a few tasks per thread. Task boundaries never change a result (see lora_simd.h), so
+  // this may depend on the whole batch.
   const int64_t task_work = std::clamp<int64_t>(work / (4 * static_cast<int64_t>(cpu::pool_size())),
                                                 cpu::kMinTaskWork, cpu::kMaxTaskWork);
-
-  // Shrink: h = x @ A^T, tasks over (segment, token block, rows of A).
   tasks.clear();
   for (int32_t g = 0; g < static_cast<int32_t>(segments.size()); ++g) {
     const Segment& seg = segments[g];
-    for (int64_t t0 = 0; t0 < seg.count; t0 += cpu::kShrinkTokens) {
-      const int64_t t1 = std::min(seg.count, t0 + cpu::kShrinkTokens);
-      const int64_t rows =
-          std::clamp<int64_t>(task_work / ((t1 - t0) * k) / 2 * 2, 2, 16);  // even: row pairs
-      for (int64_t r0 = 0; r0 < seg.rank; r0 += rows)
-        tasks.push_back({g, t0, t1, r0, std::min(seg.rank, r0 + rows)});
-    }
+    const int64_t per_token = seg.rank * (k + n);
+    const int64_t block =
+        serial ? seg.count
+               : cpu::kTokenTile * std::max<int64_t>(1, task_work / (per_token * cpu::kTokenTile));
+    for (int64_t t0 = 0; t0 < seg.count; t0 += block)
+      tasks.push_back({g, t0, std::min(seg.count, t0 + block)});
   }
-  cpu::run_tasks(tasks, serial, [&](const Task& task) {
+  // The tasks run on pool threads, where the names above are other (empty) thread_locals: they
+  // reach this call's buffers through these pointers only. Each task's rank values live in its
+  // thread's own scratch.
+  const int64_t* tokens = order.data();
+  const Segment* segs = segments.data();
+  const Task* task_list = tasks.data();
+  auto run = [&](int64_t i) {
+    const Task& task = task_list[i];
     const Segment& seg = segs[task.segment];
-    shrink(p.input, p.input_stride, tokens + seg.begin + task.t0, task.t1 - task.t0, seg.a, k,
-           task.c0, task.c1, h + (seg.begin + task.t0) * h_stride, h_stride);
-  });
-
-  // Expand: out += scale * h @ B^T, tasks over (segment, token block, columns of out).
-  tasks.clear();
-  for (int32_t g = 0; g < static_cast<int32_t>(segments.size()); ++g) {
-    const Segment& seg = segments[g];
-    for (int64_t t0 = 0; t0 < seg.count; t0 += cpu::kExpandTokens) {
-      const int64_t t1 = std::min(seg.count, t0 + cpu::kExpandTokens);
-      const int64_t tiles =
-          std::max<int64_t>(1, task_work / ((t1 - t0) * seg.rank * cpu::kLoraColumnTile));
-      const int64_t cols = tiles * cpu::kLoraColumnTile;
-      for (int64_t c0 = 0; c0 < n; c0 += cols)
-        tasks.push_back({g, t0, t1, c0, std::min(n, c0 + cols)});
-    }
-  }
-  cpu::run_tasks(tasks, serial, [&](const Task& task) {
-    const Segment& seg = segs[task.segment];
+    const int64_t count = task.t1 - task.t0;
+    const int64_t* task_tokens = tokens + seg.begin + task.t0;
+    float* h = cpu::lora_scratch(0, count * max_rank);
+    shrink(p.input, p.input_stride, task_tokens, count, seg.a, k, 0, seg.rank, h, max_rank);
     float* bt = p.b_transposed ? nullptr : cpu::lora_scratch(1, seg.rank * cpu::kLoraColumnTile);
-    expand(p.out, p.out_stride, tokens + seg.begin + task.t0, task.t1 - task.t0,
-           h + (seg.begin + task.t0) * h_stride, h_stride, seg.b, seg.rank, task.c0, task.c1,
-           seg.scale, bt, p.b_transposed ? n : 0);
-  });
+    expand(p.out, p.out_stride, task_tokens, count, h, max_rank, seg.b, seg.rank, 0, n, seg.scale,
+           bt, p.b_transposed ? n : 0);
+  };
+  const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+  if (serial || num_tasks == 1) {
+    for (int64_t i = 0; i < num_tasks; ++i) run(i);
+  } else {
+    cpu::parallel_for(num_tasks, run);
+  }
 }
 
 }  // namespace fastllm::kernels

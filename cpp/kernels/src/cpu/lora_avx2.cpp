@@ -12,6 +12,7 @@ namespace {
 struct Avx2 {
   using Reg = __m256;
   static constexpr int64_t kWidth = 8;
+  static constexpr int kRegs = 16;
   static Reg zero() { return _mm256_setzero_ps(); }
   static Reg set1(float v) { return _mm256_set1_ps(v); }
   static Reg load(const float* p) { return _mm256_loadu_ps(p); }

@@ -12,6 +12,7 @@ namespace {
 struct Avx512 {
   using Reg = __m512;
   static constexpr int64_t kWidth = 16;
+  static constexpr int kRegs = 32;
   static Reg zero() { return _mm512_setzero_ps(); }
   static Reg set1(float v) { return _mm512_set1_ps(v); }
   static Reg load(const float* p) { return _mm512_loadu_ps(p); }

@@ -6,8 +6,9 @@
 // V provides: Reg, kWidth (floats per Reg), zero(), set1(f), load(p), load_partial(p, n) (the
 // first n < kWidth floats, zeros after; reads nothing past p + n) for float and float16 (uint16_t
 // bits) pointers, to_float(h) for one float16, store(p, v), fma(a, b, c) = a * b + c per lane,
-// fma1(a, b, c) the same on one float with the same rounding as a lane of fma, and sum(v) (a fixed
-// reduction order). The weights (A, B) are float or float16 (W); activations are float.
+// fma1(a, b, c) the same on one float with the same rounding as a lane of fma, sum(v) (a fixed
+// reduction order), and kRegs (vector registers the instruction set has: tiles are sized by it).
+// The weights (A, B) are float or float16 (W); activations are float.
 //
 // Batch invariance: every h[t][r] is one accumulator over k in chunks of kWidth from 0, then
 // sum(); every out[t][j] is one accumulator over r from 0, then out += scale * acc in one fma.
@@ -67,8 +68,9 @@ inline void shrink_tile(const float* const* x, const W* a, int64_t k, float* con
 template <class V, class W, int TT>
 inline void shrink_rows(const float* const* x, const W* a, int64_t k, int64_t r0, int64_t r1,
                         float* const* h) {
-  // One token (decode) needs more rows per tile to keep enough accumulators in flight.
-  constexpr int kRows = TT == 1 ? 8 : 2;
+  // One token (decode) needs more rows per tile to keep enough accumulators in flight; with 32
+  // registers, 4 tokens x 4 rows share each loaded x and a chunk among 16 accumulators.
+  constexpr int kRows = TT == 1 ? 8 : (V::kRegs >= 32 ? 4 : 2);
   float* hr[TT];
   auto at = [&](int64_t r) {
     for (int t = 0; t < TT; ++t) hr[t] = h[t] + r;
@@ -124,27 +126,82 @@ inline void expand_vectors(const float* h, int64_t rank, const W* bt, int64_t ld
   }
 }
 
+// One token over columns [c0, cols) of a tile (src as in expand_tile): whole blocks of vectors,
+// single vectors, then the columns past the last vector.
+template <class V, class W>
+inline void expand_columns(const float* hi, int64_t rank, const W* src, int64_t ld, int64_t c0,
+                           int64_t cols, float scale, float* o) {
+  constexpr int kVectors = 8;  // accumulators in flight
+  constexpr int64_t kBlock = kVectors * V::kWidth;
+  int64_t c = c0;
+  for (; c + kBlock <= cols; c += kBlock)
+    expand_vectors<V, W, kVectors>(hi, rank, src + c, ld, scale, o + c);
+  for (; c + V::kWidth <= cols; c += V::kWidth)
+    expand_vectors<V, W, 1>(hi, rank, src + c, ld, scale, o + c);
+  // The same fma chain as a lane, so the same bits.
+  for (; c < cols; ++c) {
+    float acc = 0.0f;
+    for (int64_t r = 0; r < rank; ++r) acc = V::fma1(hi[r], as_float<V>(src[r * ld + c]), acc);
+    o[c] = V::fma1(scale, acc, o[c]);
+  }
+}
+
+// TT tokens x NV vectors of columns: out_t[c] += scale * sum_r h_t[r] * bt[r][c], the rows of bt
+// ldb floats apart. Each loaded vector of B serves all TT tokens; every output keeps its own
+// accumulator over r from 0, so the bits are those of one token alone (expand_vectors).
+template <class V, class W, int TT, int NV>
+inline void expand_tokens(const float* const* h, int64_t rank, const W* bt, int64_t ldb,
+                          float scale, float* const* out) {
+  using Reg = typename V::Reg;
+  Reg acc[TT][NV];
+  for (int t = 0; t < TT; ++t)
+    for (int v = 0; v < NV; ++v) acc[t][v] = V::zero();
+  for (int64_t r = 0; r < rank; ++r) {
+    const W* row = bt + r * ldb;
+    Reg bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = V::load(row + v * V::kWidth);
+    for (int t = 0; t < TT; ++t) {
+      const Reg hv = V::set1(h[t][r]);
+      for (int v = 0; v < NV; ++v) acc[t][v] = V::fma(hv, bv[v], acc[t][v]);
+    }
+  }
+  const Reg s = V::set1(scale);
+  for (int t = 0; t < TT; ++t)
+    for (int v = 0; v < NV; ++v) {
+      float* o = out[t] + v * V::kWidth;
+      V::store(o, V::fma(s, acc[t][v], V::load(o)));
+    }
+}
+
 // One token block over columns [0, cols) of a tile: src[r * ld + c] is B[c][r] (W values).
 template <class V, class W>
 void expand_tile(float* out, int64_t out_stride, const int64_t* tokens, int64_t count,
                  const float* h, int64_t h_stride, const W* src, int64_t ld, int64_t rank,
                  int64_t tile, int64_t cols, float scale) {
-  constexpr int kVectors = 8;  // accumulators in flight per token
-  constexpr int64_t kBlock = kVectors * V::kWidth;
-  for (int64_t i = 0; i < count; ++i) {
-    float* o = out + tokens[i] * out_stride + tile;
-    const float* hi = h + i * h_stride;
-    int64_t c = 0;
-    for (; c + kBlock <= cols; c += kBlock)
-      expand_vectors<V, W, kVectors>(hi, rank, src + c, ld, scale, o + c);
-    for (; c + V::kWidth <= cols; c += V::kWidth)
-      expand_vectors<V, W, 1>(hi, rank, src + c, ld, scale, o + c);
-    // Columns past the last vector: the same fma chain as a lane, so the same bits.
-    for (; c < cols; ++c) {
-      float acc = 0.0f;
-      for (int64_t r = 0; r < rank; ++r) acc = V::fma1(hi[r], as_float<V>(src[r * ld + c]), acc);
-      o[c] = V::fma1(scale, acc, o[c]);
+  // Tokens per group and vectors per token: TT * NV accumulators plus NV loaded vectors and a
+  // broadcast fit the registers.
+  constexpr int TT = V::kRegs >= 32 ? 4 : 2;
+  constexpr int NV = 4;
+  constexpr int64_t kBlock = NV * V::kWidth;
+  int64_t i = 0;
+  for (; i + TT <= count; i += TT) {
+    float* o[TT];
+    const float* hi[TT];
+    for (int t = 0; t < TT; ++t) {
+      o[t] = out + tokens[i + t] * out_stride + tile;
+      hi[t] = h + (i + t) * h_stride;
     }
+    int64_t c = 0;
+    for (; c + kBlock <= cols; c += kBlock) {
+      float* oc[TT];
+      for (int t = 0; t < TT; ++t) oc[t] = o[t] + c;
+      expand_tokens<V, W, TT, NV>(hi, rank, src + c, ld, scale, oc);
+    }
+    for (int t = 0; t < TT; ++t) expand_columns<V, W>(hi[t], rank, src, ld, c, cols, scale, o[t]);
+  }
+  for (; i < count; ++i) {
+    const float* hi = h + i * h_stride;
+    expand_columns<V, W>(hi, rank, src, ld, 0, cols, scale, out + tokens[i] * out_stride + tile);
   }
 }
 
