@@ -106,7 +106,7 @@ class CpuModel:
             refine_rows=self.refine_rows)
         for layer in self.layers:
             weights.add_layer(layer.input_norm, layer.post_attention_norm, layer.qkv,
-                              layer.o_proj, layer.gate_up, layer.down)
+                              layer.o_proj, layer.gate_up, layer.down, **layer.extras())
         return weights
 
 
