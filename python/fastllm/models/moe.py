@@ -38,7 +38,13 @@ from fastllm.models.llama import (
     _cpu_linear,
     _rotary_embedding,
 )
-from fastllm.models.native_cpu import CACHE_DTYPES, CpuLayer, CpuMoe, new_cpu_decoder
+from fastllm.models.native_cpu import (
+    CACHE_DTYPES,
+    CpuLayer,
+    CpuMoe,
+    new_cpu_decoder,
+    prepare_experts,
+)
 from fastllm.torch_extra import torch
 
 nn = torch.nn
@@ -155,11 +161,15 @@ class QuantSparseMoe(nn.Module):
         self.register_buffer("down", down)
 
     def repack_for_cpu(self) -> None:
-        """Q4_0/Q4_1 experts in the CPU GEMM's 8-row layout (in place, same bytes)."""
+        """Experts in the layout the CPU GEMM reads fastest (native_cpu.prepare_experts)."""
         hidden = self.down.shape[0] // self.num_experts
-        self.gate_up_type = kernels.quant_repack(self.gate_up.numpy(), self.gate_up_type, hidden)
-        self.down_type = kernels.quant_repack(self.down.numpy(), self.down_type,
-                                              self.intermediate)
+        gate_up, self.gate_up_type = prepare_experts(self.gate_up.numpy(), self.gate_up_type,
+                                                     2 * self.intermediate)
+        down, self.down_type = prepare_experts(self.down.numpy(), self.down_type, hidden)
+        if gate_up.shape != self.gate_up.shape:
+            self.gate_up = torch.from_numpy(gate_up)
+        if down.shape != self.down.shape:
+            self.down = torch.from_numpy(down)
 
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
         dtype = x.dtype

@@ -168,6 +168,15 @@ def prepare_cpu_linear(weight: np.ndarray, type_id: int, output: bool = False
     return weight, kernels.quant_repack(weight, type_id, in_features)
 
 
+def prepare_experts(rows: np.ndarray, type_id: int, rows_per_expert: int
+                    ) -> tuple[np.ndarray, int]:
+    """prepare_cpu_linear for stacked experts: 8-row groups of the x8 layouts must not straddle
+    two experts, so Q4_0/Q4_1 rows are repacked only when each expert has whole groups."""
+    if rows_per_expert % 8 and type_id not in KQUANT_TARGETS:
+        return rows, type_id
+    return prepare_cpu_linear(rows, type_id)
+
+
 def new_cpu_decoder(config: ModelConfig, final_norm: np.ndarray, rope_cache: np.ndarray,
                     layers: Sequence[CpuLayer], kv_caches: Sequence[KVArrays], block_size: int):
     """A ``CpuDecoder`` over ``layers`` writing into ``kv_caches`` (``[num_blocks, block_size,
