@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -38,6 +38,7 @@ from fastllm.models.llama import (
     _cpu_linear,
     _rotary_embedding,
 )
+from fastllm.models.moe_weights import MoeSettings
 from fastllm.models.native_cpu import (
     CACHE_DTYPES,
     CpuLayer,
@@ -50,38 +51,6 @@ from fastllm.torch_extra import torch
 nn = torch.nn
 
 
-
-
-@dataclass(frozen=True)
-class MoeSettings:
-    """The mixture-of-experts facts of a config (``ModelConfig.raw``)."""
-
-    num_experts: int
-    top_k: int
-    intermediate: int  # per expert
-    renormalize: bool
-    sparse_layers: frozenset[int]
-    qk_norm: bool  # Qwen3: RMSNorm over each query and key head before RoPE
-
-    @classmethod
-    def from_config(cls, config: ModelConfig) -> MoeSettings:
-        raw = config.raw
-        experts = raw.get("num_local_experts") or raw.get("num_experts")
-        top_k = raw.get("num_experts_per_tok")
-        if not experts or not top_k or not 1 <= int(top_k) <= int(experts):
-            raise ValueError(f"{config.architecture} config needs num_local_experts (or "
-                             f"num_experts) and 1 <= num_experts_per_tok <= it; got {experts} "
-                             f"and {top_k}")
-        layers = range(config.num_hidden_layers)
-        if config.architecture == "Qwen3MoeForCausalLM":
-            step = int(raw.get("decoder_sparse_step") or 1)
-            dense = set(raw.get("mlp_only_layers") or [])
-            sparse = frozenset(i for i in layers if i not in dense and (i + 1) % step == 0)
-            return cls(int(experts), int(top_k), int(raw.get("moe_intermediate_size") or
-                                                     config.intermediate_size),
-                       bool(raw.get("norm_topk_prob", False)), sparse, True)
-        return cls(int(experts), int(top_k), config.intermediate_size, True, frozenset(layers),
-                   False)
 
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool
@@ -231,14 +200,15 @@ class MoeForCausalLM(LlamaForCausalLM):
 
     # ---- weights --------------------------------------------------------------------------------
 
-    # checkpoint MoE names (after "model.layers.N.") -> (part, expert or None)
+    # Expert tensors: per expert (w1/w3/w2, {gate,up,down}_proj) or stacked (no expert index)
     _EXPERT_RE = re.compile(
         r"^(?P<prefix>model\.layers\.\d+)\.(?:block_sparse_moe|mlp)\.experts\."
         r"(?:(?P<e>\d+)\.)?(?P<part>w1|w2|w3|gate_proj|up_proj|down_proj|gate_up_proj)"
         r"(?:\.weight)?$")
     _ROUTER_RE = re.compile(r"^(model\.layers\.\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight$")
-    _PART = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up",
-             "down_proj": "down", "gate_up_proj": "gate_up"}
+    _PART: ClassVar[dict[str, str]] = {
+        "w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up",
+        "down_proj": "down", "gate_up_proj": "gate_up"}
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

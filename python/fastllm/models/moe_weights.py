@@ -18,11 +18,44 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fastllm.config import ModelConfig
 from fastllm.kernels import GGML_QUANT_TYPES, quant_rows_supported
 from fastllm.loader import RawGGUFTensor, dequantize_raw
 from fastllm.models.native_cpu import Q8_0, convert_rows
 
 F32 = 0  # ggml's id: float32 rows, read by quant_gemm with float dot products
+
+
+@dataclass(frozen=True)
+class MoeSettings:
+    """The mixture-of-experts facts of a config (``ModelConfig.raw``)."""
+
+    num_experts: int
+    top_k: int
+    intermediate: int  # per expert
+    renormalize: bool
+    sparse_layers: frozenset[int]
+    qk_norm: bool  # Qwen3: RMSNorm over each query and key head before RoPE
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> MoeSettings:
+        raw = config.raw
+        experts = raw.get("num_local_experts") or raw.get("num_experts")
+        top_k = raw.get("num_experts_per_tok")
+        if not experts or not top_k or not 1 <= int(top_k) <= int(experts):
+            raise ValueError(f"{config.architecture} config needs num_local_experts (or "
+                             f"num_experts) and 1 <= num_experts_per_tok <= it; got {experts} "
+                             f"and {top_k}")
+        layers = range(config.num_hidden_layers)
+        if config.architecture == "Qwen3MoeForCausalLM":
+            step = int(raw.get("decoder_sparse_step") or 1)
+            dense = set(raw.get("mlp_only_layers") or [])
+            sparse = frozenset(i for i in layers if i not in dense and (i + 1) % step == 0)
+            return cls(int(experts), int(top_k), int(raw.get("moe_intermediate_size") or
+                                                     config.intermediate_size),
+                       bool(raw.get("norm_topk_prob", False)), sparse, True)
+        return cls(int(experts), int(top_k), config.intermediate_size, True, frozenset(layers),
+                   False)
 
 
 @dataclass
