@@ -523,8 +523,7 @@ void moe_route(const Array& logits, int64_t top_k, bool renormalize, const Array
 
 // The routing arrays both expert ops take: int32 ids and float32 weights [num_tokens, top_k].
 void check_routing(const char* op, bool cuda, const Array& topk_ids, const Array& topk_weights,
-                   int64_t num_tokens, int64_t* top_k, const int32_t** ids,
-                   const float** weights) {
+                   int64_t num_tokens, int64_t* top_k, const int32_t** ids, const float** weights) {
   check_arg(topk_ids.ndim() == 2 && topk_weights.ndim() == 2 &&
                 static_cast<int64_t>(topk_ids.shape(0)) == num_tokens &&
                 topk_ids.shape(0) == topk_weights.shape(0) &&
@@ -562,13 +561,13 @@ void moe_experts(const Array& out, const Array& input, const Array& topk_ids,
   check_arg(gv > 0 && dv > 0, where(op, "unknown quantization type"));
   check_arg(intermediate > 0 && p.hidden % gv == 0 && intermediate % dv == 0,
             where(op, "rows must be whole blocks"));
-  const int64_t gate_up_expert = 2 * intermediate * (p.hidden / gv) *
-                                 k::quant_block_bytes(p.gate_up_type);
+  const int64_t gate_up_expert =
+      2 * intermediate * (p.hidden / gv) * k::quant_block_bytes(p.gate_up_type);
   check_arg(gate_up.ndim() >= 1 && numel(gate_up) % gate_up_expert == 0,
             where(op, "gate_up must hold whole experts of 2 * intermediate rows"));
   p.num_experts = numel(gate_up) / gate_up_expert;
-  check_arg(numel(down) == p.num_experts * p.hidden * (intermediate / dv) *
-                               k::quant_block_bytes(p.down_type),
+  check_arg(numel(down) ==
+                p.num_experts * p.hidden * (intermediate / dv) * k::quant_block_bytes(p.down_type),
             where(op, "down must hold num_experts experts of hidden rows of intermediate values"));
   p.gate_up = typed<uint8_t>(gate_up, false, op, "gate_up (uint8 rows)");
   p.down = typed<uint8_t>(down, false, op, "down (uint8 rows)");
@@ -584,10 +583,12 @@ void moe_experts_float(const Array& out, const Array& input, const Array& topk_i
                        const Array& workspace, uintptr_t stream) {
   const char* op = "moe_experts_float";
   const bool cuda = cuda_device(input, op);
-  check_arg(cuda, where(op, "runs on CUDA (on the CPU pass float32 rows to moe_experts as type 0)"));
+  check_arg(cuda,
+            where(op, "runs on CUDA (on the CPU pass float32 rows to moe_experts as type 0)"));
 #ifdef FASTLLM_WITH_CUDA
-  check_arg(input.ndim() == 2 && out.ndim() == 2 && gate_up.ndim() == 3 && down.ndim() == 3,
-            where(op, "input/out [num_tokens, hidden], gate_up [E, 2I, hidden], down [E, hidden, I]"));
+  check_arg(
+      input.ndim() == 2 && out.ndim() == 2 && gate_up.ndim() == 3 && down.ndim() == 3,
+      where(op, "input/out [num_tokens, hidden], gate_up [E, 2I, hidden], down [E, hidden, I]"));
   k::MoeExpertsCudaParams p;
   p.dtype = float_dtype(input, op, "input");
   for (const Array* a : {&out, &gate_up, &down}) {
@@ -964,14 +965,14 @@ void bind_kernels(nb::module_& m) {
         "Bytes of CUDA workspace sample() needs.");
   m.def("embed_quant_rows", &embed_quant_rows, arg("out"), arg("table"), arg("type"), arg("ids"),
         "out[i] = the dequantized row ids[i] of a Q8_0/Q4_0/Q4_1 table.");
-  m.def("moe_route", &moe_route, arg("logits"), arg("top_k"), arg("renormalize"),
-        arg("topk_ids"), arg("topk_weights"), arg("stream") = 0,
+  m.def("moe_route", &moe_route, arg("logits"), arg("top_k"), arg("renormalize"), arg("topk_ids"),
+        arg("topk_weights"), arg("stream") = 0,
         "Mixture-of-experts routing: softmax over each row of float32 router logits, the top_k "
         "experts (int32 ids, largest first) and their probabilities (divided by their sum when "
         "renormalize).");
-  m.def("moe_experts", &moe_experts, arg("out"), arg("input"), arg("topk_ids"),
-        arg("topk_weights"), arg("gate_up"), arg("gate_up_type"), arg("down"), arg("down_type"),
-        arg("intermediate"), arg("allow_simd") = true,
+  m.def("moe_experts", &moe_experts, arg("out"), arg("input"), arg("topk_ids"), arg("topk_weights"),
+        arg("gate_up"), arg("gate_up_type"), arg("down"), arg("down_type"), arg("intermediate"),
+        arg("allow_simd") = true,
         "CPU: out[t] = sum_j topk_weights[t, j] * down_e(silu(gate_e x) * up_e x), e = "
         "topk_ids[t, j], experts grouped by expert over quant_gemm's layouts: gate_up uint8 "
         "[E * 2 intermediate] rows (gate rows then up rows per expert), down uint8 [E * hidden] "
@@ -980,19 +981,20 @@ void bind_kernels(nb::module_& m) {
         arg("topk_weights"), arg("gate_up"), arg("down"), arg("workspace"), arg("stream") = 0,
         "CUDA: the same over float weights gate_up [E, 2I, hidden], down [E, hidden, I] (a "
         "grouped GEMM).");
-  m.def("moe_experts_cuda_workspace_bytes",
-        [](int64_t num_tokens, int64_t hidden, int64_t intermediate, int64_t num_experts,
-           int64_t top_k) -> int64_t {
+  m.def(
+      "moe_experts_cuda_workspace_bytes",
+      [](int64_t num_tokens, int64_t hidden, int64_t intermediate, int64_t num_experts,
+         int64_t top_k) -> int64_t {
 #ifdef FASTLLM_WITH_CUDA
-          return k::moe_experts_cuda_workspace_bytes(num_tokens, hidden, intermediate,
-                                                     num_experts, top_k);
+        return k::moe_experts_cuda_workspace_bytes(num_tokens, hidden, intermediate, num_experts,
+                                                   top_k);
 #else
-          (void)num_tokens, (void)hidden, (void)intermediate, (void)num_experts, (void)top_k;
-          return 0;
+        (void)num_tokens, (void)hidden, (void)intermediate, (void)num_experts, (void)top_k;
+        return 0;
 #endif
-        },
-        arg("num_tokens"), arg("hidden"), arg("intermediate"), arg("num_experts"), arg("top_k"),
-        "Bytes of CUDA workspace moe_experts_float needs (0 in a build without CUDA).");
+      },
+      arg("num_tokens"), arg("hidden"), arg("intermediate"), arg("num_experts"), arg("top_k"),
+      "Bytes of CUDA workspace moe_experts_float needs (0 in a build without CUDA).");
   m.def("quant_gemm", &quant_gemm, arg("out"), arg("input"), arg("weight"), arg("type"),
         arg("bias").none() = nb::none(), arg("allow_simd") = true, arg("stream") = 0,
         "out[m, n] = input[m, k] @ W.T (+ bias) for W [n, k] in a GGUF block type (ggml type id: "

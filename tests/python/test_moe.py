@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 
-import model_fixtures
 import pytest
 import torch
-from test_llm import hf_greedy, hf_token_logprobs
 
+import model_fixtures
 from fastllm import LLM, SamplingParams
 from fastllm.config import ModelConfig
 from fastllm.models import get_model_class
+from test_llm import hf_greedy, hf_token_logprobs
 
 NEW_TOKENS = 64
 PROMPTS = [[1, 5, 9, 200, 3000, 47], list(range(100, 160)), [40000, 2, 2, 7],
@@ -139,3 +139,25 @@ def test_bad_moe_configs_raise_value_error():
         cls = get_model_class(config)
         with pytest.raises(ValueError, match="num_experts_per_tok"), torch.device("meta"):
             cls(config)
+
+
+def test_benchmark_gguf_generator_writes_a_model_fastllm_serves(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fastllm.loader import load_config, resolve_model
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "make_moe_gguf.py"
+    out = tmp_path / "moe.gguf"
+    subprocess.run([sys.executable, str(script), str(out), "--hidden", "128", "--layers", "1",
+                    "--experts", "4", "--intermediate", "64"], check=True, capture_output=True,
+                   timeout=300, cwd=script.parent)
+    config = load_config(resolve_model(str(out), "auto"))
+    assert config["architectures"] == ["MixtralForCausalLM"]
+    assert (config["num_local_experts"], config["num_experts_per_tok"]) == (4, 2)
+    llm = LLM(model=str(out), max_model_len=128)
+    assert type(llm.llm_engine.core.model).__name__ == "CpuModel"
+    result = llm.generate(["Hello"], SamplingParams(max_tokens=4, temperature=0.0,
+                                                    ignore_eos=True), use_tqdm=False)
+    assert len(result[0].outputs[0].token_ids) == 4

@@ -67,9 +67,9 @@ void check_expert_weights(const void* weight, QuantType type, int64_t rows, int6
   check_arg(values > 0, where + " has an unknown quantization type");
   check_arg(k % values == 0, where + ": " + std::to_string(k) + " values are not whole " +
                                  quant_type_name(type) + " blocks");
-  check_arg(rows % quant_row_group(type) == 0,
-            where + ": " + quant_type_name(type) + " needs rows per expert in groups of " +
-                std::to_string(quant_row_group(type)));
+  check_arg(rows % quant_row_group(type) == 0, where + ": " + quant_type_name(type) +
+                                                   " needs rows per expert in groups of " +
+                                                   std::to_string(quant_row_group(type)));
 }
 
 // One GEMM task: rows [n0, n1) of expert e's weight over that expert's block of input rows.
@@ -109,16 +109,17 @@ struct Workspace {
 void moe_experts_cpu(const MoeExpertsParams& p) {
   check_arg(p.num_tokens >= 0 && p.hidden > 0 && p.intermediate > 0 && p.num_experts > 0,
             "moe_experts: bad sizes");
-  check_arg(p.top_k >= 1 && p.top_k <= p.num_experts, "moe_experts: top_k must be in [1, "
-                                                      "num_experts]");
+  check_arg(p.top_k >= 1 && p.top_k <= p.num_experts,
+            "moe_experts: top_k must be in [1, "
+            "num_experts]");
   check_arg(p.input_stride >= p.hidden && p.out_stride >= p.hidden, "moe_experts: bad strides");
   check_expert_weights(p.gate_up, p.gate_up_type, 2 * p.intermediate, p.hidden, "gate_up");
   check_expert_weights(p.down, p.down_type, p.hidden, p.intermediate, "down");
   const int64_t t = p.num_tokens, k = p.top_k, h = p.hidden, inter = p.intermediate;
   if (t == 0) return;
-  check_arg(p.out != nullptr && p.input != nullptr && p.topk_ids != nullptr &&
-                p.topk_weights != nullptr,
-            "moe_experts: missing arrays");
+  check_arg(
+      p.out != nullptr && p.input != nullptr && p.topk_ids != nullptr && p.topk_weights != nullptr,
+      "moe_experts: missing arrays");
 
   // Sort the (token, slot) pairs by expert, stable in token order.
   // This thread's buffers, named through references: the pool threads that run the tasks
@@ -146,7 +147,8 @@ void moe_experts_cpu(const MoeExpertsParams& p) {
   if (static_cast<int64_t>(xs.size()) < rows * h) xs.resize(static_cast<size_t>(rows * h));
   if (static_cast<int64_t>(gate_up.size()) < rows * 2 * inter)
     gate_up.resize(static_cast<size_t>(rows * 2 * inter));
-  if (static_cast<int64_t>(act.size()) < rows * inter) act.resize(static_cast<size_t>(rows * inter));
+  if (static_cast<int64_t>(act.size()) < rows * inter)
+    act.resize(static_cast<size_t>(rows * inter));
   if (static_cast<int64_t>(ys.size()) < rows * h) ys.resize(static_cast<size_t>(rows * h));
   for (int64_t i = 0; i < rows; ++i)
     std::memcpy(xs.data() + position[i] * h, p.input + (i / k) * p.input_stride,

@@ -161,8 +161,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = threadIdx.x; i < kTileN * kTileK; i += kThreads) {
         const int r = i / kTileK, c = i % kTileK;
         const int64_t col = col0 + r, kk = k0 + c;
-        ws[part][r][c] =
-            col < n && kk < k ? to_float(w[(part * n + col) * k + kk]) : 0.0f;
+        ws[part][r][c] = col < n && kk < k ? to_float(w[(part * n + col) * k + kk]) : 0.0f;
       }
     }
     __syncthreads();
@@ -202,7 +201,8 @@ __global__ void combine_kernel(T* __restrict__ out, const float* __restrict__ ys
   for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) {
     float sum = 0.0f;
     for (int64_t j = 0; j < top_k; ++j)
-      sum += weights[t * top_k + j] * ys[static_cast<int64_t>(position[t * top_k + j]) * hidden + c];
+      sum +=
+          weights[t * top_k + j] * ys[static_cast<int64_t>(position[t * top_k + j]) * hidden + c];
     out[t * hidden + c] = from_float<T>(sum);
   }
 }
@@ -248,8 +248,9 @@ int64_t moe_experts_cuda_workspace_bytes(int64_t num_tokens, int64_t hidden, int
 
 void moe_route_cuda(const MoeRouteParams& p, void* stream_handle) {
   check_arg(p.num_tokens >= 0 && p.num_experts > 0, "moe_route: bad sizes");
-  check_arg(p.top_k >= 1 && p.top_k <= p.num_experts, "moe_route: top_k must be in [1, "
-                                                      "num_experts]");
+  check_arg(p.top_k >= 1 && p.top_k <= p.num_experts,
+            "moe_route: top_k must be in [1, "
+            "num_experts]");
   if (p.num_tokens == 0) return;
   auto stream = static_cast<cudaStream_t>(stream_handle);
   route_kernel<<<static_cast<unsigned>((p.num_tokens + 127) / 128), 128, 0, stream>>>(p);
@@ -260,8 +261,9 @@ void moe_experts_cuda(const MoeExpertsCudaParams& p, void* stream_handle) {
   check_arg(p.num_tokens >= 0 && p.hidden > 0 && p.intermediate > 0 && p.num_experts > 0 &&
                 p.num_experts <= kMaxExperts,
             "moe_experts: bad sizes (at most 1024 experts)");
-  check_arg(p.top_k >= 1 && p.top_k <= p.num_experts, "moe_experts: top_k must be in [1, "
-                                                      "num_experts]");
+  check_arg(p.top_k >= 1 && p.top_k <= p.num_experts,
+            "moe_experts: top_k must be in [1, "
+            "num_experts]");
   check_arg(p.dtype != DType::kFloat8E4M3, "moe_experts: float8 weights are not supported");
   if (p.num_tokens == 0) return;
   auto stream = static_cast<cudaStream_t>(stream_handle);

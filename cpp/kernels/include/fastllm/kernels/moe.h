@@ -6,7 +6,8 @@
 //
 // The experts run grouped by expert, not by token: each expert's tokens are gathered into one
 // block of rows, so an expert's weights are read once per step whatever the number of tokens that
-// chose it (a decode step of 16 sequences top-2 over 8 experts reads each expert once, not 4 times).
+// chose it (a decode step of 16 sequences top-2 over 8 experts reads each expert once, not 4
+// times).
 //
 //   tokens --route--> (expert, slot) pairs sorted by expert      [T * top_k rows]
 //            gather x rows          xs [rows][hidden]
@@ -47,8 +48,8 @@ struct MoeRouteParams {
   // otherwise. This is HF transformers' arithmetic (Mixtral's "softmax over the top-k logits" is
   // the same numbers).
   bool renormalize = true;
-  int32_t* topk_ids = nullptr;     // out [num_tokens][top_k], largest weight first
-  float* topk_weights = nullptr;   // out [num_tokens][top_k]
+  int32_t* topk_ids = nullptr;    // out [num_tokens][top_k], largest weight first
+  float* topk_weights = nullptr;  // out [num_tokens][top_k]
 };
 
 // Throws KernelArgumentError for bad sizes.
@@ -64,11 +65,11 @@ struct MoeExpertsParams {
   int64_t top_k = 0;
   int64_t input_stride = 0;
   int64_t out_stride = 0;
-  const int32_t* topk_ids = nullptr;     // [num_tokens][top_k], each in [0, num_experts)
-  const float* topk_weights = nullptr;   // [num_tokens][top_k]
-  const void* gate_up = nullptr;         // [num_experts][2 intermediate] rows of hidden values
+  const int32_t* topk_ids = nullptr;    // [num_tokens][top_k], each in [0, num_experts)
+  const float* topk_weights = nullptr;  // [num_tokens][top_k]
+  const void* gate_up = nullptr;        // [num_experts][2 intermediate] rows of hidden values
   QuantType gate_up_type = QuantType::kF32;
-  const void* down = nullptr;            // [num_experts][hidden] rows of intermediate values
+  const void* down = nullptr;  // [num_experts][hidden] rows of intermediate values
   QuantType down_type = QuantType::kF32;
   bool allow_simd = true;  // false: the GEMMs' portable scalar code (tests)
 };
@@ -95,9 +96,8 @@ struct MoeExpertsCudaParams {
   DType dtype = DType::kFloat16;
   void* workspace = nullptr;
 };
-int64_t moe_experts_cuda_workspace_bytes(int64_t num_tokens, int64_t hidden,
-                                         int64_t intermediate, int64_t num_experts,
-                                         int64_t top_k);
+int64_t moe_experts_cuda_workspace_bytes(int64_t num_tokens, int64_t hidden, int64_t intermediate,
+                                         int64_t num_experts, int64_t top_k);
 void moe_route_cuda(const MoeRouteParams& params, void* stream);
 void moe_experts_cuda(const MoeExpertsCudaParams& params, void* stream);
 #endif
