@@ -15,6 +15,9 @@ its time to ready, and fastllm's ratios to each peer (throughput, TTFT, peak RSS
 llama-server runs once per level with as many slots (-np) as clients. Asserts nothing; never run
 by CI (`--dry-run` prints the servers, their commands and workloads as JSON and starts nothing).
 
+A mixture-of-experts model: benchmarks/make_moe_gguf.py writes a random Mixtral-shaped Q4_0
+GGUF (hidden 512, 8 experts top-2, 8 layers) that both servers load; pass it as --model.
+
     python benchmarks/serve.py --lora [N] [--llama-server PATH] [--clients 16]
 
 measures what serving LoRA adapters costs (N = 4 by default; --clients defaults to 16 here). It

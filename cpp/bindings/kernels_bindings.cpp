@@ -16,6 +16,7 @@
 #include "fastllm/kernels/cache_ops.h"
 #include "fastllm/kernels/common.h"
 #include "fastllm/kernels/lora.h"
+#include "fastllm/kernels/moe.h"
 #include "fastllm/kernels/norm.h"
 #include "fastllm/kernels/quant_gemm.h"
 #include "fastllm/kernels/rotary.h"
@@ -497,6 +498,136 @@ void embed_quant_rows(const Array& out, const Array& table, int32_t type, const 
                           out_data);
 }
 
+// ---- mixture of experts -----------------------------------------------------------------------
+
+void moe_route(const Array& logits, int64_t top_k, bool renormalize, const Array& topk_ids,
+               const Array& topk_weights, uintptr_t stream) {
+  const char* op = "moe_route";
+  const bool cuda = cuda_device(logits, op);
+  check_arg(logits.dtype() == nb::dtype<float>() && logits.ndim() == 2,
+            where(op, "logits must be float32 [num_tokens, num_experts]"));
+  check_dense_from(logits, 1, op, "logits");
+  k::MoeRouteParams p;
+  p.num_tokens = logits.shape(0);
+  p.num_experts = logits.shape(1);
+  p.logits_stride = p.num_tokens > 1 ? logits.stride(0) : p.num_experts;
+  p.top_k = top_k;
+  p.renormalize = renormalize;
+  p.logits = static_cast<const float*>(logits.data());
+  p.topk_ids = typed<int32_t>(topk_ids, cuda, op, "topk_ids (int32)");
+  p.topk_weights = typed<float>(topk_weights, cuda, op, "topk_weights (float32)");
+  check_arg(numel(topk_ids) == p.num_tokens * top_k && numel(topk_weights) == p.num_tokens * top_k,
+            where(op, "topk_ids and topk_weights must be [num_tokens, top_k]"));
+  FASTLLM_RUN_OP(moe_route, cuda, p, stream);
+}
+
+// The routing arrays both expert ops take: int32 ids and float32 weights [num_tokens, top_k].
+void check_routing(const char* op, bool cuda, const Array& topk_ids, const Array& topk_weights,
+                   int64_t num_tokens, int64_t* top_k, const int32_t** ids, const float** weights) {
+  check_arg(topk_ids.ndim() == 2 && topk_weights.ndim() == 2 &&
+                static_cast<int64_t>(topk_ids.shape(0)) == num_tokens &&
+                topk_ids.shape(0) == topk_weights.shape(0) &&
+                topk_ids.shape(1) == topk_weights.shape(1),
+            where(op, "topk_ids and topk_weights must be [num_tokens, top_k]"));
+  *top_k = topk_ids.shape(1);
+  *ids = typed<int32_t>(topk_ids, cuda, op, "topk_ids (int32)");
+  *weights = typed<float>(topk_weights, cuda, op, "topk_weights (float32)");
+}
+
+void moe_experts(const Array& out, const Array& input, const Array& topk_ids,
+                 const Array& topk_weights, const Array& gate_up, int32_t gate_up_type,
+                 const Array& down, int32_t down_type, int64_t intermediate, bool allow_simd) {
+  const char* op = "moe_experts";
+  check_arg(!cuda_device(input, op), where(op, "runs on the CPU (moe_experts_float on CUDA)"));
+  check_arg(input.dtype() == nb::dtype<float>() && out.dtype() == nb::dtype<float>() &&
+                input.ndim() == 2 && out.ndim() == 2,
+            where(op, "input and out must be float32 [num_tokens, hidden]"));
+  check_device(out, false, op, "out");
+  k::MoeExpertsParams p;
+  auto [rows, in_stride] = rows_of(input, op, "input");
+  auto [out_rows, out_stride] = rows_of(out, op, "out");
+  p.num_tokens = rows;
+  p.hidden = input.shape(1);
+  check_arg(out_rows == rows && static_cast<int64_t>(out.shape(1)) == p.hidden,
+            where(op, "out must be shaped like input"));
+  p.input_stride = in_stride;
+  p.out_stride = out_stride;
+  p.intermediate = intermediate;
+  check_routing(op, false, topk_ids, topk_weights, rows, &p.top_k, &p.topk_ids, &p.topk_weights);
+  p.gate_up_type = static_cast<k::QuantType>(gate_up_type);
+  p.down_type = static_cast<k::QuantType>(down_type);
+  const int64_t gv = k::quant_block_values(p.gate_up_type);
+  const int64_t dv = k::quant_block_values(p.down_type);
+  check_arg(gv > 0 && dv > 0, where(op, "unknown quantization type"));
+  check_arg(intermediate > 0 && p.hidden % gv == 0 && intermediate % dv == 0,
+            where(op, "rows must be whole blocks"));
+  const int64_t gate_up_expert =
+      2 * intermediate * (p.hidden / gv) * k::quant_block_bytes(p.gate_up_type);
+  check_arg(gate_up.ndim() >= 1 && numel(gate_up) % gate_up_expert == 0,
+            where(op, "gate_up must hold whole experts of 2 * intermediate rows"));
+  p.num_experts = numel(gate_up) / gate_up_expert;
+  check_arg(numel(down) ==
+                p.num_experts * p.hidden * (intermediate / dv) * k::quant_block_bytes(p.down_type),
+            where(op, "down must hold num_experts experts of hidden rows of intermediate values"));
+  p.gate_up = typed<uint8_t>(gate_up, false, op, "gate_up (uint8 rows)");
+  p.down = typed<uint8_t>(down, false, op, "down (uint8 rows)");
+  p.input = static_cast<const float*>(input.data());
+  p.out = static_cast<float*>(out.data());
+  p.allow_simd = allow_simd;
+  nb::gil_scoped_release release_gil;
+  k::moe_experts_cpu(p);
+}
+
+void moe_experts_float(const Array& out, const Array& input, const Array& topk_ids,
+                       const Array& topk_weights, const Array& gate_up, const Array& down,
+                       const Array& workspace, uintptr_t stream) {
+  const char* op = "moe_experts_float";
+  const bool cuda = cuda_device(input, op);
+  check_arg(cuda,
+            where(op, "runs on CUDA (on the CPU pass float32 rows to moe_experts as type 0)"));
+#ifdef FASTLLM_WITH_CUDA
+  check_arg(
+      input.ndim() == 2 && out.ndim() == 2 && gate_up.ndim() == 3 && down.ndim() == 3,
+      where(op, "input/out [num_tokens, hidden], gate_up [E, 2I, hidden], down [E, hidden, I]"));
+  k::MoeExpertsCudaParams p;
+  p.dtype = float_dtype(input, op, "input");
+  for (const Array* a : {&out, &gate_up, &down}) {
+    check_device(*a, true, op, "tensor");
+    check_contiguous(*a, op, "tensor");
+    check_arg(float_dtype(*a, op, "tensor") == p.dtype, where(op, "dtypes differ"));
+  }
+  check_contiguous(input, op, "input");
+  p.num_tokens = input.shape(0);
+  p.hidden = input.shape(1);
+  p.num_experts = gate_up.shape(0);
+  p.intermediate = gate_up.shape(1) / 2;
+  check_arg(static_cast<int64_t>(gate_up.shape(2)) == p.hidden &&
+                static_cast<int64_t>(down.shape(0)) == p.num_experts &&
+                static_cast<int64_t>(down.shape(1)) == p.hidden &&
+                static_cast<int64_t>(down.shape(2)) == p.intermediate &&
+                static_cast<int64_t>(out.shape(0)) == p.num_tokens &&
+                static_cast<int64_t>(out.shape(1)) == p.hidden,
+            where(op, "inconsistent shapes"));
+  check_routing(op, true, topk_ids, topk_weights, p.num_tokens, &p.top_k, &p.topk_ids,
+                &p.topk_weights);
+  check_device(workspace, true, op, "workspace");
+  check_arg(numel(workspace) * static_cast<int64_t>(workspace.itemsize()) >=
+                k::moe_experts_cuda_workspace_bytes(p.num_tokens, p.hidden, p.intermediate,
+                                                    p.num_experts, p.top_k),
+            where(op, "workspace too small (moe_experts_cuda_workspace_bytes)"));
+  p.input = input.data();
+  p.out = out.data();
+  p.gate_up = gate_up.data();
+  p.down = down.data();
+  p.workspace = workspace.data();
+  nb::gil_scoped_release release_gil;
+  k::moe_experts_cuda(p, stream_ptr(stream));
+#else
+  (void)out, (void)topk_ids, (void)topk_weights, (void)gate_up, (void)down, (void)workspace,
+      (void)stream;
+#endif
+}
+
 // The arguments a quantized linear's kernels share (quant_gemm, refine_top_logits): float32 input
 // [..., k] and output [..., n] rows, weight rows of n * k / block_values blocks, optional bias [n].
 struct QuantLinearArgs {
@@ -834,6 +965,36 @@ void bind_kernels(nb::module_& m) {
         "Bytes of CUDA workspace sample() needs.");
   m.def("embed_quant_rows", &embed_quant_rows, arg("out"), arg("table"), arg("type"), arg("ids"),
         "out[i] = the dequantized row ids[i] of a Q8_0/Q4_0/Q4_1 table.");
+  m.def("moe_route", &moe_route, arg("logits"), arg("top_k"), arg("renormalize"), arg("topk_ids"),
+        arg("topk_weights"), arg("stream") = 0,
+        "Mixture-of-experts routing: softmax over each row of float32 router logits, the top_k "
+        "experts (int32 ids, largest first) and their probabilities (divided by their sum when "
+        "renormalize).");
+  m.def("moe_experts", &moe_experts, arg("out"), arg("input"), arg("topk_ids"), arg("topk_weights"),
+        arg("gate_up"), arg("gate_up_type"), arg("down"), arg("down_type"), arg("intermediate"),
+        arg("allow_simd") = true,
+        "CPU: out[t] = sum_j topk_weights[t, j] * down_e(silu(gate_e x) * up_e x), e = "
+        "topk_ids[t, j], experts grouped by expert over quant_gemm's layouts: gate_up uint8 "
+        "[E * 2 intermediate] rows (gate rows then up rows per expert), down uint8 [E * hidden] "
+        "rows.");
+  m.def("moe_experts_float", &moe_experts_float, arg("out"), arg("input"), arg("topk_ids"),
+        arg("topk_weights"), arg("gate_up"), arg("down"), arg("workspace"), arg("stream") = 0,
+        "CUDA: the same over float weights gate_up [E, 2I, hidden], down [E, hidden, I] (a "
+        "grouped GEMM).");
+  m.def(
+      "moe_experts_cuda_workspace_bytes",
+      [](int64_t num_tokens, int64_t hidden, int64_t intermediate, int64_t num_experts,
+         int64_t top_k) -> int64_t {
+#ifdef FASTLLM_WITH_CUDA
+        return k::moe_experts_cuda_workspace_bytes(num_tokens, hidden, intermediate, num_experts,
+                                                   top_k);
+#else
+        (void)num_tokens, (void)hidden, (void)intermediate, (void)num_experts, (void)top_k;
+        return 0;
+#endif
+      },
+      arg("num_tokens"), arg("hidden"), arg("intermediate"), arg("num_experts"), arg("top_k"),
+      "Bytes of CUDA workspace moe_experts_float needs (0 in a build without CUDA).");
   m.def("quant_gemm", &quant_gemm, arg("out"), arg("input"), arg("weight"), arg("type"),
         arg("bias").none() = nb::none(), arg("allow_simd") = true, arg("stream") = 0,
         "out[m, n] = input[m, k] @ W.T (+ bias) for W [n, k] in a GGUF block type (ggml type id: "

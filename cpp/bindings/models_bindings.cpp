@@ -99,19 +99,82 @@ fm::QuantLinearRef linear(const nb::handle& spec_obj, const char* op, const char
   return ref;
 }
 
+// The optional parts of a layer: moe = (router linear, gate_up uint8 rows, gate_up type, down
+// uint8 rows, down type, intermediate, top_k, renormalize) or None; q_norm / k_norm float32
+// [head_dim] or None.
+struct LayerExtras {
+  nb::object moe;
+  nb::object q_norm;
+  nb::object k_norm;
+};
+
+fm::MoeRef moe_weights(const char* op, const fm::DecoderShape& s, const nb::handle& spec_obj,
+                       std::vector<Array>& keep) {
+  const auto spec = nb::cast<nb::tuple>(spec_obj);
+  check_arg(nb::len(spec) == 8, where(op,
+                                      "moe must be (router, gate_up, gate_up_type, down, "
+                                      "down_type, intermediate, top_k, renormalize)"));
+  fm::MoeRef moe;
+  moe.router = linear(spec[0], op, "router", keep);
+  moe.num_experts = moe.router.n;
+  moe.intermediate = nb::cast<int64_t>(spec[5]);
+  moe.top_k = nb::cast<int64_t>(spec[6]);
+  moe.renormalize = nb::cast<bool>(spec[7]);
+  const struct {
+    int index;
+    int64_t rows, k;
+    const char* name;
+  } parts[] = {{1, 2 * moe.intermediate, s.hidden, "experts' gate_up"},
+               {3, s.hidden, moe.intermediate, "experts' down"}};
+  for (const auto& part : parts) {
+    const auto rows = nb::cast<Array>(spec[part.index]);
+    const auto type = static_cast<k::QuantType>(nb::cast<int32_t>(spec[part.index + 1]));
+    const int64_t values = k::quant_block_values(type);
+    check_arg(values > 0 && part.k > 0 && part.k % values == 0,
+              where(op, part.name) + " has an unknown type or rows of partial blocks");
+    check_arg(
+        numel(rows) == moe.num_experts * part.rows * (part.k / values) * k::quant_block_bytes(type),
+        where(op, part.name) + " must hold num_experts (router rows) experts");
+    const void* data = cpu_array<uint8_t>(rows, op, part.name);
+    if (part.index == 1) {
+      moe.gate_up = data;
+      moe.gate_up_type = type;
+    } else {
+      moe.down = data;
+      moe.down_type = type;
+    }
+    keep.push_back(rows);
+  }
+  return moe;
+}
+
 fm::DecoderLayerRef layer_weights(const char* op, const fm::DecoderShape& s,
                                   const Array& input_norm, const Array& post_attention_norm,
                                   const nb::tuple& qkv, const nb::tuple& o_proj,
-                                  const nb::tuple& gate_up, const nb::tuple& down,
-                                  std::vector<Array>& keep) {
+                                  const nb::object& gate_up, const nb::object& down,
+                                  const LayerExtras& extras, std::vector<Array>& keep) {
   fm::DecoderLayerRef layer;
   layer.input_norm = cpu_array<float>(input_norm, op, "input_norm", s.hidden);
   layer.post_attention_norm =
       cpu_array<float>(post_attention_norm, op, "post_attention_norm", s.hidden);
   layer.qkv = linear(qkv, op, "qkv_proj", keep);
   layer.o_proj = linear(o_proj, op, "o_proj", keep);
-  layer.gate_up = linear(gate_up, op, "gate_up_proj", keep);
-  layer.down = linear(down, op, "down_proj", keep);
+  if (extras.moe.is_none()) {
+    check_arg(!gate_up.is_none() && !down.is_none(),
+              where(op, "a dense layer needs gate_up and down"));
+    layer.gate_up = linear(gate_up, op, "gate_up_proj", keep);
+    layer.down = linear(down, op, "down_proj", keep);
+  } else {
+    layer.moe = moe_weights(op, s, extras.moe, keep);
+  }
+  check_arg(extras.q_norm.is_none() == extras.k_norm.is_none(),
+            where(op, "q_norm and k_norm come together"));
+  if (!extras.q_norm.is_none()) {
+    const auto q = nb::cast<Array>(extras.q_norm), k_arr = nb::cast<Array>(extras.k_norm);
+    layer.q_norm = cpu_array<float>(q, op, "q_norm", s.head_dim);
+    layer.k_norm = cpu_array<float>(k_arr, op, "k_norm", s.head_dim);
+    keep.insert(keep.end(), {q, k_arr});
+  }
   keep.insert(keep.end(), {input_norm, post_attention_norm});
   return layer;
 }
@@ -134,12 +197,14 @@ class PyCpuDecoder {
   }
 
   void add_layer(const Array& input_norm, const Array& post_attention_norm, const nb::tuple& qkv,
-                 const nb::tuple& o_proj, const nb::tuple& gate_up, const nb::tuple& down,
-                 const Array& key_cache, const Array& value_cache) {
+                 const nb::tuple& o_proj, const nb::object& gate_up, const nb::object& down,
+                 const Array& key_cache, const Array& value_cache, const nb::object& moe,
+                 const nb::object& q_norm, const nb::object& k_norm) {
     const fm::DecoderShape& s = decoder_->shape();
     std::vector<Array> keep;
-    fm::DecoderLayerRef layer = layer_weights(kDecoder, s, input_norm, post_attention_norm, qkv,
-                                              o_proj, gate_up, down, keep);
+    fm::DecoderLayerRef layer =
+        layer_weights(kDecoder, s, input_norm, post_attention_norm, qkv, o_proj, gate_up, down,
+                      LayerExtras{moe, q_norm, k_norm}, keep);
     const int64_t cache_numel = s.num_blocks * s.block_size * s.num_kv_heads * s.head_dim;
     for (const Array* cache : {&key_cache, &value_cache}) {
       check_arg(float_dtype(*cache, kDecoder, "kv cache") == s.cache_dtype,
@@ -205,9 +270,11 @@ struct PyCpuModelWeights {
   std::vector<Array> keep;
 
   void add_layer(const Array& input_norm, const Array& post_attention_norm, const nb::tuple& qkv,
-                 const nb::tuple& o_proj, const nb::tuple& gate_up, const nb::tuple& down) {
+                 const nb::tuple& o_proj, const nb::object& gate_up, const nb::object& down,
+                 const nb::object& moe, const nb::object& q_norm, const nb::object& k_norm) {
     weights.layers.push_back(layer_weights(kWeights, weights.shape, input_norm, post_attention_norm,
-                                           qkv, o_proj, gate_up, down, keep));
+                                           qkv, o_proj, gate_up, down,
+                                           LayerExtras{moe, q_norm, k_norm}, keep));
   }
 };
 
@@ -309,10 +376,13 @@ void bind_models(nb::module_& m) {
            arg("rope_neox"), arg("attn_scale"), arg("sliding_window"), arg("block_size"),
            arg("num_blocks"), arg("cache_dtype"))
       .def("add_layer", &PyCpuDecoder::add_layer, arg("input_norm"), arg("post_attention_norm"),
-           arg("qkv"), arg("o_proj"), arg("gate_up"), arg("down"), arg("key_cache"),
-           arg("value_cache"),
+           arg("qkv"), arg("o_proj"), arg("gate_up").none(), arg("down").none(), arg("key_cache"),
+           arg("value_cache"), nb::kw_only(), arg("moe").none() = nb::none(),
+           arg("q_norm").none() = nb::none(), arg("k_norm").none() = nb::none(),
            "Appends a layer; each linear is (uint8 weight rows, ggml type id, float32 bias or "
-           "None).")
+           "None). A sparse layer passes moe = (router linear, gate_up rows, gate_up type, down "
+           "rows, down type, intermediate, top_k, renormalize) and None for gate_up and down; "
+           "q_norm / k_norm: per-head RMSNorm weights (Qwen3).")
       .def("forward", &PyCpuDecoder::forward, arg("hidden"), arg("positions"), arg("slot_mapping"),
            arg("query_start_loc"), arg("context_lens"), arg("block_tables"), arg("max_context_len"),
            "Runs every layer over the step in place: hidden holds the embeddings in and the "
@@ -338,9 +408,11 @@ void bind_models(nb::module_& m) {
            "the output projection (refine_top_logits), from refine_rows ((uint8 rows, type id): "
            "the output weights' own values; None: lm_head's rows).")
       .def("add_layer", &PyCpuModelWeights::add_layer, arg("input_norm"),
-           arg("post_attention_norm"), arg("qkv"), arg("o_proj"), arg("gate_up"), arg("down"),
+           arg("post_attention_norm"), arg("qkv"), arg("o_proj"), arg("gate_up").none(),
+           arg("down").none(), nb::kw_only(), arg("moe").none() = nb::none(),
+           arg("q_norm").none() = nb::none(), arg("k_norm").none() = nb::none(),
            "Appends a layer; each linear is (uint8 weight rows, ggml type id, float32 bias or "
-           "None).")
+           "None); moe, q_norm, k_norm as CpuDecoder.add_layer.")
       .def_prop_ro("num_layers",
                    [](const PyCpuModelWeights& w) { return w.weights.layers.size(); });
 

@@ -606,8 +606,9 @@ class ModelConfig:
         )
 
     def attention_window(self) -> int:
-        """The attention window of every layer, -1 for none (only Mistral's is honoured)."""
-        window = self.sliding_window if self.architecture == "MistralForCausalLM" else None
+        """The attention window of every layer, -1 for none (Mistral's and Mixtral's only)."""
+        windowed = ("MistralForCausalLM", "MixtralForCausalLM")
+        window = self.sliding_window if self.architecture in windowed else None
         return int(window) if window else -1
 
     def kv_bytes_per_block(self, block_size: int, dtype: str) -> int:

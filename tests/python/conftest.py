@@ -46,3 +46,10 @@ def tiny_llama_sharded_dir(tiny_llama) -> str:
 def tiny_llama_bin_dir(tiny_llama) -> str:
     """The same model as pytorch_model.bin."""
     return tiny_llama.bin_dir
+
+
+@pytest.fixture(scope="session", params=["mixtral", "qwen3_moe"])
+def tiny_moe_dir(request, tmp_path_factory: pytest.TempPathFactory, default_gguf_path: str):
+    """A tiny random Mixtral / Qwen3-MoE (6 experts top-2, GQA, odd vocabulary) as safetensors."""
+    root = str(tmp_path_factory.mktemp(f"tiny_{request.param}"))
+    return model_fixtures.build_tiny_moe(root, request.param, default_gguf_path)

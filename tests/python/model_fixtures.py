@@ -185,3 +185,156 @@ def write_gguf_adapter(peft_path: str, out_path: str, num_heads: int, num_kv_hea
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+# ---- mixture-of-experts models ----------------------------------------------------------------
+
+# A tiny Mixtral and a tiny Qwen3-MoE: GQA, 6 experts top-2, an odd vocabulary (the SmolLM2
+# tokenizer's 49152 tokens and 17 more rows). (llama.cpp's qwen3moe has experts in every layer,
+# so no mlp_only_layers here.)
+TINY_MOE_SEED = 0
+_TINY_MOE_COMMON: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "vocab_size": 49152 + 17,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "num_experts_per_tok": 2,
+}
+TINY_MOE_CONFIGS: dict[str, dict[str, Any]] = {
+    "mixtral": {**_TINY_MOE_COMMON, "intermediate_size": 96, "num_local_experts": 6},
+    # norm_topk_prob: llama.cpp renormalizes qwen3moe's top-k always, so the GGUF's model is this
+    "qwen3_moe": {**_TINY_MOE_COMMON, "intermediate_size": 128, "moe_intermediate_size": 96,
+                  "num_experts": 6, "norm_topk_prob": True},
+}
+
+
+def build_tiny_moe(root: str, kind: str, gguf_path: str) -> str:
+    """Saves the tiny `kind` model (fixed seed) as safetensors with the SmolLM2 tokenizer files
+    under root; returns the directory."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(TINY_MOE_SEED)
+    config_cls, model_cls = {"mixtral": (MixtralConfig, MixtralForCausalLM),
+                             "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}[kind]
+    model = model_cls(config_cls(**TINY_MOE_CONFIGS[kind])).eval()
+    directory = os.path.join(root, f"tiny_{kind}")
+    model.save_pretrained(directory, safe_serialization=True)
+    write_smollm2_tokenizer_files(directory, gguf_path)
+    return directory
+
+
+def moe_gguf_tensors(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's tensors of a Mixtral / Qwen3-MoE from an HF state dict (numpy float32 arrays
+    by HF checkpoint name): stacked experts, Q/K rows permuted for the llama arch."""
+    import numpy as np
+
+    mixtral = config["model_type"] == "mixtral"
+    experts = config.get("num_local_experts") or config["num_experts"]
+    dense = set(config.get("mlp_only_layers") or [])
+
+    def permute(w, heads):
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2) \
+            .reshape(w.shape)
+
+    out = {"token_embd.weight": state["model.embed_tokens.weight"],
+           "output_norm.weight": state["model.norm.weight"],
+           "output.weight": state["lm_head.weight"]}
+    for i in range(config["num_hidden_layers"]):
+        p, b = f"model.layers.{i}", f"blk.{i}"
+        q, k = state[f"{p}.self_attn.q_proj.weight"], state[f"{p}.self_attn.k_proj.weight"]
+        if mixtral:
+            q = permute(q, config["num_attention_heads"])
+            k = permute(k, config["num_key_value_heads"])
+        out.update({f"{b}.attn_norm.weight": state[f"{p}.input_layernorm.weight"],
+                    f"{b}.ffn_norm.weight": state[f"{p}.post_attention_layernorm.weight"],
+                    f"{b}.attn_q.weight": q, f"{b}.attn_k.weight": k,
+                    f"{b}.attn_v.weight": state[f"{p}.self_attn.v_proj.weight"],
+                    f"{b}.attn_output.weight": state[f"{p}.self_attn.o_proj.weight"]})
+        if not mixtral:
+            out[f"{b}.attn_q_norm.weight"] = state[f"{p}.self_attn.q_norm.weight"]
+            out[f"{b}.attn_k_norm.weight"] = state[f"{p}.self_attn.k_norm.weight"]
+        if i in dense:
+            for part in ("gate", "up", "down"):
+                out[f"{b}.ffn_{part}.weight"] = state[f"{p}.mlp.{part}_proj.weight"]
+            continue
+        moe = f"{p}.block_sparse_moe" if mixtral else f"{p}.mlp"
+        names = {"gate": "w1", "up": "w3", "down": "w2"} if mixtral else \
+            {part: f"{part}_proj" for part in ("gate", "up", "down")}
+        out[f"{b}.ffn_gate_inp.weight"] = state[f"{moe}.gate.weight"]
+        for part, name in names.items():
+            out[f"{b}.ffn_{part}_exps.weight"] = np.stack(
+                [state[f"{moe}.experts.{e}.{name}.weight"] for e in range(experts)])
+    return out
+
+
+def write_moe_gguf(path: str, config: dict[str, Any], tensors: dict[str, Any], quant: str,
+                   tokenizer_gguf: str) -> None:
+    """A GGUF file as llama.cpp's converter writes a Mixtral (arch llama with experts) or a
+    Qwen3-MoE (arch qwen3moe): metadata, the tokenizer of tokenizer_gguf, tensors (moe_gguf_tensors)
+    with norms and the router in F32 and the rest in quant (F32, Q8_0 or Q4_0)."""
+    import gguf
+    import numpy as np
+
+    mixtral = config["model_type"] == "mixtral"
+    arch = "llama" if mixtral else "qwen3moe"
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_key_length(config["head_dim"])
+    writer.add_value_length(config["head_dim"])
+    writer.add_rope_dimension_count(config["head_dim"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_expert_count(config.get("num_local_experts") or config["num_experts"])
+    writer.add_expert_used_count(config["num_experts_per_tok"])
+    if not mixtral:
+        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    file_type = {"F32": gguf.LlamaFileType.ALL_F32, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                 "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant]
+    writer.add_file_type(file_type)
+    reader = gguf.GGUFReader(tokenizer_gguf)
+    for name, field in reader.fields.items():
+        if name.startswith("tokenizer."):
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(name, field.contents(), field.types[0], sub)
+    qtype = getattr(gguf.GGMLQuantizationType, quant)
+    for name, value in tensors.items():
+        value = np.ascontiguousarray(value, dtype=np.float32)
+        keep_f32 = value.ndim == 1 or "ffn_gate_inp" in name or quant == "F32"
+        if keep_f32:
+            writer.add_tensor(name, value)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def build_tiny_moe_gguf(directory: str, kind: str, quant: str, tokenizer_gguf: str) -> str:
+    """The tiny model saved in `directory` (build_tiny_moe) as a GGUF in quant; returns its path."""
+    import json as _json
+
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+        config = _json.load(f)
+    config.setdefault("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta",
+                                                                              10000.0))
+    state = load_file(os.path.join(directory, "model.safetensors"))
+    path = os.path.join(directory, f"tiny_{kind}.{quant}.gguf")
+    write_moe_gguf(path, config, moe_gguf_tensors(state, config), quant, tokenizer_gguf)
+    return path

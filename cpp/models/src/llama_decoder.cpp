@@ -5,11 +5,13 @@
 #include <chrono>
 #include <cstring>
 #include <string>
+#include <tuple>
 
 #include "fastllm/kernels/activation.h"
 #include "fastllm/kernels/attention.h"
 #include "fastllm/kernels/cache_ops.h"
 #include "fastllm/kernels/lora.h"
+#include "fastllm/kernels/moe.h"
 #include "fastllm/kernels/norm.h"
 #include "fastllm/kernels/rotary.h"
 
@@ -65,8 +67,26 @@ void CpuDecoder::add_layer(const DecoderLayerRef& layer) {
             "CpuDecoder: a layer needs its key and value caches");
   check_linear(layer.qkv, q_size_ + 2 * kv_size_, s.hidden, "qkv_proj");
   check_linear(layer.o_proj, s.hidden, q_size_, "o_proj");
-  check_linear(layer.gate_up, 2 * s.intermediate, s.hidden, "gate_up_proj");
-  check_linear(layer.down, s.hidden, s.intermediate, "down_proj");
+  check_arg((layer.q_norm == nullptr) == (layer.k_norm == nullptr),
+            "CpuDecoder: q_norm and k_norm come together");
+  const MoeRef& moe = layer.moe;
+  if (moe.num_experts > 0) {
+    check_arg(moe.top_k >= 1 && moe.top_k <= moe.num_experts && moe.intermediate > 0,
+              "CpuDecoder: a sparse layer needs 1 <= top_k <= num_experts and an intermediate "
+              "size");
+    check_linear(moe.router, moe.num_experts, s.hidden, "router");
+    for (auto [weight, type, rows, k, name] :
+         {std::tuple{moe.gate_up, moe.gate_up_type, 2 * moe.intermediate, s.hidden, "experts"},
+          std::tuple{moe.down, moe.down_type, s.hidden, moe.intermediate, "experts' down"}}) {
+      const std::string where = std::string("CpuDecoder: ") + name;
+      check_arg(weight != nullptr && quant_block_values(type) > 0 &&
+                    k % quant_block_values(type) == 0 && rows % quant_row_group(type) == 0,
+                where + " weights are missing or not whole blocks / row groups");
+    }
+  } else {
+    check_linear(layer.gate_up, 2 * s.intermediate, s.hidden, "gate_up_proj");
+    check_linear(layer.down, s.hidden, s.intermediate, "down_proj");
+  }
   layers_.push_back(layer);
 }
 
@@ -84,6 +104,58 @@ void CpuDecoder::linear(const QuantLinearRef& w, const float* x, int64_t x_strid
   p.out_stride = w.n;
   p.type = w.type;
   quant_gemm_cpu(p);
+}
+
+void CpuDecoder::head_norms(const DecoderLayerRef& layer, float* qkv, int64_t qkv_width,
+                            int64_t num_tokens) const {
+  // Per head a column block of qkv: rows num_tokens, qkv_width apart (in place).
+  const DecoderShape& s = shape_;
+  RmsNormParams norm;
+  norm.num_tokens = num_tokens;
+  norm.hidden = s.head_dim;
+  norm.input_stride = qkv_width;
+  norm.out_stride = qkv_width;
+  norm.eps = s.rms_eps;
+  for (int64_t head = 0; head < s.num_heads + s.num_kv_heads; ++head) {
+    norm.input = norm.out = qkv + head * s.head_dim;
+    norm.weight = head < s.num_heads ? layer.q_norm : layer.k_norm;
+    rms_norm_cpu(norm);
+  }
+}
+
+void CpuDecoder::sparse_mlp(const MoeRef& moe, float* hidden, int64_t num_tokens) {
+  const int64_t h = shape_.hidden;
+  float* logits = grow(router_logits_, num_tokens * moe.num_experts);
+  int32_t* ids = grow(topk_ids_, num_tokens * moe.top_k);
+  float* weights = grow(topk_weights_, num_tokens * moe.top_k);
+  linear(moe.router, hidden, h, logits, num_tokens);
+  MoeRouteParams route;
+  route.logits = logits;
+  route.num_tokens = num_tokens;
+  route.num_experts = moe.num_experts;
+  route.logits_stride = moe.num_experts;
+  route.top_k = moe.top_k;
+  route.renormalize = moe.renormalize;
+  route.topk_ids = ids;
+  route.topk_weights = weights;
+  moe_route_cpu(route);
+  MoeExpertsParams experts;
+  experts.out = hidden;  // in place: the kernel reads its input before writing out
+  experts.input = hidden;
+  experts.num_tokens = num_tokens;
+  experts.hidden = h;
+  experts.intermediate = moe.intermediate;
+  experts.num_experts = moe.num_experts;
+  experts.top_k = moe.top_k;
+  experts.input_stride = h;
+  experts.out_stride = h;
+  experts.topk_ids = ids;
+  experts.topk_weights = weights;
+  experts.gate_up = moe.gate_up;
+  experts.gate_up_type = moe.gate_up_type;
+  experts.down = moe.down;
+  experts.down_type = moe.down_type;
+  moe_experts_cpu(experts);
 }
 
 void CpuDecoder::forward(const DecoderBatch& b) {
@@ -241,7 +313,10 @@ void CpuDecoder::forward(const DecoderBatch& b) {
       add_lora(l, 1, hidden, h, h, qkv + q_size_, qkv_width, kv_size_);
       add_lora(l, 2, hidden, h, h, qkv + q_size_ + kv_size_, qkv_width, kv_size_);
     });
-    timed(other, [&] { rotary_embedding_cpu(rope); });
+    timed(other, [&] {
+      if (layer.q_norm != nullptr) head_norms(layer, qkv, qkv_width, t);
+      rotary_embedding_cpu(rope);
+    });
     timed(attend, [&] {
       cache.key_cache = layer.key_cache;
       cache.value_cache = layer.value_cache;
@@ -258,6 +333,10 @@ void CpuDecoder::forward(const DecoderBatch& b) {
       add_norm.weight = layer.post_attention_norm;
       fused_add_rms_norm_cpu(add_norm);
     });
+    if (layer.moe.num_experts > 0) {
+      timed(gemm, [&] { sparse_mlp(layer.moe, hidden, t); });
+      continue;
+    }
     timed(gemm, [&] {
       linear(layer.gate_up, hidden, h, gate_up, t);
       add_lora(l, 4, hidden, h, h, gate_up, 2 * s.intermediate, s.intermediate);

@@ -1,7 +1,13 @@
 """Translating a GGUF file's vocabulary into Hugging Face terms: tensor names, the Q/K row
 order, and an HF-style `config.json` dictionary built from the metadata.
 
-Supported architectures: `llama` (Llama 2/3, Mistral, SmolLM2, ...) and `qwen2`.
+Supported architectures: `llama` (Llama 2/3, Mistral, SmolLM2, ...; Mixtral when it has
+experts), `qwen2` and `qwen3moe`.
+
+Experts: llama.cpp stacks them into 3-D tensors `ffn_{gate,up,down}_exps` ([experts, rows,
+cols] in HF order), named here `model.layers.N.mlp.experts.{gate,up,down}_proj.weight` without
+an expert index; older Mixtral files keep one tensor per expert, `ffn_{gate,up,down}.E`, named
+`model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`. The router is `ffn_gate_inp`.
 
 llama.cpp's converter permutes the rows of a llama-arch `attn_q`/`attn_k` weight so that
 each head's rotary pairs are interleaved (GPT-J style) instead of split into halves (NeoX
@@ -22,7 +28,10 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
     # gguf architecture -> (HF model_type, HF architecture class)
     "llama": ("llama", "LlamaForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
 }
+# A llama-arch file with experts is Mixtral.
+_MIXTRAL = ("mixtral", "MixtralForCausalLM")
 # Architectures whose Q/K rows llama.cpp stores interleaved.
 _PERMUTED_QK = {"llama"}
 
@@ -41,7 +50,14 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
+_EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
 # Tensors llama.cpp stores that HF recomputes (Llama 3 rope frequency factors).
 _IGNORED = {"rope_freqs.weight"}
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
@@ -64,7 +80,7 @@ def check_architecture(gguf: GGUFFile) -> str:
 def hf_tensor_name(gguf_name: str) -> str | None:
     """HF parameter name for a GGUF tensor name; None for tensors HF does not store.
 
-    Raises ValueError for names outside the supported decoder layout (e.g. MoE experts).
+    Raises ValueError for names outside the supported decoder layout.
     """
     if gguf_name in _IGNORED:
         return None
@@ -74,6 +90,10 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     if match and match.group(2) in _LAYER_NAMES:
         layer, kind, suffix = match.groups()
         return f"model.layers.{layer}.{_LAYER_NAMES[kind]}.{suffix}"
+    match = _EXPERT_RE.match(gguf_name)
+    if match:
+        layer, kind, expert = match.groups()
+        return f"model.layers.{layer}.mlp.experts.{expert}.{kind}_proj.weight"
     raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face counterpart in fastllm")
 
 
@@ -105,6 +125,9 @@ def gguf_config(gguf: GGUFFile) -> dict[str, Any]:
     arch = check_architecture(gguf)
     md = gguf.metadata
     model_type, hf_class = SUPPORTED_ARCHITECTURES[arch]
+    experts = md.get(f"{arch}.expert_count")
+    if arch == "llama" and experts:
+        model_type, hf_class = _MIXTRAL
 
     def get(key: str, default: Any = None) -> Any:
         value = md.get(f"{arch}.{key}", default)
@@ -119,7 +142,7 @@ def gguf_config(gguf: GGUFFile) -> dict[str, Any]:
         vocab_size = gguf.tensors["token_embd.weight"].shape[0]
     if vocab_size is None and tokens is not None:
         vocab_size = len(tokens)
-    default_theta = 1000000.0 if arch == "qwen2" else 10000.0
+    default_theta = 1000000.0 if arch in ("qwen2", "qwen3moe") else 10000.0
     config: dict[str, Any] = {
         "architectures": [hf_class],
         "model_type": model_type,
@@ -142,6 +165,14 @@ def gguf_config(gguf: GGUFFile) -> dict[str, Any]:
         "pad_token_id": _int_or_none(md.get("tokenizer.ggml.padding_token_id")),
         "torch_dtype": _FILE_TYPE_DTYPES.get(int(md.get("general.file_type", 0)), "float32"),
     }
+    if experts:
+        config["num_experts_per_tok"] = int(get("expert_used_count"))
+        if arch == "qwen3moe":
+            config["num_experts"] = int(experts)
+            config["moe_intermediate_size"] = int(get("expert_feed_forward_length"))
+            config["norm_topk_prob"] = True  # llama.cpp always renormalizes qwen3moe's top-k
+        else:
+            config["num_local_experts"] = int(experts)
     sliding_window = get("attention.sliding_window")
     if sliding_window:
         config["sliding_window"] = int(sliding_window)

@@ -35,7 +35,8 @@ from fastllm.loader import (
     iterate_gguf_raw,
     open_gguf,
 )
-from fastllm.models import LLAMA_FAMILY
+from fastllm.models import LLAMA_FAMILY, MOE_FAMILY
+from fastllm.models.moe_weights import MoeParts, MoeSettings, find_moe_parts, stack_moe_rows
 from fastllm.models.native_cpu import (
     CACHE_DTYPES,
     Q7_0X8,
@@ -43,10 +44,12 @@ from fastllm.models.native_cpu import (
     Q8_0X8,
     CpuLayer,
     CpuLinear,
+    CpuMoe,
     convert_rows,
     lm_head_refine_count,
     native_decoder_enabled,
     prepare_cpu_linear,
+    prepare_experts,
 )
 
 logger = logging.getLogger(__name__)
@@ -106,7 +109,7 @@ class CpuModel:
             refine_rows=self.refine_rows)
         for layer in self.layers:
             weights.add_layer(layer.input_norm, layer.post_attention_norm, layer.qkv,
-                              layer.o_proj, layer.gate_up, layer.down)
+                              layer.o_proj, layer.gate_up, layer.down, **layer.extras())
         return weights
 
 
@@ -114,7 +117,7 @@ def load_cpu_model(config: ModelConfig, source: ModelSource, dtype: str, kv_dtyp
                    ) -> CpuModel | None:
     """The model of a GGUF ``source`` kept quantized on the CPU, or None when the native decoder
     does not cover it (see the module docstring) or FASTLLM_CPU_NATIVE_DECODER=0."""
-    if (config.architecture not in LLAMA_FAMILY or dtype != "float32"
+    if (config.architecture not in LLAMA_FAMILY + MOE_FAMILY or dtype != "float32"
             or kv_dtype not in CACHE_DTYPES or not native_decoder_enabled()):
         return None
     raw = {t.name: t for t in iterate_gguf_raw(source.gguf_path)}
@@ -147,9 +150,7 @@ def load_cpu_model(config: ModelConfig, source: ModelSource, dtype: str, kv_dtyp
         final_norm=dequantize_raw(raw["model.norm.weight"]),
         rope_cache=rope_cos_sin_cache(config.head_dim, config.max_position_embeddings,
                                       config.rope_theta, config.rope_scaling),
-        layers=[CpuLayer(dequantize_raw(norms[0]), dequantize_raw(norms[1]),
-                         *(_stack(parts, bias, gguf) for parts, bias in linears))
-                for norms, linears in layers])
+        layers=[_layer(config, norms, linears, extra, gguf) for norms, linears, extra in layers])
     gguf.release_pages()
     logger.info("torch-free CPU model: %d layers, output projection %s (%d logits per row "
                 "refined), embedding %s", len(model.layers),
@@ -160,7 +161,9 @@ def load_cpu_model(config: ModelConfig, source: ModelSource, dtype: str, kv_dtyp
 
 # One linear's checkpoint parts and bias parts (None: no bias).
 _LinearPlan = tuple[list[RawGGUFTensor], list[RawGGUFTensor] | None]
-_LayerPlan = tuple[tuple[RawGGUFTensor, RawGGUFTensor], list[_LinearPlan]]
+# A layer's extras: (MoE parts or None, (q_norm, k_norm) or None)
+_LayerExtras = tuple[MoeParts | None, tuple[RawGGUFTensor, RawGGUFTensor] | None]
+_LayerPlan = tuple[tuple[RawGGUFTensor, RawGGUFTensor], list[_LinearPlan], _LayerExtras]
 
 
 def _plan(config: ModelConfig, raw: dict[str, RawGGUFTensor]
@@ -206,6 +209,7 @@ def _plan(config: ModelConfig, raw: dict[str, RawGGUFTensor]
             or take("model.norm.weight", (hidden,)) is None):
         return None
     layers: list[_LayerPlan] = []
+    moe = MoeSettings.from_config(c) if c.architecture in MOE_FAMILY else None
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}"
         norms = (take(f"{p}.input_layernorm.weight", (hidden,)),
@@ -214,16 +218,59 @@ def _plan(config: ModelConfig, raw: dict[str, RawGGUFTensor]
             linear(f"{p}.self_attn", [("q_proj", q_size), ("k_proj", kv_size),
                                       ("v_proj", kv_size)], hidden, qkv_bias),
             linear(f"{p}.self_attn", [("o_proj", hidden)], q_size, False),
-            linear(f"{p}.mlp", [("gate_proj", c.intermediate_size),
-                                ("up_proj", c.intermediate_size)], hidden, False),
-            linear(f"{p}.mlp", [("down_proj", hidden)], c.intermediate_size, False),
         ]
+        parts = qk = None
+        if moe is not None and i in moe.sparse_layers:
+            parts = find_moe_parts(raw, f"{p}.mlp", moe.num_experts, moe.intermediate, hidden)
+            if parts is None or not stack_moe_rows_supported(parts, hidden, moe.intermediate):
+                return None
+            used.update(parts.names)
+        else:
+            linears += [
+                linear(f"{p}.mlp", [("gate_proj", c.intermediate_size),
+                                    ("up_proj", c.intermediate_size)], hidden, False),
+                linear(f"{p}.mlp", [("down_proj", hidden)], c.intermediate_size, False),
+            ]
+        if moe is not None and moe.qk_norm:
+            qk = (take(f"{p}.self_attn.q_norm.weight", (c.head_dim,)),
+                  take(f"{p}.self_attn.k_norm.weight", (c.head_dim,)))
+            if None in qk:
+                return None
         if None in norms or None in linears:
             return None
-        layers.append((norms, linears))
+        layers.append((norms, linears, (parts, qk)))
     if used != raw.keys():
         return None
     return embed, head, layers
+
+
+def stack_moe_rows_supported(parts: MoeParts, hidden: int, intermediate: int) -> bool:
+    """Whether every expert part is in an encoding the quantized GEMM reads (checked before
+    anything is copied)."""
+    return all(quant_rows_supported(t, intermediate if part == "down" else hidden)
+               for part, experts in parts.experts.items() for _, t in experts)
+
+
+def _layer(config: ModelConfig, norms, linears: list[_LinearPlan], extra: _LayerExtras,
+           gguf: GGUFFile) -> CpuLayer:
+    parts, qk = extra
+    hidden = config.hidden_size
+    weights = [_stack(w, bias, gguf) for w, bias in linears]
+    moe = None
+    if parts is not None:
+        c = MoeSettings.from_config(config)
+        rows = stack_moe_rows(parts, hidden, c.intermediate)
+        for name in parts.gguf_names:
+            gguf.release_pages(name)
+        gate_up, gate_up_type = prepare_experts(rows.gate_up, rows.gate_up_type,
+                                                2 * c.intermediate)
+        down, down_type = prepare_experts(rows.down, rows.down_type, hidden)
+        moe = CpuMoe((rows.router, rows.router_type, None), gate_up, gate_up_type, down,
+                     down_type, c.num_experts, c.top_k, c.intermediate, c.renormalize)
+        weights += [None, None]
+    return CpuLayer(dequantize_raw(norms[0]), dequantize_raw(norms[1]), *weights, moe=moe,
+                    q_norm=None if qk is None else dequantize_raw(qk[0]),
+                    k_norm=None if qk is None else dequantize_raw(qk[1]))
 
 
 def _copy(tensor: RawGGUFTensor, gguf: GGUFFile) -> np.ndarray:

@@ -192,10 +192,14 @@ class LlamaForCausalLM(nn.Module):
             return [(0, q), (q, kv), (q + kv, kv)]
         return [(0, c.intermediate_size), (c.intermediate_size, c.intermediate_size)]
 
+    def _dense_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters load_weights fills (a subclass may load others itself)."""
+        return dict(self.named_parameters())
+
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (HF names) into the parameters; every parameter must be set."""
-        params = dict(self.named_parameters())
+        params = self._dense_parameters()
         loaded: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
@@ -256,7 +260,9 @@ def build_cpu_decoder(model: nn.Module, kv_caches: Sequence[KVCache], block_size
     the model is not a Llama-family model whose four linears per layer are all ``QuantLinear``
     on the CPU (then the Python model runs)."""
     if type(model) is not LlamaForCausalLM:
-        return None
+        # A subclass with layers of its own (models.moe) builds its decoder itself.
+        own = getattr(model, "build_cpu_decoder", None)
+        return None if own is None else own(kv_caches, block_size)
     inner = model.model
     key0 = kv_caches[0][0] if kv_caches else None
     if (key0 is None or key0.device.type != "cpu"

@@ -46,15 +46,45 @@ KQUANT_TARGETS = {Q4_K: Q4_1, Q6_K: Q8_0}
 
 
 @dataclass
+class CpuMoe:
+    """A sparse MLP (``models.moe``): the router, and the experts' stacked uint8 rows (gate_up
+    [E * 2 intermediate] rows, per expert its gate rows then its up rows; down [E * hidden])."""
+
+    router: CpuLinear
+    gate_up: np.ndarray
+    gate_up_type: int
+    down: np.ndarray
+    down_type: int
+    num_experts: int
+    top_k: int
+    intermediate: int
+    renormalize: bool
+
+    def as_tuple(self) -> tuple:
+        """The form CpuDecoder.add_layer / CpuModelWeights.add_layer take."""
+        return (self.router, self.gate_up, self.gate_up_type, self.down, self.down_type,
+                self.intermediate, self.top_k, self.renormalize)
+
+
+@dataclass
 class CpuLayer:
-    """One decoder layer's weights: float32 norms, fused linears (Q/K/V and gate/up stacked)."""
+    """One decoder layer's weights: float32 norms, fused linears (Q/K/V and gate/up stacked);
+    a sparse layer has ``moe`` instead of gate_up/down; Qwen3 attention has per-head q/k norms."""
 
     input_norm: np.ndarray
     post_attention_norm: np.ndarray
     qkv: CpuLinear
     o_proj: CpuLinear
-    gate_up: CpuLinear
-    down: CpuLinear
+    gate_up: CpuLinear | None
+    down: CpuLinear | None
+    moe: CpuMoe | None = None
+    q_norm: np.ndarray | None = None
+    k_norm: np.ndarray | None = None
+
+    def extras(self) -> dict:
+        """add_layer's optional arguments."""
+        return {"moe": None if self.moe is None else self.moe.as_tuple(),
+                "q_norm": self.q_norm, "k_norm": self.k_norm}
 
 
 def native_decoder_enabled() -> bool:
@@ -138,6 +168,15 @@ def prepare_cpu_linear(weight: np.ndarray, type_id: int, output: bool = False
     return weight, kernels.quant_repack(weight, type_id, in_features)
 
 
+def prepare_experts(rows: np.ndarray, type_id: int, rows_per_expert: int
+                    ) -> tuple[np.ndarray, int]:
+    """prepare_cpu_linear for stacked experts: 8-row groups of the x8 layouts must not straddle
+    two experts, so Q4_0/Q4_1 rows are repacked only when each expert has whole groups."""
+    if rows_per_expert % 8 and type_id not in KQUANT_TARGETS:
+        return rows, type_id
+    return prepare_cpu_linear(rows, type_id)
+
+
 def new_cpu_decoder(config: ModelConfig, final_norm: np.ndarray, rope_cache: np.ndarray,
                     layers: Sequence[CpuLayer], kv_caches: Sequence[KVArrays], block_size: int):
     """A ``CpuDecoder`` over ``layers`` writing into ``kv_caches`` (``[num_blocks, block_size,
@@ -154,7 +193,7 @@ def new_cpu_decoder(config: ModelConfig, final_norm: np.ndarray, rope_cache: np.
         num_blocks=key0.shape[0], cache_dtype=key0.dtype.name)
     for layer, (k, v) in zip(layers, kv_caches):
         decoder.add_layer(layer.input_norm, layer.post_attention_norm, layer.qkv, layer.o_proj,
-                          layer.gate_up, layer.down, k, v)
+                          layer.gate_up, layer.down, k, v, **layer.extras())
     logger.info("native CPU decoder: %d layers, %s KV cache", decoder.num_layers,
                 key0.dtype.name)
     return decoder

@@ -97,6 +97,34 @@ def _quantize_linears(model: nn.Module, raw: dict[str, RawGGUFTensor], device: t
     return count, consumed
 
 
+def _quantize_experts(model: nn.Module, raw: dict[str, RawGGUFTensor], device: torch.device,
+                      release: Callable[[str], None]) -> set[str]:
+    """Each sparse MLP (models.moe.SparseMoe) whose experts are in encodings the grouped kernel
+    reads becomes a QuantSparseMoe over their rows (CPU only: the kernel is the CPU's)."""
+    consumed: set[str] = set()
+    if device.type != "cpu":
+        return consumed
+    from fastllm.models.moe import QuantSparseMoe, SparseMoe
+    from fastllm.models.moe_weights import find_moe_parts, stack_moe_rows
+
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, SparseMoe):
+            continue
+        s = model.moe
+        hidden = model.config.hidden_size
+        parts = find_moe_parts(raw, name, s.num_experts, s.intermediate, hidden)
+        rows = None if parts is None else stack_moe_rows(parts, hidden, s.intermediate)
+        if rows is None:
+            continue
+        _set_module(model, name, QuantSparseMoe(
+            s, torch.from_numpy(rows.router), rows.router_type, torch.from_numpy(rows.gate_up),
+            rows.gate_up_type, torch.from_numpy(rows.down), rows.down_type))
+        for gguf_name in parts.gguf_names:
+            release(gguf_name)
+        consumed |= parts.names
+    return consumed
+
+
 def _quantize_output(model: nn.Module, config: ModelConfig, raw: dict[str, RawGGUFTensor],
                      device: torch.device, release: Callable[[str], None]) -> set[str]:
     """A quantized output projection (and, when tied, the embedding over the same rows)."""
@@ -153,6 +181,8 @@ def _repack_for_cpu(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.repack_for_cpu(output=module is head)
+        elif hasattr(module, "repack_for_cpu"):  # models.moe.QuantSparseMoe
+            module.repack_for_cpu()
     if isinstance(head, QuantLinear):
         head.refine_top = lm_head_refine_count(head.type_id)
     if shares_table and (embed.qweight is head.qweight or head.type_id == Q8_0X8):
@@ -175,7 +205,9 @@ def load_quantized_model(cls: type, config: ModelConfig, source: ModelSource,
     # Each tensor's file pages leave the resident set once copied, so loading never holds the
     # file and the model in memory together.
     gguf = open_gguf(source.gguf_path)
+    expert_names = _quantize_experts(model, raw, device, gguf.release_pages)
     count, consumed = _quantize_linears(model, raw, device, gguf.release_pages)
+    consumed |= expert_names
     consumed |= _quantize_output(model, config, raw, device, gguf.release_pages)
     _materialize(model, device, dtype)
     model.init_buffers(device)
@@ -186,6 +218,9 @@ def load_quantized_model(cls: type, config: ModelConfig, source: ModelSource,
     if device.type == "cpu":
         _repack_for_cpu(model)
     kinds = sorted({m.quant_type for m in model.modules() if isinstance(m, QuantLinear)})
+    if expert_names:
+        logger.info("kept GGUF quantization for the experts of %d sparse layers",
+                    sum(1 for m in model.modules() if hasattr(m, "gate_up_type")))
     logger.info("kept GGUF quantization for %d linear layers (%s)%s", count, ", ".join(kinds),
                 " and the output projection" if "lm_head" in str(consumed) or
                 "embed_tokens" in str(consumed) else "")

@@ -11,7 +11,11 @@
 //                    qkv = h W_qkv; rope(q, k); cache(k, v); a = attention(q)
 //                    h = norm(a W_o + residual)                 fused add
 //                    hidden = silu_and_mul(h W_gate_up) W_down
+//                      or, in a sparse layer (Mixtral, Qwen3-MoE), the experts the router picks
+//                      for each token (moe.h): route(h W_router), moe_experts(h)
 //   out = norm(hidden + residual)
+//
+// Qwen3 attention RMS-normalizes each query and key head (q_norm, k_norm) before RoPE.
 //
 // The arithmetic is that of the per-op path: the same kernels in the same order, so its output
 // equals the Python model's on the same weights.
@@ -37,6 +41,19 @@ struct QuantLinearRef {
   QuantType type = QuantType::kQ8_0;
 };
 
+// A sparse MLP (kernels/moe.h): num_experts > 0 makes a layer sparse.
+struct MoeRef {
+  QuantLinearRef router;          // [num_experts][hidden]
+  const void* gate_up = nullptr;  // [num_experts][2 intermediate] rows of hidden values
+  QuantType gate_up_type = QuantType::kF32;
+  const void* down = nullptr;  // [num_experts][hidden] rows of intermediate values
+  QuantType down_type = QuantType::kF32;
+  int64_t num_experts = 0;
+  int64_t top_k = 0;
+  int64_t intermediate = 0;  // per expert
+  bool renormalize = true;
+};
+
 struct DecoderLayerRef {
   const float* input_norm = nullptr;           // [hidden]
   const float* post_attention_norm = nullptr;  // [hidden]
@@ -44,6 +61,9 @@ struct DecoderLayerRef {
   QuantLinearRef o_proj;                       // [hidden][q]
   QuantLinearRef gate_up;                      // [2 intermediate][hidden]: gate rows, then up rows
   QuantLinearRef down;                         // [hidden][intermediate]
+  MoeRef moe;                                  // a sparse layer: replaces gate_up and down
+  const float* q_norm = nullptr;               // optional [head_dim] (with k_norm)
+  const float* k_norm = nullptr;               // optional [head_dim]
   void* key_cache = nullptr;                   // [num_blocks][block_size][num_kv_heads][head_dim]
   void* value_cache = nullptr;                 // same shape
 };
@@ -129,6 +149,11 @@ class CpuDecoder {
  private:
   void linear(const QuantLinearRef& w, const float* x, int64_t x_stride, float* y,
               int64_t num_tokens) const;
+  // RMSNorm of every query and key head of qkv in place (Qwen3).
+  void head_norms(const DecoderLayerRef& layer, float* qkv, int64_t qkv_width,
+                  int64_t num_tokens) const;
+  // hidden = the sparse MLP of hidden (in place).
+  void sparse_mlp(const MoeRef& moe, float* hidden, int64_t num_tokens);
 
   DecoderShape shape_;
   std::vector<DecoderLayerRef> layers_;
@@ -140,6 +165,9 @@ class CpuDecoder {
   std::vector<float> attn_;
   std::vector<float> gate_up_;
   std::vector<float> act_;
+  std::vector<float> router_logits_;
+  std::vector<int32_t> topk_ids_;
+  std::vector<float> topk_weights_;
   std::vector<int64_t> positions_;
   bool profiling_ = false;
   Profile profile_;

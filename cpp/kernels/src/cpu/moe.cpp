@@ -1,0 +1,211 @@
+// CPU mixture-of-experts: routing and the expert MLPs grouped by expert (see moe.h).
+#include "fastllm/kernels/moe.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "fastllm/kernels/activation.h"
+#include "parallel.h"
+
+namespace fastllm::kernels {
+
+void moe_route_cpu(const MoeRouteParams& p) {
+  check_arg(p.num_tokens >= 0 && p.num_experts > 0, "moe_route: bad sizes");
+  check_arg(p.top_k >= 1 && p.top_k <= p.num_experts,
+            "moe_route: top_k must be in [1, num_experts], got " + std::to_string(p.top_k));
+  check_arg(p.logits_stride >= p.num_experts, "moe_route: bad logits stride");
+  if (p.num_tokens == 0) return;
+  check_arg(p.logits != nullptr && p.topk_ids != nullptr && p.topk_weights != nullptr,
+            "moe_route: missing arrays");
+  thread_local std::vector<float> probs;
+  thread_local std::vector<char> taken;
+  probs.resize(static_cast<size_t>(p.num_experts));
+  taken.resize(static_cast<size_t>(p.num_experts));
+  for (int64_t t = 0; t < p.num_tokens; ++t) {
+    const float* x = p.logits + t * p.logits_stride;
+    float max = x[0];
+    for (int64_t e = 1; e < p.num_experts; ++e) max = std::max(max, x[e]);
+    float sum = 0.0f;
+    for (int64_t e = 0; e < p.num_experts; ++e) {
+      probs[e] = std::exp(x[e] - max);
+      sum += probs[e];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t e = 0; e < p.num_experts; ++e) probs[e] *= inv;
+    std::fill(taken.begin(), taken.end(), 0);
+    int32_t* ids = p.topk_ids + t * p.top_k;
+    float* weights = p.topk_weights + t * p.top_k;
+    float chosen = 0.0f;
+    for (int64_t j = 0; j < p.top_k; ++j) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < p.num_experts; ++e)
+        if (!taken[e] && (best < 0 || probs[e] > probs[best])) best = e;
+      taken[best] = 1;
+      ids[j] = static_cast<int32_t>(best);
+      weights[j] = probs[best];
+      chosen += probs[best];
+    }
+    if (p.renormalize)
+      for (int64_t j = 0; j < p.top_k; ++j) weights[j] /= chosen;
+  }
+}
+
+namespace {
+
+int64_t row_bytes(QuantType type, int64_t k) {
+  return k / quant_block_values(type) * quant_block_bytes(type);
+}
+
+void check_expert_weights(const void* weight, QuantType type, int64_t rows, int64_t k,
+                          const char* name) {
+  const std::string where = std::string("moe_experts: ") + name;
+  check_arg(weight != nullptr, where + " is missing");
+  const int64_t values = quant_block_values(type);
+  check_arg(values > 0, where + " has an unknown quantization type");
+  check_arg(k % values == 0, where + ": " + std::to_string(k) + " values are not whole " +
+                                 quant_type_name(type) + " blocks");
+  check_arg(rows % quant_row_group(type) == 0, where + ": " + quant_type_name(type) +
+                                                   " needs rows per expert in groups of " +
+                                                   std::to_string(quant_row_group(type)));
+}
+
+// One GEMM task: rows [n0, n1) of expert e's weight over that expert's block of input rows.
+struct GemmTask {
+  int64_t expert;
+  int64_t n0;
+  int64_t n1;
+};
+
+// Tasks covering every active expert's rows_per_expert weight rows, in slices sized so the pool
+// gets a few tasks per thread (whole row groups of the layout).
+std::vector<GemmTask>& plan_tasks(const std::vector<int64_t>& counts, int64_t rows_per_expert,
+                                  int64_t group, std::vector<GemmTask>& tasks) {
+  int64_t active = 0;
+  for (int64_t c : counts) active += c > 0;
+  const int64_t wanted = static_cast<int64_t>(cpu::pool_size()) * 4;
+  int64_t per = (rows_per_expert * active + wanted - 1) / std::max<int64_t>(wanted, 1);
+  per = std::clamp<int64_t>(per, 16, rows_per_expert);
+  per = (per + group - 1) / group * group;
+  tasks.clear();
+  for (size_t e = 0; e < counts.size(); ++e) {
+    if (counts[e] == 0) continue;
+    for (int64_t n0 = 0; n0 < rows_per_expert; n0 += per)
+      tasks.push_back({static_cast<int64_t>(e), n0, std::min(rows_per_expert, n0 + per)});
+  }
+  return tasks;
+}
+
+struct Workspace {
+  std::vector<int64_t> counts, starts, position;
+  std::vector<float> xs, gate_up, act, ys;
+  std::vector<GemmTask> tasks;
+};
+
+}  // namespace
+
+void moe_experts_cpu(const MoeExpertsParams& p) {
+  check_arg(p.num_tokens >= 0 && p.hidden > 0 && p.intermediate > 0 && p.num_experts > 0,
+            "moe_experts: bad sizes");
+  check_arg(p.top_k >= 1 && p.top_k <= p.num_experts,
+            "moe_experts: top_k must be in [1, "
+            "num_experts]");
+  check_arg(p.input_stride >= p.hidden && p.out_stride >= p.hidden, "moe_experts: bad strides");
+  check_expert_weights(p.gate_up, p.gate_up_type, 2 * p.intermediate, p.hidden, "gate_up");
+  check_expert_weights(p.down, p.down_type, p.hidden, p.intermediate, "down");
+  const int64_t t = p.num_tokens, k = p.top_k, h = p.hidden, inter = p.intermediate;
+  if (t == 0) return;
+  check_arg(
+      p.out != nullptr && p.input != nullptr && p.topk_ids != nullptr && p.topk_weights != nullptr,
+      "moe_experts: missing arrays");
+
+  // Sort the (token, slot) pairs by expert, stable in token order.
+  // This thread's buffers, named through references: the pool threads that run the tasks
+  // below must see the caller's instances, not their own thread_local ones.
+  thread_local Workspace workspace;
+  Workspace& ws = workspace;
+  std::vector<int64_t>&counts = ws.counts, &starts = ws.starts, &position = ws.position;
+  std::vector<float>&xs = ws.xs, &gate_up = ws.gate_up, &act = ws.act, &ys = ws.ys;
+  std::vector<GemmTask>& tasks = ws.tasks;
+  counts.assign(static_cast<size_t>(p.num_experts), 0);
+  for (int64_t i = 0; i < t * k; ++i) {
+    const int32_t e = p.topk_ids[i];
+    check_arg(e >= 0 && e < p.num_experts,
+              "moe_experts: expert id " + std::to_string(e) + " out of range");
+    ++counts[e];
+  }
+  starts.assign(static_cast<size_t>(p.num_experts) + 1, 0);
+  for (int64_t e = 0; e < p.num_experts; ++e) starts[e + 1] = starts[e] + counts[e];
+  position.resize(static_cast<size_t>(t * k));
+  {
+    std::vector<int64_t> next(starts.begin(), starts.end() - 1);
+    for (int64_t i = 0; i < t * k; ++i) position[i] = next[p.topk_ids[i]]++;
+  }
+  const int64_t rows = t * k;
+  if (static_cast<int64_t>(xs.size()) < rows * h) xs.resize(static_cast<size_t>(rows * h));
+  if (static_cast<int64_t>(gate_up.size()) < rows * 2 * inter)
+    gate_up.resize(static_cast<size_t>(rows * 2 * inter));
+  if (static_cast<int64_t>(act.size()) < rows * inter)
+    act.resize(static_cast<size_t>(rows * inter));
+  if (static_cast<int64_t>(ys.size()) < rows * h) ys.resize(static_cast<size_t>(rows * h));
+  for (int64_t i = 0; i < rows; ++i)
+    std::memcpy(xs.data() + position[i] * h, p.input + (i / k) * p.input_stride,
+                static_cast<size_t>(h) * sizeof(float));
+
+  // One grouped GEMM: every (expert, weight row slice) is a task over that expert's row block.
+  auto grouped_gemm = [&](const void* weight, QuantType type, int64_t n, int64_t in_k,
+                          const float* x, float* y) {
+    const int64_t expert_bytes = n * row_bytes(type, in_k);
+    plan_tasks(counts, n, quant_row_group(type), tasks);
+    cpu::parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
+      const GemmTask& task = tasks[i];
+      QuantGemmParams g;
+      g.m = counts[task.expert];
+      g.n = task.n1 - task.n0;
+      g.k = in_k;
+      g.input = x + starts[task.expert] * in_k;
+      g.input_stride = in_k;
+      g.out = y + starts[task.expert] * n + task.n0;
+      g.out_stride = n;
+      g.weight = static_cast<const uint8_t*>(weight) + task.expert * expert_bytes +
+                 task.n0 * row_bytes(type, in_k);
+      g.type = type;
+      g.allow_simd = p.allow_simd;
+      quant_gemm_cpu(g);  // runs in this task's thread (the pool does not nest)
+    });
+  };
+
+  grouped_gemm(p.gate_up, p.gate_up_type, 2 * inter, h, xs.data(), gate_up.data());
+  ActAndMulParams silu;
+  silu.out = act.data();
+  silu.input = gate_up.data();
+  silu.num_tokens = rows;
+  silu.d = inter;
+  silu.input_stride = 2 * inter;
+  silu.out_stride = inter;
+  act_and_mul_cpu(silu);
+  grouped_gemm(p.down, p.down_type, h, inter, act.data(), ys.data());
+
+  // Each token's weighted sum over its slots, in slot order.
+  auto combine = [&](int64_t tok) {
+    float* o = p.out + tok * p.out_stride;
+    for (int64_t j = 0; j < k; ++j) {
+      const float w = p.topk_weights[tok * k + j];
+      const float* y = ys.data() + position[tok * k + j] * h;
+      if (j == 0) {
+        for (int64_t c = 0; c < h; ++c) o[c] = w * y[c];
+      } else {
+        for (int64_t c = 0; c < h; ++c) o[c] += w * y[c];
+      }
+    }
+  };
+  if (t * h >= (1 << 15)) {
+    cpu::parallel_for(t, combine);
+  } else {
+    for (int64_t tok = 0; tok < t; ++tok) combine(tok);
+  }
+}
+
+}  // namespace fastllm::kernels
