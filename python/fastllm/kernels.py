@@ -26,9 +26,11 @@ _ops = _C.ops
 # ---- kernels ---------------------------------------------------------------------------------------
 
 act_and_mul = _ops.act_and_mul
+activation = _ops.activation
 copy_blocks = _ops.copy_blocks
 embed_quant_rows = _ops.embed_quant_rows
 fused_add_rms_norm = _ops.fused_add_rms_norm
+layer_norm = _ops.layer_norm
 lora_apply = _ops.lora_apply
 lora_cpu_isa = _ops.lora_cpu_isa
 lora_workspace_bytes = _ops.lora_workspace_bytes
@@ -48,6 +50,7 @@ rotary_embedding = _ops.rotary_embedding
 sample = _ops.sample
 SamplingInputs = _ops.SamplingInputs
 sampling_workspace_bytes = _ops.sampling_workspace_bytes
+softcap = _ops.softcap
 swap_blocks = _ops.swap_blocks
 
 # ---- GGUF block encodings --------------------------------------------------------------------------
