@@ -185,3 +185,126 @@ def write_gguf_adapter(peft_path: str, out_path: str, num_heads: int, num_kv_hea
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+# ---- one tiny random model per architecture (tests/python/test_models.py) ------------------------
+
+# An odd vocabulary: the byte-level BPE tokenizer below is padded to exactly this many tokens.
+TINY_VOCAB = 1001
+# Every tiny model's attention heads are 64 wide (the smallest head size the kernels take); GQA
+# where the architecture has it; windows shorter than the test sequences.
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "qwen2": {"class": "Qwen2", "hidden_size": 128, "intermediate_size": 256,
+              "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+              "max_position_embeddings": 512, "rope_theta": 10000.0, "tie_word_embeddings": False,
+              "initializer_range": 0.08},
+    "qwen3": {"class": "Qwen3", "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "head_dim": 64, "max_position_embeddings": 512, "tie_word_embeddings": True,
+              "initializer_range": 0.08},
+    "mistral": {"class": "Mistral", "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "head_dim": 64, "max_position_embeddings": 512, "sliding_window": 24,
+                "tie_word_embeddings": False, "initializer_range": 0.08},
+    "gemma2": {"class": "Gemma2", "hidden_size": 64, "intermediate_size": 128,
+               "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "head_dim": 64, "query_pre_attn_scalar": 64, "max_position_embeddings": 512,
+               "sliding_window": 16, "attn_logit_softcapping": 8.0,
+               "final_logit_softcapping": 12.0, "initializer_range": 0.08},
+    "phi3": {"class": "Phi3", "hidden_size": 128, "intermediate_size": 256,
+             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+             "max_position_embeddings": 1024, "original_max_position_embeddings": 256,
+             "tie_word_embeddings": False, "initializer_range": 0.08,
+             "rope_scaling": "longrope"},
+    "opt": {"class": "OPT", "hidden_size": 128, "ffn_dim": 256, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "max_position_embeddings": 512, "init_std": 0.08,
+            "word_embed_proj_dim": 128, "do_layer_norm_before": True},
+    # opt-350m's layout: post-LayerNorm blocks, project_in / project_out around them.
+    "opt_post_ln": {"class": "OPT", "hidden_size": 128, "ffn_dim": 256, "num_hidden_layers": 2,
+                    "num_attention_heads": 2, "max_position_embeddings": 512, "init_std": 0.08,
+                    "word_embed_proj_dim": 64, "do_layer_norm_before": False},
+    "gpt2": {"class": "GPT2", "n_embd": 128, "n_layer": 2, "n_head": 2, "n_positions": 512,
+             "initializer_range": 0.08},
+}
+_MODEL_CLASSES = {"Qwen2": "Qwen2ForCausalLM", "Qwen3": "Qwen3ForCausalLM",
+                  "Mistral": "MistralForCausalLM", "Gemma2": "Gemma2ForCausalLM",
+                  "Phi3": "Phi3ForCausalLM", "OPT": "OPTForCausalLM", "GPT2": "GPT2LMHeadModel"}
+
+_TOKENIZER_TEXT = (
+    "The history of the printing press begins with movable type in the fifteenth century. "
+    "def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
+    "Q: What is the tallest mountain on Earth, and how tall is it? A: Mount Everest, 8849 m.\n"
+    "Write a short poem about the sea. The waves roll in, the tide goes out, and the gulls "
+    "circle over the harbour while the fishermen mend their nets and talk about the weather. "
+    "Numbers 0123456789, punctuation !?.,;:'\"()[]{}<>-_=+*/\\|@#$%^&~` and spaces.\n"
+)
+
+
+def write_tiny_tokenizer(directory: str) -> None:
+    """A byte-level BPE tokenizer (GPT-2 style) trained on a fixed text, padded with added
+    tokens to TINY_VOCAB ids, saved as tokenizer.json + tokenizer_config.json; id 0 is
+    <|endoftext|> (BOS, EOS and padding)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB - 40, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([_TOKENIZER_TEXT] * 20, trainer)
+    tok.add_tokens([f"<extra_{i}>" for i in range(TINY_VOCAB - tok.get_vocab_size())])
+    assert tok.get_vocab_size() == TINY_VOCAB
+    os.makedirs(directory, exist_ok=True)
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>",
+              "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+              "add_bos_token": False, "clean_up_tokenization_spaces": False,
+              "model_max_length": 512}
+    with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+
+
+def tiny_hf_config(name: str):
+    """The transformers config object of TINY_CONFIGS[name]."""
+    import transformers
+
+    spec = dict(TINY_CONFIGS[name])
+    cls = getattr(transformers, f"{spec.pop('class')}Config")
+    if spec.get("rope_scaling") == "longrope":
+        half = spec["hidden_size"] // spec["num_attention_heads"] // 2
+        spec["rope_scaling"] = {
+            "rope_type": "longrope",
+            "short_factor": [1.0 + 0.1 * i for i in range(half)],
+            "long_factor": [2.0 + 0.3 * i for i in range(half)],
+            "original_max_position_embeddings": spec["original_max_position_embeddings"],
+        }
+    return cls(vocab_size=TINY_VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0, **spec)
+
+
+def build_tiny_model(root: str, name: str, seed: int = 1234) -> str:
+    """TINY_CONFIGS[name] with a seeded random init, saved as an HF directory (safetensors,
+    fp32) with the tiny tokenizer; returns the directory."""
+    import torch
+    import transformers
+
+    cls_name = _MODEL_CLASSES[TINY_CONFIGS[name]["class"]]
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(tiny_hf_config(name)).eval()
+    if name == "gemma2":
+        # Gemma's norms start at w = 0 (scale 1 + w): random ones check the +1 is applied.
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if pname.endswith("norm.weight"):
+                    p.normal_(0.0, 0.3)
+    directory = os.path.join(root, name)
+    model.save_pretrained(directory, safe_serialization=True)
+    write_tiny_tokenizer(directory)
+    return directory
+
+
+def load_tiny_hf_model(directory: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()

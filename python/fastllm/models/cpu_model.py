@@ -35,7 +35,7 @@ from fastllm.loader import (
     iterate_gguf_raw,
     open_gguf,
 )
-from fastllm.models import LLAMA_FAMILY
+from fastllm.models import native_cpu_architectures
 from fastllm.models.native_cpu import (
     CACHE_DTYPES,
     Q7_0X8,
@@ -114,7 +114,7 @@ def load_cpu_model(config: ModelConfig, source: ModelSource, dtype: str, kv_dtyp
                    ) -> CpuModel | None:
     """The model of a GGUF ``source`` kept quantized on the CPU, or None when the native decoder
     does not cover it (see the module docstring) or FASTLLM_CPU_NATIVE_DECODER=0."""
-    if (config.architecture not in LLAMA_FAMILY or dtype != "float32"
+    if (config.architecture not in native_cpu_architectures() or dtype != "float32"
             or kv_dtype not in CACHE_DTYPES or not native_decoder_enabled()):
         return None
     raw = {t.name: t for t in iterate_gguf_raw(source.gguf_path)}
