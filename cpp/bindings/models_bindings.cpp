@@ -103,6 +103,7 @@ fm::DecoderLayerRef layer_weights(const char* op, const fm::DecoderShape& s,
                                   const Array& input_norm, const Array& post_attention_norm,
                                   const nb::tuple& qkv, const nb::tuple& o_proj,
                                   const nb::tuple& gate_up, const nb::tuple& down,
+                                  const Array& q_norm, const Array& k_norm,
                                   std::vector<Array>& keep) {
   fm::DecoderLayerRef layer;
   layer.input_norm = cpu_array<float>(input_norm, op, "input_norm", s.hidden);
@@ -113,6 +114,13 @@ fm::DecoderLayerRef layer_weights(const char* op, const fm::DecoderShape& s,
   layer.gate_up = linear(gate_up, op, "gate_up_proj", keep);
   layer.down = linear(down, op, "down_proj", keep);
   keep.insert(keep.end(), {input_norm, post_attention_norm});
+  check_arg(q_norm.is_valid() == k_norm.is_valid(),
+            where(op, "q_norm and k_norm come as a pair (both or neither)"));
+  if (q_norm.is_valid()) {
+    layer.q_norm = cpu_array<float>(q_norm, op, "q_norm", s.head_dim);
+    layer.k_norm = cpu_array<float>(k_norm, op, "k_norm", s.head_dim);
+    keep.insert(keep.end(), {q_norm, k_norm});
+  }
   return layer;
 }
 
@@ -135,11 +143,12 @@ class PyCpuDecoder {
 
   void add_layer(const Array& input_norm, const Array& post_attention_norm, const nb::tuple& qkv,
                  const nb::tuple& o_proj, const nb::tuple& gate_up, const nb::tuple& down,
-                 const Array& key_cache, const Array& value_cache) {
+                 const Array& key_cache, const Array& value_cache, const Array& q_norm,
+                 const Array& k_norm) {
     const fm::DecoderShape& s = decoder_->shape();
     std::vector<Array> keep;
     fm::DecoderLayerRef layer = layer_weights(kDecoder, s, input_norm, post_attention_norm, qkv,
-                                              o_proj, gate_up, down, keep);
+                                              o_proj, gate_up, down, q_norm, k_norm, keep);
     const int64_t cache_numel = s.num_blocks * s.block_size * s.num_kv_heads * s.head_dim;
     for (const Array* cache : {&key_cache, &value_cache}) {
       check_arg(float_dtype(*cache, kDecoder, "kv cache") == s.cache_dtype,
@@ -205,9 +214,10 @@ struct PyCpuModelWeights {
   std::vector<Array> keep;
 
   void add_layer(const Array& input_norm, const Array& post_attention_norm, const nb::tuple& qkv,
-                 const nb::tuple& o_proj, const nb::tuple& gate_up, const nb::tuple& down) {
+                 const nb::tuple& o_proj, const nb::tuple& gate_up, const nb::tuple& down,
+                 const Array& q_norm, const Array& k_norm) {
     weights.layers.push_back(layer_weights(kWeights, weights.shape, input_norm, post_attention_norm,
-                                           qkv, o_proj, gate_up, down, keep));
+                                           qkv, o_proj, gate_up, down, q_norm, k_norm, keep));
   }
 };
 
@@ -310,9 +320,9 @@ void bind_models(nb::module_& m) {
            arg("num_blocks"), arg("cache_dtype"))
       .def("add_layer", &PyCpuDecoder::add_layer, arg("input_norm"), arg("post_attention_norm"),
            arg("qkv"), arg("o_proj"), arg("gate_up"), arg("down"), arg("key_cache"),
-           arg("value_cache"),
+           arg("value_cache"), arg("q_norm").none() = nb::none(), arg("k_norm").none() = nb::none(),
            "Appends a layer; each linear is (uint8 weight rows, ggml type id, float32 bias or "
-           "None).")
+           "None); q_norm / k_norm: float32 [head_dim] per-head RMSNorm weights (Qwen3) or None.")
       .def("forward", &PyCpuDecoder::forward, arg("hidden"), arg("positions"), arg("slot_mapping"),
            arg("query_start_loc"), arg("context_lens"), arg("block_tables"), arg("max_context_len"),
            "Runs every layer over the step in place: hidden holds the embeddings in and the "
@@ -339,8 +349,9 @@ void bind_models(nb::module_& m) {
            "the output weights' own values; None: lm_head's rows).")
       .def("add_layer", &PyCpuModelWeights::add_layer, arg("input_norm"),
            arg("post_attention_norm"), arg("qkv"), arg("o_proj"), arg("gate_up"), arg("down"),
+           arg("q_norm").none() = nb::none(), arg("k_norm").none() = nb::none(),
            "Appends a layer; each linear is (uint8 weight rows, ggml type id, float32 bias or "
-           "None).")
+           "None); q_norm / k_norm: float32 [head_dim] per-head RMSNorm weights (Qwen3) or None.")
       .def_prop_ro("num_layers",
                    [](const PyCpuModelWeights& w) { return w.weights.layers.size(); });
 

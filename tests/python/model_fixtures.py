@@ -9,8 +9,8 @@ Everything is local; HF_HUB_OFFLINE is set so nothing reaches the hub.
 from __future__ import annotations
 
 import copy
-import math
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass

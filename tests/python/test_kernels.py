@@ -455,6 +455,30 @@ def test_rope_cache_scalings():
         ops.build_rope_cos_sin_cache(64, 128, 10000.0, {"rope_type": "mystery", "factor": 2.0})
 
 
+def test_rope_cache_longrope():
+    # Phi-3's LongRoPE: inv_freq / short_factor up to original positions, / long_factor past
+    # them; cos and sin scaled by sqrt(1 + ln(factor) / ln(original)), factor = max / original.
+    short = [1.0 + 0.1 * i for i in range(32)]
+    long = [2.0 + 0.3 * i for i in range(32)]
+    cache = ops.build_rope_cos_sin_cache(64, 512, 10000.0, {
+        "rope_type": "longrope", "short_factor": short, "long_factor": long,
+        "original_max_position_embeddings": 128})
+    assert cache.shape == (512, 64)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
+    mscale = math.sqrt(1 + math.log(4.0) / math.log(128))
+    t = torch.arange(512, dtype=torch.float64)
+    expect_short = torch.outer(t[:128], inv / torch.tensor(short, dtype=torch.float64))
+    expect_long = torch.outer(t[128:], inv / torch.tensor(long, dtype=torch.float64))
+    torch.testing.assert_close(cache[:128, :32].double(), expect_short.cos() * mscale, atol=1e-6,
+                               rtol=0)
+    torch.testing.assert_close(cache[128:, 32:].double(), expect_long.sin() * mscale, atol=1e-6,
+                               rtol=0)
+    with pytest.raises(ValueError, match="longrope factors must have 32 entries"):
+        ops.build_rope_cos_sin_cache(64, 512, 10000.0, {
+            "rope_type": "longrope", "short_factor": short[:4], "long_factor": long,
+            "original_max_position_embeddings": 128})
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["silu", "gelu", "gelu_tanh"])

@@ -67,7 +67,28 @@ void CpuDecoder::add_layer(const DecoderLayerRef& layer) {
   check_linear(layer.o_proj, s.hidden, q_size_, "o_proj");
   check_linear(layer.gate_up, 2 * s.intermediate, s.hidden, "gate_up_proj");
   check_linear(layer.down, s.hidden, s.intermediate, "down_proj");
+  check_arg((layer.q_norm == nullptr) == (layer.k_norm == nullptr),
+            "CpuDecoder: per-head Q/K norms come as a pair");
   layers_.push_back(layer);
+}
+
+void CpuDecoder::norm_qk_heads(const DecoderLayerRef& layer, float* qkv, int64_t t) {
+  const DecoderShape& s = shape_;
+  const int64_t qkv_width = q_size_ + 2 * kv_size_;
+  // One call per token and part: a token's heads are rows head_dim apart, tokens qkv_width
+  // apart, which one row stride cannot express.
+  for (int64_t i = 0; i < t; ++i) {
+    for (int part = 0; part < 2; ++part) {
+      RmsNormParams p;
+      p.input = p.out = qkv + i * qkv_width + (part == 0 ? 0 : q_size_);
+      p.weight = part == 0 ? layer.q_norm : layer.k_norm;
+      p.num_tokens = part == 0 ? s.num_heads : s.num_kv_heads;
+      p.hidden = s.head_dim;
+      p.input_stride = p.out_stride = s.head_dim;
+      p.eps = s.rms_eps;
+      rms_norm_cpu(p);
+    }
+  }
 }
 
 void CpuDecoder::linear(const QuantLinearRef& w, const float* x, int64_t x_stride, float* y,
@@ -241,7 +262,10 @@ void CpuDecoder::forward(const DecoderBatch& b) {
       add_lora(l, 1, hidden, h, h, qkv + q_size_, qkv_width, kv_size_);
       add_lora(l, 2, hidden, h, h, qkv + q_size_ + kv_size_, qkv_width, kv_size_);
     });
-    timed(other, [&] { rotary_embedding_cpu(rope); });
+    timed(other, [&] {
+      if (layer.q_norm != nullptr) norm_qk_heads(layer, qkv, t);
+      rotary_embedding_cpu(rope);
+    });
     timed(attend, [&] {
       cache.key_cache = layer.key_cache;
       cache.value_cache = layer.value_cache;

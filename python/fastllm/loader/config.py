@@ -16,9 +16,9 @@ import json
 import os
 from typing import Any
 
-from .gguf_file import open_gguf
 from fastllm.models.registry import ARCHITECTURES
 
+from .gguf_file import open_gguf
 from .gguf_mapping import gguf_config
 from .source import ModelSource
 

@@ -15,7 +15,13 @@ import numpy as np
 
 from .gguf_dequant import dequantize
 from .gguf_file import GGML_BLOCK_SIZES, GGUFFile, open_gguf
-from .gguf_mapping import TensorPlacement, gguf_config, gguf_layout, tensor_placement, unpermute_qk_rows
+from .gguf_mapping import (
+    TensorPlacement,
+    gguf_config,
+    gguf_layout,
+    tensor_placement,
+    unpermute_qk_rows,
+)
 
 
 class RawGGUFTensor(NamedTuple):

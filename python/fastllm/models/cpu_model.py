@@ -106,7 +106,7 @@ class CpuModel:
             refine_rows=self.refine_rows)
         for layer in self.layers:
             weights.add_layer(layer.input_norm, layer.post_attention_norm, layer.qkv,
-                              layer.o_proj, layer.gate_up, layer.down)
+                              layer.o_proj, layer.gate_up, layer.down, layer.q_norm, layer.k_norm)
         return weights
 
 
@@ -148,7 +148,8 @@ def load_cpu_model(config: ModelConfig, source: ModelSource, dtype: str, kv_dtyp
         rope_cache=rope_cos_sin_cache(config.head_dim, config.max_position_embeddings,
                                       config.rope_theta, config.rope_scaling),
         layers=[CpuLayer(dequantize_raw(norms[0]), dequantize_raw(norms[1]),
-                         *(_stack(parts, bias, gguf) for parts, bias in linears))
+                         *(_stack(parts, bias, gguf) for parts, bias in linears),
+                         *(None if n is None else dequantize_raw(n) for n in norms[2:]))
                 for norms, linears in layers])
     gguf.release_pages()
     logger.info("torch-free CPU model: %d layers, output projection %s (%d logits per row "
@@ -160,7 +161,9 @@ def load_cpu_model(config: ModelConfig, source: ModelSource, dtype: str, kv_dtyp
 
 # One linear's checkpoint parts and bias parts (None: no bias).
 _LinearPlan = tuple[list[RawGGUFTensor], list[RawGGUFTensor] | None]
-_LayerPlan = tuple[tuple[RawGGUFTensor, RawGGUFTensor], list[_LinearPlan]]
+# (input norm, post-attention norm, Qwen3's q_norm, k_norm or None, None), linears
+_LayerPlan = tuple[tuple[RawGGUFTensor, RawGGUFTensor, RawGGUFTensor | None,
+                         RawGGUFTensor | None], list[_LinearPlan]]
 
 
 def _plan(config: ModelConfig, raw: dict[str, RawGGUFTensor]
@@ -210,6 +213,12 @@ def _plan(config: ModelConfig, raw: dict[str, RawGGUFTensor]
         p = f"model.layers.{i}"
         norms = (take(f"{p}.input_layernorm.weight", (hidden,)),
                  take(f"{p}.post_attention_layernorm.weight", (hidden,)))
+        qk_norms = (None, None)
+        if c.architecture == "Qwen3ForCausalLM":
+            qk_norms = (take(f"{p}.self_attn.q_norm.weight", (c.head_dim,)),
+                        take(f"{p}.self_attn.k_norm.weight", (c.head_dim,)))
+            if None in qk_norms:
+                return None
         linears = [
             linear(f"{p}.self_attn", [("q_proj", q_size), ("k_proj", kv_size),
                                       ("v_proj", kv_size)], hidden, qkv_bias),
@@ -220,7 +229,7 @@ def _plan(config: ModelConfig, raw: dict[str, RawGGUFTensor]
         ]
         if None in norms or None in linears:
             return None
-        layers.append((norms, linears))
+        layers.append(((*norms, *qk_norms), linears))
     if used != raw.keys():
         return None
     return embed, head, layers

@@ -12,12 +12,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
+import numpy as np
+
 from fastllm import ops
 from fastllm.config import ModelConfig
 from fastllm.models.attention import AttentionMetadata, PagedAttention
-from fastllm.models.registry import native_cpu_architectures
 from fastllm.models.native_cpu import CACHE_DTYPES, CpuLayer, CpuLinear, new_cpu_decoder
 from fastllm.models.quant_linear import QuantLinear
+from fastllm.models.registry import native_cpu_architectures
 from fastllm.torch_extra import torch
 
 nn = torch.nn
@@ -162,6 +164,11 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        rope = config.raw.get("rope_parameters") or {}
+        partial = config.raw.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+        if partial not in (None, 1, 1.0):
+            raise ValueError(f"{config.architecture} with partial_rotary_factor {partial} is not "
+                             "supported")
         qkv_bias = config.attention_bias or config.architecture == "Qwen2ForCausalLM"
         self.model = LlamaModel(config, qkv_bias,
                                 qk_norm=config.architecture == "Qwen3ForCausalLM")
@@ -287,14 +294,17 @@ def build_cpu_decoder(model: nn.Module, kv_caches: Sequence[KVCache], block_size
     layers = []
     for layer in inner.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        if attn.q_norm is not None:  # per-head Q/K norms: not in the C++ decoder yet
-            return None
         linears = [_cpu_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
                                                mlp.down_proj)]
         if any(spec is None for spec in linears):
             return None
+        qk_norms = [None if n is None else n.weight.detach().numpy()
+                    for n in (attn.q_norm, attn.k_norm)]
+        if any(n is not None and n.dtype != np.float32 for n in qk_norms):
+            return None
         layers.append(CpuLayer(layer.input_layernorm.weight.detach().numpy(),
-                               layer.post_attention_layernorm.weight.detach().numpy(), *linears))
+                               layer.post_attention_layernorm.weight.detach().numpy(), *linears,
+                               *qk_norms))
     return new_cpu_decoder(model.config, inner.norm.weight.detach().numpy(),
                            inner.rope_cache.contiguous().numpy(), layers,
                            [(k.numpy(), v.numpy()) for k, v in kv_caches], block_size)

@@ -1,4 +1,4 @@
-"""The native CPU decoder: a Llama-family model with GGUF-encoded linears runs its whole layer loop
+"""The native CPU decoder: a Llama-family model (Qwen3 too) with GGUF-encoded linears runs its whole layer loop
 in one C++ call (``fastllm._C.models.CpuDecoder``) instead of ~30 kernel calls per layer from Python.
 
     decoder = llama.build_cpu_decoder(model, kv_caches, block_size)  # torch model; None: can't
@@ -47,7 +47,8 @@ KQUANT_TARGETS = {Q4_K: Q4_1, Q6_K: Q8_0}
 
 @dataclass
 class CpuLayer:
-    """One decoder layer's weights: float32 norms, fused linears (Q/K/V and gate/up stacked)."""
+    """One decoder layer's weights: float32 norms, fused linears (Q/K/V and gate/up stacked),
+    and Qwen3's per-head Q/K norms (float32 [head_dim], None for other models)."""
 
     input_norm: np.ndarray
     post_attention_norm: np.ndarray
@@ -55,6 +56,8 @@ class CpuLayer:
     o_proj: CpuLinear
     gate_up: CpuLinear
     down: CpuLinear
+    q_norm: np.ndarray | None = None
+    k_norm: np.ndarray | None = None
 
 
 def native_decoder_enabled() -> bool:
@@ -154,7 +157,7 @@ def new_cpu_decoder(config: ModelConfig, final_norm: np.ndarray, rope_cache: np.
         num_blocks=key0.shape[0], cache_dtype=key0.dtype.name)
     for layer, (k, v) in zip(layers, kv_caches):
         decoder.add_layer(layer.input_norm, layer.post_attention_norm, layer.qkv, layer.o_proj,
-                          layer.gate_up, layer.down, k, v)
+                          layer.gate_up, layer.down, k, v, layer.q_norm, layer.k_norm)
     logger.info("native CPU decoder: %d layers, %s KV cache", decoder.num_layers,
                 key0.dtype.name)
     return decoder

@@ -177,4 +177,4 @@ class OPTForCausalLM(nn.Module):
 
         copy_checkpoint(self, weights, place)
         if pending:
-            raise ValueError(f"checkpoint has only some of the Q/K/V parts of {sorted(pending)[0]}")
+            raise ValueError(f"checkpoint has only some of the Q/K/V parts of {min(pending)}")

@@ -44,8 +44,12 @@ struct DecoderLayerRef {
   QuantLinearRef o_proj;                       // [hidden][q]
   QuantLinearRef gate_up;                      // [2 intermediate][hidden]: gate rows, then up rows
   QuantLinearRef down;                         // [hidden][intermediate]
-  void* key_cache = nullptr;                   // [num_blocks][block_size][num_kv_heads][head_dim]
-  void* value_cache = nullptr;                 // same shape
+  // Qwen3: RMSNorm weights applied to each query / key head before RoPE; null for none (both
+  // or neither).
+  const float* q_norm = nullptr;  // [head_dim]
+  const float* k_norm = nullptr;  // [head_dim]
+  void* key_cache = nullptr;      // [num_blocks][block_size][num_kv_heads][head_dim]
+  void* value_cache = nullptr;    // same shape
 };
 
 struct DecoderShape {
@@ -127,6 +131,8 @@ class CpuDecoder {
   const Profile& profile() const { return profile_; }
 
  private:
+  // In place over the step's t rows of Q/K/V: RMSNorm of every query and key head (Qwen3).
+  void norm_qk_heads(const DecoderLayerRef& layer, float* qkv, int64_t t);
   void linear(const QuantLinearRef& w, const float* x, int64_t x_stride, float* y,
               int64_t num_tokens) const;
 
