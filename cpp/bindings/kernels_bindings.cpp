@@ -305,6 +305,42 @@ void fused_add_rms_norm(const Array& input, const Array& residual, const Array& 
   FASTLLM_RUN_OP(fused_add_rms_norm, cuda, p, stream);
 }
 
+void layer_norm(const Array& out, const Array& input, const Array& weight, const Array& bias,
+                float eps, uintptr_t stream) {
+  const char* op = "layer_norm";
+  const bool cuda = cuda_device(input, op);
+  check_device(out, cuda, op, "out");
+  check_device(weight, cuda, op, "weight");
+  k::LayerNormParams p;
+  p.dtype = float_dtype(input, op, "input");
+  check_arg(float_dtype(out, op, "out") == p.dtype && float_dtype(weight, op, "weight") == p.dtype,
+            where(op, "input, out and weight must share a dtype"));
+  auto [rows, in_stride] = rows_of(input, op, "input");
+  auto [out_rows, out_stride] = rows_of(out, op, "out");
+  p.hidden = input.shape(input.ndim() - 1);
+  check_arg(out_rows == rows && static_cast<int64_t>(out.shape(out.ndim() - 1)) == p.hidden,
+            where(op, "out shape differs from input"));
+  check_arg(weight.ndim() == 1 && static_cast<int64_t>(weight.shape(0)) == p.hidden,
+            where(op, "weight must be [hidden]"));
+  check_contiguous(weight, op, "weight");
+  if (bias.is_valid()) {
+    check_device(bias, cuda, op, "bias");
+    check_arg(float_dtype(bias, op, "bias") == p.dtype, where(op, "bias dtype differs from input"));
+    check_arg(bias.ndim() == 1 && static_cast<int64_t>(bias.shape(0)) == p.hidden,
+              where(op, "bias must be [hidden]"));
+    check_contiguous(bias, op, "bias");
+    p.bias = bias.data();
+  }
+  p.num_tokens = rows;
+  p.input_stride = in_stride;
+  p.out_stride = out_stride;
+  p.input = input.data();
+  p.out = out.data();
+  p.weight = weight.data();
+  p.eps = eps;
+  FASTLLM_RUN_OP(layer_norm, cuda, p, stream);
+}
+
 void rotary_embedding(const Array& positions, const Array& query, const Array& key,
                       const Array& cos_sin_cache, int64_t head_size, bool is_neox,
                       uintptr_t stream) {
@@ -372,6 +408,43 @@ void act_and_mul(const Array& out, const Array& input, int32_t activation, uintp
   p.out = out.data();
   p.activation = static_cast<k::Activation>(activation);
   FASTLLM_RUN_OP(act_and_mul, cuda, p, stream);
+}
+
+void activation(const Array& out, const Array& input, int32_t activation, uintptr_t stream) {
+  const char* op = "activation";
+  const bool cuda = cuda_device(input, op);
+  check_device(out, cuda, op, "out");
+  check_arg(activation >= 0 && activation <= 3, where(op, "unknown activation"));
+  k::ActivationParams p;
+  p.dtype = float_dtype(input, op, "input");
+  check_arg(float_dtype(out, op, "out") == p.dtype, where(op, "out dtype differs from input"));
+  auto [rows, in_stride] = rows_of(input, op, "input");
+  auto [out_rows, out_stride] = rows_of(out, op, "out");
+  p.d = input.shape(input.ndim() - 1);
+  check_arg(out_rows == rows && static_cast<int64_t>(out.shape(out.ndim() - 1)) == p.d,
+            where(op, "out shape differs from input"));
+  p.num_tokens = rows;
+  p.input_stride = in_stride;
+  p.out_stride = out_stride;
+  p.input = input.data();
+  p.out = out.data();
+  p.activation = static_cast<k::Activation>(activation);
+  FASTLLM_RUN_OP(activation, cuda, p, stream);
+}
+
+void softcap(const Array& data, float cap, uintptr_t stream) {
+  const char* op = "softcap";
+  const bool cuda = cuda_device(data, op);
+  check_arg(cap > 0.0f, where(op, "cap must be > 0"));
+  k::SoftcapParams p;
+  p.dtype = float_dtype(data, op, "data");
+  auto [rows, stride] = rows_of(data, op, "data");
+  p.d = data.shape(data.ndim() - 1);
+  p.num_tokens = rows;
+  p.stride = stride;
+  p.data = data.data();
+  p.cap = cap;
+  FASTLLM_RUN_OP(softcap, cuda, p, stream);
 }
 
 // ---- sampling -----------------------------------------------------------------------------------
@@ -900,12 +973,19 @@ void bind_kernels(nb::module_& m) {
   m.def("fused_add_rms_norm", &fused_add_rms_norm, arg("input"), arg("residual"), arg("weight"),
         arg("eps"), arg("stream") = 0,
         "In place: residual += input; input = rms_norm(residual) * weight.");
+  m.def("layer_norm", &layer_norm, arg("out"), arg("input"), arg("weight"), arg("bias").none(),
+        arg("eps"), arg("stream") = 0,
+        "out = (input - mean) / sqrt(var + eps) * weight + bias over the last dimension.");
   m.def("rotary_embedding", &rotary_embedding, arg("positions"), arg("query"), arg("key").none(),
         arg("cos_sin_cache"), arg("head_size"), arg("is_neox"), arg("stream") = 0,
         "Rotate query (and key) in place by position (int64).");
   m.def("act_and_mul", &act_and_mul, arg("out"), arg("input"), arg("activation"), arg("stream") = 0,
         "out = act(input[..., :d]) * input[..., d:]; activation 0 = SiLU, 1 = GeLU tanh, "
         "2 = GeLU erf.");
+  m.def("activation", &activation, arg("out"), arg("input"), arg("activation"), arg("stream") = 0,
+        "out = act(input); activation 0 = SiLU, 1 = GeLU tanh, 2 = GeLU erf, 3 = ReLU.");
+  m.def("softcap", &softcap, arg("data"), arg("cap"), arg("stream") = 0,
+        "In place: data = cap * tanh(data / cap) (cap > 0).");
   nb::class_<SamplingInputs>(m, "SamplingInputs",
                              "The per-row inputs of sample() by name (see "
                              "fastllm/kernels/sampling.h); None = the neutral value for every row")

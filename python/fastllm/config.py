@@ -606,9 +606,15 @@ class ModelConfig:
         )
 
     def attention_window(self) -> int:
-        """The attention window of every layer, -1 for none (Mistral's and Mixtral's only)."""
-        windowed = ("MistralForCausalLM", "MixtralForCausalLM")
-        window = self.sliding_window if self.architecture in windowed else None
+        """The attention window of every layer, -1 for none: Mistral's, Mixtral's and Phi-3's
+        ``sliding_window`` (HF applies it to every layer of those); Qwen2/Qwen3 configs carry one
+        that HF ignores unless ``use_sliding_window``; Gemma 2 windows every other layer itself."""
+        window = None
+        if self.architecture in ("MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM"):
+            window = self.sliding_window
+        elif self.architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and \
+                self.raw.get("use_sliding_window"):
+            raise ValueError(f"{self.architecture} with use_sliding_window is not supported")
         return int(window) if window else -1
 
     def kv_bytes_per_block(self, block_size: int, dtype: str) -> int:

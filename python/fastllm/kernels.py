@@ -26,9 +26,11 @@ _ops = _C.ops
 # ---- kernels ---------------------------------------------------------------------------------------
 
 act_and_mul = _ops.act_and_mul
+activation = _ops.activation
 copy_blocks = _ops.copy_blocks
 embed_quant_rows = _ops.embed_quant_rows
 fused_add_rms_norm = _ops.fused_add_rms_norm
+layer_norm = _ops.layer_norm
 lora_apply = _ops.lora_apply
 lora_cpu_isa = _ops.lora_cpu_isa
 lora_workspace_bytes = _ops.lora_workspace_bytes
@@ -52,6 +54,7 @@ rotary_embedding = _ops.rotary_embedding
 sample = _ops.sample
 SamplingInputs = _ops.SamplingInputs
 sampling_workspace_bytes = _ops.sampling_workspace_bytes
+softcap = _ops.softcap
 swap_blocks = _ops.swap_blocks
 
 # ---- GGUF block encodings --------------------------------------------------------------------------
@@ -91,7 +94,7 @@ def rope_cos_sin_cache(rotary_dim: int, max_position: int, base: float = 10000.0
     computed in float64.
 
     ``rope_scaling`` follows the HF config dict: ``{"rope_type" | "type": "linear" | "dynamic" |
-    "llama3" | "yarn", "factor": f, ...}``. Dynamic NTK and yarn extend the table to
+    "llama3" | "yarn" | "longrope", "factor": f, ...}``. Dynamic NTK and yarn extend the table to
     ``max_position * factor`` positions (vLLM's convention); yarn folds its magnitude scale into
     cos and sin."""
     exponents = np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim
@@ -142,6 +145,22 @@ def rope_cos_sin_cache(rotary_dim: int, max_position: int, base: float = 10000.0
         mscale = (_yarn_mscale(factor, mscale_value) / _yarn_mscale(factor, mscale_all_dim)
                   if mscale_all_dim else _yarn_mscale(factor)) * attn_factor
         positions = int(original * factor)
+    elif kind in ("longrope", "su"):
+        # Phi-3's LongRoPE: per-frequency divisors, the short ones up to the pretraining length,
+        # the long ones past it (per position, as vLLM; HF switches every position of a
+        # sequence to the long factors once it grows past that length).
+        original = int(rope_scaling["original_max_position_embeddings"])
+        short = np.asarray(rope_scaling["short_factor"], dtype=np.float64)
+        long = np.asarray(rope_scaling["long_factor"], dtype=np.float64)
+        if short.shape != inv_freq.shape or long.shape != inv_freq.shape:
+            raise ValueError(f"longrope factors must have {len(inv_freq)} entries (rotary_dim / 2)")
+        factor = float(rope_scaling.get("factor") or max_position / original)
+        mscale = float(rope_scaling.get("attention_factor") or (
+            math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0))
+        t = np.arange(max_position, dtype=np.float64)[:, None]
+        freqs = np.where(t < original, t * (inv_freq / short), t * (inv_freq / long))
+        cache = np.concatenate([np.cos(freqs) * mscale, np.sin(freqs) * mscale], axis=-1)
+        return cache.astype(np.float32)
     else:
         raise ValueError(f"unsupported rope_scaling type {kind!r}")
     freqs = np.outer(np.arange(positions, dtype=np.float64) * position_scale, inv_freq)

@@ -27,11 +27,13 @@ from fastllm.torch_extra import torch
 
 __all__ = [
     "GGML_QUANT_TYPES",
+    "activation",
     "build_rope_cos_sin_cache",
     "copy_blocks",
     "eager",
     "fused_add_rms_norm",
     "gelu_and_mul",
+    "layer_norm",
     "lora_apply",
     "lora_slot_pointers",
     "model_op",
@@ -43,11 +45,12 @@ __all__ = [
     "rotary_embedding",
     "sample",
     "silu_and_mul",
+    "softcap",
     "swap_blocks",
     "to_csr",
 ]
 
-_ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
+_ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
 
 
 def eager(op):
@@ -269,6 +272,25 @@ def _(x, residual, weight, eps):
     return None
 
 
+@torch.library.custom_op("fastllm::layer_norm", mutates_args=())
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               eps: float) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` over the last dimension (biased variance,
+    float accumulation); ``bias`` None for none."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if _numpy_ok(x, weight) and (bias is None or _numpy_ok(bias)):
+        _ops.layer_norm(out.numpy(), x.numpy(), weight.numpy(),
+                        None if bias is None else bias.numpy(), eps, 0)
+    else:
+        _ops.layer_norm(out, x, weight, bias, eps, _stream(x))
+    return out
+
+
+@layer_norm.register_fake
+def _(x, weight, bias, eps):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 @torch.library.custom_op("fastllm::rotary_embedding", mutates_args=("query", "key"))
 def rotary_embedding(
     positions: torch.Tensor,
@@ -324,6 +346,38 @@ def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 @gelu_and_mul.register_fake
 def _(x, approximate="none"):
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+@torch.library.custom_op("fastllm::activation", mutates_args=())
+def activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Elementwise ``name`` (silu, gelu_tanh, gelu or relu) of x, a new tensor."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, not {name!r}")
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if _numpy_ok(x):
+        _ops.activation(out.numpy(), x.numpy(), _ACTIVATIONS[name], 0)
+    else:
+        _ops.activation(out, x, _ACTIVATIONS[name], _stream(x))
+    return out
+
+
+@activation.register_fake
+def _(x, name):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("fastllm::softcap", mutates_args=("x",))
+def softcap(x: torch.Tensor, cap: float) -> None:
+    """In place: ``x = cap * tanh(x / cap)`` (cap > 0; Gemma 2's final logits)."""
+    if _numpy_ok(x):
+        _ops.softcap(x.numpy(), cap, 0)
+    else:
+        _ops.softcap(x, cap, _stream(x))
+
+
+@softcap.register_fake
+def _(x, cap):
+    return None
 
 
 # ---- quantized linear ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -338,3 +339,243 @@ def build_tiny_moe_gguf(directory: str, kind: str, quant: str, tokenizer_gguf: s
     path = os.path.join(directory, f"tiny_{kind}.{quant}.gguf")
     write_moe_gguf(path, config, moe_gguf_tensors(state, config), quant, tokenizer_gguf)
     return path
+
+
+# ---- one tiny random model per architecture (tests/python/test_models.py) ------------------------
+
+# An odd vocabulary: the byte-level BPE tokenizer below is padded to exactly this many tokens.
+TINY_VOCAB = 1001
+# Every tiny model's attention heads are 64 wide (the smallest head size the kernels take); GQA
+# where the architecture has it; windows shorter than the test sequences.
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "qwen2": {"class": "Qwen2", "hidden_size": 128, "intermediate_size": 256,
+              "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+              "max_position_embeddings": 512, "rope_theta": 10000.0, "tie_word_embeddings": False,
+              "initializer_range": 0.08},
+    "qwen3": {"class": "Qwen3", "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "head_dim": 64, "max_position_embeddings": 512, "tie_word_embeddings": True,
+              "initializer_range": 0.2, "seed": 2},
+    "mistral": {"class": "Mistral", "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "head_dim": 64, "max_position_embeddings": 512, "sliding_window": 24,
+                "tie_word_embeddings": False, "initializer_range": 0.08},
+    "gemma2": {"class": "Gemma2", "hidden_size": 64, "intermediate_size": 128,
+               "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "head_dim": 64, "query_pre_attn_scalar": 64, "max_position_embeddings": 512,
+               "sliding_window": 16, "attn_logit_softcapping": 8.0,
+               "final_logit_softcapping": 12.0, "initializer_range": 0.1, "seed": 2,
+               "tie_word_embeddings": False},
+    # Tied, as llama.cpp's converter requires (it drops lm_head): the Gemma 2 GGUF's source.
+    "gemma2_tied": {"class": "Gemma2", "hidden_size": 64, "intermediate_size": 128,
+                    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+                    "head_dim": 64, "query_pre_attn_scalar": 64, "max_position_embeddings": 512,
+                    "sliding_window": 16, "attn_logit_softcapping": 8.0,
+                    "final_logit_softcapping": 12.0, "initializer_range": 0.1, "seed": 2},
+    "phi3": {"class": "Phi3", "hidden_size": 128, "intermediate_size": 256,
+             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+             "max_position_embeddings": 1024, "original_max_position_embeddings": 256,
+             "tie_word_embeddings": False, "initializer_range": 0.12, "seed": 1,
+             "rope_scaling": "longrope"},
+    "opt": {"class": "OPT", "hidden_size": 128, "ffn_dim": 256, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "max_position_embeddings": 512, "init_std": 0.12, "seed": 2,
+            "word_embed_proj_dim": 128, "do_layer_norm_before": True},
+    # opt-350m's layout: post-LayerNorm blocks, project_in / project_out around them.
+    "opt_post_ln": {"class": "OPT", "hidden_size": 128, "ffn_dim": 256, "num_hidden_layers": 2,
+                    "num_attention_heads": 2, "max_position_embeddings": 512, "init_std": 0.08,
+                    "word_embed_proj_dim": 64, "do_layer_norm_before": False},
+    "gpt2": {"class": "GPT2", "n_embd": 128, "n_layer": 2, "n_head": 2, "n_positions": 512,
+             "initializer_range": 0.08},
+}
+_MODEL_CLASSES = {"Qwen2": "Qwen2ForCausalLM", "Qwen3": "Qwen3ForCausalLM",
+                  "Mistral": "MistralForCausalLM", "Gemma2": "Gemma2ForCausalLM",
+                  "Phi3": "Phi3ForCausalLM", "OPT": "OPTForCausalLM", "GPT2": "GPT2LMHeadModel"}
+
+_TOKENIZER_TEXT = (
+    "The history of the printing press begins with movable type in the fifteenth century. "
+    "def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
+    "Q: What is the tallest mountain on Earth, and how tall is it? A: Mount Everest, 8849 m.\n"
+    "Write a short poem about the sea. The waves roll in, the tide goes out, and the gulls "
+    "circle over the harbour while the fishermen mend their nets and talk about the weather. "
+    "Numbers 0123456789, punctuation !?.,;:'\"()[]{}<>-_=+*/\\|@#$%^&~` and spaces.\n"
+)
+
+
+def write_tiny_tokenizer(directory: str) -> None:
+    """A byte-level BPE tokenizer (GPT-2 style) trained on a fixed text, padded with added
+    tokens to TINY_VOCAB ids, saved as tokenizer.json + tokenizer_config.json; id 0 is
+    <|endoftext|> (BOS, EOS and padding)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB - 40, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([_TOKENIZER_TEXT] * 20, trainer)
+    tok.add_tokens([f"<extra_{i}>" for i in range(TINY_VOCAB - tok.get_vocab_size())])
+    assert tok.get_vocab_size() == TINY_VOCAB
+    os.makedirs(directory, exist_ok=True)
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>",
+              "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+              "add_bos_token": False, "clean_up_tokenization_spaces": False,
+              "model_max_length": 512}
+    with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+
+
+def tiny_hf_config(name: str):
+    """The transformers config object of TINY_CONFIGS[name]."""
+    import transformers
+
+    spec = dict(TINY_CONFIGS[name])
+    spec.pop("seed", None)
+    cls = getattr(transformers, f"{spec.pop('class')}Config")
+    if spec.get("rope_scaling") == "longrope":
+        half = spec["hidden_size"] // spec["num_attention_heads"] // 2
+        spec["rope_scaling"] = {
+            "rope_type": "longrope",
+            "short_factor": [1.0 + 0.1 * i for i in range(half)],
+            "long_factor": [2.0 + 0.3 * i for i in range(half)],
+            "original_max_position_embeddings": spec["original_max_position_embeddings"],
+        }
+    return cls(vocab_size=TINY_VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0, **spec)
+
+
+def build_tiny_model(root: str, name: str, seed: int | None = None) -> str:
+    """TINY_CONFIGS[name] with a seeded random init, saved as an HF directory (safetensors,
+    fp32) with the tiny tokenizer; returns the directory. The seeds and init scales are picked
+    so that greedy decoding writes varied text with clear top-1 margins, not one token looped."""
+    import torch
+    import transformers
+
+    cls_name = _MODEL_CLASSES[TINY_CONFIGS[name]["class"]]
+    torch.manual_seed(TINY_CONFIGS[name].get("seed", 1234) if seed is None else seed)
+    model = getattr(transformers, cls_name)(tiny_hf_config(name)).eval()
+    if TINY_CONFIGS[name]["class"] == "Gemma2":
+        # Gemma's norms start at w = 0 (scale 1 + w): random ones check the +1 is applied.
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if pname.endswith("norm.weight"):
+                    p.normal_(0.0, 0.3)
+    directory = os.path.join(root, name)
+    model.save_pretrained(directory, safe_serialization=True)
+    write_tiny_tokenizer(directory)
+    return directory
+
+
+def load_tiny_hf_model(directory: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+# ---- GGUF files of the tiny models, in llama.cpp's layouts --------------------------------------
+
+# HF layer tensor suffix -> llama.cpp name, per GGUF architecture (gguf-py/gguf/constants.py).
+_GGUF_LAYER_NAMES = {
+    "common": {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+               "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"},
+    "gemma2": {"post_attention_layernorm": "post_attention_norm",
+               "pre_feedforward_layernorm": "ffn_norm",
+               "post_feedforward_layernorm": "post_ffw_norm"},
+    "phi3": {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"},
+    "gpt2": {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+             "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"},
+}
+_GGUF_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight", "transformer.wte.weight": "token_embd.weight",
+    "transformer.wpe.weight": "position_embd.weight",
+    "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias",
+}
+GGUF_ARCHS = {"qwen2": "qwen2", "qwen3": "qwen3", "gemma2_tied": "gemma2", "phi3": "phi3",
+              "gpt2": "gpt2"}
+
+
+def _gguf_tensor_name(arch: str, hf_name: str) -> str | None:
+    if hf_name in _GGUF_GLOBAL_NAMES:
+        return _GGUF_GLOBAL_NAMES[hf_name]
+    parts = hf_name.split(".")
+    i = parts.index("layers") if "layers" in parts else parts.index("h")
+    layer, rest = parts[i + 1], ".".join(parts[i + 2:])
+    module, _, suffix = rest.rpartition(".")
+    names = {**_GGUF_LAYER_NAMES["common"], **_GGUF_LAYER_NAMES.get(arch, {})}
+    return f"blk.{layer}.{names[module]}.{suffix}"
+
+
+def write_tiny_gguf(hf_dir: str, path: str, qtype: str = "F32") -> None:
+    """The HF model in hf_dir as llama.cpp's converter would write it (arch GGUF_ARCHS[name]):
+    its metadata keys, tensor names and value changes (Gemma's norms + 1, GPT-2's Conv1D
+    transposed, Phi-3's rope factor tensors); 2-D weights in qtype (F32, Q8_0 or Q4_0), the
+    rest F32. No tokenizer metadata: tests pass the HF directory as the tokenizer."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    name = os.path.basename(hf_dir.rstrip("/"))
+    arch = GGUF_ARCHS[name]
+    writer = gguf.GGUFWriter(path, arch)
+    hidden = cfg.get("hidden_size") or cfg["n_embd"]
+    heads = cfg.get("num_attention_heads") or cfg["n_head"]
+    head_dim = cfg.get("head_dim") or hidden // heads
+    writer.add_context_length(cfg.get("max_position_embeddings") or cfg["n_positions"])
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(cfg.get("num_hidden_layers") or cfg["n_layer"])
+    writer.add_feed_forward_length(cfg.get("intermediate_size") or cfg.get("n_inner")
+                                   or 4 * hidden)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(cfg.get("num_key_value_heads") or heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_file_type(0)
+    if arch == "gpt2":
+        writer.add_layer_norm_eps(cfg["layer_norm_epsilon"])
+    else:
+        writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+        rope = cfg.get("rope_parameters") or {}
+        writer.add_rope_freq_base(float(cfg.get("rope_theta") or rope.get("rope_theta")))
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+        writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+        writer.add_sliding_window(cfg["sliding_window"])
+    state = load_file(os.path.join(hf_dir, "model.safetensors"))
+    if arch == "phi3":
+        rope = cfg["rope_parameters"]
+        original = rope["original_max_position_embeddings"]
+        scale = cfg["max_position_embeddings"] / original
+        writer.add_rope_scaling_orig_ctx_len(original)
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
+        writer.add_tensor("rope_factors_long.weight", np.asarray(rope["long_factor"], np.float32))
+        writer.add_tensor("rope_factors_short.weight",
+                          np.asarray(rope["short_factor"], np.float32))
+    quant = getattr(gguf.GGMLQuantizationType, qtype)
+    for hf_name, value in sorted(state.items()):
+        if hf_name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue
+        value = value.astype(np.float32)
+        if arch == "gemma2" and hf_name.endswith("norm.weight"):
+            value = value + 1.0
+        if arch == "gpt2" and hf_name.endswith(("c_attn.weight", "c_proj.weight",
+                                                "c_fc.weight")):
+            value = value.T
+        value = np.ascontiguousarray(value)
+        gguf_name = _gguf_tensor_name(arch, hf_name)
+        if qtype != "F32" and value.ndim == 2 and value.shape[1] % 32 == 0 \
+                and gguf_name != "position_embd.weight":
+            writer.add_tensor(gguf_name, gguf.quants.quantize(value, quant), raw_dtype=quant)
+        else:
+            writer.add_tensor(gguf_name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

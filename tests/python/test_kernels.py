@@ -455,6 +455,30 @@ def test_rope_cache_scalings():
         ops.build_rope_cos_sin_cache(64, 128, 10000.0, {"rope_type": "mystery", "factor": 2.0})
 
 
+def test_rope_cache_longrope():
+    # Phi-3's LongRoPE: inv_freq / short_factor up to original positions, / long_factor past
+    # them; cos and sin scaled by sqrt(1 + ln(factor) / ln(original)), factor = max / original.
+    short = [1.0 + 0.1 * i for i in range(32)]
+    long = [2.0 + 0.3 * i for i in range(32)]
+    cache = ops.build_rope_cos_sin_cache(64, 512, 10000.0, {
+        "rope_type": "longrope", "short_factor": short, "long_factor": long,
+        "original_max_position_embeddings": 128})
+    assert cache.shape == (512, 64)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
+    mscale = math.sqrt(1 + math.log(4.0) / math.log(128))
+    t = torch.arange(512, dtype=torch.float64)
+    expect_short = torch.outer(t[:128], inv / torch.tensor(short, dtype=torch.float64))
+    expect_long = torch.outer(t[128:], inv / torch.tensor(long, dtype=torch.float64))
+    torch.testing.assert_close(cache[:128, :32].double(), expect_short.cos() * mscale, atol=1e-6,
+                               rtol=0)
+    torch.testing.assert_close(cache[128:, 32:].double(), expect_long.sin() * mscale, atol=1e-6,
+                               rtol=0)
+    with pytest.raises(ValueError, match="longrope factors must have 32 entries"):
+        ops.build_rope_cos_sin_cache(64, 512, 10000.0, {
+            "rope_type": "longrope", "short_factor": short[:4], "long_factor": long,
+            "original_max_position_embeddings": 128})
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["silu", "gelu", "gelu_tanh"])
@@ -473,6 +497,51 @@ def test_act_and_mul(device, dtype, kind):
         gate, up = x.float().chunk(2, dim=-1)
         expect = F.gelu(gate, approximate=approximate) * up
     torch.testing.assert_close(got.cpu().float(), expect.to(dtype).float(), **_tol(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [64, 768, 1000])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_layer_norm(device, dtype, hidden, with_bias):
+    gen = torch.Generator().manual_seed(hidden)
+    # A large common offset per row: the variance must come out right around a big mean.
+    x = (torch.randn((7, hidden + 3), generator=gen) * 3 + 40).to(dtype)[:, :hidden]
+    w = torch.randn(hidden, generator=gen).to(dtype)
+    b = torch.randn(hidden, generator=gen).to(dtype) if with_bias else None
+    got = ops.layer_norm(x.to(device), w.to(device), None if b is None else b.to(device),
+                         1e-5).cpu()
+    expect = F.layer_norm(x.float(), (hidden,), w.float(), None if b is None else b.float(), 1e-5)
+    torch.testing.assert_close(got.float(), expect.to(dtype).float(), **_tol(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["silu", "gelu", "gelu_tanh", "relu"])
+def test_activation(device, dtype, kind):
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn((5, 3 * 1024 + 8), generator=gen) * 4).to(dtype)[:, 3:]  # strided rows
+    x[0, :6] = torch.tensor([-100.0, -90.0, 0.0, 90.0, 100.0, 1e-3]).to(dtype)
+    reference = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
+                 "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[kind]
+    got = ops.activation(x.to(device), kind).cpu()
+    torch.testing.assert_close(got.float(), reference(x.float()).to(dtype).float(), **_tol(dtype))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ops.activation(x, "swish")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_softcap(device, dtype):
+    gen = torch.Generator().manual_seed(4)
+    logits = (torch.randn((3, 50001), generator=gen) * 40).to(dtype)
+    got = logits.to(device, copy=True)
+    ops.softcap(got, 30.0)
+    expect = (torch.tanh(logits.float() / 30.0) * 30.0).to(dtype)
+    torch.testing.assert_close(got.cpu().float(), expect.float(), **_tol(dtype))
+    assert got.abs().max() <= 30.0
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        ops.softcap(logits.clone(), 0.0)
 
 
 def test_ops_trace_with_torch_compile():
@@ -497,6 +566,10 @@ def test_opcheck_fake_implementations():
         (torch.randn(3, 128),),
         test_utils=("test_schema", "test_faketensor"),
     )
+    for op, args in ((torch.ops.fastllm.layer_norm.default, (x, w, torch.randn(64), 1e-5)),
+                     (torch.ops.fastllm.activation.default, (x, "relu")),
+                     (torch.ops.fastllm.softcap.default, (x.clone(), 30.0))):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 # ---- sampling ------------------------------------------------------------------------------------

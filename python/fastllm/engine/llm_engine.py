@@ -25,7 +25,9 @@ from fastllm.engine.errors import RequestFailedError
 from fastllm.engine.output_processor import OutputProcessor
 from fastllm.guided import GuidedDecodingManager
 from fastllm.loader import load_config, resolve_model
+from fastllm.models import load_checkpoint, model_spec, native_cpu_architectures
 from fastllm.models.cpu_model import load_cpu_model
+from fastllm.models.registry import NATIVE_CPU
 from fastllm.outputs import RequestOutput
 from fastllm.sampling_params import SamplingParams
 from fastllm.tokenizer import load_tokenizer
@@ -87,6 +89,7 @@ class EngineCore:
         self.source_name = args.model or DEFAULT_MODEL_NAME
         self.model_config = ModelConfig.from_dict(load_config(self.source), args)
         mc = self.model_config
+        spec = model_spec(mc.architecture)  # ValueError naming the supported architectures
         self.device = args.resolve_device()  # "cpu" | "cuda"
         dtype = args.resolve_dtype(mc.torch_dtype, self.device)
         self.block_size = args.resolve_block_size(self.device)
@@ -113,6 +116,9 @@ class EngineCore:
                                                num_gpu_blocks, num_cpu_blocks)
         else:
             require_torch(self._torch_path_reason(quantized, torch_free))
+            if self.device == "cpu" and NATIVE_CPU not in spec.executors:
+                logger.info("%s runs on the torch executor: the native CPU decoder covers %s",
+                            mc.architecture, ", ".join(sorted(native_cpu_architectures())))
             num_gpu_blocks, num_cpu_blocks = self._build_torch_executor(quantized, dtype,
                                                                         kv_dtype)
 
@@ -197,6 +203,10 @@ class EngineCore:
         model = f"model {self.source_name!r}"
         if self.device != "cpu":
             return f"{model} on device {self.device!r}"
+        arch = self.model_config.architecture
+        if arch not in native_cpu_architectures():
+            return (f"{model} (architecture {arch}, which only the torch executor runs; the C++ "
+                    f"CPU executor runs {', '.join(sorted(native_cpu_architectures()))})")
         if self.source.load_format == "dummy":
             return f"{model} with dummy weights"
         if not self.source.is_gguf:
@@ -205,8 +215,8 @@ class EngineCore:
             return f"{model} with float weights (--quantized-weights dequantize)"
         if not torch_free:
             return f"{model} with FASTLLM_TORCH_FREE=0"
-        return (f"{model} ({self.model_config.architecture}; the C++ CPU executor takes Llama-"
-                "family GGUF models with float32 activations and a float16 or float32 KV cache)")
+        return (f"{model} ({arch}; the C++ CPU executor takes GGUF models of its architectures "
+                "with float32 activations and a float16 or float32 KV cache)")
 
     def _build_torch_executor(self, quantized: bool, dtype: str, kv_dtype: str
                               ) -> tuple[int, int]:
@@ -247,7 +257,7 @@ class EngineCore:
                 torch.nn.init.normal_(p, std=0.02, generator=torch.Generator(
                     device=p.device).manual_seed(self.args.seed))
         else:
-            model.load_weights(iterate_weights(source, self.args.load_format, dtype))
+            load_checkpoint(model, iterate_weights(source, self.args.load_format, dtype))
         return model.eval()
 
     def _build_draft_executor(self, torch_free: bool, num_blocks: int):

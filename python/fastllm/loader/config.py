@@ -16,6 +16,8 @@ import json
 import os
 from typing import Any
 
+from fastllm.models.registry import ARCHITECTURES
+
 from .gguf_file import open_gguf
 from .gguf_mapping import gguf_config
 from .source import ModelSource
@@ -44,8 +46,16 @@ def read_json(path: str) -> Any:
 
 
 def normalize_hf_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Fill the guaranteed keys of a `config.json` dict with HF's defaults (a new dict)."""
+    """Fill the guaranteed keys of a `config.json` dict with HF's defaults (a new dict). Keys a
+    registered architecture spells its own way (GPT-2's `n_embd`, OPT's `ffn_dim`: the
+    registry's `config_aliases`) are copied to the common names first."""
     out = dict(config)
+    archs = out.get("architectures") or [None]
+    spec = ARCHITECTURES.get(archs[0]) if isinstance(archs, list) and archs else None
+    if spec is not None:
+        for theirs, ours in spec.config_aliases.items():
+            if out.get(theirs) is not None and out.get(ours) is None:
+                out[ours] = out[theirs]
     missing = [
         k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads") if k not in out
     ]

@@ -16,7 +16,7 @@ from fastllm.torch_extra import torch
 from .gguf_dequant import dequantize
 from .gguf_file import open_gguf
 from .gguf_mapping import unpermute_qk_rows
-from .gguf_raw import mapped_tensors
+from .gguf_raw import hf_values, mapped_tensors
 from .tensor_cast import cast_weight
 
 
@@ -28,10 +28,11 @@ def iterate_gguf_weights(
     Tensors are new, writable and own their memory (nothing refers to the file afterwards).
     """
     gguf = open_gguf(path)
-    for gguf_name, hf_name, heads in mapped_tensors(gguf):
+    for gguf_name, place in mapped_tensors(gguf):
         info = gguf.tensors[gguf_name]
         values = dequantize(gguf.tensor_bytes(gguf_name), info.type_name, info.n_elements)
         values = values.reshape(info.shape)
-        if heads is not None:
-            values = unpermute_qk_rows(values, heads)
-        yield hf_name, cast_weight(torch.from_numpy(values), dtype)
+        if place.unpermute_heads is not None:
+            values = unpermute_qk_rows(values, place.unpermute_heads)
+        values = hf_values(values, place.transposed, place.value_offset)
+        yield place.hf_name, cast_weight(torch.from_numpy(values), dtype)

@@ -26,11 +26,14 @@ class AttentionMetadata:
 
 
 class PagedAttention(torch.nn.Module):
-    """Writes this step's K/V into the paged cache, then attends over the cache."""
+    """Writes this step's K/V into the paged cache, then attends over the cache (the last
+    ``sliding_window`` positions when > 0; scores capped at ``softcap * tanh(s / softcap)`` when
+    softcap > 0)."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 sliding_window: int = -1):
+                 sliding_window: int = -1, softcap: float = 0.0):
         super().__init__()
+        self.softcap = softcap
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -50,6 +53,7 @@ class PagedAttention(torch.nn.Module):
         out = _paged_attention(
             q.view(n, self.num_heads, self.head_dim), key_cache, value_cache,
             meta.query_start_loc, meta.context_lens, meta.block_tables, self.scale,
-            sliding_window=self.sliding_window, max_context_len=meta.max_context_len,
+            sliding_window=self.sliding_window, softcap=self.softcap,
+            max_context_len=meta.max_context_len,
         )
         return out.view(n, self.num_heads * self.head_dim)

@@ -35,7 +35,7 @@ from fastllm.loader import (
     iterate_gguf_raw,
     open_gguf,
 )
-from fastllm.models import LLAMA_FAMILY, MOE_FAMILY
+from fastllm.models import moe_architectures, native_cpu_architectures
 from fastllm.models.moe_weights import MoeParts, MoeSettings, find_moe_parts, stack_moe_rows
 from fastllm.models.native_cpu import (
     CACHE_DTYPES,
@@ -117,7 +117,7 @@ def load_cpu_model(config: ModelConfig, source: ModelSource, dtype: str, kv_dtyp
                    ) -> CpuModel | None:
     """The model of a GGUF ``source`` kept quantized on the CPU, or None when the native decoder
     does not cover it (see the module docstring) or FASTLLM_CPU_NATIVE_DECODER=0."""
-    if (config.architecture not in LLAMA_FAMILY + MOE_FAMILY or dtype != "float32"
+    if (config.architecture not in native_cpu_architectures() or dtype != "float32"
             or kv_dtype not in CACHE_DTYPES or not native_decoder_enabled()):
         return None
     raw = {t.name: t for t in iterate_gguf_raw(source.gguf_path)}
@@ -209,7 +209,7 @@ def _plan(config: ModelConfig, raw: dict[str, RawGGUFTensor]
             or take("model.norm.weight", (hidden,)) is None):
         return None
     layers: list[_LayerPlan] = []
-    moe = MoeSettings.from_config(c) if c.architecture in MOE_FAMILY else None
+    moe = MoeSettings.from_config(c) if c.architecture in moe_architectures() else None
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}"
         norms = (take(f"{p}.input_layernorm.weight", (hidden,)),

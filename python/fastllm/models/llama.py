@@ -1,8 +1,10 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2): torch for the GEMMs, fastllm kernels
-for attention, norms, RoPE and the gated activation.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, SmolLM2): torch for the GEMMs,
+fastllm kernels for attention, norms, RoPE and the gated activation.
 
 Q/K/V and gate/up projections are fused into single GEMMs; load_weights maps the checkpoint's
-separate tensors into their slices.
+separate tensors into their slices (Phi-3 checkpoints hold them fused already). Qwen3 normalizes
+each query and key head (RMSNorm over head_dim) before RoPE; Phi-3's LongRoPE is a rope table
+(``kernels.rope_cos_sin_cache``); Qwen2 has Q/K/V biases.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
+import numpy as np
+
 from fastllm import ops
 from fastllm.config import ModelConfig
 from fastllm.models.attention import AttentionMetadata, PagedAttention
 from fastllm.models.native_cpu import CACHE_DTYPES, CpuLayer, CpuLinear, new_cpu_decoder
 from fastllm.models.quant_linear import QuantLinear
+from fastllm.models.registry import native_cpu_architectures
 from fastllm.torch_extra import torch
 
 nn = torch.nn
@@ -41,7 +46,7 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, qkv_bias: bool):
+    def __init__(self, config: ModelConfig, qkv_bias: bool, qk_norm: bool = False):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -53,6 +58,9 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
                                    self.head_dim ** -0.5, config.attention_window())
         self.layer_idx = 0  # set by LlamaModel (LoRA tables are per layer)
+        # Qwen3: RMSNorm over each query / key head before RoPE.
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, rope_cache: torch.Tensor) -> torch.Tensor:
@@ -64,6 +72,10 @@ class LlamaAttention(nn.Module):
         if lora is not None:  # LoRA deltas go into the fused output's slices (targets 0, 1, 2)
             for target, part in enumerate((q, k, v)):
                 lora.apply(self.layer_idx, target, hidden, part)
+        if self.q_norm is not None:
+            n = hidden.shape[0]
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(n, self.q_size)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(n, self.kv_size)
         _rotary_embedding(positions, q, k, rope_cache, self.head_dim, True)
         attn = self.attn(q, k, v, kv_cache, meta)
         out = self.o_proj(attn)
@@ -93,9 +105,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, qkv_bias: bool):
+    def __init__(self, config: ModelConfig, qkv_bias: bool, qk_norm: bool):
         super().__init__()
-        self.self_attn = LlamaAttention(config, qkv_bias)
+        self.self_attn = LlamaAttention(config, qkv_bias, qk_norm)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -112,7 +124,7 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, qkv_bias: bool):
+    def __init__(self, config: ModelConfig, qkv_bias: bool, qk_norm: bool = False):
         super().__init__()
         # Given its (uninitialized) weight, nn.Embedding skips its random init: the checkpoint
         # overwrites it anyway, and on the meta device that init imports ~800 torch modules
@@ -123,7 +135,7 @@ class LlamaModel(nn.Module):
         # Filled by LlamaForCausalLM.init_buffers once the model has real storage.
         self.register_buffer("rope_cache", torch.empty(0), persistent=False)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, qkv_bias)
+            LlamaDecoderLayer(config, qkv_bias, qk_norm)
             for _ in range(config.num_hidden_layers)
         )
         for i, layer in enumerate(self.layers):
@@ -152,8 +164,14 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        rope = config.raw.get("rope_parameters") or {}
+        partial = config.raw.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+        if partial not in (None, 1, 1.0):
+            raise ValueError(f"{config.architecture} with partial_rotary_factor {partial} is not "
+                             "supported")
         qkv_bias = config.attention_bias or config.architecture == "Qwen2ForCausalLM"
-        self.model = LlamaModel(config, qkv_bias)
+        self.model = LlamaModel(config, qkv_bias,
+                                qk_norm=config.architecture == "Qwen3ForCausalLM")
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -161,6 +179,12 @@ class LlamaForCausalLM(nn.Module):
         # A QuantLinear over GGUF-encoded rows (see quant_loader); replaces lm_head / the tied
         # embedding as the output projection when set.
         self.quant_lm_head: nn.Module | None = None
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, module: nn.Module) -> None:
+        self.model.embed_tokens = module
 
     def set_quantized_lm_head(self, module: nn.Module) -> None:
         """Use module (hidden -> vocab logits, float32) as the output projection; the float
@@ -234,6 +258,8 @@ class LlamaForCausalLM(nn.Module):
         missing = []
         for pname in params:
             fused = next((f for f in ("qkv_proj", "gate_up_proj") if f".{f}." in pname), None)
+            if fused and pname in loaded:  # a checkpoint with the fused tensor (Phi-3)
+                continue
             if fused and pname.endswith(".weight"):
                 n = 3 if fused == "qkv_proj" else 2
                 missing += [f"{pname}#{i}" for i in range(n) if f"{pname}#{i}" not in loaded]
@@ -263,6 +289,8 @@ def build_cpu_decoder(model: nn.Module, kv_caches: Sequence[KVCache], block_size
         # A subclass with layers of its own (models.moe) builds its decoder itself.
         own = getattr(model, "build_cpu_decoder", None)
         return None if own is None else own(kv_caches, block_size)
+    if model.config.architecture not in native_cpu_architectures():
+        return None
     inner = model.model
     key0 = kv_caches[0][0] if kv_caches else None
     if (key0 is None or key0.device.type != "cpu"
@@ -277,8 +305,13 @@ def build_cpu_decoder(model: nn.Module, kv_caches: Sequence[KVCache], block_size
                                                mlp.down_proj)]
         if any(spec is None for spec in linears):
             return None
+        qk_norms = [None if n is None else n.weight.detach().numpy()
+                    for n in (attn.q_norm, attn.k_norm)]
+        if any(n is not None and n.dtype != np.float32 for n in qk_norms):
+            return None
         layers.append(CpuLayer(layer.input_layernorm.weight.detach().numpy(),
-                               layer.post_attention_layernorm.weight.detach().numpy(), *linears))
+                               layer.post_attention_layernorm.weight.detach().numpy(), *linears,
+                               q_norm=qk_norms[0], k_norm=qk_norms[1]))
     return new_cpu_decoder(model.config, inner.norm.weight.detach().numpy(),
                            inner.rope_cache.contiguous().numpy(), layers,
                            [(k.numpy(), v.numpy()) for k, v in kv_caches], block_size)

@@ -36,7 +36,6 @@ from fastllm.models.llama import (
     LlamaMLP,
     RMSNorm,
     _cpu_linear,
-    _rotary_embedding,
 )
 from fastllm.models.moe_weights import MoeSettings
 from fastllm.models.native_cpu import (
@@ -157,33 +156,6 @@ class QuantSparseMoe(nn.Module):
         return out if dtype == torch.float32 else out.to(dtype)
 
 
-class QKNormAttention(LlamaAttention):
-    """Llama attention with an RMSNorm over each query and key head before RoPE (Qwen3)."""
-
-    def __init__(self, config: ModelConfig, qkv_bias: bool):
-        super().__init__(config, qkv_bias)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-
-    def forward(self, positions, hidden, kv_cache, meta, rope_cache):
-        qkv = self.qkv_proj(hidden)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        lora = meta.lora
-        if lora is not None:
-            for target, part in enumerate((q, k, v)):
-                lora.apply(self.layer_idx, target, hidden, part)
-        n = qkv.shape[0]
-        # Rows of one head each; the normed heads go back into qkv's slices.
-        q.copy_(self.q_norm(q.reshape(-1, self.head_dim)).view(n, self.q_size))
-        k.copy_(self.k_norm(k.reshape(-1, self.head_dim)).view(n, self.kv_size))
-        _rotary_embedding(positions, q, k, rope_cache, self.head_dim, True)
-        attn = self.attn(q, k, v, kv_cache, meta)
-        out = self.o_proj(attn)
-        if lora is not None:
-            lora.apply(self.layer_idx, 3, attn, out)
-        return out
-
-
 class MoeForCausalLM(LlamaForCausalLM):
     """Mixtral / Qwen3-MoE: LlamaForCausalLM with sparse MLPs (and Qwen3's q/k norms)."""
 
@@ -193,7 +165,7 @@ class MoeForCausalLM(LlamaForCausalLM):
         qkv_bias = config.attention_bias
         for i, layer in enumerate(self.model.layers):
             if s.qk_norm:
-                layer.self_attn = QKNormAttention(config, qkv_bias)
+                layer.self_attn = LlamaAttention(config, qkv_bias, qk_norm=True)
                 layer.self_attn.layer_idx = i
             if i in s.sparse_layers:
                 layer.mlp = SparseMoe(config, s)
@@ -305,7 +277,7 @@ def build_moe_cpu_decoder(model: MoeForCausalLM, kv_caches: Sequence[KVCache], b
             return None
         if None in linears[:2]:
             return None
-        qk = (_norm(attn.q_norm), _norm(attn.k_norm)) if isinstance(attn, QKNormAttention) \
+        qk = (_norm(attn.q_norm), _norm(attn.k_norm)) if attn.q_norm is not None \
             else (None, None)
         layers.append(CpuLayer(_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm),
                                *linears, moe=moe, q_norm=qk[0], k_norm=qk[1]))

@@ -128,7 +128,7 @@ def _quantize_experts(model: nn.Module, raw: dict[str, RawGGUFTensor], device: t
 def _quantize_output(model: nn.Module, config: ModelConfig, raw: dict[str, RawGGUFTensor],
                      device: torch.device, release: Callable[[str], None]) -> set[str]:
     """A quantized output projection (and, when tied, the embedding over the same rows)."""
-    embed = raw.get("model.embed_tokens.weight")
+    embed = raw.get(_embedding_name(model))
     head = raw.get("lm_head.weight")
     hidden, vocab = config.hidden_size, config.vocab_size
     consumed: set[str] = set()
@@ -147,10 +147,17 @@ def _quantize_output(model: nn.Module, config: ModelConfig, raw: dict[str, RawGG
             consumed.discard(embed.name)  # the embedding still needs its float table
         else:
             embedding.qweight = lm_head.qweight  # one copy of the table serves both
-            model.model.embed_tokens = embedding
+            model.set_input_embeddings(embedding)
     if head is not None and source is not head:
         consumed.add(head.name)  # tied: the embedding's rows serve as the output projection
     return consumed
+
+
+def _embedding_name(model: nn.Module) -> str:
+    """The checkpoint name of the model's token table (``model.embed_tokens.weight`` for the
+    Llama family, ``transformer.wte.weight`` for GPT-2)."""
+    table = model.get_input_embeddings()
+    return next(name for name, module in model.named_modules() if module is table) + ".weight"
 
 
 def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -175,7 +182,7 @@ def _repack_for_cpu(model: nn.Module) -> None:
     torch-free path does (native_cpu.lm_head_refine_count), from the tied table beside a 7-bit
     copy."""
     head = getattr(model, "quant_lm_head", None)
-    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    embed = model.get_input_embeddings()
     shares_table = isinstance(embed, QuantEmbedding) and isinstance(head, QuantLinear) and \
         embed.qweight is head.qweight
     for module in model.modules():

@@ -1,4 +1,4 @@
-// CPU RMSNorm and fused residual-add + RMSNorm, parallel over rows.
+// CPU RMSNorm, fused residual-add + RMSNorm and LayerNorm, parallel over rows.
 #include "fastllm/kernels/norm.h"
 
 #include <algorithm>
@@ -83,6 +83,38 @@ void fused_add_rms_norm_cpu(const FusedAddRmsNormParams& p) {
     const float inv_rms = 1.0f / std::sqrt(ops.sum_squares(x, p.hidden) / p.hidden + p.eps);
     ops.mul_scaled(x, w, inv_rms, x, p.hidden);
     ops.store(x, p.dtype, input, p.hidden, 1.0f);
+  });
+}
+
+void layer_norm_cpu(const LayerNormParams& p) {
+  check_common(p.num_tokens, p.hidden, p.dtype, "layer_norm");
+  check_arg(p.input_stride >= p.hidden && p.out_stride >= p.hidden, "layer_norm: bad strides");
+  const auto& ops = cpu::vec_ops();
+  const size_t size = dtype_size(p.dtype);
+  for_rows(p.num_tokens, p.hidden, [&](int64_t i) {
+    float* x = cpu::scratch(0, p.hidden);
+    float* w = cpu::scratch(1, p.hidden);
+    float* b = cpu::scratch(2, p.hidden);
+    ops.load(static_cast<const char*>(p.input) + i * p.input_stride * size, p.dtype, x, p.hidden,
+             1.0f);
+    ops.load(p.weight, p.dtype, w, p.hidden, 1.0f);
+    // Two passes (mean, then the centred squares) in double: one-pass E[x^2] - E[x]^2 loses
+    // the variance of rows with a large mean.
+    double sum = 0.0;
+    for (int64_t j = 0; j < p.hidden; ++j) sum += x[j];
+    const float mean = static_cast<float>(sum / p.hidden);
+    double squares = 0.0;
+    for (int64_t j = 0; j < p.hidden; ++j) {
+      x[j] -= mean;
+      squares += static_cast<double>(x[j]) * x[j];
+    }
+    const float inv_std = static_cast<float>(1.0 / std::sqrt(squares / p.hidden + p.eps));
+    ops.mul_scaled(x, w, inv_std, x, p.hidden);
+    if (p.bias != nullptr) {
+      ops.load(p.bias, p.dtype, b, p.hidden, 1.0f);
+      for (int64_t j = 0; j < p.hidden; ++j) x[j] += b[j];
+    }
+    ops.store(x, p.dtype, static_cast<char*>(p.out) + i * p.out_stride * size, p.hidden, 1.0f);
   });
 }
 

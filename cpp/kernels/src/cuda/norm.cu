@@ -1,4 +1,4 @@
-// CUDA RMSNorm and fused residual-add + RMSNorm: one thread block per row.
+// CUDA RMSNorm, fused residual-add + RMSNorm and LayerNorm: one thread block per row.
 #include "fastllm/kernels/cuda_compat.cuh"
 #include "fastllm/kernels/norm.h"
 
@@ -45,6 +45,40 @@ __global__ void fused_add_rms_norm_kernel(T* __restrict__ input, T* __restrict__
   const float inv_rms = rsqrtf(block_sum(sum, scratch) / hidden + eps);
   for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x)
     x[i] = from_float<T>(to_float(r[i]) * inv_rms * to_float(weight[i]));
+}
+
+// Two reductions (mean, then centred squares): one-pass E[x^2] - E[x]^2 loses the variance of
+// rows with a large mean.
+template <typename T>
+__global__ void layer_norm_kernel(T* __restrict__ out, const T* __restrict__ input,
+                                  const T* __restrict__ weight, const T* __restrict__ bias,
+                                  int64_t hidden, int64_t in_stride, int64_t out_stride,
+                                  float eps) {
+  __shared__ float scratch[32];
+  const T* x = input + blockIdx.x * in_stride;
+  float sum = 0.0f;
+  for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) sum += to_float(x[i]);
+  // block_sum hands every thread the total and synchronises before reusing scratch.
+  const float mean = block_sum(sum, scratch) / hidden;
+  float squares = 0.0f;
+  for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) {
+    const float d = to_float(x[i]) - mean;
+    squares += d * d;
+  }
+  const float inv_std = rsqrtf(block_sum(squares, scratch) / hidden + eps);
+  T* y = out + blockIdx.x * out_stride;
+  for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) {
+    float v = (to_float(x[i]) - mean) * inv_std * to_float(weight[i]);
+    if (bias != nullptr) v += to_float(bias[i]);
+    y[i] = from_float<T>(v);
+  }
+}
+
+template <typename T>
+void launch_layer_norm(const LayerNormParams& p, cudaStream_t stream) {
+  layer_norm_kernel<T><<<static_cast<unsigned>(p.num_tokens), kThreads, 0, stream>>>(
+      static_cast<T*>(p.out), static_cast<const T*>(p.input), static_cast<const T*>(p.weight),
+      static_cast<const T*>(p.bias), p.hidden, p.input_stride, p.out_stride, p.eps);
 }
 
 void check_dtype(DType dtype, const char* op) {
@@ -103,6 +137,25 @@ void fused_add_rms_norm_cuda(const FusedAddRmsNormParams& p, void* stream_handle
       break;
   }
   check_launch("fused_add_rms_norm");
+}
+
+void layer_norm_cuda(const LayerNormParams& p, void* stream_handle) {
+  check_dtype(p.dtype, "layer_norm");
+  check_arg(p.num_tokens >= 0 && p.hidden > 0, "layer_norm: bad sizes");
+  if (p.num_tokens == 0) return;
+  auto stream = static_cast<cudaStream_t>(stream_handle);
+  switch (p.dtype) {
+    case DType::kFloat32:
+      launch_layer_norm<float>(p, stream);
+      break;
+    case DType::kFloat16:
+      launch_layer_norm<half_t>(p, stream);
+      break;
+    default:
+      launch_layer_norm<bf16_t>(p, stream);
+      break;
+  }
+  check_launch("layer_norm");
 }
 
 }  // namespace fastllm::kernels
