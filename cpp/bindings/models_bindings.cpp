@@ -47,7 +47,9 @@ k::DType cache_dtype_of(const std::string& name, const char* op) {
   if (name == "float32") return k::DType::kFloat32;
   if (name == "float16") return k::DType::kFloat16;
   if (name == "bfloat16") return k::DType::kBFloat16;
-  throw k::KernelArgumentError(where(op, "cache_dtype must be float32, float16 or bfloat16"));
+  if (name == "float8_e4m3fn") return k::DType::kFloat8E4M3;
+  throw k::KernelArgumentError(
+      where(op, "cache_dtype must be float32, float16, bfloat16 or float8_e4m3fn"));
 }
 
 // The model sizes, final norm and RoPE table both bindings take.
@@ -135,14 +137,17 @@ class PyCpuDecoder {
 
   void add_layer(const Array& input_norm, const Array& post_attention_norm, const nb::tuple& qkv,
                  const nb::tuple& o_proj, const nb::tuple& gate_up, const nb::tuple& down,
-                 const Array& key_cache, const Array& value_cache) {
+                 const Array& key_cache, const Array& value_cache, float k_scale,
+                 float v_scale) {
     const fm::DecoderShape& s = decoder_->shape();
     std::vector<Array> keep;
     fm::DecoderLayerRef layer = layer_weights(kDecoder, s, input_norm, post_attention_norm, qkv,
                                               o_proj, gate_up, down, keep);
+    layer.k_scale = k_scale;
+    layer.v_scale = v_scale;
     const int64_t cache_numel = s.num_blocks * s.block_size * s.num_kv_heads * s.head_dim;
     for (const Array* cache : {&key_cache, &value_cache}) {
-      check_arg(float_dtype(*cache, kDecoder, "kv cache") == s.cache_dtype,
+      check_arg(float_dtype(*cache, kDecoder, "kv cache", true) == s.cache_dtype,
                 where(kDecoder, "the KV caches must have the decoder's cache_dtype"));
       check_device(*cache, false, kDecoder, "kv cache");
       check_contiguous(*cache, kDecoder, "kv cache");
@@ -205,9 +210,13 @@ struct PyCpuModelWeights {
   std::vector<Array> keep;
 
   void add_layer(const Array& input_norm, const Array& post_attention_norm, const nb::tuple& qkv,
-                 const nb::tuple& o_proj, const nb::tuple& gate_up, const nb::tuple& down) {
-    weights.layers.push_back(layer_weights(kWeights, weights.shape, input_norm, post_attention_norm,
-                                           qkv, o_proj, gate_up, down, keep));
+                 const nb::tuple& o_proj, const nb::tuple& gate_up, const nb::tuple& down,
+                 float k_scale, float v_scale) {
+    fm::DecoderLayerRef layer = layer_weights(kWeights, weights.shape, input_norm,
+                                              post_attention_norm, qkv, o_proj, gate_up, down, keep);
+    layer.k_scale = k_scale;
+    layer.v_scale = v_scale;
+    weights.layers.push_back(layer);
   }
 };
 
@@ -310,9 +319,9 @@ void bind_models(nb::module_& m) {
            arg("num_blocks"), arg("cache_dtype"))
       .def("add_layer", &PyCpuDecoder::add_layer, arg("input_norm"), arg("post_attention_norm"),
            arg("qkv"), arg("o_proj"), arg("gate_up"), arg("down"), arg("key_cache"),
-           arg("value_cache"),
+           arg("value_cache"), arg("k_scale") = 1.0f, arg("v_scale") = 1.0f,
            "Appends a layer; each linear is (uint8 weight rows, ggml type id, float32 bias or "
-           "None).")
+           "None); a uint8 cache is float8 e4m3 storing x / k_scale (x / v_scale).")
       .def("forward", &PyCpuDecoder::forward, arg("hidden"), arg("positions"), arg("slot_mapping"),
            arg("query_start_loc"), arg("context_lens"), arg("block_tables"), arg("max_context_len"),
            "Runs every layer over the step in place: hidden holds the embeddings in and the "
@@ -339,8 +348,9 @@ void bind_models(nb::module_& m) {
            "the output weights' own values; None: lm_head's rows).")
       .def("add_layer", &PyCpuModelWeights::add_layer, arg("input_norm"),
            arg("post_attention_norm"), arg("qkv"), arg("o_proj"), arg("gate_up"), arg("down"),
+           arg("k_scale") = 1.0f, arg("v_scale") = 1.0f,
            "Appends a layer; each linear is (uint8 weight rows, ggml type id, float32 bias or "
-           "None).")
+           "None); k_scale / v_scale: its fp8 KV cache scales (stored = x / scale).")
       .def_prop_ro("num_layers",
                    [](const PyCpuModelWeights& w) { return w.weights.layers.size(); });
 

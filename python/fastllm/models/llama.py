@@ -259,8 +259,8 @@ def build_cpu_decoder(model: nn.Module, kv_caches: Sequence[KVCache], block_size
         return None
     inner = model.model
     key0 = kv_caches[0][0] if kv_caches else None
-    if (key0 is None or key0.device.type != "cpu"
-            or str(key0.dtype).removeprefix("torch.") not in CACHE_DTYPES):
+    cache_dtype = None if key0 is None else str(key0.dtype).removeprefix("torch.")
+    if key0 is None or key0.device.type != "cpu" or cache_dtype not in CACHE_DTYPES:
         return None
     if inner.rope_cache.dtype != torch.float32 or inner.norm.weight.dtype != torch.float32:
         return None
@@ -272,7 +272,11 @@ def build_cpu_decoder(model: nn.Module, kv_caches: Sequence[KVCache], block_size
         if any(spec is None for spec in linears):
             return None
         layers.append(CpuLayer(layer.input_layernorm.weight.detach().numpy(),
-                               layer.post_attention_layernorm.weight.detach().numpy(), *linears))
+                               layer.post_attention_layernorm.weight.detach().numpy(), *linears,
+                               attn.attn.k_scale, attn.attn.v_scale))
+    fp8 = key0.element_size() == 1  # numpy has no float8: the kernels read e4m3 codes as uint8
     return new_cpu_decoder(model.config, inner.norm.weight.detach().numpy(),
                            inner.rope_cache.contiguous().numpy(), layers,
-                           [(k.numpy(), v.numpy()) for k, v in kv_caches], block_size)
+                           [(k.view(torch.uint8).numpy(), v.view(torch.uint8).numpy()) if fp8
+                            else (k.numpy(), v.numpy()) for k, v in kv_caches], block_size,
+                           cache_dtype)
