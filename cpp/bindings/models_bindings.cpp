@@ -137,8 +137,7 @@ class PyCpuDecoder {
 
   void add_layer(const Array& input_norm, const Array& post_attention_norm, const nb::tuple& qkv,
                  const nb::tuple& o_proj, const nb::tuple& gate_up, const nb::tuple& down,
-                 const Array& key_cache, const Array& value_cache, float k_scale,
-                 float v_scale) {
+                 const Array& key_cache, const Array& value_cache, float k_scale, float v_scale) {
     const fm::DecoderShape& s = decoder_->shape();
     std::vector<Array> keep;
     fm::DecoderLayerRef layer = layer_weights(kDecoder, s, input_norm, post_attention_norm, qkv,
@@ -212,8 +211,8 @@ struct PyCpuModelWeights {
   void add_layer(const Array& input_norm, const Array& post_attention_norm, const nb::tuple& qkv,
                  const nb::tuple& o_proj, const nb::tuple& gate_up, const nb::tuple& down,
                  float k_scale, float v_scale) {
-    fm::DecoderLayerRef layer = layer_weights(kWeights, weights.shape, input_norm,
-                                              post_attention_norm, qkv, o_proj, gate_up, down, keep);
+    fm::DecoderLayerRef layer = layer_weights(
+        kWeights, weights.shape, input_norm, post_attention_norm, qkv, o_proj, gate_up, down, keep);
     layer.k_scale = k_scale;
     layer.v_scale = v_scale;
     weights.layers.push_back(layer);

@@ -177,7 +177,7 @@ def _fp16_exact(values: np.ndarray) -> bool:
 
 def encode_int_linear(lin: IntLinear, stats: ConversionStats) -> tuple[str, np.ndarray]:
     """(ggml type name, uint8 rows) of ``lin`` for the CPU kernels (see the module docstring)."""
-    n, k = lin.codes.shape
+    k = lin.codes.shape[1]
     if k % _BLOCK:
         stats.kept_float += 1
         return "F32", lin.dequantize().view(np.uint8)
