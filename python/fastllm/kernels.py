@@ -28,6 +28,7 @@ _ops = _C.ops
 act_and_mul = _ops.act_and_mul
 copy_blocks = _ops.copy_blocks
 embed_quant_rows = _ops.embed_quant_rows
+fp8_gemm = _ops.fp8_gemm
 fused_add_rms_norm = _ops.fused_add_rms_norm
 lora_apply = _ops.lora_apply
 lora_cpu_isa = _ops.lora_cpu_isa

@@ -371,3 +371,23 @@ def test_fp8_kv_cache_perplexity_within_one_percent_of_fp16(monkeypatch, torch_f
     params = SamplingParams(temperature=0.0, max_tokens=8)
     assert len(fp8.generate(["The capital of France is"], params,
                             use_tqdm=False)[0].outputs[0].token_ids) == 8
+
+
+# ---- FP8 weight GEMM kernel (the CUDA path's portable reference) -------------------------------
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 8, 16), (3, 40, 100), (17, 64, 576)])
+def test_fp8_gemm_matches_the_reference(m, n, k):
+    rng = np.random.default_rng(k)
+    codes = rng.integers(0, 256, (n, k)).astype(np.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0  # no NaN codes
+    scale = rng.uniform(0.1, 2.0, n).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    out = np.empty((m, n), np.float32)
+    kernels.fp8_gemm(out, x, codes, scale, bias)
+    weight = qc.e4m3_value(codes).astype(np.float64) * scale[:, None]
+    ref = x.astype(np.float64) @ weight.T + bias
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="scale must be"):
+        kernels.fp8_gemm(out, x, codes, scale[:-1])
