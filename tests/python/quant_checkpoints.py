@@ -173,6 +173,8 @@ def _float_params(rng, config: dict) -> dict[str, np.ndarray]:
     out = {"model.embed_tokens.weight": rng.normal(0, 1.0, (vocab, h)),
            "lm_head.weight": rng.normal(0, 0.15, (vocab, h)),
            "model.norm.weight": rng.uniform(0.8, 1.2, h)}
+    if config["tie_word_embeddings"]:
+        del out["lm_head.weight"]
     for i in range(config["num_hidden_layers"]):
         for norm in ("input_layernorm", "post_attention_layernorm"):
             out[f"model.layers.{i}.{norm}.weight"] = rng.uniform(0.8, 1.2, h)
