@@ -35,6 +35,10 @@ _DTYPES = {
 }
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1,
                 "float8_e5m2": 1}
+# What --quantization accepts: the methods (loader.quantization reads them), then vLLM's names of
+# kernels over the same checkpoint formats.
+QUANTIZATION_CHOICES = ("gguf", "gptq", "awq", "compressed-tensors", "fp8", "gptq_marlin",
+                        "awq_marlin", "marlin", "compressed_tensors")
 # --kv-cache-dtype spellings of an fp8 cache -> its element type (the kernels store e4m3).
 _FP8_KV_DTYPES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
@@ -141,7 +145,7 @@ class EngineArgs:
     # None: what the checkpoint says (config.json's quantization_config, or GGUF); a name
     # confirms it, and a mismatch is an error (loader.quantization).
     quantization: str | None = _arg(
-        None, names=("-q",),
+        None, names=("-q",), choices=list(QUANTIZATION_CHOICES),
         help="quantization method, checked against the checkpoint's: gguf, gptq, awq, "
              "compressed-tensors or fp8 (default: read from the checkpoint)")
     # JSON of per-layer KV cache scales (vLLM's kv_cache.scaling_factor layout), for fp8 caches
@@ -295,10 +299,9 @@ class EngineArgs:
         if self.kv_cache_dtype not in ("auto", *_DTYPES, *_FP8_KV_DTYPES):
             raise ValueError(f"kv_cache_dtype must be 'auto', 'float32', 'float16', "
                              f"'bfloat16', 'fp8' or 'fp8_e4m3', got {self.kv_cache_dtype!r}")
-        if self.quantization is not None:
-            from fastllm.loader.quantization import canonical_method
-
-            canonical_method(self.quantization, "--quantization")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(f"quantization method {self.quantization!r} is not supported; "
+                             f"supported: {', '.join(QUANTIZATION_CHOICES[:5])}")
         if self.quantization_param_path is not None and \
                 self.kv_cache_dtype not in _FP8_KV_DTYPES:
             raise ValueError("quantization_param_path holds fp8 KV cache scales: it needs "

@@ -17,14 +17,11 @@ from typing import Any
 
 from .source import ModelSource
 
-# What --quantization accepts, and what a checkpoint's quant_method may name.
+# The methods a checkpoint's quant_method (or --quantization) may name (fastllm.config's
+# QUANTIZATION_CHOICES lists the same with the aliases below: vLLM's kernel names).
 QUANTIZATION_METHODS = ("gguf", "gptq", "awq", "compressed-tensors", "fp8")
-# vLLM's names of kernels over the same checkpoint formats.
-_ALIASES = {"gptq_marlin": "gptq", "gptq_marlin_24": None, "marlin": "gptq",
+_ALIASES = {"gptq_marlin": "gptq", "marlin": "gptq",
             "awq_marlin": "awq", "compressed_tensors": "compressed-tensors"}
-# KV cache dtypes (--kv-cache-dtype) -> the cache's element type.
-FP8_KV_DTYPES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn",
-                 "fp8_e5m2": "float8_e5m2"}
 
 
 def _supported() -> str:

@@ -471,13 +471,6 @@ def check_supported(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> 
     if ns.kv_cache_dtype == "fp8_e5m2":
         parser.error("--kv-cache-dtype=fp8_e5m2: the attention kernels read e4m3 caches (use "
                      "fp8 or fp8_e4m3)")
-    if ns.quantization is not None:
-        from fastllm.loader.quantization import canonical_method
-
-        try:
-            canonical_method(ns.quantization, "--quantization")
-        except ValueError as e:
-            parser.error(str(e))
     defaults = {a.dest: a.default for a in parser._actions}
     for dest, (kind, why) in FLAGS.items():
         value = getattr(ns, dest)
