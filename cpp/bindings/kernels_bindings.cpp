@@ -15,6 +15,7 @@
 #include "fastllm/kernels/attention.h"
 #include "fastllm/kernels/cache_ops.h"
 #include "fastllm/kernels/common.h"
+#include "fastllm/kernels/fp8_gemm.h"
 #include "fastllm/kernels/lora.h"
 #include "fastllm/kernels/moe.h"
 #include "fastllm/kernels/norm.h"
@@ -757,6 +758,33 @@ void quant_gemm(const Array& out, const Array& input, const Array& weight, int32
   FASTLLM_RUN_OP(quant_gemm, cuda, p, stream);
 }
 
+void fp8_gemm(const Array& out, const Array& input, const Array& weight, const Array& scale,
+              const Array& bias, uintptr_t stream) {
+  const char* op = "fp8_gemm";
+  const bool cuda = cuda_device(input, op);
+  check_device(out, cuda, op, "out");
+  check_arg(input.dtype() == nb::dtype<float>() && out.dtype() == nb::dtype<float>(),
+            where(op, "input and out must be float32"));
+  auto [rows, in_stride] = rows_of(input, op, "input");
+  auto [out_rows, out_stride] = rows_of(out, op, "out");
+  check_arg(out_rows == rows, where(op, "out must have input's rows"));
+  k::Fp8GemmParams p;
+  p.k = input.shape(input.ndim() - 1);
+  p.n = out.shape(out.ndim() - 1);
+  p.m = rows;
+  p.input_stride = in_stride;
+  p.out_stride = out_stride;
+  p.weight = typed<uint8_t>(weight, cuda, op, "weight");
+  check_arg(numel(weight) == p.n * p.k, where(op, "weight must be [out_features, in_features]"));
+  p.scale = typed<float>(scale, cuda, op, "scale");
+  check_arg(numel(scale) == p.n, where(op, "scale must be [out_features]"));
+  p.bias = bias.is_valid() ? typed<float>(bias, cuda, op, "bias") : nullptr;
+  check_arg(p.bias == nullptr || numel(bias) == p.n, where(op, "bias must be [out_features]"));
+  p.input = static_cast<const float*>(input.data());
+  p.out = static_cast<float*>(out.data());
+  FASTLLM_RUN_OP(fp8_gemm, cuda, p, stream);
+}
+
 int32_t quant_repack(const Array& weight, int32_t type, int64_t in_features) {
   const char* op = "quant_repack";
   const auto qtype = static_cast<k::QuantType>(type);
@@ -1075,6 +1103,10 @@ void bind_kernels(nb::module_& m) {
       },
       arg("num_tokens"), arg("hidden"), arg("intermediate"), arg("num_experts"), arg("top_k"),
       "Bytes of CUDA workspace moe_experts_float needs (0 in a build without CUDA).");
+  m.def("fp8_gemm", &fp8_gemm, arg("out"), arg("input"), arg("weight"), arg("scale"),
+        arg("bias").none() = nb::none(), arg("stream") = 0,
+        "out[m, n] = scale[n] * input[m, k] @ e4m3(W).T (+ bias) for W [n, k] e4m3fn codes "
+        "(uint8, or a float8_e4m3fn tensor viewed as uint8), float accumulation.");
   m.def("quant_gemm", &quant_gemm, arg("out"), arg("input"), arg("weight"), arg("type"),
         arg("bias").none() = nb::none(), arg("allow_simd") = true, arg("stream") = 0,
         "out[m, n] = input[m, k] @ W.T (+ bias) for W [n, k] in a GGUF block type (ggml type id: "

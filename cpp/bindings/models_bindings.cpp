@@ -47,7 +47,9 @@ k::DType cache_dtype_of(const std::string& name, const char* op) {
   if (name == "float32") return k::DType::kFloat32;
   if (name == "float16") return k::DType::kFloat16;
   if (name == "bfloat16") return k::DType::kBFloat16;
-  throw k::KernelArgumentError(where(op, "cache_dtype must be float32, float16 or bfloat16"));
+  if (name == "float8_e4m3fn") return k::DType::kFloat8E4M3;
+  throw k::KernelArgumentError(
+      where(op, "cache_dtype must be float32, float16, bfloat16 or float8_e4m3fn"));
 }
 
 // The model sizes, final norm and RoPE table both bindings take.
@@ -199,15 +201,17 @@ class PyCpuDecoder {
   void add_layer(const Array& input_norm, const Array& post_attention_norm, const nb::tuple& qkv,
                  const nb::tuple& o_proj, const nb::object& gate_up, const nb::object& down,
                  const Array& key_cache, const Array& value_cache, const nb::object& moe,
-                 const nb::object& q_norm, const nb::object& k_norm) {
+                 const nb::object& q_norm, const nb::object& k_norm, float k_scale, float v_scale) {
     const fm::DecoderShape& s = decoder_->shape();
     std::vector<Array> keep;
     fm::DecoderLayerRef layer =
         layer_weights(kDecoder, s, input_norm, post_attention_norm, qkv, o_proj, gate_up, down,
                       LayerExtras{moe, q_norm, k_norm}, keep);
+    layer.k_scale = k_scale;
+    layer.v_scale = v_scale;
     const int64_t cache_numel = s.num_blocks * s.block_size * s.num_kv_heads * s.head_dim;
     for (const Array* cache : {&key_cache, &value_cache}) {
-      check_arg(float_dtype(*cache, kDecoder, "kv cache") == s.cache_dtype,
+      check_arg(float_dtype(*cache, kDecoder, "kv cache", true) == s.cache_dtype,
                 where(kDecoder, "the KV caches must have the decoder's cache_dtype"));
       check_device(*cache, false, kDecoder, "kv cache");
       check_contiguous(*cache, kDecoder, "kv cache");
@@ -271,10 +275,14 @@ struct PyCpuModelWeights {
 
   void add_layer(const Array& input_norm, const Array& post_attention_norm, const nb::tuple& qkv,
                  const nb::tuple& o_proj, const nb::object& gate_up, const nb::object& down,
-                 const nb::object& moe, const nb::object& q_norm, const nb::object& k_norm) {
-    weights.layers.push_back(layer_weights(kWeights, weights.shape, input_norm, post_attention_norm,
-                                           qkv, o_proj, gate_up, down,
-                                           LayerExtras{moe, q_norm, k_norm}, keep));
+                 const nb::object& moe, const nb::object& q_norm, const nb::object& k_norm,
+                 float k_scale, float v_scale) {
+    fm::DecoderLayerRef layer =
+        layer_weights(kWeights, weights.shape, input_norm, post_attention_norm, qkv, o_proj,
+                      gate_up, down, LayerExtras{moe, q_norm, k_norm}, keep);
+    layer.k_scale = k_scale;
+    layer.v_scale = v_scale;
+    weights.layers.push_back(layer);
   }
 };
 
@@ -379,10 +387,12 @@ void bind_models(nb::module_& m) {
            arg("qkv"), arg("o_proj"), arg("gate_up").none(), arg("down").none(), arg("key_cache"),
            arg("value_cache"), nb::kw_only(), arg("moe").none() = nb::none(),
            arg("q_norm").none() = nb::none(), arg("k_norm").none() = nb::none(),
+           arg("k_scale") = 1.0f, arg("v_scale") = 1.0f,
            "Appends a layer; each linear is (uint8 weight rows, ggml type id, float32 bias or "
            "None). A sparse layer passes moe = (router linear, gate_up rows, gate_up type, down "
            "rows, down type, intermediate, top_k, renormalize) and None for gate_up and down; "
-           "q_norm / k_norm: per-head RMSNorm weights (Qwen3).")
+           "q_norm / k_norm: per-head RMSNorm weights (Qwen3); a uint8 cache is float8 e4m3 "
+           "storing x / k_scale (x / v_scale).")
       .def("forward", &PyCpuDecoder::forward, arg("hidden"), arg("positions"), arg("slot_mapping"),
            arg("query_start_loc"), arg("context_lens"), arg("block_tables"), arg("max_context_len"),
            "Runs every layer over the step in place: hidden holds the embeddings in and the "
@@ -411,8 +421,9 @@ void bind_models(nb::module_& m) {
            arg("post_attention_norm"), arg("qkv"), arg("o_proj"), arg("gate_up").none(),
            arg("down").none(), nb::kw_only(), arg("moe").none() = nb::none(),
            arg("q_norm").none() = nb::none(), arg("k_norm").none() = nb::none(),
+           arg("k_scale") = 1.0f, arg("v_scale") = 1.0f,
            "Appends a layer; each linear is (uint8 weight rows, ggml type id, float32 bias or "
-           "None); moe, q_norm, k_norm as CpuDecoder.add_layer.")
+           "None); moe, q_norm, k_norm, k_scale, v_scale as CpuDecoder.add_layer.")
       .def_prop_ro("num_layers",
                    [](const PyCpuModelWeights& w) { return w.weights.layers.size(); });
 

@@ -33,7 +33,14 @@ _DTYPES = {
     "bfloat16": "bfloat16",
     "bf16": "bfloat16",
 }
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1,
+                "float8_e5m2": 1}
+# What --quantization accepts: the methods (loader.quantization reads them), then vLLM's names of
+# kernels over the same checkpoint formats.
+QUANTIZATION_CHOICES = ("gguf", "gptq", "awq", "compressed-tensors", "fp8", "gptq_marlin",
+                        "awq_marlin", "marlin", "compressed_tensors")
+# --kv-cache-dtype spellings of an fp8 cache -> its element type (the kernels store e4m3).
+_FP8_KV_DTYPES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
 
 def _env_float(name: str, default: float) -> float:
@@ -130,18 +137,31 @@ class EngineArgs:
         "auto", choices=["auto", "pt", "safetensors", "npcache", "dummy", "tensorizer",
                          "sharded_state", "gguf", "bitsandbytes", "mistral"],
         help="weights format: auto, pt, safetensors, gguf or dummy (random weights)")
-    # auto: keep a GGUF file's quantized linear layers quantized on the CPU; dequantize: float
+    # auto: keep a GGUF file's quantized linear layers quantized on the CPU (an HF quantized
+    # checkpoint's on any device); dequantize: float
     quantized_weights: str = _arg(
         "auto", choices=["auto", "dequantize"],
-        help="auto: keep a GGUF model's quantized linear layers quantized on the CPU")
+        help="auto: keep a quantized model's linear layers quantized (GGUF: on the CPU)")
+    # None: what the checkpoint says (config.json's quantization_config, or GGUF); a name
+    # confirms it, and a mismatch is an error (loader.quantization).
+    quantization: str | None = _arg(
+        None, names=("-q",), choices=list(QUANTIZATION_CHOICES),
+        help="quantization method, checked against the checkpoint's: gguf, gptq, awq, "
+             "compressed-tensors or fp8 (default: read from the checkpoint)")
+    # JSON of per-layer KV cache scales (vLLM's kv_cache.scaling_factor layout), for fp8 caches
+    quantization_param_path: str | None = _arg(
+        None, help="JSON file of fp8 KV cache scales per layer (default: the checkpoint's "
+                   "k_scale/v_scale, else 1.0)")
     dtype: str = _arg("auto", choices=["auto", "half", "float16", "bfloat16", "float", "float32"],
                       help="weights and activations dtype")
     # auto: the model dtype, except float16 for a GGUF kept quantized on the CPU (its activations
     # run in float32; half-precision keys and values halve the cache's memory and bandwidth).
-    # The fp8 spellings parse (the specification's) and are refused by the server.
+    # fp8 / fp8_e4m3: e4m3 values of x / scale (per-layer scales: quantization_param_path, the
+    # checkpoint's k_scale/v_scale, else 1.0); fp8_e5m2 parses and is refused (no kernels).
     kv_cache_dtype: str = _arg(
         "auto", choices=["auto", "fp8", "fp8_e5m2", "fp8_e4m3", "float32", "float16", "bfloat16"],
-        help="KV cache dtype; auto = the model dtype (float16 for a quantized GGUF on the CPU)")
+        help="KV cache dtype; auto = the model dtype (float16 for a quantized model on the CPU);"
+             " fp8 = fp8_e4m3")
     device: str = _arg("auto", choices=["auto", "cuda", "neuron", "cpu", "openvino", "tpu", "xpu"],
                        help="auto, cuda or cpu")
     seed: int = _arg(0, type=seed_int, help="random seed")
@@ -273,9 +293,19 @@ class EngineArgs:
                              f"{self.quantized_weights!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}")
-        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in _DTYPES:
-            raise ValueError(f"kv_cache_dtype must be 'auto', 'float32', 'float16' or "
-                             f"'bfloat16', got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype == "fp8_e5m2":
+            raise ValueError("kv_cache_dtype 'fp8_e5m2' is not supported: the attention kernels "
+                             "read e4m3 caches (use 'fp8' or 'fp8_e4m3')")
+        if self.kv_cache_dtype not in ("auto", *_DTYPES, *_FP8_KV_DTYPES):
+            raise ValueError(f"kv_cache_dtype must be 'auto', 'float32', 'float16', "
+                             f"'bfloat16', 'fp8' or 'fp8_e4m3', got {self.kv_cache_dtype!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(f"quantization method {self.quantization!r} is not supported; "
+                             f"supported: {', '.join(QUANTIZATION_CHOICES[:5])}")
+        if self.quantization_param_path is not None and \
+                self.kv_cache_dtype not in _FP8_KV_DTYPES:
+            raise ValueError("quantization_param_path holds fp8 KV cache scales: it needs "
+                             "kv_cache_dtype fp8")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"unknown device {self.device!r}")
         if self.preemption_mode not in ("recompute", "swap"):
@@ -373,10 +403,14 @@ class EngineArgs:
                 raise ValueError("device 'cuda' requested but torch sees no CUDA device")
         return self.device
 
-    def use_quantized_weights(self, is_gguf: bool, device: str) -> bool:
-        """"auto" keeps a GGUF file's quantization on the CPU; "dequantize" always loads float."""
-        return (self.quantized_weights == "auto" and is_gguf and device == "cpu"
-                and self.load_format in ("auto", "gguf"))
+    def use_quantized_weights(self, source: Any, device: str) -> bool:
+        """"auto" keeps a GGUF file's quantization on the CPU and an HF quantized checkpoint's
+        (source.quant) on any device; "dequantize" always loads float."""
+        if self.quantized_weights != "auto":
+            return False
+        if source.quant is not None:
+            return self.load_format in ("auto", "safetensors")
+        return source.is_gguf and device == "cpu" and self.load_format in ("auto", "gguf")
 
     def resolve_dtype(self, config_dtype: str | None, device: str) -> str:
         if self.dtype != "auto":
@@ -389,6 +423,9 @@ class EngineArgs:
         return "float16"
 
     def resolve_kv_cache_dtype(self, model_dtype: str, quantized_on_cpu: bool) -> str:
+        """The cache's element type: a float dtype name, or "float8_e4m3fn"."""
+        if self.kv_cache_dtype in _FP8_KV_DTYPES:
+            return _FP8_KV_DTYPES[self.kv_cache_dtype]
         if self.kv_cache_dtype != "auto":
             return _DTYPES[self.kv_cache_dtype]
         return "float16" if quantized_on_cpu else model_dtype

@@ -29,6 +29,7 @@ act_and_mul = _ops.act_and_mul
 activation = _ops.activation
 copy_blocks = _ops.copy_blocks
 embed_quant_rows = _ops.embed_quant_rows
+fp8_gemm = _ops.fp8_gemm
 fused_add_rms_norm = _ops.fused_add_rms_norm
 layer_norm = _ops.layer_norm
 lora_apply = _ops.lora_apply

@@ -66,8 +66,9 @@ CpuExecutor::CpuExecutor(const CpuModelWeights& weights, const CpuExecutorConfig
             "CpuExecutor: block_size must be 8, 16 or 32");
   check_arg(config.num_blocks > 0 && config.num_swap_blocks >= 0,
             "CpuExecutor: num_blocks must be positive");
-  check_arg(config.cache_dtype == DType::kFloat32 || config.cache_dtype == DType::kFloat16,
-            "CpuExecutor: the KV cache must be float32 or float16");
+  check_arg(config.cache_dtype == DType::kFloat32 || config.cache_dtype == DType::kFloat16 ||
+                config.cache_dtype == DType::kFloat8E4M3,
+            "CpuExecutor: the KV cache must be float32, float16 or float8_e4m3");
   check_arg(weights.embed_table != nullptr && weights.vocab > 0,
             "CpuExecutor: the token embedding table is required");
   check_arg(weights.lm_head.weight != nullptr && weights.lm_head.k == s.hidden &&

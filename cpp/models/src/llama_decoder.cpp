@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <tuple>
@@ -53,8 +54,6 @@ CpuDecoder::CpuDecoder(const DecoderShape& s) : shape_(s) {
             "CpuDecoder: rotary_dim must be even and at most head_dim");
   check_arg(s.max_position > 0 && s.block_size > 0 && s.num_blocks > 0,
             "CpuDecoder: max_position, block_size and num_blocks must be positive");
-  check_arg(s.cache_dtype != DType::kFloat8E4M3,
-            "CpuDecoder: the KV cache must be float32, float16 or bfloat16");
   q_size_ = s.num_heads * s.head_dim;
   kv_size_ = s.num_kv_heads * s.head_dim;
 }
@@ -65,6 +64,9 @@ void CpuDecoder::add_layer(const DecoderLayerRef& layer) {
             "CpuDecoder: a layer needs both norm weights");
   check_arg(layer.key_cache != nullptr && layer.value_cache != nullptr,
             "CpuDecoder: a layer needs its key and value caches");
+  check_arg(layer.k_scale > 0.0f && layer.v_scale > 0.0f && std::isfinite(layer.k_scale) &&
+                std::isfinite(layer.v_scale),
+            "CpuDecoder: KV cache scales must be positive and finite");
   check_linear(layer.qkv, q_size_ + 2 * kv_size_, s.hidden, "qkv_proj");
   check_linear(layer.o_proj, s.hidden, q_size_, "o_proj");
   check_arg((layer.q_norm == nullptr) == (layer.k_norm == nullptr),
@@ -320,6 +322,8 @@ void CpuDecoder::forward(const DecoderBatch& b) {
     timed(attend, [&] {
       cache.key_cache = layer.key_cache;
       cache.value_cache = layer.value_cache;
+      cache.k_scale = attention.k_scale = layer.k_scale;
+      cache.v_scale = attention.v_scale = layer.v_scale;
       reshape_and_cache_cpu(cache);
       attention.key_cache = layer.key_cache;
       attention.value_cache = layer.value_cache;

@@ -4,6 +4,7 @@ native token outputs into text outputs. Synchronous; the offline LLM API drives 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import logging
 import os
@@ -25,6 +26,8 @@ from fastllm.engine.errors import RequestFailedError
 from fastllm.engine.output_processor import OutputProcessor
 from fastllm.guided import GuidedDecodingManager
 from fastllm.loader import load_config, resolve_model
+from fastllm.loader.hf_quant import kv_cache_scales
+from fastllm.loader.quantization import detect_quantization
 from fastllm.models import load_checkpoint, model_spec, native_cpu_architectures
 from fastllm.models.cpu_model import load_cpu_model
 from fastllm.models.registry import NATIVE_CPU
@@ -71,6 +74,19 @@ def serve_large_allocations_from_mmap(threshold: int = 128 << 10) -> None:
         libc.mallopt(m_arena_max, 2)
 
 
+def _set_kv_scales(model, scales: list[tuple[float, float]] | None) -> None:
+    """Gives each attention layer of a torch model its fp8 KV cache scales."""
+    if scales is None:
+        return
+    from fastllm.models.attention import PagedAttention
+
+    layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+    if len(layers) != len(scales):
+        raise ValueError(f"{len(scales)} KV cache scales for {len(layers)} attention layers")
+    for layer, (k_scale, v_scale) in zip(layers, scales):
+        layer.k_scale, layer.v_scale = float(k_scale), float(v_scale)
+
+
 class EngineCore:
     """The model, its executor and the native engine (``native``, a ``_C.Engine``), built from
     EngineArgs. Front ends (LLMEngine for offline use, AsyncLLM for the server) drive it.
@@ -85,9 +101,12 @@ class EngineCore:
         args.validate()
         t0 = time.perf_counter()
         self.args = args
-        self.source = resolve_model(args.model, args.load_format)
+        source = resolve_model(args.model, args.load_format)
+        hf_config = load_config(source)
+        self.source = dataclasses.replace(
+            source, quant=detect_quantization(source, hf_config, args.quantization))
         self.source_name = args.model or DEFAULT_MODEL_NAME
-        self.model_config = ModelConfig.from_dict(load_config(self.source), args)
+        self.model_config = ModelConfig.from_dict(hf_config, args)
         mc = self.model_config
         spec = model_spec(mc.architecture)  # ValueError naming the supported architectures
         self.device = args.resolve_device()  # "cpu" | "cuda"
@@ -101,15 +120,20 @@ class EngineCore:
             raise ValueError(
                 f"max_model_len {self.max_model_len} exceeds the model's "
                 f"max_position_embeddings {mc.max_position_embeddings} without rope scaling")
-        quantized = args.use_quantized_weights(self.source.is_gguf, self.device)
-        kv_dtype = args.resolve_kv_cache_dtype(dtype, quantized)
+        quantized = args.use_quantized_weights(self.source, self.device)
+        kv_dtype = args.resolve_kv_cache_dtype(dtype, quantized and self.device == "cpu")
+        self.kv_scales = (kv_cache_scales(self.source, mc.num_hidden_layers,
+                                          args.quantization_param_path)
+                          if kv_dtype == "float8_e4m3fn" else None)
         if torch_free is None:
             torch_free = os.environ.get("FASTLLM_TORCH_FREE", "1") != "0"
-        cpu_model = (load_cpu_model(mc, self.source, dtype, kv_dtype)
-                     if torch_free and quantized else None)
+        cpu_model = (load_cpu_model(mc, self.source, dtype, kv_dtype, self.kv_scales)
+                     if torch_free and quantized and self.device == "cpu" else None)
         if cpu_model is not None:
-            # dtypes as numpy's objects here, as torch's on the torch path
-            self.model, self.dtype, self.kv_dtype = cpu_model, np.dtype(dtype), np.dtype(kv_dtype)
+            # dtypes as numpy's objects here (an fp8 cache's e4m3 codes as uint8), as torch's on
+            # the torch path
+            self.model, self.dtype = cpu_model, np.dtype(dtype)
+            self.kv_dtype = np.dtype(np.uint8 if kv_dtype == "float8_e4m3fn" else kv_dtype)
             release_free_memory()  # the loader's temporaries
             num_gpu_blocks, num_cpu_blocks = self._plan_kv_cache(kv_dtype)
             self.executor = build_cpu_executor(cpu_model, kv_dtype, self.block_size,
@@ -209,7 +233,7 @@ class EngineCore:
                     f"CPU executor runs {', '.join(sorted(native_cpu_architectures()))})")
         if self.source.load_format == "dummy":
             return f"{model} with dummy weights"
-        if not self.source.is_gguf:
+        if not self.source.keeps_quantized:
             return f"{model} ({self.source.load_format} weights, not GGUF)"
         if not quantized:
             return f"{model} with float weights (--quantized-weights dequantize)"
@@ -227,6 +251,7 @@ class EngineCore:
         device = torch.device(self.device)
         self.dtype, self.kv_dtype = getattr(torch, dtype), getattr(torch, kv_dtype)
         self.model = self._load_model(quantized, device)
+        _set_kv_scales(self.model, self.kv_scales)
         release_free_memory()  # the loader's temporaries
         num_gpu_blocks, num_cpu_blocks = self._plan_kv_cache(kv_dtype)
         self.executor = ModelExecutor(self.model, self.model_config, device, self.kv_dtype,
@@ -266,7 +291,9 @@ class EngineCore:
         of num_blocks blocks. Its vocabulary must be the target's."""
         path = self.speculative.model
         source = resolve_model(path, "auto")
-        mc = ModelConfig.from_dict(load_config(source))
+        hf_config = load_config(source)
+        source = dataclasses.replace(source, quant=detect_quantization(source, hf_config, None))
+        mc = ModelConfig.from_dict(hf_config)
         if mc.vocab_size != self.model_config.vocab_size:
             raise ValueError(f"the draft model {path} has a vocabulary of {mc.vocab_size} tokens, "
                              f"the target {self.model_config.vocab_size}: speculative decoding "
@@ -278,11 +305,14 @@ class EngineCore:
             raise ValueError(f"the draft model {path} tokenizes text differently from the "
                              "target: speculative decoding needs a shared tokenizer")
         args = self.args
-        quantized = args.use_quantized_weights(source.is_gguf, self.device)
+        quantized = args.use_quantized_weights(source, self.device)
         dtype = args.resolve_dtype(mc.torch_dtype, self.device)
-        kv_dtype = args.resolve_kv_cache_dtype(dtype, quantized)
-        cpu_model = (load_cpu_model(mc, source, dtype, kv_dtype)
-                     if torch_free and quantized else None)
+        kv_dtype = args.resolve_kv_cache_dtype(dtype, quantized and self.device == "cpu")
+        # The draft's own checkpoint scales (a scales file describes the target's layers).
+        scales = (kv_cache_scales(source, mc.num_hidden_layers)
+                  if kv_dtype == "float8_e4m3fn" else None)
+        cpu_model = (load_cpu_model(mc, source, dtype, kv_dtype, scales)
+                     if torch_free and quantized and self.device == "cpu" else None)
         if cpu_model is not None:
             self.draft_model = cpu_model
             return build_cpu_executor(cpu_model, kv_dtype, self.block_size, num_blocks, 0)
@@ -291,6 +321,7 @@ class EngineCore:
 
         device = torch.device(self.device)
         self.draft_model = self._load_model(quantized, device, mc, source, getattr(torch, dtype))
+        _set_kv_scales(self.draft_model, scales)
         return ModelExecutor(self.draft_model, mc, device, getattr(torch, kv_dtype),
                              self.block_size, num_blocks, 0)
 

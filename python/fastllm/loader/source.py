@@ -17,6 +17,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
 
@@ -41,10 +42,18 @@ class ModelSource:
     gguf_path: str | None
     weight_files: tuple[str, ...]
     load_format: str
+    # An HF checkpoint's quantization (loader.quantization.QuantScheme), set by the engine once
+    # config.json was read; None: float weights or a GGUF file (whose tensors carry theirs).
+    quant: Any = None
 
     @property
     def is_gguf(self) -> bool:
         return self.gguf_path is not None
+
+    @property
+    def keeps_quantized(self) -> bool:
+        """Whether the weights are stored quantized (a GGUF file or an HF quantized checkpoint)."""
+        return self.gguf_path is not None or self.quant is not None
 
     @property
     def name(self) -> str:

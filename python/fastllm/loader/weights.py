@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from fastllm.torch_extra import torch
 
 from .config import load_config
@@ -37,6 +39,12 @@ def iterate_weights(
         if source.gguf_path is None:
             raise ValueError(f"load_format 'gguf' needs a .gguf file, got {source.model_dir}")
         yield from iterate_gguf_weights(source.gguf_path, dtype)
+    elif fmt == "safetensors" and source.quant is not None:
+        # An HF quantized checkpoint on the float path: its linears dequantized.
+        from .hf_quant import iterate_dequantized
+
+        for name, values in iterate_dequantized(source, source.quant):
+            yield name, cast_weight(torch.from_numpy(np.ascontiguousarray(values)), dtype)
     elif fmt in ("safetensors", "pt"):
         if fmt != source.load_format:
             raise ValueError(

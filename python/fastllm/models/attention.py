@@ -39,6 +39,9 @@ class PagedAttention(torch.nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.sliding_window = sliding_window
+        # fp8 KV caches: stored = x / scale (set by the engine; float caches ignore them)
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
@@ -48,12 +51,12 @@ class PagedAttention(torch.nn.Module):
         _reshape_and_cache(
             k.view(n, self.num_kv_heads, self.head_dim),
             v.view(n, self.num_kv_heads, self.head_dim),
-            key_cache, value_cache, meta.slot_mapping,
+            key_cache, value_cache, meta.slot_mapping, self.k_scale, self.v_scale,
         )
         out = _paged_attention(
             q.view(n, self.num_heads, self.head_dim), key_cache, value_cache,
             meta.query_start_loc, meta.context_lens, meta.block_tables, self.scale,
             sliding_window=self.sliding_window, softcap=self.softcap,
-            max_context_len=meta.max_context_len,
+            max_context_len=meta.max_context_len, k_scale=self.k_scale, v_scale=self.v_scale,
         )
         return out.view(n, self.num_heads * self.head_dim)

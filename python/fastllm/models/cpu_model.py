@@ -1,4 +1,5 @@
-"""A Llama-family GGUF model for the native CPU executor, loaded without torch.
+"""A Llama-family GGUF model (or HF quantized checkpoint) for the native CPU executor, loaded
+without torch.
 
     model = load_cpu_model(config, source, "float32", "float16")   # None: the torch path runs it
     weights = model.weights()                        # _C.models.CpuModelWeights: views, no copies
@@ -12,7 +13,8 @@ the same kernels on them, so both paths compute the same bits. (One difference: 
 Q8_0/Q4_0/Q4_1 token table stays quantized and is read row by row, which gives the values of the
 table the torch model dequantizes whole.) It covers what
 ``llama.build_cpu_decoder`` runs: every layer's four linears and the output projection in an
-encoding the quantized GEMM reads, float32 activations, a float32 or float16 KV cache. Any other
+encoding the quantized GEMM reads, float32 activations, a float32, float16 or fp8 (e4m3) KV
+cache. Any other
 model (a tensor without a place, a missing one, a float output projection) gets None, and the
 torch path loads it (and reports what is wrong with it).
 """
@@ -27,14 +29,8 @@ import numpy as np
 from fastllm import _C, kernels
 from fastllm.config import ModelConfig
 from fastllm.kernels import GGML_QUANT_TYPES, quant_rows_supported, rope_cos_sin_cache
-from fastllm.loader import (
-    GGUFFile,
-    ModelSource,
-    RawGGUFTensor,
-    dequantize_raw,
-    iterate_gguf_raw,
-    open_gguf,
-)
+from fastllm.loader import GGUFFile, ModelSource, RawGGUFTensor, dequantize_raw
+from fastllm.loader.hf_quant import open_quantized_tensors
 from fastllm.models import moe_architectures, native_cpu_architectures
 from fastllm.models.moe_weights import MoeParts, MoeSettings, find_moe_parts, stack_moe_rows
 from fastllm.models.native_cpu import (
@@ -113,19 +109,20 @@ class CpuModel:
         return weights
 
 
-def load_cpu_model(config: ModelConfig, source: ModelSource, dtype: str, kv_dtype: str
-                   ) -> CpuModel | None:
-    """The model of a GGUF ``source`` kept quantized on the CPU, or None when the native decoder
-    does not cover it (see the module docstring) or FASTLLM_CPU_NATIVE_DECODER=0."""
+def load_cpu_model(config: ModelConfig, source: ModelSource, dtype: str, kv_dtype: str,
+                   kv_scales: list[tuple[float, float]] | None = None) -> CpuModel | None:
+    """The model of a GGUF ``source`` (or an HF quantized checkpoint, ``source.quant``) kept
+    quantized on the CPU, or None when the native decoder does not cover it (see the module
+    docstring) or FASTLLM_CPU_NATIVE_DECODER=0. ``kv_scales``: per-layer (k, v) scales of an
+    fp8 cache."""
     if (config.architecture not in native_cpu_architectures() or dtype != "float32"
             or kv_dtype not in CACHE_DTYPES or not native_decoder_enabled()):
         return None
-    raw = {t.name: t for t in iterate_gguf_raw(source.gguf_path)}
+    # As in quant_loader: each tensor's file pages leave the resident set once copied.
+    raw, gguf = open_quantized_tensors(source)
     plan = _plan(config, raw)
     if plan is None:
         return None
-    # As in quant_loader: each tensor's file pages leave the resident set once copied.
-    gguf = open_gguf(source.gguf_path)
     embed, head, layers = plan
     refine_rows = None
     if embed.ggml_type in _EMBED_TYPES and config.hidden_size % 32 == 0:
@@ -150,7 +147,9 @@ def load_cpu_model(config: ModelConfig, source: ModelSource, dtype: str, kv_dtyp
         final_norm=dequantize_raw(raw["model.norm.weight"]),
         rope_cache=rope_cos_sin_cache(config.head_dim, config.max_position_embeddings,
                                       config.rope_theta, config.rope_scaling),
-        layers=[_layer(config, norms, linears, extra, gguf) for norms, linears, extra in layers])
+        layers=[_layer(config, norms, linears, extra, gguf,
+                       kv_scales[i] if kv_scales else (1.0, 1.0))
+                for i, (norms, linears, extra) in enumerate(layers)])
     gguf.release_pages()
     logger.info("torch-free CPU model: %d layers, output projection %s (%d logits per row "
                 "refined), embedding %s", len(model.layers),
@@ -252,7 +251,7 @@ def stack_moe_rows_supported(parts: MoeParts, hidden: int, intermediate: int) ->
 
 
 def _layer(config: ModelConfig, norms, linears: list[_LinearPlan], extra: _LayerExtras,
-           gguf: GGUFFile) -> CpuLayer:
+           gguf: GGUFFile, kv_scales: tuple[float, float]) -> CpuLayer:
     parts, qk = extra
     hidden = config.hidden_size
     weights = [_stack(w, bias, gguf) for w, bias in linears]
@@ -270,7 +269,8 @@ def _layer(config: ModelConfig, norms, linears: list[_LinearPlan], extra: _Layer
         weights += [None, None]
     return CpuLayer(dequantize_raw(norms[0]), dequantize_raw(norms[1]), *weights, moe=moe,
                     q_norm=None if qk is None else dequantize_raw(qk[0]),
-                    k_norm=None if qk is None else dequantize_raw(qk[1]))
+                    k_norm=None if qk is None else dequantize_raw(qk[1]),
+                    k_scale=kv_scales[0], v_scale=kv_scales[1])
 
 
 def _copy(tensor: RawGGUFTensor, gguf: GGUFFile) -> np.ndarray:

@@ -292,9 +292,8 @@ def build_cpu_decoder(model: nn.Module, kv_caches: Sequence[KVCache], block_size
     if model.config.architecture not in native_cpu_architectures():
         return None
     inner = model.model
-    key0 = kv_caches[0][0] if kv_caches else None
-    if (key0 is None or key0.device.type != "cpu"
-            or str(key0.dtype).removeprefix("torch.") not in CACHE_DTYPES):
+    caches = cpu_kv_caches(kv_caches)
+    if caches is None:
         return None
     if inner.rope_cache.dtype != torch.float32 or inner.norm.weight.dtype != torch.float32:
         return None
@@ -311,7 +310,22 @@ def build_cpu_decoder(model: nn.Module, kv_caches: Sequence[KVCache], block_size
             return None
         layers.append(CpuLayer(layer.input_layernorm.weight.detach().numpy(),
                                layer.post_attention_layernorm.weight.detach().numpy(), *linears,
-                               q_norm=qk_norms[0], k_norm=qk_norms[1]))
+                               q_norm=qk_norms[0], k_norm=qk_norms[1],
+                               k_scale=attn.attn.k_scale, v_scale=attn.attn.v_scale))
     return new_cpu_decoder(model.config, inner.norm.weight.detach().numpy(),
-                           inner.rope_cache.contiguous().numpy(), layers,
-                           [(k.numpy(), v.numpy()) for k, v in kv_caches], block_size)
+                           inner.rope_cache.contiguous().numpy(), layers, caches[0], block_size,
+                           caches[1])
+
+
+def cpu_kv_caches(kv_caches: Sequence[KVCache]) -> tuple[list[tuple], str] | None:
+    """The torch KV caches as ``new_cpu_decoder`` takes them (numpy arrays over the same memory;
+    an fp8 cache as its uint8 e4m3 codes, numpy having no float8) and their dtype name, or None
+    when they are not CPU caches of a ``CACHE_DTYPES`` dtype."""
+    key0 = kv_caches[0][0] if kv_caches else None
+    cache_dtype = None if key0 is None else str(key0.dtype).removeprefix("torch.")
+    if key0 is None or key0.device.type != "cpu" or cache_dtype not in CACHE_DTYPES:
+        return None
+    fp8 = key0.element_size() == 1
+    arrays = [(k.view(torch.uint8).numpy(), v.view(torch.uint8).numpy()) if fp8
+              else (k.numpy(), v.numpy()) for k, v in kv_caches]
+    return arrays, cache_dtype

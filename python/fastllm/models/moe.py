@@ -36,10 +36,10 @@ from fastllm.models.llama import (
     LlamaMLP,
     RMSNorm,
     _cpu_linear,
+    cpu_kv_caches,
 )
 from fastllm.models.moe_weights import MoeSettings
 from fastllm.models.native_cpu import (
-    CACHE_DTYPES,
     CpuLayer,
     CpuMoe,
     new_cpu_decoder,
@@ -253,9 +253,8 @@ def build_moe_cpu_decoder(model: MoeForCausalLM, kv_caches: Sequence[KVCache], b
     """A ``CpuDecoder`` over a quantized MoE model (every linear a CPU ``QuantLinear``, every
     sparse MLP a ``QuantSparseMoe``), or None (then the Python model runs)."""
     inner = model.model
-    key0 = kv_caches[0][0] if kv_caches else None
-    if (key0 is None or key0.device.type != "cpu"
-            or str(key0.dtype).removeprefix("torch.") not in CACHE_DTYPES):
+    caches = cpu_kv_caches(kv_caches)
+    if caches is None:
         return None
     if inner.rope_cache.dtype != torch.float32 or inner.norm.weight.dtype != torch.float32:
         return None
@@ -280,8 +279,9 @@ def build_moe_cpu_decoder(model: MoeForCausalLM, kv_caches: Sequence[KVCache], b
         qk = (_norm(attn.q_norm), _norm(attn.k_norm)) if attn.q_norm is not None \
             else (None, None)
         layers.append(CpuLayer(_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm),
-                               *linears, moe=moe, q_norm=qk[0], k_norm=qk[1]))
+                               *linears, moe=moe, q_norm=qk[0], k_norm=qk[1],
+                               k_scale=attn.attn.k_scale, v_scale=attn.attn.v_scale))
     return new_cpu_decoder(model.config, _norm(inner.norm), inner.rope_cache.contiguous().numpy(),
-                           layers, [(k.numpy(), v.numpy()) for k, v in kv_caches], block_size)
+                           layers, caches[0], block_size, caches[1])
 
 

@@ -26,8 +26,9 @@ from fastllm.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-# KV cache dtypes the decoder reads and writes.
-CACHE_DTYPES = ("float32", "float16")
+# KV cache dtypes the decoder reads and writes (float8_e4m3fn: uint8 arrays of e4m3 codes, with
+# per-layer scales).
+CACHE_DTYPES = ("float32", "float16", "float8_e4m3fn")
 
 # One linear as CpuDecoder.add_layer takes it: (uint8 weight rows, ggml type id, float32 bias).
 CpuLinear = tuple[np.ndarray, int, np.ndarray | None]
@@ -80,11 +81,15 @@ class CpuLayer:
     moe: CpuMoe | None = None
     q_norm: np.ndarray | None = None
     k_norm: np.ndarray | None = None
+    # fp8 KV caches: stored = x / scale (ignored for float caches)
+    k_scale: float = 1.0
+    v_scale: float = 1.0
 
     def extras(self) -> dict:
         """add_layer's optional arguments."""
         return {"moe": None if self.moe is None else self.moe.as_tuple(),
-                "q_norm": self.q_norm, "k_norm": self.k_norm}
+                "q_norm": self.q_norm, "k_norm": self.k_norm, "k_scale": self.k_scale,
+                "v_scale": self.v_scale}
 
 
 def native_decoder_enabled() -> bool:
@@ -178,11 +183,13 @@ def prepare_experts(rows: np.ndarray, type_id: int, rows_per_expert: int
 
 
 def new_cpu_decoder(config: ModelConfig, final_norm: np.ndarray, rope_cache: np.ndarray,
-                    layers: Sequence[CpuLayer], kv_caches: Sequence[KVArrays], block_size: int):
+                    layers: Sequence[CpuLayer], kv_caches: Sequence[KVArrays], block_size: int,
+                    cache_dtype: str | None = None):
     """A ``CpuDecoder`` over ``layers`` writing into ``kv_caches`` (``[num_blocks, block_size,
     num_kv_heads, head_dim]`` arrays of a ``CACHE_DTYPES`` dtype, one (key, value) pair per
-    layer)."""
+    layer; uint8 arrays for "float8_e4m3fn", which ``cache_dtype`` must then name)."""
     key0 = kv_caches[0][0]
+    cache_dtype = cache_dtype or key0.dtype.name
     c = config
     decoder = _C.models.CpuDecoder(
         hidden_size=c.hidden_size, num_heads=c.num_attention_heads,
@@ -190,10 +197,9 @@ def new_cpu_decoder(config: ModelConfig, final_norm: np.ndarray, rope_cache: np.
         intermediate_size=c.intermediate_size, rms_eps=float(c.rms_norm_eps),
         final_norm=final_norm, rope_cache=rope_cache, rope_neox=True,
         attn_scale=c.head_dim ** -0.5, sliding_window=c.attention_window(), block_size=block_size,
-        num_blocks=key0.shape[0], cache_dtype=key0.dtype.name)
+        num_blocks=key0.shape[0], cache_dtype=cache_dtype)
     for layer, (k, v) in zip(layers, kv_caches):
         decoder.add_layer(layer.input_norm, layer.post_attention_norm, layer.qkv, layer.o_proj,
                           layer.gate_up, layer.down, k, v, **layer.extras())
-    logger.info("native CPU decoder: %d layers, %s KV cache", decoder.num_layers,
-                key0.dtype.name)
+    logger.info("native CPU decoder: %d layers, %s KV cache", decoder.num_layers, cache_dtype)
     return decoder

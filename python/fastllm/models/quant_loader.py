@@ -1,6 +1,7 @@
-"""Build a model whose linear layers keep the GGUF file's block encoding (the CPU fast path).
+"""Build a model whose linear layers keep the GGUF file's block encoding (the CPU fast path),
+or an HF quantized checkpoint's weights converted to those encodings (``loader.hf_quant``).
 
-    if args.use_quantized_weights(source.is_gguf, device.type):
+    if args.use_quantized_weights(source, device.type):
         model = load_quantized_model(cls, model_config, source, device, dtype)
 
 Every ``nn.Linear`` whose checkpoint parts are in encodings ``quant_linear`` reads becomes a
@@ -21,7 +22,8 @@ import numpy as np
 
 from fastllm.config import ModelConfig
 from fastllm.kernels import GGML_QUANT_TYPES, quant_rows_supported
-from fastllm.loader import ModelSource, RawGGUFTensor, dequantize_raw, iterate_gguf_raw, open_gguf
+from fastllm.loader import ModelSource, RawGGUFTensor, dequantize_raw
+from fastllm.loader.hf_quant import open_quantized_tensors
 from fastllm.loader.tensor_cast import cast_weight
 from fastllm.models.native_cpu import Q8_0X8, convert_rows, lm_head_refine_count
 from fastllm.models.quant_linear import QuantEmbedding, QuantLinear
@@ -201,34 +203,41 @@ def _repack_for_cpu(model: nn.Module) -> None:
 @torch.no_grad()
 def load_quantized_model(cls: type, config: ModelConfig, source: ModelSource,
                          device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The model of ``cls`` with GGUF-encoded linear layers (see the module docstring)."""
-    if device.type == "cpu":
-        configure_cpu_threads()
+    """The model of ``cls`` with GGUF-encoded linear layers (see the module docstring). Built on
+    the CPU; on another device (an HF quantized checkpoint on a GPU) moved there afterwards."""
+    target = device
+    device = torch.device("cpu")
+    configure_cpu_threads()
     # Built on the meta device: the float weights the quantized layers replace are never
     # allocated; what remains (norms, biases, unsupported tensors) gets storage below.
     with torch.device("meta"):
         model = cls(config)
-    raw = {t.name: t for t in iterate_gguf_raw(source.gguf_path)}
+    # A float output projection becomes Q8_0 only for the CPU's integer kernels.
+    raw, pages = open_quantized_tensors(source, quantize_output=target.type == "cpu")
     # Each tensor's file pages leave the resident set once copied, so loading never holds the
     # file and the model in memory together.
-    gguf = open_gguf(source.gguf_path)
-    expert_names = _quantize_experts(model, raw, device, gguf.release_pages)
-    count, consumed = _quantize_linears(model, raw, device, gguf.release_pages)
+    expert_names = _quantize_experts(model, raw, device, pages.release_pages)
+    count, consumed = _quantize_linears(model, raw, device, pages.release_pages)
     consumed |= expert_names
-    consumed |= _quantize_output(model, config, raw, device, gguf.release_pages)
+    consumed |= _quantize_output(model, config, raw, device, pages.release_pages)
     _materialize(model, device, dtype)
     model.init_buffers(device)
     rest = ((name, _raw_tensor(t, dtype)) for name, t in raw.items() if name not in consumed)
     model.load_weights(rest)
     del raw, rest
-    gguf.release_pages()
-    if device.type == "cpu":
+    pages.release_pages()
+    if target.type == "cpu":
         _repack_for_cpu(model)
+    else:
+        model = model.to(target)
+        model.init_buffers(target)
     kinds = sorted({m.quant_type for m in model.modules() if isinstance(m, QuantLinear)})
+    method = "GGUF" if source.is_gguf else source.quant.method
     if expert_names:
-        logger.info("kept GGUF quantization for the experts of %d sparse layers",
+        logger.info("kept %s quantization for the experts of %d sparse layers", method,
                     sum(1 for m in model.modules() if hasattr(m, "gate_up_type")))
-    logger.info("kept GGUF quantization for %d linear layers (%s)%s", count, ", ".join(kinds),
+    logger.info("kept %s quantization for %d linear layers (%s)%s", method, count,
+                ", ".join(kinds),
                 " and the output projection" if "lm_head" in str(consumed) or
                 "embed_tokens" in str(consumed) else "")
     return model

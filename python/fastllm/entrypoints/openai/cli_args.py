@@ -39,8 +39,8 @@ _TRACES = "OpenTelemetry tracing is not supported yet"
 _POOL = "tokenizer pools are not supported"
 
 # Every flag (by dest) -> (class, why). An "acts" flag may still reject some values in
-# check_supported (e.g. --kv-cache-dtype fp8); an unsupported flag exits when it differs from its
-# default; an ignored flag logs a warning when it differs from its default.
+# check_supported (e.g. --kv-cache-dtype fp8_e5m2); an unsupported flag exits when it differs
+# from its default; an ignored flag logs a warning when it differs from its default.
 FLAGS: dict[str, tuple[str, str]] = {
     # server
     "config": (ACTS, ""),
@@ -87,7 +87,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "quantized_weights": (ACTS, ""),
     "dtype": (ACTS, ""),
     "kv_cache_dtype": (ACTS, ""),
-    "quantization_param_path": (UNSUPPORTED, "an fp8 KV cache is not wired into the engine yet"),
+    "quantization_param_path": (ACTS, ""),
     "max_model_len": (ACTS, ""),
     "guided_decoding_backend": (ACTS, ""),
     "distributed_executor_backend": (
@@ -101,7 +101,7 @@ FLAGS: dict[str, tuple[str, str]] = {
         IGNORED, "one process loads the whole model; there are no loading workers"),
     "model_loader_extra_config": (UNSUPPORTED, "loader extra configs are not supported"),
     "ignore_patterns": (IGNORED, "fastllm reads only the weight files its loader knows"),
-    "quantization": (UNSUPPORTED, "only GGUF quantization, which is read from the file"),
+    "quantization": (ACTS, ""),
     "rope_scaling": (ACTS, ""),
     "rope_theta": (ACTS, ""),
     "override_neuron_config": (UNSUPPORTED, "Neuron devices are not supported"),
@@ -309,7 +309,6 @@ def make_parser() -> argparse.ArgumentParser:
     a("--download-dir", default=None, help="unsupported: fastllm downloads nothing")
     a("--config-format", default="auto", choices=["auto", "hf", "mistral"],
       help="model config format: auto/hf (config.json or GGUF metadata)")
-    a("--quantization-param-path", default=None, help="fp8 KV cache scales (unsupported)")
     a("--guided-decoding-backend", default="guidance",
       help="default guided decoding backend: guidance (llguidance; also 'auto') or xgrammar")
     a("--enable-auto-tool-choice", action="store_true", default=False,
@@ -325,8 +324,6 @@ def make_parser() -> argparse.ArgumentParser:
     a("--disable-sliding-window", action="store_true", default=False, help="unsupported")
     a("--use-v2-block-manager", action="store_true", default=False, help="ignored")
     a("--cpu-offload-gb", type=non_negative_float, default=0.0, help="unsupported unless 0")
-    a("--quantization", "-q", default=None, help="unsupported: GGUF quantization is read from "
-                                                  "the file")
     a("--enforce-eager", action="store_true", default=False,
       help="ignored: fastllm always runs eagerly")
     a("--max-context-len-to-capture", type=positive_int, default=8192, help="ignored")
@@ -471,9 +468,9 @@ def ignored_flag_warnings(ns: argparse.Namespace) -> list[str]:
 
 
 def check_supported(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
-    if ns.kv_cache_dtype.startswith("fp8"):
-        parser.error(f"--kv-cache-dtype={ns.kv_cache_dtype!r}: an fp8 KV cache is not wired "
-                     f"into the engine yet")
+    if ns.kv_cache_dtype == "fp8_e5m2":
+        parser.error("--kv-cache-dtype=fp8_e5m2: the attention kernels read e4m3 caches (use "
+                     "fp8 or fp8_e4m3)")
     defaults = {a.dest: a.default for a in parser._actions}
     for dest, (kind, why) in FLAGS.items():
         value = getattr(ns, dest)

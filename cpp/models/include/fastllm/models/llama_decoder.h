@@ -66,6 +66,10 @@ struct DecoderLayerRef {
   const float* k_norm = nullptr;               // optional [head_dim]
   void* key_cache = nullptr;                   // [num_blocks][block_size][num_kv_heads][head_dim]
   void* value_cache = nullptr;                 // same shape
+  // fp8 caches: stored = x / scale (per layer, from the checkpoint or a scales file); ignored
+  // for float caches.
+  float k_scale = 1.0f;
+  float v_scale = 1.0f;
 };
 
 struct DecoderShape {
@@ -84,7 +88,7 @@ struct DecoderShape {
   int32_t sliding_window = -1;
   int64_t block_size = 0;
   int64_t num_blocks = 0;
-  DType cache_dtype = DType::kFloat32;  // float32, float16 or bfloat16
+  DType cache_dtype = DType::kFloat32;  // float32, float16, bfloat16 or float8_e4m3
 };
 
 // One step's batch, laid out as the engine's BatchPlan (see attention.h for the metadata).
