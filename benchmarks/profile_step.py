@@ -2,6 +2,7 @@
 (every sequence past its prefill), with manual wall-clock timers around the model's pieces.
 
     python benchmarks/profile_step.py [--batch 1 32] [--steps 40] [--quantized-weights auto]
+                                      [--model PATH]
 
 It profiles the executor LLM() picks: the torch-free one for the quantized default model
 (FASTLLM_TORCH_FREE=0: the torch model with the native decoder; add FASTLLM_CPU_NATIVE_DECODER=0
@@ -92,9 +93,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--quantized-weights", default="auto", choices=["auto", "dequantize"])
+    ap.add_argument("--model", default=None,
+                    help="a GGUF file or HF directory (default: the default model)")
     args = ap.parse_args()
 
-    llm = LLM(max_model_len=1024, quantized_weights=args.quantized_weights)
+    llm = LLM(model=args.model, max_model_len=1024, quantized_weights=args.quantized_weights)
     engine = llm.llm_engine
     executor = engine.core.executor
     torch_free = isinstance(executor, CpuExecutor)
