@@ -208,6 +208,12 @@ class LlamaForCausalLM(nn.Module):
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return torch.matmul(hidden, weight.t()).float()
 
+    def cpu_mlp(self, mlp: nn.Module) -> tuple | None:
+        """``(gate_up, down, moe)`` of a layer's MLP as ``CpuLayer`` takes them, or None when
+        the native decoder cannot run it (a linear not quantized on the CPU)."""
+        gate_up, down = _cpu_linear(mlp.gate_up_proj), _cpu_linear(mlp.down_proj)
+        return None if gate_up is None or down is None else (gate_up, down, None)
+
     def _shard_slices(self, fused: str) -> list[tuple[int, int]]:
         c = self.config
         if fused == "qkv_proj":
@@ -283,13 +289,11 @@ def _cpu_linear(module) -> CpuLinear | None:
 
 def build_cpu_decoder(model: nn.Module, kv_caches: Sequence[KVCache], block_size: int):
     """A ``CpuDecoder`` over a torch model's weights and its torch ``kv_caches``, or None when
-    the model is not a Llama-family model whose four linears per layer are all ``QuantLinear``
-    on the CPU (then the Python model runs)."""
-    if type(model) is not LlamaForCausalLM:
-        # A subclass with layers of its own (models.moe) builds its decoder itself.
-        own = getattr(model, "build_cpu_decoder", None)
-        return None if own is None else own(kv_caches, block_size)
-    if model.config.architecture not in native_cpu_architectures():
+    the model is not one the native decoder runs (the registry's native architectures) with every
+    linear a ``QuantLinear`` on the CPU (then the Python model runs). Each layer's MLP goes
+    through the model's ``cpu_mlp`` (a subclass's sparse MLPs, models.moe)."""
+    if (not isinstance(model, LlamaForCausalLM)
+            or model.config.architecture not in native_cpu_architectures()):
         return None
     inner = model.model
     caches = cpu_kv_caches(kv_caches)
@@ -299,10 +303,10 @@ def build_cpu_decoder(model: nn.Module, kv_caches: Sequence[KVCache], block_size
         return None
     layers = []
     for layer in inner.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        linears = [_cpu_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
-                                               mlp.down_proj)]
-        if any(spec is None for spec in linears):
+        attn = layer.self_attn
+        linears = [_cpu_linear(m) for m in (attn.qkv_proj, attn.o_proj)]
+        mlp = model.cpu_mlp(layer.mlp)
+        if mlp is None or any(spec is None for spec in linears):
             return None
         qk_norms = [None if n is None else n.weight.detach().numpy()
                     for n in (attn.q_norm, attn.k_norm)]
@@ -310,7 +314,7 @@ def build_cpu_decoder(model: nn.Module, kv_caches: Sequence[KVCache], block_size
             return None
         layers.append(CpuLayer(layer.input_layernorm.weight.detach().numpy(),
                                layer.post_attention_layernorm.weight.detach().numpy(), *linears,
-                               q_norm=qk_norms[0], k_norm=qk_norms[1],
+                               *mlp, q_norm=qk_norms[0], k_norm=qk_norms[1],
                                k_scale=attn.attn.k_scale, v_scale=attn.attn.v_scale))
     return new_cpu_decoder(model.config, inner.norm.weight.detach().numpy(),
                            inner.rope_cache.contiguous().numpy(), layers, caches[0], block_size,

@@ -22,7 +22,7 @@ On the CPU with a quantized GGUF, ``quant_loader`` replaces each ``SparseMoe`` b
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import ClassVar
 
 import numpy as np
@@ -30,19 +30,13 @@ import numpy as np
 from fastllm import kernels
 from fastllm.config import ModelConfig
 from fastllm.models.llama import (
-    KVCache,
     LlamaAttention,
     LlamaForCausalLM,
     LlamaMLP,
-    RMSNorm,
-    _cpu_linear,
-    cpu_kv_caches,
 )
 from fastllm.models.moe_weights import MoeSettings
 from fastllm.models.native_cpu import (
-    CpuLayer,
     CpuMoe,
-    new_cpu_decoder,
     prepare_experts,
 )
 from fastllm.torch_extra import torch
@@ -221,8 +215,15 @@ class MoeForCausalLM(LlamaForCausalLM):
         # The experts are loaded by load_weights above, not by the base class.
         return {n: p for n, p in self.named_parameters() if ".mlp.experts." not in n}
 
-    def build_cpu_decoder(self, kv_caches: Sequence[KVCache], block_size: int):
-        return build_moe_cpu_decoder(self, kv_caches, block_size)
+    def cpu_mlp(self, mlp: nn.Module) -> tuple | None:
+        if isinstance(mlp, QuantSparseMoe):  # experts kept in their GGUF encoding
+            return None, None, CpuMoe(
+                (mlp.router.numpy(), mlp.router_type, None), mlp.gate_up.numpy(),
+                mlp.gate_up_type, mlp.down.numpy(), mlp.down_type, mlp.num_experts, mlp.top_k,
+                mlp.intermediate, mlp.renormalize)
+        if isinstance(mlp, LlamaMLP):
+            return super().cpu_mlp(mlp)
+        return None  # float experts: the Python model runs
 
     def _copy_expert(self, name, param, part, expert, tensor, flags) -> None:
         inter = self.moe.intermediate
@@ -240,48 +241,3 @@ class MoeForCausalLM(LlamaForCausalLM):
         dst.copy_(src)
         cols = [0] if part == "down" else [0] if part == "gate" else [1] if part == "up" else [0, 1]
         flags[experts[0]:experts[-1] + 1, cols] = True
-
-
-# ---- the native CPU decoder over this model's weights ---------------------------------------------
-
-
-def _norm(module: RMSNorm) -> np.ndarray:
-    return module.weight.detach().numpy()
-
-
-def build_moe_cpu_decoder(model: MoeForCausalLM, kv_caches: Sequence[KVCache], block_size: int):
-    """A ``CpuDecoder`` over a quantized MoE model (every linear a CPU ``QuantLinear``, every
-    sparse MLP a ``QuantSparseMoe``), or None (then the Python model runs)."""
-    inner = model.model
-    caches = cpu_kv_caches(kv_caches)
-    if caches is None:
-        return None
-    if inner.rope_cache.dtype != torch.float32 or inner.norm.weight.dtype != torch.float32:
-        return None
-    layers = []
-    for layer in inner.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        linears = [_cpu_linear(m) for m in (attn.qkv_proj, attn.o_proj)]
-        moe = None
-        if isinstance(mlp, QuantSparseMoe):
-            moe = CpuMoe((mlp.router.numpy(), mlp.router_type, None), mlp.gate_up.numpy(),
-                         mlp.gate_up_type, mlp.down.numpy(), mlp.down_type, mlp.num_experts,
-                         mlp.top_k, mlp.intermediate, mlp.renormalize)
-            linears += [None, None]
-        elif isinstance(mlp, LlamaMLP):
-            linears += [_cpu_linear(mlp.gate_up_proj), _cpu_linear(mlp.down_proj)]
-            if None in linears[2:]:
-                return None
-        else:
-            return None
-        if None in linears[:2]:
-            return None
-        qk = (_norm(attn.q_norm), _norm(attn.k_norm)) if attn.q_norm is not None \
-            else (None, None)
-        layers.append(CpuLayer(_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm),
-                               *linears, moe=moe, q_norm=qk[0], k_norm=qk[1],
-                               k_scale=attn.attn.k_scale, v_scale=attn.attn.v_scale))
-    return new_cpu_decoder(model.config, _norm(inner.norm), inner.rope_cache.contiguous().numpy(),
-                           layers, caches[0], block_size, caches[1])
-
-
