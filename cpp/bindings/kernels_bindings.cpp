@@ -248,98 +248,93 @@ std::pair<int64_t, int64_t> rows_of(const Array& a, const char* op, const char* 
   return {rows, stride};
 }
 
-void rms_norm(const Array& out, const Array& input, const Array& weight, float eps,
-              uintptr_t stream) {
-  const char* op = "rms_norm";
-  const bool cuda = cuda_device(input, op);
-  check_device(out, cuda, op, "out");
-  check_device(weight, cuda, op, "weight");
-  k::RmsNormParams p;
-  p.dtype = float_dtype(input, op, "input");
-  check_arg(float_dtype(out, op, "out") == p.dtype && float_dtype(weight, op, "weight") == p.dtype,
-            where(op, "input, out and weight must share a dtype"));
+// The operands every norm op shares, checked once: input and a second [rows, hidden] operand
+// (out, or fused_add_rms_norm's residual) on one device and of one dtype with the [hidden] weight.
+struct NormOperands {
+  bool cuda;
+  k::DType dtype;
+  int64_t rows, hidden, input_stride, other_stride;
+};
+
+NormOperands norm_operands(const char* op, const Array& input, const Array& other,
+                           const char* other_name, const Array& weight) {
+  NormOperands n;
+  n.cuda = cuda_device(input, op);
+  check_device(other, n.cuda, op, other_name);
+  check_device(weight, n.cuda, op, "weight");
+  n.dtype = float_dtype(input, op, "input");
+  check_arg(
+      float_dtype(other, op, other_name) == n.dtype && float_dtype(weight, op, "weight") == n.dtype,
+      where(op, (std::string("input, ") + other_name + " and weight must share a dtype").c_str()));
   auto [rows, in_stride] = rows_of(input, op, "input");
-  auto [out_rows, out_stride] = rows_of(out, op, "out");
-  p.hidden = input.shape(input.ndim() - 1);
-  check_arg(out_rows == rows && static_cast<int64_t>(out.shape(out.ndim() - 1)) == p.hidden,
-            where(op, "out shape differs from input"));
-  check_arg(weight.ndim() == 1 && static_cast<int64_t>(weight.shape(0)) == p.hidden,
+  auto [other_rows, other_stride] = rows_of(other, op, other_name);
+  n.hidden = input.shape(input.ndim() - 1);
+  check_arg(other_rows == rows && static_cast<int64_t>(other.shape(other.ndim() - 1)) == n.hidden,
+            where(op, (std::string(other_name) + " shape differs from input").c_str()));
+  check_arg(weight.ndim() == 1 && static_cast<int64_t>(weight.shape(0)) == n.hidden,
             where(op, "weight must be [hidden]"));
   check_contiguous(weight, op, "weight");
-  p.num_tokens = rows;
-  p.input_stride = in_stride;
-  p.out_stride = out_stride;
+  n.rows = rows;
+  n.input_stride = in_stride;
+  n.other_stride = other_stride;
+  return n;
+}
+
+void rms_norm(const Array& out, const Array& input, const Array& weight, float eps,
+              uintptr_t stream) {
+  const NormOperands n = norm_operands("rms_norm", input, out, "out", weight);
+  k::RmsNormParams p;
+  p.dtype = n.dtype;
+  p.hidden = n.hidden;
+  p.num_tokens = n.rows;
+  p.input_stride = n.input_stride;
+  p.out_stride = n.other_stride;
   p.input = input.data();
   p.out = out.data();
   p.weight = weight.data();
   p.eps = eps;
-  FASTLLM_RUN_OP(rms_norm, cuda, p, stream);
+  FASTLLM_RUN_OP(rms_norm, n.cuda, p, stream);
 }
 
 void fused_add_rms_norm(const Array& input, const Array& residual, const Array& weight, float eps,
                         uintptr_t stream) {
-  const char* op = "fused_add_rms_norm";
-  const bool cuda = cuda_device(input, op);
-  check_device(residual, cuda, op, "residual");
-  check_device(weight, cuda, op, "weight");
+  const NormOperands n = norm_operands("fused_add_rms_norm", input, residual, "residual", weight);
   k::FusedAddRmsNormParams p;
-  p.dtype = float_dtype(input, op, "input");
-  check_arg(float_dtype(residual, op, "residual") == p.dtype &&
-                float_dtype(weight, op, "weight") == p.dtype,
-            where(op, "input, residual and weight must share a dtype"));
-  auto [rows, in_stride] = rows_of(input, op, "input");
-  auto [res_rows, res_stride] = rows_of(residual, op, "residual");
-  p.hidden = input.shape(input.ndim() - 1);
-  check_arg(
-      res_rows == rows && static_cast<int64_t>(residual.shape(residual.ndim() - 1)) == p.hidden,
-      where(op, "residual shape differs from input"));
-  check_arg(weight.ndim() == 1 && static_cast<int64_t>(weight.shape(0)) == p.hidden,
-            where(op, "weight must be [hidden]"));
-  check_contiguous(weight, op, "weight");
-  p.num_tokens = rows;
-  p.input_stride = in_stride;
-  p.residual_stride = res_stride;
+  p.dtype = n.dtype;
+  p.hidden = n.hidden;
+  p.num_tokens = n.rows;
+  p.input_stride = n.input_stride;
+  p.residual_stride = n.other_stride;
   p.input = input.data();
   p.residual = residual.data();
   p.weight = weight.data();
   p.eps = eps;
-  FASTLLM_RUN_OP(fused_add_rms_norm, cuda, p, stream);
+  FASTLLM_RUN_OP(fused_add_rms_norm, n.cuda, p, stream);
 }
 
 void layer_norm(const Array& out, const Array& input, const Array& weight, const Array& bias,
                 float eps, uintptr_t stream) {
   const char* op = "layer_norm";
-  const bool cuda = cuda_device(input, op);
-  check_device(out, cuda, op, "out");
-  check_device(weight, cuda, op, "weight");
+  const NormOperands n = norm_operands(op, input, out, "out", weight);
   k::LayerNormParams p;
-  p.dtype = float_dtype(input, op, "input");
-  check_arg(float_dtype(out, op, "out") == p.dtype && float_dtype(weight, op, "weight") == p.dtype,
-            where(op, "input, out and weight must share a dtype"));
-  auto [rows, in_stride] = rows_of(input, op, "input");
-  auto [out_rows, out_stride] = rows_of(out, op, "out");
-  p.hidden = input.shape(input.ndim() - 1);
-  check_arg(out_rows == rows && static_cast<int64_t>(out.shape(out.ndim() - 1)) == p.hidden,
-            where(op, "out shape differs from input"));
-  check_arg(weight.ndim() == 1 && static_cast<int64_t>(weight.shape(0)) == p.hidden,
-            where(op, "weight must be [hidden]"));
-  check_contiguous(weight, op, "weight");
+  p.dtype = n.dtype;
+  p.hidden = n.hidden;
   if (bias.is_valid()) {
-    check_device(bias, cuda, op, "bias");
+    check_device(bias, n.cuda, op, "bias");
     check_arg(float_dtype(bias, op, "bias") == p.dtype, where(op, "bias dtype differs from input"));
     check_arg(bias.ndim() == 1 && static_cast<int64_t>(bias.shape(0)) == p.hidden,
               where(op, "bias must be [hidden]"));
     check_contiguous(bias, op, "bias");
     p.bias = bias.data();
   }
-  p.num_tokens = rows;
-  p.input_stride = in_stride;
-  p.out_stride = out_stride;
+  p.num_tokens = n.rows;
+  p.input_stride = n.input_stride;
+  p.out_stride = n.other_stride;
   p.input = input.data();
   p.out = out.data();
   p.weight = weight.data();
   p.eps = eps;
-  FASTLLM_RUN_OP(layer_norm, cuda, p, stream);
+  FASTLLM_RUN_OP(layer_norm, n.cuda, p, stream);
 }
 
 void rotary_embedding(const Array& positions, const Array& query, const Array& key,
