@@ -32,6 +32,7 @@ __all__ = [
     "build_rope_cos_sin_cache",
     "copy_blocks",
     "eager",
+    "fp8_linear",
     "fused_add_rms_norm",
     "gelu_and_mul",
     "layer_norm",
@@ -423,6 +424,30 @@ def quant_linear(
 @quant_linear.register_fake
 def _(x, weight, quant_type, out_features, bias=None):
     return x.new_empty((*x.shape[:-1], out_features), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastllm::fp8_linear", mutates_args=())
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``scale * (x @ e4m3(W).T) (+ bias)`` for FP8 weights kept as stored: ``weight`` uint8
+    ``[out_features, in_features]`` e4m3fn codes, ``scale`` float32 ``[out_features]`` (one per
+    row), ``x`` float32 ``[..., in_features]`` with a dense last dimension; float accumulation."""
+    out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32, device=x.device)
+    if x.device.type == "cpu":
+        _ops.fp8_gemm(out.numpy(), x.numpy(), weight.numpy(), scale.numpy(),
+                      None if bias is None else bias.numpy(), 0)
+    else:
+        _ops.fp8_gemm(out, x, weight, scale, bias, _stream(x))
+    return out
+
+
+@fp8_linear.register_fake
+def _(x, weight, scale, bias=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
 
 
 # ---- LoRA ------------------------------------------------------------------------------------------

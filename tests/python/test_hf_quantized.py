@@ -28,10 +28,10 @@ import torch
 
 import quant_checkpoints as qc
 from fastllm import LLM, SamplingParams, kernels
-from fastllm.config import EngineArgs
+from fastllm.config import EngineArgs, ModelConfig
 from fastllm.entrypoints.openai.cli_args import parse_args
 from fastllm.loader import load_config, resolve_model
-from fastllm.loader.hf_quant import load_hf_quantized
+from fastllm.loader.hf_quant import keeps_fp8_rows, load_hf_quantized
 from fastllm.loader.quantization import detect_quantization
 from fastllm.models.cpu_model import CpuModel
 
@@ -462,3 +462,97 @@ def test_fp8_gemm_matches_the_reference(m, n, k):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     with pytest.raises(ValueError, match="scale must be"):
         kernels.fp8_gemm(out, x, codes, scale[:-1])
+
+
+# ---- FP8 checkpoints on CUDA: e4m3 rows with per-row scales through fp8_gemm ---------------------
+
+FP8_CASES = ["fp8", "ct-fp8-tensor", "ct-fp8-channel"]
+
+
+def test_only_cuda_keeps_fp8_rows():
+    assert keeps_fp8_rows("cuda")
+    assert not keeps_fp8_rows("cpu")
+
+
+@pytest.mark.parametrize("case", FP8_CASES)
+def test_fp8_rows_hold_the_stored_codes_and_per_row_scales(checkpoints, case):
+    """What a CUDA target keeps: every FP8 linear as the file's e4m3 bytes and one scale per
+    output row (a per-tensor scale repeated), which give the reference weights exactly."""
+    from fastllm.loader.safetensors_np import SafetensorsIndex
+
+    ckpt = checkpoints(case)
+    source = _source(ckpt.directory)
+    loaded = load_hf_quantized(source, source.quant, False, keep_fp8=True)
+    index = SafetensorsIndex(source.weight_files)
+    linears = [name for name in ckpt.reference if name.endswith("proj.weight")]
+    assert sorted(loaded.fp8) == sorted(linears) and len(linears) == 14
+    assert not set(linears) & set(loaded.tensors)
+    assert loaded.stats.fp8_rows == 14 and loaded.stats.requantized == 0
+    for name in linears:
+        rows = loaded.fp8[name]
+        prefix = name.removesuffix(".weight")
+        np.testing.assert_array_equal(rows.codes, index.array(name))
+        stored = index.float32(f"{prefix}.weight_scale").reshape(-1)
+        assert rows.scale.shape == (rows.codes.shape[0],) and rows.scale.dtype == np.float32
+        np.testing.assert_array_equal(rows.scale, np.broadcast_to(stored, rows.scale.shape))
+        np.testing.assert_array_equal(rows.dequantize(), ckpt.reference[name])
+    # Without keep_fp8 (the CPU), the same checkpoint becomes Q8_0 rows as before.
+    cpu = load_hf_quantized(source, source.quant, False)
+    assert not cpu.fp8 and cpu.tensors[linears[0]].ggml_type == "Q8_0"
+
+
+@pytest.mark.parametrize("case", ["fp8", "ct-fp8-channel"])
+def test_cuda_layout_runs_fp8_gemm_and_matches_the_dequantized_model(checkpoints, case,
+                                                                     monkeypatch):
+    """The layers a CUDA device gets, built on the CPU (load_quantized_model's layout_device)
+    and run by fp8_gemm's CPU version in the torch executor: Fp8Linear for every linear (fused
+    Q/K/V and gate/up stacking their parts' rows and scales), a float output projection; greedy
+    tokens equal to transformers' on the dequantized weights, perplexity within 0.1 %."""
+    import functools
+
+    from fastllm.models import quant_loader
+    from fastllm.models.quant_linear import Fp8Linear, QuantLinear
+
+    ckpt = checkpoints(case)
+    monkeypatch.setenv("FASTLLM_TORCH_FREE", "0")
+    monkeypatch.setattr(quant_loader, "load_quantized_model", functools.partial(
+        quant_loader.load_quantized_model, layout_device="cuda"))
+    llm = LLM(model=ckpt.directory, max_model_len=256)
+    model = llm.llm_engine.core.model
+    fp8_layers = {name: m for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    assert len(fp8_layers) == 4 * 2
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    assert llm.llm_engine.core.executor.cpu_decoder is None  # the per-op path runs Fp8Linear
+    ref = ckpt.reference
+    qkv = fp8_layers["model.layers.1.self_attn.qkv_proj"]
+    parts = [ref[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"]
+    weights = qc.e4m3_value(qkv.qweight.numpy()) * qkv.weight_scale.numpy()[:, None]
+    np.testing.assert_array_equal(weights, np.concatenate(parts))
+    hf = qc.hf_reference_model(ckpt)
+    assert _check_greedy(llm, hf) == 36
+    ours, theirs = _perplexities(llm, hf)
+    assert abs(ours / theirs - 1) < 1e-3, (ours, theirs)
+
+
+def test_fused_layer_with_a_non_fp8_part_takes_q8_0_rows(checkpoints):
+    """A fused layer whose parts are not all FP8 rows gets no Fp8Linear; its FP8 parts join the
+    block tensors as Q8_0 rows (the CPU's conversion), so no weight is lost."""
+    from fastllm.models import get_model_class
+    from fastllm.models.quant_loader import _fp8_linears
+    from fastllm.models.quant_linear import Fp8Linear
+
+    ckpt = checkpoints("fp8")
+    source = _source(ckpt.directory)
+    loaded = load_hf_quantized(source, source.quant, False, keep_fp8=True)
+    dropped = "model.layers.0.self_attn.k_proj.weight"
+    loaded.tensors[dropped] = load_hf_quantized(source, source.quant, False).tensors[dropped]
+    del loaded.fp8[dropped]
+    config = ModelConfig.from_dict(load_config(source), EngineArgs(model=ckpt.directory))
+    with torch.device("meta"):
+        model = get_model_class(config)(config)
+    count, consumed = _fp8_linears(model, loaded.fp8, loaded.tensors, torch.device("cpu"))
+    assert count == 4 * 2 - 1
+    assert not isinstance(model.get_submodule("model.layers.0.self_attn.qkv_proj"), Fp8Linear)
+    for part in ("q_proj", "v_proj"):
+        name = f"model.layers.0.self_attn.{part}.weight"
+        assert name not in consumed and loaded.tensors[name].ggml_type == "Q8_0"

@@ -119,7 +119,7 @@ def load_cpu_model(config: ModelConfig, source: ModelSource, dtype: str, kv_dtyp
             or kv_dtype not in CACHE_DTYPES or not native_decoder_enabled()):
         return None
     # As in quant_loader: each tensor's file pages leave the resident set once copied.
-    raw, gguf = open_quantized_tensors(source)
+    raw, gguf, _ = open_quantized_tensors(source)
     plan = _plan(config, raw)
     if plan is None:
         return None
