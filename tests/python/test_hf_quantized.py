@@ -538,8 +538,8 @@ def test_fused_layer_with_a_non_fp8_part_takes_q8_0_rows(checkpoints):
     """A fused layer whose parts are not all FP8 rows gets no Fp8Linear; its FP8 parts join the
     block tensors as Q8_0 rows (the CPU's conversion), so no weight is lost."""
     from fastllm.models import get_model_class
-    from fastllm.models.quant_loader import _fp8_linears
     from fastllm.models.quant_linear import Fp8Linear
+    from fastllm.models.quant_loader import _fp8_linears
 
     ckpt = checkpoints("fp8")
     source = _source(ckpt.directory)
