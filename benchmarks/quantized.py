@@ -152,7 +152,7 @@ def kv_memory(llm, sequences: int, length: int) -> tuple[float, float]:
 
 def _kv_name(core) -> str:
     name = str(core.kv_dtype).removeprefix("torch.")
-    return "float8_e4m3fn" if name == "uint8" else name
+    return "float8_e4m3fn" if name == "uint8" else name  # e4m3 or e5m2: one byte either way
 
 
 def main() -> None:
@@ -184,7 +184,7 @@ def main() -> None:
 
         print("\nKV cache on the GGUF model:")
         kv = {}
-        for dtype in ("float16", "fp8"):
+        for dtype in ("float16", "fp8", "fp8_e5m2"):
             llm = LLM(model=models["gguf-q4_0"], tokenizer=tokenizer, max_model_len=2048,
                       kv_cache_dtype=dtype)
             planned, measured = kv_memory(llm, args.kv_sequences, args.kv_length)

@@ -6,6 +6,7 @@
 #include <nanobind/ndarray.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "fastllm/kernels/common.h"
@@ -28,18 +29,27 @@ inline void check_device(const Array& a, bool cuda, const char* op, const char* 
                                         : " must be a CPU tensor like the others"));
 }
 
-// The activation dtype of a float tensor; uint8 reads as float8 e4m3 where allow_fp8.
+// The activation dtype of a float tensor. A uint8 array is a float8 KV cache where fp8 names its
+// format (DLPack and numpy have no portable float8 codes, so the caller says which).
 inline k::DType float_dtype(const Array& a, const char* op, const char* name,
-                            bool allow_fp8 = false) {
+                            std::optional<k::DType> fp8 = std::nullopt) {
   const auto dt = a.dtype();
   if (dt == nb::dtype<float>()) return k::DType::kFloat32;
   if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) && dt.bits == 16)
     return k::DType::kFloat16;
   if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && dt.bits == 16)
     return k::DType::kBFloat16;
-  if (allow_fp8 && dt == nb::dtype<uint8_t>()) return k::DType::kFloat8E4M3;
+  if (fp8 && dt == nb::dtype<uint8_t>()) return *fp8;
   throw k::KernelArgumentError(where(op, name) + " must be float32, float16 or bfloat16" +
-                               (allow_fp8 ? " (or a uint8 view of float8_e4m3fn)" : ""));
+                               (fp8 ? " (or a uint8 view of a float8 cache)" : ""));
+}
+
+// The float8 type a KV cache's fp8_format argument names: "e4m3" (e4m3fn) or "e5m2".
+inline k::DType fp8_format(const std::string& format, const char* op) {
+  if (format == "e4m3") return k::DType::kFloat8E4M3;
+  if (format == "e5m2") return k::DType::kFloat8E5M2;
+  throw k::KernelArgumentError(where(op, "fp8_format must be 'e4m3' or 'e5m2', got '") + format +
+                               "'");
 }
 
 // Dimensions [from, ndim) packed densely (dimension from-1 may have any stride). An array with

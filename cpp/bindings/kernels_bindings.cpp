@@ -66,7 +66,7 @@ bool cuda_device(const Array& a, const char* op) {
 
 void reshape_and_cache(const Array& key, const Array& value, const Array& key_cache,
                        const Array& value_cache, const Array& slot_mapping, float k_scale,
-                       float v_scale, uintptr_t stream) {
+                       float v_scale, uintptr_t stream, const std::string& fp8) {
   const char* op = "reshape_and_cache";
   const bool cuda = cuda_device(key, op);
   k::ReshapeAndCacheParams p;
@@ -77,8 +77,9 @@ void reshape_and_cache(const Array& key, const Array& value, const Array& key_ca
   for (const Array* a : {&value, &key_cache, &value_cache}) check_device(*a, cuda, op, "tensor");
   p.dtype = float_dtype(key, op, "key");
   check_arg(float_dtype(value, op, "value") == p.dtype, where(op, "key and value dtypes differ"));
-  p.cache_dtype = float_dtype(key_cache, op, "key_cache", true);
-  check_arg(float_dtype(value_cache, op, "value_cache", true) == p.cache_dtype,
+  const k::DType fp8_type = fp8_format(fp8, op);
+  p.cache_dtype = float_dtype(key_cache, op, "key_cache", fp8_type);
+  check_arg(float_dtype(value_cache, op, "value_cache", fp8_type) == p.cache_dtype,
             where(op, "key_cache and value_cache dtypes differ"));
   check_dense_from(key, 1, op, "key");
   check_dense_from(value, 1, op, "value");
@@ -164,7 +165,8 @@ void paged_attention(const Array& out, const Array& query, const Array& key_cach
                      const Array& value_cache, const Array& query_start_loc,
                      const Array& context_lens, const Array& block_tables, float scale,
                      int32_t sliding_window, float softcap, float k_scale, float v_scale,
-                     int64_t max_context_len, const Array& workspace, uintptr_t stream) {
+                     int64_t max_context_len, const Array& workspace, uintptr_t stream,
+                     const std::string& fp8) {
   const char* op = "paged_attention";
   const bool cuda = cuda_device(query, op);
   check_arg(query.ndim() == 3 && out.ndim() == 3,
@@ -175,8 +177,9 @@ void paged_attention(const Array& out, const Array& query, const Array& key_cach
   k::PagedAttentionParams p;
   p.dtype = float_dtype(query, op, "query");
   check_arg(float_dtype(out, op, "out") == p.dtype, where(op, "out dtype differs from query"));
-  p.cache_dtype = float_dtype(key_cache, op, "key_cache", true);
-  check_arg(float_dtype(value_cache, op, "value_cache", true) == p.cache_dtype,
+  const k::DType fp8_type = fp8_format(fp8, op);
+  p.cache_dtype = float_dtype(key_cache, op, "key_cache", fp8_type);
+  check_arg(float_dtype(value_cache, op, "value_cache", fp8_type) == p.cache_dtype,
             where(op, "key_cache and value_cache dtypes differ"));
   check_dense_from(query, 1, op, "query");
   check_dense_from(out, 1, op, "out");
@@ -973,10 +976,10 @@ void bind_kernels(nb::module_& m) {
 
   m.def("reshape_and_cache", &reshape_and_cache, arg("key"), arg("value"), arg("key_cache"),
         arg("value_cache"), arg("slot_mapping"), arg("k_scale") = 1.0f, arg("v_scale") = 1.0f,
-        arg("stream") = 0,
+        arg("stream") = 0, arg("fp8_format") = "e4m3",
         "Write key/value [tokens, kv_heads, head_size] into the paged caches "
         "[num_blocks, block_size, kv_heads, head_size] at slot_mapping (int64; < 0 skips). "
-        "A uint8 cache is float8 e4m3 storing x / scale.");
+        "A uint8 cache is float8 (fp8_format 'e4m3' or 'e5m2') storing x / scale.");
   m.def("copy_blocks", &copy_blocks, arg("cache"), arg("block_mapping"), arg("stream") = 0,
         "Copy block pairs (src, dst) of an int32 [n, 2] mapping inside one cache.");
   m.def(
@@ -986,8 +989,9 @@ void bind_kernels(nb::module_& m) {
         arg("value_cache"), arg("query_start_loc"), arg("context_lens"), arg("block_tables"),
         arg("scale"), arg("sliding_window") = -1, arg("softcap") = 0.0f, arg("k_scale") = 1.0f,
         arg("v_scale") = 1.0f, arg("max_context_len") = 0, arg("workspace").none() = nb::none(),
-        arg("stream") = 0,
-        "Varlen causal paged attention (prefill, chunked prefill and decode) into out.");
+        arg("stream") = 0, arg("fp8_format") = "e4m3",
+        "Varlen causal paged attention (prefill, chunked prefill and decode) into out. "
+        "A uint8 cache is float8 (fp8_format 'e4m3' or 'e5m2') storing x / scale.");
   m.def("paged_attention_workspace_bytes", &k::paged_attention_workspace_bytes, arg("num_tokens"),
         arg("num_heads"), arg("head_size"), arg("max_context_len"),
         "Bytes of CUDA workspace that let paged_attention split long contexts.");

@@ -48,8 +48,21 @@ k::DType cache_dtype_of(const std::string& name, const char* op) {
   if (name == "float16") return k::DType::kFloat16;
   if (name == "bfloat16") return k::DType::kBFloat16;
   if (name == "float8_e4m3fn") return k::DType::kFloat8E4M3;
+  if (name == "float8_e5m2") return k::DType::kFloat8E5M2;
   throw k::KernelArgumentError(
-      where(op, "cache_dtype must be float32, float16, bfloat16 or float8_e4m3fn"));
+      where(op, "cache_dtype must be float32, float16, bfloat16, float8_e4m3fn or float8_e5m2"));
+}
+
+// cache_dtype_of's inverse (torch's dtype names).
+const char* cache_dtype_name(k::DType dtype) {
+  switch (dtype) {
+    case k::DType::kFloat8E4M3:
+      return "float8_e4m3fn";
+    case k::DType::kFloat8E5M2:
+      return "float8_e5m2";
+    default:
+      return k::dtype_name(dtype);
+  }
 }
 
 // The model sizes, final norm and RoPE table both bindings take.
@@ -211,7 +224,9 @@ class PyCpuDecoder {
     layer.v_scale = v_scale;
     const int64_t cache_numel = s.num_blocks * s.block_size * s.num_kv_heads * s.head_dim;
     for (const Array* cache : {&key_cache, &value_cache}) {
-      check_arg(float_dtype(*cache, kDecoder, "kv cache", true) == s.cache_dtype,
+      // A uint8 cache holds codes of the decoder's float8 type.
+      const auto fp8 = k::is_float8(s.cache_dtype) ? std::optional(s.cache_dtype) : std::nullopt;
+      check_arg(float_dtype(*cache, kDecoder, "kv cache", fp8) == s.cache_dtype,
                 where(kDecoder, "the KV caches must have the decoder's cache_dtype"));
       check_device(*cache, false, kDecoder, "kv cache");
       check_contiguous(*cache, kDecoder, "kv cache");
@@ -500,6 +515,12 @@ void bind_models(nb::module_& m) {
       .def("remove_lora", &fm::CpuExecutor::remove_lora, arg("lora_id"))
       .def_prop_ro("num_loras", &fm::CpuExecutor::num_loras)
       .def_prop_ro("kv_cache_bytes", &fm::CpuExecutor::kv_cache_bytes)
+      .def_prop_ro(
+          "kv_cache_dtype",
+          [](const fm::CpuExecutor& e) {
+            return cache_dtype_name(e.decoder().shape().cache_dtype);
+          },
+          "The KV cache's element type, as kv_cache_dtype named it.")
       .def_prop_ro("num_layers", [](const fm::CpuExecutor& e) { return e.decoder().num_layers(); })
       .def("set_profiling", &fm::CpuExecutor::set_profiling, arg("on"),
            "Turns the per-part timers on (and zeroes them) or off.")

@@ -39,8 +39,10 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1,
 # kernels over the same checkpoint formats.
 QUANTIZATION_CHOICES = ("gguf", "gptq", "awq", "compressed-tensors", "fp8", "gptq_marlin",
                         "awq_marlin", "marlin", "compressed_tensors")
-# --kv-cache-dtype spellings of an fp8 cache -> its element type (the kernels store e4m3).
+# --kv-cache-dtype spellings of an fp8 cache -> its element type (torch's dtype name).
 _FP8_KV_DTYPES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+# The fp8 element types a KV cache may have: they take per-layer scales (x / scale is stored).
+FP8_KV_CACHE_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 
 
 def _env_float(name: str, default: float) -> float:
@@ -156,12 +158,12 @@ class EngineArgs:
                       help="weights and activations dtype")
     # auto: the model dtype, except float16 for a GGUF kept quantized on the CPU (its activations
     # run in float32; half-precision keys and values halve the cache's memory and bandwidth).
-    # fp8 / fp8_e4m3: e4m3 values of x / scale (per-layer scales: quantization_param_path, the
-    # checkpoint's k_scale/v_scale, else 1.0); fp8_e5m2 parses and is refused (no kernels).
+    # fp8 / fp8_e4m3: e4m3 values of x / scale, fp8_e5m2: e5m2 values of x / scale (per-layer
+    # scales: quantization_param_path, the checkpoint's k_scale/v_scale, else 1.0).
     kv_cache_dtype: str = _arg(
         "auto", choices=["auto", "fp8", "fp8_e5m2", "fp8_e4m3", "float32", "float16", "bfloat16"],
         help="KV cache dtype; auto = the model dtype (float16 for a quantized model on the CPU);"
-             " fp8 = fp8_e4m3")
+             " fp8 = fp8_e4m3; fp8_e5m2 keeps more range, less precision")
     device: str = _arg("auto", choices=["auto", "cuda", "neuron", "cpu", "openvino", "tpu", "xpu"],
                        help="auto, cuda or cpu")
     seed: int = _arg(0, type=seed_int, help="random seed")
@@ -293,12 +295,10 @@ class EngineArgs:
                              f"{self.quantized_weights!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}")
-        if self.kv_cache_dtype == "fp8_e5m2":
-            raise ValueError("kv_cache_dtype 'fp8_e5m2' is not supported: the attention kernels "
-                             "read e4m3 caches (use 'fp8' or 'fp8_e4m3')")
         if self.kv_cache_dtype not in ("auto", *_DTYPES, *_FP8_KV_DTYPES):
             raise ValueError(f"kv_cache_dtype must be 'auto', 'float32', 'float16', "
-                             f"'bfloat16', 'fp8' or 'fp8_e4m3', got {self.kv_cache_dtype!r}")
+                             f"'bfloat16', 'fp8', 'fp8_e4m3' or 'fp8_e5m2', got "
+                             f"{self.kv_cache_dtype!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
             raise ValueError(f"quantization method {self.quantization!r} is not supported; "
                              f"supported: {', '.join(QUANTIZATION_CHOICES[:5])}")
@@ -423,7 +423,7 @@ class EngineArgs:
         return "float16"
 
     def resolve_kv_cache_dtype(self, model_dtype: str, quantized_on_cpu: bool) -> str:
-        """The cache's element type: a float dtype name, or "float8_e4m3fn"."""
+        """The cache's element type: a float dtype name, or one of FP8_KV_CACHE_DTYPES."""
         if self.kv_cache_dtype in _FP8_KV_DTYPES:
             return _FP8_KV_DTYPES[self.kv_cache_dtype]
         if self.kv_cache_dtype != "auto":

@@ -14,7 +14,8 @@ kernels; the extension never links it.
 
 KV cache layout: ``key_cache`` and ``value_cache`` are each ``[num_blocks, block_size, num_kv_heads,
 head_size]``; slot = block * block_size + offset; block 0 is the reserved null block. A
-``torch.float8_e4m3fn`` cache stores ``x / scale`` (saturating at +-448) with one scale per tensor.
+``torch.float8_e4m3fn`` cache stores ``x / scale`` (saturating at +-448) with one scale per tensor,
+a ``torch.float8_e5m2`` cache likewise (saturating at +-57344).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "build_rope_cos_sin_cache",
     "copy_blocks",
     "eager",
+    "fp8_linear",
     "fused_add_rms_norm",
     "gelu_and_mul",
     "layer_norm",
@@ -78,13 +80,22 @@ def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
 
 
+# The kernels' name of each float8 cache format (their fp8_format argument).
+_FP8_FORMATS = {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
+
+
 def _cache(t: torch.Tensor) -> torch.Tensor:
-    # DLPack has no portable float8 code: fp8 caches cross as uint8 views.
-    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+    # DLPack has no portable float8 code: fp8 caches cross as uint8 views (with _fp8_format).
+    return t.view(torch.uint8) if t.dtype in _FP8_FORMATS else t
+
+
+def _fp8_format(cache: torch.Tensor) -> str:
+    # Which float8 a uint8 view holds; ignored for float caches.
+    return _FP8_FORMATS.get(cache.dtype, "e4m3")
 
 
 # float8 KV caches cross as uint8 views (``_np``), like the DLPack route's.
-_NUMPY_DTYPES = (torch.float32, torch.float16, torch.float8_e4m3fn)
+_NUMPY_DTYPES = (torch.float32, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def _numpy_ok(*tensors: torch.Tensor) -> bool:
@@ -117,7 +128,7 @@ def reshape_and_cache(
     ``slot_mapping`` (int64; negative slots are skipped)."""
     if _numpy_ok(key, value, key_cache, value_cache):
         _ops.reshape_and_cache(key.numpy(), value.numpy(), _np(key_cache), _np(value_cache),
-                               slot_mapping.numpy(), k_scale, v_scale, 0)
+                               slot_mapping.numpy(), k_scale, v_scale, 0, _fp8_format(key_cache))
         return
     _ops.reshape_and_cache(
         key,
@@ -128,6 +139,7 @@ def reshape_and_cache(
         k_scale,
         v_scale,
         _stream(key),
+        _fp8_format(key_cache),
     )
 
 
@@ -189,7 +201,7 @@ def paged_attention(
         _ops.paged_attention(out.numpy(), query.numpy(), _np(key_cache), _np(value_cache),
                              query_start_loc.numpy(), context_lens.numpy(), block_tables.numpy(),
                              scale, sliding_window, softcap, k_scale, v_scale, max_context_len,
-                             None, 0)
+                             None, 0, _fp8_format(key_cache))
         return out
     out = torch.empty_like(query)
     workspace = None
@@ -215,6 +227,7 @@ def paged_attention(
         max_context_len,
         workspace,
         _stream(query),
+        _fp8_format(key_cache),
     )
     return out
 
@@ -411,6 +424,30 @@ def quant_linear(
 @quant_linear.register_fake
 def _(x, weight, quant_type, out_features, bias=None):
     return x.new_empty((*x.shape[:-1], out_features), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastllm::fp8_linear", mutates_args=())
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``scale * (x @ e4m3(W).T) (+ bias)`` for FP8 weights kept as stored: ``weight`` uint8
+    ``[out_features, in_features]`` e4m3fn codes, ``scale`` float32 ``[out_features]`` (one per
+    row), ``x`` float32 ``[..., in_features]`` with a dense last dimension; float accumulation."""
+    out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32, device=x.device)
+    if x.device.type == "cpu":
+        _ops.fp8_gemm(out.numpy(), x.numpy(), weight.numpy(), scale.numpy(),
+                      None if bias is None else bias.numpy(), 0)
+    else:
+        _ops.fp8_gemm(out, x, weight, scale, bias, _stream(x))
+    return out
+
+
+@fp8_linear.register_fake
+def _(x, weight, scale, bias=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
 
 
 # ---- LoRA ------------------------------------------------------------------------------------------

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +20,16 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA device")),
 ]
 FP8 = torch.float8_e4m3fn
+FP8_E5M2 = torch.float8_e5m2
+# Largest finite value of each float8 cache type: the kernels saturate there.
+FP8_MAX = {FP8: 448.0, FP8_E5M2: 57344.0}
+# Test parameter -> cache dtype (None: the same dtype as the activations).
+CACHES = {"same": None, "fp8": FP8, "fp8_e5m2": FP8_E5M2}
+
+
+def _to_fp8(x, dtype):
+    """torch's round-to-nearest-even cast, saturating as the kernels do."""
+    return x.clamp(-FP8_MAX[dtype], FP8_MAX[dtype]).to(dtype)
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
@@ -58,8 +71,9 @@ class PagedCase:
         for s, n in enumerate(blocks_per_seq):
             table[s, :n] = torch.tensor(ids[cursor : cursor + n], dtype=torch.int32)
             cursor += n
-        self.k_scale = 0.05 if cache_dtype == FP8 else 1.0
-        self.v_scale = 0.04 if cache_dtype == FP8 else 1.0
+        fp8 = cache_dtype in FP8_MAX
+        self.k_scale = 0.05 if fp8 else 1.0
+        self.v_scale = 0.04 if fp8 else 1.0
         shape = (num_blocks, block_size, num_kv_heads, head_size)
         # Unused slots hold NaN: reading one would poison the output.
         k_full = torch.full(shape, float("nan"))
@@ -71,9 +85,9 @@ class PagedCase:
             for j in range(ctx):
                 b, o = int(table[s, j // block_size]), j % block_size
                 k_full[b, o], v_full[b, o] = k[j], v[j]
-        if cache_dtype == FP8:
-            self.key_cache = (k_full / self.k_scale).clamp(-448, 448).to(FP8)
-            self.value_cache = (v_full / self.v_scale).clamp(-448, 448).to(FP8)
+        if fp8:
+            self.key_cache = _to_fp8(k_full / self.k_scale, cache_dtype)
+            self.value_cache = _to_fp8(v_full / self.v_scale, cache_dtype)
         else:
             self.key_cache = k_full.to(cache_dtype)
             self.value_cache = v_full.to(cache_dtype)
@@ -188,9 +202,9 @@ def test_paged_attention_gqa_window_softcap(device, heads, window, softcap):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("cache", ["same", "fp8"])
+@pytest.mark.parametrize("cache", list(CACHES))
 def test_paged_attention_dtypes(device, dtype, cache):
-    cache_dtype = FP8 if cache == "fp8" else dtype
+    cache_dtype = CACHES[cache] or dtype
     seqs = [(1, 70), (11, 30), (1, 5)]
     case = PagedCase(seqs, 8, 2, 128, 16, dtype, cache_dtype, device, seed=3)
     got = case.run(128**-0.5).float()
@@ -254,9 +268,9 @@ def test_paged_attention_rejects_bad_arguments():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("cache", ["same", "fp8"])
+@pytest.mark.parametrize("cache", list(CACHES))
 def test_reshape_and_cache(device, dtype, cache):
-    cache_dtype = FP8 if cache == "fp8" else dtype
+    cache_dtype = CACHES[cache] or dtype
     num_blocks, block_size, kv_heads, head_size, tokens = 7, 8, 2, 80, 13
     gen = torch.Generator().manual_seed(1)
     # key/value as strided views into a fused qkv projection, like a model produces them.
@@ -266,7 +280,7 @@ def test_reshape_and_cache(device, dtype, cache):
     slots[3] = -1
     key_cache = torch.zeros((num_blocks, block_size, kv_heads, head_size), dtype=cache_dtype)
     value_cache = torch.zeros_like(key_cache)
-    k_scale, v_scale = (0.02, 0.03) if cache == "fp8" else (1.0, 1.0)
+    k_scale, v_scale = (0.02, 0.03) if cache != "same" else (1.0, 1.0)
     kc, vc = key_cache.to(device), value_cache.to(device)
     ops.reshape_and_cache(
         key.to(device), value.to(device), kc, vc, slots.to(device), k_scale, v_scale
@@ -274,9 +288,9 @@ def test_reshape_and_cache(device, dtype, cache):
     expect_k = torch.zeros_like(key_cache).view(-1, kv_heads, head_size)
     expect_v = torch.zeros_like(value_cache).view(-1, kv_heads, head_size)
     keep = slots >= 0
-    if cache == "fp8":
-        expect_k[slots[keep]] = (key[keep].float() / k_scale).clamp(-448, 448).to(FP8)
-        expect_v[slots[keep]] = (value[keep].float() / v_scale).clamp(-448, 448).to(FP8)
+    if cache != "same":
+        expect_k[slots[keep]] = _to_fp8(key[keep].float() / k_scale, cache_dtype)
+        expect_v[slots[keep]] = _to_fp8(value[keep].float() / v_scale, cache_dtype)
     else:
         expect_k[slots[keep]] = key[keep]
         expect_v[slots[keep]] = value[keep]
@@ -296,6 +310,70 @@ def test_fp8_rounding_matches_torch_everywhere():
     ops.reshape_and_cache(key, key, cache, cache.clone(), torch.arange(n), 1.0, 1.0)
     expect = values.clamp(-448, 448).to(FP8)
     assert torch.equal(cache[:, 0, 0, 0].view(torch.uint8), expect.view(torch.uint8))
+
+
+def _e5m2_codes(values: torch.Tensor, device="cpu") -> torch.Tensor:
+    """The kernels' e5m2 codes of float32 values (reshape_and_cache, scale 1), on device."""
+    n = values.numel()
+    row = values.view(n, 1, 1).expand(n, 1, 8).contiguous().to(device)
+    cache = torch.zeros((n, 1, 1, 8), dtype=FP8_E5M2, device=device)
+    ops.reshape_and_cache(row, row, cache, cache.clone(), torch.arange(n, device=device))
+    codes = cache.cpu().view(torch.uint8)[:, 0, 0]
+    assert torch.equal(codes, codes[:, :1].expand(n, 8))  # SIMD body and scalar tail agree
+    return codes[:, 0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_e5m2_matches_torch_bit_for_bit(device):
+    """Every e5m2 code decodes to torch's value and encodes back to itself; a sweep of float32
+    values (every float16, the ties halfway between neighbouring e5m2 values, random bit patterns,
+    subnormals, the saturation edge, infinities and NaN) rounds to torch's code, the finite ones
+    and infinities saturating at +-57344 instead of overflowing to inf."""
+    all_codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    decoded = all_codes.view(FP8_E5M2).float()
+    finite = torch.isfinite(decoded)
+    assert torch.equal(_e5m2_codes(decoded[finite], device), all_codes[finite])
+    # Attention decodes them: one key whose value row holds all 256 codes (4 KV heads x 64), so
+    # the output is the value row times v_scale (1 here).
+    value_cache = torch.zeros((2, 8, 4, 64), dtype=torch.uint8)
+    value_cache[1, 0] = all_codes.view(4, 64)
+    out = ops.paged_attention(
+        torch.ones((1, 4, 64)).to(device), torch.zeros((2, 8, 4, 64), dtype=FP8_E5M2).to(device),
+        value_cache.view(FP8_E5M2).to(device), torch.tensor([0, 1], dtype=torch.int32).to(device),
+        torch.tensor([1], dtype=torch.int32).to(device),
+        torch.tensor([[1]], dtype=torch.int32).to(device), 0.125).cpu()
+    torch.testing.assert_close(out.flatten(), decoded, atol=0, rtol=0, equal_nan=True)
+
+    gen = torch.Generator().manual_seed(5)
+    halves = torch.arange(0, 65536, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    grid = torch.sort(decoded[finite & (decoded >= 0)]).values
+    ties = (grid[:-1] + grid[1:]) / 2  # exactly representable in float32
+    nudge = torch.tensor([1 - 2**-20, 1 + 2**-20])
+    near_ties = (ties[:, None] * nudge).flatten()
+    bits = torch.randint(-(2**31), 2**31 - 1, (200_000,), generator=gen, dtype=torch.int64)
+    random_floats = bits.to(torch.int32).view(torch.float32)
+    edges = torch.tensor([57344.0, 57345.0, 61439.99, 61440.0, 61441.0, 65536.0, 1e30,
+                          float("inf"), float("nan"), 2.0**-16, 2.0**-17, 3 * 2.0**-18,
+                          2.0**-14, 2.0**-14 - 2.0**-17, 1e-40, 0.0])
+    sweep = torch.cat([halves, ties, near_ties, random_floats, edges])
+    sweep = torch.cat([sweep, -sweep])
+    expect = torch.where(torch.isnan(sweep), sweep, sweep.clamp(-57344.0, 57344.0))
+    expect = expect.to(FP8_E5M2).view(torch.uint8)
+    got = _e5m2_codes(sweep, device)
+    bad = (got != expect).nonzero().flatten()
+    assert bad.numel() == 0, [(sweep[i].item(), int(got[i]), int(expect[i])) for i in bad[:8]]
+    assert _e5m2_codes(torch.tensor([1e6, -float("inf")]), device).tolist() == [0x7B, 0xFB]
+
+
+def test_fp8_e5m2_on_the_scalar_cpu_path():
+    """The portable code path (picked once per process, so in a fresh one) converts and reads
+    e5m2 as the SIMD one does."""
+    env = {**os.environ, "FASTLLM_CPU_ISA": "scalar"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                           "-k", "e5m2 and not scalar_cpu_path and cpu"], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "passed" in proc.stdout and "failed" not in proc.stdout
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -323,7 +401,7 @@ def test_copy_blocks_rejects_bad_pairs():
         pytest.param("cpu", "cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA device")),
     ],
 )
-@pytest.mark.parametrize("dtype", [torch.float16, FP8])
+@pytest.mark.parametrize("dtype", [torch.float16, FP8, FP8_E5M2])
 def test_swap_blocks(src_device, dst_device, dtype):
     src = torch.randn((5, 8, 2, 64)).to(dtype).to(src_device)
     dst = torch.zeros((3, 8, 2, 64)).to(dtype).to(dst_device)

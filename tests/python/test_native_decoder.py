@@ -1,6 +1,6 @@
 """The native CPU decoder (fastllm._C.models.CpuDecoder): the quantized default model's layer loop in
-one C++ call must give exactly what the per-op Python path gives, with float32 and float16 KV
-caches, through chunked prefill and batched decode; bad arguments raise ValueError."""
+one C++ call must give exactly what the per-op Python path gives, with float32, float16 and fp8
+(e5m2) KV caches, through chunked prefill and batched decode; bad arguments raise ValueError."""
 
 from __future__ import annotations
 
@@ -32,14 +32,16 @@ def _run(llm: LLM) -> list:
     return llm.generate(PROMPTS, params, use_tqdm=False)
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["float32", "float16"])
-def test_native_and_python_layer_loops_agree(kv_cache_dtype):
+@pytest.mark.parametrize("kv_cache_dtype,element", [("float32", torch.float32),
+                                                    ("float16", torch.float16),
+                                                    ("fp8_e5m2", torch.float8_e5m2)])
+def test_native_and_python_layer_loops_agree(kv_cache_dtype, element):
     llm = LLM(max_model_len=512, kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=False,
               max_num_batched_tokens=32)
     executor = llm.llm_engine.core.executor
     decoder = executor.cpu_decoder
     assert decoder is not None and decoder.num_layers == 30
-    assert executor.kv_caches[0][0].dtype == getattr(torch, kv_cache_dtype)
+    assert executor.kv_caches[0][0].dtype == element
     native = _run(llm)
     executor.cpu_decoder = None  # the per-op Python model
     try:

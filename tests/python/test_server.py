@@ -320,8 +320,9 @@ def test_kv_cache_dtype_flag():
     assert engine_args_from(parse_args([], environ={})).kv_cache_dtype == "auto"
     ns = parse_args(["--kv-cache-dtype", "float32"], environ={})
     assert engine_args_from(ns).kv_cache_dtype == "float32"
-    ns = parse_args(["--kv-cache-dtype", "fp8"], environ={})
-    assert engine_args_from(ns).kv_cache_dtype == "fp8"
+    for fp8 in ("fp8", "fp8_e4m3", "fp8_e5m2"):
+        ns = parse_args(["--kv-cache-dtype", fp8], environ={})
+        assert engine_args_from(ns).kv_cache_dtype == fp8
     with pytest.raises(SystemExit):
         parse_args(["--kv-cache-dtype", "int4"], environ={})
 

@@ -67,8 +67,8 @@ CpuExecutor::CpuExecutor(const CpuModelWeights& weights, const CpuExecutorConfig
   check_arg(config.num_blocks > 0 && config.num_swap_blocks >= 0,
             "CpuExecutor: num_blocks must be positive");
   check_arg(config.cache_dtype == DType::kFloat32 || config.cache_dtype == DType::kFloat16 ||
-                config.cache_dtype == DType::kFloat8E4M3,
-            "CpuExecutor: the KV cache must be float32, float16 or float8_e4m3");
+                kernels::is_float8(config.cache_dtype),
+            "CpuExecutor: the KV cache must be float32, float16, float8_e4m3 or float8_e5m2");
   check_arg(weights.embed_table != nullptr && weights.vocab > 0,
             "CpuExecutor: the token embedding table is required");
   check_arg(weights.lm_head.weight != nullptr && weights.lm_head.k == s.hidden &&

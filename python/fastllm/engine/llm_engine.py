@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from fastllm import _C
-from fastllm.config import EngineArgs, ModelConfig
+from fastllm.config import FP8_KV_CACHE_DTYPES, EngineArgs, ModelConfig
 from fastllm.engine.beam_search import (
     Beam,
     BeamSearchParams,
@@ -124,16 +124,16 @@ class EngineCore:
         kv_dtype = args.resolve_kv_cache_dtype(dtype, quantized and self.device == "cpu")
         self.kv_scales = (kv_cache_scales(self.source, mc.num_hidden_layers,
                                           args.quantization_param_path)
-                          if kv_dtype == "float8_e4m3fn" else None)
+                          if kv_dtype in FP8_KV_CACHE_DTYPES else None)
         if torch_free is None:
             torch_free = os.environ.get("FASTLLM_TORCH_FREE", "1") != "0"
         cpu_model = (load_cpu_model(mc, self.source, dtype, kv_dtype, self.kv_scales)
                      if torch_free and quantized and self.device == "cpu" else None)
         if cpu_model is not None:
-            # dtypes as numpy's objects here (an fp8 cache's e4m3 codes as uint8), as torch's on
-            # the torch path
+            # dtypes as numpy's objects here (an fp8 cache's codes as uint8), as torch's on the
+            # torch path
             self.model, self.dtype = cpu_model, np.dtype(dtype)
-            self.kv_dtype = np.dtype(np.uint8 if kv_dtype == "float8_e4m3fn" else kv_dtype)
+            self.kv_dtype = np.dtype(np.uint8 if kv_dtype in FP8_KV_CACHE_DTYPES else kv_dtype)
             release_free_memory()  # the loader's temporaries
             num_gpu_blocks, num_cpu_blocks = self._plan_kv_cache(kv_dtype)
             self.executor = build_cpu_executor(cpu_model, kv_dtype, self.block_size,
@@ -310,7 +310,7 @@ class EngineCore:
         kv_dtype = args.resolve_kv_cache_dtype(dtype, quantized and self.device == "cpu")
         # The draft's own checkpoint scales (a scales file describes the target's layers).
         scales = (kv_cache_scales(source, mc.num_hidden_layers)
-                  if kv_dtype == "float8_e4m3fn" else None)
+                  if kv_dtype in FP8_KV_CACHE_DTYPES else None)
         cpu_model = (load_cpu_model(mc, source, dtype, kv_dtype, scales)
                      if torch_free and quantized and self.device == "cpu" else None)
         if cpu_model is not None:

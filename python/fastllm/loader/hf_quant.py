@@ -22,6 +22,11 @@ both CPU executors run them as they run a GGUF file:
   block's largest value; for e4m3 weights that is below e4m3's own step except for a block's
   smallest values). In-features that are not a multiple of 32 stay float.
 
+FP8 weights with a per-tensor or per-channel scale are decoded to ``Fp8Rows`` (the stored e4m3
+codes and one scale per output row). Where ``keeps_fp8_rows(device)`` (CUDA) they stay so, in
+``HFQuantCheckpoint.fp8``, for the ``fp8_gemm`` kernel; elsewhere they become Q8_0 as above. Block
+or group scales (``weight_block_size``, group strategy) always take the Q8_0 route.
+
 Float tensors (norms, embeddings, biases, layers a checkpoint leaves unquantized) pass through as
 F32/F16/BF16 rows. ``quantize_output``: a float output projection (the tied embedding) becomes
 Q8_0, as GGUF files store it, so the CPU's integer kernels and its torch-free executor take it.
@@ -40,7 +45,7 @@ import numpy as np
 
 from .gguf_raw import RawGGUFTensor
 from .quantization import QuantScheme
-from .safetensors_np import SafetensorsIndex
+from .safetensors_np import FP8_E4M3_VALUES, SafetensorsIndex
 from .source import ModelSource
 
 logger = logging.getLogger(__name__)
@@ -81,15 +86,38 @@ class IntLinear:
 
 
 @dataclass
+class Fp8Rows:
+    """An FP8 linear as ``fp8_gemm`` reads it: w[n, k] = scale[n] * e4m3(codes[n, k]) (a
+    per-tensor scale repeated on every row)."""
+
+    name: str
+    codes: np.ndarray  # uint8 [N, K], the checkpoint's e4m3fn bytes
+    scale: np.ndarray  # float32 [N]
+
+    def dequantize(self) -> np.ndarray:
+        # The float32 products the checkpoint's values are defined by (value * scale).
+        return FP8_E4M3_VALUES[self.codes] * self.scale[:, None]
+
+
+def keeps_fp8_rows(device_type: str) -> bool:
+    """Whether FP8 linears stay e4m3 rows with per-row scales (``Fp8Rows``, run by fp8_gemm) on a
+    device of this type: on CUDA, yes. On the CPU they become Q8_0: the integer kernels read
+    ~1.06 bytes per weight too and run several times faster than float dot products."""
+    return device_type == "cuda"
+
+
+@dataclass
 class ConversionStats:
     exact: int = 0  # linears whose rows hold the checkpoint's values
     rounded_scales: int = 0  # linears with scales or Q4_1 mins rounded to fp16
     requantized: int = 0  # linears requantized to Q8_0 (FP8, mixed groups, asym 8-bit)
     kept_float: int = 0
+    fp8_rows: int = 0  # FP8 linears kept as e4m3 rows (keep_fp8)
 
     def describe(self) -> str:
         return (f"{self.exact} exact, {self.rounded_scales} with fp16-rounded scales/mins, "
-                f"{self.requantized} requantized to Q8_0, {self.kept_float} kept float")
+                f"{self.requantized} requantized to Q8_0, {self.kept_float} kept float"
+                + (f", {self.fp8_rows} kept as fp8 rows" if self.fp8_rows else ""))
 
 
 @dataclass
@@ -97,6 +125,8 @@ class HFQuantCheckpoint:
     tensors: dict[str, RawGGUFTensor]
     kv_scales: dict[int, tuple[float, float]] = field(default_factory=dict)
     stats: ConversionStats = field(default_factory=ConversionStats)
+    # FP8 linears kept as e4m3 rows (keep_fp8), by weight name; not in tensors
+    fp8: dict[str, Fp8Rows] = field(default_factory=dict)
 
 
 # ---- encodings ------------------------------------------------------------------------------
@@ -327,8 +357,17 @@ def _float_scale(scale: np.ndarray, n: int, k: int, name: str) -> np.ndarray:
     return scale
 
 
-def decode_compressed(r: _Reader, prefix: str, cfg: dict) -> IntLinear | np.ndarray:
-    """An integer linear, or the float32 values of a float8 one."""
+def _fp8_linear(r: _Reader, prefix: str, scale: np.ndarray) -> Fp8Rows | np.ndarray:
+    """Fp8Rows for a per-tensor / per-channel scale [N, 1], else the float32 values."""
+    if scale.shape[1] == 1:
+        codes = np.ascontiguousarray(r.index.array(f"{prefix}.weight"))
+        return Fp8Rows(prefix, codes, np.ascontiguousarray(scale[:, 0], np.float32))
+    values = r.index.float32(f"{prefix}.weight")
+    return values * np.repeat(scale, values.shape[1] // scale.shape[1], axis=1)
+
+
+def decode_compressed(r: _Reader, prefix: str, cfg: dict) -> IntLinear | Fp8Rows | np.ndarray:
+    """An integer linear, or a float8 one (Fp8Rows, or float32 values for group scales)."""
     args = _ct_scheme(cfg, prefix)
     if r.has(f"{prefix}.weight_packed"):
         bits = _bits(args.get("num_bits"), prefix, "pack-quantized compressed-tensors")
@@ -349,9 +388,8 @@ def decode_compressed(r: _Reader, prefix: str, cfg: dict) -> IntLinear | np.ndar
             raise ValueError(f"{prefix}.weight: compressed-tensors weight of dtype "
                              f"{r.index.dtype(f'{prefix}.weight')} is not supported")
         scale = r.floats(f"{prefix}.weight_scale", "weight scale")
-        scale = _float_scale(scale, *weight.shape, f"{prefix}.weight_scale")
-        values = r.index.float32(f"{prefix}.weight")
-        return values * np.repeat(scale, weight.shape[1] // scale.shape[1], axis=1)
+        return _fp8_linear(r, prefix, _float_scale(scale, *weight.shape,
+                                                   f"{prefix}.weight_scale"))
     scale = _float_scale(r.floats(f"{prefix}.weight_scale", "weight scale"), n, k,
                          f"{prefix}.weight_scale")
     strategy = args.get("strategy", "group")
@@ -374,13 +412,12 @@ def decode_compressed(r: _Reader, prefix: str, cfg: dict) -> IntLinear | np.ndar
                      _g_idx(r, f"{prefix}.weight_g_idx", k, scale.shape[1], group))
 
 
-def decode_fp8(r: _Reader, prefix: str, cfg: dict) -> np.ndarray:
+def decode_fp8(r: _Reader, prefix: str, cfg: dict) -> Fp8Rows | np.ndarray:
     name = f"{prefix}.weight"
     if r.index.dtype(name) != "F8_E4M3":
         raise ValueError(f"{name}: fp8 checkpoint weight of dtype {r.index.dtype(name)}; "
                          "supported: F8_E4M3")
     n, k = r.index.shape(name)
-    values = r.index.float32(name)
     block = cfg.get("weight_block_size")
     if block:
         bn, bk = (int(v) for v in block)
@@ -388,10 +425,10 @@ def decode_fp8(r: _Reader, prefix: str, cfg: dict) -> np.ndarray:
         _check_shape(scale, (-(-n // bn), -(-k // bk)), f"{prefix}.weight_scale_inv",
                      f"weight_block_size {block}")
         full = np.repeat(np.repeat(scale, bn, axis=0), bk, axis=1)[:n, :k]
-        return values * full
-    scale = _float_scale(r.floats(f"{prefix}.weight_scale", "weight scale"), n, k,
-                         f"{prefix}.weight_scale")
-    return values * np.repeat(scale, k // scale.shape[1], axis=1)
+        return r.index.float32(name) * full
+    return _fp8_linear(r, prefix, _float_scale(r.floats(f"{prefix}.weight_scale",
+                                                        "weight scale"), n, k,
+                                               f"{prefix}.weight_scale"))
 
 
 _DECODERS: dict[str, Callable] = {"gptq": decode_gptq, "awq": decode_awq,
@@ -412,7 +449,7 @@ def _quantized_prefixes(index: SafetensorsIndex, method: str) -> list[str]:
 
 
 def _decoded(source: ModelSource, scheme: QuantScheme
-             ) -> Iterator[tuple[str, IntLinear | np.ndarray | RawGGUFTensor]]:
+             ) -> Iterator[tuple[str, IntLinear | Fp8Rows | np.ndarray | RawGGUFTensor]]:
     """(HF weight name, decoded linear / float32 values / stored float tensor) for every tensor
     the model needs; KV scales come as float32 arrays under their own names."""
     index = SafetensorsIndex(source.weight_files)
@@ -448,9 +485,21 @@ def _kv_layer(name: str) -> tuple[int, str] | None:
     return None if m is None else (int(m.group(1)), m.group(2) or m.group(3))
 
 
-def load_hf_quantized(source: ModelSource, scheme: QuantScheme, quantize_output: bool
-                      ) -> HFQuantCheckpoint:
-    """Every tensor of a quantized HF checkpoint as CPU rows (see the module docstring)."""
+def float_rows(name: str, values: np.ndarray, stats: ConversionStats) -> RawGGUFTensor:
+    """A float linear's values [N, K] as Q8_0 rows (F32 when K is not whole blocks)."""
+    n, k = values.shape
+    if k % _BLOCK == 0:
+        stats.requantized += 1
+        return RawGGUFTensor(name, "Q8_0", (n, k), requantize_q8_0(values))
+    stats.kept_float += 1
+    return RawGGUFTensor(name, "F32", (n, k),
+                         np.ascontiguousarray(values, np.float32).view(np.uint8))
+
+
+def load_hf_quantized(source: ModelSource, scheme: QuantScheme, quantize_output: bool,
+                      keep_fp8: bool = False) -> HFQuantCheckpoint:
+    """Every tensor of a quantized HF checkpoint as CPU rows (see the module docstring);
+    ``keep_fp8``: FP8 linears with per-row scales go to ``fp8`` as e4m3 rows instead."""
     out = HFQuantCheckpoint({})
     kv: dict[int, dict[str, float]] = {}
     for name, item in _decoded(source, scheme):
@@ -461,18 +510,17 @@ def load_hf_quantized(source: ModelSource, scheme: QuantScheme, quantize_output:
         if isinstance(item, RawGGUFTensor):
             out.tensors[name] = item
             continue
+        if isinstance(item, Fp8Rows) and keep_fp8:
+            out.fp8[name] = item
+            out.stats.fp8_rows += 1
+            continue
         if isinstance(item, IntLinear):
             n, k = item.codes.shape
             quant_type, rows = encode_int_linear(item, out.stats)
-        elif item.shape[1] % _BLOCK == 0:
-            n, k = item.shape
-            quant_type, rows = "Q8_0", requantize_q8_0(item)
-            out.stats.requantized += 1
+            out.tensors[name] = RawGGUFTensor(name, quant_type, (n, k), rows)
         else:
-            n, k = item.shape
-            quant_type, rows = "F32", np.ascontiguousarray(item, np.float32).view(np.uint8)
-            out.stats.kept_float += 1
-        out.tensors[name] = RawGGUFTensor(name, quant_type, (n, k), rows)
+            values = item.dequantize() if isinstance(item, Fp8Rows) else item
+            out.tensors[name] = float_rows(name, values, out.stats)
     if quantize_output:
         for name in ("lm_head.weight", "model.embed_tokens.weight"):
             t = out.tensors.get(name)
@@ -498,7 +546,7 @@ def iterate_dequantized(source: ModelSource, scheme: QuantScheme
             continue
         if isinstance(item, RawGGUFTensor):
             yield name, dequantize_raw(item)
-        elif isinstance(item, IntLinear):
+        elif isinstance(item, (IntLinear, Fp8Rows)):
             yield name, item.dequantize()
         else:
             yield name, item
@@ -524,16 +572,19 @@ class _NoPages:
         return None
 
 
-def open_quantized_tensors(source: ModelSource, quantize_output: bool = True):
+def open_quantized_tensors(source: ModelSource, quantize_output: bool = True,
+                           keep_fp8: bool = False):
     """(tensors by HF name as RawGGUFTensor, an object whose ``release_pages(name)`` drops a
-    tensor's file pages) of a GGUF file or an HF quantized checkpoint (``source.quant``)."""
+    tensor's file pages, FP8 linears kept as ``Fp8Rows`` by weight name: only with
+    ``keep_fp8``) of a GGUF file or an HF quantized checkpoint (``source.quant``)."""
     if source.is_gguf:
         from .gguf_file import open_gguf
         from .gguf_raw import iterate_gguf_raw
 
-        return {t.name: t for t in iterate_gguf_raw(source.gguf_path)}, open_gguf(
-            source.gguf_path)
-    return load_hf_quantized(source, source.quant, quantize_output).tensors, _NoPages()
+        return ({t.name: t for t in iterate_gguf_raw(source.gguf_path)},
+                open_gguf(source.gguf_path), {})
+    checkpoint = load_hf_quantized(source, source.quant, quantize_output, keep_fp8)
+    return checkpoint.tensors, _NoPages(), checkpoint.fp8
 
 
 def kv_cache_scales(source: ModelSource, num_layers: int, path: str | None = None

@@ -13,8 +13,8 @@ the same kernels on them, so both paths compute the same bits. (One difference: 
 Q8_0/Q4_0/Q4_1 token table stays quantized and is read row by row, which gives the values of the
 table the torch model dequantizes whole.) It covers what
 ``llama.build_cpu_decoder`` runs: every layer's four linears and the output projection in an
-encoding the quantized GEMM reads, float32 activations, a float32, float16 or fp8 (e4m3) KV
-cache. Any other
+encoding the quantized GEMM reads, float32 activations, a float32, float16 or fp8 (e4m3 or e5m2)
+KV cache. Any other
 model (a tensor without a place, a missing one, a float output projection) gets None, and the
 torch path loads it (and reports what is wrong with it).
 """
@@ -119,7 +119,7 @@ def load_cpu_model(config: ModelConfig, source: ModelSource, dtype: str, kv_dtyp
             or kv_dtype not in CACHE_DTYPES or not native_decoder_enabled()):
         return None
     # As in quant_loader: each tensor's file pages leave the resident set once copied.
-    raw, gguf = open_quantized_tensors(source)
+    raw, gguf, _ = open_quantized_tensors(source)
     plan = _plan(config, raw)
     if plan is None:
         return None

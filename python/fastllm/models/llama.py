@@ -323,7 +323,7 @@ def build_cpu_decoder(model: nn.Module, kv_caches: Sequence[KVCache], block_size
 
 def cpu_kv_caches(kv_caches: Sequence[KVCache]) -> tuple[list[tuple], str] | None:
     """The torch KV caches as ``new_cpu_decoder`` takes them (numpy arrays over the same memory;
-    an fp8 cache as its uint8 e4m3 codes, numpy having no float8) and their dtype name, or None
+    an fp8 cache as its uint8 codes, numpy having no float8) and their dtype name, or None
     when they are not CPU caches of a ``CACHE_DTYPES`` dtype."""
     key0 = kv_caches[0][0] if kv_caches else None
     cache_dtype = None if key0 is None else str(key0.dtype).removeprefix("torch.")

@@ -26,9 +26,9 @@ from fastllm.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-# KV cache dtypes the decoder reads and writes (float8_e4m3fn: uint8 arrays of e4m3 codes, with
-# per-layer scales).
-CACHE_DTYPES = ("float32", "float16", "float8_e4m3fn")
+# KV cache dtypes the decoder reads and writes (float8_e4m3fn / float8_e5m2: uint8 arrays of
+# the codes, with per-layer scales).
+CACHE_DTYPES = ("float32", "float16", "float8_e4m3fn", "float8_e5m2")
 
 # One linear as CpuDecoder.add_layer takes it: (uint8 weight rows, ggml type id, float32 bias).
 CpuLinear = tuple[np.ndarray, int, np.ndarray | None]
@@ -187,7 +187,7 @@ def new_cpu_decoder(config: ModelConfig, final_norm: np.ndarray, rope_cache: np.
                     cache_dtype: str | None = None):
     """A ``CpuDecoder`` over ``layers`` writing into ``kv_caches`` (``[num_blocks, block_size,
     num_kv_heads, head_dim]`` arrays of a ``CACHE_DTYPES`` dtype, one (key, value) pair per
-    layer; uint8 arrays for "float8_e4m3fn", which ``cache_dtype`` must then name)."""
+    layer; uint8 arrays for a float8 cache, whose dtype ``cache_dtype`` must then name)."""
     key0 = kv_caches[0][0]
     cache_dtype = cache_dtype or key0.dtype.name
     c = config

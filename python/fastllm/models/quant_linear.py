@@ -1,9 +1,13 @@
-"""Layers over weights kept in their GGUF block encoding (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K).
+"""Layers over weights kept in their GGUF block encoding (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K), or as
+FP8 checkpoints store them.
 
 ``QuantLinear`` replaces ``nn.Linear``: its weight is a uint8 buffer ``[out_features,
 bytes_per_row]`` of whole ggml blocks, read by the ``fastllm::quant_linear`` kernel. Blocks never
 straddle rows, so fused projections (Q/K/V, gate/up) are the raw rows of their parts stacked.
 ``QuantEmbedding`` looks token rows up in the same encoding and dequantizes only those rows.
+``Fp8Linear`` holds e4m3 codes ``[out_features, in_features]`` and one scale per row (CUDA's
+layout for FP8 checkpoints, ``loader.hf_quant.keeps_fp8_rows``), read by ``fastllm::fp8_linear``;
+fused projections stack their parts' rows and scales.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from fastllm.torch_extra import torch
 nn = torch.nn
 
 _quant_linear_eager = ops.eager(ops.quant_linear)
+_fp8_linear = ops.model_op(ops.fp8_linear)
 
 
 def quant_row_bytes(quant_type: str, in_features: int) -> int:
@@ -91,6 +96,35 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"quant_type={self.quant_type}, bias={self.bias is not None}")
+
+
+class Fp8Linear(nn.Module):
+    """``y = scale * (x @ e4m3(W).T) (+ bias)``: ``qweight`` uint8 e4m3fn codes ``[out_features,
+    in_features]``, ``weight_scale`` float32 ``[out_features]``, a float32 bias. The kernel takes
+    float32 activations; other dtypes convert around it (as for ``QuantLinear``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("qweight", torch.empty((out_features, in_features),
+                                                    dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32,
+                                                         device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False)
+        else:
+            self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        y = _fp8_linear(x.float(), self.qweight, self.weight_scale, self.bias)
+        return y if dtype == torch.float32 else y.to(dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"fp8_e4m3 rows, bias={self.bias is not None}")
 
 
 # Byte layout of the 32-value encodings: (bytes per block, offset of the quants, has min).

@@ -8,8 +8,9 @@ Every ``nn.Linear`` whose checkpoint parts are in encodings ``quant_linear`` rea
 ``QuantLinear`` holding their raw rows stacked (Q/K/V, gate/up; parts of different encodings are
 converted to Q8_0 first); a tied output projection reads
 the token embedding's rows, which ``QuantEmbedding`` also looks tokens up in (one copy of the
-table). Everything else (norms, biases, float or unsupported tensors) is dequantized and loaded by
-the model's own ``load_weights``.
+table). On CUDA (``hf_quant.keeps_fp8_rows``) an FP8 checkpoint's linears with per-row scales
+become ``Fp8Linear`` layers over the stored e4m3 codes instead. Everything else (norms, biases,
+float or unsupported tensors) is dequantized and loaded by the model's own ``load_weights``.
 """
 
 from __future__ import annotations
@@ -23,10 +24,16 @@ import numpy as np
 from fastllm.config import ModelConfig
 from fastllm.kernels import GGML_QUANT_TYPES, quant_rows_supported
 from fastllm.loader import ModelSource, RawGGUFTensor, dequantize_raw
-from fastllm.loader.hf_quant import open_quantized_tensors
+from fastllm.loader.hf_quant import (
+    ConversionStats,
+    Fp8Rows,
+    float_rows,
+    keeps_fp8_rows,
+    open_quantized_tensors,
+)
 from fastllm.loader.tensor_cast import cast_weight
 from fastllm.models.native_cpu import Q8_0X8, convert_rows, lm_head_refine_count
-from fastllm.models.quant_linear import QuantEmbedding, QuantLinear
+from fastllm.models.quant_linear import Fp8Linear, QuantEmbedding, QuantLinear
 from fastllm.torch_extra import torch
 
 nn = torch.nn
@@ -96,6 +103,37 @@ def _quantize_linears(model: nn.Module, raw: dict[str, RawGGUFTensor], device: t
         _set_module(model, name, quant)
         consumed.update(p.name for p in parts)
         count += 1
+    return count, consumed
+
+
+def _fp8_linears(model: nn.Module, fp8: dict[str, Fp8Rows], raw: dict[str, RawGGUFTensor],
+                 device: torch.device) -> tuple[int, set[str]]:
+    """Each linear whose parts are all FP8 rows becomes an Fp8Linear over them (rows and scales
+    stacked in the fused layer's order). FP8 parts that no such layer takes (a fused layer
+    mixing encodings) join ``raw`` as Q8_0 rows, the CPU's layout, for the block layers."""
+    consumed: set[str] = set()
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or name == "lm_head":
+            continue
+        parts = [fp8.get(p) for p in _linear_parts(model, name)]
+        if any(p is None for p in parts):
+            continue
+        if sum(p.codes.shape[0] for p in parts) != module.out_features or \
+                any(p.codes.shape[1] != module.in_features for p in parts):
+            raise ValueError(f"{name}: FP8 rows {[p.codes.shape for p in parts]} do not match "
+                             f"[{module.out_features}, {module.in_features}]")
+        layer = Fp8Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                          device=device)
+        np.concatenate([p.codes for p in parts], axis=0, out=layer.qweight.numpy())
+        np.concatenate([p.scale for p in parts], out=layer.weight_scale.numpy())
+        _set_module(model, name, layer)
+        consumed.update(f"{p.name}.weight" for p in parts)
+        count += 1
+    stats = ConversionStats()
+    for name, rows in fp8.items():
+        if name not in consumed:
+            raw[name] = float_rows(name, rows.dequantize(), stats)
     return count, consumed
 
 
@@ -202,23 +240,31 @@ def _repack_for_cpu(model: nn.Module) -> None:
 
 @torch.no_grad()
 def load_quantized_model(cls: type, config: ModelConfig, source: ModelSource,
-                         device: torch.device, dtype: torch.dtype) -> nn.Module:
+                         device: torch.device, dtype: torch.dtype,
+                         layout_device: str | None = None) -> nn.Module:
     """The model of ``cls`` with GGUF-encoded linear layers (see the module docstring). Built on
-    the CPU; on another device (an HF quantized checkpoint on a GPU) moved there afterwards."""
+    the CPU; on another device (an HF quantized checkpoint on a GPU) moved there afterwards.
+    ``layout_device`` (default: ``device``'s type) is the device type whose weight layouts are
+    built, so a test can build CUDA's layers on the CPU and run them with the CPU kernels."""
     target = device
     device = torch.device("cpu")
+    layout = layout_device or target.type
     configure_cpu_threads()
     # Built on the meta device: the float weights the quantized layers replace are never
     # allocated; what remains (norms, biases, unsupported tensors) gets storage below.
     with torch.device("meta"):
         model = cls(config)
     # A float output projection becomes Q8_0 only for the CPU's integer kernels.
-    raw, pages = open_quantized_tensors(source, quantize_output=target.type == "cpu")
+    raw, pages, fp8 = open_quantized_tensors(source, quantize_output=layout == "cpu",
+                                             keep_fp8=keeps_fp8_rows(layout))
+    fp8_count, fp8_names = _fp8_linears(model, fp8, raw, device)
+    del fp8
     # Each tensor's file pages leave the resident set once copied, so loading never holds the
     # file and the model in memory together.
     expert_names = _quantize_experts(model, raw, device, pages.release_pages)
     count, consumed = _quantize_linears(model, raw, device, pages.release_pages)
-    consumed |= expert_names
+    count += fp8_count
+    consumed |= expert_names | fp8_names
     consumed |= _quantize_output(model, config, raw, device, pages.release_pages)
     _materialize(model, device, dtype)
     model.init_buffers(device)
@@ -226,12 +272,13 @@ def load_quantized_model(cls: type, config: ModelConfig, source: ModelSource,
     model.load_weights(rest)
     del raw, rest
     pages.release_pages()
-    if target.type == "cpu":
+    if layout == "cpu":
         _repack_for_cpu(model)
-    else:
+    if target.type != "cpu":
         model = model.to(target)
         model.init_buffers(target)
-    kinds = sorted({m.quant_type for m in model.modules() if isinstance(m, QuantLinear)})
+    kinds = sorted({m.quant_type for m in model.modules() if isinstance(m, QuantLinear)} |
+                   ({"FP8 rows"} if fp8_count else set()))
     method = "GGUF" if source.is_gguf else source.quant.method
     if expert_names:
         logger.info("kept %s quantization for the experts of %d sparse layers", method,

@@ -45,7 +45,7 @@ void for_rows(int64_t num_tokens, int64_t d, RowFn row) {
 void act_and_mul_cpu(const ActAndMulParams& p) {
   check_arg(p.num_tokens >= 0 && p.d > 0, "act_and_mul: bad sizes");
   check_arg(p.input_stride >= 2 * p.d && p.out_stride >= p.d, "act_and_mul: bad strides");
-  check_arg(p.dtype != DType::kFloat8E4M3, "act_and_mul: float8 is not supported");
+  check_arg(!is_float8(p.dtype), "act_and_mul: float8 is not supported");
   const auto& ops = cpu::vec_ops();
   const size_t size = dtype_size(p.dtype);
   auto run_row = [&](int64_t i) {
@@ -72,7 +72,7 @@ void act_and_mul_cpu(const ActAndMulParams& p) {
 void activation_cpu(const ActivationParams& p) {
   check_arg(p.num_tokens >= 0 && p.d > 0, "activation: bad sizes");
   check_arg(p.input_stride >= p.d && p.out_stride >= p.d, "activation: bad strides");
-  check_arg(p.dtype != DType::kFloat8E4M3, "activation: float8 is not supported");
+  check_arg(!is_float8(p.dtype), "activation: float8 is not supported");
   const auto& ops = cpu::vec_ops();
   const size_t size = dtype_size(p.dtype);
   for_rows(p.num_tokens, p.d, [&](int64_t i) {
@@ -86,7 +86,7 @@ void activation_cpu(const ActivationParams& p) {
 void softcap_cpu(const SoftcapParams& p) {
   check_arg(p.num_tokens >= 0 && p.d > 0 && p.stride >= p.d, "softcap: bad sizes");
   check_arg(p.cap > 0.0f, "softcap: cap must be > 0");
-  check_arg(p.dtype != DType::kFloat8E4M3, "softcap: float8 is not supported");
+  check_arg(!is_float8(p.dtype), "softcap: float8 is not supported");
   const auto& ops = cpu::vec_ops();
   const size_t size = dtype_size(p.dtype);
   const float inv = 1.0f / p.cap;

@@ -29,7 +29,7 @@ void check_paged_attention_params(const PagedAttentionParams& p) {
             "paged_attention: head_size " + std::to_string(d) + " not in {64, 80, 96, 128, 256}");
   check_arg(p.block_size == 8 || p.block_size == 16 || p.block_size == 32,
             "paged_attention: block_size must be 8, 16 or 32");
-  check_arg(p.dtype != DType::kFloat8E4M3, "paged_attention: queries cannot be float8");
+  check_arg(!is_float8(p.dtype), "paged_attention: queries cannot be float8");
   check_arg(p.query_token_stride >= p.num_heads * d && p.out_token_stride >= p.num_heads * d,
             "paged_attention: token strides smaller than num_heads * head_size");
   check_arg(p.max_blocks_per_seq > 0 && p.num_blocks > 0, "paged_attention: empty block table");

@@ -26,7 +26,7 @@ void check_reshape_and_cache(const ReshapeAndCacheParams& p) {
   check_arg(p.key_token_stride >= p.num_kv_heads * p.head_size &&
                 p.value_token_stride >= p.num_kv_heads * p.head_size,
             "reshape_and_cache: token strides smaller than num_kv_heads * head_size");
-  check_arg(p.dtype != DType::kFloat8E4M3, "reshape_and_cache: source rows cannot be float8");
+  check_arg(!is_float8(p.dtype), "reshape_and_cache: source rows cannot be float8");
   check_arg(p.k_scale > 0.0f && p.v_scale > 0.0f, "reshape_and_cache: scales must be positive");
 }
 

@@ -13,7 +13,7 @@ namespace {
 
 void check_common(int64_t num_tokens, int64_t hidden, DType dtype, const char* op) {
   check_arg(num_tokens >= 0 && hidden > 0, std::string(op) + ": bad sizes");
-  check_arg(dtype != DType::kFloat8E4M3, std::string(op) + ": float8 is not supported");
+  check_arg(!is_float8(dtype), std::string(op) + ": float8 is not supported");
 }
 
 // Rows per parallel task: enough work per task to amortise the hand-off.

@@ -41,7 +41,7 @@ void check_rotary_params(const RotaryParams& p) {
   check_arg(p.num_tokens >= 0 && p.num_heads > 0 && p.head_size > 0, "rotary_embedding: bad sizes");
   check_arg(p.rotary_dim > 0 && p.rotary_dim % 2 == 0 && p.rotary_dim <= p.head_size,
             "rotary_embedding: rotary_dim must be even and <= head_size");
-  check_arg(p.dtype != DType::kFloat8E4M3, "rotary_embedding: float8 is not supported");
+  check_arg(!is_float8(p.dtype), "rotary_embedding: float8 is not supported");
   check_arg(p.query_token_stride >= p.num_heads * p.head_size,
             "rotary_embedding: query token stride too small");
   check_arg(p.key == nullptr ||

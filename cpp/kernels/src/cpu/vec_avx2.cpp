@@ -59,6 +59,13 @@ void init_fp8_table() {
   for (int i = 0; i < 256; ++i) g_fp8_table[i] = fp8e4m3_to_float(static_cast<uint8_t>(i));
 }
 
+// Eight e5m2 codes as floats: each code is the high byte of a float16, so F16C converts them
+// exactly, without a table.
+inline __m256 e5m2x8(const uint8_t* x) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(x));
+  return _mm256_cvtph_ps(_mm_slli_epi16(_mm_cvtepu8_epi16(bytes), 8));
+}
+
 void load(const void* src, DType dtype, float* dst, int64_t n, float scale) {
   int64_t i = 0;
   const __m256 s = _mm256_set1_ps(scale);
@@ -104,6 +111,12 @@ void load(const void* src, DType dtype, float* dst, int64_t n, float scale) {
       for (; i < n; ++i) dst[i] = g_fp8_table[x[i]] * scale;
       return;
     }
+    case DType::kFloat8E5M2: {
+      const uint8_t* x = static_cast<const uint8_t*>(src);
+      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_mul_ps(e5m2x8(x + i), s));
+      for (; i < n; ++i) dst[i] = fp8e5m2_to_float(x[i]) * scale;
+      return;
+    }
   }
 }
 
@@ -140,6 +153,11 @@ void store(const float* src, DType dtype, void* dst, int64_t n, float inv_scale)
     case DType::kFloat8E4M3: {
       uint8_t* y = static_cast<uint8_t*>(dst);
       for (; i < n; ++i) y[i] = float_to_fp8e4m3(src[i] * inv_scale);
+      return;
+    }
+    case DType::kFloat8E5M2: {
+      uint8_t* y = static_cast<uint8_t*>(dst);
+      for (; i < n; ++i) y[i] = float_to_fp8e5m2(src[i] * inv_scale);
       return;
     }
   }
@@ -274,6 +292,8 @@ inline __m256 load8(const void* base, int64_t offset) {
     const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(
         reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + offset)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  } else if constexpr (kType == DType::kFloat8E5M2) {
+    return e5m2x8(static_cast<const uint8_t*>(base) + offset);
   } else {
     const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
         reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(base) + offset)));
@@ -427,6 +447,9 @@ void attn_scores(const void* keys, int64_t key_stride, DType dtype, int64_t n, c
     case DType::kFloat8E4M3:
       return attn_scores_impl<DType::kFloat8E4M3>(keys, key_stride, n, q, rows, d, scores,
                                                   score_stride);
+    case DType::kFloat8E5M2:
+      return attn_scores_impl<DType::kFloat8E5M2>(keys, key_stride, n, q, rows, d, scores,
+                                                  score_stride);
   }
 }
 
@@ -444,6 +467,9 @@ void attn_values(const void* values, int64_t value_stride, DType dtype, int64_t 
                                                 rows, d, acc);
     case DType::kFloat8E4M3:
       return attn_values_impl<DType::kFloat8E4M3>(values, value_stride, n, weights, weight_stride,
+                                                  rows, d, acc);
+    case DType::kFloat8E5M2:
+      return attn_values_impl<DType::kFloat8E5M2>(values, value_stride, n, weights, weight_stride,
                                                   rows, d, acc);
   }
 }

@@ -34,6 +34,10 @@ void load(const void* src, DType dtype, float* dst, int64_t n, float scale) {
       for (int64_t i = 0; i < n; ++i)
         dst[i] = fp8e4m3_to_float(static_cast<const uint8_t*>(src)[i]) * scale;
       break;
+    case DType::kFloat8E5M2:
+      for (int64_t i = 0; i < n; ++i)
+        dst[i] = fp8e5m2_to_float(static_cast<const uint8_t*>(src)[i]) * scale;
+      break;
   }
 }
 
@@ -57,6 +61,10 @@ void store(const float* src, DType dtype, void* dst, int64_t n, float inv_scale)
     case DType::kFloat8E4M3:
       for (int64_t i = 0; i < n; ++i)
         static_cast<uint8_t*>(dst)[i] = float_to_fp8e4m3(src[i] * inv_scale);
+      break;
+    case DType::kFloat8E5M2:
+      for (int64_t i = 0; i < n; ++i)
+        static_cast<uint8_t*>(dst)[i] = float_to_fp8e5m2(src[i] * inv_scale);
       break;
   }
 }
@@ -212,6 +220,8 @@ const char* dtype_name(DType dtype) {
       return "bfloat16";
     case DType::kFloat8E4M3:
       return "float8_e4m3";
+    case DType::kFloat8E5M2:
+      return "float8_e5m2";
   }
   return "unknown";
 }

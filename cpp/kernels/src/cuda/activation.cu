@@ -78,7 +78,7 @@ void launch_softcap(const SoftcapParams& p, cudaStream_t stream) {
 
 void activation_cuda(const ActivationParams& p, void* stream_handle) {
   check_arg(p.num_tokens >= 0 && p.d > 0, "activation: bad sizes");
-  check_arg(p.dtype != DType::kFloat8E4M3, "activation: float8 is not supported");
+  check_arg(!is_float8(p.dtype), "activation: float8 is not supported");
   if (p.num_tokens == 0) return;
   auto stream = static_cast<cudaStream_t>(stream_handle);
   switch (p.dtype) {
@@ -98,7 +98,7 @@ void activation_cuda(const ActivationParams& p, void* stream_handle) {
 void softcap_cuda(const SoftcapParams& p, void* stream_handle) {
   check_arg(p.num_tokens >= 0 && p.d > 0, "softcap: bad sizes");
   check_arg(p.cap > 0.0f, "softcap: cap must be > 0");
-  check_arg(p.dtype != DType::kFloat8E4M3, "softcap: float8 is not supported");
+  check_arg(!is_float8(p.dtype), "softcap: float8 is not supported");
   if (p.num_tokens == 0) return;
   auto stream = static_cast<cudaStream_t>(stream_handle);
   switch (p.dtype) {
@@ -117,7 +117,7 @@ void softcap_cuda(const SoftcapParams& p, void* stream_handle) {
 
 void act_and_mul_cuda(const ActAndMulParams& p, void* stream_handle) {
   check_arg(p.num_tokens >= 0 && p.d > 0, "act_and_mul: bad sizes");
-  check_arg(p.dtype != DType::kFloat8E4M3, "act_and_mul: float8 is not supported");
+  check_arg(!is_float8(p.dtype), "act_and_mul: float8 is not supported");
   if (p.num_tokens == 0) return;
   auto stream = static_cast<cudaStream_t>(stream_handle);
   switch (p.dtype) {

@@ -247,6 +247,8 @@ template <typename QT>
 void dispatch_cache(const PagedAttentionParams& p, const DeviceParams& dp, cudaStream_t s) {
   if (p.cache_dtype == DType::kFloat8E4M3) {
     dispatch_head_size<QT, fp8_t>(p, dp, s);
+  } else if (p.cache_dtype == DType::kFloat8E5M2) {
+    dispatch_head_size<QT, fp8e5m2_t>(p, dp, s);
   } else {
     check_arg(p.cache_dtype == p.dtype,
               "paged_attention (CUDA): the cache dtype must equal the query dtype or be float8");

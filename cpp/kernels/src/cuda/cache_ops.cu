@@ -34,7 +34,7 @@ template <typename ST, typename CT>
 void launch_reshape_and_cache(const ReshapeAndCacheParams& p, cudaStream_t stream) {
   const int64_t row = p.num_kv_heads * p.head_size;
   const int threads = row >= 256 ? 256 : 128;
-  const bool fp8 = p.cache_dtype == DType::kFloat8E4M3;
+  const bool fp8 = is_float8(p.cache_dtype);
   reshape_and_cache_kernel<ST, CT><<<static_cast<unsigned>(p.num_tokens), threads, 0, stream>>>(
       static_cast<const ST*>(p.key), static_cast<const ST*>(p.value), static_cast<CT*>(p.key_cache),
       static_cast<CT*>(p.value_cache), p.slot_mapping, row, p.key_token_stride,
@@ -47,6 +47,8 @@ template <typename ST>
 void dispatch_cache_dtype(const ReshapeAndCacheParams& p, cudaStream_t stream) {
   if (p.cache_dtype == DType::kFloat8E4M3) {
     launch_reshape_and_cache<ST, fp8_t>(p, stream);
+  } else if (p.cache_dtype == DType::kFloat8E5M2) {
+    launch_reshape_and_cache<ST, fp8e5m2_t>(p, stream);
   } else {
     launch_reshape_and_cache<ST, ST>(p, stream);
   }
@@ -66,8 +68,8 @@ __global__ void copy_blocks_kernel(int4* cache, int64_t words_per_block, const i
 void reshape_and_cache_cuda(const ReshapeAndCacheParams& p, void* stream_handle) {
   check_arg(p.num_tokens >= 0 && p.num_kv_heads > 0 && p.head_size > 0 && p.block_size > 0,
             "reshape_and_cache: bad sizes");
-  check_arg(p.cache_dtype == p.dtype || p.cache_dtype == DType::kFloat8E4M3,
-            "reshape_and_cache: cache dtype must equal the source dtype or be float8_e4m3");
+  check_arg(p.cache_dtype == p.dtype || is_float8(p.cache_dtype),
+            "reshape_and_cache: cache dtype must equal the source dtype or be float8");
   check_arg(p.k_scale > 0.0f && p.v_scale > 0.0f, "reshape_and_cache: scales must be positive");
   if (p.num_tokens == 0) return;
   auto stream = static_cast<cudaStream_t>(stream_handle);

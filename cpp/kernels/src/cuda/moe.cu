@@ -264,7 +264,7 @@ void moe_experts_cuda(const MoeExpertsCudaParams& p, void* stream_handle) {
   check_arg(p.top_k >= 1 && p.top_k <= p.num_experts,
             "moe_experts: top_k must be in [1, "
             "num_experts]");
-  check_arg(p.dtype != DType::kFloat8E4M3, "moe_experts: float8 weights are not supported");
+  check_arg(!is_float8(p.dtype), "moe_experts: float8 weights are not supported");
   if (p.num_tokens == 0) return;
   auto stream = static_cast<cudaStream_t>(stream_handle);
   switch (p.dtype) {

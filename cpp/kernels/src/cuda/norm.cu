@@ -82,7 +82,7 @@ void launch_layer_norm(const LayerNormParams& p, cudaStream_t stream) {
 }
 
 void check_dtype(DType dtype, const char* op) {
-  check_arg(dtype != DType::kFloat8E4M3, std::string(op) + ": float8 is not supported");
+  check_arg(!is_float8(dtype), std::string(op) + ": float8 is not supported");
 }
 
 }  // namespace

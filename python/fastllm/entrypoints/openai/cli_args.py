@@ -39,7 +39,7 @@ _TRACES = "OpenTelemetry tracing is not supported yet"
 _POOL = "tokenizer pools are not supported"
 
 # Every flag (by dest) -> (class, why). An "acts" flag may still reject some values in
-# check_supported (e.g. --kv-cache-dtype fp8_e5m2); an unsupported flag exits when it differs
+# check_supported (e.g. --guided-decoding-backend); an unsupported flag exits when it differs
 # from its default; an ignored flag logs a warning when it differs from its default.
 FLAGS: dict[str, tuple[str, str]] = {
     # server
@@ -468,9 +468,6 @@ def ignored_flag_warnings(ns: argparse.Namespace) -> list[str]:
 
 
 def check_supported(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
-    if ns.kv_cache_dtype == "fp8_e5m2":
-        parser.error("--kv-cache-dtype=fp8_e5m2: the attention kernels read e4m3 caches (use "
-                     "fp8 or fp8_e4m3)")
     defaults = {a.dest: a.default for a in parser._actions}
     for dest, (kind, why) in FLAGS.items():
         value = getattr(ns, dest)

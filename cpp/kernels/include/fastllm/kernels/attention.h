@@ -64,7 +64,7 @@ size_t paged_attention_workspace_bytes(int64_t num_tokens, int64_t num_heads, in
 
 #ifdef FASTLLM_WITH_CUDA
 // CUDA paged attention: device pointers, queued on stream. Supported dtype pairs: the cache dtype
-// equals the query dtype, or is kFloat8E4M3.
+// equals the query dtype, or is kFloat8E4M3 / kFloat8E5M2.
 void paged_attention_cuda(const PagedAttentionParams& params, void* stream);
 #endif
 

@@ -8,7 +8,8 @@
 //   heads)
 //
 // Block 0 is a reserved null block: block tables are padded with 0 and nothing valid lives there.
-// fp8 caches store round(x / scale) in e4m3 (saturating at +-448); readers multiply by the scale.
+// fp8 caches store round(x / scale) in e4m3 (saturating at +-448) or e5m2 (saturating at +-57344);
+// readers multiply by the scale.
 #pragma once
 
 #include <cstdint>
@@ -32,8 +33,8 @@ struct ReshapeAndCacheParams {
   int64_t num_blocks = 0;
   int64_t block_size = 0;
   DType dtype = DType::kFloat32;  // dtype of key and value
-  // Dtype of the caches: on the CPU any of the four (rows are converted, round to nearest even);
-  // on CUDA the source dtype or kFloat8E4M3.
+  // Dtype of the caches: on the CPU any of the five (rows are converted, round to nearest even);
+  // on CUDA the source dtype or a float8 type.
   DType cache_dtype = DType::kFloat32;
   float k_scale = 1.0f;  // fp8 only: stored = x / k_scale
   float v_scale = 1.0f;

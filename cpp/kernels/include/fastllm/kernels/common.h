@@ -10,8 +10,20 @@
 namespace fastllm::kernels {
 
 // Element types of activations and KV caches. kFloat8E4M3 is OCP e4m3fn (no infinities, max 448),
-// the layout of torch.float8_e4m3fn; it is used for KV caches only, with a per-tensor scale.
-enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat8E4M3 = 3 };
+// the layout of torch.float8_e4m3fn; kFloat8E5M2 is OCP e5m2 (torch.float8_e5m2: float16's top
+// byte, max finite 57344). The float8 types are used for KV caches only, with a per-tensor scale.
+enum class DType : int32_t {
+  kFloat32 = 0,
+  kFloat16 = 1,
+  kBFloat16 = 2,
+  kFloat8E4M3 = 3,
+  kFloat8E5M2 = 4
+};
+
+// True for the one-byte float types (KV caches only: never activations).
+inline bool is_float8(DType dtype) {
+  return dtype == DType::kFloat8E4M3 || dtype == DType::kFloat8E5M2;
+}
 
 enum class Device : int32_t { kCPU = 0, kCUDA = 1 };
 
@@ -34,12 +46,13 @@ inline size_t dtype_size(DType dtype) {
     case DType::kBFloat16:
       return 2;
     case DType::kFloat8E4M3:
+    case DType::kFloat8E5M2:
       return 1;
   }
   return 0;
 }
 
-// Lower-case name ("float32", "float16", "bfloat16", "float8_e4m3") for messages.
+// Lower-case name ("float32", "float16", "bfloat16", "float8_e4m3", "float8_e5m2") for messages.
 const char* dtype_name(DType dtype);
 
 // True when the library was built with CUDA (or HIP) kernels.

@@ -70,7 +70,10 @@ struct half_t {
 struct bf16_t {
   uint16_t bits;
 };
-struct fp8_t {
+struct fp8_t {  // e4m3fn
+  uint8_t bits;
+};
+struct fp8e5m2_t {
   uint8_t bits;
 };
 
@@ -80,6 +83,7 @@ __device__ __forceinline__ float to_float(half_t x) {
 }
 __device__ __forceinline__ float to_float(bf16_t x) { return bf16_to_float(x.bits); }
 __device__ __forceinline__ float to_float(fp8_t x) { return fp8e4m3_to_float(x.bits); }
+__device__ __forceinline__ float to_float(fp8e5m2_t x) { return fp8e5m2_to_float(x.bits); }
 
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
@@ -98,6 +102,10 @@ __device__ __forceinline__ bf16_t from_float<bf16_t>(float x) {
 template <>
 __device__ __forceinline__ fp8_t from_float<fp8_t>(float x) {
   return fp8_t{float_to_fp8e4m3(x)};
+}
+template <>
+__device__ __forceinline__ fp8e5m2_t from_float<fp8e5m2_t>(float x) {
+  return fp8e5m2_t{float_to_fp8e5m2(x)};
 }
 
 // Elements of T in one 16-byte word, and their conversion to float.
@@ -135,6 +143,18 @@ __device__ __forceinline__ void chunk_to_float(const uint4& w, float* out, fp8_t
 #pragma unroll
     for (int b = 0; b < 4; ++b)
       out[4 * i + b] = fp8e4m3_to_float(static_cast<uint8_t>((words[i] >> (8 * b)) & 0xffu));
+  }
+}
+// e5m2 bytes are float16 high bytes: two codes of a 16-bit lane pair become two halves.
+__device__ __forceinline__ void chunk_to_float(const uint4& w, float* out, fp8e5m2_t) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const auto h = static_cast<unsigned short>(((words[i] >> (8 * b)) & 0xffu) << 8);
+      out[4 * i + b] = __half2float(__ushort_as_half(h));
+    }
   }
 }
 

@@ -1,6 +1,7 @@
 // Bit-exact scalar conversions between float and the 16/8-bit storage types, usable on the host
 // and (through FASTLLM_HOST_DEVICE) in CUDA/HIP device code, so CPU and GPU round identically.
-// All conversions from float round to nearest even; float -> e4m3 saturates to +-448.
+// All conversions from float round to nearest even; float -> e4m3 saturates to +-448 and
+// float -> e5m2 to +-57344 (infinities too: a KV cache holds no inf), NaN stays NaN.
 #pragma once
 
 #include <cstdint>
@@ -104,6 +105,28 @@ FASTLLM_HOST_DEVICE uint8_t float_to_fp8e4m3(float f) {
   uint32_t code = (((a >> 23) - 120u) << 3) | ((a >> 20) & 0x7u);
   if (code > 0x7eu) code = 0x7eu;
   return uint8_t(sign | code);
+}
+
+// e5m2 is the top byte of a float16 (same sign, exponent and bias), so decoding is exact.
+FASTLLM_HOST_DEVICE float fp8e5m2_to_float(uint8_t c) { return half_to_float(uint16_t(c) << 8); }
+
+FASTLLM_HOST_DEVICE uint8_t float_to_fp8e5m2(float f) {
+  const uint32_t u = float_bits(f);
+  const uint8_t sign = uint8_t((u >> 24) & 0x80u);
+  uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return uint8_t(sign | 0x7fu);
+  if (a >= 0x47700000u) return uint8_t(sign | 0x7bu);  // rounds to >= 65536 (or inf): saturate
+  if (a < 0x38800000u) {
+    // Below 2^-14: subnormal e5m2, round a * 2^16 to an integer 0..4 (4 is the smallest normal).
+    const float scaled = bits_float(a) * 65536.0f;
+    uint32_t q = uint32_t(scaled);
+    const float rest = scaled - float(q);
+    if (rest > 0.5f || (rest == 0.5f && (q & 1u))) ++q;
+    return uint8_t(sign | q);
+  }
+  // Rounding from the float's 23 mantissa bits to 2 (RNE); a carry moves into the exponent.
+  a += 0xfffffu + ((a >> 21) & 1u);
+  return uint8_t(sign | (((a >> 23) - 112u) << 2) | ((a >> 21) & 0x3u));
 }
 
 }  // namespace fastllm::kernels

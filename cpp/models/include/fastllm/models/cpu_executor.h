@@ -59,7 +59,7 @@ struct CpuExecutorConfig {
   int64_t block_size = 16;
   int64_t num_blocks = 0;               // KV blocks the engine hands out
   int64_t num_swap_blocks = 0;          // host blocks for swap preemption (0: none)
-  DType cache_dtype = DType::kFloat16;  // float32, float16 or float8_e4m3 (the layers' scales)
+  DType cache_dtype = DType::kFloat16;  // float32, float16 or a float8 (the layers' scales)
 };
 
 // Rows of prompt logprobs scored per output projection: bounds the [rows, vocab] logits.

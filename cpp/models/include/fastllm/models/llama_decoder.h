@@ -88,7 +88,7 @@ struct DecoderShape {
   int32_t sliding_window = -1;
   int64_t block_size = 0;
   int64_t num_blocks = 0;
-  DType cache_dtype = DType::kFloat32;  // float32, float16, bfloat16 or float8_e4m3
+  DType cache_dtype = DType::kFloat32;  // float32, float16, bfloat16, float8_e4m3 or float8_e5m2
 };
 
 // One step's batch, laid out as the engine's BatchPlan (see attention.h for the metadata).
