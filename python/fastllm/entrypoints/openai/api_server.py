@@ -323,6 +323,8 @@ def _server_class():
             self.on_started = on_started
             self.aborted = False
             self.loop: asyncio.AbstractEventLoop | None = None
+            self.exit_code = 0
+            self._watch: asyncio.Task | None = None
 
         async def serve(self, sockets=None) -> None:
             self.loop = asyncio.get_running_loop()
@@ -331,7 +333,16 @@ def _server_class():
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets=sockets)
             if self.started and not self.should_exit:
+                self._watch = self.loop.create_task(self.exit_when_engine_dies())
                 self.on_started(self.servers[0].sockets[0].getsockname())
+
+        async def exit_when_engine_dies(self) -> None:
+            """A dead engine (a distributed worker died) ends the server with exit code 1: its
+            requests in flight already failed, and no later one can run."""
+            why = await self.engine.wait_dead()
+            logger.error("the engine stopped (%s): the server exits", why)
+            self.exit_code = 1
+            self.should_exit = True
 
         def handle_exit(self, sig: int, frame) -> None:
             if self.loop is None:
@@ -409,7 +420,7 @@ def run(ns: argparse.Namespace) -> int:
     finally:
         # A forced exit (a third signal) skips the lifespan shutdown; the engine loop still stops.
         engine.shutdown()
-    return 0
+    return server.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
