@@ -31,11 +31,12 @@ def uses_distributed_executor(args: EngineArgs) -> bool:
 
 def start_workers(args: EngineArgs, device: str, on_dead=None):
     """The worker group of the configured backend, started and loaded."""
-    if args.resolved_executor_backend() == "ray":
-        from fastllm.distributed.ray_workers import RayWorkers
+    from fastllm.distributed.mp_workers import LocalLauncher, WorkerGroup
 
-        return RayWorkers(args, device, on_dead)
-    from fastllm.distributed.mp_workers import MultiprocWorkers
+    if args.resolved_executor_backend() == "ray":
+        from fastllm.distributed.ray_workers import RayLauncher
+
+        return WorkerGroup(args, RayLauncher(args, device), on_dead)
 
     if device == "cuda":
         from fastllm.torch_extra import torch
@@ -45,7 +46,7 @@ def start_workers(args: EngineArgs, device: str, on_dead=None):
             raise ValueError(f"{world} workers need {world} GPUs on this machine; torch sees "
                              f"{torch.cuda.device_count()} (span machines with "
                              "--distributed-executor-backend ray)")
-    return MultiprocWorkers(args, device, on_dead)
+    return WorkerGroup(args, LocalLauncher(device), on_dead)
 
 
 class DistributedExecutor(_C.Executor):
