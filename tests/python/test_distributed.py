@@ -10,16 +10,25 @@ asserts its smallest top-1 lead (LEAD) before the comparisons; logprobs agree wi
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
 import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
+import httpx
+
 import model_fixtures
 from fastllm import LLM, SamplingParams
+from fastllm.engine.data_parallel import STATS_INTERVAL_S
 from fastllm.guided import GuidedDecodingParams
 
 os.environ.setdefault("FASTLLM_WORKER_THREADS", "1")
@@ -145,3 +154,147 @@ def test_ray_backend_without_ray_names_the_extra(untied_model, monkeypatch):
         LLM(model=untied_model, tensor_parallel_size=2, distributed_executor_backend="ray")
     with pytest.raises(ValueError, match="needs Ray"):
         LLM(model=untied_model, engine_use_ray=True)
+
+
+# ---- the server: data parallelism, a dead worker -------------------------------------------------
+
+
+def start_server(args: list[str], log_path) -> tuple[subprocess.Popen, str]:
+    """fastllm-serve on a free port (its output to log_path: replicas and workers log too)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(log_path, "w")  # noqa: SIM115 - the server's lifetime
+    proc = subprocess.Popen([sys.executable, "-m", "fastllm.entrypoints.openai.api_server",
+                             "--host", "127.0.0.1", "--port", str(port), "--disable-log-stats",
+                             *args], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            with open(log_path) as f:
+                raise AssertionError(f.read())
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise AssertionError("the server did not become healthy")
+
+
+def completion(base: str, model: str, prompt: list[int], max_tokens: int = 12) -> list[int]:
+    r = httpx.post(f"{base}/v1/completions", timeout=120, json={
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+        "ignore_eos": True, "logprobs": 0, "return_tokens_as_token_ids": True})
+    assert r.status_code == 200, r.text
+    tokens = r.json()["choices"][0]["logprobs"]["tokens"]
+    return [int(t.removeprefix("token_id:")) for t in tokens]
+
+
+def metric(text: str, name: str, **labels) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_data_parallel_serves_from_both_replicas(untied_model, tmp_path):
+    prompts = [[1, 2, 3, i, *range(200 + 10 * i, 220 + 10 * i)] for i in range(8)]
+    llm = LLM(model=untied_model, max_model_len=128)
+    expected = [o.outputs[0].token_ids for o in llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)]
+    proc, base = start_server(["--model", untied_model, "--data-parallel-size", "2",
+                               "--max-model-len", "128"], tmp_path / "server.log")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda p: completion(base, untied_model, p), prompts))
+        assert got == expected
+        text = httpx.get(f"{base}/metrics").text
+        routed = [metric(text, "fastllm:data_parallel_requests_total", replica=i)
+                  for i in range(2)]
+        assert sum(routed) == len(prompts) and min(routed) > 0, routed
+        # A repeated prompt goes where its prefix is cached (the replicas report their
+        # counters every STATS_INTERVAL_S).
+        assert completion(base, untied_model, prompts[0]) == expected[0]
+        deadline = time.monotonic() + 10
+        while metric(httpx.get(f"{base}/metrics").text, "fastllm:prefix_cache_hits") == 0:
+            assert time.monotonic() < deadline, "no prefix-cache hit"
+            time.sleep(STATS_INTERVAL_S)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+
+
+def test_dead_worker_fails_requests_and_ends_the_server(untied_model, tmp_path):
+    proc, base = start_server(["--model", untied_model, "-tp", "2", "--max-model-len", "256"],
+                              tmp_path / "server.log")
+    try:
+        workers = [pid for pid in child_pids(proc.pid)
+                   if b"fastllm.distributed.mp_workers" in cmdline(pid)]
+        assert len(workers) == 2
+        body = []
+        with httpx.stream("POST", f"{base}/v1/completions", timeout=60, json={
+                "model": untied_model, "prompt": [1, 2, 3], "max_tokens": 200,
+                "temperature": 0.0, "ignore_eos": True, "stream": True}) as r:
+            lines = r.iter_lines()
+            body.append(next(lines))  # the request runs
+            os.kill(workers[1], signal.SIGKILL)
+            body.extend(lines)
+        text = "\n".join(body)
+        assert '"error"' in text and "worker 1" in text, text[-500:]
+        t0 = time.monotonic()
+        assert proc.wait(timeout=30) == 1
+        assert time.monotonic() - t0 < 30
+        assert all(not os.path.exists(f"/proc/{pid}") for pid in workers)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def child_pids(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except OSError:
+                pass
+    return out
+
+
+def cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+
+
+# ---- Ray ------------------------------------------------------------------------------------------
+
+
+def test_ray_backend_gives_the_unsplit_tokens(untied_model, untied_reference):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2)  # a local cluster: one CPU bundle per worker
+    try:
+        outs, preemptions, _ = generate(untied_model, 2, 1,
+                                        distributed_executor_backend="ray")
+    finally:
+        ray.shutdown()
+    assert preemptions > 0
+    assert_same(untied_reference[0], outs)
+
+
+def test_engine_use_ray_serves_from_a_ray_actor(untied_model, untied_reference, tmp_path):
+    pytest.importorskip("ray")
+    proc, base = start_server(["--model", untied_model, "--engine-use-ray",
+                               "--max-model-len", "128"], tmp_path / "server.log")
+    try:
+        prompt = PROMPTS[0]
+        expected = untied_reference[0][0].outputs[0].token_ids[:12]
+        assert completion(base, untied_model, prompt) == expected
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0

@@ -30,7 +30,7 @@ import traceback
 
 from fastllm.config import EngineArgs
 from fastllm.distributed.errors import WorkerError
-from fastllm.distributed.procs import Listener, connect
+from fastllm.distributed.procs import Listener, connect, ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ def worker_main(address, authkey: bytes, rank: int) -> None:
     # kill -USR1 <worker pid> prints where it is (a worker waiting on a peer, say).
     if hasattr(signal, "SIGUSR1"):
         faulthandler.register(signal.SIGUSR1, all_threads=True)
+    ignore_stop_signals()
     conn = connect(address, authkey, rank)
     args, init_method, device, threads = conn.recv()
     logging.basicConfig(level=os.environ.get("FASTLLM_LOGGING_LEVEL", "INFO").upper(),

@@ -11,6 +11,7 @@ import os
 import secrets
 import select
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -87,3 +88,11 @@ def node_ip() -> str:
             return s.getsockname()[0]
         except OSError:
             return "127.0.0.1"
+
+
+def ignore_stop_signals() -> None:
+    """For a child process: Ctrl-C or a service manager's SIGTERM reach the whole process group,
+    but the engine's process decides when its children stop (a server drains its requests
+    first); a child ends when its connection to the engine closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

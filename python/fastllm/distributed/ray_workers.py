@@ -12,6 +12,7 @@ rendezvousing at rank 0's machine.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 
@@ -43,15 +44,10 @@ class _Process:
         """An address of this actor's machine and a free port there (rank 0's rendezvous)."""
         return node_ip(), free_port("0.0.0.0")
 
-    def run_worker(self, address, authkey: bytes, rank: int) -> None:
-        from fastllm.distributed.mp_workers import worker_main
-
-        worker_main(address, authkey, rank)
-
-    def run_replica(self, address, authkey: bytes, index: int) -> None:
-        from fastllm.distributed.data_parallel import replica_main
-
-        replica_main(address, authkey, index)
+    def run(self, entry: str, address, authkey: bytes, index: int) -> None:
+        """Runs ``entry`` ("module:function", e.g. the worker loop) as this actor's life."""
+        module, function = entry.split(":")
+        getattr(importlib.import_module(module), function)(address, authkey, index)
 
 
 class RayActors:
@@ -59,6 +55,8 @@ class RayActors:
     interface of ``mp_workers.WorkerGroup`` and ``data_parallel``)."""
 
     def __init__(self, bundle: dict, entry: str):
+        """bundle: each actor's resources; entry: "module:function" each actor runs, with
+        (address, authkey, index) of the listener to connect back to."""
         self.ray = init_ray()
         self.bundle = bundle
         self.entry = entry
@@ -84,7 +82,7 @@ class RayActors:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.pg, placement_group_bundle_index=index)).remote())
         self._endpoint = ray.get(self.actors[0].endpoint.remote())
-        self.runs = [getattr(actor, self.entry).remote(address, authkey, index)
+        self.runs = [actor.run.remote(self.entry, address, authkey, index)
                      for index, actor in enumerate(self.actors)]
 
     def init_method(self) -> str:
@@ -129,7 +127,8 @@ class RayLauncher(RayActors):
     """The model's tp x pp workers as Ray actors."""
 
     def __init__(self, args: EngineArgs, device: str):
-        super().__init__({"CPU": 1, "GPU": 1} if device == "cuda" else {"CPU": 1}, "run_worker")
+        super().__init__({"CPU": 1, "GPU": 1} if device == "cuda" else {"CPU": 1},
+                         "fastllm.distributed.mp_workers:worker_main")
         self.device = device
 
     def device_of(self, rank: int) -> str:

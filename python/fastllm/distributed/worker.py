@@ -21,8 +21,8 @@ import os
 import numpy as np
 
 from fastllm.config import EngineArgs, ModelConfig
-from fastllm.distributed.parallel_state import ParallelContext
 from fastllm.distributed.plan import PlanView
+from fastllm.models.parallel import ParallelContext
 from fastllm.torch_extra import torch
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,6 @@ class Worker:
                  threads: int | None = None):
         """Joins the process group (``init_method``: tcp://host:port of rank 0) and loads this
         rank's share of the model onto ``device`` ("cpu" or "cuda:N")."""
-        from fastllm.engine.llm_engine import release_free_memory
         from fastllm.loader import iterate_weights, load_config, resolve_model
         from fastllm.models import get_model_class
 
@@ -94,7 +93,6 @@ class Worker:
         fmt = source.load_format if args.load_format == "auto" else args.load_format
         model.load_weights(iterate_weights(source, fmt, self.dtype))
         self.model = model.eval()
-        release_free_memory()
         first, end = self.parallel.layer_range(mc.num_hidden_layers)
         # The cache of this rank: its stage's layers, its KV heads.
         self.cache_config = dataclasses.replace(

@@ -253,7 +253,7 @@ class EngineCore:
         """Starts the workers (each loads its share of the model) and the executor over them;
         returns the KV blocks (device, host) of the smallest worker."""
         from fastllm.distributed.executor import DistributedExecutor, start_workers
-        from fastllm.distributed.parallel_state import check_parallel_config
+        from fastllm.models.parallel import check_parallel_config
         from fastllm.torch_extra import torch
 
         args = self.args

@@ -6,7 +6,7 @@ separate tensors into their slices.
 
 Given a ``ParallelContext`` (fastllm.distributed), the model is one rank's share of a tensor x
 pipeline parallel split: its stage's layers, and in them its attention and KV heads, MLP columns
-and vocabulary rows (see fastllm.distributed.layers); load_weights cuts that share out of the full
+and vocabulary rows (see fastllm.models.parallel); load_weights cuts that share out of the full
 checkpoint. Without one (the default) it is the whole model, built of plain torch modules.
 """
 
@@ -17,9 +17,9 @@ from typing import ClassVar
 
 from fastllm import ops
 from fastllm.config import ModelConfig
-from fastllm.distributed.parallel_state import SINGLE, ParallelContext
 from fastllm.models.attention import AttentionMetadata, PagedAttention
 from fastllm.models.native_cpu import CACHE_DTYPES, CpuLayer, CpuLinear, new_cpu_decoder
+from fastllm.models.parallel import SINGLE, ParallelContext
 from fastllm.models.quant_linear import QuantLinear
 from fastllm.torch_extra import torch
 
@@ -51,7 +51,7 @@ def _row_parallel_linear(in_features: int, out_features: int, parallel: Parallel
     across the tensor-parallel ranks (a plain nn.Linear without tensor parallelism)."""
     if parallel.tp_size == 1:
         return nn.Linear(in_features, out_features, bias=False)
-    from fastllm.distributed.layers import RowParallelLinear
+    from fastllm.models.parallel import RowParallelLinear
 
     return RowParallelLinear(in_features, out_features, parallel.tp_group)
 
@@ -136,7 +136,7 @@ def _embedding(config: ModelConfig, parallel: ParallelContext):
         # (~70 MB resident) for nothing.
         return nn.Embedding(config.vocab_size, config.hidden_size,
                             _weight=torch.empty(config.vocab_size, config.hidden_size))
-    from fastllm.distributed.layers import VocabParallelEmbedding
+    from fastllm.models.parallel import VocabParallelEmbedding
 
     first, rows = parallel.vocab_rows(config.vocab_size)
     return VocabParallelEmbedding(rows, config.hidden_size, first, parallel.tp_group)
@@ -234,7 +234,7 @@ class LlamaForCausalLM(nn.Module):
         p = self.parallel
         if p.tp_size == 1:
             return logits
-        from fastllm.distributed.layers import gather_vocab_logits
+        from fastllm.models.parallel import gather_vocab_logits
 
         return gather_vocab_logits(logits, self.config.vocab_size, p.tp_size, p.tp_group)
 

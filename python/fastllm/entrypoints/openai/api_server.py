@@ -33,6 +33,7 @@ from fastapi.responses import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fastllm.config import EngineArgs
+from fastllm.distributed.errors import WorkerError
 from fastllm.engine.async_llm import (
     AsyncLLM,
     serve_large_allocations_from_mmap,
@@ -90,8 +91,14 @@ def build_engine(ns: argparse.Namespace) -> AsyncLLM:
     if modules and not args.enable_lora:
         raise ValueError("--lora-modules needs --enable-lora")
     metrics = ServerMetrics(served_model_names(args)[0])
-    engine = AsyncLLM(args, metrics=metrics,
-                      guided_decoding_backend=getattr(ns, "guided_decoding_backend", None))
+    backend = getattr(ns, "guided_decoding_backend", None)
+    if args.data_parallel_size > 1 or args.engine_use_ray:
+        # Engine replicas in processes (or Ray actors) of their own, behind the same API.
+        from fastllm.engine.data_parallel import DataParallelLLM
+
+        engine = DataParallelLLM(args, metrics=metrics, guided_decoding_backend=backend)
+    else:
+        engine = AsyncLLM(args, metrics=metrics, guided_decoding_backend=backend)
     for name, path, base in modules:
         engine.serve_lora(name, path, base)
         logger.info("serving LoRA adapter %s from %s", name, path)
@@ -395,6 +402,10 @@ def run(ns: argparse.Namespace) -> int:
         sock.close()
         print(f"fastllm-serve: {e}", file=sys.stderr)
         return 2
+    except WorkerError as e:  # a model worker or engine replica failed while it loaded
+        sock.close()
+        print(f"fastllm-serve: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C while the model loads: nothing to drain yet
         sock.close()
         return 130
