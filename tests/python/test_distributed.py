@@ -140,10 +140,19 @@ def test_tied_embeddings_and_uneven_vocabulary(tied_model):
     ({"pipeline_parallel_size": 5}, "5 pipeline stages for 4 layers"),
     ({"tensor_parallel_size": 2, "enable_lora": True}, "LoRA"),
     ({"distributed_executor_backend": "mp", "worker_use_ray": True}, "give one"),
+    ({"data_parallel_size": 2}, "behind a server (fastllm-serve)"),
 ])
 def test_bad_parallel_configs_name_the_problem(untied_model, kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         LLM(model=untied_model, **kwargs)
+
+
+def test_server_exits_naming_a_bad_split(untied_model):
+    r = subprocess.run([sys.executable, "-m", "fastllm.entrypoints.openai.api_server",
+                        "--model", untied_model, "--port", "0", "-tp", "3"],
+                       check=False, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "attention heads (4) is not divisible by the tensor-parallel size 3" in r.stderr
 
 
 def test_ray_backend_without_ray_names_the_extra(untied_model, monkeypatch):

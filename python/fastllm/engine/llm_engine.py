@@ -83,6 +83,9 @@ class EngineCore:
         """on_dead(message): called (from another thread) when the model's distributed workers
         stop (one died or failed); the engine's steps fail from then on."""
         args.validate()
+        if args.data_parallel_size > 1 or args.engine_use_ray:
+            raise ValueError("data_parallel_size > 1 and engine_use_ray place engine replicas "
+                             "behind a server (fastllm-serve); this is one engine")
         t0 = time.perf_counter()
         self.args = args
         self.source = resolve_model(args.model, args.load_format)
