@@ -204,9 +204,21 @@ class EngineArgs:
         None, type=json_value, help="RoPE scaling config (JSON)")
     rope_theta: float | None = _arg(None, type=positive_float, help="RoPE theta")
     tensor_parallel_size: int = _arg(1, type=positive_int, names=("-tp",),
-                                     help="tensor-parallel replicas (only 1)")
+                                     help="tensor-parallel ranks the model is split over")
     pipeline_parallel_size: int = _arg(1, type=positive_int, names=("-pp",),
-                                       help="pipeline stages (only 1)")
+                                       help="pipeline stages the model's layers are split into")
+    data_parallel_size: int = _arg(1, type=positive_int, names=("-dp",),
+                                   help="engine replicas behind the server (each gets a share of "
+                                        "the requests)")
+    # mp: local worker processes; ray: Ray actors (a cluster joined by RAY_ADDRESS, or a local
+    # one started here), for models split across machines.
+    distributed_executor_backend: str | None = _arg(
+        None, choices=["ray", "mp"],
+        help="how tensor/pipeline workers run: mp (local processes, the default) or ray")
+    worker_use_ray: bool = _arg(False, action="store_true",
+                                help="deprecated: --distributed-executor-backend ray")
+    engine_use_ray: bool = _arg(False, action="store_true",
+                                help="run the engine in a Ray actor, apart from the server")
     trust_remote_code: bool = _arg(False, action="store_true",
                                    help="unsupported: fastllm runs only its own model code")
     served_model_name: list[str] | None = _arg(  # noqa: RUF009 - as above
@@ -317,8 +329,7 @@ class EngineArgs:
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got "
                              f"{self.scheduling_policy!r}")
-        if self.tensor_parallel_size != 1 or self.pipeline_parallel_size != 1:
-            raise ValueError("tensor/pipeline parallelism (size > 1) is not supported yet")
+        self._validate_parallel()
         if self.trust_remote_code:
             raise ValueError("trust_remote_code is not supported: fastllm runs only its own "
                              "model definitions")
@@ -340,6 +351,41 @@ class EngineArgs:
             raise ValueError("long_lora_scaling_factors (long-context LoRA) is not supported")
         if self.lora_dtype not in ("auto", "float16", "bfloat16", "float32"):
             raise ValueError(f"unknown lora_dtype {self.lora_dtype!r}")
+
+    def resolved_executor_backend(self) -> str:
+        """"ray" or "mp": how the model's workers run (when it has any)."""
+        return "ray" if self.distributed_executor_backend == "ray" or self.worker_use_ray \
+            else "mp"
+
+    def _validate_parallel(self) -> None:
+        backend = self.distributed_executor_backend
+        if backend not in (None, "mp", "ray"):
+            raise ValueError(f"distributed_executor_backend must be 'mp' or 'ray', got "
+                             f"{backend!r}")
+        if self.worker_use_ray and backend == "mp":
+            raise ValueError("worker_use_ray asks for the ray backend, "
+                             "distributed_executor_backend for mp: give one")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.resolved_executor_backend() == "ray" or self.engine_use_ray:
+            import importlib.util
+
+            if importlib.util.find_spec("ray") is None:
+                flag = ("engine_use_ray" if self.engine_use_ray and
+                        self.resolved_executor_backend() != "ray"
+                        else "distributed_executor_backend 'ray'")
+                raise ValueError(f"{flag} needs Ray, which is not installed "
+                                 "(pip install 'fastllm[ray]')")
+        if self.tensor_parallel_size * self.pipeline_parallel_size > 1:
+            if self.enable_lora:
+                raise ValueError("LoRA adapters are not supported with tensor/pipeline "
+                                 "parallelism yet")
+            if self.speculative_settings() is not None:
+                raise ValueError("speculative decoding is not supported with tensor/pipeline "
+                                 "parallelism yet")
+        if self.data_parallel_size > 1 and self.enable_lora:
+            raise ValueError("LoRA adapters are not supported with data parallelism yet")
 
     def resolve_lora_dtype(self, quantized_cpu: bool) -> str:
         """The dtype LoRA weights are kept in: 16-bit halves what a step reads for its adapters

@@ -14,8 +14,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "python" / "fastllm"
 
 # Folder (a subpackage, or a top-level module by its name; "fastllm" is the package's __init__)
-# -> the folders it may import. Read top down: entrypoints -> engine -> (worker, guided,
-# tokenizer) -> models -> loader; ops is the torch kernel layer under models, kernels (the one
+# -> the folders it may import. Read top down: entrypoints -> engine -> distributed ->
+# (worker, guided, tokenizer) -> models -> loader; ops is the torch kernel layer under models, kernels (the one
 # caller of _C.ops, torch-free) under ops; config, sampling_params and outputs are shared data
 # types; version is the package version, cpp_package the installed C++ package's paths (read by
 # `python -m fastllm`), torch_extra the one place torch is imported from; _C is the extension.
@@ -24,9 +24,11 @@ ALLOWED: dict[str, set[str]] = {
                 "version", "lora", "_C"},
     "__main__": {"cpp_package", "version"},
     "entrypoints": {"engine", "guided", "tokenizer", "config", "sampling_params", "outputs",
-                    "lora", "torch_extra", "version", "_C"},
+                    "lora", "torch_extra", "version", "distributed", "_C"},
     "engine": {"worker", "guided", "tokenizer", "models", "loader", "config", "sampling_params",
-               "outputs", "lora", "torch_extra", "_C"},
+               "outputs", "lora", "torch_extra", "distributed", "_C"},
+    # The model on several workers: their processes and the executor over them.
+    "distributed": {"worker", "models", "loader", "config", "torch_extra", "_C"},
     "worker": {"models", "ops", "config", "lora", "torch_extra", "_C"},
     # LoRA adapters: reading them (loader, config), the torch executor's slots (ops).
     "lora": {"loader", "ops", "config", "torch_extra"},

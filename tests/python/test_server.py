@@ -356,7 +356,7 @@ def test_cli_config_env_precedence(tmp_path):
     assert parse_args([], environ={}).max_num_seqs == 256
     assert parse_args(["/models/x"], environ={}).model == "/models/x"
     with pytest.raises(SystemExit):
-        parse_args(["--config", str(cfg), "--tensor-parallel-size", "2"], environ={})
+        parse_args(["--config", str(cfg), "--tensor-parallel-size", "0"], environ={})
     bad = tmp_path / "bad.yaml"
     bad.write_text("no-such-flag: 1\n")
     with pytest.raises(SystemExit):

@@ -75,15 +75,17 @@ class AsyncLLM:
         """metrics: an observer of prompts, tokens and finished requests (the server's
         ServerMetrics), or None. guided_decoding_backend: the default backend of requests that
         name none."""
+        # Set (on the asyncio loop) when the engine's distributed workers stop for good.
+        self._dead = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         # A server keeps the process torch-free where the model allows it (see EngineCore).
-        self._core = EngineCore(args)
+        self._core = EngineCore(args, on_dead=self._on_engine_dead)
         self.args = args
         self._tokenizer = self._core.tokenizer
         self._guided = self._core.build_guided_manager(guided_decoding_backend)
         self._metrics = metrics
         self._streams: dict[str, _Stream] = {}
         self._processor = OutputProcessor(self._tokenizer, self.abort)
-        self._loop: asyncio.AbstractEventLoop | None = None
         core = self._core
         self.model_info = ModelInfo(
             source_name=core.source_name, served_model_names=tuple(served_model_names(args)),
@@ -108,17 +110,44 @@ class AsyncLLM:
         self._core.native.start()
 
     def shutdown(self) -> None:
-        """Stops the native loop; safe to call again, and after the asyncio loop closed."""
+        """Stops the native loop (and the model's workers, if it has any); safe to call again,
+        and after the asyncio loop closed."""
         if self._loop is not None:
             if not self._loop.is_closed():
                 self._loop.remove_reader(self._core.native.output_fd)
             self._loop = None
         self._core.native.stop()
+        self._core.shutdown()
 
     @property
     def is_healthy(self) -> bool:
-        """Whether the native loop runs (what /health reports)."""
-        return self._core.native.is_running
+        """Whether the native loop runs and its executor works (what /health reports)."""
+        return self._core.native.is_running and self._core.dead is None
+
+    async def wait_dead(self) -> str:
+        """Returns (why) once the engine stopped for good: a distributed worker died. Every
+        request in flight has failed by then, and later ones fail."""
+        await self._dead.wait()
+        return self._core.dead or "the engine stopped"
+
+    def _on_engine_dead(self, message: str) -> None:
+        """EngineCore's on_dead (from a watcher or the engine thread)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._fail_all, message)
+
+    def _fail_all(self, message: str) -> None:
+        """Ends every stream in flight with an error (their steps can no longer run)."""
+        failed = list(self._streams.items())
+        self._streams.clear()
+        for request_id, stream in failed:
+            self.abort(request_id)
+            self._processor.remove(request_id)
+            stream.group.error = f"the engine stopped: {message}"
+            if self._metrics is not None:
+                self._metrics.on_request_finished("error", stream, stream.group.num_output_tokens)
+            stream.queue.put_nowait(None)
+        self._dead.set()
 
     def stats(self):
         """The native engine's counters (running / waiting requests, KV usage, tokens...)."""

@@ -97,8 +97,13 @@ class EngineCore:
     runs wherever it applies unless ``torch_free`` is False (None: unless the environment sets
     FASTLLM_TORCH_FREE=0); torch is imported only when the torch model runs."""
 
-    def __init__(self, args: EngineArgs, torch_free: bool | None = None):
+    def __init__(self, args: EngineArgs, torch_free: bool | None = None, on_dead=None):
+        """on_dead(message): called (from another thread) when the model's distributed workers
+        stop (one died or failed); the engine's steps fail from then on."""
         args.validate()
+        if args.data_parallel_size > 1 or args.engine_use_ray:
+            raise ValueError("data_parallel_size > 1 and engine_use_ray place engine replicas "
+                             "behind a server (fastllm-serve); this is one engine")
         t0 = time.perf_counter()
         self.args = args
         source = resolve_model(args.model, args.load_format)
@@ -120,8 +125,18 @@ class EngineCore:
             raise ValueError(
                 f"max_model_len {self.max_model_len} exceeds the model's "
                 f"max_position_embeddings {mc.max_position_embeddings} without rope scaling")
-        quantized = args.use_quantized_weights(self.source, self.device)
+        from fastllm.distributed.executor import uses_distributed_executor
+
+        distributed = uses_distributed_executor(args)
+        if distributed and self.source.quant is not None:
+            raise ValueError(f"{self.source.quant.method} checkpoints do not run with tensor/"
+                             "pipeline parallelism yet (workers split float weights)")
+        # Workers split float weights: a GGUF model is dequantized on them.
+        quantized = not distributed and args.use_quantized_weights(self.source, self.device)
         kv_dtype = args.resolve_kv_cache_dtype(dtype, quantized and self.device == "cpu")
+        if distributed and kv_dtype in FP8_KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype {args.kv_cache_dtype!r} does not run with tensor/"
+                             "pipeline parallelism yet")
         self.kv_scales = (kv_cache_scales(self.source, mc.num_hidden_layers,
                                           args.quantization_param_path)
                           if kv_dtype in FP8_KV_CACHE_DTYPES else None)
@@ -129,7 +144,11 @@ class EngineCore:
             torch_free = os.environ.get("FASTLLM_TORCH_FREE", "1") != "0"
         cpu_model = (load_cpu_model(mc, self.source, dtype, kv_dtype, self.kv_scales)
                      if torch_free and quantized and self.device == "cpu" else None)
-        if cpu_model is not None:
+        if distributed:
+            require_torch(f"tensor/pipeline parallelism or the Ray executor ({self.source_name})")
+            num_gpu_blocks, num_cpu_blocks = self._build_distributed_executor(dtype, kv_dtype,
+                                                                              on_dead)
+        elif cpu_model is not None:
             # dtypes as numpy's objects here (an fp8 cache's codes as uint8), as torch's on the
             # torch path
             self.model, self.dtype = cpu_model, np.dtype(dtype)
@@ -192,12 +211,25 @@ class EngineCore:
         self.native = _C.Engine(cfg, self.executor, draft_executor)
         self.num_gpu_blocks = num_gpu_blocks
         self.startup_seconds = time.perf_counter() - t0
+        kind = ("torch-free" if cpu_model is not None else
+                f"distributed ({args.tensor_parallel_size} x {args.pipeline_parallel_size} "
+                f"{args.resolved_executor_backend()} workers)" if distributed else "torch")
         logger.info("fastllm engine ready in %.2f s: %s on %s (%s, %s executor), %d KV blocks of "
                     "%d tokens (%s)", self.startup_seconds, mc.architecture, self.device, dtype,
-                    "torch-free" if cpu_model is not None else "torch", num_gpu_blocks - 1,
-                    self.block_size, kv_dtype)
+                    kind, num_gpu_blocks - 1, self.block_size, kv_dtype)
         if self.speculative is not None:
             logger.info("%s", self.speculative.describe())
+
+    @property
+    def dead(self) -> str | None:
+        """Why the executor stopped for good (a distributed worker died), or None."""
+        return getattr(self.executor, "dead", None)
+
+    def shutdown(self) -> None:
+        """Stops the executor's workers, if it has any (the native loop must be stopped)."""
+        stop = getattr(self.executor, "shutdown", None)
+        if stop is not None:
+            stop()
 
     def acquire_lora(self, lora_request) -> int:
         """The adapter id a request runs with (0: none), its adapter loaded and held until
@@ -258,6 +290,31 @@ class EngineCore:
                                       self.block_size, num_gpu_blocks, num_cpu_blocks,
                                       self.args.max_loras if self.args.enable_lora else 0)
         return num_gpu_blocks, num_cpu_blocks
+
+    def _build_distributed_executor(self, dtype: str, kv_dtype: str, on_dead
+                                    ) -> tuple[int, int]:
+        """Starts the workers (each loads its share of the model) and the executor over them;
+        returns the KV blocks (device, host) of the smallest worker."""
+        from fastllm.distributed.executor import DistributedExecutor, start_workers
+        from fastllm.models.parallel import check_parallel_config
+        from fastllm.torch_extra import torch
+
+        args = self.args
+        check_parallel_config(self.model_config, args.tensor_parallel_size,
+                              args.pipeline_parallel_size)
+        self.dtype, self.kv_dtype = getattr(torch, dtype), getattr(torch, kv_dtype)
+        self.model = None  # on the workers
+        workers = start_workers(args, self.device, on_dead)
+        try:
+            blocks = min(b for b, _ in workers.kv_blocks)
+            swap = min(s for _, s in workers.kv_blocks)
+            self._check_kv_capacity(blocks)
+            workers.call_all("init_cache", blocks, swap)
+        except BaseException:
+            workers.shutdown()
+            raise
+        self.executor = DistributedExecutor(workers)
+        return blocks, swap
 
     def _load_model(self, quantized: bool, device, model_config: ModelConfig | None = None,
                     source=None, dtype=None):
@@ -341,16 +398,19 @@ class EngineCore:
             # Leave room for the activations of one full step.
             budget -= 4 * mc.hidden_size * 4096 * torch.empty((), dtype=self.dtype).element_size()
             blocks = int(budget // per_block)
+        self._check_kv_capacity(blocks)
+        swap = 0
+        if self.device == "cuda" or args.preemption_mode == "swap":
+            swap = int(args.swap_space * (1 << 30)) // per_block
+        return blocks, swap
+
+    def _check_kv_capacity(self, blocks: int) -> None:
         needed = -(-self.max_model_len // self.block_size) + 1
         if blocks < needed:
             raise ValueError(
                 f"the KV cache has room for {max(blocks - 1, 0) * self.block_size} tokens, fewer "
                 f"than max_model_len {self.max_model_len}: give it more memory "
                 f"(FASTLLM_CPU_KVCACHE_SPACE / --gpu-memory-utilization) or lower max_model_len")
-        swap = 0
-        if self.device == "cuda" or args.preemption_mode == "swap":
-            swap = int(args.swap_space * (1 << 30)) // per_block
-        return blocks, swap
 
     # ---- prompts -----------------------------------------------------------------------------
 
@@ -493,3 +553,7 @@ class LLMEngine:
 
     def stats(self):
         return self.core.native.stats()
+
+    def shutdown(self) -> None:
+        """Stops the executor's workers (distributed execution); a no-op otherwise."""
+        self.core.shutdown()

@@ -48,6 +48,11 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def shutdown(self) -> None:
+        """Stops the model's worker processes, if it has any (tensor/pipeline parallelism);
+        they also end with this process."""
+        self.llm_engine.shutdown()
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType] | None = None,

@@ -15,6 +15,7 @@ from fastllm.config import ModelConfig
 from fastllm.models.attention import AttentionMetadata, PagedAttention
 from fastllm.models.layers import KVCache
 from fastllm.models.llama import LlamaForCausalLM, RMSNorm
+from fastllm.models.parallel import SINGLE
 from fastllm.torch_extra import torch
 
 nn = torch.nn
@@ -120,6 +121,7 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
     def __init__(self, config: ModelConfig):
         nn.Module.__init__(self)
         self.config = config
+        self.parallel = SINGLE  # one rank (tensor/pipeline parallelism covers the Llama family)
         self.model = Gemma2Model(config)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(
             config.hidden_size, config.vocab_size, bias=False)

@@ -5,6 +5,11 @@ Q/K/V and gate/up projections are fused into single GEMMs; load_weights maps the
 separate tensors into their slices (Phi-3 checkpoints hold them fused already). Qwen3 normalizes
 each query and key head (RMSNorm over head_dim) before RoPE; Phi-3's LongRoPE is a rope table
 (``kernels.rope_cos_sin_cache``); Qwen2 has Q/K/V biases.
+
+Given a ``ParallelContext`` (fastllm.distributed), the model is one rank's share of a tensor x
+pipeline parallel split: its stage's layers, and in them its attention and KV heads, MLP columns
+and vocabulary rows (see fastllm.models.parallel); load_weights cuts that share out of the full
+checkpoint. Without one (the default) it is the whole model, built of plain torch modules.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from fastllm import ops
 from fastllm.config import ModelConfig
 from fastllm.models.attention import AttentionMetadata, PagedAttention
 from fastllm.models.native_cpu import CACHE_DTYPES, CpuLayer, CpuLinear, new_cpu_decoder
+from fastllm.models.parallel import SINGLE, ParallelContext
 from fastllm.models.quant_linear import QuantLinear
 from fastllm.models.registry import native_cpu_architectures
 from fastllm.torch_extra import torch
@@ -45,16 +51,28 @@ class RMSNorm(nn.Module):
         return x, residual
 
 
+def _row_parallel_linear(in_features: int, out_features: int, parallel: ParallelContext):
+    """The attention output / MLP down projection: this rank's input columns, outputs summed
+    across the tensor-parallel ranks (a plain nn.Linear without tensor parallelism)."""
+    if parallel.tp_size == 1:
+        return nn.Linear(in_features, out_features, bias=False)
+    from fastllm.models.parallel import RowParallelLinear
+
+    return RowParallelLinear(in_features, out_features, parallel.tp_group)
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, qkv_bias: bool, qk_norm: bool = False):
+    def __init__(self, config: ModelConfig, qkv_bias: bool, qk_norm: bool = False,
+                 parallel: ParallelContext = SINGLE):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        # This rank's heads: the fused QKV projection is column-parallel (its rows of q, k, v).
+        self.num_heads = parallel.shard(config.num_attention_heads, "attention heads")
+        self.num_kv_heads = parallel.shard(config.num_key_value_heads, "KV heads")
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj = _row_parallel_linear(self.q_size, config.hidden_size, parallel)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
                                    self.head_dim ** -0.5, config.attention_window())
         self.layer_idx = 0  # set by LlamaModel (LoRA tables are per layer)
@@ -85,11 +103,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: ParallelContext = SINGLE):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.intermediate = config.intermediate_size
+        intermediate = parallel.shard(config.intermediate_size, "the MLP's intermediate size")
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * intermediate, bias=False)
+        self.down_proj = _row_parallel_linear(intermediate, config.hidden_size, parallel)
+        self.intermediate = intermediate
         self.layer_idx = 0  # set by LlamaModel
 
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
@@ -105,10 +124,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, config: ModelConfig, qkv_bias: bool, qk_norm: bool = False,
+                 parallel: ParallelContext = SINGLE):
         super().__init__()
-        self.self_attn = LlamaAttention(config, qkv_bias, qk_norm)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, qkv_bias, qk_norm, parallel)
+        self.mlp = LlamaMLP(config, parallel)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -123,30 +143,51 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden, meta.lora), residual
 
 
-class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, qkv_bias: bool, qk_norm: bool = False):
-        super().__init__()
+def _embedding(config: ModelConfig, parallel: ParallelContext):
+    if parallel.tp_size == 1:
         # Given its (uninitialized) weight, nn.Embedding skips its random init: the checkpoint
         # overwrites it anyway, and on the meta device that init imports ~800 torch modules
         # (~70 MB resident) for nothing.
-        self.embed_tokens = nn.Embedding(
-            config.vocab_size, config.hidden_size,
-            _weight=torch.empty(config.vocab_size, config.hidden_size))
+        return nn.Embedding(config.vocab_size, config.hidden_size,
+                            _weight=torch.empty(config.vocab_size, config.hidden_size))
+    from fastllm.models.parallel import VocabParallelEmbedding
+
+    first, rows = parallel.vocab_rows(config.vocab_size)
+    return VocabParallelEmbedding(rows, config.hidden_size, first, parallel.tp_group)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, qkv_bias: bool, qk_norm: bool = False,
+                 parallel: ParallelContext = SINGLE):
+        super().__init__()
+        # A pipeline stage holds its own layers; the first embeds the tokens, the last applies
+        # the final norm (and, with tied embeddings, needs the embedding as output projection).
+        self.embed_tokens = (_embedding(config, parallel) if parallel.is_first_stage or (
+            parallel.is_last_stage and config.tie_word_embeddings) else None)
         # Filled by LlamaForCausalLM.init_buffers once the model has real storage.
         self.register_buffer("rope_cache", torch.empty(0), persistent=False)
+        self.first_layer, end = parallel.layer_range(config.num_hidden_layers)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, qkv_bias, qk_norm)
-            for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, qkv_bias, qk_norm, parallel)
+            for _ in range(self.first_layer, end)
         )
         for i, layer in enumerate(self.layers):
             layer.self_attn.layer_idx = layer.mlp.layer_idx = i
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = (RMSNorm(config.hidden_size, config.rms_norm_eps) if parallel.is_last_stage
+                     else None)
 
-    def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata):
-        hidden = self.embed_tokens(input_ids)
-        residual = None
+    def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata,
+                intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """The final hidden states; a pipeline stage before the last takes its predecessor's
+        (hidden, residual) as ``intermediate`` (the first stage: None) and returns its own."""
+        if intermediate is None:
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:
+            hidden, residual = intermediate
         for layer, kv in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv, meta, self.rope_cache)
+        if self.norm is None:
+            return hidden, residual
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -161,9 +202,17 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: ModelConfig):
+    # checkpoint name fragment -> the dimension tensor parallelism splits (0: output rows of a
+    # column-parallel linear, 1: input columns of a row-parallel one); others are replicated.
+    _tp_split_dims: ClassVar[dict[str, int]] = {
+        "q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0,
+        "o_proj": 1, "down_proj": 1,
+    }
+
+    def __init__(self, config: ModelConfig, parallel: ParallelContext = SINGLE):
         super().__init__()
         self.config = config
+        self.parallel = parallel
         rope = config.raw.get("rope_parameters") or {}
         partial = config.raw.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
         if partial not in (None, 1, 1.0):
@@ -171,11 +220,14 @@ class LlamaForCausalLM(nn.Module):
                              "supported")
         qkv_bias = config.attention_bias or config.architecture == "Qwen2ForCausalLM"
         self.model = LlamaModel(config, qkv_bias,
-                                qk_norm=config.architecture == "Qwen3ForCausalLM")
-        if config.tie_word_embeddings:
+                                qk_norm=config.architecture == "Qwen3ForCausalLM",
+                                parallel=parallel)
+        if config.tie_word_embeddings or not parallel.is_last_stage:
             self.lm_head = None
         else:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            rows = (config.vocab_size if parallel.tp_size == 1
+                    else parallel.vocab_rows(config.vocab_size)[1])
+            self.lm_head = nn.Linear(config.hidden_size, rows, bias=False)
         # A QuantLinear over GGUF-encoded rows (see quant_loader); replaces lm_head / the tied
         # embedding as the output projection when set.
         self.quant_lm_head: nn.Module | None = None
@@ -199,14 +251,22 @@ class LlamaForCausalLM(nn.Module):
         self.model.rope_cache = ops.build_rope_cos_sin_cache(
             c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling, device=device)
 
-    def forward(self, input_ids, positions, kv_caches, meta):
-        return self.model(input_ids, positions, kv_caches, meta)
+    def forward(self, input_ids, positions, kv_caches, meta, intermediate=None):
+        if intermediate is None:  # the whole model, or the first pipeline stage
+            return self.model(input_ids, positions, kv_caches, meta)
+        return self.model(input_ids, positions, kv_caches, meta, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.quant_lm_head is not None:
             return self.quant_lm_head(hidden)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.matmul(hidden, weight.t()).float()
+        logits = torch.matmul(hidden, weight.t()).float()
+        p = self.parallel
+        if p.tp_size == 1:
+            return logits
+        from fastllm.models.parallel import gather_vocab_logits
+
+        return gather_vocab_logits(logits, self.config.vocab_size, p.tp_size, p.tp_group)
 
     def cpu_mlp(self, mlp: nn.Module) -> tuple | None:
         """``(gate_up, down, moe)`` of a layer's MLP as ``CpuLayer`` takes them, or None when
@@ -215,12 +275,43 @@ class LlamaForCausalLM(nn.Module):
         return None if gate_up is None or down is None else (gate_up, down, None)
 
     def _shard_slices(self, fused: str) -> list[tuple[int, int]]:
-        c = self.config
+        # This rank's rows (check_parallel_config made every split whole).
+        c, tp = self.config, self.parallel.tp_size
         if fused == "qkv_proj":
-            q = c.num_attention_heads * c.head_dim
-            kv = c.num_key_value_heads * c.head_dim
+            q = c.num_attention_heads * c.head_dim // tp
+            kv = c.num_key_value_heads * c.head_dim // tp
             return [(0, q), (q, kv), (q + kv, kv)]
-        return [(0, c.intermediate_size), (c.intermediate_size, c.intermediate_size)]
+        inter = c.intermediate_size // tp
+        return [(0, inter), (inter, inter)]
+
+    def _rank_share(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        """(name in this model, this rank's part of the tensor) of a full checkpoint tensor, or
+        None when it belongs to another pipeline stage."""
+        p = self.parallel
+        if p.world_size == 1:
+            return name, tensor
+        if name.startswith("model.layers."):
+            index, rest = name[len("model.layers."):].split(".", 1)
+            local = int(index) - self.model.first_layer
+            if not 0 <= local < len(self.model.layers):
+                return None
+            name = f"model.layers.{local}.{rest}"
+        elif ((name.startswith("model.embed_tokens.") and self.model.embed_tokens is None)
+              or (name.startswith("model.norm.") and self.model.norm is None)
+              or (name.startswith("lm_head.") and not p.is_last_stage)):
+            return None
+        if p.tp_size == 1:
+            return name, tensor
+        if name.startswith(("model.embed_tokens.", "lm_head.")):
+            first, rows = p.vocab_rows(self.config.vocab_size)
+            part = tensor[first:first + rows]
+            if part.shape[0] < rows:  # the padding rows past the vocabulary
+                part = torch.cat([part, part.new_zeros(rows - part.shape[0], *part.shape[1:])])
+            return name, part
+        dim = next((d for part, d in self._tp_split_dims.items() if f".{part}." in name), None)
+        if dim is None or (dim == 1 and tensor.dim() == 1):
+            return name, tensor  # replicated (norms)
+        return name, tensor.chunk(p.tp_size, dim=dim)[p.tp_rank]
 
     def _dense_parameters(self) -> dict[str, nn.Parameter]:
         """The parameters load_weights fills (a subclass may load others itself)."""
@@ -234,6 +325,10 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
+            share = self._rank_share(name, tensor)
+            if share is None:
+                continue  # another pipeline stage's
+            name, tensor = share
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: the embedding serves as the output projection
             target = name
@@ -290,10 +385,12 @@ def _cpu_linear(module) -> CpuLinear | None:
 def build_cpu_decoder(model: nn.Module, kv_caches: Sequence[KVCache], block_size: int):
     """A ``CpuDecoder`` over a torch model's weights and its torch ``kv_caches``, or None when
     the model is not one the native decoder runs (the registry's native architectures) with every
-    linear a ``QuantLinear`` on the CPU (then the Python model runs). Each layer's MLP goes
-    through the model's ``cpu_mlp`` (a subclass's sparse MLPs, models.moe)."""
+    linear a ``QuantLinear`` on the CPU (then the Python model runs), or is one rank's share of a
+    parallel split. Each layer's MLP goes through the model's ``cpu_mlp`` (a subclass's sparse
+    MLPs, models.moe)."""
     if (not isinstance(model, LlamaForCausalLM)
-            or model.config.architecture not in native_cpu_architectures()):
+            or model.config.architecture not in native_cpu_architectures()
+            or model.parallel.world_size > 1):
         return None
     inner = model.model
     caches = cpu_kv_caches(kv_caches)

@@ -8,6 +8,7 @@ A quantized GGUF model on the CPU can run without torch instead: see ``cpu_runne
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,6 +31,47 @@ logger = logging.getLogger(__name__)
 _sample = ops.eager(ops.sample)
 _swap_blocks = ops.eager(ops.swap_blocks)
 _copy_blocks = ops.eager(ops.copy_blocks)
+
+
+@dataclass
+class StepOutputs:
+    """What a step produced, as plain arrays (picklable: a distributed worker sends it back to
+    the engine's process): the sampled tokens and their logprobs, or, when the step's logits
+    were asked for instead (``logits``), those; and the step's prompt logprobs."""
+
+    tokens: np.ndarray | None = None
+    logprob: np.ndarray | None = None  # with top_ids and top_lp, when a row asked for logprobs
+    top_ids: np.ndarray | None = None
+    top_lp: np.ndarray | None = None
+    logits: np.ndarray | None = None
+    prompt_logprobs: tuple | None = None
+
+    def to_result(self):
+        """The engine's StepResult of these outputs."""
+        tokens = self.tokens if self.tokens is not None else np.empty(0, dtype=np.int32)
+        if self.logprob is not None:
+            result = _C.StepResult(tokens, self.logprob, self.top_ids, self.top_lp)
+        else:
+            result = _C.StepResult(tokens)
+        return with_prompt_logprobs(result, self.prompt_logprobs)
+
+
+def sample_logits(plan, logits: torch.Tensor, hook, to_device) -> StepOutputs:
+    """Samples one token per sample row of ``logits`` ([num_samples, vocab] float32) with the
+    plan's parameters; ``hook`` (guided decoding, or None) masks the rows it watches first and
+    sees the tokens after; ``to_device`` moves a numpy array to the logits' device."""
+    kw = {name: to_device(value) if isinstance(value, np.ndarray) else value
+          for name, value in sampling_inputs(plan).items()}
+    hooked = hook is not None and hook.wants(plan)
+    if hooked:
+        hook.apply(plan, logits)
+    tokens, logprob, _rank, top_lp, top_ids = _sample(logits, **kw)
+    if hooked:
+        hook.advance(plan, tokens)
+    if (plan.num_logprobs >= 0).any():
+        return StepOutputs(tokens.cpu().numpy(), logprob.cpu().numpy(), top_ids.cpu().numpy(),
+                           top_lp.cpu().numpy())
+    return StepOutputs(tokens.cpu().numpy())
 
 
 class ModelExecutor(_C.Executor):
@@ -117,10 +159,6 @@ class ModelExecutor(_C.Executor):
                 _copy_blocks(k, mapping)
                 _copy_blocks(v, mapping)
 
-    def _sampling_inputs(self, plan) -> dict:
-        return {name: self._tensor(value) if isinstance(value, np.ndarray) else value
-                for name, value in sampling_inputs(plan).items()}
-
     # ---- Executor ----------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -137,31 +175,32 @@ class ModelExecutor(_C.Executor):
                                      int(plan.max_context_len))
         else:
             hidden = self._model_forward(plan, input_ids)
+        return self.step_outputs(plan, hidden).to_result()
+
+    def step_outputs(self, plan, hidden: torch.Tensor, return_logits: bool = False
+                     ) -> StepOutputs:
+        """The step's prompt logprobs and sampled tokens from its final hidden states (or, with
+        return_logits, the sample rows' logits unsampled)."""
         prompt_logprobs = self._prompt_logprobs(plan, hidden) if plan.any_prompt_logprobs else None
         if plan.num_samples == 0:
-            return with_prompt_logprobs(_C.StepResult(np.empty(0, dtype=np.int32)),
-                                        prompt_logprobs)
+            return StepOutputs(prompt_logprobs=prompt_logprobs)
         rows = hidden[self._tensor(plan.sample_token_indices).to(torch.int64)]
         logits = self.model.compute_logits(rows)
-        kw = self._sampling_inputs(plan)
-        # The logits hook (guided decoding) masks rows of watched requests before sampling and
-        # sees the sampled tokens after.
-        hook = self._logits_hook
-        hooked = hook is not None and hook.wants(plan)
-        if hooked:
-            hook.apply(plan, logits)
-        tokens, logprob, _rank, top_lp, top_ids = _sample(logits, **kw)
-        if hooked:
-            hook.advance(plan, tokens)
-        if (plan.num_logprobs >= 0).any():
-            result = _C.StepResult(tokens.cpu(), logprob.cpu(), top_ids.cpu(), top_lp.cpu())
+        if return_logits:
+            out = StepOutputs(logits=logits.cpu().numpy())
         else:
-            result = _C.StepResult(tokens.cpu())
-        return with_prompt_logprobs(result, prompt_logprobs)
+            # The logits hook (guided decoding) masks rows of watched requests before sampling
+            # and sees the sampled tokens after.
+            out = sample_logits(plan, logits, self._logits_hook, self._tensor)
+        out.prompt_logprobs = prompt_logprobs
+        return out
 
     def _model_forward(self, plan, input_ids: torch.Tensor) -> torch.Tensor:
         positions = self._tensor(plan.positions).to(torch.int64)
-        meta = AttentionMetadata(
+        return self.model(input_ids, positions, self.kv_caches, self.attention_metadata(plan))
+
+    def attention_metadata(self, plan) -> AttentionMetadata:
+        return AttentionMetadata(
             slot_mapping=self._tensor(plan.slot_mapping),
             query_start_loc=self._tensor(plan.query_start_loc),
             context_lens=self._tensor(plan.context_lens),
@@ -169,7 +208,6 @@ class ModelExecutor(_C.Executor):
             max_context_len=int(plan.max_context_len),
             lora=self.lora_slots.batch(plan) if self.lora_slots is not None else None,
         )
-        return self.model(input_ids, positions, self.kv_caches, meta)
 
     def _prompt_logprobs(self, plan, hidden: torch.Tensor) -> tuple | None:
         def score(logits, allowed_offsets, allowed_ids, k):

@@ -33,6 +33,7 @@ from fastapi.responses import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fastllm.config import EngineArgs
+from fastllm.distributed.errors import WorkerError
 from fastllm.engine.async_llm import (
     AsyncLLM,
     serve_large_allocations_from_mmap,
@@ -90,8 +91,14 @@ def build_engine(ns: argparse.Namespace) -> AsyncLLM:
     if modules and not args.enable_lora:
         raise ValueError("--lora-modules needs --enable-lora")
     metrics = ServerMetrics(served_model_names(args)[0])
-    engine = AsyncLLM(args, metrics=metrics,
-                      guided_decoding_backend=getattr(ns, "guided_decoding_backend", None))
+    backend = getattr(ns, "guided_decoding_backend", None)
+    if args.data_parallel_size > 1 or args.engine_use_ray:
+        # Engine replicas in processes (or Ray actors) of their own, behind the same API.
+        from fastllm.engine.data_parallel import DataParallelLLM
+
+        engine = DataParallelLLM(args, metrics=metrics, guided_decoding_backend=backend)
+    else:
+        engine = AsyncLLM(args, metrics=metrics, guided_decoding_backend=backend)
     for name, path, base in modules:
         engine.serve_lora(name, path, base)
         logger.info("serving LoRA adapter %s from %s", name, path)
@@ -323,6 +330,8 @@ def _server_class():
             self.on_started = on_started
             self.aborted = False
             self.loop: asyncio.AbstractEventLoop | None = None
+            self.exit_code = 0
+            self._watch: asyncio.Task | None = None
 
         async def serve(self, sockets=None) -> None:
             self.loop = asyncio.get_running_loop()
@@ -331,7 +340,16 @@ def _server_class():
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets=sockets)
             if self.started and not self.should_exit:
+                self._watch = self.loop.create_task(self.exit_when_engine_dies())
                 self.on_started(self.servers[0].sockets[0].getsockname())
+
+        async def exit_when_engine_dies(self) -> None:
+            """A dead engine (a distributed worker died) ends the server with exit code 1: its
+            requests in flight already failed, and no later one can run."""
+            why = await self.engine.wait_dead()
+            logger.error("the engine stopped (%s): the server exits", why)
+            self.exit_code = 1
+            self.should_exit = True
 
         def handle_exit(self, sig: int, frame) -> None:
             if self.loop is None:
@@ -384,6 +402,10 @@ def run(ns: argparse.Namespace) -> int:
         sock.close()
         print(f"fastllm-serve: {e}", file=sys.stderr)
         return 2
+    except WorkerError as e:  # a model worker or engine replica failed while it loaded
+        sock.close()
+        print(f"fastllm-serve: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C while the model loads: nothing to drain yet
         sock.close()
         return 130
@@ -409,7 +431,7 @@ def run(ns: argparse.Namespace) -> int:
     finally:
         # A forced exit (a third signal) skips the lifespan shutdown; the engine loop still stops.
         engine.shutdown()
-    return 0
+    return server.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,6 @@ ACTS, UNSUPPORTED, IGNORED = "acts", "unsupported", "ignored"
 _VISION = "vision inputs are not supported yet"
 _ADAPTERS = "prompt adapters are not supported yet"
 _HUB = "revisions select hub downloads; fastllm loads local paths only"
-_RAY = "Ray is not supported (fastllm runs in one process)"
 _GRAPHS = "fastllm has no CUDA graphs; every step runs eagerly"
 _TRACES = "OpenTelemetry tracing is not supported yet"
 _POOL = "tokenizer pools are not supported"
@@ -90,13 +89,13 @@ FLAGS: dict[str, tuple[str, str]] = {
     "quantization_param_path": (ACTS, ""),
     "max_model_len": (ACTS, ""),
     "guided_decoding_backend": (ACTS, ""),
-    "distributed_executor_backend": (
-        UNSUPPORTED, "distributed execution is not supported (one process, one device)"),
-    "worker_use_ray": (UNSUPPORTED, _RAY),
-    "engine_use_ray": (UNSUPPORTED, _RAY),
-    "ray_workers_use_nsight": (UNSUPPORTED, _RAY),
+    "distributed_executor_backend": (ACTS, ""),
+    "worker_use_ray": (ACTS, ""),
+    "engine_use_ray": (ACTS, ""),
+    "ray_workers_use_nsight": (UNSUPPORTED, "Nsight profiling of Ray workers is not supported"),
     "pipeline_parallel_size": (ACTS, ""),
     "tensor_parallel_size": (ACTS, ""),
+    "data_parallel_size": (ACTS, ""),
     "max_parallel_loading_workers": (
         IGNORED, "one process loads the whole model; there are no loading workers"),
     "model_loader_extra_config": (UNSUPPORTED, "loader extra configs are not supported"),
@@ -124,7 +123,8 @@ FLAGS: dict[str, tuple[str, str]] = {
     "enforce_eager": (IGNORED, _GRAPHS),
     "max_context_len_to_capture": (IGNORED, _GRAPHS),
     "max_seq_len_to_capture": (IGNORED, _GRAPHS),
-    "disable_custom_all_reduce": (IGNORED, "there is no all-reduce on one device"),
+    "disable_custom_all_reduce": (
+        IGNORED, "all-reduce always goes through torch.distributed (gloo / NCCL)"),
     "tokenizer_pool_size": (UNSUPPORTED, _POOL),
     "tokenizer_pool_type": (IGNORED, "it only matters with --tokenizer-pool-size > 0"),
     "tokenizer_pool_extra_config": (IGNORED, "it only matters with --tokenizer-pool-size > 0"),
@@ -315,10 +315,6 @@ def make_parser() -> argparse.ArgumentParser:
       help="let the model choose tool calls itself; needs --tool-call-parser")
     a("--tool-call-parser", default=None, choices=["hermes", "mistral"],
       help="how model output is parsed into tool calls for tool_choice='auto'")
-    a("--distributed-executor-backend", default=None, choices=["ray", "mp"],
-      help="unsupported: one process, one device")
-    a("--worker-use-ray", action="store_true", default=False, help="unsupported")
-    a("--engine-use-ray", action="store_true", default=False, help="unsupported")
     a("--max-parallel-loading-workers", type=positive_int, default=None, help="ignored")
     a("--ray-workers-use-nsight", action="store_true", default=False, help="unsupported")
     a("--disable-sliding-window", action="store_true", default=False, help="unsupported")
@@ -492,6 +488,7 @@ def check_supported(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> 
     if ns.config_format == "mistral":
         parser.error("--config-format mistral: Mistral-format configs are not supported "
                      "(auto or hf)")
-    if ns.tensor_parallel_size != 1 or ns.pipeline_parallel_size != 1:
-        parser.error("--tensor-parallel-size/--pipeline-parallel-size > 1: parallelism is not "
-                     "supported yet")
+    try:
+        EngineArgs.from_namespace(ns)._validate_parallel()
+    except ValueError as e:
+        parser.error(str(e))

@@ -60,6 +60,10 @@ class ServerMetrics:
         self.spec_verify_seconds = Gauge("fastllm:spec_decode_verify_time_seconds",
                                          "Seconds spent in steps that verified drafts", labels,
                                          registry=r)
+        # Data parallelism: the requests each engine replica was given.
+        self.routed = Counter("fastllm:data_parallel_requests",
+                              "Requests routed to each engine replica", labels + ["replica"],
+                              registry=r)
         self.ttft = Histogram("fastllm:time_to_first_token_seconds", "Time to first token",
                               labels, buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("fastllm:inter_token_latency_seconds", "Time between tokens",
@@ -71,6 +75,9 @@ class ServerMetrics:
 
     def on_prompt(self, num_tokens: int) -> None:
         self.prompt_tokens.labels(self.model_name).inc(num_tokens)
+
+    def on_routed(self, replica: int) -> None:
+        self.routed.labels(self.model_name, str(replica)).inc()
 
     def on_tokens(self, stream, now: float, count: int) -> None:
         self.generation_tokens.labels(self.model_name).inc(count)
