@@ -30,13 +30,18 @@ import traceback
 
 from fastllm.config import EngineArgs
 from fastllm.distributed.errors import WorkerError
-from fastllm.distributed.procs import Listener, connect, ignore_stop_signals
+from fastllm.distributed.procs import (
+    Listener,
+    child_authkey,
+    connect,
+    ignore_stop_signals,
+    start_child,
+)
 
 logger = logging.getLogger(__name__)
 
 # How long a worker may take to load its share of the model before the engine gives up.
 STARTUP_TIMEOUT_S = float(os.environ.get("FASTLLM_WORKER_STARTUP_TIMEOUT", "600"))
-AUTHKEY_ENV = "FASTLLM_ENGINE_AUTHKEY"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -101,16 +106,8 @@ class LocalLauncher:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, address, authkey: bytes, world: int) -> None:
-        env = dict(os.environ)
-        env[AUTHKEY_ENV] = authkey.hex()
-        # The workers import the fastllm this process runs.
-        package_root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-        for rank in range(world):
-            self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "fastllm.distributed.mp_workers", address, str(rank)],
-                env=env))
+        self.procs += [start_child("fastllm.distributed.mp_workers", address, authkey, rank)
+                       for rank in range(world)]
 
     def init_method(self) -> str:
         return f"tcp://127.0.0.1:{free_port()}"
@@ -297,4 +294,4 @@ def worker_threads(world_size: int) -> int:
 
 
 if __name__ == "__main__":
-    worker_main(sys.argv[1], bytes.fromhex(os.environ.pop(AUTHKEY_ENV)), int(sys.argv[2]))
+    worker_main(sys.argv[1], child_authkey(), int(sys.argv[2]))

@@ -13,6 +13,8 @@ import select
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
@@ -96,3 +98,23 @@ def ignore_stop_signals() -> None:
     first); a child ends when its connection to the engine closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# The connection key a child process reads (and removes) from its environment.
+AUTHKEY_ENV = "FASTLLM_ENGINE_AUTHKEY"
+
+
+def start_child(module: str, address, authkey: bytes, index: int) -> subprocess.Popen:
+    """``python -m module address index`` with the key in its environment (not its command line,
+    which other users can read) and this process's fastllm first on its path."""
+    env = dict(os.environ)
+    env[AUTHKEY_ENV] = authkey.hex()
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+    return subprocess.Popen([sys.executable, "-m", module, str(address), str(index)], env=env)
+
+
+def child_authkey() -> bytes:
+    """The key start_child passed, taken out of the environment."""
+    return bytes.fromhex(os.environ.pop(AUTHKEY_ENV))
+

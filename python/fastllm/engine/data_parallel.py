@@ -33,7 +33,13 @@ from types import SimpleNamespace
 
 from fastllm.config import EngineArgs
 from fastllm.distributed.errors import WorkerError
-from fastllm.distributed.procs import Listener, connect, ignore_stop_signals
+from fastllm.distributed.procs import (
+    Listener,
+    child_authkey,
+    connect,
+    ignore_stop_signals,
+    start_child,
+)
 from fastllm.engine.async_llm import AsyncLLM, served_model_names
 from fastllm.engine.errors import RequestFailedError
 from fastllm.sampling_params import SamplingParams
@@ -48,7 +54,6 @@ STATS_INTERVAL_S = 0.25
 PREFIX_TOKENS = 32
 PREFIX_SLACK = 2
 PREFIX_MEMORY = 4096
-AUTHKEY_ENV = "FASTLLM_ENGINE_AUTHKEY"
 
 
 # ---- the replica's side ------------------------------------------------------------------------
@@ -157,15 +162,8 @@ class LocalReplicas:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, address, authkey: bytes, count: int) -> None:
-        env = dict(os.environ)
-        env[AUTHKEY_ENV] = authkey.hex()
-        package_root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-        for index in range(count):
-            self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "fastllm.engine.data_parallel", address,
-                 str(index)], env=env))
+        self.procs += [start_child("fastllm.engine.data_parallel", address, authkey, index)
+                       for index in range(count)]
 
     def gone(self) -> str | None:
         for index, proc in enumerate(self.procs):
@@ -511,4 +509,4 @@ class DataParallelLLM:
 
 
 if __name__ == "__main__":
-    replica_main(sys.argv[1], bytes.fromhex(os.environ.pop(AUTHKEY_ENV)), int(sys.argv[2]))
+    replica_main(sys.argv[1], child_authkey(), int(sys.argv[2]))
