@@ -385,50 +385,65 @@ void rotary_embedding(const Array& positions, const Array& query, const Array& k
   FASTLLM_RUN_OP(rotary_embedding, cuda, p, stream);
 }
 
-void act_and_mul(const Array& out, const Array& input, int32_t activation, uintptr_t stream) {
-  const char* op = "act_and_mul";
-  const bool cuda = cuda_device(input, op);
-  check_device(out, cuda, op, "out");
-  check_arg(activation >= 0 && activation <= 2, where(op, "unknown activation"));
-  k::ActAndMulParams p;
-  p.dtype = float_dtype(input, op, "input");
-  check_arg(float_dtype(out, op, "out") == p.dtype, where(op, "out dtype differs from input"));
+// An elementwise op's input and out, checked once: one device, one dtype, rows of equal count
+// (each with its own stride); the ops check the widths.
+struct RowPair {
+  bool cuda;
+  k::DType dtype;
+  int64_t rows, input_stride, out_stride, input_width, out_width;
+};
+
+RowPair row_pair(const char* op, const Array& out, const Array& input) {
+  RowPair r;
+  r.cuda = cuda_device(input, op);
+  check_device(out, r.cuda, op, "out");
+  r.dtype = float_dtype(input, op, "input");
+  check_arg(float_dtype(out, op, "out") == r.dtype, where(op, "out dtype differs from input"));
   auto [rows, in_stride] = rows_of(input, op, "input");
   auto [out_rows, out_stride] = rows_of(out, op, "out");
-  const int64_t width = input.shape(input.ndim() - 1);
-  check_arg(width % 2 == 0, where(op, "input's last dimension must be even"));
-  p.d = width / 2;
-  check_arg(out_rows == rows && static_cast<int64_t>(out.shape(out.ndim() - 1)) == p.d,
+  check_arg(out_rows == rows, where(op, "out must have input's rows"));
+  r.rows = rows;
+  r.input_stride = in_stride;
+  r.out_stride = out_stride;
+  r.input_width = input.shape(input.ndim() - 1);
+  r.out_width = out.shape(out.ndim() - 1);
+  return r;
+}
+
+void act_and_mul(const Array& out, const Array& input, int32_t activation, uintptr_t stream) {
+  const char* op = "act_and_mul";
+  const RowPair r = row_pair(op, out, input);
+  check_arg(activation >= 0 && activation <= 2, where(op, "unknown activation"));
+  check_arg(r.input_width % 2 == 0, where(op, "input's last dimension must be even"));
+  check_arg(r.out_width == r.input_width / 2,
             where(op, "out must be input's shape with the last dimension halved"));
-  p.num_tokens = rows;
-  p.input_stride = in_stride;
-  p.out_stride = out_stride;
+  k::ActAndMulParams p;
+  p.dtype = r.dtype;
+  p.d = r.out_width;
+  p.num_tokens = r.rows;
+  p.input_stride = r.input_stride;
+  p.out_stride = r.out_stride;
   p.input = input.data();
   p.out = out.data();
   p.activation = static_cast<k::Activation>(activation);
-  FASTLLM_RUN_OP(act_and_mul, cuda, p, stream);
+  FASTLLM_RUN_OP(act_and_mul, r.cuda, p, stream);
 }
 
 void activation(const Array& out, const Array& input, int32_t activation, uintptr_t stream) {
   const char* op = "activation";
-  const bool cuda = cuda_device(input, op);
-  check_device(out, cuda, op, "out");
+  const RowPair r = row_pair(op, out, input);
   check_arg(activation >= 0 && activation <= 3, where(op, "unknown activation"));
+  check_arg(r.out_width == r.input_width, where(op, "out shape differs from input"));
   k::ActivationParams p;
-  p.dtype = float_dtype(input, op, "input");
-  check_arg(float_dtype(out, op, "out") == p.dtype, where(op, "out dtype differs from input"));
-  auto [rows, in_stride] = rows_of(input, op, "input");
-  auto [out_rows, out_stride] = rows_of(out, op, "out");
-  p.d = input.shape(input.ndim() - 1);
-  check_arg(out_rows == rows && static_cast<int64_t>(out.shape(out.ndim() - 1)) == p.d,
-            where(op, "out shape differs from input"));
-  p.num_tokens = rows;
-  p.input_stride = in_stride;
-  p.out_stride = out_stride;
+  p.dtype = r.dtype;
+  p.d = r.input_width;
+  p.num_tokens = r.rows;
+  p.input_stride = r.input_stride;
+  p.out_stride = r.out_stride;
   p.input = input.data();
   p.out = out.data();
   p.activation = static_cast<k::Activation>(activation);
-  FASTLLM_RUN_OP(activation, cuda, p, stream);
+  FASTLLM_RUN_OP(activation, r.cuda, p, stream);
 }
 
 void softcap(const Array& data, float cap, uintptr_t stream) {
