@@ -365,6 +365,33 @@ def test_fp8_e5m2_matches_torch_bit_for_bit(device):
     assert _e5m2_codes(torch.tensor([1e6, -float("inf")]), device).tolist() == [0x7B, 0xFB]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_e4m3_codes_decode_in_attention(device):
+    """Every e4m3fn code read from a value cache decodes to torch's value (the AVX2 path builds
+    float16 bits from the code instead of a table lookup): subnormals, the largest finite
+    magnitude 448, both zeros, and NaN for 0x7F / 0xFF."""
+    all_codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    decoded = all_codes.view(FP8).float()
+    value_cache = torch.zeros((2, 8, 4, 64), dtype=torch.uint8)
+    value_cache[1, 0] = all_codes.view(4, 64)
+    out = ops.paged_attention(
+        torch.ones((1, 4, 64)).to(device), torch.zeros((2, 8, 4, 64), dtype=FP8).to(device),
+        value_cache.view(FP8).to(device), torch.tensor([0, 1], dtype=torch.int32).to(device),
+        torch.tensor([1], dtype=torch.int32).to(device),
+        torch.tensor([[1]], dtype=torch.int32).to(device), 0.125).cpu()
+    torch.testing.assert_close(out.flatten(), decoded, atol=0, rtol=0, equal_nan=True)
+    assert torch.isnan(out.flatten()[[0x7F, 0xFF]]).all() and out.flatten()[0x7E] == 448.0
+
+
+def test_fp8_e4m3_decode_on_the_scalar_cpu_path():
+    env = {**os.environ, "FASTLLM_CPU_ISA": "scalar"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                           "-k", "e4m3_codes_decode and cpu"], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "passed" in proc.stdout and "failed" not in proc.stdout
+
+
 def test_fp8_e5m2_on_the_scalar_cpu_path():
     """The portable code path (picked once per process, so in a fresh one) converts and reads
     e5m2 as the SIMD one does."""
