@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 
 from fastllm.config import EngineArgs
@@ -239,7 +240,7 @@ class WorkerGroup:
                     self._fail(self.launcher.describe_exit(r))
                     break
                 if status == "error":
-                    self._fail(f"worker {r} failed: {value}")
+                    self._fail(self._root_cause(f"worker {r} failed: {value}"))
                     break
                 if only_this_rank and r != rank:
                     self._fail(f"worker {r} answered out of turn")
@@ -252,6 +253,19 @@ class WorkerGroup:
         rank = self.launcher.wait_any_exit()
         if rank is not None and not self._closing:
             self._fail(self.launcher.describe_exit(rank))
+
+    def _root_cause(self, message: str) -> str:
+        """A worker's error, or first the exit of a peer when one has gone: a rank that dies
+        makes the survivors' next send or receive fail within milliseconds, often before its
+        process is reaped, so the launcher is given a moment to see it."""
+        deadline = time.monotonic() + 1.0
+        while True:
+            gone = self.launcher.gone()
+            if gone is not None:
+                return f"{gone} (then {message.splitlines()[0]})"
+            if time.monotonic() > deadline:
+                return message
+            time.sleep(0.05)
 
     def _fail(self, message: str) -> None:
         """Marks the group dead (once) and stops every worker."""
