@@ -323,6 +323,19 @@ def _e5m2_codes(values: torch.Tensor, device="cpu") -> torch.Tensor:
     return codes[:, 0]
 
 
+def _attend_to_all_codes(fp8_dtype, device) -> torch.Tensor:
+    """Attention over one key whose value row holds all 256 codes of fp8_dtype (4 KV heads x 64),
+    so the output, flattened, is the decoded value row (v_scale 1)."""
+    value_cache = torch.zeros((2, 8, 4, 64), dtype=torch.uint8)
+    value_cache[1, 0] = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(4, 64)
+    out = ops.paged_attention(
+        torch.ones((1, 4, 64)).to(device), torch.zeros((2, 8, 4, 64), dtype=fp8_dtype).to(device),
+        value_cache.view(fp8_dtype).to(device), torch.tensor([0, 1], dtype=torch.int32).to(device),
+        torch.tensor([1], dtype=torch.int32).to(device),
+        torch.tensor([[1]], dtype=torch.int32).to(device), 0.125).cpu()
+    return out.flatten()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_fp8_e5m2_matches_torch_bit_for_bit(device):
     """Every e5m2 code decodes to torch's value and encodes back to itself; a sweep of float32
@@ -333,16 +346,8 @@ def test_fp8_e5m2_matches_torch_bit_for_bit(device):
     decoded = all_codes.view(FP8_E5M2).float()
     finite = torch.isfinite(decoded)
     assert torch.equal(_e5m2_codes(decoded[finite], device), all_codes[finite])
-    # Attention decodes them: one key whose value row holds all 256 codes (4 KV heads x 64), so
-    # the output is the value row times v_scale (1 here).
-    value_cache = torch.zeros((2, 8, 4, 64), dtype=torch.uint8)
-    value_cache[1, 0] = all_codes.view(4, 64)
-    out = ops.paged_attention(
-        torch.ones((1, 4, 64)).to(device), torch.zeros((2, 8, 4, 64), dtype=FP8_E5M2).to(device),
-        value_cache.view(FP8_E5M2).to(device), torch.tensor([0, 1], dtype=torch.int32).to(device),
-        torch.tensor([1], dtype=torch.int32).to(device),
-        torch.tensor([[1]], dtype=torch.int32).to(device), 0.125).cpu()
-    torch.testing.assert_close(out.flatten(), decoded, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(_attend_to_all_codes(FP8_E5M2, device), decoded, atol=0, rtol=0,
+                               equal_nan=True)
 
     gen = torch.Generator().manual_seed(5)
     halves = torch.arange(0, 65536, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
@@ -372,32 +377,18 @@ def test_fp8_e4m3_codes_decode_in_attention(device):
     magnitude 448, both zeros, and NaN for 0x7F / 0xFF."""
     all_codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
     decoded = all_codes.view(FP8).float()
-    value_cache = torch.zeros((2, 8, 4, 64), dtype=torch.uint8)
-    value_cache[1, 0] = all_codes.view(4, 64)
-    out = ops.paged_attention(
-        torch.ones((1, 4, 64)).to(device), torch.zeros((2, 8, 4, 64), dtype=FP8).to(device),
-        value_cache.view(FP8).to(device), torch.tensor([0, 1], dtype=torch.int32).to(device),
-        torch.tensor([1], dtype=torch.int32).to(device),
-        torch.tensor([[1]], dtype=torch.int32).to(device), 0.125).cpu()
-    torch.testing.assert_close(out.flatten(), decoded, atol=0, rtol=0, equal_nan=True)
-    assert torch.isnan(out.flatten()[[0x7F, 0xFF]]).all() and out.flatten()[0x7E] == 448.0
+    out = _attend_to_all_codes(FP8, device)
+    torch.testing.assert_close(out, decoded, atol=0, rtol=0, equal_nan=True)
+    assert torch.isnan(out[[0x7F, 0xFF]]).all() and out[0x7E] == 448.0
 
 
-def test_fp8_e4m3_decode_on_the_scalar_cpu_path():
-    env = {**os.environ, "FASTLLM_CPU_ISA": "scalar"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                           "-k", "e4m3_codes_decode and cpu"], env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "passed" in proc.stdout and "failed" not in proc.stdout
-
-
-def test_fp8_e5m2_on_the_scalar_cpu_path():
+def test_fp8_on_the_scalar_cpu_path():
     """The portable code path (picked once per process, so in a fresh one) converts and reads
-    e5m2 as the SIMD one does."""
+    e5m2, and reads e4m3, as the SIMD one does."""
     env = {**os.environ, "FASTLLM_CPU_ISA": "scalar"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                           "-k", "e5m2 and not scalar_cpu_path and cpu"], env=env,
+                           "-k", "(e5m2 or e4m3_codes_decode) and not scalar_cpu_path and cpu"],
+                          env=env,
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "passed" in proc.stdout and "failed" not in proc.stdout
