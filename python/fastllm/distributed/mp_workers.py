@@ -32,6 +32,7 @@ import traceback
 from fastllm.config import EngineArgs
 from fastllm.distributed.errors import WorkerError
 from fastllm.distributed.procs import (
+    STARTUP_TIMEOUT_S,
     Listener,
     child_authkey,
     connect,
@@ -40,9 +41,6 @@ from fastllm.distributed.procs import (
 )
 
 logger = logging.getLogger(__name__)
-
-# How long a worker may take to load its share of the model before the engine gives up.
-STARTUP_TIMEOUT_S = float(os.environ.get("FASTLLM_WORKER_STARTUP_TIMEOUT", "600"))
 
 
 def free_port(host: str = "127.0.0.1") -> int:

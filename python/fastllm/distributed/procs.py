@@ -100,6 +100,9 @@ def ignore_stop_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+# How long a worker or replica may take to load its share of the model before the engine gives up.
+STARTUP_TIMEOUT_S = float(os.environ.get("FASTLLM_WORKER_STARTUP_TIMEOUT", "600"))
+
 # The connection key a child process reads (and removes) from its environment.
 AUTHKEY_ENV = "FASTLLM_ENGINE_AUTHKEY"
 

@@ -17,8 +17,8 @@ import logging
 import os
 
 from fastllm.config import EngineArgs
-from fastllm.distributed.mp_workers import STARTUP_TIMEOUT_S, free_port
-from fastllm.distributed.procs import node_ip
+from fastllm.distributed.mp_workers import free_port
+from fastllm.distributed.procs import STARTUP_TIMEOUT_S, node_ip
 
 logger = logging.getLogger(__name__)
 

@@ -34,6 +34,7 @@ from types import SimpleNamespace
 from fastllm.config import EngineArgs
 from fastllm.distributed.errors import WorkerError
 from fastllm.distributed.procs import (
+    STARTUP_TIMEOUT_S,
     Listener,
     child_authkey,
     connect,
@@ -47,7 +48,6 @@ from fastllm.tokenizer.tokenizer import LONG_TEXT
 
 logger = logging.getLogger(__name__)
 
-STARTUP_TIMEOUT_S = float(os.environ.get("FASTLLM_WORKER_STARTUP_TIMEOUT", "600"))
 STATS_INTERVAL_S = 0.25
 # Prompt tokens that key the prefix-aware routing, and how many more requests in flight the
 # remembered replica may have than the least-loaded one and still get the request.
