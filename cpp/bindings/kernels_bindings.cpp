@@ -410,6 +410,23 @@ RowPair row_pair(const char* op, const Array& out, const Array& input) {
   return r;
 }
 
+// The kernel parameters of a gated (ActAndMulParams) or plain (ActivationParams) activation over a
+// checked row pair: the two share their fields; d is the output width.
+template <class Params>
+Params activation_params(const RowPair& r, const Array& out, const Array& input, int64_t d,
+                         int32_t activation) {
+  Params p;
+  p.dtype = r.dtype;
+  p.d = d;
+  p.num_tokens = r.rows;
+  p.input_stride = r.input_stride;
+  p.out_stride = r.out_stride;
+  p.input = input.data();
+  p.out = out.data();
+  p.activation = static_cast<k::Activation>(activation);
+  return p;
+}
+
 void act_and_mul(const Array& out, const Array& input, int32_t activation, uintptr_t stream) {
   const char* op = "act_and_mul";
   const RowPair r = row_pair(op, out, input);
@@ -417,15 +434,7 @@ void act_and_mul(const Array& out, const Array& input, int32_t activation, uintp
   check_arg(r.input_width % 2 == 0, where(op, "input's last dimension must be even"));
   check_arg(r.out_width == r.input_width / 2,
             where(op, "out must be input's shape with the last dimension halved"));
-  k::ActAndMulParams p;
-  p.dtype = r.dtype;
-  p.d = r.out_width;
-  p.num_tokens = r.rows;
-  p.input_stride = r.input_stride;
-  p.out_stride = r.out_stride;
-  p.input = input.data();
-  p.out = out.data();
-  p.activation = static_cast<k::Activation>(activation);
+  const auto p = activation_params<k::ActAndMulParams>(r, out, input, r.out_width, activation);
   FASTLLM_RUN_OP(act_and_mul, r.cuda, p, stream);
 }
 
@@ -434,15 +443,7 @@ void activation(const Array& out, const Array& input, int32_t activation, uintpt
   const RowPair r = row_pair(op, out, input);
   check_arg(activation >= 0 && activation <= 3, where(op, "unknown activation"));
   check_arg(r.out_width == r.input_width, where(op, "out shape differs from input"));
-  k::ActivationParams p;
-  p.dtype = r.dtype;
-  p.d = r.input_width;
-  p.num_tokens = r.rows;
-  p.input_stride = r.input_stride;
-  p.out_stride = r.out_stride;
-  p.input = input.data();
-  p.out = out.data();
-  p.activation = static_cast<k::Activation>(activation);
+  const auto p = activation_params<k::ActivationParams>(r, out, input, r.input_width, activation);
   FASTLLM_RUN_OP(activation, r.cuda, p, stream);
 }
 
