@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from fastllm import ops
+from fastllm import _C, ops
 from test_quantized import _repacked, random_blocks
 
 LEVELS = ["scalar", "avx2", "avx_vnni", "avx512"]
@@ -56,6 +56,11 @@ def test_each_isa_cap_reports_itself_and_agrees(tmp_path):
     for quant_type in ("Q4_0", "Q4_1"):  # the layouts Q4_0 / Q4_1 weights are repacked to
         packed, type_id = _repacked(random_blocks(rng, quant_type, 56, k), quant_type, k)
         weights[f"{type_id}_56"] = packed
+    q8_rows = random_blocks(rng, "Q8_0", 56, k)  # the output projection's 8-bit layouts
+    for type_id, pack in ((2008, _C.ops.quant_pack_q8_0x8), (1008, _C.ops.quant_pack_q7_0x8)):
+        packed = np.empty((56, k // 32 * 38), np.uint8)
+        pack(packed, q8_rows, k)
+        weights[f"{type_id}_56"] = packed
     np.savez(tmp_path / "weights.npz", **weights)
 
     results, reported = {}, {}
@@ -82,9 +87,11 @@ def test_each_isa_cap_reports_itself_and_agrees(tmp_path):
             # The SIMD kernels take the same exact integer dot products; the float sums differ
             # from the scalar loop's order (and FMA) in the last bits only.
             np.testing.assert_allclose(got, want, atol=1e-5 * scale, rtol=1e-5, err_msg=key)
-            # AVX-VNNI is AVX2's code with vpdpbusd; the x8 layouts run those kernels on AVX-512
-            # machines too, and Q8_0 takes the same float steps on all three.
-            if level == "avx_vnni" or key.startswith(q8_0) or key.split("_")[0] in ("1002", "1003"):
+            # AVX-VNNI is AVX2's code with vpdpbusd; the AVX-512 kernels of the x8 layouts take
+            # those kernels' per-lane steps two groups at a time, and Q8_0 takes the same float
+            # steps on all three.
+            x8 = key.split("_")[0] in ("1002", "1003", "1008", "2008")
+            if level == "avx_vnni" or key.startswith(q8_0) or x8:
                 assert np.array_equal(got, results["avx2"][key]), (level, key)
     assert results["best"].keys() == results["scalar"].keys()
     for key, got in results["best"].items():

@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "quant_gemm_impl.h"
 
@@ -256,9 +257,154 @@ void quantize_row_q8_0x8_avx512(const float* x, int64_t k, Q8ActBlock* out) {
   narrow_kernels()->quantize_row_q8_0x8(x, k, out);
 }
 
+// ---- x8 layouts, two 8-row groups per 512-bit vector ---------------------------------------------
+// Lanes 0-7 hold group g's rows and lanes 8-15 group g + 1's: the 256-bit kernels' per-lane
+// arithmetic (quant_gemm_avx2.cpp: x8_group, q8_rows8_group) at twice the width, so every output
+// gets the same bits from either (a lone last group runs the 256-bit kernel).
+
+// 32 bytes at a (low half) and at b (high half).
+inline __m512i load_pair(const uint8_t* a, const uint8_t* b) {
+  return _mm512_inserti64x4(
+      _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);
+}
+
+// 8 fp16 at a and 8 at b as 16 floats.
+inline __m512 halves_pair(const uint8_t* a, const uint8_t* b) {
+  return _mm512_cvtph_ps(_mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a))),
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(b)), 1));
+}
+
+inline __m512i bcast4(const int8_t* q) {
+  int32_t v;
+  std::memcpy(&v, q, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// kRows (<= 8) rows of x against groups a and b (x8_group's arithmetic).
+template <QuantType kType, int kRows>
+void x8_group_pair(const uint8_t* a, const uint8_t* b, const Q8ActBlock* x, int64_t blocks,
+                   float* out, int64_t out_stride) {
+  constexpr int64_t group_block = 8 * (kType == QuantType::kQ4_1x8 ? 20 : 18);
+  constexpr int64_t header = kType == QuantType::kQ4_1x8 ? 32 : 16;
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  __m512 acc[kRows];
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const uint8_t* wa = a + blk * group_block;
+    const uint8_t* wb = b + blk * group_block;
+    const __m512 dw = halves_pair(wa, wb);
+    const __m512 mw = kType == QuantType::kQ4_1x8 ? halves_pair(wa + 16, wb + 16)
+                                                  : _mm512_mul_ps(dw, _mm512_set1_ps(-8.0f));
+    __m512i q[8];
+    for (int c = 0; c < 4; ++c) {
+      const __m512i raw = load_pair(wa + header + 32 * c, wb + header + 32 * c);
+      q[c] = _mm512_and_si512(raw, mask);
+      q[c + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+    }
+    for (int r = 0; r < kRows; ++r) {
+      const Q8ActBlock& xb = x[r * blocks + blk];
+      __m512i isum = _mm512_setzero_si512();
+      for (int c = 0; c < 8; ++c) isum = _mm512_dpbusd_epi32(isum, q[c], bcast4(xb.q + 4 * c));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(xb.d)),
+                               acc[r]);
+      acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xb.s), acc[r]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) _mm512_storeu_ps(out + r * out_stride, acc[r]);
+}
+
+// kRows (<= 8) rows of x against Q7_0x8 / Q8_0x8 groups a and b (q8_rows8_group's VNNI
+// arithmetic: activations stored offset into unsigned bytes, the block's offset term subtracted).
+template <int kRows>
+void q8_rows8_group_pair(const uint8_t* a, const uint8_t* b, const Q8ActBlock* x, int64_t blocks,
+                         float* out, int64_t out_stride) {
+  constexpr int64_t group_block = 8 * 38, header = 48;
+  __m512 acc[kRows];
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const uint8_t* wa = a + blk * group_block;
+    const uint8_t* wb = b + blk * group_block;
+    const __m512 dw = halves_pair(wa, wb);
+    const __m512i offset = load_pair(wa + 16, wb + 16);
+    __m512i q[8];
+    for (int c = 0; c < 8; ++c) q[c] = load_pair(wa + header + 32 * c, wb + header + 32 * c);
+    for (int r = 0; r < kRows; ++r) {
+      const Q8ActBlock& xb = x[r * blocks + blk];
+      __m512i isum = _mm512_setzero_si512();
+      for (int c = 0; c < 8; ++c) isum = _mm512_dpbusd_epi32(isum, bcast4(xb.q + 4 * c), q[c]);
+      isum = _mm512_sub_epi32(isum, offset);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(xb.d)),
+                               acc[r]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) _mm512_storeu_ps(out + r * out_stride, acc[r]);
+}
+
+// Calls f(std::integral_constant<int, rows>) for 1..8 rows (8 for more).
+template <typename F>
+void with_rows(int64_t m_rows, F&& f) {
+  switch (m_rows) {
+    case 1:
+      return f(std::integral_constant<int, 1>());
+    case 2:
+      return f(std::integral_constant<int, 2>());
+    case 3:
+      return f(std::integral_constant<int, 3>());
+    case 4:
+      return f(std::integral_constant<int, 4>());
+    case 5:
+      return f(std::integral_constant<int, 5>());
+    case 6:
+      return f(std::integral_constant<int, 6>());
+    case 7:
+      return f(std::integral_constant<int, 7>());
+    default:
+      return f(std::integral_constant<int, 8>());
+  }
+}
+
+template <QuantType kType>
+void tile_x8_pairs(const uint8_t* weight, int64_t groups, const Q8ActBlock* x, int64_t blocks,
+                   int64_t m_rows, float* out, int64_t out_stride) {
+  const int64_t group_bytes = blocks * 8 * quant_block_bytes(kType);
+  for (int64_t g = 0; g + 1 < groups; g += 2) {
+    const uint8_t* a = weight + g * group_bytes;
+    if (g + 3 < groups)  // the next pair streams in while this one computes
+      for (int64_t off = 0; off < 2 * group_bytes; off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(a + 2 * group_bytes + off), _MM_HINT_T0);
+    for (int64_t r = 0; r < m_rows; r += 8) {
+      with_rows(m_rows - r, [&](auto rows) {
+        constexpr int kRows = decltype(rows)::value;
+        float* o = out + r * out_stride + 8 * g;
+        if constexpr (kType == QuantType::kQ7_0x8 || kType == QuantType::kQ8_0x8) {
+          q8_rows8_group_pair<kRows>(a, a + group_bytes, x + r * blocks, blocks, o, out_stride);
+        } else {
+          x8_group_pair<kType, kRows>(a, a + group_bytes, x + r * blocks, blocks, o, out_stride);
+        }
+      });
+    }
+  }
+  if (groups % 2)
+    narrow_kernels()->tile_x8(kType, weight + (groups - 1) * group_bytes, 1, x, blocks, m_rows,
+                              out + 8 * (groups - 1), out_stride);
+}
+
 void tile_x8_avx512(QuantType type, const uint8_t* weight, int64_t groups, const Q8ActBlock* x,
                     int64_t blocks, int64_t m_rows, float* out, int64_t out_stride) {
-  narrow_kernels()->tile_x8(type, weight, groups, x, blocks, m_rows, out, out_stride);
+  switch (type) {
+    case QuantType::kQ4_0x8:
+      return tile_x8_pairs<QuantType::kQ4_0x8>(weight, groups, x, blocks, m_rows, out, out_stride);
+    case QuantType::kQ4_1x8:
+      return tile_x8_pairs<QuantType::kQ4_1x8>(weight, groups, x, blocks, m_rows, out, out_stride);
+    case QuantType::kQ7_0x8:
+      return tile_x8_pairs<QuantType::kQ7_0x8>(weight, groups, x, blocks, m_rows, out, out_stride);
+    case QuantType::kQ8_0x8:
+      return tile_x8_pairs<QuantType::kQ8_0x8>(weight, groups, x, blocks, m_rows, out, out_stride);
+    default:
+      return narrow_kernels()->tile_x8(type, weight, groups, x, blocks, m_rows, out, out_stride);
+  }
 }
 
 const QuantGemmKernels kKernels = {
