@@ -6,9 +6,9 @@ llama-cpp-python's server) on the same GGUF, measured one server at a time in th
                                  [--clients 1 16 32] [--output-len 128] [--requests 64]
 
 Each server is started as a subprocess on 127.0.0.1 and driven by concurrent streaming OpenAI
-Completions clients (asyncio + httpx): greedy, ignore_eos, fixed prompts, `clients` requests in
-flight at a time. At 1 client 8 requests run, at c > 1 clients 2 * c requests (32 x 128 tokens at
-16 clients, 64 x 128 at 32). Prints per level the aggregate output tok/s and the median time to
+Completions clients (asyncio, a plain HTTP/1.1 connection per request: see StreamClient): greedy,
+ignore_eos, fixed prompts, `clients` requests in flight at a time. At 1 client 8 requests run,
+at c > 1 clients 2 * c requests (32 x 128 tokens at 16 clients, 64 x 128 at 32). Prints per level the aggregate output tok/s and the median time to
 first token, TTFT and inter-token latency p50/p99 (`--requests N` sets the request count of every
 level above one client), the server's peak RSS (VmHWM of the process tree) after each level and
 its time to ready, and fastllm's ratios to each peer (throughput, TTFT, peak RSS at 16 clients).
@@ -55,7 +55,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,7 +179,71 @@ class Streamed:
         return (self.tokens - 1) / span if span > 0 and self.tokens > 1 else float("nan")
 
 
-async def stream_request(client: httpx.AsyncClient, url: str, body: dict) -> Streamed:
+class StreamClient:
+    """The timed load generator's HTTP: one plain asyncio connection per request (HTTP/1.1,
+    chunked or length-delimited bodies), each SSE event parsed with json.loads. The client runs
+    on the same two cores as the server under test, so its CPU per streamed token comes out of
+    the server's: httpx's layers cost about 3x as much per token (measured: ~15 % of a core at
+    900 tok/s against ~5 %), a tax that grows with the server's speed."""
+
+    def __init__(self, timeout: float = 600.0):
+        self.timeout = timeout
+
+    async def post_stream(self, url: str, body: dict) -> AsyncIterator[tuple[float, bytes]]:
+        """POSTs `body` as JSON and yields (arrival time, line) for every line of the response
+        body; raises HTTPError for a status of 400 or more."""
+        parts = urllib.parse.urlsplit(url)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(parts.hostname, parts.port), self.timeout)
+        try:
+            payload = json.dumps(body).encode()
+            writer.write(f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                         f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+                         f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+                         .encode() + payload)
+            status = await asyncio.wait_for(reader.readline(), self.timeout)
+            code = int(status.split()[1])
+            headers = {}
+            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip().lower()
+            pending = b""
+            async for data in self._body(reader, headers):
+                if code >= 400:
+                    pending += data
+                    continue
+                now = time.perf_counter()
+                pending += data
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    yield now, line.rstrip(b"\r")
+            if code >= 400:
+                raise HTTPError(f"HTTP {code}: {pending[:300].decode(errors='replace')}")
+            if pending:
+                yield time.perf_counter(), pending.rstrip(b"\r")
+        finally:
+            writer.close()
+
+    async def _body(self, reader: asyncio.StreamReader, headers: dict) -> AsyncIterator[bytes]:
+        async def read(coro):
+            return await asyncio.wait_for(coro, self.timeout)
+
+        if headers.get("transfer-encoding") == "chunked":
+            while size := int((await read(reader.readline())).split(b";")[0], 16):
+                yield await read(reader.readexactly(size))
+                await read(reader.readexactly(2))  # the chunk's CRLF
+        elif "content-length" in headers:
+            yield await read(reader.readexactly(int(headers["content-length"])))
+        else:
+            while data := await read(reader.read(65536)):
+                yield data
+
+
+class HTTPError(RuntimeError):
+    pass
+
+
+async def stream_request(client: StreamClient, url: str, body: dict) -> Streamed:
     """POST `body` with streaming and usage on, to /v1/completions or /v1/chat/completions."""
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
@@ -187,46 +252,40 @@ async def stream_request(client: httpx.AsyncClient, url: str, body: dict) -> Str
     usage = timings = None
     gaps: list[float] = []
     parts: list[str] = []
-    async with client.stream("POST", url, json=body) as resp:
-        if resp.status_code >= 400:
-            await resp.aread()
-            raise httpx.HTTPStatusError(f"HTTP {resp.status_code}: {resp.text[:300]}",
-                                        request=resp.request, response=resp)
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            msg = json.loads(data)
-            usage = msg.get("usage") or usage
-            timings = msg.get("timings") or timings
-            for choice in msg.get("choices") or []:
-                piece = choice.get("text") or (choice.get("delta") or {}).get("content")
-                if piece:
-                    parts.append(piece)
-                    chunks += 1
-                    now = time.perf_counter()
-                    if first is None:
-                        first = now - t0
-                    else:
-                        gaps.append(now - last)
-                    last = now
+    async for now, line in client.post_stream(url, body):
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            break
+        msg = json.loads(data)
+        usage = msg.get("usage") or usage
+        timings = msg.get("timings") or timings
+        for choice in msg.get("choices") or []:
+            piece = choice.get("text") or (choice.get("delta") or {}).get("content")
+            if piece:
+                parts.append(piece)
+                chunks += 1
+                if first is None:
+                    first = now - t0
+                else:
+                    gaps.append(now - last)
+                last = now
     tokens = int(usage["completion_tokens"]) if usage and usage.get("completion_tokens") else chunks
     prompt_tokens = int(usage["prompt_tokens"]) if usage and usage.get("prompt_tokens") else None
     return Streamed(tokens, first, gaps, "".join(parts), prompt_tokens, timings)
 
 
-async def drive(clients: int, jobs: list, handle: Callable[[httpx.AsyncClient, object],
+async def drive(clients: int, jobs: list, handle: Callable[[StreamClient, object],
                                                            Awaitable[None]]) -> float:
     """Runs handle(client, job) for every job with `clients` of them in flight at a time, in
     order; returns the wall seconds from the first request to the last response."""
     queue: asyncio.Queue = asyncio.Queue()
     for job in jobs:
         queue.put_nowait(job)
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    client = StreamClient()
 
-    async def worker(client: httpx.AsyncClient) -> None:
+    async def worker() -> None:
         while True:
             try:
                 job = queue.get_nowait()
@@ -234,10 +293,9 @@ async def drive(clients: int, jobs: list, handle: Callable[[httpx.AsyncClient, o
                 return
             await handle(client, job)
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(clients)))
-        return time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return time.perf_counter() - t0
 
 
 async def run_level(base: str, model: str | list[str], clients: int, requests: int,
@@ -248,7 +306,7 @@ async def run_level(base: str, model: str | list[str], clients: int, requests: i
     level = Level(clients, requests)
     url = f"{base}/v1/completions"
 
-    async def handle(client: httpx.AsyncClient, i: int) -> None:
+    async def handle(client: StreamClient, i: int) -> None:
         name, k = models[i % len(models)], i % len(PROMPTS)
         body = {"model": name, "prompt": PROMPTS[k], "max_tokens": output_len,
                 "temperature": 0.0, "ignore_eos": True}
@@ -271,7 +329,7 @@ async def probe_texts(base: str, models: list[str], clients: int,
     texts: dict[tuple[str, int], str] = {}
     url = f"{base}/v1/chat/completions"
 
-    async def handle(client: httpx.AsyncClient, job: tuple[str, int]) -> None:
+    async def handle(client: StreamClient, job: tuple[str, int]) -> None:
         name, k = job
         body = {"model": name, "messages": [{"role": "user", "content": PROMPTS[k]}],
                 "max_tokens": max_tokens, "temperature": 0.0}

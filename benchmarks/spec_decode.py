@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from serve import (
+    StreamClient,
     drive,
     fastllm_command,
     fastllm_env,
@@ -227,7 +228,7 @@ async def measure_once(base: str, prompts: list[str], clients: int, args, m: Mea
     url = f"{base}/v1/chat/completions"
     tokens = 0
 
-    async def handle(client: httpx.AsyncClient, i: int) -> None:
+    async def handle(client: StreamClient, i: int) -> None:
         nonlocal tokens
         body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": prompts[i]}],
                 "max_tokens": args.max_tokens, "temperature": 0.0}

@@ -94,8 +94,12 @@ class Pool {
     if (sleeping_.load(std::memory_order_acquire) > 0) wake_.notify_all();
     work(gen);
     for (int spin = 0; completed_.load(std::memory_order_acquire) < count; ++spin) {
-      if (spin < 20000) {
+      if (spin < 2000) {
         FASTLLM_CPU_RELAX();
+        continue;
+      }
+      if (spin < 2000 + 20000) {
+        std::this_thread::yield();
         continue;
       }
       std::unique_lock<std::mutex> lock(mutex_);
