@@ -5,8 +5,10 @@
 // each layer with its own weights so the step streams them from memory as serving does), then the
 // output projection.
 //
-//   moe_step [tokens=16] [steps=200]
+//   moe_step [tokens=16] [steps=200] [shared=0]
 //
+// shared=1: every layer reads the first layer's weights (which then stay in cache): the time
+// without the memory traffic, which tells memory-bound parts from compute-bound ones.
 // Prints microseconds per step (median) for each part and the multiply-adds per second.
 #include <algorithm>
 #include <chrono>
@@ -71,6 +73,7 @@ double median(std::vector<double> v) {
 
 int main(int argc, char** argv) {
   const int64_t tokens = arg(argc, argv, 1, 16), steps = arg(argc, argv, 2, 200);
+  const bool shared = arg(argc, argv, 3, 0) != 0;
   std::mt19937 rng(1);
   struct Layer {
     std::vector<uint8_t> qkv, o, gate_up, down;
@@ -93,7 +96,8 @@ int main(int argc, char** argv) {
   std::vector<double> attn_t, moe_t, head_t, total_t;
   for (int64_t s = 0; s < steps + 10; ++s) {
     double attn = 0, moe = 0;
-    for (auto& l : layers) {
+    for (auto& layer : layers) {
+      const Layer& l = shared ? layers[0] : layer;
       attn += gemm_us(l.qkv, tokens, kHidden + 2 * kKv, kHidden, x, y);
       attn += gemm_us(l.o, tokens, kHidden, kHidden, x, y);
       for (int64_t t = 0; t < tokens; ++t) {

@@ -282,10 +282,19 @@ inline __m512i bcast4(const int8_t* q) {
   return _mm512_set1_epi32(v);
 }
 
+// The lines of bytes [off, off + n) of the group at `next` and of the one group_bytes after it,
+// non-temporal: weights stream through once.
+inline void prefetch_block(const uint8_t* next, int64_t group_bytes, int64_t off, int64_t n) {
+  for (int64_t i = 0; i < n; i += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(next + off + i), _MM_HINT_NTA);
+    _mm_prefetch(reinterpret_cast<const char*>(next + group_bytes + off + i), _MM_HINT_NTA);
+  }
+}
+
 // kRows (<= 8) rows of x against groups a and b (x8_group's arithmetic).
 template <QuantType kType, int kRows>
 void x8_group_pair(const uint8_t* a, const uint8_t* b, const Q8ActBlock* x, int64_t blocks,
-                   float* out, int64_t out_stride) {
+                   float* out, int64_t out_stride, const uint8_t* next) {
   constexpr int64_t group_block = 8 * (kType == QuantType::kQ4_1x8 ? 20 : 18);
   constexpr int64_t header = kType == QuantType::kQ4_1x8 ? 32 : 16;
   const __m512i mask = _mm512_set1_epi8(0x0F);
@@ -294,6 +303,7 @@ void x8_group_pair(const uint8_t* a, const uint8_t* b, const Q8ActBlock* x, int6
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const uint8_t* wa = a + blk * group_block;
     const uint8_t* wb = b + blk * group_block;
+    if (next != nullptr) prefetch_block(next, b - a, blk * group_block, group_block);
     const __m512 dw = halves_pair(wa, wb);
     const __m512 mw = kType == QuantType::kQ4_1x8 ? halves_pair(wa + 16, wb + 16)
                                                   : _mm512_mul_ps(dw, _mm512_set1_ps(-8.0f));
@@ -319,13 +329,14 @@ void x8_group_pair(const uint8_t* a, const uint8_t* b, const Q8ActBlock* x, int6
 // arithmetic: activations stored offset into unsigned bytes, the block's offset term subtracted).
 template <int kRows>
 void q8_rows8_group_pair(const uint8_t* a, const uint8_t* b, const Q8ActBlock* x, int64_t blocks,
-                         float* out, int64_t out_stride) {
+                         float* out, int64_t out_stride, const uint8_t* next) {
   constexpr int64_t group_block = 8 * 38, header = 48;
   __m512 acc[kRows];
   for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const uint8_t* wa = a + blk * group_block;
     const uint8_t* wb = b + blk * group_block;
+    if (next != nullptr) prefetch_block(next, b - a, blk * group_block, group_block);
     const __m512 dw = halves_pair(wa, wb);
     const __m512i offset = load_pair(wa + 16, wb + 16);
     __m512i q[8];
@@ -371,18 +382,21 @@ void tile_x8_pairs(const uint8_t* weight, int64_t groups, const Q8ActBlock* x, i
   const int64_t group_bytes = blocks * 8 * quant_block_bytes(kType);
   for (int64_t g = 0; g + 1 < groups; g += 2) {
     const uint8_t* a = weight + g * group_bytes;
-    if (g + 3 < groups)  // the next pair streams in while this one computes (further ahead and
-                         // without it measured slower)
-      for (int64_t off = 0; off < 2 * group_bytes; off += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(a + 2 * group_bytes + off), _MM_HINT_NTA);
+    // The next pair streams in block by block while this one computes (a burst of its whole
+    // bytes up front, or prefetching further ahead, measured slower).
+    const bool more = g + 3 < groups;
+    // Only the first 8 rows of x prefetch (later ones find the pair in cache).
+    auto next = [&](int64_t r) { return more && r == 0 ? a + 2 * group_bytes : nullptr; };
     for (int64_t r = 0; r < m_rows; r += 8) {
       with_rows(m_rows - r, [&](auto rows) {
         constexpr int kRows = decltype(rows)::value;
         float* o = out + r * out_stride + 8 * g;
         if constexpr (kType == QuantType::kQ7_0x8 || kType == QuantType::kQ8_0x8) {
-          q8_rows8_group_pair<kRows>(a, a + group_bytes, x + r * blocks, blocks, o, out_stride);
+          q8_rows8_group_pair<kRows>(a, a + group_bytes, x + r * blocks, blocks, o, out_stride,
+                                     next(r));
         } else {
-          x8_group_pair<kType, kRows>(a, a + group_bytes, x + r * blocks, blocks, o, out_stride);
+          x8_group_pair<kType, kRows>(a, a + group_bytes, x + r * blocks, blocks, o, out_stride,
+                                      next(r));
         }
       });
     }
