@@ -12,7 +12,8 @@ import torch
 
 from fastllm import kernels
 
-HIDDEN, INTER, EXPERTS, TOP_K = 64, 96, 6, 2
+# INTER = 288: the x8 path splits the gate and up rows into slices of 128 (two and a remainder).
+HIDDEN, INTER, EXPERTS, TOP_K = 64, 288, 6, 2
 Q4_0, Q8_0, F32 = 2, 8, 0
 
 

@@ -9,6 +9,8 @@
 
 #include "fastllm/kernels/activation.h"
 #include "parallel.h"
+#include "quant_gemm_impl.h"
+#include "vec.h"
 
 namespace fastllm::kernels {
 
@@ -102,7 +104,77 @@ struct Workspace {
   std::vector<int64_t> counts, starts, position;
   std::vector<float> xs, gate_up, act, ys;
   std::vector<GemmTask> tasks;
+  std::vector<cpu::Q8ActBlock> xq;
 };
+
+// Rows [0, rows) of x (k floats each) quantized for an x8 GEMM into xq, over the pool when there
+// are enough values to pay for it.
+void quantize_rows(QuantType type, const float* x, int64_t rows, int64_t k, bool allow_simd,
+                   std::vector<cpu::Q8ActBlock>& xq) {
+  if (static_cast<int64_t>(xq.size()) < rows * (k / 32)) xq.resize(static_cast<size_t>(rows * k / 32));
+  auto row = [&](int64_t r) {
+    cpu::quantize_x8_activations(type, x + r * k, 1, k, k, xq.data() + r * (k / 32), allow_simd);
+  };
+  if (rows * k >= (1 << 15)) {
+    cpu::parallel_for(rows, row);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) row(r);
+  }
+}
+
+// Tasks of at most `per` weight rows (a multiple of 16: two 8-row groups, which also keeps the
+// SiLU's vector lanes where a whole row puts them) over every active expert's rows_per_expert.
+void slice_tasks(const std::vector<int64_t>& counts, int64_t rows_per_expert, int64_t per,
+                 std::vector<GemmTask>& tasks) {
+  tasks.clear();
+  for (size_t e = 0; e < counts.size(); ++e) {
+    if (counts[e] == 0) continue;
+    for (int64_t n0 = 0; n0 < rows_per_expert; n0 += per)
+      tasks.push_back({static_cast<int64_t>(e), n0, std::min(rows_per_expert, n0 + per)});
+  }
+}
+
+bool x8_layout(QuantType type) { return quant_row_group(type) == 8; }
+
+// The expert MLPs of any layout quant_gemm_cpu reads: each GEMM a set of (expert, weight row
+// slice) tasks over that expert's block of rows, SiLU-and-mul between them.
+void run_grouped_gemms(const MoeExpertsParams& p, const std::vector<int64_t>& counts,
+                       const std::vector<int64_t>& starts, std::vector<GemmTask>& tasks,
+                       const std::vector<float>& xs, std::vector<float>& gate_up,
+                       std::vector<float>& act, std::vector<float>& ys) {
+  const int64_t h = p.hidden, inter = p.intermediate, rows = p.num_tokens * p.top_k;
+  auto grouped_gemm = [&](const void* weight, QuantType type, int64_t n, int64_t in_k,
+                          const float* x, float* y) {
+    const int64_t expert_bytes = n * row_bytes(type, in_k);
+    plan_tasks(counts, n, quant_row_group(type), tasks);
+    cpu::parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
+      const GemmTask& task = tasks[i];
+      QuantGemmParams g;
+      g.m = counts[task.expert];
+      g.n = task.n1 - task.n0;
+      g.k = in_k;
+      g.input = x + starts[task.expert] * in_k;
+      g.input_stride = in_k;
+      g.out = y + starts[task.expert] * n + task.n0;
+      g.out_stride = n;
+      g.weight = static_cast<const uint8_t*>(weight) + task.expert * expert_bytes +
+                 task.n0 * row_bytes(type, in_k);
+      g.type = type;
+      g.allow_simd = p.allow_simd;
+      quant_gemm_cpu(g);  // runs in this task's thread (the pool does not nest)
+    });
+  };
+  grouped_gemm(p.gate_up, p.gate_up_type, 2 * inter, h, xs.data(), gate_up.data());
+  ActAndMulParams silu;
+  silu.out = act.data();
+  silu.input = gate_up.data();
+  silu.num_tokens = rows;
+  silu.d = inter;
+  silu.input_stride = 2 * inter;
+  silu.out_stride = inter;
+  act_and_mul_cpu(silu);
+  grouped_gemm(p.down, p.down_type, h, inter, act.data(), ys.data());
+}
 
 }  // namespace
 
@@ -154,39 +226,43 @@ void moe_experts_cpu(const MoeExpertsParams& p) {
     std::memcpy(xs.data() + position[i] * h, p.input + (i / k) * p.input_stride,
                 static_cast<size_t>(h) * sizeof(float));
 
-  // One grouped GEMM: every (expert, weight row slice) is a task over that expert's row block.
-  auto grouped_gemm = [&](const void* weight, QuantType type, int64_t n, int64_t in_k,
-                          const float* x, float* y) {
-    const int64_t expert_bytes = n * row_bytes(type, in_k);
-    plan_tasks(counts, n, quant_row_group(type), tasks);
+  if (x8_layout(p.gate_up_type) && x8_layout(p.down_type) && inter % 16 == 0 && h % 16 == 0) {
+    // The x8 layouts: each GEMM's activations quantized once, and every task of the first GEMM
+    // takes matching slices of the gate and up rows through SiLU-and-mul while they are in cache.
+    const auto& ops = cpu::vec_ops();  // act_and_mul_cpu's, whatever allow_simd says
+    const int64_t gu_bytes = row_bytes(p.gate_up_type, h), down_bytes = row_bytes(p.down_type, inter);
+    const auto* gate_up_w = static_cast<const uint8_t*>(p.gate_up);
+    const auto* down_w = static_cast<const uint8_t*>(p.down);
+    quantize_rows(p.gate_up_type, xs.data(), rows, h, p.allow_simd, ws.xq);
+    slice_tasks(counts, inter, 128, tasks);
     cpu::parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
       const GemmTask& task = tasks[i];
-      QuantGemmParams g;
-      g.m = counts[task.expert];
-      g.n = task.n1 - task.n0;
-      g.k = in_k;
-      g.input = x + starts[task.expert] * in_k;
-      g.input_stride = in_k;
-      g.out = y + starts[task.expert] * n + task.n0;
-      g.out_stride = n;
-      g.weight = static_cast<const uint8_t*>(weight) + task.expert * expert_bytes +
-                 task.n0 * row_bytes(type, in_k);
-      g.type = type;
-      g.allow_simd = p.allow_simd;
-      quant_gemm_cpu(g);  // runs in this task's thread (the pool does not nest)
+      const int64_t m = counts[task.expert], first = starts[task.expert], n = task.n1 - task.n0;
+      const uint8_t* expert = gate_up_w + task.expert * 2 * inter * gu_bytes;
+      const cpu::Q8ActBlock* xq = ws.xq.data() + first * (h / 32);
+      float* out = gate_up.data() + first * 2 * inter;
+      cpu::x8_gemm_quantized(p.gate_up_type, expert + task.n0 * gu_bytes, n / 8, xq, h, m,
+                             out + task.n0, 2 * inter, p.allow_simd);
+      cpu::x8_gemm_quantized(p.gate_up_type, expert + (inter + task.n0) * gu_bytes, n / 8, xq, h,
+                             m, out + inter + task.n0, 2 * inter, p.allow_simd);
+      for (int64_t r = 0; r < m; ++r)
+        ops.silu_mul(out + r * 2 * inter + task.n0, out + r * 2 * inter + inter + task.n0,
+                     act.data() + (first + r) * inter + task.n0, n);
     });
-  };
-
-  grouped_gemm(p.gate_up, p.gate_up_type, 2 * inter, h, xs.data(), gate_up.data());
-  ActAndMulParams silu;
-  silu.out = act.data();
-  silu.input = gate_up.data();
-  silu.num_tokens = rows;
-  silu.d = inter;
-  silu.input_stride = 2 * inter;
-  silu.out_stride = inter;
-  act_and_mul_cpu(silu);
-  grouped_gemm(p.down, p.down_type, h, inter, act.data(), ys.data());
+    quantize_rows(p.down_type, act.data(), rows, inter, p.allow_simd, ws.xq);
+    slice_tasks(counts, h, 64, tasks);
+    cpu::parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
+      const GemmTask& task = tasks[i];
+      const int64_t first = starts[task.expert];
+      cpu::x8_gemm_quantized(p.down_type,
+                             down_w + (task.expert * h + task.n0) * down_bytes,
+                             (task.n1 - task.n0) / 8, ws.xq.data() + first * (inter / 32), inter,
+                             counts[task.expert], ys.data() + first * h + task.n0, h,
+                             p.allow_simd);
+    });
+  } else {
+    run_grouped_gemms(p, counts, starts, tasks, xs, gate_up, act, ys);
+  }
 
   // Each token's weighted sum over its slots, in slot order.
   auto combine = [&](int64_t tok) {

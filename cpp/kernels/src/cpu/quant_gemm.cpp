@@ -517,21 +517,19 @@ void for_each_input_row(const QuantGemmParams& p, const std::function<void(int64
 void quant_gemm_x8(const QuantGemmParams& p) {
   check_arg(p.n % 8 == 0, std::string("quant_gemm: ") + quant_type_name(p.type) +
                               " weights need out_features to be a multiple of 8");
-  const auto& kernels = pick_kernels(p.allow_simd);
   const int64_t blocks = p.k / 32;
   const int64_t row_bytes = blocks * quant_block_bytes(p.type);
   Q8ActBlock* xq = activation_blocks(p.m * blocks);
-  const auto quantize_row = p.type == QuantType::kQ7_0x8   ? kernels.quantize_row_u7
-                            : p.type == QuantType::kQ8_0x8 ? kernels.quantize_row_q8_0x8
-                                                           : kernels.quantize_row;
-  for_each_input_row(
-      p, [&](int64_t r) { quantize_row(p.input + r * p.input_stride, p.k, xq + r * blocks); });
+  for_each_input_row(p, [&](int64_t r) {
+    quantize_x8_activations(p.type, p.input + r * p.input_stride, 1, p.k, p.k, xq + r * blocks,
+                            p.allow_simd);
+  });
   const int64_t per = (slice_rows(p.n) + 7) / 8 * 8;
   const auto* weight = static_cast<const uint8_t*>(p.weight);
   parallel_for((p.n + per - 1) / per, [&](int64_t task) {
     const int64_t n0 = task * per, n1 = std::min(p.n, n0 + per);
-    kernels.tile_x8(p.type, weight + n0 * row_bytes, (n1 - n0) / 8, xq, blocks, p.m, p.out + n0,
-                    p.out_stride);
+    x8_gemm_quantized(p.type, weight + n0 * row_bytes, (n1 - n0) / 8, xq, p.k, p.m, p.out + n0,
+                      p.out_stride, p.allow_simd);
     add_bias(p, n0, n1);
   });
 }
@@ -539,6 +537,21 @@ void quant_gemm_x8(const QuantGemmParams& p) {
 }  // namespace
 
 const QuantGemmKernels& scalar_quant_gemm_kernels() { return kScalarKernels; }
+
+void quantize_x8_activations(QuantType type, const float* x, int64_t m, int64_t k, int64_t stride,
+                             Q8ActBlock* out, bool allow_simd) {
+  const auto& kernels = pick_kernels(allow_simd);
+  const auto quantize_row = type == QuantType::kQ7_0x8   ? kernels.quantize_row_u7
+                            : type == QuantType::kQ8_0x8 ? kernels.quantize_row_q8_0x8
+                                                         : kernels.quantize_row;
+  for (int64_t r = 0; r < m; ++r) quantize_row(x + r * stride, k, out + r * (k / 32));
+}
+
+void x8_gemm_quantized(QuantType type, const void* weight, int64_t groups, const Q8ActBlock* xq,
+                       int64_t k, int64_t m, float* out, int64_t out_stride, bool allow_simd) {
+  pick_kernels(allow_simd).tile_x8(type, static_cast<const uint8_t*>(weight), groups, xq, k / 32,
+                                   m, out, out_stride);
+}
 
 void dequantize_weight_row(QuantType type, const void* weight, int64_t k, int64_t row, float* y) {
   const auto* base = static_cast<const uint8_t*>(weight);
