@@ -225,6 +225,17 @@ class OpenAIServingBase:
                              ) -> AsyncIterator[tuple[int, StreamChunk | Exception]]:
         """Runs every job and yields (choice index, chunk) as chunks arrive; an error ends that
         job's stream. Closing the iteration early cancels (and so aborts) the rest."""
+        if len(jobs) == 1:  # the usual request: its one stream, without a queue in between
+            job = jobs[0]
+            chunks = self.job_stream(job)
+            try:
+                async for chunk in chunks:
+                    yield job.choice(chunk.index), chunk
+            except Exception as e:  # noqa: BLE001 - forwarded to the client as an error event
+                yield job.choice(0), e
+            finally:
+                await chunks.aclose()  # closed early: aborts the request now, as cancel does
+            return
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 
