@@ -71,6 +71,11 @@ class ServerMetrics:
         self.e2e = Histogram("fastllm:e2e_request_latency_seconds", "Request latency", labels,
                              buckets=_LATENCY_BUCKETS, registry=r)
 
+        # The per-token series, looked up once (labels() takes a lock and builds a key each call).
+        self._generation = self.generation_tokens.labels(model_name)
+        self._ttft = self.ttft.labels(model_name)
+        self._itl = self.itl.labels(model_name)
+
     # ---- hooks called by AsyncLLM ------------------------------------------------------------
 
     def on_prompt(self, num_tokens: int) -> None:
@@ -80,11 +85,11 @@ class ServerMetrics:
         self.routed.labels(self.model_name, str(replica)).inc()
 
     def on_tokens(self, stream, now: float, count: int) -> None:
-        self.generation_tokens.labels(self.model_name).inc(count)
+        self._generation.inc(count)
         if stream.first_token_at is None:
-            self.ttft.labels(self.model_name).observe(now - stream.arrival)
+            self._ttft.observe(now - stream.arrival)
         elif stream.last_token_at is not None:
-            self.itl.labels(self.model_name).observe((now - stream.last_token_at) / count)
+            self._itl.observe((now - stream.last_token_at) / count)
 
     def on_request_finished(self, reason, stream, num_tokens: int) -> None:
         if reason == "error":
