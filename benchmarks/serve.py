@@ -243,6 +243,16 @@ class HTTPError(RuntimeError):
     pass
 
 
+def run_async(coro):
+    """asyncio.run on uvloop's event loop where it is installed (a fastllm dependency on Linux):
+    the load generator's own CPU per streamed token is then about a third lower."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 async def stream_request(client: StreamClient, url: str, body: dict) -> Streamed:
     """POST `body` with streaming and usage on, to /v1/completions or /v1/chat/completions."""
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
@@ -455,10 +465,10 @@ def bench_server(name: str, cmd: list[str], port: int, workloads: list[Workload]
                 result.ready_s = server.ready_s
                 # Warm-up, one request per model: adapters are loaded before the clock starts.
                 for model in w.models:
-                    asyncio.run(run_level(server.base, model, 1, 1, 16))
+                    run_async(run_level(server.base, model, 1, 1, 16))
                 for clients in clients_levels or args.clients:
                     requests = 8 if clients == 1 else (args.requests or 2 * clients)
-                    level = asyncio.run(run_level(server.base, w.models, clients, requests,
+                    level = run_async(run_level(server.base, w.models, clients, requests,
                                                   args.output_len))
                     result.levels[clients] = level
                     result.peak_rss_mb[clients] = tree_peak_rss_mb(server.proc.pid)
@@ -466,7 +476,7 @@ def bench_server(name: str, cmd: list[str], port: int, workloads: list[Workload]
                           f"{args.output_len}: {level.tok_s:8.1f} tok/s, {level.summary()}, "
                           f"peak RSS {result.peak_rss_mb[clients]:.0f} MB", flush=True)
                 if probe_tokens:
-                    result.texts = asyncio.run(probe_texts(
+                    result.texts = run_async(probe_texts(
                         server.base, w.models, max(clients_levels or args.clients),
                         probe_tokens))
     except (RuntimeError, OSError, httpx.HTTPError) as e:  # reported, not fatal

@@ -25,7 +25,6 @@ slots (-np). Asserts nothing; never run by CI (`--dry-run` prints the plan as JS
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import statistics
@@ -43,6 +42,7 @@ from serve import (
     llama_server_command,
     percentile,
     resolve_model,
+    run_async,
     running_server,
     stream_request,
 )
@@ -269,7 +269,7 @@ def run_server(args, cfg: Config, levels: list[int], results: dict) -> None:
                     said = [ln.strip() for ln in log if "speculative decoding:" in ln]
                 print("  " + (said[-1] if said else "(no 'speculative decoding:' line in log)"))
             warm = Measure()
-            asyncio.run(measure_once(server.base, [WARMUP], 1,
+            run_async(measure_once(server.base, [WARMUP], 1,
                                      argparse.Namespace(max_tokens=16, ignore_eos=False), warm))
             for set_name in args.sets:
                 prompts = SETS[set_name][:args.prompts or None]
@@ -277,7 +277,7 @@ def run_server(args, cfg: Config, levels: list[int], results: dict) -> None:
                     m = results.setdefault((cfg.name, set_name, clients), Measure())
                     before = spec_counts(cfg.engine, server.base) if cfg.spec != "none" else None
                     for _ in range(args.repeats):
-                        asyncio.run(measure_once(server.base, prompts, clients, args, m))
+                        run_async(measure_once(server.base, prompts, clients, args, m))
                     if before is not None:
                         m.spec = spec_counts(cfg.engine, server.base) - before
                     print(f"  {set_name:<6} {clients:>2} clients: {m.median_tok_s:7.1f} tok/s"
