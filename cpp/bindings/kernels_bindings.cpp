@@ -987,6 +987,10 @@ void bind_kernels(nb::module_& m) {
   m.def(
       "cpu_isa", [] { return std::string(k::cpu_isa()); },
       "The CPU code path of the float kernels: 'avx2' or 'scalar' (env FASTLLM_CPU_ISA caps it).");
+  m.def(
+      "attention_cpu_isa", [] { return std::string(k::attention_cpu_isa()); },
+      "The CPU code path of paged_attention's score and value kernels: 'avx512', 'avx2' or "
+      "'scalar' (env FASTLLM_CPU_ISA caps it; cpu_isa() names the other float kernels).");
   m.def("cpu_num_threads", &k::cpu_num_threads,
         "Threads of the CPU kernels (env FASTLLM_CPU_THREADS, default all cores).");
 

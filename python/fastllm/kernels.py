@@ -27,6 +27,7 @@ _ops = _C.ops
 
 act_and_mul = _ops.act_and_mul
 activation = _ops.activation
+attention_cpu_isa = _ops.attention_cpu_isa
 copy_blocks = _ops.copy_blocks
 embed_quant_rows = _ops.embed_quant_rows
 fp8_gemm = _ops.fp8_gemm

@@ -1,10 +1,12 @@
 """FASTLLM_CPU_ISA caps every CPU dispatcher: each level this machine has, picked in a fresh
 process (the choice is made once per process), reports itself and gives the same quantized GEMM
-results as the others; an unknown value is a clear error."""
+results as the others, and the paged attention of each path matches a float64 reference; an
+unknown value is a clear error."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 
@@ -118,3 +120,159 @@ def test_unknown_cpu_isa_is_a_clear_error(value):
     assert len(lines) == 2 and all(line.startswith(message) for line in lines), proc.stdout
     # The GEMM itself raises too (a ValueError from Python, not a crash).
     assert proc.returncode == 1 and "ValueError: " + message in proc.stderr, proc.stderr
+
+
+# Runs every paged attention call of a pickled list and pickles the outputs, after printing the
+# attention kernels' code path.
+ATTENTION_SCRIPT = """
+import pickle, sys, numpy as np
+from fastllm import _C
+print(_C.ops.attention_cpu_isa())
+with open(sys.argv[1], "rb") as f:
+    calls = pickle.load(f)
+outs = []
+for c in calls:
+    out = np.empty(c["query"].shape, np.float32)
+    _C.ops.paged_attention(out, c["query"], c["key_cache"], c["value_cache"], c["query_start_loc"],
+                           c["context_lens"], c["block_tables"], c["scale"], c["window"])
+    outs.append(out)
+with open(sys.argv[2], "wb") as f:
+    pickle.dump(outs, f)
+"""
+
+
+def _e4m3_value(code: np.ndarray) -> np.ndarray:
+    """float8 e4m3fn codes (no NaN among them) as float64."""
+    sign = np.where(code & 0x80, -1.0, 1.0)
+    exponent, mantissa = (code >> 3) & 0xF, (code & 7).astype(np.float64)
+    magnitude = np.where(exponent == 0, mantissa / 8 * 2.0**-6,
+                         (1 + mantissa / 8) * 2.0 ** (exponent.astype(np.float64) - 7))
+    return sign * magnitude
+
+
+def _paged_cache(rng, contexts, kv_heads, d, cache_dtype, block_size=16):
+    """K/V of sequences with the given context lengths in a paged cache with scattered blocks
+    (unused slots NaN, so a stray read shows), its block table, and the float64 K/V per
+    sequence. cache_dtype np.uint8: float8 e4m3 codes of magnitudes 1/8 to 7.5 (unused slots 0x7F,
+    NaN)."""
+    counts = [-(-c // block_size) for c in contexts]
+    ids = rng.permutation(np.arange(1, sum(counts) + 2))
+    shape = (sum(counts) + 2, block_size, kv_heads, d)
+    fp8 = cache_dtype == np.uint8
+    caches = [np.full(shape, 0x7F if fp8 else np.nan, cache_dtype) for _ in range(2)]
+    table = np.zeros((len(contexts), max(counts)), np.int32)
+    kv = []
+    cursor = 0
+    for s, (ctx, count) in enumerate(zip(contexts, counts)):
+        table[s, :count] = ids[cursor:cursor + count]
+        cursor += count
+        pair = []
+        for cache in caches:
+            if fp8:
+                size = (ctx, kv_heads, d)
+                sign, exponent = rng.integers(0, 2, size), rng.integers(4, 10, size)
+                x = (sign << 7 | exponent << 3 | rng.integers(0, 8, size)).astype(np.uint8)
+            else:
+                x = rng.standard_normal((ctx, kv_heads, d)).astype(cache_dtype)
+            for j in range(ctx):
+                cache[table[s, j // block_size], j % block_size] = x[j]
+            pair.append(_e4m3_value(x) if fp8 else x.astype(np.float64))
+        kv.append(pair)
+    return caches[0], caches[1], table, kv
+
+
+def _attention_reference(query, kv, query_lens, contexts, group, scale, window):
+    """float64 causal attention; query [tokens, heads, d], kv[s] = (K, V) [context, kv_heads, d]."""
+    out = np.empty(query.shape, np.float64)
+    start = 0
+    for (k, v), qlen, ctx in zip(kv, query_lens, contexts):
+        q = query[start:start + qlen].astype(np.float64)
+        k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+        scores = np.einsum("thd,khd->htk", q, k) * scale
+        pos = np.arange(ctx - qlen, ctx)[:, None]
+        key = np.arange(ctx)[None, :]
+        mask = (key <= pos) & ((key > pos - window) if window > 0 else True)
+        scores = np.where(mask[None], scores, -np.inf)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        out[start:start + qlen] = np.einsum("htk,khd->thd", weights, v)
+        start += qlen
+    return out
+
+
+def _expected_attention_paths() -> dict[str, str]:
+    """The attention path each cap should give on this CPU (from /proc/cpuinfo's flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line.split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        flags = set()
+    avx2 = "avx2" if {"avx2", "fma", "f16c"} <= flags else "scalar"
+    avx512 = "avx512" if avx2 == "avx2" and {"avx512f", "avx512bw", "avx512vl"} <= flags else avx2
+    return {"avx2": avx2, "avx512": avx512}
+
+
+def test_attention_isa_paths_match_float64_and_are_tile_invariant(tmp_path):
+    """Decode (one token per sequence, odd context lengths) and a multi-token query, over
+    float32, float16 and float8 caches, run with the attention kernels of FASTLLM_CPU_ISA=avx2
+    and avx512: both match a float64 reference, and on each a token decoded alone gives the same
+    bits as inside the multi-token query (speculative decoding's verification must reproduce
+    one-token decode), with and without a sliding window."""
+    rng = np.random.default_rng(7)
+    decode_contexts = [1, 5, 37, 67, 130]
+    multi_len, multi_context = 7, 45
+    calls, checks = [], []  # checks: (config, kind, call index, reference or None)
+    for d in (64, 128):
+        for cache_dtype in (np.float32, np.float16, np.uint8):  # uint8: float8 e4m3
+            for heads, kv_heads in ((4, 4), (8, 4), (8, 2)):
+                cache_name = "e4m3" if cache_dtype == np.uint8 else np.dtype(cache_dtype).name
+                config = f"d{d}/{cache_name}/gqa{heads // kv_heads}"
+                group, scale = heads // kv_heads, d**-0.5
+                kc, vc, table, kv = _paged_cache(rng, decode_contexts, kv_heads, d, cache_dtype)
+                query = rng.standard_normal((len(decode_contexts), heads, d)).astype(np.float32)
+                n = len(decode_contexts)
+                calls.append({"query": query, "key_cache": kc, "value_cache": vc,
+                              "query_start_loc": np.arange(n + 1, dtype=np.int32),
+                              "context_lens": np.array(decode_contexts, np.int32),
+                              "block_tables": table, "scale": scale, "window": -1})
+                ref = _attention_reference(query, kv, [1] * n, decode_contexts, group, scale, -1)
+                checks.append((config, "decode", len(calls) - 1, ref))
+
+                kc, vc, table, kv = _paged_cache(rng, [multi_context], kv_heads, d, cache_dtype)
+                query = rng.standard_normal((multi_len, heads, d)).astype(np.float32)
+                for window in (-1, 20):
+                    base = {"key_cache": kc, "value_cache": vc, "block_tables": table,
+                            "scale": scale, "window": window}
+                    calls.append({**base, "query": query,
+                                  "query_start_loc": np.array([0, multi_len], np.int32),
+                                  "context_lens": np.array([multi_context], np.int32)})
+                    ref = _attention_reference(query, kv, [multi_len], [multi_context], group,
+                                               scale, window)
+                    checks.append((config, f"multi/window{window}", len(calls) - 1, ref))
+                    for t in range(multi_len):
+                        calls.append({**base, "query": query[t:t + 1].copy(),
+                                      "query_start_loc": np.array([0, 1], np.int32),
+                                      "context_lens": np.array(
+                                          [multi_context - multi_len + t + 1], np.int32)})
+                        checks.append((config, f"alone{t}/window{window}", len(calls) - 1, None))
+    with open(tmp_path / "calls.pkl", "wb") as f:
+        pickle.dump(calls, f)
+
+    for cap, path in _expected_attention_paths().items():
+        result = tmp_path / f"{cap}.pkl"
+        proc = _run(cap, ATTENTION_SCRIPT, str(tmp_path / "calls.pkl"), str(result))
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == [path], cap
+        with open(result, "rb") as f:
+            outs = pickle.load(f)
+        multi = None
+        for config, kind, index, ref in checks:
+            got = outs[index]
+            where = f"{cap} {config} {kind}"
+            if ref is not None:
+                np.testing.assert_allclose(got, ref, atol=2e-5, rtol=2e-5, err_msg=where)
+                if kind.startswith("multi"):
+                    multi = got
+            else:  # alone{t}: the multi-token query's token t, bit for bit
+                t = int(kind[len("alone"):kind.index("/")])
+                assert np.array_equal(got[0], multi[t]), where

@@ -1,5 +1,7 @@
 // Row primitives of the CPU kernels, picked once at run time: AVX2+FMA+F16C when the CPU has them
 // (vec_avx2.cpp, the only file compiled with -mavx2 -mfma -mf16c), portable scalar code otherwise.
+// With AVX-512F/BW/VL (and FASTLLM_CPU_ISA allowing avx512), the AVX2 table with the attention
+// kernels of vec_avx512.cpp.
 #pragma once
 
 #include <cstdint>
@@ -60,6 +62,10 @@ const VecOps& vec_ops();
 const VecOps& scalar_vec_ops();
 // Null when the library was built without the AVX2 file (non-x86 targets).
 const VecOps* avx2_vec_ops();
+// The AVX2 table with AVX-512 attn_scores / attn_values (its name stays "avx2": cpu_isa() names
+// the row primitives, attention_cpu_isa() the attention kernels). Null when the library was built
+// without the AVX-512 file.
+const VecOps* avx512_vec_ops();
 
 // Thread-local float scratch of at least n elements; `slot` selects one of a few independent
 // buffers.

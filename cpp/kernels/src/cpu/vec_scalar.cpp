@@ -166,8 +166,13 @@ const VecOps& pick() {
 #if defined(FASTLLM_HAVE_AVX2_FILE) && (defined(__x86_64__) || defined(__i386__))
   __builtin_cpu_init();
   if (cap >= IsaLevel::kAvx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c") && avx2_vec_ops() != nullptr)
+      __builtin_cpu_supports("f16c") && avx2_vec_ops() != nullptr) {
+    if (cap >= IsaLevel::kAvx512 && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        avx512_vec_ops() != nullptr)
+      return *avx512_vec_ops();
     return *avx2_vec_ops();
+  }
 #endif
   return kScalar;
 }
@@ -197,6 +202,9 @@ const VecOps& vec_ops() {
 #ifndef FASTLLM_HAVE_AVX2_FILE
 const VecOps* avx2_vec_ops() { return nullptr; }
 #endif
+#ifndef FASTLLM_HAVE_AVX512_VEC_FILE
+const VecOps* avx512_vec_ops() { return nullptr; }
+#endif
 
 float* scratch(int slot, int64_t n) {
   thread_local std::vector<float> buffers[6];
@@ -209,6 +217,11 @@ float* scratch(int slot, int64_t n) {
 
 namespace fastllm::kernels {
 const char* cpu_isa() { return cpu::vec_ops().name; }
+
+const char* attention_cpu_isa() {
+  const cpu::VecOps& ops = cpu::vec_ops();
+  return &ops == cpu::avx512_vec_ops() ? "avx512" : ops.name;
+}
 
 const char* dtype_name(DType dtype) {
   switch (dtype) {

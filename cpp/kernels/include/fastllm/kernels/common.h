@@ -63,5 +63,8 @@ int cpu_num_threads();
 
 // Names of the CPU code paths picked at run time ("avx2" or "scalar").
 const char* cpu_isa();
+// The code path of the CPU paged attention's score and value kernels: "avx512", "avx2" or
+// "scalar" (cpu_isa() stays "avx2" when the attention takes AVX-512).
+const char* attention_cpu_isa();
 
 }  // namespace fastllm::kernels
