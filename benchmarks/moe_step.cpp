@@ -87,7 +87,8 @@ int main(int argc, char** argv) {
   }
   const std::vector<uint8_t> head = q4_rows(kVocab, kHidden, rng);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> x(static_cast<size_t>(tokens * kInter)), y(static_cast<size_t>(tokens * kVocab));
+  std::vector<float> x(static_cast<size_t>(tokens * kInter)),
+      y(static_cast<size_t>(tokens * kVocab));
   for (float& v : x) v = normal(rng);
   std::vector<int32_t> ids(static_cast<size_t>(tokens * kTopK));
   std::vector<float> weights(ids.size(), 0.5f);
@@ -125,7 +126,8 @@ int main(int argc, char** argv) {
       p.down_type = k::QuantType::kQ4_0x8;
       const auto t0 = std::chrono::steady_clock::now();
       k::moe_experts_cpu(p);
-      moe += std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+      moe +=
+          std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
     }
     const double h = gemm_us(head, tokens, kVocab, kHidden, x, y);
     if (s < 10) continue;

@@ -107,32 +107,38 @@ void paged_attention_cpu(const PagedAttentionParams& p) {
     }
     ops.scale(p.scale * p.k_scale, q, rows * d);  // fp8: fold the K scale into the query
 
-    // Visits the span block by block: fn(cache rows of block, first key j0, key count).
-    auto for_each_block = [&](const void* cache, auto&& fn) {
+    // This KV head's rows of the block holding key j (count of them from j) in `cache`.
+    auto rows_at = [&](const void* cache, int64_t j) {
+      const int64_t block_index = j / p.block_size;
+      const int64_t slot = static_cast<int64_t>(table[block_index]) * p.block_size +
+                           (j - block_index * p.block_size);
+      return static_cast<const char*>(cache) + (slot * cache_row + kv_head * d) * c_size;
+    };
+    // Rows of one KV head sit cache_row apart (often a page or more), where hardware prefetchers
+    // give up: each block's rows are fetched ahead by hand.
+    auto prefetch_rows = [&](const char* rows, int64_t count) {
+      for (int64_t r = 0; r < count; ++r)
+        for (int64_t b = 0; b < row_bytes; b += 64)
+          __builtin_prefetch(rows + r * cache_row * c_size + b, 0, 3);
+    };
+    // Visits the span block by block: fn(cache rows of block, first key j0, key count), with
+    // the next block's rows fetched while this one is computed and, when `also` is given (the
+    // value cache during the key pass), the same block's rows there: the second pass then finds
+    // them in cache instead of waiting on memory a block at a time.
+    auto for_each_block = [&](const void* cache, const void* also, auto&& fn) {
       for (int64_t j0 = key_begin; j0 <= pos_last;) {
-        const int64_t block_index = j0 / p.block_size;
-        const int64_t offset = j0 - block_index * p.block_size;
+        const int64_t offset = j0 % p.block_size;
         const int64_t count = std::min(p.block_size - offset, pos_last + 1 - j0);
-        const int64_t slot = static_cast<int64_t>(table[block_index]) * p.block_size + offset;
-        // Rows of one KV head sit cache_row apart (often a page or more), where hardware
-        // prefetchers give up: fetch the next block's rows while this one is computed.
-        if (j0 + count <= pos_last) {
-          const char* next =
-              static_cast<const char*>(cache) +
-              (static_cast<int64_t>(table[block_index + 1]) * p.block_size * cache_row +
-               kv_head * d) *
-                  c_size;
-          const int64_t next_count = std::min(p.block_size, pos_last + 1 - (j0 + count));
-          for (int64_t r = 0; r < next_count; ++r)
-            for (int64_t b = 0; b < row_bytes; b += 64)
-              __builtin_prefetch(next + r * cache_row * c_size + b, 0, 3);
-        }
-        fn(static_cast<const char*>(cache) + (slot * cache_row + kv_head * d) * c_size, j0, count);
+        if (j0 + count <= pos_last)
+          prefetch_rows(rows_at(cache, j0 + count),
+                        std::min(p.block_size, pos_last + 1 - (j0 + count)));
+        if (also != nullptr) prefetch_rows(rows_at(also, j0), count);
+        fn(rows_at(cache, j0), j0, count);
         j0 += count;
       }
     };
     // Pass 1: scores of all rows against each key of the span.
-    for_each_block(p.key_cache, [&](const char* keys, int64_t j0, int64_t count) {
+    for_each_block(p.key_cache, p.value_cache, [&](const char* keys, int64_t j0, int64_t count) {
       ops.attn_scores(keys, cache_row, p.cache_dtype, count, q, rows, d, scores + (j0 - key_begin),
                       span);
     });
@@ -157,7 +163,7 @@ void paged_attention_cpu(const PagedAttentionParams& p) {
     }
     // Pass 2: weighted sum of V rows.
     std::fill(acc, acc + rows * d, 0.0f);
-    for_each_block(p.value_cache, [&](const char* values, int64_t j0, int64_t count) {
+    for_each_block(p.value_cache, nullptr, [&](const char* values, int64_t j0, int64_t count) {
       ops.attn_values(values, cache_row, p.cache_dtype, count, scores + (j0 - key_begin), span,
                       rows, d, acc);
     });
@@ -172,8 +178,10 @@ void paged_attention_cpu(const PagedAttentionParams& p) {
   };
   const int64_t num_items = static_cast<int64_t>(items.size()) * p.num_kv_heads;
   // A small step (one decode token over a short context: a few microseconds of work) runs on the
-  // caller; waking the pool would cost more than it saves.
-  if (work * p.num_heads * d < (int64_t{1} << 18)) {
+  // caller; waking the pool would cost more than it saves. From about 128 keys of one token
+  // (8 heads x 64) the two threads win: the rows come from memory, and two threads wait on it
+  // side by side.
+  if (work * p.num_heads * d < (int64_t{1} << 16)) {
     for (int64_t i = 0; i < num_items; ++i) run_item(i);
     return;
   }

@@ -111,7 +111,8 @@ struct Workspace {
 // are enough values to pay for it.
 void quantize_rows(QuantType type, const float* x, int64_t rows, int64_t k, bool allow_simd,
                    std::vector<cpu::Q8ActBlock>& xq) {
-  if (static_cast<int64_t>(xq.size()) < rows * (k / 32)) xq.resize(static_cast<size_t>(rows * k / 32));
+  if (static_cast<int64_t>(xq.size()) < rows * (k / 32))
+    xq.resize(static_cast<size_t>(rows * k / 32));
   auto row = [&](int64_t r) {
     cpu::quantize_x8_activations(type, x + r * k, 1, k, k, xq.data() + r * (k / 32), allow_simd);
   };
@@ -230,7 +231,8 @@ void moe_experts_cpu(const MoeExpertsParams& p) {
     // The x8 layouts: each GEMM's activations quantized once, and every task of the first GEMM
     // takes matching slices of the gate and up rows through SiLU-and-mul while they are in cache.
     const auto& ops = cpu::vec_ops();  // act_and_mul_cpu's, whatever allow_simd says
-    const int64_t gu_bytes = row_bytes(p.gate_up_type, h), down_bytes = row_bytes(p.down_type, inter);
+    const int64_t gu_bytes = row_bytes(p.gate_up_type, h),
+                  down_bytes = row_bytes(p.down_type, inter);
     const auto* gate_up_w = static_cast<const uint8_t*>(p.gate_up);
     const auto* down_w = static_cast<const uint8_t*>(p.down);
     quantize_rows(p.gate_up_type, xs.data(), rows, h, p.allow_simd, ws.xq);
@@ -243,8 +245,8 @@ void moe_experts_cpu(const MoeExpertsParams& p) {
       float* out = gate_up.data() + first * 2 * inter;
       cpu::x8_gemm_quantized(p.gate_up_type, expert + task.n0 * gu_bytes, n / 8, xq, h, m,
                              out + task.n0, 2 * inter, p.allow_simd);
-      cpu::x8_gemm_quantized(p.gate_up_type, expert + (inter + task.n0) * gu_bytes, n / 8, xq, h,
-                             m, out + inter + task.n0, 2 * inter, p.allow_simd);
+      cpu::x8_gemm_quantized(p.gate_up_type, expert + (inter + task.n0) * gu_bytes, n / 8, xq, h, m,
+                             out + inter + task.n0, 2 * inter, p.allow_simd);
       for (int64_t r = 0; r < m; ++r)
         ops.silu_mul(out + r * 2 * inter + task.n0, out + r * 2 * inter + inter + task.n0,
                      act.data() + (first + r) * inter + task.n0, n);
@@ -254,11 +256,9 @@ void moe_experts_cpu(const MoeExpertsParams& p) {
     cpu::parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
       const GemmTask& task = tasks[i];
       const int64_t first = starts[task.expert];
-      cpu::x8_gemm_quantized(p.down_type,
-                             down_w + (task.expert * h + task.n0) * down_bytes,
+      cpu::x8_gemm_quantized(p.down_type, down_w + (task.expert * h + task.n0) * down_bytes,
                              (task.n1 - task.n0) / 8, ws.xq.data() + first * (inter / 32), inter,
-                             counts[task.expert], ys.data() + first * h + task.n0, h,
-                             p.allow_simd);
+                             counts[task.expert], ys.data() + first * h + task.n0, h, p.allow_simd);
     });
   } else {
     run_grouped_gemms(p, counts, starts, tasks, xs, gate_up, act, ys);

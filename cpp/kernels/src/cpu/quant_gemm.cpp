@@ -549,8 +549,8 @@ void quantize_x8_activations(QuantType type, const float* x, int64_t m, int64_t 
 
 void x8_gemm_quantized(QuantType type, const void* weight, int64_t groups, const Q8ActBlock* xq,
                        int64_t k, int64_t m, float* out, int64_t out_stride, bool allow_simd) {
-  pick_kernels(allow_simd).tile_x8(type, static_cast<const uint8_t*>(weight), groups, xq, k / 32,
-                                   m, out, out_stride);
+  pick_kernels(allow_simd)
+      .tile_x8(type, static_cast<const uint8_t*>(weight), groups, xq, k / 32, m, out, out_stride);
 }
 
 void dequantize_weight_row(QuantType type, const void* weight, int64_t k, int64_t row, float* y) {

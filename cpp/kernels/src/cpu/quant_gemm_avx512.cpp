@@ -257,10 +257,11 @@ void quantize_row_q8_0x8_avx512(const float* x, int64_t k, Q8ActBlock* out) {
   narrow_kernels()->quantize_row_q8_0x8(x, k, out);
 }
 
-// ---- x8 layouts, two 8-row groups per 512-bit vector ---------------------------------------------
-// Lanes 0-7 hold group g's rows and lanes 8-15 group g + 1's: the 256-bit kernels' per-lane
-// arithmetic (quant_gemm_avx2.cpp: x8_group, q8_rows8_group) at twice the width, so every output
-// gets the same bits from either (a lone last group runs the 256-bit kernel).
+// ---- x8 layouts, two 8-row groups per 512-bit vector
+// --------------------------------------------- Lanes 0-7 hold group g's rows and lanes 8-15 group
+// g + 1's: the 256-bit kernels' per-lane arithmetic (quant_gemm_avx2.cpp: x8_group, q8_rows8_group)
+// at twice the width, so every output gets the same bits from either (a lone last group runs the
+// 256-bit kernel).
 
 // 32 bytes at a (low half) and at b (high half).
 inline __m512i load_pair(const uint8_t* a, const uint8_t* b) {
