@@ -20,6 +20,13 @@
 
 namespace fastllm::kernels::cpu {
 namespace {
+// Pauses the caller spins for its helpers' last items before it sleeps (a few microseconds).
+// Sleeping soon matters when another process or thread (a server's event loop, an HTTP client)
+// preempts a helper that holds an item: the caller's CPU then goes idle, and the scheduler moves
+// the preempted helper there to finish it. Spinning or yielding kept that CPU busy, and both
+// waited out the preemptor's time slice: one-client serving of the MoE benchmark model went from
+// ~730 to ~1000 tokens/s when the caller stopped spinning after 100 pauses instead of 20,000.
+constexpr int kJoinSpins = 100;
 
 thread_local bool t_inside_task = false;
 
@@ -94,12 +101,8 @@ class Pool {
     if (sleeping_.load(std::memory_order_acquire) > 0) wake_.notify_all();
     work(gen);
     for (int spin = 0; completed_.load(std::memory_order_acquire) < count; ++spin) {
-      if (spin < 2000) {
+      if (spin < kJoinSpins) {
         FASTLLM_CPU_RELAX();
-        continue;
-      }
-      if (spin < 2000 + 20000) {
-        std::this_thread::yield();
         continue;
       }
       std::unique_lock<std::mutex> lock(mutex_);
