@@ -12,7 +12,9 @@ at c > 1 clients 2 * c requests (32 x 128 tokens at 16 clients, 64 x 128 at 32).
 first token, TTFT and inter-token latency p50/p99 (`--requests N` sets the request count of every
 level above one client), the server's peak RSS (VmHWM of the process tree) after each level and
 its time to ready, and fastllm's ratios to each peer (throughput, TTFT, peak RSS at 16 clients).
-llama-server runs once per level with as many slots (-np) as clients. Asserts nothing; never run
+llama-server runs once per level with as many slots (-np) as clients. `--rounds R` measures the
+whole plan R times, the servers alternating, and reports each level's median round and the
+median of the rounds' fastllm / peer ratios (this machine's speed drifts with its neighbours). Asserts nothing; never run
 by CI (`--dry-run` prints the servers, their commands and workloads as JSON and starts nothing).
 
 A mixture-of-experts model: benchmarks/make_moe_gguf.py writes a random Mixtral-shaped Q4_0
@@ -51,6 +53,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -111,6 +114,8 @@ class Result:
     name: str
     ready_s: float = float("nan")
     levels: dict[int, Level] = field(default_factory=dict)
+    # clients -> tok/s of each round (--rounds), in round order
+    rounds: dict[int, list[float]] = field(default_factory=dict)
     # Peak RSS (VmHWM of the process tree) read right after each level.
     peak_rss_mb: dict[int, float] = field(default_factory=dict)
     # (model name, prompt index) -> greedy text, from probe_texts.
@@ -488,16 +493,35 @@ def bench_server(name: str, cmd: list[str], port: int, workloads: list[Workload]
 
 
 def run_plan(runs: list[ServerRun], args) -> dict[str, Result]:
-    """Every server of the plan, one at a time; the Results by workload name."""
-    results: dict[str, Result] = {}
-    for run in runs:
-        for levels in run.level_groups(args.clients):
-            port = free_port()
-            for r in bench_server(run.name, run.command(port, max(levels)), port, run.workloads,
-                                  args, run.env, levels,
-                                  run.probe_tokens if max(levels) == max(args.clients) else 0):
-                results.setdefault(r.name, Result(r.name)).merge(r)
-    return results
+    """Every server of the plan, one at a time, args.rounds times over (the servers alternate:
+    on a machine whose speed drifts, one round's servers are the comparable set); the Results by
+    workload name, each level the round of median throughput, with every round's in `rounds`."""
+    rounds: list[dict[str, Result]] = []
+    for k in range(getattr(args, "rounds", 1)):
+        if k:
+            print(f"\n-- round {k + 1}", flush=True)
+        results: dict[str, Result] = {}
+        for run in runs:
+            for levels in run.level_groups(args.clients):
+                port = free_port()
+                probe = run.probe_tokens if max(levels) == max(args.clients) and not k else 0
+                for r in bench_server(run.name, run.command(port, max(levels)), port,
+                                      run.workloads, args, run.env, levels, probe):
+                    results.setdefault(r.name, Result(r.name)).merge(r)
+        rounds.append(results)
+    return merge_rounds(rounds)
+
+
+def merge_rounds(rounds: list[dict[str, Result]]) -> dict[str, Result]:
+    merged = rounds[0]
+    for name, result in merged.items():
+        for c in list(result.levels):
+            levels = [r[name].levels[c] for r in rounds if c in r[name].levels]
+            result.rounds[c] = [lv.tok_s for lv in levels]
+            result.levels[c] = sorted(levels, key=lambda lv: lv.tok_s)[(len(levels) - 1) // 2]
+        for r in rounds[1:]:
+            result.error = result.error or r[name].error
+    return merged
 
 
 def plan_json(runs: list[ServerRun], args) -> dict:
@@ -537,6 +561,13 @@ def report(results: list[Result], clients: list[int]) -> None:
         rss = ours.rss_at(rss_level) / peer.rss_at(rss_level)
         print(f"fastllm / {peer.name}: throughput " + ", ".join(ratios) +
               "; TTFT p50 " + ", ".join(ttfts) + f"; peak RSS at {rss_level} clients {rss:.2f}x")
+        for c in clients:
+            a, b = ours.rounds.get(c, []), peer.rounds.get(c, [])
+            if len(a) > 1 and len(a) == len(b) and all(b):
+                per = [x / y for x, y in zip(a, b)]
+                print(f"  {c} clients, round by round: " +
+                      ", ".join(f"{x:.1f} / {y:.1f} = {r:.2f}x" for x, y, r in zip(a, b, per)) +
+                      f"; median of the rounds' ratios {statistics.median(per):.2f}x")
 
 
 # ---- --lora -------------------------------------------------------------------------------
@@ -701,6 +732,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=0,
                     help="requests per level above one client (default: 2 x clients)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for every server")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every server this many times, alternating (reports the median)")
     ap.add_argument("--ctx-per-slot", type=int, default=512)
     ap.add_argument("--ready-timeout", type=float, default=300.0)
     ap.add_argument("--fastllm-args", default="", help="extra fastllm-serve flags")
@@ -713,7 +746,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--lora compares against llama-server only (no --llama-cpp-python)")
     if args.clients is None:
         args.clients = [16] if args.lora else [1, 16, 32]
-    if min(args.clients) < 1 or args.output_len < 1 or args.requests < 0:
+    if min(args.clients) < 1 or args.output_len < 1 or args.requests < 0 or args.rounds < 1:
         ap.error("--clients and --output-len must be positive")
     return args
 

@@ -278,3 +278,23 @@ def test_serve_lora_report_names_the_issue_ratios(serve, capsys):
     assert "fastllm 1 adapter (GGUF) vs lora0 (PEFT): 1/1 identical" in out
     assert "fastllm 1 adapter vs llama-server 1 adapter: 0/1 identical, median common prefix 1" \
         in out
+
+
+def test_serve_rounds_report_the_median_round_and_ratio(serve, capsys):
+    def result(name: str, tok_s: float) -> object:
+        r = serve.Result(name, ready_s=1.0)
+        r.levels[16] = serve.Level(16, 32, tokens=int(tok_s * 10), seconds=10.0)
+        r.peak_rss_mb[16] = 100.0
+        return r
+
+    rounds = [{"fastllm": result("fastllm", a), "llama-server": result("llama-server", b)}
+              for a, b in ((300.0, 100.0), (200.0, 100.0), (330.0, 150.0))]
+    merged = serve.merge_rounds(rounds)
+    assert merged["fastllm"].rounds[16] == [300.0, 200.0, 330.0]
+    assert merged["fastllm"].levels[16].tok_s == 300.0  # the median round
+    assert merged["llama-server"].levels[16].tok_s == 100.0
+    serve.report([merged["fastllm"], merged["llama-server"]], [16])
+    out = capsys.readouterr().out
+    assert "fastllm / llama-server: throughput 16 clients 3.00x" in out
+    assert "300.0 / 100.0 = 3.00x, 200.0 / 100.0 = 2.00x, 330.0 / 150.0 = 2.20x" in out
+    assert "median of the rounds' ratios 2.20x" in out
