@@ -58,33 +58,35 @@ void top_entries(const float* logits, int64_t n, int64_t count, std::vector<floa
   }
 }
 
-// Scratch of one pool thread.
+// The caller's lists, which the pool threads fill and read through references.
 struct RefineScratch {
-  std::vector<float> span_max, spans, row;
-  std::vector<int32_t> candidates;
+  std::vector<std::vector<int32_t>> rows;  // each row's candidates
+  std::vector<std::pair<int64_t, int32_t>> items;
 };
 
-void refine_row(const RefineLogitsParams& p, int64_t r, RefineScratch& scratch) {
-  float* logits = p.logits + r * p.logits_stride;
+// Row r's logit j recomputed as x . dequantize(W_j) (+ bias). `row` holds k floats of scratch.
+void refine_entry(const RefineLogitsParams& p, int64_t r, int32_t j, float* row) {
   const float* x = p.input + r * p.input_stride;
-  top_entries(logits, p.n, p.count, scratch.span_max, scratch.spans, scratch.candidates);
-  float* row = scratch.row.data();
-  for (const int32_t j : scratch.candidates) {
-    cpu::dequantize_weight_row(p.type, p.weight, p.k, j, row);
-    // Per 32-value block (k is whole blocks here) eight float lanes, which the compiler keeps
-    // in one vector, summed in a fixed order into a double: a row's bits do not depend on its
-    // batch, and float's 2^-24 per block is far below the int8 rounding this removes.
-    double total = 0.0;
-    for (int64_t b = 0; b < p.k; b += 32) {
-      float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int64_t i = b; i < b + 32; i += 8)
-        for (int l = 0; l < 8; ++l) lane[l] += x[i + l] * row[i + l];
-      total += static_cast<double>(((lane[0] + lane[1]) + (lane[2] + lane[3])) +
-                                   ((lane[4] + lane[5]) + (lane[6] + lane[7])));
-    }
-    if (p.bias != nullptr) total += p.bias[j];
-    logits[j] = static_cast<float>(total);
+  cpu::dequantize_weight_row(p.type, p.weight, p.k, j, row);
+  // Per 32-value block (k is whole blocks here) eight float lanes, which the compiler keeps
+  // in one vector, summed in a fixed order into a double: a row's bits do not depend on its
+  // batch, and float's 2^-24 per block is far below the int8 rounding this removes.
+  double total = 0.0;
+  for (int64_t b = 0; b < p.k; b += 32) {
+    float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t i = b; i < b + 32; i += 8)
+      for (int l = 0; l < 8; ++l) lane[l] += x[i + l] * row[i + l];
+    total += static_cast<double>(((lane[0] + lane[1]) + (lane[2] + lane[3])) +
+                                 ((lane[4] + lane[5]) + (lane[6] + lane[7])));
   }
+  if (p.bias != nullptr) total += p.bias[j];
+  p.logits[r * p.logits_stride + j] = static_cast<float>(total);
+}
+
+float* row_scratch(int64_t k) {
+  thread_local std::vector<float> row;
+  if (static_cast<int64_t>(row.size()) < k) row.resize(static_cast<size_t>(k));
+  return row.data();
 }
 
 }  // namespace
@@ -100,11 +102,22 @@ void refine_top_logits_cpu(const RefineLogitsParams& p) {
   check_arg(quant_row_group(p.type) == 1 || p.n % 8 == 0,
             std::string("refine_top_logits: ") + quant_type_name(p.type) +
                 " weights need out_features to be a multiple of 8");
+  // Each row's candidates first (they read only its own logits), then every (row, candidate)
+  // pair as one item: a decode step of one or two rows still shares its candidates' dot
+  // products out over the pool. Each logit is computed alone, so the bits are the same.
+  thread_local RefineScratch scratch;
+  std::vector<std::vector<int32_t>>& candidates = scratch.rows;
+  if (static_cast<int64_t>(candidates.size()) < p.m) candidates.resize(static_cast<size_t>(p.m));
   cpu::parallel_for(p.m, [&](int64_t r) {
-    thread_local RefineScratch scratch;
-    if (static_cast<int64_t>(scratch.row.size()) < p.k)
-      scratch.row.resize(static_cast<size_t>(p.k));
-    refine_row(p, r, scratch);
+    thread_local std::vector<float> span_max, spans;  // this pool thread's
+    top_entries(p.logits + r * p.logits_stride, p.n, p.count, span_max, spans, candidates[r]);
+  });
+  std::vector<std::pair<int64_t, int32_t>>& items = scratch.items;
+  items.clear();
+  for (int64_t r = 0; r < p.m; ++r)
+    for (const int32_t j : candidates[r]) items.emplace_back(r, j);
+  cpu::parallel_for(static_cast<int64_t>(items.size()), [&](int64_t i) {
+    refine_entry(p, items[i].first, items[i].second, row_scratch(p.k));
   });
 }
 
