@@ -18,6 +18,7 @@
 #include <random>
 #include <vector>
 
+#include "bench_args.h"
 #include "fastllm/kernels/attention.h"
 #include "fastllm/kernels/dtype_convert.h"
 
@@ -25,9 +26,7 @@ namespace {
 
 namespace k = fastllm::kernels;
 
-long arg(int argc, char** argv, int i, long fallback) {
-  return argc > i ? std::strtol(argv[i], nullptr, 10) : fallback;
-}
+using fastllm::bench::arg;
 
 }  // namespace
 

@@ -15,6 +15,7 @@
 #include <random>
 #include <vector>
 
+#include "bench_args.h"
 #include "fastllm/kernels/lora.h"
 
 namespace {
@@ -33,9 +34,7 @@ constexpr Target kTargets[7] = {{kHidden, kHidden}, {kHidden, kKv},    {kHidden,
                                 {kHidden, kHidden}, {kHidden, kInter}, {kHidden, kInter},
                                 {kInter, kHidden}};
 
-long arg(int argc, char** argv, int i, long fallback) {
-  return argc > i ? std::strtol(argv[i], nullptr, 10) : fallback;
-}
+using fastllm::bench::arg;
 
 }  // namespace
 

@@ -18,6 +18,7 @@
 #include <random>
 #include <vector>
 
+#include "bench_args.h"
 #include "fastllm/kernels/moe.h"
 #include "fastllm/kernels/quant_gemm.h"
 
@@ -60,14 +61,9 @@ double gemm_us(const std::vector<uint8_t>& w, int64_t m, int64_t n, int64_t kcol
   return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
 }
 
-long arg(int argc, char** argv, int i, long fallback) {
-  return argc > i ? std::strtol(argv[i], nullptr, 10) : fallback;
-}
+using fastllm::bench::arg;
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using fastllm::bench::median;
 
 }  // namespace
 

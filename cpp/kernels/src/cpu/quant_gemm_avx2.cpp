@@ -363,29 +363,6 @@ void tile_rows_wide(const uint8_t* weight, int64_t n_rows, const int8_t* xi, int
   }
 }
 
-// Calls f(std::integral_constant<int, rows>) for 1..8 rows (8 for more).
-template <typename F>
-void with_rows(int64_t m_rows, F&& f) {
-  switch (m_rows) {
-    case 1:
-      return f(std::integral_constant<int, 1>());
-    case 2:
-      return f(std::integral_constant<int, 2>());
-    case 3:
-      return f(std::integral_constant<int, 3>());
-    case 4:
-      return f(std::integral_constant<int, 4>());
-    case 5:
-      return f(std::integral_constant<int, 5>());
-    case 6:
-      return f(std::integral_constant<int, 6>());
-    case 7:
-      return f(std::integral_constant<int, 7>());
-    default:
-      return f(std::integral_constant<int, 8>());
-  }
-}
-
 template <QuantType kType>
 void tile_type(const uint8_t* weight, int64_t n_rows, const Q8ActBlock* x, int64_t blocks,
                const float* xd, const float* xs, const int8_t* xi, int64_t m_rows, float* out,

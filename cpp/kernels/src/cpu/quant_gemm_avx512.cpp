@@ -354,29 +354,6 @@ void q8_rows8_group_pair(const uint8_t* a, const uint8_t* b, const Q8ActBlock* x
   for (int r = 0; r < kRows; ++r) _mm512_storeu_ps(out + r * out_stride, acc[r]);
 }
 
-// Calls f(std::integral_constant<int, rows>) for 1..8 rows (8 for more).
-template <typename F>
-void with_rows(int64_t m_rows, F&& f) {
-  switch (m_rows) {
-    case 1:
-      return f(std::integral_constant<int, 1>());
-    case 2:
-      return f(std::integral_constant<int, 2>());
-    case 3:
-      return f(std::integral_constant<int, 3>());
-    case 4:
-      return f(std::integral_constant<int, 4>());
-    case 5:
-      return f(std::integral_constant<int, 5>());
-    case 6:
-      return f(std::integral_constant<int, 6>());
-    case 7:
-      return f(std::integral_constant<int, 7>());
-    default:
-      return f(std::integral_constant<int, 8>());
-  }
-}
-
 template <QuantType kType>
 void tile_x8_pairs(const uint8_t* weight, int64_t groups, const Q8ActBlock* x, int64_t blocks,
                    int64_t m_rows, float* out, int64_t out_stride) {

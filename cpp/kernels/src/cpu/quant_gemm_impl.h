@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "fastllm/kernels/quant_gemm.h"
 
@@ -16,6 +17,30 @@ struct Q8ActBlock {
   int8_t q[32];
 };
 static_assert(sizeof(Q8ActBlock) == 40, "Q8ActBlock must be packed");
+
+// Calls f(std::integral_constant<int, rows>) for 1..8 rows (8 for more): the micro-kernels'
+// row counts as template arguments. (Each kernel file instantiates it with its own lambdas.)
+template <typename F>
+inline void with_rows(int64_t m_rows, F&& f) {
+  switch (m_rows) {
+    case 1:
+      return f(std::integral_constant<int, 1>());
+    case 2:
+      return f(std::integral_constant<int, 2>());
+    case 3:
+      return f(std::integral_constant<int, 3>());
+    case 4:
+      return f(std::integral_constant<int, 4>());
+    case 5:
+      return f(std::integral_constant<int, 5>());
+    case 6:
+      return f(std::integral_constant<int, 6>());
+    case 7:
+      return f(std::integral_constant<int, 7>());
+    default:
+      return f(std::integral_constant<int, 8>());
+  }
+}
 
 // Rows of x processed together by one tile call; each weight block is decoded once per tile.
 constexpr int kQuantTileRows = 8;
