@@ -497,7 +497,7 @@ def run_plan(runs: list[ServerRun], args) -> dict[str, Result]:
     on a machine whose speed drifts, one round's servers are the comparable set); the Results by
     workload name, each level the round of median throughput, with every round's in `rounds`."""
     rounds: list[dict[str, Result]] = []
-    for k in range(getattr(args, "rounds", 1)):
+    for k in range(args.rounds):
         if k:
             print(f"\n-- round {k + 1}", flush=True)
         results: dict[str, Result] = {}

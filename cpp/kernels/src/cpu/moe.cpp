@@ -81,6 +81,19 @@ struct GemmTask {
   int64_t n1;
 };
 
+// Tasks of at most `per` weight rows over every active expert's rows_per_expert (in the x8 path
+// `per` is a multiple of 16: two 8-row groups, which also keeps the SiLU's vector lanes where a
+// whole row puts them).
+void slice_tasks(const std::vector<int64_t>& counts, int64_t rows_per_expert, int64_t per,
+                 std::vector<GemmTask>& tasks) {
+  tasks.clear();
+  for (size_t e = 0; e < counts.size(); ++e) {
+    if (counts[e] == 0) continue;
+    for (int64_t n0 = 0; n0 < rows_per_expert; n0 += per)
+      tasks.push_back({static_cast<int64_t>(e), n0, std::min(rows_per_expert, n0 + per)});
+  }
+}
+
 // Tasks covering every active expert's rows_per_expert weight rows, in slices sized so the pool
 // gets a few tasks per thread (whole row groups of the layout).
 std::vector<GemmTask>& plan_tasks(const std::vector<int64_t>& counts, int64_t rows_per_expert,
@@ -91,12 +104,7 @@ std::vector<GemmTask>& plan_tasks(const std::vector<int64_t>& counts, int64_t ro
   int64_t per = (rows_per_expert * active + wanted - 1) / std::max<int64_t>(wanted, 1);
   per = std::clamp<int64_t>(per, 16, rows_per_expert);
   per = (per + group - 1) / group * group;
-  tasks.clear();
-  for (size_t e = 0; e < counts.size(); ++e) {
-    if (counts[e] == 0) continue;
-    for (int64_t n0 = 0; n0 < rows_per_expert; n0 += per)
-      tasks.push_back({static_cast<int64_t>(e), n0, std::min(rows_per_expert, n0 + per)});
-  }
+  slice_tasks(counts, rows_per_expert, per, tasks);
   return tasks;
 }
 
@@ -114,24 +122,12 @@ void quantize_rows(QuantType type, const float* x, int64_t rows, int64_t k, bool
   if (static_cast<int64_t>(xq.size()) < rows * (k / 32))
     xq.resize(static_cast<size_t>(rows * k / 32));
   auto row = [&](int64_t r) {
-    cpu::quantize_x8_activations(type, x + r * k, 1, k, k, xq.data() + r * (k / 32), allow_simd);
+    cpu::quantize_x8_row(type, x + r * k, k, xq.data() + r * (k / 32), allow_simd);
   };
   if (rows * k >= (1 << 15)) {
     cpu::parallel_for(rows, row);
   } else {
     for (int64_t r = 0; r < rows; ++r) row(r);
-  }
-}
-
-// Tasks of at most `per` weight rows (a multiple of 16: two 8-row groups, which also keeps the
-// SiLU's vector lanes where a whole row puts them) over every active expert's rows_per_expert.
-void slice_tasks(const std::vector<int64_t>& counts, int64_t rows_per_expert, int64_t per,
-                 std::vector<GemmTask>& tasks) {
-  tasks.clear();
-  for (size_t e = 0; e < counts.size(); ++e) {
-    if (counts[e] == 0) continue;
-    for (int64_t n0 = 0; n0 < rows_per_expert; n0 += per)
-      tasks.push_back({static_cast<int64_t>(e), n0, std::min(rows_per_expert, n0 + per)});
   }
 }
 

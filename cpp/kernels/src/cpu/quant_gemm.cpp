@@ -521,8 +521,7 @@ void quant_gemm_x8(const QuantGemmParams& p) {
   const int64_t row_bytes = blocks * quant_block_bytes(p.type);
   Q8ActBlock* xq = activation_blocks(p.m * blocks);
   for_each_input_row(p, [&](int64_t r) {
-    quantize_x8_activations(p.type, p.input + r * p.input_stride, 1, p.k, p.k, xq + r * blocks,
-                            p.allow_simd);
+    quantize_x8_row(p.type, p.input + r * p.input_stride, p.k, xq + r * blocks, p.allow_simd);
   });
   const int64_t per = (slice_rows(p.n) + 7) / 8 * 8;
   const auto* weight = static_cast<const uint8_t*>(p.weight);
@@ -538,13 +537,12 @@ void quant_gemm_x8(const QuantGemmParams& p) {
 
 const QuantGemmKernels& scalar_quant_gemm_kernels() { return kScalarKernels; }
 
-void quantize_x8_activations(QuantType type, const float* x, int64_t m, int64_t k, int64_t stride,
-                             Q8ActBlock* out, bool allow_simd) {
+void quantize_x8_row(QuantType type, const float* x, int64_t k, Q8ActBlock* out, bool allow_simd) {
   const auto& kernels = pick_kernels(allow_simd);
   const auto quantize_row = type == QuantType::kQ7_0x8   ? kernels.quantize_row_u7
                             : type == QuantType::kQ8_0x8 ? kernels.quantize_row_q8_0x8
                                                          : kernels.quantize_row;
-  for (int64_t r = 0; r < m; ++r) quantize_row(x + r * stride, k, out + r * (k / 32));
+  quantize_row(x, k, out);
 }
 
 void x8_gemm_quantized(QuantType type, const void* weight, int64_t groups, const Q8ActBlock* xq,

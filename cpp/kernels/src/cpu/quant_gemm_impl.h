@@ -82,13 +82,12 @@ struct QuantGemmKernels {
 const QuantGemmKernels& scalar_quant_gemm_kernels();
 
 // The x8 layouts' GEMM in its two halves, for a caller that multiplies one set of activations by
-// several weights (the MoE experts): quantize_x8_activations writes rows [0, m) of x (rows
-// stride floats apart) as k / 32 blocks per row, the way quant_gemm_cpu quantizes them for
-// `type`; x8_gemm_quantized sets out[r * out_stride + 8 g + i] = x_r . W_{8 g + i} for r < m and
-// g < groups, W the 8-row groups at weight (of k values), bit for bit quant_gemm_cpu's result.
-// Both run on the calling thread.
-void quantize_x8_activations(QuantType type, const float* x, int64_t m, int64_t k, int64_t stride,
-                             Q8ActBlock* out, bool allow_simd);
+// several weights (the MoE experts): quantize_x8_row writes one row of k values of x as k / 32
+// blocks, the way quant_gemm_cpu quantizes it for `type`; x8_gemm_quantized sets
+// out[r * out_stride + 8 g + i] = x_r . W_{8 g + i} for r < m and g < groups, x_r the blocks at
+// xq + r * k / 32 and W the 8-row groups at weight (of k values), bit for bit quant_gemm_cpu's
+// result. Both run on the calling thread.
+void quantize_x8_row(QuantType type, const float* x, int64_t k, Q8ActBlock* out, bool allow_simd);
 void x8_gemm_quantized(QuantType type, const void* weight, int64_t groups, const Q8ActBlock* xq,
                        int64_t k, int64_t m, float* out, int64_t out_stride, bool allow_simd);
 
