@@ -12,7 +12,8 @@ import torch
 
 from fastllm import kernels
 
-# INTER = 288: the x8 path splits the gate and up rows into slices of 128 (two and a remainder).
+# INTER = 288: with several tokens per expert the x8 path splits the gate and up rows into slices
+# of 128 (two and a remainder); a lone token's slices are larger (two of 144).
 HIDDEN, INTER, EXPERTS, TOP_K = 64, 288, 6, 2
 Q4_0, Q8_0, F32 = 2, 8, 0
 
