@@ -1,6 +1,6 @@
 """FASTLLM_CPU_ISA caps every CPU dispatcher: each level this machine has, picked in a fresh
 process (the choice is made once per process), reports itself and gives the same quantized GEMM
-results as the others, and the paged attention of each path matches a float64 reference; an
+results as the others (the same refined logits bit for bit), and the paged attention of each path matches a float64 reference; an
 unknown value is a clear error."""
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ for name in data.files:
         y = np.empty((m, n), np.float32)
         _C.ops.quant_gemm(y, x[:m], data[name], type_id, None, True, 0)
         out[f"{name}_{m}"] = y
+    # Every entry of every row recomputed as a float dot product (refine_top_logits).
+    refined = np.zeros((x.shape[0], n), np.float32)
+    _C.ops.refine_top_logits(refined, x, data[name], type_id, None, n)
+    out[f"refine_{name}"] = refined
 np.savez(d + "/" + sys.argv[2] + ".npz", **out)
 """
 
@@ -83,6 +87,12 @@ def test_each_isa_cap_reports_itself_and_agrees(tmp_path):
     simd = [level for level in LEVELS[1:] if LEVELS.index(level) <= LEVELS.index(best)]
     q8_0 = f"{ops.GGML_QUANT_TYPES['Q8_0']}_53_"
     for key, want in results["scalar"].items():
+        if key.startswith("refine_"):
+            # The refinement's dot products take the same steps on every path: the same bits.
+            assert np.count_nonzero(want) == want.size, key
+            for level in simd:
+                assert np.array_equal(results[level][key], want), (level, key)
+            continue
         scale = np.abs(want).max()
         for level in simd:
             got = results[level][key]

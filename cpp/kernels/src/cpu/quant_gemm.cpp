@@ -594,6 +594,30 @@ void dequantize_weight_row(QuantType type, const void* weight, int64_t k, int64_
   }
 }
 
+double weight_row_dot_scalar(QuantType type, const uint8_t* weight, int64_t k, int64_t row,
+                             const float* x) {
+  thread_local std::vector<float> values;
+  if (static_cast<int64_t>(values.size()) < k) values.resize(static_cast<size_t>(k));
+  float* y = values.data();
+  dequantize_weight_row(type, weight, k, row, y);
+  double total = 0.0;
+  for (int64_t b = 0; b < k; b += 32) {
+    float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t i = b; i < b + 32; i += 8)
+      for (int l = 0; l < 8; ++l) lane[l] += x[i + l] * y[i + l];
+    total += static_cast<double>(((lane[0] + lane[1]) + (lane[2] + lane[3])) +
+                                 ((lane[4] + lane[5]) + (lane[6] + lane[7])));
+  }
+  return total;
+}
+
+double weight_row_dot(QuantType type, const void* weight, int64_t k, int64_t row, const float* x) {
+  const auto* w = static_cast<const uint8_t*>(weight);
+  const QuantGemmKernels& kernels = pick_kernels(true);
+  return kernels.row_dot != nullptr ? kernels.row_dot(type, w, k, row, x)
+                                    : weight_row_dot_scalar(type, w, k, row, x);
+}
+
 #ifndef FASTLLM_HAVE_AVX2_FILE
 const QuantGemmKernels* avx2_quant_gemm_kernels() { return nullptr; }
 #endif

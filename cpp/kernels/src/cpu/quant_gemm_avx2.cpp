@@ -562,6 +562,82 @@ void tile_x8_avx2(QuantType type, const uint8_t* weight, int64_t groups, const Q
   tile_x8_type<QuantType::kQ4_0x8>(weight, groups, x, blocks, m_rows, out, out_stride);
 }
 
+// ---- weight_row_dot (quant_gemm_impl.h) for the x8 layouts --------------------------------------
+
+// v, opaque to the compiler: a product passed through it is rounded on its own, never fused
+// with the following add (the scalar code's arithmetic, which has no fused multiply-add).
+inline __m256 rounded(__m256 v) {
+  __asm__("" : "+x"(v));
+  return v;
+}
+
+// lanes += x[0, 8) * v, each product rounded.
+inline __m256 add_products(__m256 lanes, const float* x, __m256 v) {
+  return _mm256_add_ps(lanes, rounded(_mm256_mul_ps(_mm256_loadu_ps(x), v)));
+}
+
+// ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)).
+inline float pairwise_sum(__m256 lanes) {
+  const __m128 h1 = _mm_hadd_ps(_mm256_castps256_ps128(lanes), _mm256_extractf128_ps(lanes, 1));
+  const __m128 h2 = _mm_hadd_ps(h1, h1);
+  return _mm_cvtss_f32(h2) + _mm_cvtss_f32(_mm_shuffle_ps(h2, h2, 1));
+}
+
+// Four bytes of row r from each of `chunks` consecutive 32-byte chunks at q (chunk c: the row's
+// values 4c..4c+3) as one vector of 4 * chunks bytes, in value order.
+inline __m128i row_chunks4(const uint8_t* q, int64_t r) {
+  int32_t v[4];
+  for (int c = 0; c < 4; ++c) std::memcpy(&v[c], q + 32 * c + 4 * r, 4);
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
+}
+
+double row_dot_avx2(QuantType type, const uint8_t* weight, int64_t k, int64_t row, const float* x) {
+  const bool q4_0 = type == QuantType::kQ4_0x8, q4_1 = type == QuantType::kQ4_1x8;
+  const bool q8 = type == QuantType::kQ8_0x8 || type == QuantType::kQ7_0x8;
+  if (!q4_0 && !q4_1 && !q8) return weight_row_dot_scalar(type, weight, k, row, x);
+  const int64_t blocks = k / 32, group_block = 8 * quant_block_bytes(type);
+  const int64_t header = q8 ? 48 : q4_1 ? 32 : 16, r = row % 8;
+  const uint8_t* blk = weight + (row / 8) * blocks * group_block;
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  double total = 0.0;
+  for (int64_t b = 0; b < blocks; ++b, blk += group_block, x += 32) {
+    uint16_t h;
+    std::memcpy(&h, blk + 2 * r, 2);
+    const __m256 d = _mm256_set1_ps(_cvtsh_ss(h));
+    __m256i q[4];  // the block's 32 values, 8 per vector, as int32
+    if (q8) {
+      const __m128i a = row_chunks4(blk + header, r), b2 = row_chunks4(blk + header + 128, r);
+      q[0] = _mm256_cvtepi8_epi32(a);
+      q[1] = _mm256_cvtepi8_epi32(_mm_srli_si128(a, 8));
+      q[2] = _mm256_cvtepi8_epi32(b2);
+      q[3] = _mm256_cvtepi8_epi32(_mm_srli_si128(b2, 8));
+    } else {
+      const __m128i bytes = row_chunks4(blk + header, r);
+      const __m128i lo = _mm_and_si128(bytes, low4);
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+      q[0] = _mm256_cvtepu8_epi32(lo);
+      q[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8));
+      q[2] = _mm256_cvtepu8_epi32(hi);
+      q[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8));
+    }
+    __m256 m = _mm256_setzero_ps();
+    if (q4_1) {
+      std::memcpy(&h, blk + 16 + 2 * r, 2);
+      m = _mm256_set1_ps(_cvtsh_ss(h));
+    }
+    __m256 lanes = _mm256_setzero_ps();
+    for (int g = 0; g < 4; ++g) {
+      __m256 v = _mm256_cvtepi32_ps(q[g]);
+      if (q4_0) v = _mm256_mul_ps(_mm256_sub_ps(v, _mm256_set1_ps(8.0f)), d);
+      if (q4_1) v = _mm256_add_ps(rounded(_mm256_mul_ps(v, d)), m);
+      if (q8) v = _mm256_mul_ps(v, d);
+      lanes = add_products(lanes, x + 8 * g, v);
+    }
+    total += static_cast<double>(pairwise_sum(lanes));
+  }
+  return total;
+}
+
 // Q8_0x8's activations: unsigned (offset by 128) for vpdpbusd, signed for vpsignb.
 const QuantGemmKernels kKernels = {kVnni ? "avx_vnni" : "avx2",
                                    quantize_row_avx2<127, 0>,
@@ -569,7 +645,8 @@ const QuantGemmKernels kKernels = {kVnni ? "avx_vnni" : "avx2",
                                    true,
                                    tile_x8_avx2,
                                    quantize_row_avx2<63, 64>,
-                                   quantize_row_avx2<127, kVnni ? 128 : 0>};
+                                   quantize_row_avx2<127, kVnni ? 128 : 0>,
+                                   row_dot_avx2};
 
 }  // namespace
 

@@ -409,9 +409,14 @@ void tile_x8_avx512(QuantType type, const uint8_t* weight, int64_t groups, const
   }
 }
 
+double row_dot_avx512(QuantType type, const uint8_t* weight, int64_t k, int64_t row,
+                      const float* x) {
+  return narrow_kernels()->row_dot(type, weight, k, row, x);
+}
+
 const QuantGemmKernels kKernels = {
-    "avx512_vnni",          quantize_row_avx512,       tile_avx512, false, tile_x8_avx512,
-    quantize_row_u7_avx512, quantize_row_q8_0x8_avx512};
+    "avx512_vnni",          quantize_row_avx512,        tile_avx512,   false, tile_x8_avx512,
+    quantize_row_u7_avx512, quantize_row_q8_0x8_avx512, row_dot_avx512};
 
 }  // namespace
 

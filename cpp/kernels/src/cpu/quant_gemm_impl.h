@@ -77,6 +77,9 @@ struct QuantGemmKernels {
   // The activations tile_x8 reads for Q8_0x8: quantize_row's, with q stored + 128 (1..255,
   // unsigned for vpdpbusd) by the VNNI kernels and as they are by the others.
   void (*quantize_row_q8_0x8)(const float* x, int64_t k, Q8ActBlock* out) = nullptr;
+  // weight_row_dot for the x8 layouts (others, and a null entry: the scalar code), bit for bit.
+  double (*row_dot)(QuantType type, const uint8_t* weight, int64_t k, int64_t row,
+                    const float* x) = nullptr;
 };
 
 const QuantGemmKernels& scalar_quant_gemm_kernels();
@@ -94,6 +97,14 @@ void x8_gemm_quantized(QuantType type, const void* weight, int64_t groups, const
 // Row `row` of a weight in any layout quant_gemm_cpu reads (rows of k values) as k floats, with
 // the GGUF loader's arithmetic.
 void dequantize_weight_row(QuantType type, const void* weight, int64_t k, int64_t row, float* y);
+// x . W_row for row `row` of a weight in any layout quant_gemm_cpu reads (k values a row, k a
+// whole number of 32-value blocks), on dequantize_weight_row's values: per block eight float
+// lanes (each product rounded, then added: no fused multiply-add), the lanes summed pairwise,
+// ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)), into a double, block after block. The same
+// bits on every instruction set (refine_top_logits_cpu's dot products).
+double weight_row_dot(QuantType type, const void* weight, int64_t k, int64_t row, const float* x);
+double weight_row_dot_scalar(QuantType type, const uint8_t* weight, int64_t k, int64_t row,
+                             const float* x);
 // Null when the library was built without the AVX2 file (non-x86 targets).
 const QuantGemmKernels* avx2_quant_gemm_kernels();
 // Null when the compiler had no -mavxvnni.

@@ -64,29 +64,13 @@ struct RefineScratch {
   std::vector<std::pair<int64_t, int32_t>> items;
 };
 
-// Row r's logit j recomputed as x . dequantize(W_j) (+ bias). `row` holds k floats of scratch.
-void refine_entry(const RefineLogitsParams& p, int64_t r, int32_t j, float* row) {
-  const float* x = p.input + r * p.input_stride;
-  cpu::dequantize_weight_row(p.type, p.weight, p.k, j, row);
-  // Per 32-value block (k is whole blocks here) eight float lanes, which the compiler keeps
-  // in one vector, summed in a fixed order into a double: a row's bits do not depend on its
-  // batch, and float's 2^-24 per block is far below the int8 rounding this removes.
-  double total = 0.0;
-  for (int64_t b = 0; b < p.k; b += 32) {
-    float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int64_t i = b; i < b + 32; i += 8)
-      for (int l = 0; l < 8; ++l) lane[l] += x[i + l] * row[i + l];
-    total += static_cast<double>(((lane[0] + lane[1]) + (lane[2] + lane[3])) +
-                                 ((lane[4] + lane[5]) + (lane[6] + lane[7])));
-  }
+// Row r's logit j recomputed as x . dequantize(W_j) (+ bias): per 32-value block eight float
+// lanes summed in a fixed order into a double (cpu::weight_row_dot), so a row's bits do not
+// depend on its batch, and float's 2^-24 per block is far below the int8 rounding this removes.
+void refine_entry(const RefineLogitsParams& p, int64_t r, int32_t j) {
+  double total = cpu::weight_row_dot(p.type, p.weight, p.k, j, p.input + r * p.input_stride);
   if (p.bias != nullptr) total += p.bias[j];
   p.logits[r * p.logits_stride + j] = static_cast<float>(total);
-}
-
-float* row_scratch(int64_t k) {
-  thread_local std::vector<float> row;
-  if (static_cast<int64_t>(row.size()) < k) row.resize(static_cast<size_t>(k));
-  return row.data();
 }
 
 }  // namespace
@@ -116,9 +100,8 @@ void refine_top_logits_cpu(const RefineLogitsParams& p) {
   items.clear();
   for (int64_t r = 0; r < p.m; ++r)
     for (const int32_t j : candidates[r]) items.emplace_back(r, j);
-  cpu::parallel_for(static_cast<int64_t>(items.size()), [&](int64_t i) {
-    refine_entry(p, items[i].first, items[i].second, row_scratch(p.k));
-  });
+  cpu::parallel_for(static_cast<int64_t>(items.size()),
+                    [&](int64_t i) { refine_entry(p, items[i].first, items[i].second); });
 }
 
 }  // namespace fastllm::kernels
