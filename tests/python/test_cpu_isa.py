@@ -286,3 +286,36 @@ def test_attention_isa_paths_match_float64_and_are_tile_invariant(tmp_path):
             else:  # alone{t}: the multi-token query's token t, bit for bit
                 t = int(kind[len("alone"):kind.index("/")])
                 assert np.array_equal(got[0], multi[t]), where
+
+
+SILU_SCRIPT = """
+import sys, numpy as np
+from fastllm import kernels
+h = np.load(sys.argv[1])
+act = np.empty((h.shape[0], h.shape[1] // 2), np.float32)
+kernels.act_and_mul(act, h, 0, 0)
+np.save(sys.argv[2], act)
+"""
+
+
+def test_silu_and_mul_gives_the_same_bits_on_avx2_and_avx512(tmp_path):
+    """The AVX-512 SiLU-and-mul takes the AVX2 one's steps 16 lanes at a time (and leaves it the
+    tail): every element, wherever it falls in its row, gets the same bits on either path, and
+    matches float64 (the MoE experts' rows are sliced differently for one token than for a
+    batch, so a lane's result must not depend on the path)."""
+    paths = _expected_attention_paths()
+    if paths["avx512"] != "avx512":
+        pytest.skip("no AVX-512 on this CPU")
+    rng = np.random.default_rng(11)
+    h = (rng.standard_normal((5, 2 * 203)) * 20).astype(np.float32)  # 203: 16s, an 8, a tail
+    h[0, :9] = [-100.0, -89.0, -88.5, -87.5, 0.0, -0.0, 88.0, 89.0, 100.0]
+    np.save(tmp_path / "h.npy", h)
+    got = {}
+    for cap in ("avx2", "avx512"):
+        proc = _run(cap, SILU_SCRIPT, str(tmp_path / "h.npy"), str(tmp_path / f"{cap}.npy"))
+        assert proc.returncode == 0, proc.stderr
+        got[cap] = np.load(tmp_path / f"{cap}.npy")
+    assert np.array_equal(got["avx2"], got["avx512"])
+    gate, up = h[:, :203].astype(np.float64), h[:, 203:].astype(np.float64)
+    want = gate / (1.0 + np.exp(-gate)) * up
+    np.testing.assert_allclose(got["avx512"], want, rtol=2e-6, atol=1e-30)
