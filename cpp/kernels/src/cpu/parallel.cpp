@@ -28,11 +28,12 @@ namespace {
 // ~730 to ~1000 tokens/s when the caller stopped spinning after 100 pauses instead of 20,000.
 constexpr int kJoinSpins = 100;
 
-// An idle worker spins ~4000 pauses for the next job (layers issue kernels back to back, and a
-// sleeping worker costs a wake-up), yielding every kIdleYieldSpins of them. On two vCPUs the two
-// compute threads otherwise hold both while the server's event loop and the HTTP client wait to
-// be scheduled: the MoE benchmark model served ~5 % more tokens/s at 1 and 16 clients with the
-// yields (alternating A/B runs; the default model neutral to slightly faster).
+// An idle worker spins kIdleSpins pauses for the next job before it sleeps (layers issue kernels
+// back to back, and a sleeping worker costs a wake-up), yielding every kIdleYieldSpins of them. On
+// two vCPUs the two compute threads otherwise hold both while the server's event loop and the HTTP
+// client wait to be scheduled: the MoE benchmark model served ~5 % more tokens/s at 1 and 16
+// clients with the yields (alternating A/B runs; the default model neutral to slightly faster).
+constexpr int kIdleSpins = 4000;
 constexpr int kIdleYieldSpins = 64;
 
 thread_local bool t_inside_task = false;
@@ -168,8 +169,7 @@ class Pool {
   void worker_loop() {
     uint64_t seen = 0;
     for (;;) {
-      // Spin briefly (kIdleYieldSpins).
-      for (int spin = 0; spin < 4000 && generation_.load(std::memory_order_acquire) == seen;
+      for (int spin = 0; spin < kIdleSpins && generation_.load(std::memory_order_acquire) == seen;
            ++spin) {
         FASTLLM_CPU_RELAX();
         if (spin % kIdleYieldSpins == kIdleYieldSpins - 1) std::this_thread::yield();

@@ -583,8 +583,8 @@ inline float pairwise_sum(__m256 lanes) {
   return _mm_cvtss_f32(h2) + _mm_cvtss_f32(_mm_shuffle_ps(h2, h2, 1));
 }
 
-// Four bytes of row r from each of `chunks` consecutive 32-byte chunks at q (chunk c: the row's
-// values 4c..4c+3) as one vector of 4 * chunks bytes, in value order.
+// Four bytes of row r from each of the four consecutive 32-byte chunks at q (chunk c: the row's
+// values 4c..4c+3, or their bytes) as one 16-byte vector, in value order.
 inline __m128i row_chunks4(const uint8_t* q, int64_t r) {
   int32_t v[4];
   for (int c = 0; c < 4; ++c) std::memcpy(&v[c], q + 32 * c + 4 * r, 4);

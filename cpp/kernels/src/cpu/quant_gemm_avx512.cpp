@@ -8,7 +8,6 @@
 #include <immintrin.h>
 
 #include <cstring>
-#include <type_traits>
 
 #include "quant_gemm_impl.h"
 
@@ -292,12 +291,17 @@ inline void prefetch_block(const uint8_t* next, int64_t group_bytes, int64_t off
   }
 }
 
-// kRows (<= 8) rows of x against groups a and b (x8_group's arithmetic).
+// kRows (<= 8) rows of x against groups a and b. Q4_0x8 / Q4_1x8: x8_group's arithmetic (the
+// nibbles unpacked, weights by activations, then Q4_0's -8 d_w or Q4_1's m_w times s_x); Q7_0x8 /
+// Q8_0x8: q8_rows8_group's VNNI arithmetic (activations stored offset into unsigned bytes, the
+// block's offset term subtracted).
 template <QuantType kType, int kRows>
-void x8_group_pair(const uint8_t* a, const uint8_t* b, const Q8ActBlock* x, int64_t blocks,
-                   float* out, int64_t out_stride, const uint8_t* next) {
-  constexpr int64_t group_block = 8 * (kType == QuantType::kQ4_1x8 ? 20 : 18);
-  constexpr int64_t header = kType == QuantType::kQ4_1x8 ? 32 : 16;
+void group_pair(const uint8_t* a, const uint8_t* b, const Q8ActBlock* x, int64_t blocks, float* out,
+                int64_t out_stride, const uint8_t* next) {
+  constexpr bool kEightBit = kType == QuantType::kQ7_0x8 || kType == QuantType::kQ8_0x8;
+  constexpr bool kQ4_1 = kType == QuantType::kQ4_1x8;
+  constexpr int64_t group_block = 8 * (kEightBit ? 38 : kQ4_1 ? 20 : 18);
+  constexpr int64_t header = kEightBit ? 48 : kQ4_1 ? 32 : 16;
   const __m512i mask = _mm512_set1_epi8(0x0F);
   __m512 acc[kRows];
   for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
@@ -306,58 +310,40 @@ void x8_group_pair(const uint8_t* a, const uint8_t* b, const Q8ActBlock* x, int6
     const uint8_t* wb = b + blk * group_block;
     if (next != nullptr) prefetch_block(next, b - a, blk * group_block, group_block);
     const __m512 dw = halves_pair(wa, wb);
-    const __m512 mw = kType == QuantType::kQ4_1x8 ? halves_pair(wa + 16, wb + 16)
-                                                  : _mm512_mul_ps(dw, _mm512_set1_ps(-8.0f));
+    __m512 mw = _mm512_setzero_ps();          // the 4-bit types' offset term per s_x
+    __m512i offset = _mm512_setzero_si512();  // the 8-bit types' offset term
     __m512i q[8];
-    for (int c = 0; c < 4; ++c) {
-      const __m512i raw = load_pair(wa + header + 32 * c, wb + header + 32 * c);
-      q[c] = _mm512_and_si512(raw, mask);
-      q[c + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+    if constexpr (kEightBit) {
+      offset = load_pair(wa + 16, wb + 16);
+      for (int c = 0; c < 8; ++c) q[c] = load_pair(wa + header + 32 * c, wb + header + 32 * c);
+    } else {
+      mw = kQ4_1 ? halves_pair(wa + 16, wb + 16) : _mm512_mul_ps(dw, _mm512_set1_ps(-8.0f));
+      for (int c = 0; c < 4; ++c) {
+        const __m512i raw = load_pair(wa + header + 32 * c, wb + header + 32 * c);
+        q[c] = _mm512_and_si512(raw, mask);
+        q[c + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+      }
     }
     for (int r = 0; r < kRows; ++r) {
       const Q8ActBlock& xb = x[r * blocks + blk];
       // Two chains of four (integer sums: the same total in any order) halve the dependent
-      // dpbusd latency, which bounds the few-row tiles.
+      // dpbusd latency, which bounds the few-row tiles. vpdpbusd's unsigned operand: the 4-bit
+      // weights, or the 8-bit types' offset activations.
       __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
       for (int c = 0; c < 8; c += 2) {
-        even = _mm512_dpbusd_epi32(even, q[c], bcast4(xb.q + 4 * c));
-        odd = _mm512_dpbusd_epi32(odd, q[c + 1], bcast4(xb.q + 4 * c + 4));
+        if constexpr (kEightBit) {
+          even = _mm512_dpbusd_epi32(even, bcast4(xb.q + 4 * c), q[c]);
+          odd = _mm512_dpbusd_epi32(odd, bcast4(xb.q + 4 * c + 4), q[c + 1]);
+        } else {
+          even = _mm512_dpbusd_epi32(even, q[c], bcast4(xb.q + 4 * c));
+          odd = _mm512_dpbusd_epi32(odd, q[c + 1], bcast4(xb.q + 4 * c + 4));
+        }
       }
-      const __m512i isum = _mm512_add_epi32(even, odd);
+      __m512i isum = _mm512_add_epi32(even, odd);
+      if constexpr (kEightBit) isum = _mm512_sub_epi32(isum, offset);
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(xb.d)),
                                acc[r]);
-      acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xb.s), acc[r]);
-    }
-  }
-  for (int r = 0; r < kRows; ++r) _mm512_storeu_ps(out + r * out_stride, acc[r]);
-}
-
-// kRows (<= 8) rows of x against Q7_0x8 / Q8_0x8 groups a and b (q8_rows8_group's VNNI
-// arithmetic: activations stored offset into unsigned bytes, the block's offset term subtracted).
-template <int kRows>
-void q8_rows8_group_pair(const uint8_t* a, const uint8_t* b, const Q8ActBlock* x, int64_t blocks,
-                         float* out, int64_t out_stride, const uint8_t* next) {
-  constexpr int64_t group_block = 8 * 38, header = 48;
-  __m512 acc[kRows];
-  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const uint8_t* wa = a + blk * group_block;
-    const uint8_t* wb = b + blk * group_block;
-    if (next != nullptr) prefetch_block(next, b - a, blk * group_block, group_block);
-    const __m512 dw = halves_pair(wa, wb);
-    const __m512i offset = load_pair(wa + 16, wb + 16);
-    __m512i q[8];
-    for (int c = 0; c < 8; ++c) q[c] = load_pair(wa + header + 32 * c, wb + header + 32 * c);
-    for (int r = 0; r < kRows; ++r) {
-      const Q8ActBlock& xb = x[r * blocks + blk];
-      __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
-      for (int c = 0; c < 8; c += 2) {  // two chains, as in x8_group_pair
-        even = _mm512_dpbusd_epi32(even, bcast4(xb.q + 4 * c), q[c]);
-        odd = _mm512_dpbusd_epi32(odd, bcast4(xb.q + 4 * c + 4), q[c + 1]);
-      }
-      const __m512i isum = _mm512_sub_epi32(_mm512_add_epi32(even, odd), offset);
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(xb.d)),
-                               acc[r]);
+      if constexpr (!kEightBit) acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xb.s), acc[r]);
     }
   }
   for (int r = 0; r < kRows; ++r) _mm512_storeu_ps(out + r * out_stride, acc[r]);
@@ -376,15 +362,8 @@ void tile_x8_pairs(const uint8_t* weight, int64_t groups, const Q8ActBlock* x, i
     auto next = [&](int64_t r) { return more && r == 0 ? a + 2 * group_bytes : nullptr; };
     for (int64_t r = 0; r < m_rows; r += 8) {
       with_rows(m_rows - r, [&](auto rows) {
-        constexpr int kRows = decltype(rows)::value;
-        float* o = out + r * out_stride + 8 * g;
-        if constexpr (kType == QuantType::kQ7_0x8 || kType == QuantType::kQ8_0x8) {
-          q8_rows8_group_pair<kRows>(a, a + group_bytes, x + r * blocks, blocks, o, out_stride,
-                                     next(r));
-        } else {
-          x8_group_pair<kType, kRows>(a, a + group_bytes, x + r * blocks, blocks, o, out_stride,
-                                      next(r));
-        }
+        group_pair<kType, decltype(rows)::value>(a, a + group_bytes, x + r * blocks, blocks,
+                                                 out + r * out_stride + 8 * g, out_stride, next(r));
       });
     }
   }

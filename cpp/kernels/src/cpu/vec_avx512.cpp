@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "vec.h"
 
@@ -234,86 +235,67 @@ void values_impl(const void* values, int64_t value_stride, int64_t n, const floa
   }
 }
 
-// The kernels for one cache type, per head size: every supported one (64, 80, 96, 128, 256) is a
-// multiple of 16 and gets code with its chunk count built in; any other d goes to the AVX2
-// kernels, always, so a given d still takes one path.
-template <DType kType>
-void scores_dtype(const void* keys, int64_t key_stride, int64_t n, const float* q, int64_t rows,
-                  int64_t d, float* scores, int64_t score_stride) {
-  switch (d) {
-    case 64:
-      return scores_impl<kType, 4>(keys, key_stride, n, q, rows, scores, score_stride);
-    case 80:
-      return scores_impl<kType, 5>(keys, key_stride, n, q, rows, scores, score_stride);
-    case 96:
-      return scores_impl<kType, 6>(keys, key_stride, n, q, rows, scores, score_stride);
-    case 128:
-      return scores_impl<kType, 8>(keys, key_stride, n, q, rows, scores, score_stride);
-    case 256:
-      return scores_impl<kType, 16>(keys, key_stride, n, q, rows, scores, score_stride);
-    default:
-      return avx2_vec_ops()->attn_scores(keys, key_stride, kType, n, q, rows, d, scores,
-                                         score_stride);
+// Calls f(std::integral_constant<DType, dtype>(), std::integral_constant<int, d / 16>()) for a
+// head size with its own kernels (every supported one, 64, 80, 96, 128 and 256, is a multiple
+// of 16 and gets code with its chunk count built in) and returns true; any other d returns
+// false and goes to the AVX2 kernels, always, so a given d still takes one path.
+template <typename F>
+bool with_cache_shape(DType dtype, int64_t d, F&& f) {
+  auto by_size = [&](auto type) {
+    switch (d) {
+      case 64:
+        f(type, std::integral_constant<int, 4>());
+        return true;
+      case 80:
+        f(type, std::integral_constant<int, 5>());
+        return true;
+      case 96:
+        f(type, std::integral_constant<int, 6>());
+        return true;
+      case 128:
+        f(type, std::integral_constant<int, 8>());
+        return true;
+      case 256:
+        f(type, std::integral_constant<int, 16>());
+        return true;
+      default:
+        return false;
+    }
+  };
+  switch (dtype) {
+    case DType::kFloat32:
+      return by_size(std::integral_constant<DType, DType::kFloat32>());
+    case DType::kFloat16:
+      return by_size(std::integral_constant<DType, DType::kFloat16>());
+    case DType::kBFloat16:
+      return by_size(std::integral_constant<DType, DType::kBFloat16>());
+    case DType::kFloat8E4M3:
+      return by_size(std::integral_constant<DType, DType::kFloat8E4M3>());
+    case DType::kFloat8E5M2:
+      return by_size(std::integral_constant<DType, DType::kFloat8E5M2>());
   }
-}
-
-template <DType kType>
-void values_dtype(const void* values, int64_t value_stride, int64_t n, const float* weights,
-                  int64_t weight_stride, int64_t rows, int64_t d, float* acc) {
-  switch (d) {
-    case 64:
-      return values_impl<kType, 4>(values, value_stride, n, weights, weight_stride, rows, acc);
-    case 80:
-      return values_impl<kType, 5>(values, value_stride, n, weights, weight_stride, rows, acc);
-    case 96:
-      return values_impl<kType, 6>(values, value_stride, n, weights, weight_stride, rows, acc);
-    case 128:
-      return values_impl<kType, 8>(values, value_stride, n, weights, weight_stride, rows, acc);
-    case 256:
-      return values_impl<kType, 16>(values, value_stride, n, weights, weight_stride, rows, acc);
-    default:
-      return avx2_vec_ops()->attn_values(values, value_stride, kType, n, weights, weight_stride,
-                                         rows, d, acc);
-  }
+  return false;
 }
 
 void attn_scores(const void* keys, int64_t key_stride, DType dtype, int64_t n, const float* q,
                  int64_t rows, int64_t d, float* scores, int64_t score_stride) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return scores_dtype<DType::kFloat32>(keys, key_stride, n, q, rows, d, scores, score_stride);
-    case DType::kFloat16:
-      return scores_dtype<DType::kFloat16>(keys, key_stride, n, q, rows, d, scores, score_stride);
-    case DType::kBFloat16:
-      return scores_dtype<DType::kBFloat16>(keys, key_stride, n, q, rows, d, scores, score_stride);
-    case DType::kFloat8E4M3:
-      return scores_dtype<DType::kFloat8E4M3>(keys, key_stride, n, q, rows, d, scores,
-                                              score_stride);
-    case DType::kFloat8E5M2:
-      return scores_dtype<DType::kFloat8E5M2>(keys, key_stride, n, q, rows, d, scores,
-                                              score_stride);
-  }
+  const bool done = with_cache_shape(dtype, d, [&](auto type, auto chunks) {
+    scores_impl<decltype(type)::value, decltype(chunks)::value>(keys, key_stride, n, q, rows,
+                                                                scores, score_stride);
+  });
+  if (!done)
+    avx2_vec_ops()->attn_scores(keys, key_stride, dtype, n, q, rows, d, scores, score_stride);
 }
 
 void attn_values(const void* values, int64_t value_stride, DType dtype, int64_t n,
                  const float* weights, int64_t weight_stride, int64_t rows, int64_t d, float* acc) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return values_dtype<DType::kFloat32>(values, value_stride, n, weights, weight_stride, rows, d,
-                                           acc);
-    case DType::kFloat16:
-      return values_dtype<DType::kFloat16>(values, value_stride, n, weights, weight_stride, rows, d,
-                                           acc);
-    case DType::kBFloat16:
-      return values_dtype<DType::kBFloat16>(values, value_stride, n, weights, weight_stride, rows,
-                                            d, acc);
-    case DType::kFloat8E4M3:
-      return values_dtype<DType::kFloat8E4M3>(values, value_stride, n, weights, weight_stride, rows,
-                                              d, acc);
-    case DType::kFloat8E5M2:
-      return values_dtype<DType::kFloat8E5M2>(values, value_stride, n, weights, weight_stride, rows,
-                                              d, acc);
-  }
+  const bool done = with_cache_shape(dtype, d, [&](auto type, auto chunks) {
+    values_impl<decltype(type)::value, decltype(chunks)::value>(values, value_stride, n, weights,
+                                                                weight_stride, rows, acc);
+  });
+  if (!done)
+    avx2_vec_ops()->attn_values(values, value_stride, dtype, n, weights, weight_stride, rows, d,
+                                acc);
 }
 
 // exp(x) sixteen lanes at a time: vec_avx2.cpp's exp256, step for step (the same constants,
