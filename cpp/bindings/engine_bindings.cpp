@@ -403,8 +403,9 @@ void bind_engine(nb::module_& m) {
   nb::class_<RequestOutput>(m, "RequestOutput")
       .def_ro("request_id", &RequestOutput::request_id)
       .def_ro("seq_index", &RequestOutput::seq_index, "which of the request's n sequences")
-      .def_prop_ro(
-          "new_token_ids", [](const RequestOutput& o) { return ro_view(o.new_token_ids); }, ref)
+      // The step's few tokens as a list: what a front end reads from every output of every
+      // step (a list of one int costs less than an array view and its conversion).
+      .def_ro("new_token_ids", &RequestOutput::new_token_ids)
       .def_prop_ro(
           "new_logprobs", [](const RequestOutput& o) { return ro_view(o.new_logprobs); }, ref)
       .def_ro("num_top_logprobs", &RequestOutput::num_top_logprobs)

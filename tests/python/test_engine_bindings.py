@@ -413,7 +413,9 @@ def test_output_arrays_are_read_only_views_not_copies():
     while engine.has_unfinished_requests():
         outs += engine.step()
     first = next(o for o in outs if len(o.prompt_logprobs))
-    for name in ("new_token_ids", "new_logprobs", "top_token_ids", "top_logprobs",
+    assert isinstance(first.new_token_ids, list) and first.new_token_ids is not \
+        first.new_token_ids  # a fresh list of the step's few tokens each time
+    for name in ("new_logprobs", "top_token_ids", "top_logprobs",
                  "prompt_logprobs", "prompt_top_token_ids", "prompt_top_logprobs"):
         a, b = getattr(first, name), getattr(first, name)
         assert isinstance(a, np.ndarray) and not a.flags.writeable, name
@@ -421,7 +423,7 @@ def test_output_arrays_are_read_only_views_not_copies():
             assert a.__array_interface__["data"][0] == b.__array_interface__["data"][0], name
     assert len(first.prompt_logprobs) == 49
     assert len(first.prompt_top_token_ids) == 49 * first.num_prompt_top_logprobs
-    assert first.new_token_ids.dtype == np.int32 and first.prompt_logprobs.dtype == np.float32
+    assert first.new_logprobs.dtype == np.float32 and first.prompt_logprobs.dtype == np.float32
 
 
 def test_plan_holds_penalty_lists_and_prompt_logprob_targets_in_kernel_form():

@@ -16,12 +16,12 @@ from fastllm.engine.output_processor import OutputProcessor
 
 def native(rid, seq, tokens, logprobs=(), finished=False, reason="", request_finished=False,
            error=""):
-    """A stand-in for _C.RequestOutput with the fields the processor reads (arrays as numpy,
-    like the binding's)."""
+    """A stand-in for _C.RequestOutput with the fields the processor reads (the new tokens as a
+    list and the other arrays as numpy, like the binding's)."""
     ids = np.zeros(0, dtype=np.int32)
     values = np.zeros(0, dtype=np.float32)
     return SimpleNamespace(
-        request_id=rid, seq_index=seq, new_token_ids=np.array(tokens, dtype=np.int32),
+        request_id=rid, seq_index=seq, new_token_ids=list(tokens),
         new_logprobs=np.array(logprobs, dtype=np.float32),
         num_top_logprobs=0, top_token_ids=ids, top_logprobs=values, prompt_logprobs=values,
         num_prompt_top_logprobs=0, prompt_top_token_ids=ids, prompt_top_logprobs=values,

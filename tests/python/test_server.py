@@ -561,3 +561,67 @@ def test_bad_parameters_give_the_offline_message_over_http(server):
                        json={"model": MODEL, "prompt": "hi", "max_tokens": 2, **fields})
         assert r.status_code == 400, (fields, r.text)
         assert r.json()["error"]["message"] == message, fields
+
+
+@pytest.mark.parametrize("kind", ["text_completion", "chat.completion.chunk"])
+def test_stream_events_text_is_the_event_of_its_choice(kind):
+    """A text-only chunk is written around the encoded text alone: the same bytes as the general
+    event of that choice, for text that needs escaping as well."""
+    from fastllm.entrypoints.openai.serving_base import StreamEvents
+
+    events = StreamEvents('cmpl-"q"\\', kind, 1733500000, "mödel/ä")
+    for text in ["", " plain", 'quote " back \\ slash', "line\nfeed\ttab\x01\x1f", "é😀用",
+                 "\u2028\ud7ff"]:
+        choice = ({"index": 3, "delta": {"content": text}} if kind == "chat.completion.chunk"
+                  else {"index": 3, "text": text})
+        choice.update(logprobs=None, finish_reason=None, stop_reason=None)
+        written = events.text(3, text)
+        assert written == events.event(choice)
+        assert written.startswith("data: ") and written.endswith("\n\n")
+        assert json.loads(written[6:]) == {"id": 'cmpl-"q"\\', "object": kind,
+                                           "created": 1733500000, "model": "mödel/ä",
+                                           "choices": [choice]}
+
+
+def test_token_metrics_are_folded_in_when_scraped_or_batched():
+    """Token counts and inter-token gaps are gathered and go into their series when a scrape
+    renders them or when enough gaps have gathered; nothing is lost or counted twice."""
+    from types import SimpleNamespace
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from fastllm.entrypoints.openai.metrics import _ITL_BATCH, ServerMetrics
+
+    metrics = ServerMetrics("m")
+    stats = SimpleNamespace(num_running=0, num_waiting=0, kv_usage=0.0, prefix_queries=0,
+                            prefix_hits=0, num_preemptions=0, num_prompt_tokens_computed=0,
+                            spec_draft_tokens=0, spec_accepted_tokens=0, spec_verify_steps=0,
+                            spec_draft_seconds=0.0, spec_verify_seconds=0.0)
+
+    def scraped() -> tuple[float, float, float]:
+        families = {f.name: f for f in text_string_to_metric_families(
+            metrics.render(stats).decode())}
+        itl = {s.name: s.value for s in families["fastllm:inter_token_latency_seconds"].samples
+               if s.name.endswith(("_count", "_sum"))}
+        tokens = families["fastllm:generation_tokens"].samples[0].value
+        return tokens, itl["fastllm:inter_token_latency_seconds_count"], \
+            itl["fastllm:inter_token_latency_seconds_sum"]
+
+    stream = SimpleNamespace(arrival=0.0, first_token_at=None, last_token_at=None)
+    now, gaps = 1.0, 0
+    for step in range(_ITL_BATCH + 40):
+        count = 2 if step % 7 == 0 else 1
+        now += 0.004 * count  # 4 ms a token
+        metrics.on_tokens(stream, now, count)
+        if stream.first_token_at is None:
+            stream.first_token_at = now
+        else:
+            gaps += 1
+        stream.last_token_at = now
+        if step == _ITL_BATCH + 5:  # one batch went in on its own, the rest waits
+            assert metrics._itl._sum.get() == pytest.approx(0.004 * _ITL_BATCH)
+    tokens, itl_count, itl_sum = scraped()
+    assert tokens == sum(2 if s % 7 == 0 else 1 for s in range(_ITL_BATCH + 40))
+    assert itl_count == gaps == _ITL_BATCH + 39
+    assert itl_sum == pytest.approx(0.004 * gaps)
+    assert scraped() == (tokens, itl_count, itl_sum)  # a second scrape adds nothing

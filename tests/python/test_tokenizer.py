@@ -260,6 +260,57 @@ def test_template_helpers(tokenizer) -> None:
 # -- incremental detokenization ----------------------------------------------------------------
 
 
+class _WindowOnly(Tokenizer):
+    """The same tokenizer without its byte pieces: the detokenizer then takes the decode window,
+    the road of every tokenizer whose decoder is not ByteLevel."""
+
+    def byte_pieces(self, skip_special_tokens: bool = True) -> None:
+        return None
+
+
+def _window_only(tokenizer: Tokenizer) -> Tokenizer:
+    window = _WindowOnly.__new__(_WindowOnly)
+    window.__dict__.update(tokenizer.__dict__)
+    return window
+
+
+@pytest.fixture(scope="module", params=["byte pieces", "window"])
+def detok_tokenizer(request, tokenizer: Tokenizer) -> Tokenizer:
+    if request.param == "byte pieces":
+        assert tokenizer.byte_pieces() is not None  # the default model's decoder is ByteLevel
+        return tokenizer
+    return _window_only(tokenizer)
+
+
+def test_byte_pieces_decode_as_the_tokenizer_does(tokenizer: Tokenizer) -> None:
+    """Every id alone and random runs of ordinary, single-byte and special ids: the pieces joined
+    and decoded as lossy UTF-8 give the backend's text, with and without special tokens."""
+    rng = random.Random(0)
+    for skip in (True, False):
+        pieces = tokenizer.byte_pieces(skip)
+        assert len(pieces) == tokenizer.vocab_size
+        assert all(
+            pieces[i].decode("utf-8", "replace") == tokenizer.decode([i], skip_special_tokens=skip)
+            for i in range(tokenizer.vocab_size))
+        for _ in range(500):
+            ids = [rng.choice([rng.randrange(tokenizer.vocab_size), rng.randrange(17, 300),
+                               rng.randrange(17)]) for _ in range(rng.randrange(1, 24))]
+            joined = b"".join(pieces[i] for i in ids).decode("utf-8", "replace")
+            assert joined == tokenizer.decode(ids, skip_special_tokens=skip), ids
+    special = tokenizer.all_special_ids[0]
+    assert tokenizer.byte_pieces(True)[special] == b""
+    assert tokenizer.byte_pieces(False)[special] != b""
+
+
+def test_byte_pieces_are_none_for_other_decoders(tokenizer: Tokenizer) -> None:
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders
+
+    backend = Backend.from_str(tokenizer.backend.to_str())
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    assert Tokenizer(backend, tokenizer._special).byte_pieces() is None
+
+
 def _stream(
     tokenizer: Tokenizer, prompt: list[int], ids: list[int], chunk_sizes, **kw
 ) -> list[str]:
@@ -277,7 +328,8 @@ def _stream(
 
 
 @pytest.mark.parametrize("skip", [True, False])
-def test_detokenizer_text_streams(tokenizer: Tokenizer, skip: bool) -> None:
+def test_detokenizer_text_streams(detok_tokenizer: Tokenizer, skip: bool) -> None:
+    tokenizer = detok_tokenizer
     prompt = tokenizer.encode(tokenizer.apply_chat_template(CONVERSATIONS[0]))
     for text in CORPUS:
         ids = tokenizer.encode(text)
@@ -288,7 +340,8 @@ def test_detokenizer_text_streams(tokenizer: Tokenizer, skip: bool) -> None:
             assert not any("\ufffd" in p for p in pieces), text
 
 
-def test_detokenizer_holds_split_characters(tokenizer: Tokenizer) -> None:
+def test_detokenizer_holds_split_characters(detok_tokenizer: Tokenizer) -> None:
+    tokenizer = detok_tokenizer
     # 😀 is F0 9F 98 80: as single-byte tokens it arrives in four pieces.
     byte_ids = [tokenizer.backend.token_to_id(c) for c in ["ðŁ", "ĺ", "Ģ"]]
     if None in byte_ids:  # vocabulary spells these bytes differently; build from bytes
@@ -304,7 +357,8 @@ def test_detokenizer_holds_split_characters(tokenizer: Tokenizer) -> None:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_detokenizer_random_streams(tokenizer: Tokenizer, seed: int) -> None:
+def test_detokenizer_random_streams(detok_tokenizer: Tokenizer, seed: int) -> None:
+    tokenizer = detok_tokenizer
     rng = random.Random(seed)
     # Mix ordinary ids, byte-fragment ids (< 300 holds the single bytes) and special ids.
     ids = [
@@ -318,7 +372,8 @@ def test_detokenizer_random_streams(tokenizer: Tokenizer, seed: int) -> None:
     assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=skip)
 
 
-def test_detokenizer_emoji_and_cjk_token_by_token(tokenizer: Tokenizer) -> None:
+def test_detokenizer_emoji_and_cjk_token_by_token(detok_tokenizer: Tokenizer) -> None:
+    tokenizer = detok_tokenizer
     text = "用户说：你好！😀👍🏽 日本語 🇫🇷 done"
     ids = tokenizer.encode(text)
     detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("Q: "))
@@ -330,7 +385,7 @@ def test_detokenizer_emoji_and_cjk_token_by_token(tokenizer: Tokenizer) -> None:
 
 def test_detokenizer_window_stays_small(tokenizer: Tokenizer) -> None:
     ids = tokenizer.encode(" ".join(CORPUS) * 4)
-    detok = IncrementalDetokenizer(tokenizer, [])
+    detok = IncrementalDetokenizer(_window_only(tokenizer), [])
     widths = []
     for token_id in ids:
         detok.step([token_id])

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastllm.config import EngineArgs
 from fastllm.engine.beam_search import (
@@ -61,13 +62,32 @@ class ModelInfo:
     chat_template: str | None  # the tokenizer's own
 
 
-@dataclass
 class _Stream:
-    group: RequestGroup
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    arrival: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-    last_token_at: float | None = None
+    """One request's delivery from the output dispatch to its generator: put() appends a chunk
+    (None ends the stream) and wakes the generator waiting in get(). An asyncio.Queue does the
+    same in several calls more per chunk; a server makes one chunk per token."""
+
+    __slots__ = ("_items", "_waiter", "arrival", "first_token_at", "group", "last_token_at")
+
+    def __init__(self, group: RequestGroup):
+        self.group = group
+        self.arrival = time.monotonic()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self._items: deque = deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, item: StreamChunk | None) -> None:
+        self._items.append(item)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():  # done: the generator was cancelled
+            waiter.set_result(None)
+
+    async def get(self) -> StreamChunk | None:
+        if not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self._items.popleft()
 
 
 class AsyncLLM:
@@ -82,6 +102,7 @@ class AsyncLLM:
         self._core = EngineCore(args, on_dead=self._on_engine_dead)
         self.args = args
         self._tokenizer = self._core.tokenizer
+        self._tokenizer.byte_pieces()  # built now, not on the first request (tens of ms)
         self._guided = self._core.build_guided_manager(guided_decoding_backend)
         self._metrics = metrics
         self._streams: dict[str, _Stream] = {}
@@ -146,7 +167,7 @@ class AsyncLLM:
             stream.group.error = f"the engine stopped: {message}"
             if self._metrics is not None:
                 self._metrics.on_request_finished("error", stream, stream.group.num_output_tokens)
-            stream.queue.put_nowait(None)
+            stream.put(None)
         self._dead.set()
 
     def stats(self):
@@ -226,7 +247,7 @@ class AsyncLLM:
         finished = False
         try:
             while True:
-                chunk = await stream.queue.get()
+                chunk = await stream.get()
                 if chunk is None:  # the request is over
                     finished = True
                     if group.failed:
@@ -308,13 +329,13 @@ class AsyncLLM:
                     continue
                 child.finish_reason = "abort"
                 if not group.ranked:
-                    stream.queue.put_nowait(group.chunk(index, child))
+                    stream.put(group.chunk(index, child))
             if group.ranked:
                 for index, child in group.kept():
-                    stream.queue.put_nowait(group.chunk(index, child, whole=True))
+                    stream.put(group.chunk(index, child, whole=True))
             if self._metrics is not None:
                 self._metrics.on_request_finished("abort", stream, group.num_output_tokens)
-            stream.queue.put_nowait(None)
+            stream.put(None)
         return len(ended)
 
     async def prepare_guided(self, params: SamplingParams) -> None:
@@ -339,7 +360,7 @@ class AsyncLLM:
                     stream.first_token_at = now
                 stream.last_token_at = now
             for chunk in chunks:
-                stream.queue.put_nowait(chunk)
+                stream.put(chunk)
             if not group.finished:
                 continue
             if group.failed:
@@ -350,4 +371,4 @@ class AsyncLLM:
             if self._metrics is not None:
                 self._metrics.on_request_finished(group.finish_reason, stream,
                                                  group.num_output_tokens)
-            stream.queue.put_nowait(None)
+            stream.put(None)

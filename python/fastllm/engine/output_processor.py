@@ -15,9 +15,10 @@ from fastllm.sampling_params import SamplingParams
 from fastllm.tokenizer import Tokenizer
 
 
-@dataclass
+@dataclass(slots=True)
 class StreamChunk:
-    """What one child sequence of a request produced since its previous chunk."""
+    """What one child sequence of a request produced since its previous chunk (slots: a server
+    makes one per token)."""
 
     request_id: str
     text: str

@@ -54,9 +54,10 @@ class RequestState:
         self.num_cached_tokens = out.num_cached_tokens
         if self.prompt_logprobs is not None and len(out.prompt_logprobs):
             self._add_prompt_logprobs(out)
-        # The output's arrays are numpy views: converted once, never indexed element by element.
-        new_ids = out.new_token_ids.tolist()
-        with_logprobs = len(out.new_logprobs) == len(new_ids)
+        # new_token_ids is a fresh list; the other arrays are numpy views, converted once,
+        # never indexed element by element.
+        new_ids = out.new_token_ids
+        with_logprobs = self.logprobs is not None and len(out.new_logprobs) == len(new_ids)
         stopped_by_string = False
         if self.detokenizer is not None and new_ids:
             if self._max_stop_len and len(new_ids) > 1:
@@ -77,7 +78,7 @@ class RequestState:
                         self.params.min_tokens:
                     stopped_by_string = self._check_stop_strings(len(new_text))
         self.token_ids.extend(new_ids)
-        if self.logprobs is not None and with_logprobs:
+        if with_logprobs:
             k = out.num_top_logprobs
             top_ids, top_values = out.top_token_ids.tolist(), out.top_logprobs.tolist()
             for i, (tok, lp) in enumerate(zip(new_ids, out.new_logprobs.tolist())):

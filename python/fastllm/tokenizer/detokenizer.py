@@ -17,10 +17,18 @@ character boundaries, so each step decodes only a few tokens: O(1) per token.
 Invariant: "".join(step(...) for each chunk) + flush() == decoded text of the output ids in the
 context of the prompt. For byte-level BPE tokenizers (GPT-2 style, the default model) that is
 exactly `tokenizer.decode(output_ids, skip_special_tokens)`.
+
+Byte-level tokenizers take a shorter road to the same text: their decoder joins the tokens'
+bytes and decodes the whole as UTF-8 (lossy), so a stream needs only each token's bytes
+(`Tokenizer.byte_pieces`) and an incremental UTF-8 decoder, which holds an unfinished character
+back exactly as the window does. A server runs this once per token between decode steps that
+stream the model's weights through the caches; a list index and one decoder call touch far less
+memory than a tokenizer call.
 """
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Sequence
 
 from .tokenizer import Tokenizer
@@ -44,6 +52,11 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         # Accepted for API compatibility; see `Tokenizer.decode`.
         self.spaces_between_special_tokens = spaces_between_special_tokens
+        # Byte-level tokenizers: each id's bytes, and the decoder of the bytes so far.
+        self._pieces = tokenizer.byte_pieces(skip_special_tokens)
+        if self._pieces is not None:
+            self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+            prompt_ids = ()  # decoding needs no context
         self._ids: list[int] = list(prompt_ids[-_PROMPT_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
@@ -74,6 +87,8 @@ class IncrementalDetokenizer:
 
     def step(self, new_ids: Sequence[int]) -> str:
         """Append `new_ids` (one or more) and return the text that became final ("" if none)."""
+        if self._pieces is not None:
+            return self._step_bytes([int(i) for i in new_ids])
         self._ids.extend(int(i) for i in new_ids)
         full = self._decode(self._prefix_offset, len(self._ids))
         if len(full) <= len(self._prefix_text) or full.endswith(_REPLACEMENT):
@@ -85,8 +100,26 @@ class IncrementalDetokenizer:
         self._text_parts.append(new_text)
         return new_text
 
+    def _step_bytes(self, new_ids: list[int]) -> str:
+        self._ids.extend(new_ids)
+        pieces, n = self._pieces, len(self._pieces)
+        # An id past the tokenizer's vocabulary (a model's padded rows) decodes to nothing.
+        if len(new_ids) == 1:
+            data = pieces[new_ids[0]] if 0 <= new_ids[0] < n else b""
+        else:
+            data = b"".join(pieces[i] for i in new_ids if 0 <= i < n)
+        text = self._utf8.decode(data)
+        if text:
+            self._text_parts.append(text)
+        return text
+
     def flush(self) -> str:
         """At the end of the stream: the held-back text (e.g. a final invalid byte as U+FFFD)."""
+        if self._pieces is not None:
+            new_text = self._utf8.decode(b"", final=True)
+            if new_text:
+                self._text_parts.append(new_text)
+            return new_text
         full = self._decode(self._prefix_offset, len(self._ids))
         new_text = full[len(self._prefix_text) :]
         self._prefix_offset = self._read_offset = len(self._ids)

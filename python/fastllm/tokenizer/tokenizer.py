@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers.decoders import ByteLevel as ByteLevelDecoder
 
 from ..loader.gguf_file import open_gguf
 from ..loader.source import ModelSource, default_gguf_path, resolve_model
@@ -79,6 +80,36 @@ class Tokenizer:
                 special_ids.add(token_id)
         self.all_special_ids: list[int] = sorted(special_ids)
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        self._byte_pieces: dict[bool, list[bytes] | None] = {}
+
+    def byte_pieces(self, skip_special_tokens: bool = True) -> list[bytes] | None:
+        """Each id's bytes as a byte-level decoder joins them (a skipped special token: none),
+        when the backend's decoder is ByteLevel: `decode(ids)` is then the lossy UTF-8 decoding
+        of the ids' pieces joined, which lets a stream decode a token with a list index and an
+        incremental UTF-8 decoder. None for any other decoder (sentencepiece-style decoders
+        change a token's text by what precedes it). Built on first use, then cached."""
+        if skip_special_tokens not in self._byte_pieces:
+            self._byte_pieces[skip_special_tokens] = self._build_byte_pieces(skip_special_tokens)
+        return self._byte_pieces[skip_special_tokens]
+
+    def _build_byte_pieces(self, skip_special_tokens: bool) -> list[bytes] | None:
+        if not isinstance(self.backend.decoder, ByteLevelDecoder):
+            return None
+        if not skip_special_tokens and True in self._byte_pieces:
+            pieces = list(self._byte_pieces[True])
+            for token_id, token in self.backend.get_added_tokens_decoder().items():
+                if token.special and token_id < len(pieces):
+                    pieces[token_id] = _byte_level_bytes(token.content)
+            return pieces
+        pieces = [b""] * self.vocab_size
+        for token, token_id in self.backend.get_vocab(with_added_tokens=True).items():
+            if token_id < len(pieces):
+                pieces[token_id] = _byte_level_bytes(token)
+        if skip_special_tokens:
+            for token_id, token in self.backend.get_added_tokens_decoder().items():
+                if token.special and token_id < len(pieces):
+                    pieces[token_id] = b""
+        return pieces
 
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
@@ -166,6 +197,32 @@ class Tokenizer:
             continue_final_message=continue_final_message,
             **variables,
         )
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The byte-level alphabet, character -> byte: the printable bytes stand for themselves,
+    the other 68 for the characters from U+0100 on, in byte order (GPT-2's mapping)."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(0x100 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+
+
+def _byte_level_bytes(token: str) -> bytes:
+    """A token's bytes as the ByteLevel decoder reads it: every character through the alphabet,
+    or, when one is outside it (an added token such as "<|im_start|>" may be), the token's own
+    UTF-8."""
+    try:
+        return bytes([_BYTE_OF_CHAR[c] for c in token])
+    except KeyError:
+        return token.encode("utf-8")
 
 
 def load_tokenizer(source: ModelSource | str | os.PathLike[str] | None) -> Tokenizer:

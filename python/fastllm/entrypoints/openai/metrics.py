@@ -8,6 +8,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_ITL_BATCH = 256  # inter-token gaps gathered before they go into their histogram
 
 
 class ServerMetrics:
@@ -75,6 +76,12 @@ class ServerMetrics:
         self._generation = self.generation_tokens.labels(model_name)
         self._ttft = self.ttft.labels(model_name)
         self._itl = self.itl.labels(model_name)
+        # Tokens and inter-token gaps not yet in those series: folded in when a scrape renders
+        # them, or when _ITL_BATCH gaps have gathered. A server observes one gap per token
+        # between decode steps that push the weights through the caches, where each series'
+        # locks and bucket search cost far more than an append.
+        self._pending_tokens = 0
+        self._pending_gaps: list[float] = []
 
     # ---- hooks called by AsyncLLM ------------------------------------------------------------
 
@@ -85,11 +92,22 @@ class ServerMetrics:
         self.routed.labels(self.model_name, str(replica)).inc()
 
     def on_tokens(self, stream, now: float, count: int) -> None:
-        self._generation.inc(count)
+        self._pending_tokens += count
         if stream.first_token_at is None:
             self._ttft.observe(now - stream.arrival)
         elif stream.last_token_at is not None:
-            self._itl.observe((now - stream.last_token_at) / count)
+            self._pending_gaps.append((now - stream.last_token_at) / count)
+            if len(self._pending_gaps) >= _ITL_BATCH:
+                self.flush()
+
+    def flush(self) -> None:
+        """Folds the pending token count and inter-token gaps into their series."""
+        if self._pending_tokens:
+            self._generation.inc(self._pending_tokens)
+            self._pending_tokens = 0
+        for gap in self._pending_gaps:
+            self._itl.observe(gap)
+        self._pending_gaps.clear()
 
     def on_request_finished(self, reason, stream, num_tokens: int) -> None:
         if reason == "error":
@@ -101,6 +119,7 @@ class ServerMetrics:
     # ---- exposition --------------------------------------------------------------------------
 
     def refresh(self, stats) -> None:
+        self.flush()
         m = self.model_name
         self.running.labels(m).set(stats.num_running)
         self.waiting.labels(m).set(stats.num_waiting)

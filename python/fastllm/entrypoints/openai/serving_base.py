@@ -10,6 +10,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from json.encoder import encode_basestring
 from typing import Any
 
 from fastllm.engine.async_llm import AsyncLLM, StreamChunk
@@ -52,9 +53,38 @@ def usage_chunk(request_id: str, kind: str, created: int, model: str, prompt_tok
                       "total_tokens": prompt_tokens + completion_tokens}}
 
 
+# Compact JSON, non-ASCII characters as they are (encode_basestring is its string encoder).
+_to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def sse(payload: Any) -> str:
-    body = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    body = payload if isinstance(payload, str) else _to_json(payload)
     return f"data: {body}\n\n"
+
+
+class StreamEvents:
+    """The SSE events of one streamed response. Every chunk repeats the response's id, object,
+    created and model: those are encoded once. Most chunks carry one choice's text and nothing
+    else; text() writes those around the encoded text alone (a server writes one per token,
+    between decode steps that push the weights through the caches, so less code and fewer
+    objects per token is time), the same JSON as event() gives for that choice."""
+
+    def __init__(self, response_id: str, kind: str, created: int, model: str):
+        self._head = (f'data: {{"id":{encode_basestring(response_id)},"object":'
+                      f'{encode_basestring(kind)},"created":{int(created)},"model":'
+                      f'{encode_basestring(model)},"choices":[')
+        # The text's key, and what follows it, in a completion's or a chat delta's choice.
+        self._text_key, self._text_tail = (
+            ('"delta":{"content":', '},"logprobs":null,"finish_reason":null,"stop_reason":null}')
+            if kind == "chat.completion.chunk" else
+            ('"text":', ',"logprobs":null,"finish_reason":null,"stop_reason":null}'))
+
+    def event(self, choice: dict) -> str:
+        return f"{self._head}{_to_json(choice)}]}}\n\n"
+
+    def text(self, index: int, text: str) -> str:
+        return (f'{self._head}{{"index":{index},{self._text_key}{encode_basestring(text)}'
+                f'{self._text_tail}]}}\n\n')
 
 
 class OpenAIServingBase:

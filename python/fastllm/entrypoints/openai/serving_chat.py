@@ -8,7 +8,13 @@ from collections.abc import AsyncIterator
 
 from fastllm.entrypoints.openai.errors import APIError, error_event
 from fastllm.entrypoints.openai.protocol import ChatCompletionRequest, UsageInfo, random_id
-from fastllm.entrypoints.openai.serving_base import Job, OpenAIServingBase, sse, usage_chunk
+from fastllm.entrypoints.openai.serving_base import (
+    Job,
+    OpenAIServingBase,
+    StreamEvents,
+    sse,
+    usage_chunk,
+)
 from fastllm.entrypoints.openai.tool_parsers.chat_tools import (
     ToolPlan,
     ToolRequestError,
@@ -121,18 +127,17 @@ class OpenAIServingChat(OpenAIServingBase):
     async def stream_chat(self, jobs: list[Job], rid, created, model, role, echo, want_logprobs,
                           top_n, as_ids, include_usage, tool_plan: ToolPlan | None = None
                           ) -> AsyncIterator[str]:
-        def chunk_body(index: int, delta: dict, finish=None, logprobs=None,
-                       stop_reason=None) -> dict:
-            return {"id": rid, "object": "chat.completion.chunk", "created": created,
-                    "model": model,
-                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                 "finish_reason": finish, "stop_reason": stop_reason}]}
+        events = StreamEvents(rid, "chat.completion.chunk", created, model)
+
+        def event(index: int, delta: dict, finish=None, logprobs=None, stop_reason=None) -> str:
+            return events.event({"index": index, "delta": delta, "logprobs": logprobs,
+                                 "finish_reason": finish, "stop_reason": stop_reason})
 
         indexes = [job.choice(child) for job in jobs for child in range(job.n)]
         for index in indexes:
-            yield sse(chunk_body(index, {"role": role, "content": ""}))
+            yield event(index, {"role": role, "content": ""})
             if echo:
-                yield sse(chunk_body(index, {"content": echo}))
+                yield events.text(index, echo)
         completion_tokens = 0
         tool_streams = {index: tool_plan.stream() for index in indexes} if tool_plan else {}
         async for index, chunk in self.merged_streams(jobs):
@@ -144,22 +149,24 @@ class OpenAIServingChat(OpenAIServingBase):
                         if want_logprobs and chunk.logprobs else None)
             tools = tool_streams.get(index)
             if tools is None:
-                if chunk.text or logprobs:
-                    yield sse(chunk_body(index, {"content": chunk.text}, logprobs=logprobs))
+                if logprobs:
+                    yield event(index, {"content": chunk.text}, logprobs=logprobs)
+                elif chunk.text:
+                    yield events.text(index, chunk.text)
             else:
                 content, deltas = tools.feed(chunk.text)
                 if chunk.finished:
                     more_content, more = tools.finish()
                     content, deltas = content + more_content, deltas + more
                 if content or logprobs:
-                    yield sse(chunk_body(index, {"content": content}, logprobs=logprobs))
+                    yield event(index, {"content": content}, logprobs=logprobs)
                 for delta in deltas:
-                    yield sse(chunk_body(index, {"tool_calls": [delta]}))
+                    yield event(index, {"tool_calls": [delta]})
             if chunk.finished:
                 finish = chunk.finish_reason
                 if tools is not None:
                     finish = ToolPlan.finish_reason(finish, tools.calls)
-                yield sse(chunk_body(index, {}, finish, stop_reason=chunk.stop_reason))
+                yield event(index, {}, finish, stop_reason=chunk.stop_reason)
         usage = (sse(usage_chunk(rid, "chat.completion.chunk", created, model, len(jobs[0].ids),
                                  completion_tokens)) if include_usage else "")
         yield usage + sse("[DONE]")  # one write

@@ -8,7 +8,13 @@ from collections.abc import AsyncIterator
 
 from fastllm.entrypoints.openai.errors import APIError, error_event
 from fastllm.entrypoints.openai.protocol import CompletionRequest, UsageInfo, random_id
-from fastllm.entrypoints.openai.serving_base import Job, OpenAIServingBase, sse, usage_chunk
+from fastllm.entrypoints.openai.serving_base import (
+    Job,
+    OpenAIServingBase,
+    StreamEvents,
+    sse,
+    usage_chunk,
+)
 
 
 class OpenAIServingCompletion(OpenAIServingBase):
@@ -96,6 +102,7 @@ class OpenAIServingCompletion(OpenAIServingBase):
 
     async def stream_completions(self, jobs: list[Job], base_id, created, model, echo_text,
                                  as_ids, want_logprobs, include_usage) -> AsyncIterator[str]:
+        events = StreamEvents(base_id, "text_completion", created, model)
         offsets: dict[int, int] = {}
         for job in jobs:
             prefix = echo_text(job.text, job.ids)
@@ -103,10 +110,7 @@ class OpenAIServingCompletion(OpenAIServingBase):
                 index = job.choice(child)
                 offsets[index] = len(prefix)
                 if prefix:
-                    yield sse({"id": base_id, "object": "text_completion", "created": created,
-                               "model": model, "choices": [{"index": index, "text": prefix,
-                                                            "logprobs": None,
-                                                            "finish_reason": None}]})
+                    yield events.text(index, prefix)
         prompt_tokens = sum(len(job.ids) for job in jobs)
         completion_tokens = 0
         async for index, chunk in self.merged_streams(jobs):
@@ -119,11 +123,12 @@ class OpenAIServingCompletion(OpenAIServingBase):
                 logprobs = self.completion_logprobs(chunk.token_ids, chunk.logprobs,
                                                     offsets[index], as_ids)
             offsets[index] += len(chunk.text)
-            yield sse({"id": base_id, "object": "text_completion", "created": created,
-                       "model": model,
-                       "choices": [{"index": index, "text": chunk.text, "logprobs": logprobs,
+            if logprobs is None and chunk.finish_reason is None and chunk.stop_reason is None:
+                yield events.text(index, chunk.text)
+            else:
+                yield events.event({"index": index, "text": chunk.text, "logprobs": logprobs,
                                     "finish_reason": chunk.finish_reason,
-                                    "stop_reason": chunk.stop_reason}]})
+                                    "stop_reason": chunk.stop_reason})
         # The closing events go out in one write.
         usage = (sse(usage_chunk(base_id, "text_completion", created, model, prompt_tokens,
                                  completion_tokens)) if include_usage else "")
