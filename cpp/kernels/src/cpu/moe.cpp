@@ -108,17 +108,17 @@ std::vector<GemmTask>& plan_tasks(const std::vector<int64_t>& counts, int64_t ro
   return tasks;
 }
 
-// Rows per task of one x8 expert GEMM whose experts see at most max_count tokens each: `base`
-// (a multiple of 16) when several tokens share an expert. With one token per expert (decoding
-// one sequence) the tasks grow towards two per pool thread, up to base * 8 rows (base * 2 with
-// two), since the GEMMs then stream their weights from memory and every task starts a cold
-// stream. (One-token decode of the MoE benchmark model: experts ~20 % faster with 704 + 256-row
-// slices than with 128 + 64.)
+// Rows per task of one x8 expert GEMM whose experts see at most max_count tokens each (`base`
+// is a multiple of 16): towards two tasks per pool thread, up to base * 8 rows with one or two
+// tokens per expert and base * 4 with more, since the GEMMs stream their weights from memory
+// and every task starts a cold stream. (MoE benchmark model, moe_step: one token ~20 % faster
+// with 704 + 256-row slices than with 128 + 64; 4-256 tokens 4-17 % faster with base * 4
+// than with base.)
 int64_t expert_slice_rows(int64_t base, int64_t rows_per_expert, int64_t active,
                           int64_t max_count) {
   const int64_t wanted = (rows_per_expert * active + 2 * cpu::pool_size() - 1) /
                          (2 * static_cast<int64_t>(cpu::pool_size()));
-  const int64_t cap = max_count <= 1 ? base * 8 : max_count == 2 ? base * 2 : base;
+  const int64_t cap = max_count <= 2 ? base * 8 : base * 4;
   return (std::clamp(wanted, base, cap) + 15) / 16 * 16;
 }
 
