@@ -161,6 +161,7 @@ void bind_engine(nb::module_& m) {
       .def_rw("num_cpu_blocks", &KVCacheConfig::num_cpu_blocks)
       .def_rw("block_size", &KVCacheConfig::block_size)
       .def_rw("enable_prefix_caching", &KVCacheConfig::enable_prefix_caching)
+      .def_rw("min_cached_blocks", &KVCacheConfig::min_cached_blocks)
       .def_rw("hash_algo", &KVCacheConfig::hash_algo);
 
   nb::class_<SchedulerConfig>(m, "SchedulerConfig")

@@ -351,6 +351,38 @@ TEST(BlockPool, CachedBlocksGetHeadroomBesideThePeakWorkingSet) {
   EXPECT_EQ(pool.lookup(H(13)), 3);
 }
 
+// A floor of cached blocks beside the working set: a single stream of 4 blocks keeps the blocks
+// of 3 earlier requests besides its own (12 cached) where the headroom alone kept 1.
+TEST(BlockPool, MinCachedBlocksKeepPrefixesBesideASmallWorkingSet) {
+  BlockPool pool(40, /*cache_headroom=*/1.0, /*min_cached_blocks=*/12);
+  for (int32_t request = 0; request < 4; ++request) {
+    std::vector<int32_t> blocks = allocate(pool, 4);
+    for (int32_t i = 0; i < 4; ++i) pool.register_block(blocks[i], H(100 * request + i));
+    pool.release_reversed(blocks);
+  }
+  EXPECT_EQ(pool.num_touched_blocks(), 16);  // 4 in use at a time + 12 cached
+  EXPECT_EQ(pool.num_cached_blocks(), 16);
+  // The next request evicts the oldest prefix only, tail first; three earlier ones stay.
+  std::vector<int32_t> next = allocate(pool, 4);
+  EXPECT_EQ(pool.num_touched_blocks(), 16);
+  for (int32_t i = 0; i < 4; ++i) EXPECT_EQ(pool.lookup(H(i)), -1) << i;
+  for (int32_t request = 1; request < 4; ++request)
+    for (int32_t i = 0; i < 4; ++i) EXPECT_GE(pool.lookup(H(100 * request + i)), 1);
+  // With the headroom alone (twice the 4 blocks in use), a fifth request would leave only the
+  // fourth's blocks: after four, the first two requests' are gone already.
+  BlockPool small(40);
+  for (int32_t request = 0; request < 4; ++request) {
+    std::vector<int32_t> blocks = allocate(small, 4);
+    for (int32_t i = 0; i < 4; ++i) small.register_block(blocks[i], H(100 * request + i));
+    small.release_reversed(blocks);
+  }
+  EXPECT_EQ(small.num_touched_blocks(), 8);
+  EXPECT_EQ(small.lookup(H(0)), -1);
+  EXPECT_EQ(small.lookup(H(100)), -1);
+  EXPECT_GE(small.lookup(H(200)), 1);
+  EXPECT_GE(small.lookup(H(300)), 1);
+}
+
 // The same load with the default headroom: the touched set stays within twice the peak working
 // set, and the extra room keeps more prefixes (more hits than without it).
 TEST(BlockPool, HeadroomBoundsTouchedBlocksAndKeepsMorePrefixes) {

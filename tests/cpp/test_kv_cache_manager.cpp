@@ -248,15 +248,28 @@ TEST(KVCacheManager, PrefixHitAcrossRequestsSharesBlocks) {
   EXPECT_EQ(kv.prefix_queries(), 19 + 20);
 }
 
-TEST(KVCacheManager, PrefixHitIsCappedSoOneTokenIsComputed) {
+TEST(KVCacheManager, PrefixHitLeavesOneTokenToCompute) {
   KVCacheManager kv({10, 0, 8, true});
   Request a = make_request("a", iota_tokens(16));
   prefill(kv, a);
-  // Same 16 tokens: both blocks are cached, but the last token must still be computed, so only
-  // the first block may be used.
+  // Same 16 tokens: both blocks are cached, but the last token must still be computed, so the
+  // first block is shared and the second serves its first 7 tokens through a copy.
   Request b = make_request("b", iota_tokens(16));
   CachedPrefix p = kv.find_cached_prefix(b);
-  EXPECT_EQ(p.num_tokens, 8);
+  ASSERT_EQ(p.blocks.size(), 1u);
+  EXPECT_EQ(p.blocks[0], a.block_ids[0]);
+  EXPECT_EQ(p.partial_block, a.block_ids[1]);
+  EXPECT_EQ(p.partial_tokens, 7);
+  EXPECT_EQ(p.num_tokens, 15);
+  kv.allocate_slots(b, 1, &p);
+  EXPECT_EQ(b.num_computed_tokens, 15);
+  EXPECT_NE(b.block_ids[1], a.block_ids[1]);  // its own copy, written from token 15 on
+  // A prompt of one cached block: 7 of its 8 tokens.
+  Request d = make_request("d", iota_tokens(8));
+  CachedPrefix q = kv.find_cached_prefix(d);
+  EXPECT_TRUE(q.blocks.empty());
+  EXPECT_EQ(q.partial_block, a.block_ids[0]);
+  EXPECT_EQ(q.num_tokens, 7);
   // 17 tokens: both full blocks can be reused.
   std::vector<int32_t> t = iota_tokens(16);
   t.push_back(9);

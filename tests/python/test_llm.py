@@ -149,6 +149,27 @@ def test_repeated_prompt_reuses_its_partial_tail_block(default_llm, hf_reference
     assert second.outputs[0].token_ids == expected
 
 
+def test_repeated_prompts_on_block_boundaries_hit_after_other_requests(default_llm,
+                                                                       hf_reference_model):
+    # Prompts of 16 and 8 tokens (whole CPU blocks) and one of 11, each asked again after the
+    # others ran with 24 new tokens: all but the last token of each comes from the cache (a
+    # copy of its last block) and the text is the same.
+    tok = hf_reference_model.tokenizer
+    texts = ["Describe the water cycle and why it matters for farmers who grow rice in dry years",
+             "List some practical tips for learning a new language quickly and well",
+             "Explain how a refrigerator keeps food cold for a long time"]
+    ids = [tok(t, add_special_tokens=False)["input_ids"][:n] for t, n in zip(texts, (16, 8, 11))]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    first = [default_llm.generate([{"prompt_token_ids": i}], params, use_tqdm=False)[0]
+             for i in ids]
+    again = [default_llm.generate([{"prompt_token_ids": i}], params, use_tqdm=False)[0]
+             for i in ids]
+    assert [o.num_cached_tokens for o in again] == [15, 7, 10]
+    for a, b in zip(first, again):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids
+    assert again[1].outputs[0].token_ids == hf_greedy(hf_reference_model.model, ids[1], 24)
+
+
 @pytest.mark.parametrize("fixture_name", ["tiny_llama_dir", "tiny_llama_sharded_dir",
                                           "tiny_llama_bin_dir"])
 def test_tiny_llama_matches_hf(request, fixture_name):

@@ -6,8 +6,10 @@
 
 namespace fastllm {
 
-BlockPool::BlockPool(int32_t num_blocks, double cache_headroom)
-    : blocks_(num_blocks > 0 ? num_blocks : 0), cache_headroom_(std::max(0.0, cache_headroom)) {
+BlockPool::BlockPool(int32_t num_blocks, double cache_headroom, int32_t min_cached_blocks)
+    : blocks_(num_blocks > 0 ? num_blocks : 0),
+      cache_headroom_(std::max(0.0, cache_headroom)),
+      min_cached_blocks_(std::max(0, min_cached_blocks)) {
   // Block 0 is the null block: permanently referenced, never in the free list. Every other block
   // starts fresh, outside the free list, so its memory stays untouched until it is needed.
   if (!blocks_.empty()) blocks_[kNullBlock].ref_count = 1;
@@ -89,7 +91,9 @@ void BlockPool::allocate(int32_t n, std::vector<int32_t>& out) {
     bool take_head = head_ >= 0;
     if (take_head && blocks_[head_].cached() && fresh_left) {
       // Only cached blocks are free: keep them while the cache has headroom.
-      const double limit = (1.0 + cache_headroom_) * std::max(peak_in_use_, num_in_use() + 1);
+      const int32_t peak = std::max(peak_in_use_, num_in_use() + 1);
+      const double limit = std::max((1.0 + cache_headroom_) * peak,
+                                    static_cast<double>(peak) + min_cached_blocks_);
       take_head = num_touched_blocks() >= limit;
     }
     int32_t block;

@@ -15,7 +15,7 @@ int32_t ceil_div(int32_t a, int32_t b) { return (a + b - 1) / b; }
 
 KVCacheManager::KVCacheManager(const KVCacheConfig& config)
     : config_(config),
-      device_(config.num_gpu_blocks),
+      device_(config.num_gpu_blocks, /*cache_headroom=*/1.0, config.min_cached_blocks),
       swap_(config.num_cpu_blocks),
       hasher_(config.hash_algo) {
   const int32_t bs = config.block_size;
@@ -107,6 +107,22 @@ CachedPrefix KVCacheManager::find_cached_prefix(Request& req) {
     }
     prefix.partial_block = block;
     prefix.partial_tokens = std::min(n, rest - 1);
+  }
+  // A prompt that ends on a block boundary: its last block can be cached whole, but the full
+  // blocks above stop one short (a token must be left to compute). A copy of it serves all but
+  // that token instead of the whole block being computed again.
+  if (prefix.partial_block < 0 && full == max_blocks && rest == bs) {
+    ensure_block_hashes(req, full + 1);
+    const int32_t block = device_.lookup(req.block_hashes[full]);
+    if (block >= 0) {
+      if (key_matches(full_keys_[block], &full_tokens_[static_cast<size_t>(block) * bs],
+                      parent_node, req.cache_salt, tail, bs)) {
+        prefix.partial_block = block;
+        prefix.partial_tokens = bs - 1;
+      } else {
+        ++prefix_hash_collisions_;
+      }
+    }
   }
   prefix.num_tokens = full * bs + prefix.partial_tokens;
   return prefix;

@@ -43,6 +43,13 @@ PromptType = str | list[int] | dict
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
+# KV memory the prefix cache may keep on the CPU beside the peak working set, however small that
+# set is (the engine's BlockPool otherwise gives cached blocks room as large as the working set:
+# one stream's blocks left room for one earlier request, so requests that repeat a prompt after
+# a few others recomputed it). CPU KV blocks become resident as they are first used; on a GPU
+# the pool is allocated whole and every free block may stay cached.
+CPU_PREFIX_CACHE_FLOOR_BYTES = 32 << 20
+
 
 @functools.cache
 def _libc():
@@ -170,6 +177,9 @@ class EngineCore:
         cfg.cache.num_cpu_blocks = num_cpu_blocks
         cfg.cache.block_size = self.block_size
         cfg.cache.enable_prefix_caching = args.enable_prefix_caching
+        cfg.cache.min_cached_blocks = (
+            CPU_PREFIX_CACHE_FLOOR_BYTES // mc.kv_bytes_per_block(self.block_size, kv_dtype)
+            if self.device == "cpu" else num_gpu_blocks)
         cfg.cache.hash_algo = getattr(_C.PrefixHashAlgo, args.prefix_caching_hash_algo.upper())
         sched = cfg.scheduler
         sched.max_model_len = self.max_model_len

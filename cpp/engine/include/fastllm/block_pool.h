@@ -21,13 +21,16 @@
 // request with the same prefix can take it back (touch). Allocation order:
 //   1. an uncached free block (the head), most recently freed first;
 //   2. a fresh block, while the touched blocks number less than (1 + cache_headroom) x the peak
-//      of blocks in use so far: cached prefixes get that much room beside the working set;
+//      of blocks in use so far, or that peak + min_cached_blocks if more: cached prefixes get
+//      that much room beside the working set (the floor matters when the working set is small:
+//      one stream's blocks, which would otherwise leave room for its own prefix only);
 //   3. the least recently freed cached block (the head once no uncached one is left), whose hash
 //      is dropped only now, so cached blocks are evicted lazily in LRU order;
 //   4. a fresh block (the pool is larger than the headroom allows, but nothing else is free).
 // Fresh blocks go out in increasing index order. Callers free a request's blocks tail-first, so
 // the end of a sequence is evicted before its shared prefix. Resident memory thus stays within
-// (1 + cache_headroom) x the peak working set unless the pool has nothing else to give.
+// max((1 + cache_headroom) x the peak working set, the peak + min_cached_blocks) unless the pool
+// has nothing else to give.
 #pragma once
 
 #include <algorithm>
@@ -43,9 +46,10 @@ class BlockPool {
  public:
   static constexpr int32_t kNullBlock = 0;
 
-  // num_blocks includes the null block, so num_blocks - 1 are usable. cache_headroom: see above
-  // (0 evicts a cached block before touching a fresh one).
-  explicit BlockPool(int32_t num_blocks, double cache_headroom = 1.0);
+  // num_blocks includes the null block, so num_blocks - 1 are usable. cache_headroom and
+  // min_cached_blocks: see above (both 0 evict a cached block before touching a fresh one).
+  explicit BlockPool(int32_t num_blocks, double cache_headroom = 1.0,
+                     int32_t min_cached_blocks = 0);
 
   int32_t num_blocks() const { return static_cast<int32_t>(blocks_.size()); }
   // Blocks that can be handed out now: unreferenced ones, cached or not, and fresh ones.
@@ -118,6 +122,7 @@ class BlockPool {
   int32_t next_fresh_ = 1;  // blocks [next_fresh_, num_blocks) were never handed out
   int32_t num_free_ = 0;    // free-list length + fresh blocks
   double cache_headroom_ = 1.0;
+  int32_t min_cached_blocks_ = 0;
   int32_t peak_in_use_ = 0;
 };
 

@@ -31,6 +31,10 @@ struct KVCacheConfig {
   int32_t num_cpu_blocks = 0;  // swap-space blocks (block 0 of the swap space is unused)
   int32_t block_size = 16;     // tokens per block: 8, 16 or 32
   bool enable_prefix_caching = true;
+  // Device blocks the prefix cache may keep beside the peak working set whatever the headroom
+  // (BlockPool): the whole pool where the KV memory is allocated up front anyway (a GPU), a
+  // memory budget where blocks become resident as they are first used (the CPU).
+  int32_t min_cached_blocks = 0;
   // Digest that keys the prefix cache: SHA-256 (collision-resistant), or a keyed 128-bit SipHash
   // (faster, per-process key). kTestWeak is for tests only.
   PrefixHashAlgo hash_algo = PrefixHashAlgo::kSha256;
