@@ -92,8 +92,8 @@ void BlockPool::allocate(int32_t n, std::vector<int32_t>& out) {
     if (take_head && blocks_[head_].cached() && fresh_left) {
       // Only cached blocks are free: keep them while the cache has headroom.
       const int32_t peak = std::max(peak_in_use_, num_in_use() + 1);
-      const double limit = std::max((1.0 + cache_headroom_) * peak,
-                                    static_cast<double>(peak) + min_cached_blocks_);
+      const double limit =
+          std::max((1.0 + cache_headroom_) * peak, static_cast<double>(peak) + min_cached_blocks_);
       take_head = num_touched_blocks() >= limit;
     }
     int32_t block;
