@@ -24,7 +24,7 @@ from tokenizers.decoders import ByteLevel as ByteLevelDecoder
 from ..loader.gguf_file import open_gguf
 from ..loader.source import ModelSource, default_gguf_path, resolve_model
 from .chat_template import render_chat_template
-from .gguf_tokenizer import load_gguf_backend
+from .gguf_tokenizer import byte_alphabet, load_gguf_backend
 
 # Characters from which encode() takes the GIL-releasing batch path (and a server encodes on a
 # worker thread): below it, encoding takes microseconds.
@@ -199,20 +199,8 @@ class Tokenizer:
         )
 
 
-def _byte_level_alphabet() -> dict[str, int]:
-    """The byte-level alphabet, character -> byte: the printable bytes stand for themselves,
-    the other 68 for the characters from U+0100 on, in byte order (GPT-2's mapping)."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    chars = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(0x100 + extra)
-            extra += 1
-    return {c: b for b, c in chars.items()}
-
-
-_BYTE_OF_CHAR = _byte_level_alphabet()
+# The byte-level alphabet read backwards: character -> byte.
+_BYTE_OF_CHAR = {c: b for b, c in byte_alphabet().items()}
 
 
 def _byte_level_bytes(token: str) -> bytes:
