@@ -302,6 +302,26 @@ def test_byte_pieces_decode_as_the_tokenizer_does(tokenizer: Tokenizer) -> None:
     assert tokenizer.byte_pieces(False)[special] != b""
 
 
+def test_byte_pieces_of_added_tokens(tokenizer: Tokenizer) -> None:
+    """Added tokens, as HF tokenizers add them: spelled in the byte-level alphabet, plain text,
+    characters outside the alphabet (taken as their own UTF-8), special or not."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as Backend
+
+    backend = Backend.from_str(tokenizer.backend.to_str())
+    added = ["Ġzzq", "<tool_call>", "  ", "é½", "naïve ☃"]
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
+    backend.add_special_tokens([AddedToken("<|sep|>", special=True)])
+    with_added = Tokenizer(backend, tokenizer._special)
+    ids = [backend.token_to_id(t) for t in [*added, "<|sep|>"]]
+    for skip in (True, False):
+        pieces = with_added.byte_pieces(skip)
+        for run in ([i] for i in ids), [ids + [100, 200, 300]]:
+            for seq in run:
+                assert b"".join(pieces[i] for i in seq).decode("utf-8", "replace") == \
+                    backend.decode(seq, skip_special_tokens=skip), seq
+
+
 def test_byte_pieces_are_none_for_other_decoders(tokenizer: Tokenizer) -> None:
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders
