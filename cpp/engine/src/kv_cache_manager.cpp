@@ -108,10 +108,11 @@ CachedPrefix KVCacheManager::find_cached_prefix(Request& req) {
     prefix.partial_block = block;
     prefix.partial_tokens = std::min(n, rest - 1);
   }
-  // A prompt that ends on a block boundary: its last block can be cached whole, but the full
-  // blocks above stop one short (a token must be left to compute). A copy of it serves all but
-  // that token instead of the whole block being computed again.
-  if (prefix.partial_block < 0 && full == max_blocks && rest == bs) {
+  // A prompt that ends on a block boundary, every block but its last found above (rest == bs
+  // says both): the last can be cached whole, but the full blocks stop one short (a token must
+  // be left to compute). A copy of it serves all but that token instead of the whole block
+  // being computed again.
+  if (prefix.partial_block < 0 && rest == bs) {
     ensure_block_hashes(req, full + 1);
     const int32_t block = device_.lookup(req.block_hashes[full]);
     if (block >= 0) {

@@ -89,26 +89,28 @@ class Tokenizer:
         incremental UTF-8 decoder. None for any other decoder (sentencepiece-style decoders
         change a token's text by what precedes it). Built on first use, then cached."""
         if skip_special_tokens not in self._byte_pieces:
-            self._byte_pieces[skip_special_tokens] = self._build_byte_pieces(skip_special_tokens)
+            self._byte_pieces[skip_special_tokens] = (
+                self._without_special(self.byte_pieces(False)) if skip_special_tokens
+                else self._build_byte_pieces())
         return self._byte_pieces[skip_special_tokens]
 
-    def _build_byte_pieces(self, skip_special_tokens: bool) -> list[bytes] | None:
+    def _build_byte_pieces(self) -> list[bytes] | None:
         if not isinstance(self.backend.decoder, ByteLevelDecoder):
             return None
-        if not skip_special_tokens and True in self._byte_pieces:
-            pieces = list(self._byte_pieces[True])
-            for token_id, token in self.backend.get_added_tokens_decoder().items():
-                if token.special and token_id < len(pieces):
-                    pieces[token_id] = _byte_level_bytes(token.content)
-            return pieces
         pieces = [b""] * self.vocab_size
         for token, token_id in self.backend.get_vocab(with_added_tokens=True).items():
             if token_id < len(pieces):
                 pieces[token_id] = _byte_level_bytes(token)
-        if skip_special_tokens:
-            for token_id, token in self.backend.get_added_tokens_decoder().items():
-                if token.special and token_id < len(pieces):
-                    pieces[token_id] = b""
+        return pieces
+
+    def _without_special(self, pieces: list[bytes] | None) -> list[bytes] | None:
+        """The pieces with every special token's emptied (decoding with skip_special_tokens)."""
+        if pieces is None:
+            return None
+        pieces = list(pieces)
+        for token_id, token in self.backend.get_added_tokens_decoder().items():
+            if token.special and token_id < len(pieces):
+                pieces[token_id] = b""
         return pieces
 
     def _id_of(self, token: str | None) -> int | None:

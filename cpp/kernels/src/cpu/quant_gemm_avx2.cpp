@@ -533,15 +533,15 @@ void tile_x8_type(const uint8_t* weight, int64_t groups, const Q8ActBlock* x, in
                   int64_t m_rows, float* out, int64_t out_stride) {
   const int64_t group_bytes = blocks * 8 * quant_block_bytes(kType);
   // The next group streams in while this one computes, all its lines requested at once and
-  // non-temporal; with at most 4 rows of x the first group's lines too when the tile starts (a
-  // group of few rows computes in less time than its memory takes to arrive). moe_step under
-  // FASTLLM_CPU_ISA=avx2, alternating runs: 1 token -2 to -7 %, 16 tokens -5 to -6 % against T0
-  // requests and no first-group request.
+  // non-temporal; with at most kBurstRows rows of x the first group's lines too when the tile
+  // starts (a group of few rows computes in less time than its memory takes to arrive). moe_step
+  // under FASTLLM_CPU_ISA=avx2, alternating runs: 1 token -2 to -7 %, 16 tokens -5 to -6 % against
+  // T0 requests and no first-group request.
   auto request = [group_bytes](const uint8_t* group) {
     for (int64_t off = 0; off < group_bytes; off += 64)
       _mm_prefetch(reinterpret_cast<const char*>(group + off), _MM_HINT_NTA);
   };
-  if (m_rows <= 4) request(weight);
+  if (m_rows <= kBurstRows) request(weight);
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* group = weight + g * group_bytes;
     if (g + 1 < groups) request(group + group_bytes);

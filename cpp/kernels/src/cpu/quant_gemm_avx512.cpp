@@ -282,9 +282,6 @@ inline __m512i bcast4(const int8_t* q) {
   return _mm512_set1_epi32(v);
 }
 
-// Rows of x up to which tile_x8_pairs requests a whole pair of weight groups at once.
-constexpr int64_t kBurstRows = 4;
-
 // Every line of bytes [p, p + n), non-temporal: weights stream through once.
 inline void prefetch_lines(const uint8_t* p, int64_t n) {
   for (int64_t off = 0; off < n; off += 64)

@@ -48,6 +48,11 @@ constexpr int kQuantTileRows = 8;
 // Bytes of one block of a tile's interleaved activations: 8 groups of 4 values x 8 rows.
 constexpr int64_t kInterleavedBlockBytes = 32 * kQuantTileRows;
 
+// Rows of x up to which the x8 tile kernels request all of the next weight groups' lines when
+// the groups before them start (and the first groups' when the tile starts): so few rows compute
+// faster than their weights arrive. With more rows the requests are paced by the compute.
+constexpr int64_t kBurstRows = 4;
+
 struct QuantGemmKernels {
   const char* name;
   // Quantizes k floats (k a multiple of 32) into k / 32 blocks: d = max|x| / 127, q = round(x / d)
